@@ -1,0 +1,400 @@
+//! The local HTTP API (design §6): health, connectors, calls and tenants.
+//!
+//! `/healthz` and `/readyz` are open; every `/v1` route needs `Authorization: Bearer <token>`,
+//! compared in constant time. Errors are JSON in the Lumos error shape with an HTTP status that
+//! matches the agent error code.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::dispatch::{CallBody, CallRequest, Dispatcher};
+use crate::error::{CallError, ErrorCode};
+use crate::plugins::PluginRegistry;
+use crate::tenants::{SecretJson, Tenant, TenantStore};
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 16 << 20;
+/// Header carrying the inventory revision on `GET /v1/connectors`.
+pub const REVISION_HEADER: &str = "x-lumos-inventory-revision";
+
+/// What the API serves.
+#[derive(Debug)]
+pub struct ApiState {
+    /// Runs calls.
+    pub dispatcher: Arc<Dispatcher>,
+    /// The connectors.
+    pub registry: Arc<PluginRegistry>,
+    /// The agent-held tenants.
+    pub tenants: Arc<TenantStore>,
+    /// sha256 of the admin token: comparing digests keeps the comparison length-independent.
+    pub token_digest: [u8; 32],
+    /// Cancelled when the agent quits at once: in-flight calls stop.
+    pub abort: CancellationToken,
+    /// Cancelled when the agent drains: new calls are refused.
+    pub draining: CancellationToken,
+}
+
+type ApiResponse = Response<Full<Bytes>>;
+
+/// Accepts connections until `shutdown`, then lets in-flight requests finish (tracked by
+/// `tracker`).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => if let Err(e) = res { tracing::debug!(error = %e, "API connection ended with an error") },
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> ApiResponse {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let response = match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, ["readyz"]) => {
+            let inventory = state.registry.snapshot();
+            if state.draining.is_cancelled() {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"ready": false, "reason": "draining"}),
+                )
+            } else {
+                json_response(
+                    StatusCode::OK,
+                    &json!({"ready": true, "connectors_ready": inventory.ready_count(), "revision": inventory.revision}),
+                )
+            }
+        }
+        (_, ["v1", ..]) => match authorize(state, &req) {
+            Err(resp) => resp,
+            Ok(()) => v1(state, req, &method, &segments[1..]).await,
+        },
+        _ => agent_error(
+            &CallError::new(ErrorCode::BadRequest, format!("no route {method} {path}")),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+    };
+    tracing::debug!(%peer, %method, %path, status = response.status().as_u16(), "API request");
+    response
+}
+
+fn authorize(state: &ApiState, req: &Request<Incoming>) -> Result<(), ApiResponse> {
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let ok = presented.is_some_and(|token| {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        bool::from(digest.ct_eq(&state.token_digest))
+    });
+    if ok {
+        return Ok(());
+    }
+    let err = CallError::new(
+        ErrorCode::BadRequest,
+        "missing or wrong bearer token (see <state_dir>/admin.token)",
+    );
+    let mut resp = agent_error(&err, None, StatusCode::UNAUTHORIZED);
+    resp.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Err(resp)
+}
+
+async fn v1(
+    state: &ApiState,
+    req: Request<Incoming>,
+    method: &Method,
+    rest: &[&str],
+) -> ApiResponse {
+    match (method, rest) {
+        (&Method::GET, ["connectors"]) => {
+            let inventory = state.registry.snapshot();
+            let views: Vec<_> = inventory.connectors.iter().map(|c| c.view(false)).collect();
+            let mut resp = json_response(StatusCode::OK, &views);
+            resp.headers_mut()
+                .insert(REVISION_HEADER, HeaderValue::from(inventory.revision));
+            resp
+        }
+        (&Method::GET, ["connectors", app_id]) => {
+            let inventory = state.registry.snapshot();
+            match inventory.resolve(app_id) {
+                Ok(c) => json_response(StatusCode::OK, &c.view(true)),
+                Err(e) => match inventory
+                    .connectors
+                    .iter()
+                    .find(|c| c.app_id.as_deref() == Some(*app_id))
+                {
+                    Some(rejected) => json_response(StatusCode::OK, &rejected.view(true)),
+                    None => agent_error(&e, Some(app_id), status_of(&e)),
+                },
+            }
+        }
+        (&Method::POST, ["connectors", app_id, capability]) => {
+            call(state, req, app_id, capability).await
+        }
+        (&Method::GET, ["tenants"]) => {
+            let list: Vec<Value> = state
+                .tenants
+                .list()
+                .iter()
+                .map(|(id, t)| t.view(id))
+                .collect();
+            json_response(StatusCode::OK, &list)
+        }
+        (&Method::GET, ["tenants", id]) => match state.tenants.get(id) {
+            Some(t) => json_response(StatusCode::OK, &t.view(id)),
+            None => agent_error(
+                &CallError::new(ErrorCode::UnknownTenant, format!("no tenant {id:?}")),
+                None,
+                StatusCode::NOT_FOUND,
+            ),
+        },
+        (&Method::PUT, ["tenants", id]) => put_tenant(state, req, id).await,
+        (&Method::DELETE, ["tenants", id]) => match state.tenants.delete(id) {
+            Ok(true) => json_response(StatusCode::OK, &json!({"deleted": id})),
+            Ok(false) => agent_error(
+                &CallError::new(ErrorCode::UnknownTenant, format!("no tenant {id:?}")),
+                None,
+                StatusCode::NOT_FOUND,
+            ),
+            Err(e) => agent_error(
+                &CallError::new(ErrorCode::Internal, e.to_string()),
+                None,
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        },
+        _ => agent_error(
+            &CallError::new(
+                ErrorCode::BadRequest,
+                format!("no route {method} /v1/{}", rest.join("/")),
+            ),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+    }
+}
+
+async fn call(
+    state: &ApiState,
+    req: Request<Incoming>,
+    app_id: &str,
+    capability: &str,
+) -> ApiResponse {
+    if state.draining.is_cancelled() {
+        let err = CallError::new(
+            ErrorCode::ShuttingDown,
+            "the agent is shutting down and takes no new calls",
+        );
+        return agent_error(&err, Some(app_id), status_of(&err));
+    }
+    let body = match read_body(req).await {
+        Ok(bytes) => bytes,
+        Err(resp) => return resp,
+    };
+    let body: CallBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CallBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                let err = CallError::new(ErrorCode::BadRequest, format!("the call body is not a valid call ({e}); expected {{\"tenant_id\", \"request\", \"settings\", \"auth\", \"credentials\", \"page\", \"include_raw_data\"}}"));
+                return agent_error(&err, Some(app_id), StatusCode::BAD_REQUEST);
+            }
+        }
+    };
+    let request = CallRequest {
+        app_id: app_id.to_string(),
+        capability: capability.to_string(),
+        body,
+    };
+    // A dropped request (client gone) drops this future, and with it the call's processes.
+    match state
+        .dispatcher
+        .call(request, &state.abort.child_token())
+        .await
+    {
+        Ok(answer) => {
+            let mut resp = Response::new(Full::new(answer.json));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Ok(v) = HeaderValue::from_str(&answer.version) {
+                resp.headers_mut().insert("x-lumos-connector-version", v);
+            }
+            resp
+        }
+        Err(e) => agent_error(&e, Some(app_id), status_of(&e)),
+    }
+}
+
+async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -> ApiResponse {
+    let body = match read_body(req).await {
+        Ok(bytes) => zeroize::Zeroizing::new(bytes.to_vec()),
+        Err(resp) => return resp,
+    };
+    let bad = |message: String| {
+        agent_error(
+            &CallError::new(ErrorCode::BadRequest, message),
+            None,
+            StatusCode::BAD_REQUEST,
+        )
+    };
+    let mut doc: Map<String, Value> = match serde_json::from_slice(&body) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return bad("the tenant body must be a JSON object".into()),
+        Err(e) => return bad(format!("the tenant body is not JSON: {e}")),
+    };
+    for key in doc.keys() {
+        if !["app_id", "settings", "auth", "credentials"].contains(&key.as_str()) {
+            return bad(format!(
+                "unknown field {key:?}; expected app_id, settings, auth, credentials"
+            ));
+        }
+    }
+    let Some(Value::String(app_id)) = doc.remove("app_id") else {
+        return bad("the tenant needs an \"app_id\" string".into());
+    };
+    let settings = match doc.remove("settings") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return bad("\"settings\" must be an object".into()),
+    };
+    let secret = |v: Option<Value>| {
+        v.filter(|v| !v.is_null())
+            .map(|v| SecretJson::from_value(&v))
+    };
+    let auth = secret(doc.remove("auth"));
+    let credentials = secret(doc.remove("credentials"));
+    let tenant = Tenant {
+        app_id,
+        settings,
+        auth,
+        credentials,
+    };
+    let view = tenant.view(tenant_id);
+    match state.tenants.put(tenant_id, tenant) {
+        Ok(()) => json_response(StatusCode::OK, &view),
+        Err(crate::tenants::TenantStoreError::BadId(id)) => bad(format!(
+            "tenant id {id:?} must be 1-128 characters of A-Z a-z 0-9 _ - . :"
+        )),
+        Err(e) => agent_error(
+            &CallError::new(ErrorCode::Internal, e.to_string()),
+            None,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ),
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiResponse> {
+    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let (status, message) = if too_large {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                )
+            };
+            Err(agent_error(
+                &CallError::new(ErrorCode::BadRequest, message),
+                None,
+                status,
+            ))
+        }
+    }
+}
+
+fn status_of(err: &CallError) -> StatusCode {
+    StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+fn agent_error(err: &CallError, app_id: Option<&str>, status: StatusCode) -> ApiResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(err.to_json_bytes(app_id))));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(secs) = err.retry_after_seconds {
+        resp.headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> ApiResponse {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn text(status: StatusCode, body: &'static str) -> ApiResponse {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp
+}

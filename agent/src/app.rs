@@ -1,0 +1,315 @@
+//! The running agent: state folder, plugin registry, tenant store, dispatcher and local API,
+//! started in-process (tests do exactly what `main` does) and stopped through [`Control`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::exec::ScratchDir;
+use crate::plugins::{PluginLoader, PluginRegistry};
+use crate::state::{ensure_admin_token, StatePaths};
+use crate::tenants::{TenantStore, TenantStoreError};
+
+/// What the outside world (signals, a service manager, a test) asks of the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the plugins folder (SIGHUP).
+    Reload,
+    /// Stop taking calls, finish in-flight ones within the grace period, exit (SIGTERM, SIGINT).
+    Shutdown,
+    /// Stop now: in-flight calls are cancelled and their processes killed (a second signal).
+    Quit,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every in-flight call finished.
+    Drained,
+    /// The grace period ran out; the remaining calls were cancelled.
+    GraceExpired,
+    /// Asked to quit at once.
+    Quit,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state folder cannot be set up.
+    #[error("cannot prepare the state folder {path}: {source}")]
+    State {
+        /// The folder.
+        path: PathBuf,
+        /// The OS's words.
+        source: std::io::Error,
+    },
+    /// The tenant store cannot be opened.
+    #[error(transparent)]
+    Tenants(#[from] TenantStoreError),
+    /// The API address cannot be bound.
+    #[error("cannot listen on {addr}: {source} (set api.listen or --listen)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS's words.
+        source: std::io::Error,
+    },
+}
+
+/// A long-lived task ended by itself (a panic, or a loop that returned): the agent cannot go on
+/// safely, so it stops in order and exits with [`crate::exit::INTERNAL`].
+#[derive(Debug, thiserror::Error)]
+#[error("supervised task {0} stopped unexpectedly")]
+pub struct TaskFailed(pub &'static str);
+
+/// A started agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    /// Where the local API listens (useful with port 0).
+    pub api_addr: SocketAddr,
+    /// The connectors.
+    pub registry: Arc<PluginRegistry>,
+    /// The agent-held tenants.
+    pub tenants: Arc<TenantStore>,
+    /// The file holding the admin bearer token.
+    pub admin_token_path: PathBuf,
+    config: Arc<Config>,
+    loader: PluginLoader,
+    draining: CancellationToken,
+    abort: CancellationToken,
+    failed: CancellationToken,
+    failed_task: Arc<std::sync::Mutex<Option<&'static str>>>,
+    tracker: TaskTracker,
+}
+
+impl RunningAgent {
+    /// Prepares the state folder, loads every plugin, opens the tenant store and starts the
+    /// API. Bad plugins never stop this; only an unusable state folder or address does.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        let state = StatePaths::new(config.state_dir.clone());
+        let state_err = |source| StartError::State {
+            path: config.state_dir.clone(),
+            source,
+        };
+        state.prepare().map_err(state_err)?;
+        let token = ensure_admin_token(&state.admin_token()).map_err(state_err)?;
+        let scratch = ScratchDir::create(state.calls()).map_err(state_err)?;
+        let tenants = Arc::new(TenantStore::open(state.tenants())?);
+
+        if let Err(e) = std::fs::create_dir_all(&config.plugins_dir) {
+            tracing::warn!(dir = %config.plugins_dir.display(), error = %e, "cannot create the plugins folder");
+        }
+        let registry = Arc::new(PluginRegistry::new());
+        let loader = PluginLoader::new(config.clone(), state.clone());
+        tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
+        let revision = registry.replace(loader.scan().await);
+        let inventory = registry.snapshot();
+        tracing::info!(
+            revision,
+            ready = inventory.ready_count(),
+            rejected = inventory.connectors.len() - inventory.ready_count(),
+            "plugins loaded"
+        );
+
+        let listener = TcpListener::bind(config.api.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.api.listen,
+                source,
+            })?;
+        let api_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.api.listen,
+            source,
+        })?;
+        if !api_addr.ip().is_loopback() {
+            tracing::warn!(%api_addr, "the local API listens beyond loopback; anyone who can reach it needs only the bearer token");
+        }
+
+        let draining = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let dispatcher = Arc::new(Dispatcher::new(
+            registry.clone(),
+            tenants.clone(),
+            scratch,
+            config.clone(),
+        ));
+        let api_state = Arc::new(ApiState {
+            dispatcher,
+            registry: registry.clone(),
+            tenants: tenants.clone(),
+            token_digest: Sha256::digest(token.as_bytes()).into(),
+            abort: abort.clone(),
+            draining: draining.clone(),
+        });
+        let agent = Self {
+            api_addr,
+            registry,
+            tenants,
+            admin_token_path: state.admin_token(),
+            config,
+            loader,
+            draining: draining.clone(),
+            abort,
+            failed: CancellationToken::new(),
+            failed_task: Arc::default(),
+            tracker: tracker.clone(),
+        };
+        agent.supervise(
+            "api",
+            api::serve(listener, api_state, draining.clone(), tracker.clone()),
+        );
+        tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
+        Ok(agent)
+    }
+
+    /// Runs a long-lived task; if it panics or returns before shutdown, the agent stops in order.
+    fn supervise(
+        &self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.tracker.spawn(task);
+        let failed = self.failed.clone();
+        let draining = self.draining.clone();
+        let slot = self.failed_task.clone();
+        tokio::spawn(async move {
+            let outcome = handle.await;
+            if draining.is_cancelled() && outcome.is_ok() {
+                return;
+            }
+            match outcome {
+                Err(e) if e.is_panic() => {
+                    tracing::error!(task = name, "supervised task panicked; stopping the agent")
+                }
+                _ => tracing::error!(
+                    task = name,
+                    "supervised task ended unexpectedly; stopping the agent"
+                ),
+            }
+            *slot.lock().expect("failure slot poisoned") = Some(name);
+            failed.cancel();
+        });
+    }
+
+    /// Re-reads the plugins folder; returns the new inventory revision.
+    pub async fn rescan(&self) -> u64 {
+        let revision = self.registry.replace(self.loader.scan().await);
+        let inventory = self.registry.snapshot();
+        tracing::info!(
+            revision,
+            ready = inventory.ready_count(),
+            "plugins folder rescanned"
+        );
+        revision
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs until [`Control::Shutdown`] or [`Control::Quit`] (or a supervised task fails), then
+    /// drains within `config.calls.drain_grace`. A second stop request during the drain quits.
+    pub async fn run(self, mut control: mpsc::Receiver<Control>) -> Result<Stopped, TaskFailed> {
+        loop {
+            tokio::select! {
+                message = control.recv() => match message {
+                    Some(Control::Reload) => { self.rescan().await; }
+                    Some(Control::Shutdown) | None => break,
+                    Some(Control::Quit) => { self.quit().await; return Ok(Stopped::Quit); }
+                },
+                () = self.failed.cancelled() => {
+                    let name = self.failed_task.lock().expect("failure slot poisoned").unwrap_or("unknown");
+                    self.quit().await;
+                    return Err(TaskFailed(name));
+                }
+            }
+        }
+        let grace = self.config.calls.drain_grace;
+        tracing::info!(
+            ?grace,
+            "draining: no new calls; waiting for in-flight calls"
+        );
+        self.draining.cancel();
+        self.tracker.close();
+        let stopped = tokio::select! {
+            () = self.tracker.wait() => Stopped::Drained,
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!(?grace, "grace period over; cancelling the remaining calls");
+                Stopped::GraceExpired
+            }
+            message = control.recv() => match message {
+                Some(Control::Reload) | None => {
+                    // Ignore reloads while draining; a closed channel means nobody can ask twice.
+                    tokio::select! {
+                        () = self.tracker.wait() => Stopped::Drained,
+                        () = tokio::time::sleep(grace) => Stopped::GraceExpired,
+                    }
+                }
+                Some(_) => {
+                    tracing::warn!("second stop request: quitting now");
+                    Stopped::Quit
+                }
+            },
+        };
+        if stopped != Stopped::Drained {
+            self.quit().await;
+        }
+        Ok(stopped)
+    }
+
+    /// Cancels every call (killing its processes) and waits briefly for that to finish.
+    async fn quit(&self) {
+        self.draining.cancel();
+        self.abort.cancel();
+        self.tracker.close();
+        // Cancelled calls kill their process groups synchronously; this only waits for the
+        // tasks to notice.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+    }
+}
+
+/// Copies the example connectors built next to this binary into the plugins folder (for
+/// `--dev`), replacing stale copies. Returns the names copied.
+pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
+    const EXAMPLES: &[&str] = &["lumos-example-connector"];
+    let exe = std::env::current_exe()?;
+    let bin_dir = exe
+        .parent()
+        .ok_or_else(|| std::io::Error::other("the agent binary has no folder"))?;
+    std::fs::create_dir_all(&config.plugins_dir)?;
+    let mut staged = Vec::new();
+    for name in EXAMPLES {
+        let from = bin_dir.join(name);
+        if !from.is_file() {
+            tracing::warn!(
+                "--dev: {} is missing; build it with `cargo build --workspace`",
+                from.display()
+            );
+            continue;
+        }
+        let to = config.plugins_dir.join(name);
+        let fresh = std::fs::read(&from)?;
+        if std::fs::read(&to).ok().as_deref() == Some(fresh.as_slice()) {
+            continue;
+        }
+        // Copy under a hidden name, then rename: the loader never sees a half-written file.
+        let tmp = config.plugins_dir.join(format!(".{name}.staging"));
+        std::fs::copy(&from, &tmp)?;
+        std::fs::rename(&tmp, &to)?;
+        staged.push((*name).to_string());
+    }
+    Ok(staged)
+}

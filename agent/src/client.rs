@@ -1,0 +1,120 @@
+//! A small client of the local API, used by the CLI (`connectors`, `call`, `tenants`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use zeroize::Zeroizing;
+
+/// Why a request to the local API failed before an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens there.
+    #[error("cannot reach the agent at {url}: {detail} (is `lumos-agent run` running with the same config?)")]
+    Unreachable {
+        /// The API's URL.
+        url: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The token file cannot be read.
+    #[error(
+        "cannot read the API token {path}: {source} (it is written by the agent at first start)"
+    )]
+    Token {
+        /// The file.
+        path: String,
+        /// The OS's words.
+        source: std::io::Error,
+    },
+}
+
+/// A client of one agent's API.
+#[derive(Debug)]
+pub struct ApiClient {
+    base: String,
+    token: Zeroizing<String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ApiClient {
+    /// A client for the agent listening on `listen` (an unspecified address means loopback),
+    /// authenticated with the token in `token_file`.
+    pub fn new(listen: SocketAddr, token_file: &Path) -> Result<Self, ClientError> {
+        let mut addr = listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        Self::with_base(format!("http://{addr}"), token_file)
+    }
+
+    /// A client for an explicit base URL (`http://host:port`).
+    pub fn with_base(base: String, token_file: &Path) -> Result<Self, ClientError> {
+        let token = std::fs::read_to_string(token_file).map_err(|source| ClientError::Token {
+            path: token_file.display().to_string(),
+            source,
+        })?;
+        let token = Zeroizing::new(token.trim().to_string());
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            client,
+        })
+    }
+
+    /// Sends a request; returns the status and the whole body.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let unreachable = |detail: String| ClientError::Unreachable {
+            url: self.base.clone(),
+            detail,
+        };
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token.as_str()));
+        if body.is_some() {
+            builder = builder.header("content-type", "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(format!("the answer broke off: {e}")))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

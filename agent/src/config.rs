@@ -1,0 +1,857 @@
+//! Configuration: a TOML file, `LUMOS_AGENT_*` environment overrides and command-line flags,
+//! validated in one pass that reports every error with its key and where it came from.
+//!
+//! Layers, later wins: built-in defaults → the embedded development default (`--dev` only) → the
+//! config file → `LUMOS_AGENT_<KEY>` environment variables (nested keys with `__`, e.g.
+//! `LUMOS_AGENT_CALLS__TIMEOUT_SECS`) → command-line flags.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use config::{Map, Value, ValueKind};
+
+/// The configuration used by `lumos-agent --dev`: everything under `./.lumos-agent-dev`.
+pub const DEV_CONFIG_TOML: &str = include_str!("dev.toml");
+
+/// Environment variables with the `LUMOS_AGENT_` prefix that belong to the command line, not to
+/// the config file.
+const CLI_ONLY_ENV: &[&str] = &[
+    "LUMOS_AGENT_CONFIG",
+    "LUMOS_AGENT_DEV",
+    "LUMOS_AGENT_URL",
+    "LUMOS_AGENT_TOKEN_FILE",
+];
+
+/// Where a configuration came from, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigOrigin {
+    /// No file: built-in defaults (plus environment and flags).
+    Defaults,
+    /// The development default compiled into the binary.
+    EmbeddedDev,
+    /// A TOML file.
+    File(PathBuf),
+}
+
+impl fmt::Display for ConfigOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Defaults => f.write_str("built-in defaults"),
+            Self::EmbeddedDev => f.write_str("the embedded --dev default"),
+            Self::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from.
+    pub origin: ConfigOrigin,
+    /// The folder watched for connectors.
+    pub plugins_dir: PathBuf,
+    /// Private state: tokens, tenants, unpacked bundles, call scratch files.
+    pub state_dir: PathBuf,
+    /// The local API.
+    pub api: ApiConfig,
+    /// Capability call limits.
+    pub calls: CallsConfig,
+    /// Plugin loading limits.
+    pub plugins: PluginsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Per-connector overrides, by app_id.
+    pub connectors: BTreeMap<String, ConnectorOverride>,
+}
+
+/// The local API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Address to listen on; loopback by default.
+    pub listen: SocketAddr,
+}
+
+/// Capability call limits.
+#[derive(Debug, Clone)]
+pub struct CallsConfig {
+    /// Deadline of a call when the caller gives none (and the maximum a caller may ask for).
+    pub timeout: Duration,
+    /// Calls one connector may run at once; more get `agent.busy`.
+    pub max_concurrency: usize,
+    /// Largest answer a connector may print.
+    pub max_output_bytes: u64,
+    /// After SIGTERM at a deadline, how long before SIGKILL.
+    pub kill_grace: Duration,
+    /// On shutdown, how long in-flight calls may take to finish before they are cancelled.
+    pub drain_grace: Duration,
+    /// How much of a connector's stderr is kept for the log, per call.
+    pub stderr_log_bytes: usize,
+    /// `LUMOS_LOG_LEVEL` handed to connector-py connectors.
+    pub connector_log_level: String,
+    /// Extra environment variable names passed through to connectors (e.g. proxies, CA bundles).
+    pub pass_env: Vec<String>,
+}
+
+/// Plugin loading limits.
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    /// Deadline of a connector's `info` at load time.
+    pub info_timeout: Duration,
+    /// Largest total unpacked size of one bundle.
+    pub max_bundle_bytes: u64,
+    /// Most entries in one bundle.
+    pub max_bundle_entries: u64,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, or `info,lumos_agent::plugins=debug`.
+    pub level: String,
+    /// Human or JSON lines.
+    pub format: LogFormat,
+}
+
+/// Settings for one connector, overriding `[calls]`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectorOverride {
+    /// Overrides `calls.max_concurrency`.
+    pub max_concurrency: Option<usize>,
+    /// Overrides `calls.timeout_secs`.
+    pub timeout: Option<Duration>,
+}
+
+impl Config {
+    /// Concurrency limit of one connector.
+    pub fn max_concurrency_for(&self, app_id: &str) -> usize {
+        self.connectors
+            .get(app_id)
+            .and_then(|o| o.max_concurrency)
+            .unwrap_or(self.calls.max_concurrency)
+    }
+
+    /// Deadline of one connector's calls.
+    pub fn timeout_for(&self, app_id: &str) -> Duration {
+        self.connectors
+            .get(app_id)
+            .and_then(|o| o.timeout)
+            .unwrap_or(self.calls.timeout)
+    }
+}
+
+/// Command-line values that override the file and the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// An explicit config file; it must exist.
+    pub config_file: Option<PathBuf>,
+    /// Use the embedded development default instead of the platform's config file.
+    pub dev: bool,
+    /// `--plugins-dir`.
+    pub plugins_dir: Option<PathBuf>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<String>,
+}
+
+/// One problem in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The dotted key, e.g. `calls.timeout_secs`.
+    pub key: String,
+    /// Where the value came from: a file path, "the environment", "the command line".
+    pub origin: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: `{}`: {}", self.origin, self.key, self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not TOML.
+    #[error("cannot read config {origin}: {message}")]
+    Unreadable {
+        /// The file.
+        origin: String,
+        /// The parser's or the OS's words.
+        message: String,
+    },
+    /// One or more values are wrong; every one is listed.
+    #[error("{} error(s) in the configuration:\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+/// The platform's default config file: `/etc/lumos-agent/agent.toml` on Linux, the user's
+/// config folder elsewhere.
+pub fn default_config_path() -> Option<PathBuf> {
+    if cfg!(target_os = "linux") {
+        return Some(PathBuf::from("/etc/lumos-agent/agent.toml"));
+    }
+    directories::ProjectDirs::from("com", "Lumos", "lumos-agent")
+        .map(|d| d.config_dir().join("agent.toml"))
+}
+
+/// The platform's default state folder: `/var/lib/lumos-agent` for root on Linux, the user's
+/// data folder otherwise.
+fn default_state_dir() -> PathBuf {
+    if cfg!(target_os = "linux") && nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/lumos-agent");
+    }
+    directories::ProjectDirs::from("com", "Lumos", "lumos-agent")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("lumos-agent-state"))
+}
+
+/// Loads and validates the configuration, reading the process environment.
+pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    load_with_env(overrides, &env)
+}
+
+/// [`load`] with an explicit environment, so tests need not touch the process's.
+pub fn load_with_env(
+    overrides: &Overrides,
+    env: &[(String, String)],
+) -> Result<Config, ConfigError> {
+    let mut builder = config::Config::builder();
+    let origin = if overrides.dev {
+        builder = builder.add_source(config::File::from_str(
+            DEV_CONFIG_TOML,
+            config::FileFormat::Toml,
+        ));
+        ConfigOrigin::EmbeddedDev
+    } else {
+        ConfigOrigin::Defaults
+    };
+    let file = match (&overrides.config_file, overrides.dev) {
+        (Some(path), _) => {
+            if !path.is_file() {
+                return Err(ConfigError::Unreadable {
+                    origin: path.display().to_string(),
+                    message: "no such file".into(),
+                });
+            }
+            Some(path.clone())
+        }
+        (None, false) => default_config_path().filter(|p| p.is_file()),
+        (None, true) => None,
+    };
+    let origin = match &file {
+        Some(path) => {
+            builder = builder
+                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+            ConfigOrigin::File(path.clone())
+        }
+        None => origin,
+    };
+    let env_map: Map<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("LUMOS_AGENT_") && !CLI_ONLY_ENV.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("LUMOS_AGENT")
+            .prefix_separator("_")
+            .separator("__")
+            .source(Some(env_map)),
+    );
+    let built = builder.build().map_err(|e| ConfigError::Unreadable {
+        origin: origin.to_string(),
+        message: e.to_string(),
+    })?;
+    // `cache` keeps each value's origin (file path or "the environment") for messages.
+    let table: Map<String, Value> = match built.cache.kind {
+        ValueKind::Table(table) => table,
+        _ => Map::new(),
+    };
+    Validator::default().validate(table, origin, overrides)
+}
+
+/// Walks the merged table once, collecting every problem instead of stopping at the first.
+#[derive(Default)]
+struct Validator {
+    issues: Vec<ConfigIssue>,
+}
+
+const TOP_KEYS: &[&str] = &[
+    "plugins_dir",
+    "state_dir",
+    "api",
+    "calls",
+    "plugins",
+    "log",
+    "connectors",
+];
+
+impl Validator {
+    fn issue(&mut self, key: &str, origin: Option<&str>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue {
+            key: key.to_string(),
+            origin: origin.unwrap_or("built-in defaults").to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn validate(
+        mut self,
+        mut table: Map<String, Value>,
+        origin: ConfigOrigin,
+        cli: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        for (key, value) in &table {
+            if !TOP_KEYS.contains(&key.as_str()) {
+                self.issue(
+                    key,
+                    value.origin(),
+                    format!("unknown key; known keys are {}", TOP_KEYS.join(", ")),
+                );
+            }
+        }
+        let mut api = self.section(&mut table, "api", &["listen"]);
+        let mut calls = self.section(
+            &mut table,
+            "calls",
+            &[
+                "timeout_secs",
+                "max_concurrency",
+                "max_output_bytes",
+                "kill_grace_secs",
+                "drain_grace_secs",
+                "stderr_log_bytes",
+                "connector_log_level",
+                "pass_env",
+            ],
+        );
+        let mut plugins = self.section(
+            &mut table,
+            "plugins",
+            &[
+                "info_timeout_secs",
+                "max_bundle_bytes",
+                "max_bundle_entries",
+            ],
+        );
+        let mut log = self.section(&mut table, "log", &["level", "format"]);
+
+        let state_dir = cli
+            .state_dir
+            .clone()
+            .or_else(|| self.path(&mut table, "state_dir"))
+            .unwrap_or_else(default_state_dir);
+        let plugins_dir = cli
+            .plugins_dir
+            .clone()
+            .or_else(|| self.path(&mut table, "plugins_dir"))
+            .unwrap_or_else(|| state_dir.join("plugins"));
+
+        let listen_text = match &cli.listen {
+            Some(text) => Some((text.clone(), Some("the command line".to_string()))),
+            None => self.string(&mut api, "api.listen"),
+        };
+        let listen = match listen_text {
+            None => SocketAddr::from(([127, 0, 0, 1], 7878)),
+            Some((text, from)) => match text.parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    self.issue(
+                        "api.listen",
+                        from.as_deref(),
+                        format!("{text:?} is not an address like 127.0.0.1:7878"),
+                    );
+                    SocketAddr::from(([127, 0, 0, 1], 7878))
+                }
+            },
+        };
+
+        let calls = CallsConfig {
+            timeout: Duration::from_secs(
+                self.uint(&mut calls, "calls.timeout_secs", 1, 86_400)
+                    .unwrap_or(300),
+            ),
+            max_concurrency: self
+                .uint(&mut calls, "calls.max_concurrency", 1, 10_000)
+                .map_or(8, to_usize),
+            max_output_bytes: self
+                .uint(&mut calls, "calls.max_output_bytes", 1024, u64::MAX)
+                .unwrap_or(256 << 20),
+            kill_grace: Duration::from_secs(
+                self.uint(&mut calls, "calls.kill_grace_secs", 0, 600)
+                    .unwrap_or(5),
+            ),
+            drain_grace: Duration::from_secs(
+                self.uint(&mut calls, "calls.drain_grace_secs", 0, 86_400)
+                    .unwrap_or(30),
+            ),
+            stderr_log_bytes: self
+                .uint(&mut calls, "calls.stderr_log_bytes", 0, 1 << 20)
+                .map_or(8192, to_usize),
+            connector_log_level: self
+                .choice(
+                    &mut calls,
+                    "calls.connector_log_level",
+                    &["DEBUG", "INFO", "WARNING", "ERROR"],
+                )
+                .unwrap_or_else(|| "INFO".into()),
+            pass_env: self
+                .string_list(&mut calls, "calls.pass_env")
+                .unwrap_or_default(),
+        };
+        let plugins = PluginsConfig {
+            info_timeout: Duration::from_secs(
+                self.uint(&mut plugins, "plugins.info_timeout_secs", 1, 3600)
+                    .unwrap_or(30),
+            ),
+            max_bundle_bytes: self
+                .uint(&mut plugins, "plugins.max_bundle_bytes", 1 << 20, u64::MAX)
+                .unwrap_or(4 << 30),
+            max_bundle_entries: self
+                .uint(&mut plugins, "plugins.max_bundle_entries", 1, u64::MAX)
+                .unwrap_or(200_000),
+        };
+        let log = LogConfig {
+            level: match self.string(&mut log, "log.level") {
+                None => "info".to_string(),
+                Some((level, from)) => {
+                    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+                        self.issue(
+                            "log.level",
+                            from.as_deref(),
+                            format!("{level:?} is not a log filter: {e}"),
+                        );
+                    }
+                    level
+                }
+            },
+            format: match self
+                .choice(&mut log, "log.format", &["human", "json"])
+                .as_deref()
+            {
+                Some("json") => LogFormat::Json,
+                _ => LogFormat::Human,
+            },
+        };
+        let connectors = self.connectors(&mut table);
+
+        if self.issues.is_empty() {
+            Ok(Config {
+                origin,
+                plugins_dir: absolute(plugins_dir),
+                state_dir: absolute(state_dir),
+                api: ApiConfig { listen },
+                calls,
+                plugins,
+                log,
+                connectors,
+            })
+        } else {
+            Err(ConfigError::Invalid(self.issues))
+        }
+    }
+
+    /// Takes a sub-table, reporting unknown keys in it.
+    fn section(
+        &mut self,
+        table: &mut Map<String, Value>,
+        name: &str,
+        known: &[&str],
+    ) -> Map<String, Value> {
+        let Some(value) = table.remove(name) else {
+            return Map::new();
+        };
+        let origin = value.origin().map(str::to_owned);
+        match value.kind {
+            ValueKind::Table(sub) => {
+                for (key, v) in &sub {
+                    if !known.contains(&key.as_str()) {
+                        self.issue(
+                            &format!("{name}.{key}"),
+                            v.origin(),
+                            format!("unknown key; known keys are {}", known.join(", ")),
+                        );
+                    }
+                }
+                sub
+            }
+            other => {
+                self.issue(
+                    name,
+                    origin.as_deref(),
+                    format!("expected a table, found {}", describe(&other)),
+                );
+                Map::new()
+            }
+        }
+    }
+
+    fn string(
+        &mut self,
+        table: &mut Map<String, Value>,
+        key: &str,
+    ) -> Option<(String, Option<String>)> {
+        let value = table.remove(leaf(key))?;
+        let origin = value.origin().map(str::to_owned);
+        match value.kind {
+            ValueKind::String(s) => Some((s, origin)),
+            other => {
+                self.issue(
+                    key,
+                    origin.as_deref(),
+                    format!("expected a string, found {}", describe(&other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, table: &mut Map<String, Value>, key: &str) -> Option<PathBuf> {
+        let (text, origin) = self.string(table, key)?;
+        if text.is_empty() {
+            self.issue(key, origin.as_deref(), "must not be empty");
+            return None;
+        }
+        Some(PathBuf::from(text))
+    }
+
+    fn uint(
+        &mut self,
+        table: &mut Map<String, Value>,
+        key: &str,
+        min: u64,
+        max: u64,
+    ) -> Option<u64> {
+        let value = table.remove(leaf(key))?;
+        let origin = value.origin().map(str::to_owned);
+        let parsed = match &value.kind {
+            ValueKind::I64(n) => u64::try_from(*n).ok(),
+            ValueKind::U64(n) => Some(*n),
+            ValueKind::I128(n) => u64::try_from(*n).ok(),
+            ValueKind::U128(n) => u64::try_from(*n).ok(),
+            // Environment variables arrive as strings.
+            ValueKind::String(s) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            Some(n) => {
+                self.issue(
+                    key,
+                    origin.as_deref(),
+                    format!("{n} is out of range {min}..={max}"),
+                );
+                None
+            }
+            None => {
+                self.issue(
+                    key,
+                    origin.as_deref(),
+                    format!("expected a whole number, found {}", describe(&value.kind)),
+                );
+                None
+            }
+        }
+    }
+
+    fn choice(
+        &mut self,
+        table: &mut Map<String, Value>,
+        key: &str,
+        allowed: &[&str],
+    ) -> Option<String> {
+        let (text, origin) = self.string(table, key)?;
+        match allowed.iter().find(|a| a.eq_ignore_ascii_case(&text)) {
+            Some(a) => Some((*a).to_string()),
+            None => {
+                self.issue(
+                    key,
+                    origin.as_deref(),
+                    format!("{text:?} is not one of {}", allowed.join(", ")),
+                );
+                None
+            }
+        }
+    }
+
+    fn string_list(&mut self, table: &mut Map<String, Value>, key: &str) -> Option<Vec<String>> {
+        let value = table.remove(leaf(key))?;
+        let origin = value.origin().map(str::to_owned);
+        match value.kind {
+            ValueKind::Array(items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match item.kind {
+                        ValueKind::String(s) => out.push(s),
+                        other => self.issue(
+                            key,
+                            origin.as_deref(),
+                            format!("expected strings, found {}", describe(&other)),
+                        ),
+                    }
+                }
+                Some(out)
+            }
+            // `LUMOS_AGENT_CALLS__PASS_ENV=HTTPS_PROXY,NO_PROXY`
+            ValueKind::String(s) => Some(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+            other => {
+                self.issue(
+                    key,
+                    origin.as_deref(),
+                    format!("expected a list of strings, found {}", describe(&other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn connectors(
+        &mut self,
+        table: &mut Map<String, Value>,
+    ) -> BTreeMap<String, ConnectorOverride> {
+        let mut out = BTreeMap::new();
+        let all = self.section(table, "connectors", &[]);
+        // `section` reported every app_id as unknown; they are free-form here, so undo that.
+        self.issues.retain(|i| !i.key.starts_with("connectors."));
+        for (app_id, value) in all {
+            let origin = value.origin().map(str::to_owned);
+            let prefix = format!("connectors.{app_id}");
+            let ValueKind::Table(mut sub) = value.kind else {
+                self.issue(
+                    &prefix,
+                    origin.as_deref(),
+                    "expected a table like [connectors.<app_id>]",
+                );
+                continue;
+            };
+            for (key, v) in &sub {
+                if !["max_concurrency", "timeout_secs"].contains(&key.as_str()) {
+                    self.issue(
+                        &format!("{prefix}.{key}"),
+                        v.origin(),
+                        "unknown key; known keys are max_concurrency, timeout_secs",
+                    );
+                }
+            }
+            let over = ConnectorOverride {
+                max_concurrency: self
+                    .uint(&mut sub, &format!("{prefix}.max_concurrency"), 1, 10_000)
+                    .map(to_usize),
+                timeout: self
+                    .uint(&mut sub, &format!("{prefix}.timeout_secs"), 1, 86_400)
+                    .map(Duration::from_secs),
+            };
+            out.insert(app_id, over);
+        }
+        out
+    }
+}
+
+fn leaf(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+fn describe(kind: &ValueKind) -> String {
+    match kind {
+        ValueKind::Nil => "nothing".into(),
+        ValueKind::Boolean(b) => format!("boolean {b}"),
+        ValueKind::I64(n) => format!("number {n}"),
+        ValueKind::I128(n) => format!("number {n}"),
+        ValueKind::U64(n) => format!("number {n}"),
+        ValueKind::U128(n) => format!("number {n}"),
+        ValueKind::Float(n) => format!("number {n}"),
+        ValueKind::String(s) => format!("string {s:?}"),
+        ValueKind::Table(_) => "a table".into(),
+        ValueKind::Array(_) => "a list".into(),
+    }
+}
+
+/// Relative paths are taken from the working directory at start, once, so a later `chdir`
+/// cannot move them.
+fn absolute(path: PathBuf) -> PathBuf {
+    if path.is_absolute() {
+        return path;
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(&path))
+        .unwrap_or(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(contents: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, contents).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let cfg = load_with_env(
+            &Overrides {
+                dev: true,
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.api.listen.ip().to_string(), "127.0.0.1");
+        assert!(cfg.plugins_dir.ends_with(".lumos-agent-dev/plugins"));
+        assert_eq!(cfg.calls.max_concurrency, 8);
+        assert_eq!(cfg.origin, ConfigOrigin::EmbeddedDev);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_with_key_and_origin() {
+        let (_dir, path) = file(
+            "plugins_dir = 5\nbogus = 1\n[calls]\ntimeout_secs = \"soon\"\nmax_concurrency = 0\ntypo = 1\n[log]\nformat = \"xml\"\n[api]\nlisten = \"nowhere\"\n",
+        );
+        let err = load_with_env(
+            &Overrides {
+                config_file: Some(path.clone()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err();
+        let ConfigError::Invalid(issues) = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        for key in [
+            "plugins_dir",
+            "bogus",
+            "calls.timeout_secs",
+            "calls.max_concurrency",
+            "calls.typo",
+            "log.format",
+            "api.listen",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        assert!(
+            issues.iter().all(|i| i.origin.contains("agent.toml")),
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_is_named_as_origin() {
+        let (_dir, path) = file("[calls]\ntimeout_secs = 10\n");
+        let env = vec![
+            (
+                "LUMOS_AGENT_CALLS__TIMEOUT_SECS".to_string(),
+                "42".to_string(),
+            ),
+            ("LUMOS_AGENT_CONFIG".to_string(), "/ignored".to_string()),
+        ];
+        let cfg = load_with_env(
+            &Overrides {
+                config_file: Some(path.clone()),
+                ..Default::default()
+            },
+            &env,
+        )
+        .unwrap();
+        assert_eq!(cfg.calls.timeout, Duration::from_secs(42));
+
+        let env = vec![(
+            "LUMOS_AGENT_CALLS__MAX_CONCURRENCY".to_string(),
+            "many".to_string(),
+        )];
+        let err = load_with_env(
+            &Overrides {
+                config_file: Some(path),
+                ..Default::default()
+            },
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the environment: `calls.max_concurrency`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn connector_overrides_apply_per_app() {
+        let (_dir, path) = file("[connectors.slow_app]\ntimeout_secs = 900\nmax_concurrency = 2\n[connectors.other]\nwat = 1\n");
+        let err = load_with_env(
+            &Overrides {
+                config_file: Some(path.clone()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("connectors.other.wat"), "{err}");
+        std::fs::write(
+            &path,
+            "[connectors.slow_app]\ntimeout_secs = 900\nmax_concurrency = 2\n",
+        )
+        .unwrap();
+        let cfg = load_with_env(
+            &Overrides {
+                config_file: Some(path),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.timeout_for("slow_app"), Duration::from_secs(900));
+        assert_eq!(cfg.max_concurrency_for("slow_app"), 2);
+        assert_eq!(cfg.max_concurrency_for("another"), 8);
+    }
+
+    #[test]
+    fn missing_explicit_file_and_broken_toml_are_unreadable() {
+        let err = load_with_env(
+            &Overrides {
+                config_file: Some("/nonexistent/agent.toml".into()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Unreadable { .. }), "{err}");
+        let (_dir, path) = file("[calls\n");
+        let err = load_with_env(
+            &Overrides {
+                config_file: Some(path),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Unreadable { .. }), "{err}");
+    }
+}

@@ -1,0 +1,170 @@
+//! Agent errors as callers see them: a stable `agent.<code>` in the Lumos error shape.
+//!
+//! Connector answers (including their own `is_error` documents) are never wrapped: they pass
+//! through verbatim. Only failures of the agent or of running the connector become a
+//! [`CallError`].
+
+use serde_json::json;
+
+/// The stable error codes the agent answers with, as `agent.<code>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// No connector with that app_id is loaded.
+    UnknownConnector,
+    /// The connector exists but was rejected at load time; the message says why.
+    ConnectorRejected,
+    /// The connector does not list that capability in its `info`.
+    UnsupportedCapability,
+    /// The call's body or arguments are malformed.
+    BadRequest,
+    /// The stored tenant belongs to a different app.
+    TenantMismatch,
+    /// No stored tenant with that id.
+    UnknownTenant,
+    /// The call ran past its deadline; the connector's process group was stopped.
+    Timeout,
+    /// The connector died (signal, non-zero exit) without a JSON answer.
+    ConnectorCrashed,
+    /// The connector answered with something that is not a JSON document.
+    BadOutput,
+    /// The connector's answer exceeded `calls.max_output_bytes`.
+    OutputTooLarge,
+    /// The connector is at its concurrency limit; retry later.
+    Busy,
+    /// The call was cancelled (caller went away, or the agent is shutting down).
+    Cancelled,
+    /// The agent is draining and takes no new calls.
+    ShuttingDown,
+    /// A bug or an I/O failure inside the agent.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code without the `agent.` prefix.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownConnector => "unknown_connector",
+            Self::ConnectorRejected => "connector_rejected",
+            Self::UnsupportedCapability => "unsupported_capability",
+            Self::BadRequest => "bad_request",
+            Self::TenantMismatch => "tenant_mismatch",
+            Self::UnknownTenant => "unknown_tenant",
+            Self::Timeout => "timeout",
+            Self::ConnectorCrashed => "connector_crashed",
+            Self::BadOutput => "bad_output",
+            Self::OutputTooLarge => "output_too_large",
+            Self::Busy => "busy",
+            Self::Cancelled => "cancelled",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Whether the same call may succeed if simply retried later.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Self::Timeout | Self::ConnectorCrashed | Self::Busy | Self::ShuttingDown
+        )
+    }
+
+    /// The HTTP status the local API answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::BadRequest | Self::TenantMismatch => 400,
+            Self::UnknownConnector | Self::UnsupportedCapability | Self::UnknownTenant => 404,
+            Self::ConnectorCrashed | Self::BadOutput | Self::OutputTooLarge => 502,
+            Self::ConnectorRejected | Self::Busy | Self::ShuttingDown => 503,
+            Self::Timeout => 504,
+            Self::Cancelled => 499,
+            Self::Internal => 500,
+        }
+    }
+
+    /// Whose fault it is, in the vocabulary of `connector-py`'s `error_metadata.fault`.
+    fn fault(self) -> &'static str {
+        match self {
+            Self::BadRequest
+            | Self::TenantMismatch
+            | Self::UnknownConnector
+            | Self::UnsupportedCapability
+            | Self::UnknownTenant
+            | Self::Cancelled => "caller",
+            Self::ConnectorCrashed
+            | Self::BadOutput
+            | Self::OutputTooLarge
+            | Self::ConnectorRejected => "connector",
+            Self::Timeout | Self::Busy | Self::ShuttingDown | Self::Internal => "agent",
+        }
+    }
+}
+
+/// A failed capability call, answered in the Lumos error shape.
+///
+/// The message is written for a person and never contains secrets or connector output.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("agent.{}: {message}", code.as_str())]
+pub struct CallError {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// A sentence a person can act on.
+    pub message: String,
+    /// Suggested wait before retrying, for `busy`.
+    pub retry_after_seconds: Option<u64>,
+}
+
+impl CallError {
+    /// An error with a code and a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after_seconds: None,
+        }
+    }
+
+    /// The `{"is_error": true, "error": {...}}` document, as connector-py shapes its own errors.
+    pub fn to_json(&self, app_id: Option<&str>) -> serde_json::Value {
+        json!({
+            "is_error": true,
+            "error": {
+                "message": self.message,
+                "error_code": format!("agent.{}", self.code.as_str()),
+                "app_id": app_id,
+                "raised_by": "lumos-agent",
+                "raised_in": null,
+                "error_metadata": {
+                    "fault": self.code.fault(),
+                    "retryable": self.code.retryable(),
+                    "refreshable": false,
+                    "retry_after_seconds": self.retry_after_seconds,
+                },
+            },
+            "response": null,
+            "raw_data": null,
+            "page": null,
+        })
+    }
+
+    /// [`Self::to_json`] serialized.
+    pub fn to_json_bytes(&self, app_id: Option<&str>) -> Vec<u8> {
+        // Serializing a `Value` we built ourselves cannot fail.
+        serde_json::to_vec(&self.to_json(app_id)).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_shape_matches_connector_py() {
+        let err = CallError::new(ErrorCode::Busy, "too many calls");
+        let v = err.to_json(Some("x"));
+        assert_eq!(v["is_error"], true);
+        assert_eq!(v["error"]["error_code"], "agent.busy");
+        assert_eq!(v["error"]["error_metadata"]["retryable"], true);
+        assert_eq!(v["error"]["app_id"], "x");
+        assert_eq!(err.to_string(), "agent.busy: too many calls");
+    }
+}

@@ -1,0 +1,20 @@
+//! Process exit codes. Documented in README.md; scripts and service managers rely on them.
+
+/// Success; for `call`, the connector answered without an error.
+pub const OK: u8 = 0;
+/// `call` got an answer that is an error (the connector's or the agent's); the JSON is printed.
+pub const CALL_ERROR: u8 = 1;
+/// Bad command-line usage (clap's own code).
+pub const USAGE: u8 = 2;
+/// The configuration is invalid; every problem was printed.
+pub const CONFIG: u8 = 3;
+/// The agent could not start (state folder, tenant store, listen address).
+pub const STARTUP: u8 = 4;
+/// The CLI could not reach the agent's API.
+pub const UNREACHABLE: u8 = 5;
+/// The API refused the CLI's token.
+pub const UNAUTHORIZED: u8 = 6;
+/// The agent quit at once on a second stop signal, or the drain grace ran out.
+pub const FORCED_STOP: u8 = 7;
+/// A supervised task failed (a bug); the agent stopped in order.
+pub const INTERNAL: u8 = 70;

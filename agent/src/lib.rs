@@ -1,0 +1,20 @@
+//! lumos-agent: hosts Lumos connectors on-prem and serves capability calls.
+//!
+//! The binary (`main.rs`) is a thin shell around this library so that tests run the real agent
+//! in-process: [`app::RunningAgent::start`] then [`app::RunningAgent::run`]. See
+//! `docs/ARCHITECTURE.md` for the map.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod exec;
+pub mod exit;
+pub mod plugins;
+pub mod state;
+pub mod telemetry;
+pub mod tenants;
