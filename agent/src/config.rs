@@ -282,13 +282,25 @@ pub fn load_with_env(
         ValueKind::Table(table) => table,
         _ => Map::new(),
     };
-    Validator::default().validate(table, origin, overrides)
+    let validator = Validator {
+        issues: Vec::new(),
+        file: file.map(|f| absolute(f).display().to_string()),
+        fallback: if overrides.dev {
+            "the embedded --dev default"
+        } else {
+            "built-in defaults"
+        },
+    };
+    validator.validate(table, origin, overrides)
 }
 
 /// Walks the merged table once, collecting every problem instead of stopping at the first.
-#[derive(Default)]
 struct Validator {
     issues: Vec<ConfigIssue>,
+    /// The config file's full path (the config crate records only what it was given).
+    file: Option<String>,
+    /// Values with no origin come from here.
+    fallback: &'static str,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -303,9 +315,15 @@ const TOP_KEYS: &[&str] = &[
 
 impl Validator {
     fn issue(&mut self, key: &str, origin: Option<&str>, message: impl Into<String>) {
+        let origin = match (origin, &self.file) {
+            (Some(o), _) if o == "the environment" || o == "the command line" => o.to_string(),
+            (Some(_), Some(file)) => file.clone(),
+            (Some(o), None) => o.to_string(),
+            (None, _) => self.fallback.to_string(),
+        };
         self.issues.push(ConfigIssue {
             key: key.to_string(),
-            origin: origin.unwrap_or("built-in defaults").to_string(),
+            origin,
             message: message.into(),
         });
     }

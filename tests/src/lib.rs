@@ -1,1 +1,270 @@
+//! Test harness: runs the real agent in-process against temporary folders, with a small HTTP
+//! client for its API, and helpers to find the connector binaries the workspace builds.
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test harness: a failed unwrap is a failed test"
+)]
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use lumos_agent::app::{Control, RunningAgent, Stopped};
+use lumos_agent::config::{self, Overrides};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` otherwise. Use instead
+/// of sleeps: it waits only as long as needed, and a slow machine just waits longer.
+pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut cond: F) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The folder where cargo put this workspace's binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/<test> → target/debug
+    let deps = exe.parent().unwrap();
+    if deps.ends_with("deps") {
+        deps.parent().unwrap().to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+/// A binary built by this workspace; panics with what to run when it is missing.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+/// The example connector executable (connectors/example-exe).
+pub fn example_connector() -> PathBuf {
+    workspace_bin("lumos-example-connector")
+}
+
+/// The misbehaving test connector (tests/src/bin/lumos-test-connector.rs).
+pub fn test_connector() -> PathBuf {
+    workspace_bin("lumos-test-connector")
+}
+
+/// Copies `from` into `dir` as `name` (copy then rename, as admins are told to), executable.
+pub fn install_plugin(dir: &Path, from: &Path, name: &str) -> PathBuf {
+    let tmp = dir.join(format!(".{name}.copying"));
+    std::fs::copy(from, &tmp).unwrap();
+    let to = dir.join(name);
+    std::fs::rename(&tmp, &to).unwrap();
+    to
+}
+
+/// Writes an executable script into `dir`.
+pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dir.join(format!(".{name}.writing"));
+    std::fs::write(&tmp, body).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// sha256(token)[:16], the `unique_tenant_id` the example and interop connectors report.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))[..16].to_string()
+}
+
+/// Whether a process is alive (zombies count as dead: they hold no resources and run nothing).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next());
+            !matches!(state, Some('Z' | 'X'))
+        }
+        Err(_) => false,
+    }
+}
+
+/// The agent's folders, created before it starts so a test can fill the plugins folder.
+#[derive(Debug)]
+pub struct TestDirs {
+    /// Holds everything; removed on drop.
+    pub root: tempfile::TempDir,
+}
+
+impl TestDirs {
+    /// Fresh, empty folders.
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+        Self { root }
+    }
+
+    /// The plugins folder.
+    pub fn plugins(&self) -> PathBuf {
+        self.root.path().join("plugins")
+    }
+
+    /// The state folder.
+    pub fn state(&self) -> PathBuf {
+        self.root.path().join("state")
+    }
+}
+
+impl Default for TestDirs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The real agent, running in this process on an ephemeral loopback port.
+#[derive(Debug)]
+pub struct TestAgent {
+    /// API base URL.
+    pub base: String,
+    /// Admin bearer token.
+    pub token: String,
+    /// Send Reload / Shutdown / Quit.
+    pub control: mpsc::Sender<Control>,
+    /// Resolves when the agent stops.
+    pub stopped: tokio::task::JoinHandle<Result<Stopped, lumos_agent::app::TaskFailed>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl TestAgent {
+    /// Starts the agent on `dirs` with extra TOML config (e.g. `[calls]\ntimeout_secs = 2`).
+    pub async fn start(dirs: &TestDirs, extra_toml: &str) -> Self {
+        let config_file = dirs.root.path().join("agent.toml");
+        std::fs::write(&config_file, extra_toml).unwrap();
+        let overrides = Overrides {
+            config_file: Some(config_file),
+            dev: false,
+            plugins_dir: Some(dirs.plugins()),
+            state_dir: Some(dirs.state()),
+            listen: Some("127.0.0.1:0".into()),
+        };
+        let config = config::load_with_env(&overrides, &[]).unwrap();
+        let agent = RunningAgent::start(config).await.unwrap();
+        let base = format!("http://{}", agent.api_addr);
+        let token = std::fs::read_to_string(&agent.admin_token_path)
+            .unwrap()
+            .trim()
+            .to_string();
+        let (control, rx) = mpsc::channel(4);
+        let stopped = tokio::spawn(agent.run(rx));
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Self {
+            base,
+            token,
+            control,
+            stopped,
+            client,
+        }
+    }
+
+    /// A raw request with the admin token (or `token`), returning status and body.
+    pub async fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (StatusCode, Bytes) {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let response = self
+            .client
+            .request(builder.body(Full::new(body)).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+
+    /// A request with the admin token; the body parsed as JSON.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (status, bytes) = self
+            .request_with(method, path, body, Some(&self.token.clone()))
+            .await;
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, value)
+    }
+
+    /// `POST /v1/connectors/{app_id}/{capability}`.
+    pub async fn call(&self, app_id: &str, capability: &str, body: Value) -> (StatusCode, Value) {
+        self.request(
+            Method::POST,
+            &format!("/v1/connectors/{app_id}/{capability}"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `GET /v1/connectors`.
+    pub async fn connectors(&self) -> Vec<Value> {
+        let (status, value) = self.request(Method::GET, "/v1/connectors", None).await;
+        assert_eq!(status, StatusCode::OK, "{value}");
+        value.as_array().unwrap().clone()
+    }
+
+    /// The inventory entry whose file is named `file_name`.
+    pub async fn connector_by_file(&self, file_name: &str) -> Value {
+        self.connectors()
+            .await
+            .into_iter()
+            .find(|c| {
+                c["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with(&format!("/{file_name}")))
+            })
+            .unwrap_or_else(|| panic!("{file_name} is not in the inventory"))
+    }
+
+    /// `PUT /v1/tenants/{id}`.
+    pub async fn put_tenant(&self, tenant_id: &str, body: Value) {
+        let (status, value) = self
+            .request(Method::PUT, &format!("/v1/tenants/{tenant_id}"), Some(body))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{value}");
+    }
+
+    /// Drains and waits for the agent to stop.
+    pub async fn shutdown(self) -> Stopped {
+        self.control.send(Control::Shutdown).await.unwrap();
+        self.stopped.await.unwrap().unwrap()
+    }
+}

@@ -256,6 +256,7 @@ fn check_no_symlink_parents(root: &Path, rel: &Path) -> Result<(), BundleError> 
 
 /// Tracks the caps while entries are written.
 struct Budget {
+    format: &'static str,
     limits: BundleLimits,
     bytes: u64,
     entries: u64,
@@ -274,21 +275,35 @@ impl Budget {
     }
 
     /// Copies at most the remaining budget; more is an error, whatever the header claimed.
+    /// Read errors mean a broken archive (often one still being copied); write errors are ours.
     fn copy(&mut self, reader: &mut dyn Read, dest: &Path, mode: u32) -> Result<(), BundleError> {
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(dest)?;
-        let remaining = self.limits.max_bytes - self.bytes;
-        let written = std::io::copy(&mut reader.take(remaining + 1), &mut file)?;
-        if written > remaining {
-            return Err(BundleError::TooLarge {
-                what: "bytes",
-                limit: self.limits.max_bytes,
-            });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(BundleError::Corrupt {
+                        format: self.format,
+                        detail: e.to_string(),
+                    })
+                }
+            };
+            self.bytes += n as u64;
+            if self.bytes > self.limits.max_bytes {
+                return Err(BundleError::TooLarge {
+                    what: "bytes",
+                    limit: self.limits.max_bytes,
+                });
+            }
+            file.write_all(&buf[..n])?;
         }
-        self.bytes += written;
         file.flush()?;
         Ok(())
     }
@@ -320,6 +335,7 @@ fn unpack_tar_gz(
     let file = fs::File::open(archive)?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
     let mut budget = Budget {
+        format: "tar.gz",
         limits,
         bytes: 0,
         entries: 0,
@@ -384,6 +400,7 @@ fn unpack_zip(
     let file = fs::File::open(archive)?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(corrupt)?;
     let mut budget = Budget {
+        format: "zip",
         limits,
         bytes: 0,
         entries: 0,

@@ -1,0 +1,456 @@
+//! Loading the plugins folder: bundles and executables, good and hostile.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use hyper::{Method, StatusCode};
+use lumos_agent_integration::*;
+use serde_json::{json, Value};
+
+const METADATA: &str = "[connector]\napp_id = \"example_on_prem\"\nversion = \"0.1.0\"\n";
+
+/// One entry of a hand-made archive; `Raw*` entries bypass the tar crate's own path checks, as
+/// a hostile archive would.
+enum Entry<'a> {
+    File(&'a str, Vec<u8>, u32),
+    Symlink(&'a str, &'a str),
+    HardLink(&'a str, &'a str),
+    RawFile(&'a str, Vec<u8>),
+}
+
+fn set_raw_name(header: &mut tar::Header, name: &str) {
+    let gnu = header.as_gnu_mut().unwrap();
+    gnu.name = [0; 100];
+    gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+}
+
+fn tar_gz(path: &Path, entries: Vec<Entry<'_>>) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    for entry in entries {
+        let mut header = tar::Header::new_gnu();
+        match entry {
+            Entry::File(name, data, mode) => {
+                header.set_size(data.len() as u64);
+                header.set_mode(mode);
+                header.set_entry_type(tar::EntryType::Regular);
+                builder
+                    .append_data(&mut header, name, data.as_slice())
+                    .unwrap();
+            }
+            Entry::Symlink(name, target) => {
+                header.set_size(0);
+                header.set_entry_type(tar::EntryType::Symlink);
+                builder.append_link(&mut header, name, target).unwrap();
+            }
+            Entry::HardLink(name, target) => {
+                header.set_size(0);
+                header.set_entry_type(tar::EntryType::Link);
+                builder.append_link(&mut header, name, target).unwrap();
+            }
+            Entry::RawFile(name, data) => {
+                header.set_size(data.len() as u64);
+                header.set_mode(0o644);
+                header.set_entry_type(tar::EntryType::Regular);
+                set_raw_name(&mut header, name);
+                header.set_cksum();
+                builder.append(&header, data.as_slice()).unwrap();
+            }
+        }
+    }
+    builder.into_inner().unwrap().finish().unwrap();
+}
+
+fn example_bytes() -> Vec<u8> {
+    std::fs::read(example_connector()).unwrap()
+}
+
+/// A bundle shaped like `connector compile-on-prem` output, with the example connector as `main`.
+fn good_bundle_entries() -> Vec<Entry<'static>> {
+    vec![
+        Entry::File("main", example_bytes(), 0o755),
+        Entry::File("_internal/lib/data.txt", b"support file".to_vec(), 0o644),
+        Entry::Symlink("_internal/data-link", "lib/data.txt"),
+        Entry::File("metadata.toml", METADATA.as_bytes().to_vec(), 0o644),
+    ]
+}
+
+fn zip_bundle(path: &Path) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let exec = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+    let plain = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
+    zip.start_file("main", exec).unwrap();
+    zip.write_all(&example_bytes()).unwrap();
+    zip.start_file("metadata.toml", plain).unwrap();
+    zip.write_all(b"[connector]\napp_id = \"example_zip\"\nversion = \"0.1.0\"\n")
+        .unwrap();
+    zip.finish().unwrap();
+}
+
+fn reason(entry: &Value) -> String {
+    assert_eq!(entry["status"], "rejected", "{entry}");
+    entry["reason"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_unpack_privately_and_answer() {
+    let dirs = TestDirs::new();
+    tar_gz(
+        &dirs.plugins().join("example_on_prem-0.1.0.tar.gz"),
+        good_bundle_entries(),
+    );
+    zip_bundle(&dirs.plugins().join("example_zip-0.1.0.zip"));
+    let agent = TestAgent::start(&dirs, "").await;
+
+    let entry = agent
+        .connector_by_file("example_on_prem-0.1.0.tar.gz")
+        .await;
+    assert_eq!(entry["status"], "ready", "{entry}");
+    assert_eq!(entry["kind"], "bundle");
+    // The bundle is served under the app_id of its metadata.toml.
+    assert_eq!(entry["app_id"], "example_on_prem");
+    assert_eq!(entry["version"], "0.1.0");
+    assert_eq!(entry["sha256"].as_str().unwrap().len(), 64);
+    let zip_entry = agent.connector_by_file("example_zip-0.1.0.zip").await;
+    assert_eq!(zip_entry["status"], "ready", "{zip_entry}");
+
+    agent.put_tenant("t", json!({"app_id": "example_on_prem", "auth": {"oauth": {"access_token": "bundle-token"}}})).await;
+    let (status, body) = agent
+        .call(
+            "example_on_prem",
+            "validate_credentials",
+            json!({"tenant_id": "t"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["response"]["unique_tenant_id"],
+        token_hash("bundle-token")
+    );
+    let (status, body) = agent
+        .call(
+            "example_zip",
+            "list_accounts",
+            json!({"request": {"count": 2}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Unpacked under the state folder, content-addressed, private, executable kept.
+    let sha = entry["sha256"].as_str().unwrap();
+    let unpacked = dirs.state().join("bundles").join(&sha[..32]);
+    assert!(unpacked.join("main").is_file());
+    assert!(unpacked.join("_internal/lib/data.txt").is_file());
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("_internal/data-link")).unwrap(),
+        "support file"
+    );
+    let marker_time = std::fs::metadata(unpacked.join(".lumos-complete"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    agent.shutdown().await;
+
+    // A restart reuses the unpacked folder instead of unpacking again.
+    let agent = TestAgent::start(&dirs, "").await;
+    assert_eq!(
+        agent
+            .connector_by_file("example_on_prem-0.1.0.tar.gz")
+            .await["status"],
+        "ready"
+    );
+    assert_eq!(
+        std::fs::metadata(unpacked.join(".lumos-complete"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        marker_time
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_broken_bundles_are_rejected_with_reasons() {
+    let dirs = TestDirs::new();
+    let p = dirs.plugins();
+    let meta = || Entry::File("metadata.toml", METADATA.as_bytes().to_vec(), 0o644);
+    let main = || Entry::File("main", b"#!/bin/sh\necho {}\n".to_vec(), 0o755);
+    tar_gz(
+        &p.join("dotdot-1.tar.gz"),
+        vec![
+            meta(),
+            main(),
+            Entry::RawFile("../../escaped.txt", b"x".to_vec()),
+        ],
+    );
+    tar_gz(
+        &p.join("absolute-1.tar.gz"),
+        vec![
+            meta(),
+            main(),
+            Entry::RawFile("/tmp/lumos-absolute-escape", b"x".to_vec()),
+        ],
+    );
+    tar_gz(
+        &p.join("link-1.tar.gz"),
+        vec![meta(), main(), Entry::Symlink("out", "../../../etc")],
+    );
+    tar_gz(
+        &p.join("abslink-1.tar.gz"),
+        vec![meta(), main(), Entry::Symlink("out", "/etc")],
+    );
+    tar_gz(
+        &p.join("linkcombo-1.tar.gz"),
+        vec![
+            meta(),
+            main(),
+            Entry::Symlink("a", "."),
+            Entry::Symlink("b", "a/.."),
+        ],
+    );
+    tar_gz(
+        &p.join("through-1.tar.gz"),
+        vec![
+            meta(),
+            main(),
+            Entry::Symlink("d", "sub"),
+            Entry::File("d/f", b"x".to_vec(), 0o644),
+        ],
+    );
+    tar_gz(
+        &p.join("hardlink-1.tar.gz"),
+        vec![meta(), main(), Entry::HardLink("h", "main")],
+    );
+    tar_gz(&p.join("nometa-1.tar.gz"), vec![main()]);
+    tar_gz(
+        &p.join("badmeta-1.tar.gz"),
+        vec![
+            main(),
+            Entry::File(
+                "metadata.toml",
+                b"[connector]\nversion = \"1\"\n".to_vec(),
+                0o644,
+            ),
+        ],
+    );
+    tar_gz(&p.join("nomain-1.tar.gz"), vec![meta()]);
+    std::fs::write(p.join("corrupt-1.tar.gz"), b"this is not gzip at all").unwrap();
+    // A file caught half-copied: the first half of a good bundle.
+    let good = dirs.root.path().join("good.tar.gz");
+    tar_gz(&good, good_bundle_entries());
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(p.join("truncated-1.tar.gz"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(p.join("notzip-1.zip"), b"PK but not really").unwrap();
+    std::fs::copy(&good, p.join("example_on_prem-0.1.0.tar.gz")).unwrap();
+
+    let agent = TestAgent::start(&dirs, "").await;
+    let expect = [
+        ("dotdot-1.tar.gz", "escapes the bundle"),
+        ("absolute-1.tar.gz", "escapes the bundle"),
+        ("link-1.tar.gz", "points outside"),
+        ("abslink-1.tar.gz", "points outside"),
+        ("linkcombo-1.tar.gz", "points outside"),
+        ("through-1.tar.gz", "escapes the bundle"),
+        ("hardlink-1.tar.gz", "hard link"),
+        ("nometa-1.tar.gz", "no metadata.toml"),
+        ("badmeta-1.tar.gz", "no [connector] app_id"),
+        ("nomain-1.tar.gz", "no `main` executable"),
+        ("corrupt-1.tar.gz", "not a valid tar.gz"),
+        ("truncated-1.tar.gz", "not a valid tar.gz"),
+        ("notzip-1.zip", "not a valid zip"),
+    ];
+    for (file, needle) in expect {
+        let entry = agent.connector_by_file(file).await;
+        let why = reason(&entry);
+        assert!(
+            why.contains(needle),
+            "{file}: {why:?} should mention {needle:?}"
+        );
+        assert_eq!(entry["kind"], "bundle");
+    }
+    // Nothing escaped, and no half-unpacked folder was left behind.
+    assert!(
+        !dirs.root.path().join("escaped.txt").exists()
+            && !dirs
+                .root
+                .path()
+                .parent()
+                .unwrap()
+                .join("escaped.txt")
+                .exists()
+    );
+    assert!(!Path::new("/tmp/lumos-absolute-escape").exists());
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(dirs.state().join("bundles"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".unpack")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The good bundle next to them is served.
+    let (status, body) = agent
+        .call(
+            "example_on_prem",
+            "list_accounts",
+            json!({"request": {"count": 1}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_bombs_hit_the_size_cap() {
+    let dirs = TestDirs::new();
+    tar_gz(
+        &dirs.plugins().join("bomb-1.tar.gz"),
+        vec![
+            Entry::File("metadata.toml", METADATA.as_bytes().to_vec(), 0o644),
+            Entry::File("_internal/zeros", vec![0u8; 3 << 20], 0o644),
+            Entry::File("main", b"#!/bin/sh\n".to_vec(), 0o755),
+        ],
+    );
+    let agent = TestAgent::start(&dirs, "[plugins]\nmax_bundle_bytes = 1048576\n").await;
+    let why = reason(&agent.connector_by_file("bomb-1.tar.gz").await);
+    assert!(why.contains("more than 1048576 bytes"), "{why}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = TestDirs::new();
+    let p = dirs.plugins();
+    install_plugin(&p, &example_connector(), "example");
+    std::fs::write(p.join("plain-file"), b"not a program").unwrap();
+    write_script(&p, "garbage-info", "#!/bin/sh\necho 'hello, not JSON'\n");
+    write_script(
+        &p,
+        "failing-info",
+        "#!/bin/sh\necho 'ImportError: no module named x' >&2\nexit 1\n",
+    );
+    write_script(&p, "hanging-info", "#!/bin/sh\nsleep 600\n");
+    write_script(&p, "no-shebang", "echo hi\n");
+    write_script(
+        &p,
+        "error-info",
+        "#!/bin/sh\necho '{\"is_error\": true, \"error\": {\"message\": \"missing config\"}}'\n",
+    );
+    // A truncated ELF and one for another architecture (e_machine patched to aarch64).
+    let elf = example_bytes();
+    let truncated = p.join("truncated-elf");
+    std::fs::write(&truncated, &elf[..4096]).unwrap();
+    std::fs::set_permissions(&truncated, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut foreign = elf.clone();
+    let machine: u16 = if cfg!(target_arch = "aarch64") {
+        0x3E
+    } else {
+        0xB7
+    };
+    foreign[18..20].copy_from_slice(&machine.to_le_bytes());
+    let foreign_path = p.join("foreign-arch");
+    std::fs::write(&foreign_path, &foreign).unwrap();
+    std::fs::set_permissions(&foreign_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(p.join("loop-b"), p.join("loop-a")).unwrap();
+    std::os::unix::fs::symlink(p.join("loop-a"), p.join("loop-b")).unwrap();
+    std::os::unix::fs::symlink(p.join("nowhere"), p.join("dangling")).unwrap();
+    std::fs::create_dir(p.join("a-folder")).unwrap();
+    std::fs::write(p.join("native.so"), b"\x7fELF").unwrap();
+    // In-progress copies and hidden files are not connectors at all.
+    std::fs::write(p.join("upload.part"), b"half").unwrap();
+    std::fs::write(p.join(".hidden"), b"x").unwrap();
+
+    let agent = TestAgent::start(&dirs, "[plugins]\ninfo_timeout_secs = 2\n").await;
+    let expect = [
+        ("plain-file", "not executable"),
+        ("garbage-info", "did not print a JSON document"),
+        ("failing-info", "ImportError"),
+        ("hanging-info", "no answer within"),
+        ("no-shebang", "not a program for this machine"),
+        ("error-info", "missing config"),
+        ("foreign-arch", "not a program for this machine"),
+        ("loop-a", "symlink loop"),
+        ("dangling", "dangling symlink"),
+        ("a-folder", "a folder, not a connector"),
+        ("native.so", "cdylib"),
+    ];
+    for (file, needle) in expect {
+        let why = reason(&agent.connector_by_file(file).await);
+        assert!(
+            why.contains(needle),
+            "{file}: {why:?} should mention {needle:?}"
+        );
+    }
+    // A truncated ELF fails one way or another, always with a reason.
+    assert!(!reason(&agent.connector_by_file("truncated-elf").await).is_empty());
+    let files: Vec<String> = agent
+        .connectors()
+        .await
+        .iter()
+        .map(|c| c["path"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.ends_with("upload.part") || f.ends_with(".hidden")),
+        "{files:?}"
+    );
+
+    let ready: Vec<Value> = agent
+        .connectors()
+        .await
+        .into_iter()
+        .filter(|c| c["status"] == "ready")
+        .collect();
+    assert_eq!(ready.len(), 1, "{ready:?}");
+    let (status, body) = agent
+        .call(
+            "lumos_example",
+            "list_accounts",
+            json!({"request": {"count": 3}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_starts_when_every_plugin_is_bad() {
+    let dirs = TestDirs::new();
+    std::fs::write(dirs.plugins().join("junk"), b"junk").unwrap();
+    write_script(&dirs.plugins(), "broken", "#!/bin/sh\nexit 7\n");
+    let agent = TestAgent::start(&dirs, "").await;
+    let (status, body) = agent.request(Method::GET, "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["connectors_ready"], 0);
+    assert_eq!(agent.connectors().await.len(), 2);
+    let (status, body) = agent.call("broken", "x", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["error_code"], "agent.unknown_connector");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_highest_version_of_an_app_serves() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "multi@1.9.0");
+    install_plugin(&dirs.plugins(), &test_connector(), "multi@1.10.0");
+    install_plugin(&dirs.plugins(), &test_connector(), "multi@1.2.0");
+    let agent = TestAgent::start(&dirs, "").await;
+    let (status, body) = agent
+        .request(Method::GET, "/v1/connectors/multi", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["version"], "1.10.0");
+    assert_eq!(body["info"]["app_id"], "multi");
+    agent.shutdown().await;
+}
