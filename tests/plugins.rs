@@ -73,9 +73,12 @@ fn example_bytes() -> Vec<u8> {
 fn good_bundle_entries() -> Vec<Entry<'static>> {
     vec![
         Entry::File("main", example_bytes(), 0o755),
-        Entry::File("_internal/lib/data.txt", b"support file".to_vec(), 0o644),
+        Entry::File("_internal/lib/data.txt", b"first copy".to_vec(), 0o644),
         Entry::Symlink("_internal/data-link", "lib/data.txt"),
         Entry::File("metadata.toml", METADATA.as_bytes().to_vec(), 0o644),
+        // compile-on-prem lists every entry twice; the later one wins, as in tar(1).
+        Entry::File("_internal/lib/data.txt", b"support file".to_vec(), 0o644),
+        Entry::Symlink("_internal/data-link", "lib/data.txt"),
     ]
 }
 

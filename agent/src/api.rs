@@ -113,10 +113,13 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                 )
             }
         }
-        (_, ["v1", ..]) => match authorize(state, &req) {
-            Err(resp) => resp,
-            Ok(()) => v1(state, req, &method, &segments[1..]).await,
-        },
+        (_, ["v1", ..]) => {
+            if authorized(state, &req) {
+                v1(state, req, &method, &segments[1..]).await
+            } else {
+                unauthorized()
+            }
+        }
         _ => agent_error(
             &CallError::new(ErrorCode::BadRequest, format!("no route {method} {path}")),
             None,
@@ -127,31 +130,24 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
     response
 }
 
-fn authorize(state: &ApiState, req: &Request<Incoming>) -> Result<(), ApiResponse> {
+fn authorized(state: &ApiState, req: &Request<Incoming>) -> bool {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
-    let ok = presented.is_some_and(|token| {
+    presented.is_some_and(|token| {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         bool::from(digest.ct_eq(&state.token_digest))
-    });
-    if ok {
-        return Ok(());
-    }
-    let err = CallError::new(
-        ErrorCode::BadRequest,
-        "missing or wrong bearer token (see <state_dir>/admin.token)",
-    );
+    })
+}
+
+fn unauthorized() -> ApiResponse {
+    let err = CallError::new(ErrorCode::BadRequest, "missing or wrong bearer token (see <state_dir>/admin.token)");
     let mut resp = agent_error(&err, None, StatusCode::UNAUTHORIZED);
-    resp.headers_mut()
-        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    Err(resp)
+    resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
 }
 
 async fn v1(

@@ -277,11 +277,29 @@ impl Budget {
     /// Copies at most the remaining budget; more is an error, whatever the header claimed.
     /// Read errors mean a broken archive (often one still being copied); write errors are ours.
     fn copy(&mut self, reader: &mut dyn Read, dest: &Path, mode: u32) -> Result<(), BundleError> {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(dest)?;
+        let create = || {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(dest)
+        };
+        let mut file = match create() {
+            Ok(file) => file,
+            // Tar semantics: a later entry for the same path wins, and compile-on-prem bundles
+            // list every entry twice. Replace a file or a link (never write through it).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if fs::symlink_metadata(dest)?.is_dir() {
+                    return Err(BundleError::UnsupportedEntry {
+                        path: dest.display().to_string(),
+                        kind: "file over a folder of the same name",
+                    });
+                }
+                fs::remove_file(dest)?;
+                create()?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match reader.read(&mut buf) {
@@ -458,7 +476,11 @@ fn add_symlink(root: &Path, rel: &Path, raw: &str, target: &str) -> Result<(), B
         make_dirs(root, parent)?;
     }
     check_no_symlink_parents(root, rel)?;
-    std::os::unix::fs::symlink(target, root.join(rel))?;
+    let path = root.join(rel);
+    if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+        fs::remove_file(&path)?;
+    }
+    std::os::unix::fs::symlink(target, path)?;
     Ok(())
 }
 

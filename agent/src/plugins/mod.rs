@@ -447,6 +447,13 @@ impl PluginLoader {
         let bundles = self.state.bundles();
         let (archive, sha) = (path.to_path_buf(), sha256.to_string());
         let started = Instant::now();
+        if size > 16 << 20 {
+            // The first load of a large bundle takes seconds; say so before, not only after.
+            tracing::info!(
+                "checking or unpacking {name} ({:.1} MiB)…",
+                size as f64 / (1024.0 * 1024.0)
+            );
+        }
         let unpacked = tokio::task::spawn_blocking(move || {
             bundle::unpack(&archive, format, &sha, &bundles, limits)
         })

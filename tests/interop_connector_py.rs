@@ -1,0 +1,272 @@
+//! Interop with REAL Lumos connectors built with the public `connector-py` SDK
+//! (`shared/interop/lumos-connector.sh`): as an executable behind a one-line wrapper script, and
+//! as a real `connector compile-on-prem` bundle.
+//!
+//! The builds are cached in `$LUMOS_INTEROP_CACHE` (default `~/.cache/lumos-agent-interop`);
+//! the first build needs python3 and the package registry and takes a few minutes.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use hyper::StatusCode;
+use lumos_agent_integration::*;
+use serde_json::{json, Value};
+
+/// Where the interop connector's API client points (baked in at build time, so fixed).
+const APP_PORT: u16 = 47391;
+/// The real connector's OAuth credential id (from its `credentials_schema`).
+const CREDENTIAL_ID: &str = "demo_connector_oauth";
+
+/// One build at a time: the builds share a venv.
+static BUILD: Mutex<()> = Mutex::new(());
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("LUMOS_INTEROP_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/lumos-agent-interop")
+        })
+}
+
+/// Runs the shared build script (it reuses what is already built) and returns what it prints.
+fn build(mode: &str, subdir: &str, app_base_url: Option<&str>) -> PathBuf {
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/interop/lumos-connector.sh");
+    assert!(
+        script.is_file(),
+        "{} is missing: the interop tests need shared/ beside the repository",
+        script.display()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg(mode).arg(cache_dir().join(subdir));
+    match app_base_url {
+        Some(url) => cmd.env("APP_BASE_URL", url),
+        None => cmd.env_remove("APP_BASE_URL"),
+    };
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "building the connector-py {mode} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(
+        path.is_file(),
+        "the build script printed {}",
+        path.display()
+    );
+    path
+}
+
+fn tenant(token: &str, account_id: Option<&str>) -> Value {
+    let settings = match account_id {
+        Some(id) => json!({"account_id": id}),
+        None => json!({}),
+    };
+    json!({"app_id": "APP", "settings": settings, "credentials": [{"id": CREDENTIAL_ID, "oauth": {"access_token": token}}]})
+}
+
+fn with_app(mut t: Value, app_id: &str) -> Value {
+    t["app_id"] = json!(app_id);
+    t
+}
+
+/// Runs the connector directly, the way the agent would, for comparison.
+fn run_directly(exe: &Path, capability: &str, envelope: &Value) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.json");
+    std::fs::write(&input, envelope.to_string()).unwrap();
+    let out = Command::new(exe)
+        .args([capability, "--json-file", input.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("LUMOS_LOG_DIRECTORY", dir.path())
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_connector_py_executable_answers_through_the_agent() {
+    let exe = build("exe", "demo", None);
+    let dirs = TestDirs::new();
+    write_script(
+        &dirs.plugins(),
+        "demo-connector",
+        &format!("#!/bin/sh\nexec '{}' \"$@\"\n", exe.display()),
+    );
+    let agent = TestAgent::start(&dirs, "").await;
+
+    let entry = agent.connector_by_file("demo-connector").await;
+    assert_eq!(entry["status"], "ready", "{entry}");
+    assert_eq!(entry["app_id"], "demo-connector");
+    assert_eq!(entry["version"], "0.1.0");
+    assert_eq!(entry["kind"], "executable");
+    assert!(entry["capabilities"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("validate_credentials")));
+
+    // The stored tenant's credentials reach the real connector.
+    agent
+        .put_tenant(
+            "acme",
+            with_app(tenant("py-token-1", Some("a1")), "demo-connector"),
+        )
+        .await;
+    let (status, body) = agent
+        .call(
+            "demo-connector",
+            "validate_credentials",
+            json!({"tenant_id": "acme"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["response"]["valid"], true);
+    assert_eq!(
+        body["response"]["unique_tenant_id"],
+        token_hash("py-token-1")
+    );
+
+    // Its own error document passes through unchanged.
+    agent
+        .put_tenant(
+            "no-settings",
+            with_app(tenant("py-token-1", None), "demo-connector"),
+        )
+        .await;
+    let (status, body) = agent
+        .call(
+            "demo-connector",
+            "validate_credentials",
+            json!({"tenant_id": "no-settings"}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a connector's error is its answer, not an agent failure: {body}"
+    );
+    let direct = run_directly(
+        &exe,
+        "validate_credentials",
+        &json!({"request": {}, "settings": {}, "credentials": [{"id": CREDENTIAL_ID, "oauth": {"access_token": "py-token-1"}}]}),
+    );
+    assert_eq!(body["error"], direct["error"]);
+    assert_eq!(body["error"]["error_code"], "bad_request");
+
+    // connector-py wrote its log into the agent's connector-log folder, not next to the connector.
+    let logs = dirs.state().join("logs/connectors");
+    let logged: Vec<_> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        logged
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with("demo-connector")),
+        "{logged:?}"
+    );
+    assert!(!dirs.plugins().join("logs").exists());
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_refreshable_error_passes_through_verbatim() {
+    let exe = build(
+        "exe",
+        "demo-app",
+        Some(&format!("http://127.0.0.1:{APP_PORT}")),
+    );
+    // The app the connector calls: every token is expired.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", APP_PORT))
+        .await
+        .unwrap_or_else(|e| panic!("port {APP_PORT} (baked into the interop build) is taken: {e}"));
+    let app = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 8192];
+                let _ = stream.read(&mut buf).await;
+                let body = r#"{"error":"token expired"}"#;
+                let reply = format!("HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let dirs = TestDirs::new();
+    write_script(
+        &dirs.plugins(),
+        "demo-connector",
+        &format!("#!/bin/sh\nexec '{}' \"$@\"\n", exe.display()),
+    );
+    let agent = TestAgent::start(&dirs, "").await;
+    agent
+        .put_tenant(
+            "expired",
+            with_app(tenant("expired-token", Some("a1")), "demo-connector"),
+        )
+        .await;
+    let (status, body) = agent
+        .call(
+            "demo-connector",
+            "validate_credentials",
+            json!({"tenant_id": "expired"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["is_error"], true, "{body}");
+    assert_eq!(
+        body["error"]["error_metadata"]["refreshable"], true,
+        "{body}"
+    );
+    assert_eq!(body["error"]["status_code"], 401);
+    assert_eq!(body["error"]["error_code"], "unauthorized");
+    agent.shutdown().await;
+    app.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_compile_on_prem_bundle_is_unpacked_and_answers() {
+    let bundle = build("bundle", "demo", None);
+    let dirs = TestDirs::new();
+    let name = bundle.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::copy(&bundle, dirs.plugins().join(format!(".{name}.copying"))).unwrap();
+    std::fs::rename(
+        dirs.plugins().join(format!(".{name}.copying")),
+        dirs.plugins().join(&name),
+    )
+    .unwrap();
+    let agent = TestAgent::start(&dirs, "").await;
+
+    let entry = agent.connector_by_file(&name).await;
+    assert_eq!(entry["status"], "ready", "{entry}");
+    assert_eq!(entry["kind"], "bundle");
+    // Served under the app_id of its metadata.toml, which compile-on-prem writes.
+    let app_id = entry["app_id"].as_str().unwrap().to_string();
+    assert_eq!(app_id, "demo_connector_on_prem");
+    assert_eq!(entry["version"], "0.1.0");
+
+    agent
+        .put_tenant(
+            "acme",
+            with_app(tenant("bundle-token", Some("a1")), &app_id),
+        )
+        .await;
+    let (status, body) = agent
+        .call(
+            &app_id,
+            "validate_credentials",
+            json!({"tenant_id": "acme"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["response"]["unique_tenant_id"],
+        token_hash("bundle-token")
+    );
+    agent.shutdown().await;
+}
