@@ -135,7 +135,10 @@ fn authorized(state: &ApiState, req: &Request<Incoming>) -> bool {
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     presented.is_some_and(|token| {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
@@ -144,9 +147,13 @@ fn authorized(state: &ApiState, req: &Request<Incoming>) -> bool {
 }
 
 fn unauthorized() -> ApiResponse {
-    let err = CallError::new(ErrorCode::BadRequest, "missing or wrong bearer token (see <state_dir>/admin.token)");
+    let err = CallError::new(
+        ErrorCode::BadRequest,
+        "missing or wrong bearer token (see <state_dir>/admin.token)",
+    );
     let mut resp = agent_error(&err, None, StatusCode::UNAUTHORIZED);
-    resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
 }
 

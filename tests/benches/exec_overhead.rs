@@ -9,7 +9,6 @@
 //! The two paths are interleaved call by call so machine noise hits both alike. Target (issue
 //! 2): the agent adds at most 1 ms at p50.
 #![allow(clippy::unwrap_used, reason = "benchmark harness")]
-#![allow(clippy::print_stdout, reason = "a bench binary reports on stdout")]
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -38,8 +37,14 @@ fn report(name: &str, samples: &mut [Duration]) -> Duration {
 }
 
 fn main() {
-    let iterations: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(400);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let iterations: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(400);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async move {
         let dirs = TestDirs::new();
         install_plugin(&dirs.plugins(), std::path::Path::new(CONNECTOR), "bench");

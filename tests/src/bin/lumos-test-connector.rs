@@ -154,7 +154,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
         "grandchild" => {
-            #[allow(clippy::zombie_processes, reason = "the point: a grandchild left holding the pipe")]
+            #[allow(
+                clippy::zombie_processes,
+                reason = "the point: a grandchild left holding the pipe"
+            )]
             let child = Command::new("sleep")
                 .arg("3600")
                 .spawn()
