@@ -61,17 +61,13 @@ fn build(mode: &str, subdir: &str, app_base_url: Option<&str>) -> PathBuf {
     path
 }
 
-fn tenant(token: &str, account_id: Option<&str>) -> Value {
+/// A tenant of the real connector: its OAuth credential, and the `account_id` setting it needs.
+fn tenant(app_id: &str, token: &str, account_id: Option<&str>) -> Value {
     let settings = match account_id {
         Some(id) => json!({"account_id": id}),
         None => json!({}),
     };
-    json!({"app_id": "APP", "settings": settings, "credentials": [{"id": CREDENTIAL_ID, "oauth": {"access_token": token}}]})
-}
-
-fn with_app(mut t: Value, app_id: &str) -> Value {
-    t["app_id"] = json!(app_id);
-    t
+    json!({"app_id": app_id, "settings": settings, "credentials": [{"id": CREDENTIAL_ID, "oauth": {"access_token": token}}]})
 }
 
 /// Runs the connector directly, the way the agent would, for comparison.
@@ -111,10 +107,7 @@ async fn real_connector_py_executable_answers_through_the_agent() {
 
     // The stored tenant's credentials reach the real connector.
     agent
-        .put_tenant(
-            "acme",
-            with_app(tenant("py-token-1", Some("a1")), "demo-connector"),
-        )
+        .put_tenant("acme", tenant("demo-connector", "py-token-1", Some("a1")))
         .await;
     let (status, body) = agent
         .call(
@@ -132,10 +125,7 @@ async fn real_connector_py_executable_answers_through_the_agent() {
 
     // Its own error document passes through unchanged.
     agent
-        .put_tenant(
-            "no-settings",
-            with_app(tenant("py-token-1", None), "demo-connector"),
-        )
+        .put_tenant("no-settings", tenant("demo-connector", "py-token-1", None))
         .await;
     let (status, body) = agent
         .call(
@@ -207,7 +197,7 @@ async fn real_refreshable_error_passes_through_verbatim() {
     agent
         .put_tenant(
             "expired",
-            with_app(tenant("expired-token", Some("a1")), "demo-connector"),
+            tenant("demo-connector", "expired-token", Some("a1")),
         )
         .await;
     let (status, body) = agent
@@ -251,10 +241,7 @@ async fn real_compile_on_prem_bundle_is_unpacked_and_answers() {
     assert_eq!(entry["version"], "0.1.0");
 
     agent
-        .put_tenant(
-            "acme",
-            with_app(tenant("bundle-token", Some("a1")), &app_id),
-        )
+        .put_tenant("acme", tenant(&app_id, "bundle-token", Some("a1")))
         .await;
     let (status, body) = agent
         .call(

@@ -724,6 +724,16 @@ fn absolute(path: PathBuf) -> PathBuf {
 mod tests {
     use super::*;
 
+    fn load_file(path: &std::path::Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        load_with_env(
+            &Overrides {
+                config_file: Some(path.to_path_buf()),
+                ..Default::default()
+            },
+            env,
+        )
+    }
+
     fn file(contents: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
@@ -752,14 +762,7 @@ mod tests {
         let (_dir, path) = file(
             "plugins_dir = 5\nbogus = 1\n[calls]\ntimeout_secs = \"soon\"\nmax_concurrency = 0\ntypo = 1\n[log]\nformat = \"xml\"\n[api]\nlisten = \"nowhere\"\n",
         );
-        let err = load_with_env(
-            &Overrides {
-                config_file: Some(path.clone()),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap_err();
+        let err = load_file(&path, &[]).unwrap_err();
         let ConfigError::Invalid(issues) = err else {
             panic!("expected Invalid, got {err}")
         };
@@ -791,28 +794,14 @@ mod tests {
             ),
             ("LUMOS_AGENT_CONFIG".to_string(), "/ignored".to_string()),
         ];
-        let cfg = load_with_env(
-            &Overrides {
-                config_file: Some(path.clone()),
-                ..Default::default()
-            },
-            &env,
-        )
-        .unwrap();
+        let cfg = load_file(&path, &env).unwrap();
         assert_eq!(cfg.calls.timeout, Duration::from_secs(42));
 
         let env = vec![(
             "LUMOS_AGENT_CALLS__MAX_CONCURRENCY".to_string(),
             "many".to_string(),
         )];
-        let err = load_with_env(
-            &Overrides {
-                config_file: Some(path),
-                ..Default::default()
-            },
-            &env,
-        )
-        .unwrap_err();
+        let err = load_file(&path, &env).unwrap_err();
         assert!(
             err.to_string()
                 .contains("the environment: `calls.max_concurrency`"),
@@ -823,28 +812,14 @@ mod tests {
     #[test]
     fn connector_overrides_apply_per_app() {
         let (_dir, path) = file("[connectors.slow_app]\ntimeout_secs = 900\nmax_concurrency = 2\n[connectors.other]\nwat = 1\n");
-        let err = load_with_env(
-            &Overrides {
-                config_file: Some(path.clone()),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap_err();
+        let err = load_file(&path, &[]).unwrap_err();
         assert!(err.to_string().contains("connectors.other.wat"), "{err}");
         std::fs::write(
             &path,
             "[connectors.slow_app]\ntimeout_secs = 900\nmax_concurrency = 2\n",
         )
         .unwrap();
-        let cfg = load_with_env(
-            &Overrides {
-                config_file: Some(path),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap();
+        let cfg = load_file(&path, &[]).unwrap();
         assert_eq!(cfg.timeout_for("slow_app"), Duration::from_secs(900));
         assert_eq!(cfg.max_concurrency_for("slow_app"), 2);
         assert_eq!(cfg.max_concurrency_for("another"), 8);
@@ -862,14 +837,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, ConfigError::Unreadable { .. }), "{err}");
         let (_dir, path) = file("[calls\n");
-        let err = load_with_env(
-            &Overrides {
-                config_file: Some(path),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap_err();
+        let err = load_file(&path, &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Unreadable { .. }), "{err}");
     }
 }
