@@ -128,7 +128,7 @@ pub enum ExecError {
     Io(#[from] std::io::Error),
 }
 
-/// Kills the whole process group when dropped, unless disarmed. This is what guarantees that a
+/// Kills the whole process group when dropped. This is what guarantees that a
 /// dropped call future (client disconnect, agent shutdown) leaves no process behind.
 #[derive(Debug)]
 struct GroupGuard {
@@ -141,10 +141,6 @@ impl GroupGuard {
             // ESRCH (group already gone) is the normal case after a clean exit.
             let _ = killpg(pgid, signal);
         }
-    }
-
-    fn disarm(&mut self) -> Option<Pid> {
-        self.pgid.take()
     }
 }
 
@@ -164,7 +160,7 @@ pub async fn run(
 ) -> Result<ProcessOutput, ExecError> {
     let deadline = Instant::now() + limits.timeout;
     let mut child = spawn(program, args, env).await?;
-    let mut guard = GroupGuard {
+    let guard = GroupGuard {
         pgid: child
             .id()
             .and_then(|id| i32::try_from(id).ok())
@@ -201,7 +197,7 @@ pub async fn run(
                 }
             },
             () = tokio::time::sleep_until(deadline) => {
-                terminate_in_background(child, guard.disarm(), limits.kill_grace);
+                terminate_in_background(child, guard, limits.kill_grace);
                 stdout_task.abort();
                 return Err(ExecError::Timeout(limits.timeout));
             }
@@ -276,18 +272,16 @@ async fn spawn(program: &Path, args: &[OsString], env: &ProcessEnv) -> Result<Ch
 
 /// SIGTERM to the group, SIGKILL after the grace, and reap: off the caller's path so the call's
 /// error is answered at the deadline, not a grace period later.
-fn terminate_in_background(mut child: Child, pgid: Option<Pid>, grace: Duration) {
-    let Some(pgid) = pgid else { return };
-    let _ = killpg(pgid, Signal::SIGTERM);
+fn terminate_in_background(mut child: Child, guard: GroupGuard, grace: Duration) {
+    guard.kill(Signal::SIGTERM);
+    // The guard moves into the task: if the runtime drops the task (the agent is quitting),
+    // dropping the guard still SIGKILLs the group.
     tokio::spawn(async move {
         if tokio::time::timeout(grace, child.wait()).await.is_err() {
-            tracing::warn!(
-                pgid = pgid.as_raw(),
-                "connector ignored SIGTERM; sending SIGKILL"
-            );
+            tracing::warn!(pgid = ?guard.pgid, "connector ignored SIGTERM; sending SIGKILL");
         }
         // Always: the leader may have exited while helpers in its group ignored SIGTERM.
-        let _ = killpg(pgid, Signal::SIGKILL);
+        guard.kill(Signal::SIGKILL);
         let _ = child.wait().await;
     });
 }
@@ -470,6 +464,51 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ExecError::Timeout(_)), "{err}");
+    }
+
+    fn alive(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                !matches!(
+                    stat.rsplit(") ").next().and_then(|r| r.chars().next()),
+                    Some('Z' | 'X')
+                )
+            })
+            .unwrap_or(false)
+    }
+
+    /// The SIGTERM→SIGKILL escalation after a deadline runs on a background task; if the agent
+    /// quits during the grace and that task is dropped, the group must still die.
+    #[test]
+    fn a_group_in_its_kill_grace_dies_when_the_runtime_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let script = format!(
+            "trap '' TERM; sleep 30 & echo $$ $! > {}; wait",
+            pids.display()
+        );
+        let (p, a) = sh(&script);
+        let mut l = limits(300);
+        l.kill_grace = Duration::from_secs(600);
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let err = runtime
+            .block_on(run(&p, &a, &env(), &l, &CancellationToken::new()))
+            .unwrap_err();
+        assert!(matches!(err, ExecError::Timeout(_)), "{err}");
+        let text = std::fs::read_to_string(&pids).unwrap();
+        let pids: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(pids.len(), 2);
+        // Both ignore SIGTERM and the grace is ten minutes: only the guard can kill them now.
+        assert!(pids.iter().all(|p| alive(p)));
+        drop(runtime);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while pids.iter().any(|p| alive(p)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a process of the group survived: {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[tokio::test]
