@@ -384,7 +384,7 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
         ("loop-a", "symlink loop"),
         ("dangling", "dangling symlink"),
         ("a-folder", "a folder, not a connector"),
-        ("native.so", "cdylib"),
+        ("native.so", "cannot load the library"),
     ];
     for (file, needle) in expect {
         let why = reason(&agent.connector_by_file(file).await);

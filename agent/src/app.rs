@@ -284,7 +284,11 @@ impl RunningAgent {
 /// Copies the example connectors built next to this binary into the plugins folder (for
 /// `--dev`), replacing stale copies. Returns the names copied.
 pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
-    const EXAMPLES: &[&str] = &["lumos-example-connector"];
+    const EXAMPLES: &[&str] = &[
+        "lumos-example-connector",
+        "liblumos_example_cdylib.so",
+        "liblumos_example_c.so",
+    ];
     let exe = std::env::current_exe()?;
     let bin_dir = exe
         .parent()

@@ -80,6 +80,13 @@ pub enum Command {
     },
     /// Print the version.
     Version,
+    /// Internal: host one native connector library in this process (a plugin worker). The agent
+    /// starts these itself; they speak a framed protocol on stdin/stdout.
+    #[command(hide = true)]
+    PluginHost {
+        /// The shared library.
+        library: PathBuf,
+    },
 }
 
 /// Tenant commands. Secrets are read from files or stdin, never from the command line.
@@ -143,6 +150,7 @@ pub fn load_config(cli: &Cli) -> Result<Config, u8> {
 pub fn execute(cli: &Cli) -> u8 {
     match &cli.command {
         Command::Run => exit::USAGE,
+        Command::PluginHost { library } => crate::native::worker::main(library),
         Command::Version => {
             println!("lumos-agent {}", env!("CARGO_PKG_VERSION"));
             exit::OK
@@ -224,7 +232,9 @@ async fn client_command(config: &Config, command: &Command) -> u8 {
             .await
         }
         Command::Tenants { action } => tenants(&client, action).await,
-        Command::Run | Command::CheckConfig | Command::Version => Ok(exit::USAGE),
+        Command::Run | Command::CheckConfig | Command::Version | Command::PluginHost { .. } => {
+            Ok(exit::USAGE)
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("lumos-agent: {e}");

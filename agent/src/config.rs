@@ -113,6 +113,9 @@ pub struct PluginsConfig {
     pub max_bundle_bytes: u64,
     /// Most entries in one bundle.
     pub max_bundle_entries: u64,
+    /// The program re-executed as a plugin worker (`<program> plugin-host <library>`); normally
+    /// unset, meaning this agent binary.
+    pub worker_program: Option<PathBuf>,
 }
 
 /// Logging.
@@ -131,6 +134,9 @@ pub struct ConnectorOverride {
     pub max_concurrency: Option<usize>,
     /// Overrides `calls.timeout_secs`.
     pub timeout: Option<Duration>,
+    /// Load this native connector into the agent's own process instead of a worker (only for
+    /// vetted plugins: a crash in it takes the agent down).
+    pub in_process: bool,
 }
 
 impl Config {
@@ -140,6 +146,11 @@ impl Config {
             .get(app_id)
             .and_then(|o| o.max_concurrency)
             .unwrap_or(self.calls.max_concurrency)
+    }
+
+    /// Whether a native connector is loaded in-process.
+    pub fn in_process(&self, app_id: &str) -> bool {
+        self.connectors.get(app_id).is_some_and(|o| o.in_process)
     }
 
     /// Deadline of one connector's calls.
@@ -365,6 +376,7 @@ impl Validator {
                 "info_timeout_secs",
                 "max_bundle_bytes",
                 "max_bundle_entries",
+                "worker_program",
             ],
         );
         let mut log = self.section(&mut table, "log", &["level", "format"]);
@@ -443,6 +455,9 @@ impl Validator {
             max_bundle_entries: self
                 .uint(&mut plugins, "plugins.max_bundle_entries", 1, u64::MAX)
                 .unwrap_or(200_000),
+            worker_program: self
+                .path(&mut plugins, "plugins.worker_program")
+                .map(absolute),
         };
         let log = LogConfig {
             level: match self.string(&mut log, "log.level") {
@@ -587,6 +602,25 @@ impl Validator {
         }
     }
 
+    fn boolean(&mut self, table: &mut Map<String, Value>, key: &str) -> Option<bool> {
+        let value = table.remove(leaf(key))?;
+        let origin = value.origin().map(str::to_owned);
+        match &value.kind {
+            ValueKind::Boolean(b) => Some(*b),
+            // Environment variables arrive as strings.
+            ValueKind::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+            ValueKind::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+            other => {
+                self.issue(
+                    key,
+                    origin.as_deref(),
+                    format!("expected true or false, found {}", describe(other)),
+                );
+                None
+            }
+        }
+    }
+
     fn choice(
         &mut self,
         table: &mut Map<String, Value>,
@@ -664,11 +698,11 @@ impl Validator {
                 continue;
             };
             for (key, v) in &sub {
-                if !["max_concurrency", "timeout_secs"].contains(&key.as_str()) {
+                if !["max_concurrency", "timeout_secs", "in_process"].contains(&key.as_str()) {
                     self.issue(
                         &format!("{prefix}.{key}"),
                         v.origin(),
-                        "unknown key; known keys are max_concurrency, timeout_secs",
+                        "unknown key; known keys are max_concurrency, timeout_secs, in_process",
                     );
                 }
             }
@@ -679,6 +713,9 @@ impl Validator {
                 timeout: self
                     .uint(&mut sub, &format!("{prefix}.timeout_secs"), 1, 86_400)
                     .map(Duration::from_secs),
+                in_process: self
+                    .boolean(&mut sub, &format!("{prefix}.in_process"))
+                    .unwrap_or(false),
             };
             out.insert(app_id, over);
         }

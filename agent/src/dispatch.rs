@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use crate::config::Config;
 use crate::error::{CallError, ErrorCode};
 use crate::exec::{self, ExecError, ExecLimits, ScratchDir};
-use crate::plugins::{info::is_capability_name, PluginRegistry};
+use crate::plugins::{info::is_capability_name, PluginRegistry, Runner};
 use crate::tenants::{SecretJson, TenantStore};
 
 /// What a caller sends with a call: any of the Lumos envelope's parts. Settings overlay the
@@ -161,17 +161,45 @@ impl Dispatcher {
             err.retry_after_seconds = Some(1);
             return Err(err);
         };
-        let input = self.scratch.write_secret_file(&envelope).map_err(|e| {
+        let timeout = match body.timeout_secs {
+            Some(secs) if secs > 0 => Duration::from_secs(secs).min(runnable.timeout),
+            _ => runnable.timeout,
+        };
+        let version = connector.version.clone().unwrap_or_default();
+        let json = match &runnable.runner {
+            Runner::Executable { program, env } => {
+                self.run_executable(app_id, capability, program, env, &envelope, timeout, cancel)
+                    .await?
+            }
+            // Native connectors get the envelope in memory (over a private pipe to a worker).
+            Runner::Worker(worker) => worker.call(capability, &envelope, timeout, cancel).await?,
+            Runner::InProcess(native) => {
+                native.call(capability, &envelope, timeout, cancel).await?
+            }
+        };
+        Ok(CallAnswer { json, version })
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one private step of call_inner; named arguments read best"
+    )]
+    async fn run_executable(
+        &self,
+        app_id: &str,
+        capability: &str,
+        program: &std::path::Path,
+        env: &crate::exec::ProcessEnv,
+        envelope: &[u8],
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Bytes, CallError> {
+        let input = self.scratch.write_secret_file(envelope).map_err(|e| {
             CallError::new(
                 ErrorCode::Internal,
                 format!("cannot write the call input file: {e}"),
             )
         })?;
-        drop(envelope);
-        let timeout = match body.timeout_secs {
-            Some(secs) if secs > 0 => Duration::from_secs(secs).min(runnable.timeout),
-            _ => runnable.timeout,
-        };
         let limits = ExecLimits {
             timeout,
             kill_grace: self.config.calls.kill_grace,
@@ -183,12 +211,10 @@ impl Dispatcher {
             OsString::from("--json-file"),
             input.path().as_os_str().to_owned(),
         ];
-        let output = exec::run(&runnable.program, &args, &runnable.env, &limits, cancel).await;
+        let output = exec::run(program, &args, env, &limits, cancel).await;
         drop(input);
-        let version = connector.version.clone().unwrap_or_default();
         let output = output.map_err(|e| exec_error(app_id, e))?;
-        let json = classify_output(app_id, output)?;
-        Ok(CallAnswer { json, version })
+        classify_output(app_id, output)
     }
 
     /// `{"request", "settings", "auth" | "credentials", "page", "include_raw_data"}`, spliced

@@ -8,6 +8,7 @@
 //!   work/<plugin>/              each connector's private working folder (HOME, TMPDIR)
 //!   calls/                0700  call input files (0600), deleted after each call
 //!   logs/connectors/            connector-py log files (LUMOS_LOG_DIRECTORY)
+//!   native/<sha256>.so          copies of in-process native libraries (never unloaded)
 //! ```
 
 use std::fs;
@@ -85,6 +86,11 @@ impl StatePaths {
             .mode(0o700)
             .create(dir.join("tmp"))?;
         Ok(dir)
+    }
+
+    /// Content-addressed copies of native libraries loaded in-process.
+    pub fn native_copies(&self) -> PathBuf {
+        self.root.join("native")
     }
 
     /// Call input files.

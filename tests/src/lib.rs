@@ -163,7 +163,13 @@ impl TestAgent {
             state_dir: Some(dirs.state()),
             listen: Some("127.0.0.1:0".into()),
         };
-        let config = config::load_with_env(&overrides, &[]).unwrap();
+        // Native connectors run in workers: the agent re-executes itself, and in-process that
+        // would be this test binary, so point it at the real agent binary.
+        let env = [(
+            "LUMOS_AGENT_PLUGINS__WORKER_PROGRAM".to_string(),
+            workspace_bin("lumos-agent").display().to_string(),
+        )];
+        let config = config::load_with_env(&overrides, &env).unwrap();
         let agent = RunningAgent::start(config).await.unwrap();
         let base = format!("http://{}", agent.api_addr);
         let token = std::fs::read_to_string(&agent.admin_token_path)

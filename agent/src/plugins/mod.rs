@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::{CallError, ErrorCode};
 use crate::exec::{self, ExecLimits, ProcessEnv};
+use crate::native::{InProcessConnector, WorkerConnector, WorkerSettings};
 use crate::state::StatePaths;
 use bundle::{BundleFormat, BundleLimits};
 use info::ConnectorInfo;
@@ -75,14 +76,28 @@ pub struct Connector {
 pub struct Runnable {
     /// Its `info`.
     pub info: ConnectorInfo,
-    /// The executable to start for each call.
-    pub program: PathBuf,
-    /// Its environment and working folder.
-    pub env: ProcessEnv,
+    /// How calls reach it.
+    pub runner: Runner,
     /// Per-connector concurrency limit.
     pub limiter: Arc<Semaphore>,
     /// Its call deadline.
     pub timeout: Duration,
+}
+
+/// How a ready connector is called.
+#[derive(Debug)]
+pub enum Runner {
+    /// A process per call (executables and bundles).
+    Executable {
+        /// The executable.
+        program: PathBuf,
+        /// Its environment and working folder.
+        env: ProcessEnv,
+    },
+    /// A native library in a worker process.
+    Worker(Arc<WorkerConnector>),
+    /// A vetted native library in the agent's own process.
+    InProcess(Arc<InProcessConnector>),
 }
 
 impl Connector {
@@ -408,12 +423,10 @@ impl PluginLoader {
                     self.load_executable(&path, &name).await
                 }
             }
-            ConnectorKind::Cdylib => {
-                Err("cdylib connectors (the C ABI) are not supported by this agent build yet; use an executable or a bundle".into())
-            }
+            ConnectorKind::Cdylib => self.load_native(&path, &name, &sha256).await,
         };
         match result {
-            Ok((info, program, env, bundle_app_id)) => {
+            Ok((info, runner, bundle_app_id)) => {
                 let app_id = bundle_app_id.unwrap_or_else(|| info.app_id.clone());
                 let limit = self.config.max_concurrency_for(&app_id);
                 Connector {
@@ -426,8 +439,7 @@ impl PluginLoader {
                     runnable: Some(Runnable {
                         timeout: self.config.timeout_for(&app_id),
                         info,
-                        program,
-                        env,
+                        runner,
                         limiter: Arc::new(Semaphore::new(limit)),
                     }),
                     app_id: Some(app_id),
@@ -468,7 +480,7 @@ impl PluginLoader {
                 started.elapsed()
             );
         }
-        let (info, program, env, _) = self.load_executable(&unpacked.program, name).await?;
+        let (info, runner, _) = self.load_executable(&unpacked.program, name).await?;
         if info.version != unpacked.version {
             tracing::warn!(
                 "{name}: metadata.toml says version {} but `info` says {}; serving as {}",
@@ -486,7 +498,7 @@ impl PluginLoader {
                 info.app_id
             );
         }
-        Ok((info, program, env, Some(unpacked.app_id)))
+        Ok((info, runner, Some(unpacked.app_id)))
     }
 
     async fn load_executable(&self, program: &Path, name: &str) -> Result<Loaded, String> {
@@ -529,17 +541,87 @@ impl PluginLoader {
                     tracing::warn!(
                         "{name}: `info` {status} but printed a valid document; accepting it"
                     );
-                    Ok((info, program.to_path_buf(), env, None))
+                    Ok((
+                        info,
+                        Runner::Executable {
+                            program: program.to_path_buf(),
+                            env,
+                        },
+                        None,
+                    ))
                 }
                 Err(_) => Err(format!("`info` {status}{hint}")),
             };
         }
-        parsed.map(|info| (info, program.to_path_buf(), env, None))
+        parsed.map(|info| {
+            (
+                info,
+                Runner::Executable {
+                    program: program.to_path_buf(),
+                    env,
+                },
+                None,
+            )
+        })
     }
 }
 
-/// `info`, the executable, its environment, and (bundles) the app_id from metadata.toml.
-type Loaded = (ConnectorInfo, PathBuf, ProcessEnv, Option<String>);
+impl PluginLoader {
+    /// Loads a native library: a worker process loads it and checks its header first (a
+    /// library's initialisers run at load, so never in the agent unless vetted). With
+    /// `[connectors.<app_id>] in_process = true` it is then loaded into the agent from a
+    /// content-addressed copy.
+    async fn load_native(&self, path: &Path, name: &str, sha256: &str) -> Result<Loaded, String> {
+        let workdir = self
+            .state
+            .workdir_for(name)
+            .map_err(|e| format!("cannot create its working folder: {e}"))?;
+        let program = match &self.config.plugins.worker_program {
+            Some(program) => program.clone(),
+            // /proc/self/exe still works after a package upgrade replaced the file on disk.
+            None if cfg!(target_os = "linux") => PathBuf::from("/proc/self/exe"),
+            None => std::env::current_exe()
+                .map_err(|e| format!("cannot find the agent binary to start a worker: {e}"))?,
+        };
+        let settings = WorkerSettings {
+            program,
+            env: ProcessEnv::for_connector(
+                workdir,
+                &self.state.connector_logs(),
+                &self.config.calls.connector_log_level,
+                &self.config.calls.pass_env,
+            ),
+            max_output_bytes: self.config.calls.max_output_bytes,
+            start_timeout: self.config.plugins.info_timeout,
+        };
+        let (worker, description) = WorkerConnector::start(path, settings).await?;
+        if !self.config.in_process(&description.id) {
+            return Ok((description.info, Runner::Worker(Arc::new(worker)), None));
+        }
+        drop(worker);
+        let (path, sha, copies) = (
+            path.to_path_buf(),
+            sha256.to_string(),
+            self.state.native_copies(),
+        );
+        let (connector, description) =
+            tokio::task::spawn_blocking(move || InProcessConnector::load(&path, &sha, &copies))
+                .await
+                .map_err(|e| format!("in-process load failed: {e}"))??;
+        tracing::info!(
+            "{name}: loaded in-process (vetted by [connectors.{}] in_process = true)",
+            description.id
+        );
+        Ok((
+            description.info,
+            Runner::InProcess(Arc::new(connector)),
+            None,
+        ))
+    }
+}
+
+/// `info`, how to call it, and (bundles) the app_id from metadata.toml.
+type Loaded = (ConnectorInfo, Runner, Option<String>);
 
 fn kind_name(kind: ConnectorKind) -> &'static str {
     match kind {

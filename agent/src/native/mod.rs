@@ -1,0 +1,670 @@
+//! Native (cdylib) connectors through the C ABI.
+//!
+//! By default each library runs in a **worker process** (the agent binary re-executed as
+//! `lumos-agent plugin-host <LIBRARY>`, see [`worker`]), speaking [`frame`]s over pipes, so a
+//! panic, abort or segfault costs one worker, not the agent. Calls are multiplexed by id. A dead
+//! worker fails its in-flight calls with `agent.connector_crashed` and is restarted on the next
+//! call after an exponential backoff. A call that panics poisons its worker, which is replaced.
+//!
+//! **In-process** loading is an explicit opt-in per connector (`[connectors.<app_id>]
+//! in_process = true`) for vetted plugins: the library is copied to a content-addressed file
+//! (`<state_dir>/native/<sha256>.so`, because dlopen of an already-loaded path returns the old
+//! library) and never unloaded.
+
+pub mod frame;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lumos_connector_abi::ffi::{log_level, status};
+use lumos_connector_abi::host::{HostCallbacks, Instance, Library};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{CallError, ErrorCode};
+use crate::exec::ProcessEnv;
+use crate::plugins::info::{self, ConnectorInfo};
+
+/// Longest backoff between worker restarts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Largest frame accepted from a worker beyond the output cap (headers).
+const FRAME_OVERHEAD: u64 = 1 << 16;
+
+/// What the worker (or the in-process library) said about itself.
+#[derive(Debug, Clone)]
+pub struct Description {
+    /// The header's plugin id.
+    pub id: String,
+    /// The header's version.
+    pub version: String,
+    /// The header's build info.
+    pub build_info: String,
+    /// The connector's `info`.
+    pub info: ConnectorInfo,
+}
+
+/// How to start workers.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// The agent binary to re-execute.
+    pub program: PathBuf,
+    /// Scrubbed environment and working folder.
+    pub env: ProcessEnv,
+    /// Largest answer a connector may give.
+    pub max_output_bytes: u64,
+    /// How long a worker may take to load the library and say HELLO.
+    pub start_timeout: Duration,
+}
+
+enum Reply {
+    Done { status: u32, output: Vec<u8> },
+    Died(String),
+}
+
+/// Calls waiting for their completion, by id.
+#[derive(Default)]
+struct Pending {
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+}
+
+impl Pending {
+    fn register(&self, id: u64) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("pending lock poisoned")
+            .insert(id, tx);
+        rx
+    }
+
+    fn forget(&self, id: u64) {
+        self.waiting
+            .lock()
+            .expect("pending lock poisoned")
+            .remove(&id);
+    }
+
+    /// Delivers a completion; false when nobody waits (late after a timeout, or a repeat).
+    fn deliver(&self, id: u64, reply: Reply) -> bool {
+        match self
+            .waiting
+            .lock()
+            .expect("pending lock poisoned")
+            .remove(&id)
+        {
+            Some(tx) => tx.send(reply).is_ok(),
+            None => false,
+        }
+    }
+
+    fn fail_all(&self, why: &str) {
+        for (_, tx) in self.waiting.lock().expect("pending lock poisoned").drain() {
+            let _ = tx.send(Reply::Died(why.to_string()));
+        }
+    }
+}
+
+fn log_from_plugin(app_id: &str, level: u32, message: &[u8]) {
+    let message = String::from_utf8_lossy(message);
+    match level {
+        log_level::ERROR => tracing::error!(app_id, "plugin: {message}"),
+        log_level::WARN => tracing::warn!(app_id, "plugin: {message}"),
+        log_level::INFO => tracing::info!(app_id, "plugin: {message}"),
+        _ => tracing::debug!(app_id, "plugin: {message}"),
+    }
+}
+
+fn unix_ms(deadline: Duration) -> u64 {
+    let at = std::time::SystemTime::now() + deadline;
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Waits for a call's reply under its deadline and cancellation; `abandon` tells the plugin.
+async fn await_reply(
+    app_id: &str,
+    rx: oneshot::Receiver<Reply>,
+    timeout: Duration,
+    cancel: &CancellationToken,
+    abandon: impl FnOnce(),
+) -> Result<(u32, Vec<u8>), CallError> {
+    tokio::select! {
+        reply = rx => match reply {
+            Ok(Reply::Done { status, output }) => Ok((status, output)),
+            Ok(Reply::Died(why)) => Err(CallError::new(ErrorCode::ConnectorCrashed, format!("{app_id} crashed during the call: {why}"))),
+            Err(_) => Err(CallError::new(ErrorCode::ConnectorCrashed, format!("{app_id} dropped the call"))),
+        },
+        () = tokio::time::sleep(timeout) => {
+            abandon();
+            Err(CallError::new(ErrorCode::Timeout, format!("{app_id} gave no answer within {timeout:?}; the call was cancelled")))
+        }
+        () = cancel.cancelled() => {
+            abandon();
+            Err(CallError::new(ErrorCode::Cancelled, "the call was cancelled"))
+        }
+    }
+}
+
+/// Turns a completion into the answer: OK and ERROR carry the connector's JSON.
+fn answer(app_id: &str, status: u32, output: Vec<u8>) -> Result<Bytes, CallError> {
+    match status {
+        status::OK | status::ERROR => {
+            if serde_json::from_slice::<serde::de::IgnoredAny>(&output).is_err() {
+                return Err(CallError::new(
+                    ErrorCode::BadOutput,
+                    format!(
+                        "{app_id} answered {} bytes that are not one JSON document",
+                        output.len()
+                    ),
+                ));
+            }
+            Ok(Bytes::from(output))
+        }
+        status::CANCELLED => Err(CallError::new(
+            ErrorCode::Cancelled,
+            format!("{app_id} cancelled the call"),
+        )),
+        status::PANIC => Err(CallError::new(
+            ErrorCode::ConnectorCrashed,
+            format!("{app_id} panicked during the call; its instance is poisoned and replaced"),
+        )),
+        other => Err(CallError::new(
+            ErrorCode::BadOutput,
+            format!("{app_id} completed with unknown status {other}"),
+        )),
+    }
+}
+
+/// A running worker process.
+struct Worker {
+    stdin: tokio::sync::Mutex<ChildStdin>,
+    pending: Arc<Pending>,
+    dead: CancellationToken,
+    pid: Option<u32>,
+}
+
+impl Worker {
+    /// Spawns a worker for `library` and waits for its HELLO.
+    async fn start(
+        app_hint: &str,
+        library: &Path,
+        settings: &WorkerSettings,
+    ) -> Result<(Arc<Self>, Description), String> {
+        let mut cmd = tokio::process::Command::new(&settings.program);
+        cmd.args([
+            OsString::from("plugin-host"),
+            library.as_os_str().to_owned(),
+        ])
+        .current_dir(&settings.env.workdir)
+        .env_clear()
+        .envs(settings.env.vars.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| {
+            format!(
+                "cannot start a worker ({}): {e}",
+                settings.program.display()
+            )
+        })?;
+        let stdin = child.stdin.take().ok_or("worker stdin missing")?;
+        let mut stdout = child.stdout.take().ok_or("worker stdout missing")?;
+        let stderr = child.stderr.take().ok_or("worker stderr missing")?;
+        let max_frame =
+            u32::try_from(settings.max_output_bytes + FRAME_OVERHEAD).unwrap_or(u32::MAX);
+
+        let hello = tokio::time::timeout(
+            settings.start_timeout,
+            frame::read_async(&mut stdout, max_frame),
+        )
+        .await;
+        let description = match hello {
+            Err(_) => {
+                return Err(format!(
+                    "the library did not start within {:?}",
+                    settings.start_timeout
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("the worker sent garbage: {e}")),
+            Ok(Ok(None)) => {
+                let status = child
+                    .wait()
+                    .await
+                    .map(|s| crate::exec::describe_status(&s))
+                    .unwrap_or_default();
+                return Err(format!("the worker {status} while loading the library (it crashed in its initialisers?)"));
+            }
+            Ok(Ok(Some(f))) if f.kind == frame::LOAD_ERROR => {
+                return Err(String::from_utf8_lossy(&f.payload).into_owned())
+            }
+            Ok(Ok(Some(f))) if f.kind == frame::HELLO => parse_hello(&f.payload)?,
+            Ok(Ok(Some(f))) => {
+                return Err(format!(
+                    "the worker sent frame kind {} before HELLO",
+                    f.kind
+                ))
+            }
+        };
+
+        let worker = Arc::new(Self {
+            stdin: tokio::sync::Mutex::new(stdin),
+            pending: Arc::new(Pending::default()),
+            dead: CancellationToken::new(),
+            pid: child.id(),
+        });
+        let app_id = app_hint.to_string();
+        tokio::spawn(forward_stderr(app_id.clone(), stderr));
+        tokio::spawn(read_replies(
+            app_id,
+            worker.clone(),
+            child,
+            stdout,
+            max_frame,
+        ));
+        Ok((worker, description))
+    }
+
+    async fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut stdin = self.stdin.lock().await;
+        stdin.write_all(bytes).await?;
+        stdin.flush().await
+    }
+
+    fn kill(&self) {
+        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn parse_hello(payload: &[u8]) -> Result<Description, String> {
+    let hello: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| format!("bad HELLO: {e}"))?;
+    let text = |k: &str| {
+        hello
+            .get(k)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let document = serde_json::json!({"response": hello.get("info").cloned().unwrap_or_default()});
+    let info = info::parse(document.to_string().as_bytes())?;
+    let id = text("id");
+    if info.app_id != id {
+        return Err(format!(
+            "the header says plugin id {id:?} but info says app_id {:?}; they must match",
+            info.app_id
+        ));
+    }
+    Ok(Description {
+        id,
+        version: text("version"),
+        build_info: text("build_info"),
+        info,
+    })
+}
+
+async fn forward_stderr(app_id: String, stderr: tokio::process::ChildStderr) {
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line: String = line.chars().take(2000).collect();
+        tracing::debug!(app_id, "worker stderr: {line}");
+    }
+}
+
+async fn read_replies(
+    app_id: String,
+    worker: Arc<Worker>,
+    mut child: Child,
+    mut stdout: tokio::process::ChildStdout,
+    max_frame: u32,
+) {
+    let why = loop {
+        match frame::read_async(&mut stdout, max_frame).await {
+            Ok(Some(f)) if f.kind == frame::COMPLETE => match frame::decode_complete(&f.payload) {
+                Some((id, status, output)) => {
+                    if !worker.pending.deliver(
+                        id,
+                        Reply::Done {
+                            status,
+                            output: output.to_vec(),
+                        },
+                    ) {
+                        tracing::debug!(
+                            app_id,
+                            call_id = id,
+                            "completion for a call nobody waits for (timed out or cancelled)"
+                        );
+                    }
+                }
+                None => break "it sent a malformed completion".to_string(),
+            },
+            Ok(Some(f)) if f.kind == frame::LOG => {
+                if let Some((level, message)) = frame::decode_log(&f.payload) {
+                    log_from_plugin(&app_id, level, message);
+                }
+            }
+            Ok(Some(f)) => break format!("it sent unexpected frame kind {}", f.kind),
+            Ok(None) => break String::new(),
+            Err(e) => break format!("its output broke: {e}"),
+        }
+    };
+    worker.dead.cancel();
+    worker.kill();
+    let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(Ok(status)) => crate::exec::describe_status(&status),
+        _ => "did not exit".to_string(),
+    };
+    let why = if why.is_empty() {
+        format!("its worker {status}")
+    } else {
+        format!("{why}; its worker {status}")
+    };
+    tracing::warn!(app_id, "native connector worker stopped: {why}");
+    worker.pending.fail_all(&why);
+}
+
+/// Restart pacing after crashes.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
+/// A native connector served by worker processes.
+pub struct WorkerConnector {
+    app_id: String,
+    library: PathBuf,
+    settings: WorkerSettings,
+    current: tokio::sync::Mutex<Option<Arc<Worker>>>,
+    backoff: Mutex<Backoff>,
+    next_id: AtomicU64,
+    restarts: AtomicU64,
+}
+
+impl std::fmt::Debug for WorkerConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConnector")
+            .field("app_id", &self.app_id)
+            .field("library", &self.library)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerConnector {
+    /// Starts a first worker for `library`: its HELLO is the load-time check (header, ABI
+    /// major, info). Errors are reasons for the inventory.
+    pub async fn start(
+        library: &Path,
+        settings: WorkerSettings,
+    ) -> Result<(Self, Description), String> {
+        let hint = library
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (worker, description) = Worker::start(&hint, library, &settings).await?;
+        let connector = Self {
+            app_id: description.id.clone(),
+            library: library.to_path_buf(),
+            settings,
+            current: tokio::sync::Mutex::new(Some(worker)),
+            backoff: Mutex::new(Backoff::default()),
+            next_id: AtomicU64::new(1),
+            restarts: AtomicU64::new(0),
+        };
+        Ok((connector, description))
+    }
+
+    /// How many times a worker was restarted after dying.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The current worker's pid, if one runs.
+    pub async fn worker_pid(&self) -> Option<u32> {
+        self.current
+            .lock()
+            .await
+            .as_ref()
+            .filter(|w| !w.dead.is_cancelled())
+            .and_then(|w| w.pid)
+    }
+
+    async fn worker(&self, timeout: Duration) -> Result<Arc<Worker>, CallError> {
+        let mut current = self.current.lock().await;
+        if let Some(worker) = current.as_ref().filter(|w| !w.dead.is_cancelled()) {
+            return Ok(worker.clone());
+        }
+        let had_one = current.take().is_some();
+        let wait = {
+            let mut backoff = self.backoff.lock().expect("backoff lock poisoned");
+            if had_one {
+                backoff.failures = backoff.failures.saturating_add(1);
+                let delay = Duration::from_millis(100)
+                    .saturating_mul(1 << backoff.failures.min(9))
+                    .min(MAX_BACKOFF);
+                backoff.not_before = Some(Instant::now() + delay);
+            }
+            backoff
+                .not_before
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or_default()
+        };
+        if wait > timeout {
+            let mut err = CallError::new(
+                ErrorCode::ConnectorCrashed,
+                format!(
+                    "{} is restarting after crashes; retry in {wait:?}",
+                    self.app_id
+                ),
+            );
+            err.retry_after_seconds = Some(wait.as_secs().max(1));
+            return Err(err);
+        }
+        tokio::time::sleep(wait).await;
+        let (worker, _) = Worker::start(&self.app_id, &self.library, &self.settings)
+            .await
+            .map_err(|why| {
+                CallError::new(
+                    ErrorCode::ConnectorCrashed,
+                    format!("cannot restart {}: {why}", self.app_id),
+                )
+            })?;
+        if had_one {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(app_id = %self.app_id, "native connector worker restarted");
+        }
+        *current = Some(worker.clone());
+        Ok(worker)
+    }
+
+    /// Runs one call in the worker.
+    pub async fn call(
+        &self,
+        capability: &str,
+        input: &[u8],
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Bytes, CallError> {
+        let started = Instant::now();
+        let worker = self.worker(timeout).await?;
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let rx = worker.pending.register(id);
+        if let Err(e) = worker
+            .send(&frame::encode_call(
+                id,
+                unix_ms(remaining),
+                capability,
+                input,
+            ))
+            .await
+        {
+            worker.pending.forget(id);
+            return Err(CallError::new(
+                ErrorCode::ConnectorCrashed,
+                format!("{}'s worker is gone: {e}", self.app_id),
+            ));
+        }
+        let abandon = {
+            let worker = worker.clone();
+            move || {
+                worker.pending.forget(id);
+                let cancel_frame = frame::encode(frame::CANCEL, &[&id.to_le_bytes()]);
+                tokio::spawn(async move {
+                    let _ = worker.send(&cancel_frame).await;
+                });
+            }
+        };
+        let (status, output) = await_reply(&self.app_id, rx, remaining, cancel, abandon).await?;
+        if status == status::PANIC {
+            // Poisoned: the plugin's state may be corrupt. Replace the worker.
+            worker.dead.cancel();
+            worker.kill();
+        } else {
+            self.backoff.lock().expect("backoff lock poisoned").failures = 0;
+        }
+        answer(&self.app_id, status, output)
+    }
+}
+
+/// Routes in-process completions to waiting calls.
+struct InProcessCallbacks {
+    app_id: String,
+    pending: Arc<Pending>,
+}
+
+impl HostCallbacks for InProcessCallbacks {
+    fn complete(&self, call_id: u64, status: u32, output: &[u8]) {
+        if !self.pending.deliver(
+            call_id,
+            Reply::Done {
+                status,
+                output: output.to_vec(),
+            },
+        ) {
+            tracing::warn!(app_id = %self.app_id, call_id, "completion for a call nobody waits for (late, or completed twice); ignored");
+        }
+    }
+
+    fn log(&self, level: u32, message: &[u8]) {
+        log_from_plugin(&self.app_id, level, message);
+    }
+}
+
+/// A vetted native connector loaded into the agent itself.
+#[derive(Debug)]
+pub struct InProcessConnector {
+    app_id: String,
+    instance: Instance,
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+    poisoned: AtomicBool,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
+}
+
+impl InProcessConnector {
+    /// Copies `library` to `<copies_dir>/<sha256>.<ext>` (dlopen of a path already loaded
+    /// returns the old library, so a replaced file must get a new path) and loads the copy.
+    pub fn load(
+        library: &Path,
+        sha256: &str,
+        copies_dir: &Path,
+    ) -> Result<(Self, Description), String> {
+        std::fs::create_dir_all(copies_dir)
+            .map_err(|e| format!("cannot create {}: {e}", copies_dir.display()))?;
+        let ext = library
+            .extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "so".into());
+        let copy = copies_dir.join(format!("{sha256}.{ext}"));
+        if !copy.is_file() {
+            let tmp = copies_dir.join(format!(".{sha256}.{}.tmp", std::process::id()));
+            std::fs::copy(library, &tmp)
+                .and_then(|_| std::fs::rename(&tmp, &copy))
+                .map_err(|e| format!("cannot copy the library: {e}"))?;
+        }
+        let lib = Library::load(&copy).map_err(|e| e.to_string())?;
+        let pending = Arc::new(Pending::default());
+        let callbacks = Arc::new(InProcessCallbacks {
+            app_id: lib.id(),
+            pending: pending.clone(),
+        });
+        let instance = lib.start(callbacks).map_err(|e| e.to_string())?;
+        let hello = serde_json::json!({
+            "id": lib.id(), "version": lib.version(), "build_info": lib.build_info(),
+            "info": serde_json::from_slice::<serde_json::Value>(&instance.info()).map_err(|e| format!("the connector's info is not JSON: {e}"))?,
+        });
+        let description = parse_hello(hello.to_string().as_bytes())?;
+        let connector = Self {
+            app_id: description.id.clone(),
+            instance,
+            pending,
+            next_id: AtomicU64::new(1),
+            poisoned: AtomicBool::new(false),
+        };
+        Ok((connector, description))
+    }
+
+    /// Runs one call in the agent's process.
+    pub async fn call(
+        &self,
+        capability: &str,
+        input: &[u8],
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Bytes, CallError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(CallError::new(
+                ErrorCode::ConnectorCrashed,
+                format!("{} panicked earlier and is poisoned; replace the plugin file or restart the agent", self.app_id),
+            ));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let rx = self.pending.register(id);
+        if !self
+            .instance
+            .start_call(id, capability, input, unix_ms(timeout))
+        {
+            self.pending.forget(id);
+            return Err(CallError::new(
+                ErrorCode::Busy,
+                format!("{} refused the call", self.app_id),
+            ));
+        }
+        let (status, output) = await_reply(&self.app_id, rx, timeout, cancel, || {
+            self.pending.forget(id);
+            self.instance.cancel(id);
+        })
+        .await?;
+        if status == status::PANIC {
+            self.poisoned.store(true, Ordering::Release);
+        }
+        answer(&self.app_id, status, output)
+    }
+}

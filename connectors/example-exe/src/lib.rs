@@ -1,0 +1,209 @@
+//! The example Lumos connector's logic, shared by its executable (`src/main.rs`, the Lumos
+//! connector CLI protocol) and its cdylib (`connectors/example-cdylib`, the C ABI).
+//!
+//! Capabilities:
+//! - `validate_credentials`: answers `unique_tenant_id` = the first 16 hex characters of
+//!   sha256(OAuth access token), like the interop connector in `shared/interop/`, so a test can
+//!   tell which token reached the connector.
+//! - `list_accounts`: `request.count` synthetic accounts (default 10), paged with
+//!   `page.size` (default 100) and the opaque `page.token` it hands out.
+#![forbid(unsafe_code)]
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The example's app_id.
+pub const APP_ID: &str = "lumos_example";
+/// The example's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An error answered in the Lumos error shape.
+#[derive(Debug)]
+pub struct ConnectorError {
+    code: &'static str,
+    message: String,
+    raised_in: &'static str,
+}
+
+impl ConnectorError {
+    fn new(code: &'static str, raised_in: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            raised_in,
+        }
+    }
+
+    /// The Lumos error document.
+    pub fn into_json(self) -> Value {
+        json!({
+            "is_error": true,
+            "error": {
+                "message": self.message,
+                "error_code": format!("{APP_ID}.{}", self.code),
+                "app_id": APP_ID,
+                "raised_by": "ConnectorError",
+                "raised_in": self.raised_in,
+                "error_metadata": {"fault": "client", "retryable": false, "refreshable": false},
+            },
+            "response": null,
+            "raw_data": null,
+        })
+    }
+}
+
+/// Runs the CLI protocol's command line (without the program name).
+pub fn run(args: &[String]) -> Result<Value, ConnectorError> {
+    let Some(command) = args.first() else {
+        return Err(ConnectorError::new(
+            "bad_request",
+            "main",
+            "usage: lumos-example-connector info | <capability> (--json JSON | --json-file PATH)",
+        ));
+    };
+    if command == "info" {
+        return Ok(info());
+    }
+    let input = read_input(&args[1..])?;
+    handle(command, &input)
+}
+
+/// Runs one capability on a parsed envelope.
+pub fn handle(capability: &str, input: &Value) -> Result<Value, ConnectorError> {
+    match capability {
+        "validate_credentials" => validate_credentials(input),
+        "list_accounts" => list_accounts(input),
+        other => Err(ConnectorError::new(
+            "unsupported_capability",
+            "main",
+            format!("capability {other:?} is not implemented by {APP_ID}"),
+        )),
+    }
+}
+
+fn read_input(args: &[String]) -> Result<Value, ConnectorError> {
+    let text = match args {
+        [flag, value, ..] if flag == "--json" => value.clone(),
+        [flag, path, ..] if flag == "--json-file" => {
+            std::fs::read_to_string(path).map_err(|e| {
+                ConnectorError::new(
+                    "bad_request",
+                    "read_input",
+                    format!("cannot read {path}: {e}"),
+                )
+            })?
+        }
+        _ => {
+            return Err(ConnectorError::new(
+                "bad_request",
+                "read_input",
+                "expected --json JSON or --json-file PATH",
+            ))
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        ConnectorError::new(
+            "bad_request",
+            "read_input",
+            format!("input is not JSON: {e}"),
+        )
+    })
+}
+
+/// The `info` document (`{"response": {...}}`).
+pub fn info() -> Value {
+    json!({
+        "response": {
+            "app_id": APP_ID,
+            "version": VERSION,
+            "user_friendly_name": "Lumos example connector",
+            "description": "Example connector shipped with lumos-agent: synthetic accounts, token echo.",
+            "logo_url": null,
+            "capabilities": ["list_accounts", "validate_credentials"],
+            "capability_schema": {},
+            "credentials_schema": [{
+                "id": "oauth",
+                "type": "oauth",
+                "description": "OAuth access token",
+                "optional": false
+            }],
+            "request_settings_schema": {"type": "object", "properties": {}},
+            "entitlement_types": [],
+            "resource_types": [],
+        }
+    })
+}
+
+/// The first OAuth access token, from `auth` (single-credential) or `credentials` (multi).
+fn access_token(input: &Value) -> Option<&str> {
+    let from_auth = input
+        .pointer("/auth/oauth/access_token")
+        .or_else(|| input.pointer("/auth/access_token"));
+    let from_credentials = || {
+        input
+            .get("credentials")?
+            .as_array()?
+            .iter()
+            .find_map(|cred| {
+                cred.pointer("/oauth/access_token")
+                    .or_else(|| cred.pointer("/oauth_client_credentials/access_token"))
+            })
+    };
+    from_auth.or_else(from_credentials).and_then(Value::as_str)
+}
+
+fn validate_credentials(input: &Value) -> Result<Value, ConnectorError> {
+    let token = access_token(input).ok_or_else(|| {
+        ConnectorError::new(
+            "missing_credentials",
+            "validate_credentials",
+            "no OAuth access token in `auth.oauth` or `credentials[].oauth`",
+        )
+    })?;
+    let digest = hex::encode(Sha256::digest(token.as_bytes()));
+    Ok(json!({
+        "response": {"valid": true, "unique_tenant_id": &digest[..16]},
+        "page": null,
+        "raw_data": null,
+    }))
+}
+
+fn list_accounts(input: &Value) -> Result<Value, ConnectorError> {
+    let count = input
+        .pointer("/request/count")
+        .and_then(Value::as_u64)
+        .unwrap_or(10);
+    let size = input
+        .pointer("/page/size")
+        .and_then(Value::as_u64)
+        .unwrap_or(100)
+        .max(1);
+    let start: u64 = match input.pointer("/page/token").and_then(Value::as_str) {
+        None => 0,
+        Some(token) => token
+            .strip_prefix("offset:")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                ConnectorError::new(
+                    "bad_request",
+                    "list_accounts",
+                    format!("bad page token {token:?}"),
+                )
+            })?,
+    };
+    let end = count.min(start.saturating_add(size));
+    let accounts: Vec<Value> = (start..end)
+        .map(|i| {
+            json!({
+                "integration_specific_id": format!("user-{i}"),
+                "email": format!("user{i}@example.invalid"),
+                "given_name": "User",
+                "family_name": format!("{i}"),
+                "username": format!("user{i}"),
+                "user_status": "ACTIVE",
+            })
+        })
+        .collect();
+    let page = (end < count).then(|| json!({"token": format!("offset:{end}"), "size": size}));
+    Ok(json!({"response": accounts, "page": page, "raw_data": null}))
+}

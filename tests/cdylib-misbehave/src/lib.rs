@@ -1,0 +1,80 @@
+//! A native connector (Rust SDK) that misbehaves on request. app_id `misbehave`.
+//!
+//! - `echo`: answers `{"response": <input>}`.
+//! - `panic`: panics inside `call`.
+//! - `panic_in_thread`: panics on another thread while holding the completion.
+//! - `abort`: aborts the process.
+//! - `hang`: never answers unless cancelled; `cancelled` answers how many cancels arrived.
+// deny, not forbid: `export_connector!` generates the entry symbol.
+#![deny(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use lumos_connector_abi::sdk::{CallRequest, Completion, Connector, Host};
+
+/// Holds hanging calls until they are cancelled.
+#[derive(Debug, Default)]
+pub struct Misbehave {
+    hanging: Mutex<HashMap<u64, Completion>>,
+    cancels: Mutex<u64>,
+}
+
+impl Connector for Misbehave {
+    fn new(_host: Host) -> Self {
+        Self::default()
+    }
+
+    fn info(&self) -> String {
+        serde_json::json!({
+            "app_id": "misbehave",
+            "version": "1.0.0",
+            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "cancelled"],
+        })
+        .to_string()
+    }
+
+    fn call(&self, call: CallRequest, done: Completion) {
+        match call.capability.as_str() {
+            "echo" => {
+                let input: serde_json::Value =
+                    serde_json::from_slice(&call.input).unwrap_or_default();
+                done.ok(serde_json::json!({"response": input})
+                    .to_string()
+                    .as_bytes());
+            }
+            "panic" => panic!("misbehave: asked to panic"),
+            "panic_in_thread" => {
+                std::thread::spawn(move || {
+                    let _done = done;
+                    panic!("misbehave: asked to panic on another thread");
+                });
+            }
+            "abort" => std::process::abort(),
+            "hang" => {
+                self.hanging
+                    .lock()
+                    .expect("lock")
+                    .insert(call.call_id, done);
+            }
+            "cancelled" => {
+                let n = *self.cancels.lock().expect("lock");
+                done.ok(serde_json::json!({"response": {"cancelled": n}})
+                    .to_string()
+                    .as_bytes());
+            }
+            other => done.error(&lumos_connector_abi::sdk::error_json(&format!(
+                "no capability {other}"
+            ))),
+        }
+    }
+
+    fn cancel(&self, call_id: u64) {
+        *self.cancels.lock().expect("lock") += 1;
+        if let Some(done) = self.hanging.lock().expect("lock").remove(&call_id) {
+            done.cancelled();
+        }
+    }
+}
+
+lumos_connector_abi::export_connector!(Misbehave, id = "misbehave", version = "1.0.0");

@@ -1,0 +1,291 @@
+//! Native (cdylib) connectors through the C ABI: the Rust and C examples in worker processes and
+//! in-process, misbehaving plugins, and libraries that must be rejected.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper::StatusCode;
+use lumos_agent_integration::*;
+use serde_json::{json, Value};
+
+/// A cdylib of this workspace: as a dependency it lands in `deps/`, as a member build one up.
+fn native_lib(file_name: &str) -> PathBuf {
+    let dir = bin_dir();
+    [dir.join("deps").join(file_name), dir.join(file_name)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{file_name} is missing: run `cargo test --workspace`"))
+}
+
+fn c_test_plugin(file_name: &str) -> PathBuf {
+    Path::new(env!("LUMOS_TEST_C_PLUGINS")).join(file_name)
+}
+
+fn copy_in(dirs: &TestDirs, from: &Path, name: &str) {
+    std::fs::copy(from, dirs.plugins().join(name)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_and_c_examples_answer_like_the_executable() {
+    let dirs = TestDirs::new();
+    copy_in(
+        &dirs,
+        &native_lib("liblumos_example_cdylib.so"),
+        "liblumos_example_cdylib.so",
+    );
+    copy_in(
+        &dirs,
+        Path::new(lumos_example_c::LIBRARY),
+        "liblumos_example_c.so",
+    );
+    install_plugin(&dirs.plugins(), &example_connector(), "example");
+    let agent = TestAgent::start(&dirs, "").await;
+
+    for (app_id, file) in [
+        ("lumos_example_cdylib", "liblumos_example_cdylib.so"),
+        ("lumos_example_c", "liblumos_example_c.so"),
+    ] {
+        let entry = agent.connector_by_file(file).await;
+        assert_eq!(entry["status"], "ready", "{entry}");
+        assert_eq!(entry["kind"], "cdylib");
+        assert_eq!(entry["app_id"], app_id);
+        assert_eq!(
+            entry["capabilities"],
+            json!(["list_accounts", "validate_credentials"])
+        );
+
+        agent.put_tenant(&format!("t-{app_id}"), json!({"app_id": app_id, "auth": {"oauth": {"access_token": format!("{app_id}-token")}}})).await;
+        let (status, body) = agent
+            .call(
+                app_id,
+                "validate_credentials",
+                json!({"tenant_id": format!("t-{app_id}")}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{app_id}: {body}");
+        assert_eq!(
+            body["response"]["unique_tenant_id"],
+            token_hash(&format!("{app_id}-token")),
+            "{app_id}"
+        );
+
+        // Paging gives the same accounts as the executable example.
+        for page in [
+            json!({"size": 2}),
+            json!({"size": 2, "token": "offset:2"}),
+            json!({"size": 2, "token": "offset:4"}),
+        ] {
+            let request = json!({"request": {"count": 5}, "page": page});
+            let (_, native) = agent.call(app_id, "list_accounts", request.clone()).await;
+            let (_, exe) = agent.call("lumos_example", "list_accounts", request).await;
+            assert_eq!(native, exe, "{app_id} differs from the executable example");
+        }
+        let (_, body) = agent.call(app_id, "validate_credentials", json!({})).await;
+        assert_eq!(body["is_error"], true, "{body}");
+    }
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_loading_is_an_opt_in_from_a_content_addressed_copy() {
+    let dirs = TestDirs::new();
+    copy_in(
+        &dirs,
+        &native_lib("liblumos_example_cdylib.so"),
+        "liblumos_example_cdylib.so",
+    );
+    let agent = TestAgent::start(
+        &dirs,
+        "[connectors.lumos_example_cdylib]\nin_process = true\n",
+    )
+    .await;
+    let entry = agent.connector_by_file("liblumos_example_cdylib.so").await;
+    assert_eq!(entry["status"], "ready", "{entry}");
+    let (status, body) = agent
+        .call(
+            "lumos_example_cdylib",
+            "validate_credentials",
+            json!({"auth": {"oauth": {"access_token": "inproc"}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["response"]["unique_tenant_id"], token_hash("inproc"));
+    // Loaded from a copy named by content, never from the plugins folder itself.
+    let copy = dirs
+        .state()
+        .join("native")
+        .join(format!("{}.so", entry["sha256"].as_str().unwrap()));
+    assert!(copy.is_file(), "{}", copy.display());
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_native_connectors_get_typed_errors_and_their_workers_restart() {
+    let dirs = TestDirs::new();
+    copy_in(
+        &dirs,
+        &native_lib("liblumos_test_cdylib.so"),
+        "libmisbehave.so",
+    );
+    copy_in(
+        &dirs,
+        &c_test_plugin("libmisbehave_c.so"),
+        "libmisbehave_c.so",
+    );
+    copy_in(
+        &dirs,
+        Path::new(lumos_example_c::LIBRARY),
+        "liblumos_example_c.so",
+    );
+    let agent = std::sync::Arc::new(TestAgent::start(&dirs, "[calls]\ntimeout_secs = 60\n").await);
+    for file in ["libmisbehave.so", "libmisbehave_c.so"] {
+        assert_eq!(agent.connector_by_file(file).await["status"], "ready");
+    }
+
+    // Another native connector keeps answering while these crash.
+    let bystander = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            for _ in 0..30 {
+                let (status, body) = agent
+                    .call(
+                        "lumos_example_c",
+                        "list_accounts",
+                        json!({"request": {"count": 1}}),
+                    )
+                    .await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let expect_crash = |body: &Value, needle: &str| {
+        assert_eq!(
+            body["error"]["error_code"], "agent.connector_crashed",
+            "{body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(needle),
+            "{message:?} should mention {needle:?}"
+        );
+    };
+    let echo_works = |app: &'static str| {
+        let agent = agent.clone();
+        async move {
+            let (status, body) = agent.call(app, "echo", json!({"request": {"n": 1}})).await;
+            assert_eq!(status, StatusCode::OK, "{app} after a crash: {body}");
+        }
+    };
+
+    // A panic is caught by the SDK: a typed error, the instance is poisoned and replaced.
+    let (status, body) = agent.call("misbehave", "panic", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    expect_crash(&body, "panicked");
+    echo_works("misbehave").await;
+    let (_, body) = agent.call("misbehave", "panic_in_thread", json!({})).await;
+    expect_crash(&body, "panicked");
+    echo_works("misbehave").await;
+
+    // abort and segfault kill the worker: the call gets a typed error, the worker restarts.
+    let (status, body) = agent.call("misbehave", "abort", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    expect_crash(&body, "SIGABRT");
+    echo_works("misbehave").await;
+    let (_, body) = agent.call("misbehave_c", "segfault", json!({})).await;
+    expect_crash(&body, "SIGSEGV");
+    echo_works("misbehave_c").await;
+
+    // A hang hits the deadline, and the plugin is told to cancel.
+    let (status, body) = agent
+        .call("misbehave", "hang", json!({"timeout_secs": 1}))
+        .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["error_code"], "agent.timeout");
+    let mut cancelled = 0;
+    for _ in 0..100 {
+        let (_, body) = agent.call("misbehave", "cancelled", json!({})).await;
+        cancelled = body["response"]["cancelled"].as_u64().unwrap();
+        if cancelled >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cancelled, 1, "the cancel reached the plugin");
+
+    // A second completion of the same call is ignored: the first answer stands.
+    let (status, body) = agent.call("misbehave_c", "double", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response"], "first");
+    echo_works("misbehave_c").await;
+
+    bystander.await.unwrap();
+    let agent = std::sync::Arc::try_unwrap(agent).unwrap();
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_native_libraries_are_rejected_with_reasons() {
+    let dirs = TestDirs::new();
+    copy_in(
+        &dirs,
+        &c_test_plugin("libwrong_major.so"),
+        "libwrong_major.so",
+    );
+    copy_in(&dirs, &c_test_plugin("libno_entry.so"), "libno_entry.so");
+    let good = std::fs::read(lumos_example_c::LIBRARY).unwrap();
+    std::fs::write(
+        dirs.plugins().join("libtruncated.so"),
+        &good[..good.len().min(4096)],
+    )
+    .unwrap();
+    let mut foreign = good.clone();
+    let machine: u16 = if cfg!(target_arch = "aarch64") {
+        0x3E
+    } else {
+        0xB7
+    };
+    foreign[18..20].copy_from_slice(&machine.to_le_bytes());
+    std::fs::write(dirs.plugins().join("libforeign.so"), &foreign).unwrap();
+    std::fs::write(dirs.plugins().join("libtext.so"), b"not a library at all").unwrap();
+    copy_in(
+        &dirs,
+        Path::new(lumos_example_c::LIBRARY),
+        "liblumos_example_c.so",
+    );
+    let agent = TestAgent::start(&dirs, "").await;
+
+    let expect = [
+        ("libwrong_major.so", "ABI major 2, this agent supports 1"),
+        ("libno_entry.so", "no `lumos_connector_entry_v1` symbol"),
+        ("libforeign.so", "cannot load the library"),
+        ("libtext.so", "cannot load the library"),
+    ];
+    for (file, needle) in expect {
+        let entry = agent.connector_by_file(file).await;
+        assert_eq!(entry["status"], "rejected", "{entry}");
+        assert_eq!(entry["kind"], "cdylib");
+        let reason = entry["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(needle),
+            "{file}: {reason:?} should mention {needle:?}"
+        );
+    }
+    // A truncated library may fail in the loader or crash it (SIGBUS): either way it is
+    // rejected, and only its worker died.
+    let reason = agent.connector_by_file("libtruncated.so").await["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("cannot load the library") || reason.contains("while loading the library"),
+        "{reason}"
+    );
+    let (status, _) = agent
+        .call("lumos_example_c", "list_accounts", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}
