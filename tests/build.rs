@@ -10,7 +10,9 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let include = manifest.join("../connector-abi/include");
     let source = manifest.join("c/misbehave.c");
+    let layout = manifest.join("c/layout.c");
     println!("cargo:rerun-if-changed={}", source.display());
+    println!("cargo:rerun-if-changed={}", layout.display());
     println!(
         "cargo:rerun-if-changed={}",
         include.join("lumos_connector.h").display()
@@ -40,4 +42,15 @@ fn main() {
             .expect("cannot run the C compiler");
         assert!(status.success(), "compiling {name} failed");
     }
+    let status = compiler
+        .to_command()
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(&include)
+        .arg(&layout)
+        .arg("-o")
+        .arg(out.join("abi_layout"))
+        .status()
+        .expect("cannot run the C compiler");
+    assert!(status.success(), "compiling layout.c failed");
 }

@@ -289,3 +289,46 @@ async fn bad_native_libraries_are_rejected_with_reasons() {
     assert_eq!(status, StatusCode::OK);
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_process_panic_poisons_the_connector_not_the_agent() {
+    let dirs = TestDirs::new();
+    copy_in(
+        &dirs,
+        &native_lib("liblumos_test_cdylib.so"),
+        "libmisbehave.so",
+    );
+    copy_in(
+        &dirs,
+        Path::new(lumos_example_c::LIBRARY),
+        "liblumos_example_c.so",
+    );
+    let agent = TestAgent::start(&dirs, "[connectors.misbehave]\nin_process = true\n").await;
+    let (status, _) = agent.call("misbehave", "echo", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = agent.call("misbehave", "panic", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("panicked"),
+        "{body}"
+    );
+    // Poisoned: refused from now on, with what to do about it.
+    let (_, body) = agent.call("misbehave", "echo", json!({})).await;
+    assert_eq!(body["error"]["error_code"], "agent.connector_crashed");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("poisoned"),
+        "{body}"
+    );
+    // The agent and its other connectors are fine.
+    let (status, _) = agent
+        .call("lumos_example_c", "list_accounts", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}

@@ -129,10 +129,17 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
         cli(&["connectors"]).status.success()
     });
     let listing = text(&cli(&["connectors"]).stdout);
-    assert!(
-        listing.contains("lumos_example") && listing.contains("ready"),
-        "{listing}"
-    );
+    for app in [
+        "lumos_example ",
+        "lumos_example_cdylib ",
+        "lumos_example_c ",
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(app))
+            .unwrap_or_else(|| panic!("{app} missing:\n{listing}"));
+        assert!(line.contains("ready"), "{line}");
+    }
 
     // Secrets go in by stdin, never argv.
     let mut put = Command::new(AGENT)
@@ -165,6 +172,32 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let expected = &hex::encode(sha2::Sha256::digest(b"cli-token"))[..16];
     assert_eq!(answer["response"]["unique_tenant_id"], *expected);
+
+    // The native examples answer the same way, through their worker processes.
+    for app in ["lumos_example_cdylib", "lumos_example_c"] {
+        let tenant = format!("t-{app}");
+        let put = Command::new(AGENT)
+            .args([
+                "--dev",
+                "--listen",
+                &listen,
+                "tenants",
+                "put",
+                &tenant,
+                "--app-id",
+                app,
+                "--auth-file",
+                "-",
+            ])
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .output_with_stdin(br#"{"oauth": {"access_token": "cli-token"}}"#);
+        assert!(put.status.success(), "{}", text(&put.stderr));
+        let out = cli(&["call", app, "validate_credentials", "--tenant", &tenant]);
+        assert_eq!(out.status.code(), Some(0), "{app}: {}", text(&out.stderr));
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(answer["response"]["unique_tenant_id"], *expected, "{app}");
+    }
 
     let tenants = text(&cli(&["tenants", "list"]).stdout);
     assert!(
@@ -218,5 +251,85 @@ impl OutputWithStdin for Command {
             .unwrap();
         child.stdin.take().unwrap().write_all(input).unwrap();
         child.wait_with_output().unwrap()
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !matches!(
+                stat.rsplit(") ").next().and_then(|r| r.chars().next()),
+                Some('Z' | 'X')
+            )
+        })
+        .unwrap_or(false)
+}
+
+/// The plugin workers whose parent is `parent`.
+fn workers_of(parent: u32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains("plugin-host") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn killing_the_agent_leaves_no_worker_behind() {
+    let library = Path::new(AGENT)
+        .parent()
+        .unwrap()
+        .join("liblumos_example_c.so");
+    assert!(
+        library.is_file(),
+        "{} is missing: run `cargo test --workspace`",
+        library.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(&library, plugins.join("liblumos_example_c.so")).unwrap();
+    let mut child = Command::new(AGENT)
+        .args([
+            "--plugins-dir",
+            plugins.to_str().unwrap(),
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+        ])
+        .args(["--listen", "127.0.0.1:0", "run"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut workers = Vec::new();
+    wait_for("the agent to start a plugin worker", || {
+        workers = workers_of(child.id());
+        !workers.is_empty()
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    for pid in workers {
+        wait_for(&format!("worker {pid} to die with its agent"), || {
+            !alive(pid)
+        });
     }
 }
