@@ -9,15 +9,6 @@ use hyper::StatusCode;
 use lumos_agent_integration::*;
 use serde_json::{json, Value};
 
-/// A cdylib of this workspace: as a dependency it lands in `deps/`, as a member build one up.
-fn native_lib(file_name: &str) -> PathBuf {
-    let dir = bin_dir();
-    [dir.join("deps").join(file_name), dir.join(file_name)]
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{file_name} is missing: run `cargo test --workspace`"))
-}
-
 fn c_test_plugin(file_name: &str) -> PathBuf {
     Path::new(env!("LUMOS_TEST_C_PLUGINS")).join(file_name)
 }

@@ -55,6 +55,15 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// A cdylib of this workspace: as a dependency it lands in `deps/`, as a member build one up.
+pub fn native_lib(file_name: &str) -> PathBuf {
+    let dir = bin_dir();
+    [dir.join("deps").join(file_name), dir.join(file_name)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{file_name} is missing: run `cargo test --workspace`"))
+}
+
 /// The example connector executable (connectors/example-exe).
 pub fn example_connector() -> PathBuf {
     workspace_bin("lumos-example-connector")

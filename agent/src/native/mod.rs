@@ -132,17 +132,30 @@ fn unix_ms(deadline: Duration) -> u64 {
 /// Waits for a call's reply under its deadline and cancellation; `abandon` tells the plugin.
 async fn await_reply(
     app_id: &str,
-    rx: oneshot::Receiver<Reply>,
+    mut rx: oneshot::Receiver<Reply>,
     timeout: Duration,
     cancel: &CancellationToken,
     abandon: impl FnOnce(),
 ) -> Result<(u32, Vec<u8>), CallError> {
+    let received = |reply: Option<Reply>| match reply {
+        Some(Reply::Done { status, output }) => Ok((status, output)),
+        Some(Reply::Died(why)) => Err(CallError::new(
+            ErrorCode::ConnectorCrashed,
+            format!("{app_id} crashed during the call: {why}"),
+        )),
+        None => Err(CallError::new(
+            ErrorCode::ConnectorCrashed,
+            format!("{app_id} dropped the call"),
+        )),
+    };
+    // Synchronous plugins have answered before start_call returned: skip arming a timer.
+    match rx.try_recv() {
+        Ok(reply) => return received(Some(reply)),
+        Err(oneshot::error::TryRecvError::Closed) => return received(None),
+        Err(oneshot::error::TryRecvError::Empty) => {}
+    }
     tokio::select! {
-        reply = rx => match reply {
-            Ok(Reply::Done { status, output }) => Ok((status, output)),
-            Ok(Reply::Died(why)) => Err(CallError::new(ErrorCode::ConnectorCrashed, format!("{app_id} crashed during the call: {why}"))),
-            Err(_) => Err(CallError::new(ErrorCode::ConnectorCrashed, format!("{app_id} dropped the call"))),
-        },
+        reply = rx => received(reply.ok()),
         () = tokio::time::sleep(timeout) => {
             abandon();
             Err(CallError::new(ErrorCode::Timeout, format!("{app_id} gave no answer within {timeout:?}; the call was cancelled")))
@@ -186,7 +199,8 @@ fn answer(app_id: &str, status: u32, output: Vec<u8>) -> Result<Bytes, CallError
 
 /// A running worker process.
 struct Worker {
-    stdin: tokio::sync::Mutex<ChildStdin>,
+    /// Frames for the worker's stdin; a writer task batches whatever is queued into one write.
+    outbox: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     pending: Arc<Pending>,
     dead: CancellationToken,
     pid: Option<u32>,
@@ -219,7 +233,11 @@ impl Worker {
             )
         })?;
         let stdin = child.stdin.take().ok_or("worker stdin missing")?;
-        let mut stdout = child.stdout.take().ok_or("worker stdout missing")?;
+        // Buffered: one read syscall serves many small frames.
+        let mut stdout = tokio::io::BufReader::with_capacity(
+            64 * 1024,
+            child.stdout.take().ok_or("worker stdout missing")?,
+        );
         let stderr = child.stderr.take().ok_or("worker stderr missing")?;
         let max_frame =
             u32::try_from(settings.max_output_bytes + FRAME_OVERHEAD).unwrap_or(u32::MAX);
@@ -257,8 +275,10 @@ impl Worker {
             }
         };
 
+        let (outbox, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write_frames(stdin, queued));
         let worker = Arc::new(Self {
-            stdin: tokio::sync::Mutex::new(stdin),
+            outbox,
             pending: Arc::new(Pending::default()),
             dead: CancellationToken::new(),
             pid: child.id(),
@@ -275,10 +295,14 @@ impl Worker {
         Ok((worker, description))
     }
 
-    async fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let mut stdin = self.stdin.lock().await;
-        stdin.write_all(bytes).await?;
-        stdin.flush().await
+    /// Queues a frame; an error means the worker is gone.
+    fn send(&self, frame: Vec<u8>) -> std::io::Result<()> {
+        self.outbox.send(frame).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the worker's input is closed",
+            )
+        })
     }
 
     fn kill(&self) {
@@ -332,11 +356,33 @@ async fn forward_stderr(app_id: String, stderr: tokio::process::ChildStderr) {
     }
 }
 
+/// Writes queued frames to the worker, coalescing everything queued into one write. Ends when
+/// the worker is dropped (its sender closes), which closes the worker's stdin: it exits.
+async fn write_frames(
+    mut stdin: ChildStdin,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    while let Some(first) = queued.recv().await {
+        batch.clear();
+        batch.extend_from_slice(&first);
+        while batch.len() < (1 << 20) {
+            match queued.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if stdin.write_all(&batch).await.is_err() {
+            break;
+        }
+    }
+}
+
 async fn read_replies(
     app_id: String,
     worker: Arc<Worker>,
     mut child: Child,
-    mut stdout: tokio::process::ChildStdout,
+    mut stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
     max_frame: u32,
 ) {
     let why = loop {
@@ -511,15 +557,12 @@ impl WorkerConnector {
         let remaining = timeout.saturating_sub(started.elapsed());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = worker.pending.register(id);
-        if let Err(e) = worker
-            .send(&frame::encode_call(
-                id,
-                unix_ms(remaining),
-                capability,
-                input,
-            ))
-            .await
-        {
+        if let Err(e) = worker.send(frame::encode_call(
+            id,
+            unix_ms(remaining),
+            capability,
+            input,
+        )) {
             worker.pending.forget(id);
             return Err(CallError::new(
                 ErrorCode::ConnectorCrashed,
@@ -530,10 +573,7 @@ impl WorkerConnector {
             let worker = worker.clone();
             move || {
                 worker.pending.forget(id);
-                let cancel_frame = frame::encode(frame::CANCEL, &[&id.to_le_bytes()]);
-                tokio::spawn(async move {
-                    let _ = worker.send(&cancel_frame).await;
-                });
+                let _ = worker.send(frame::encode(frame::CANCEL, &[&id.to_le_bytes()]));
             }
         };
         let (status, output) = await_reply(&self.app_id, rx, remaining, cancel, abandon).await?;

@@ -6,6 +6,7 @@
 //! frames from stdin and sends COMPLETE and LOG frames on what was stdout. It exits when stdin
 //! closes (the agent stopped or died) or when the agent dies (parent-death signal).
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::AsFd;
@@ -23,12 +24,34 @@ const MAX_INBOUND_FRAME: u32 = 256 << 20;
 
 type FrameWriter = Arc<Mutex<BufWriter<std::fs::File>>>;
 
+thread_local! {
+    /// True on the dispatch thread while it runs start_call: completions made there are flushed
+    /// by the dispatch loop once no more calls are queued, so a burst costs one write, not one
+    /// per call. Completions from the plugin's own threads are flushed at once.
+    static DISPATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
 fn send(writer: &FrameWriter, kind: u8, parts: &[&[u8]]) {
     let mut w = writer
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if frame::write_blocking(&mut *w, kind, parts).is_err() {
+    let written = w.write_all(&frame::encode(kind, parts));
+    let flushed = if DISPATCHING.with(Cell::get) {
+        Ok(())
+    } else {
+        w.flush()
+    };
+    if written.and(flushed).is_err() {
         // The agent is gone: nothing to serve.
+        std::process::exit(0);
+    }
+}
+
+fn flush(writer: &FrameWriter) {
+    let mut w = writer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if w.flush().is_err() {
         std::process::exit(0);
     }
 }
@@ -127,8 +150,12 @@ pub fn main(library: &Path) -> u8 {
     });
     send(&writer, frame::HELLO, &[hello.to_string().as_bytes()]);
 
-    let mut stdin = BufReader::new(std::io::stdin().lock());
+    let mut stdin = BufReader::with_capacity(64 * 1024, std::io::stdin().lock());
     loop {
+        if stdin.buffer().is_empty() {
+            // About to wait for the agent: everything answered so far goes out now.
+            flush(&writer);
+        }
         let frame = match frame::read_blocking(&mut stdin, MAX_INBOUND_FRAME) {
             Ok(Some(frame)) => frame,
             // The agent closed our stdin: it is stopping. Calls still running are abandoned.
@@ -149,12 +176,15 @@ pub fn main(library: &Path) -> u8 {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .insert(call.call_id);
-                if !instance.start_call(
+                DISPATCHING.with(|d| d.set(true));
+                let accepted = instance.start_call(
                     call.call_id,
                     &call.capability,
                     &call.input,
                     call.deadline_unix_ms,
-                ) {
+                );
+                DISPATCHING.with(|d| d.set(false));
+                if !accepted {
                     let refused = b"{\"is_error\":true,\"error\":{\"message\":\"the connector refused the call\",\"error_code\":\"agent.connector_refused\"}}";
                     callbacks.complete(call.call_id, status::ERROR, refused);
                 }
@@ -166,6 +196,5 @@ pub fn main(library: &Path) -> u8 {
             }
             other => eprintln!("plugin-host: unexpected frame kind {other}"),
         }
-        let _ = std::io::stderr().flush();
     }
 }
