@@ -113,6 +113,7 @@ async fn in_process_loading_is_an_opt_in_from_a_content_addressed_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_native_connectors_get_typed_errors_and_their_workers_restart() {
+    captured_logs();
     let dirs = TestDirs::new();
     copy_in(
         &dirs,
@@ -206,10 +207,45 @@ async fn misbehaving_native_connectors_get_typed_errors_and_their_workers_restar
     }
     assert_eq!(cancelled, 1, "the cancel reached the plugin");
 
-    // A second completion of the same call is ignored: the first answer stands.
+    // A second completion of the same call is ignored, and logged: the first answer stands.
     let (status, body) = agent.call("misbehave_c", "double", json!({})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["response"], "first");
+    eventually(
+        Duration::from_secs(10),
+        "the repeated completion to be logged",
+        || captured_logs().contains("again (or a call it never had); ignored"),
+    )
+    .await;
+
+    // A worker that dies fails every call in flight on it, not only the one that killed it.
+    let hanging = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent
+                .call("misbehave", "hang", json!({"timeout_secs": 50}))
+                .await
+        })
+    };
+    let mut hanging_now = 0;
+    for _ in 0..500 {
+        let (_, body) = agent.call("misbehave", "hanging", json!({})).await;
+        hanging_now = body["response"]["hanging"].as_u64().unwrap_or(0);
+        if hanging_now == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(hanging_now, 1, "the hanging call reached the plugin");
+    let (_, body) = agent.call("misbehave", "abort", json!({})).await;
+    expect_crash(&body, "SIGABRT");
+    let (status, body) = hanging.await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "the in-flight call learns of the crash: {body}"
+    );
+    expect_crash(&body, "SIGABRT");
     echo_works("misbehave_c").await;
 
     bystander.await.unwrap();

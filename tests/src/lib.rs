@@ -32,6 +32,37 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut c
     }
 }
 
+/// Captures the agent's log lines (this test binary's tracing output) so tests can assert what
+/// an admin would read. Installed once per test binary; returns everything logged so far.
+pub fn captured_logs() -> String {
+    use std::sync::{Mutex, OnceLock};
+    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    let logs = LOGS.get_or_init(|| {
+        let logs: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let writer = move || LogWriter(logs);
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(writer)
+            .try_init();
+        logs
+    });
+    String::from_utf8_lossy(&logs.lock().unwrap()).into_owned()
+}
+
+struct LogWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The folder where cargo put this workspace's binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

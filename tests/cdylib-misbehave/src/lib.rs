@@ -4,7 +4,8 @@
 //! - `panic`: panics inside `call`.
 //! - `panic_in_thread`: panics on another thread while holding the completion.
 //! - `abort`: aborts the process.
-//! - `hang`: never answers unless cancelled; `cancelled` answers how many cancels arrived.
+//! - `hang`: never answers unless cancelled; `hanging` answers how many calls hang now;
+//!   `cancelled` how many cancels arrived.
 // deny, not forbid: `export_connector!` generates the entry symbol.
 #![deny(unsafe_code)]
 
@@ -29,7 +30,7 @@ impl Connector for Misbehave {
         serde_json::json!({
             "app_id": "misbehave",
             "version": "1.0.0",
-            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "cancelled"],
+            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "hanging", "cancelled"],
         })
         .to_string()
     }
@@ -56,6 +57,12 @@ impl Connector for Misbehave {
                     .lock()
                     .expect("lock")
                     .insert(call.call_id, done);
+            }
+            "hanging" => {
+                let n = self.hanging.lock().expect("lock").len();
+                done.ok(serde_json::json!({"response": {"hanging": n}})
+                    .to_string()
+                    .as_bytes());
             }
             "cancelled" => {
                 let n = *self.cancels.lock().expect("lock");
