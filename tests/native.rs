@@ -359,3 +359,68 @@ async fn an_in_process_panic_poisons_the_connector_not_the_agent() {
     assert_eq!(status, StatusCode::OK);
     agent.shutdown().await;
 }
+
+/// Worker processes of this test process hosting a library under `dir`.
+fn workers_for(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .unwrap_or("");
+        let cmdline = String::from_utf8_lossy(
+            &std::fs::read(entry.path().join("cmdline")).unwrap_or_default(),
+        )
+        .into_owned();
+        if ppid == me
+            && cmdline.contains("plugin-host")
+            && cmdline.contains(&needle)
+            && process_alive(pid)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescan_replaces_workers_without_leaking_the_old_ones() {
+    let dirs = TestDirs::new();
+    copy_in(
+        &dirs,
+        Path::new(lumos_example_c::LIBRARY),
+        "liblumos_example_c.so",
+    );
+    let agent = TestAgent::start(&dirs, "").await;
+    let plugins = dirs.plugins();
+    let before = workers_for(&plugins);
+    assert_eq!(before.len(), 1, "one worker for one library: {before:?}");
+
+    agent
+        .control
+        .send(lumos_agent::app::Control::Reload)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the old worker to exit after the rescan",
+        || {
+            let now = workers_for(&plugins);
+            now.len() == 1 && !now.contains(&before[0])
+        },
+    )
+    .await;
+    assert!(!process_alive(before[0]));
+    let (status, _) = agent
+        .call("lumos_example_c", "list_accounts", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}

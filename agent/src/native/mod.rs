@@ -285,9 +285,12 @@ impl Worker {
         });
         let app_id = app_hint.to_string();
         tokio::spawn(forward_stderr(app_id.clone(), stderr));
+        // The reader holds what it needs, not the Worker: dropping the Worker (the connector
+        // was replaced or removed) must kill the process and close its stdin.
         tokio::spawn(read_replies(
             app_id,
-            worker.clone(),
+            worker.pending.clone(),
+            worker.dead.clone(),
             child,
             stdout,
             max_frame,
@@ -380,7 +383,8 @@ async fn write_frames(
 
 async fn read_replies(
     app_id: String,
-    worker: Arc<Worker>,
+    pending: Arc<Pending>,
+    dead: CancellationToken,
     mut child: Child,
     mut stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
     max_frame: u32,
@@ -389,7 +393,7 @@ async fn read_replies(
         match frame::read_async(&mut stdout, max_frame).await {
             Ok(Some(f)) if f.kind == frame::COMPLETE => match frame::decode_complete(&f.payload) {
                 Some((id, status, output)) => {
-                    if !worker.pending.deliver(
+                    if !pending.deliver(
                         id,
                         Reply::Done {
                             status,
@@ -415,8 +419,15 @@ async fn read_replies(
             Err(e) => break format!("its output broke: {e}"),
         }
     };
-    worker.dead.cancel();
-    worker.kill();
+    dead.cancel();
+    let _ = child.start_kill();
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // Its process group: whatever the plugin started goes too.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
         Ok(Ok(status)) => crate::exec::describe_status(&status),
         _ => "did not exit".to_string(),
@@ -427,7 +438,7 @@ async fn read_replies(
         format!("{why}; its worker {status}")
     };
     tracing::warn!(app_id, "native connector worker stopped: {why}");
-    worker.pending.fail_all(&why);
+    pending.fail_all(&why);
 }
 
 /// Restart pacing after crashes.
