@@ -296,7 +296,12 @@ pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
     std::fs::create_dir_all(&config.plugins_dir)?;
     let mut staged = Vec::new();
     for name in EXAMPLES {
-        let from = bin_dir.join(name);
+        // `cargo build` puts workspace libraries next to the binary; when they were only built as
+        // dependencies (e.g. by `cargo test`) they are in `deps/`.
+        let from = [bin_dir.join(name), bin_dir.join("deps").join(name)]
+            .into_iter()
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| bin_dir.join(name));
         if !from.is_file() {
             tracing::warn!(
                 "--dev: {} is missing; build it with `cargo build --workspace`",
