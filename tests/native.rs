@@ -391,7 +391,7 @@ fn workers_for(dir: &Path) -> Vec<i32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rescan_replaces_workers_without_leaking_the_old_ones() {
+async fn replacing_a_library_retires_its_worker_without_leaking_it() {
     let dirs = TestDirs::new();
     copy_in(
         &dirs,
@@ -399,15 +399,18 @@ async fn a_rescan_replaces_workers_without_leaking_the_old_ones() {
         "liblumos_example_c.so",
     );
     let agent = TestAgent::start(&dirs, "").await;
-    let plugins = dirs.plugins();
-    let before = workers_for(&plugins);
+    // Workers run the private copy under the state folder.
+    let store = dirs.state().join("store");
+    let before = workers_for(&store);
     assert_eq!(before.len(), 1, "one worker for one library: {before:?}");
 
-    agent
-        .control
-        .send(lumos_agent::app::Control::Reload)
-        .await
-        .unwrap();
+    // New content (the same library with trailing bytes, so a new sha256) replaces it.
+    let mut bytes = std::fs::read(lumos_example_c::LIBRARY).unwrap();
+    bytes.extend_from_slice(b"\0new build");
+    let tmp = dirs.plugins().join(".replacement.part");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, dirs.plugins().join("liblumos_example_c.so")).unwrap();
+    let plugins = store;
     eventually(
         Duration::from_secs(20),
         "the old worker to exit after the rescan",

@@ -166,7 +166,7 @@ async fn v1(
     match (method, rest) {
         (&Method::GET, ["connectors"]) => {
             let inventory = state.registry.snapshot();
-            let views: Vec<_> = inventory.connectors.iter().map(|c| c.view(false)).collect();
+            let views = inventory.views();
             let mut resp = json_response(StatusCode::OK, &views);
             resp.headers_mut()
                 .insert(REVISION_HEADER, HeaderValue::from(inventory.revision));
@@ -175,13 +175,16 @@ async fn v1(
         (&Method::GET, ["connectors", app_id]) => {
             let inventory = state.registry.snapshot();
             match inventory.resolve(app_id) {
-                Ok(c) => json_response(StatusCode::OK, &c.view(true)),
+                Ok(c) => json_response(StatusCode::OK, &c.view(true, inventory.status_of(&c))),
                 Err(e) => match inventory
                     .connectors
                     .iter()
                     .find(|c| c.app_id.as_deref() == Some(*app_id))
                 {
-                    Some(rejected) => json_response(StatusCode::OK, &rejected.view(true)),
+                    Some(rejected) => json_response(
+                        StatusCode::OK,
+                        &rejected.view(true, inventory.status_of(rejected)),
+                    ),
                     None => agent_error(&e, Some(app_id), status_of(&e)),
                 },
             }

@@ -16,6 +16,7 @@ use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::exec::ScratchDir;
+use crate::plugins::reload::{watch_loop, Reconciler, WatchSettings};
 use crate::plugins::{PluginLoader, PluginRegistry};
 use crate::state::{ensure_admin_token, StatePaths};
 use crate::tenants::{TenantStore, TenantStoreError};
@@ -84,7 +85,7 @@ pub struct RunningAgent {
     /// The file holding the admin bearer token.
     pub admin_token_path: PathBuf,
     config: Arc<Config>,
-    loader: PluginLoader,
+    reconciler: Arc<Reconciler>,
     draining: CancellationToken,
     abort: CancellationToken,
     failed: CancellationToken,
@@ -112,13 +113,21 @@ impl RunningAgent {
         }
         let registry = Arc::new(PluginRegistry::new());
         let loader = PluginLoader::new(config.clone(), state.clone());
+        let reconciler = Arc::new(Reconciler::new(
+            loader,
+            registry.clone(),
+            config.plugins_dir.clone(),
+            vec![state.store(), state.bundles()],
+            config.plugins.debounce,
+        ));
         tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
-        let revision = registry.replace(loader.scan().await);
+        // At start every file is loaded, however recently it was written.
+        reconciler.reconcile(false).await;
         let inventory = registry.snapshot();
         tracing::info!(
-            revision,
+            revision = inventory.revision,
             ready = inventory.ready_count(),
-            rejected = inventory.connectors.len() - inventory.ready_count(),
+            total = inventory.connectors.len(),
             "plugins loaded"
         );
 
@@ -159,7 +168,7 @@ impl RunningAgent {
             tenants,
             admin_token_path: state.admin_token(),
             config,
-            loader,
+            reconciler: reconciler.clone(),
             draining: draining.clone(),
             abort,
             failed: CancellationToken::new(),
@@ -169,6 +178,15 @@ impl RunningAgent {
         agent.supervise(
             "api",
             api::serve(listener, api_state, draining.clone(), tracker.clone()),
+        );
+        let watch = WatchSettings {
+            watch: agent.config.plugins.watch,
+            debounce: agent.config.plugins.debounce,
+            rescan_interval: agent.config.plugins.rescan_interval,
+        };
+        agent.supervise(
+            "plugins-watch",
+            watch_loop(reconciler, watch, draining.clone()),
         );
         tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
         Ok(agent)
@@ -205,14 +223,14 @@ impl RunningAgent {
 
     /// Re-reads the plugins folder; returns the new inventory revision.
     pub async fn rescan(&self) -> u64 {
-        let revision = self.registry.replace(self.loader.scan().await);
+        self.reconciler.reconcile(true).await;
         let inventory = self.registry.snapshot();
         tracing::info!(
-            revision,
+            revision = inventory.revision,
             ready = inventory.ready_count(),
             "plugins folder rescanned"
         );
-        revision
+        inventory.revision
     }
 
     /// The configuration in force.

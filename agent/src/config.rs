@@ -116,6 +116,13 @@ pub struct PluginsConfig {
     /// The program re-executed as a plugin worker (`<program> plugin-host <library>`); normally
     /// unset, meaning this agent binary.
     pub worker_program: Option<PathBuf>,
+    /// Watch the plugins folder for changes (otherwise only the periodic rescan).
+    pub watch: bool,
+    /// Quiet time after a change before the folder is reconciled; files modified more recently
+    /// than this are still being written and wait.
+    pub debounce: Duration,
+    /// Full reconcile period, whatever the watcher says.
+    pub rescan_interval: Duration,
 }
 
 /// Logging.
@@ -377,6 +384,9 @@ impl Validator {
                 "max_bundle_bytes",
                 "max_bundle_entries",
                 "worker_program",
+                "watch",
+                "debounce_ms",
+                "rescan_interval_secs",
             ],
         );
         let mut log = self.section(&mut table, "log", &["level", "format"]);
@@ -458,6 +468,15 @@ impl Validator {
             worker_program: self
                 .path(&mut plugins, "plugins.worker_program")
                 .map(absolute),
+            watch: self.boolean(&mut plugins, "plugins.watch").unwrap_or(true),
+            debounce: Duration::from_millis(
+                self.uint(&mut plugins, "plugins.debounce_ms", 10, 60_000)
+                    .unwrap_or(200),
+            ),
+            rescan_interval: Duration::from_secs(
+                self.uint(&mut plugins, "plugins.rescan_interval_secs", 1, 86_400)
+                    .unwrap_or(60),
+            ),
         };
         let log = LogConfig {
             level: match self.string(&mut log, "log.level") {

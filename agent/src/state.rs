@@ -5,6 +5,7 @@
 //!   admin.token           0600  bearer token for the local API (written at first start)
 //!   tenants.json          0600  agent-held tenants (settings and credentials)
 //!   bundles/<sha256>/           unpacked connector bundles, content-addressed
+//!   store/<sha256>/<name>       private copies of plugin executables and libraries, run from here
 //!   work/<plugin>/              each connector's private working folder (HOME, TMPDIR)
 //!   calls/                0700  call input files (0600), deleted after each call
 //!   logs/connectors/            connector-py log files (LUMOS_LOG_DIRECTORY)
@@ -86,6 +87,11 @@ impl StatePaths {
             .mode(0o700)
             .create(dir.join("tmp"))?;
         Ok(dir)
+    }
+
+    /// Private, content-addressed copies of plugin executables and libraries, run from there.
+    pub fn store(&self) -> PathBuf {
+        self.root.join("store")
     }
 
     /// Content-addressed copies of native libraries loaded in-process.

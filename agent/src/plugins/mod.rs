@@ -7,12 +7,13 @@
 
 pub mod bundle;
 pub mod info;
+pub mod reload;
 
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -41,11 +42,13 @@ pub enum ConnectorKind {
 }
 
 /// Whether a connector can take calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConnectorStatus {
     /// Loaded and answering.
     Ready,
+    /// Loaded, but a higher version of the same app_id serves.
+    Superseded,
     /// Not loaded; `reason` says why.
     Rejected,
 }
@@ -69,6 +72,44 @@ pub struct Connector {
     pub version: Option<String>,
     /// How to call it; present exactly when `status` is `Ready`.
     pub runnable: Option<Runnable>,
+    /// The file's identity when it was loaded: a different one means it changed.
+    pub fingerprint: Option<Fingerprint>,
+    /// The private folder its bytes run from (store copy or unpacked bundle), removed once
+    /// nothing uses it.
+    pub private_dir: Option<PathBuf>,
+}
+
+/// What identifies a file's content cheaply: size, modification time, inode, mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    len: u64,
+    mtime_ns: i128,
+    ino: u64,
+    dev: u64,
+    mode: u32,
+}
+
+impl Fingerprint {
+    /// The fingerprint of `path` (following symlinks), if it can be read.
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ino: meta.ino(),
+            dev: meta.dev(),
+            mode: meta.mode(),
+        })
+    }
+
+    /// How long ago the file was last modified (zero if in the future).
+    pub fn age(&self) -> Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        Duration::from_nanos(u64::try_from((now - self.mtime_ns).max(0)).unwrap_or(u64::MAX))
+    }
 }
 
 /// What a ready connector needs to be called.
@@ -116,6 +157,8 @@ impl Connector {
             app_id: None,
             version: None,
             runnable: None,
+            fingerprint: None,
+            private_dir: None,
         }
     }
 
@@ -128,12 +171,12 @@ impl Connector {
     }
 
     /// The API's view of this connector.
-    pub fn view(&self, with_info: bool) -> ConnectorView {
+    pub fn view(&self, with_info: bool, status: ConnectorStatus) -> ConnectorView {
         ConnectorView {
             app_id: self.app_id.clone(),
             version: self.version.clone(),
             kind: self.kind,
-            status: self.status,
+            status,
             reason: self.reason.clone(),
             path: self.path.display().to_string(),
             sha256: self.sha256.clone(),
@@ -180,27 +223,22 @@ pub struct ConnectorView {
 pub struct Inventory {
     /// Grows by one on every change.
     pub revision: u64,
-    /// Every plugin file, sorted by path.
+    /// Every plugin file, sorted by path (a file whose replacement was rejected may appear
+    /// twice: the rejected new content and the old version that keeps serving).
     pub connectors: Vec<Arc<Connector>>,
 }
 
 impl Inventory {
     /// The connector serving `app_id`: the highest ready version.
     pub fn resolve(&self, app_id: &str) -> Result<Arc<Connector>, CallError> {
-        let candidates = self
-            .connectors
-            .iter()
-            .filter(|c| c.app_id.as_deref() == Some(app_id));
-        let best = candidates
-            .clone()
-            .filter(|c| c.status == ConnectorStatus::Ready)
-            .max_by(|a, b| {
-                version_key(a.version.as_deref()).cmp(&version_key(b.version.as_deref()))
-            });
-        if let Some(best) = best {
+        if let Some(best) = self.serving(app_id) {
             return Ok(best.clone());
         }
-        if let Some(rejected) = candidates.clone().next() {
+        if let Some(rejected) = self
+            .connectors
+            .iter()
+            .find(|c| c.app_id.as_deref() == Some(app_id))
+        {
             return Err(CallError::new(
                 ErrorCode::ConnectorRejected,
                 format!(
@@ -216,11 +254,39 @@ impl Inventory {
         ))
     }
 
-    /// Number of ready connectors.
+    fn serving(&self, app_id: &str) -> Option<&Arc<Connector>> {
+        self.connectors
+            .iter()
+            .filter(|c| c.app_id.as_deref() == Some(app_id) && c.status == ConnectorStatus::Ready)
+            .max_by(|a, b| {
+                version_key(a.version.as_deref()).cmp(&version_key(b.version.as_deref()))
+            })
+    }
+
+    /// A record's status as shown: ready records that do not serve are `superseded`.
+    pub fn status_of(&self, connector: &Arc<Connector>) -> ConnectorStatus {
+        match (connector.status, connector.app_id.as_deref()) {
+            (ConnectorStatus::Ready, Some(app_id)) => match self.serving(app_id) {
+                Some(best) if !Arc::ptr_eq(best, connector) => ConnectorStatus::Superseded,
+                _ => ConnectorStatus::Ready,
+            },
+            (status, _) => status,
+        }
+    }
+
+    /// Every record as the API shows it.
+    pub fn views(&self) -> Vec<ConnectorView> {
+        self.connectors
+            .iter()
+            .map(|c| c.view(false, self.status_of(c)))
+            .collect()
+    }
+
+    /// Number of connectors that serve calls.
     pub fn ready_count(&self) -> usize {
         self.connectors
             .iter()
-            .filter(|c| c.status == ConnectorStatus::Ready)
+            .filter(|c| self.status_of(c) == ConnectorStatus::Ready)
             .count()
     }
 }
@@ -234,10 +300,19 @@ fn version_key(version: Option<&str>) -> (Option<semver::Version>, String) {
     )
 }
 
-/// Holds the current [`Inventory`].
-#[derive(Debug, Default)]
+/// Holds the current [`Inventory`] and publishes every new one (the tunnel sends them to the
+/// cloud).
+#[derive(Debug)]
 pub struct PluginRegistry {
-    current: RwLock<Arc<Inventory>>,
+    current: tokio::sync::watch::Sender<Arc<Inventory>>,
+}
+
+impl Default for PluginRegistry {
+    fn default() -> Self {
+        Self {
+            current: tokio::sync::watch::Sender::new(Arc::new(Inventory::default())),
+        }
+    }
 }
 
 impl PluginRegistry {
@@ -248,17 +323,29 @@ impl PluginRegistry {
 
     /// The current inventory; cheap, and stays consistent while held.
     pub fn snapshot(&self) -> Arc<Inventory> {
-        self.current.read().expect("registry lock poisoned").clone()
+        self.current.borrow().clone()
+    }
+
+    /// Inventory events: every change, in order of revision.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Inventory>> {
+        self.current.subscribe()
     }
 
     /// Replaces the whole inventory, returning the new revision.
-    pub fn replace(&self, mut connectors: Vec<Connector>) -> u64 {
-        connectors.sort_by(|a, b| a.path.cmp(&b.path));
-        let mut current = self.current.write().expect("registry lock poisoned");
-        let revision = current.revision + 1;
-        *current = Arc::new(Inventory {
-            revision,
-            connectors: connectors.into_iter().map(Arc::new).collect(),
+    pub fn replace(&self, connectors: Vec<Connector>) -> u64 {
+        self.replace_shared(connectors.into_iter().map(Arc::new).collect())
+    }
+
+    /// Replaces the whole inventory with records that may be shared with the previous one.
+    pub fn replace_shared(&self, mut connectors: Vec<Arc<Connector>>) -> u64 {
+        connectors.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| b.status.cmp(&a.status)));
+        let mut revision = 0;
+        self.current.send_modify(|current| {
+            revision = current.revision + 1;
+            *current = Arc::new(Inventory {
+                revision,
+                connectors,
+            });
         });
         revision
     }
@@ -297,57 +384,16 @@ impl PluginLoader {
         Self { config, state }
     }
 
-    /// Loads every file in the plugins folder, a few at a time (`info` of a Python connector
-    /// takes about a second; bundles take seconds to unpack the first time).
-    pub async fn scan(&self) -> Vec<Connector> {
-        let dir = &self.config.plugins_dir;
-        let mut names = match std::fs::read_dir(dir) {
-            Ok(entries) => entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .collect::<Vec<_>>(),
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the plugins folder; no connectors loaded");
-                return Vec::new();
-            }
-        };
-        names.sort();
-        let limit = Arc::new(Semaphore::new(4));
-        let mut tasks = tokio::task::JoinSet::new();
-        for path in names {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if is_ignored(&name) {
-                tracing::debug!(file = %name, "ignoring hidden or in-progress file");
-                continue;
-            }
-            let loader = self.clone();
-            let limit = limit.clone();
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                loader.load(path).await
-            });
-        }
-        let mut out = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(connector) => out.push(connector),
-                Err(e) => {
-                    tracing::error!(error = %e, "a plugin load task failed; that file is skipped until the next scan")
-                }
-            }
-        }
-        out
-    }
-
     /// Loads one plugin file. Never fails: problems become a rejected record.
     pub async fn load(&self, path: PathBuf) -> Connector {
         let started = Instant::now();
-        let connector = self.load_inner(path).await;
+        // Taken before reading: if the file changes during the load, the next reconcile sees a
+        // different fingerprint and loads it again.
+        let fingerprint = Fingerprint::of(&path);
+        let mut connector = self.load_inner(path).await;
+        connector.fingerprint = fingerprint;
         match (&connector.status, &connector.reason) {
-            (ConnectorStatus::Ready, _) => tracing::info!(
+            (ConnectorStatus::Ready | ConnectorStatus::Superseded, _) => tracing::info!(
                 "loaded {} {} ({}, sha256 {}) from {} in {:.1?}",
                 connector.app_id.as_deref().unwrap_or("?"),
                 connector.version.as_deref().unwrap_or("?"),
@@ -401,8 +447,19 @@ impl PluginLoader {
         } else {
             ConnectorKind::Executable
         };
-        let sha256 = match hash_file(&path).await {
-            Ok(sha) => sha,
+        // Executables and libraries run from a private, content-addressed copy made from the
+        // same read that hashes them: the bytes hashed are the bytes run, and replacing or
+        // breaking the file in the plugins folder cannot touch a version that is serving.
+        let stored = match kind {
+            ConnectorKind::Bundle => hash_file(&path).await.map(|sha| (sha, None)),
+            ConnectorKind::Executable | ConnectorKind::Cdylib => {
+                store_copy(&path, &self.state.store(), &name)
+                    .await
+                    .map(|(sha, copy)| (sha, Some(copy)))
+            }
+        };
+        let (sha256, copy) = match stored {
+            Ok(pair) => pair,
             Err(e) => {
                 return Connector::rejected(
                     path,
@@ -412,6 +469,11 @@ impl PluginLoader {
                 )
             }
         };
+        let private_dir = match &copy {
+            Some(copy) => copy.parent().map(Path::to_path_buf),
+            None => Some(self.state.bundles().join(&sha256[..32])),
+        };
+        let program = copy.unwrap_or_else(|| path.clone());
         let result = match kind {
             ConnectorKind::Bundle => self.load_bundle(&path, &name, &sha256).await,
             ConnectorKind::Executable => {
@@ -420,10 +482,10 @@ impl PluginLoader {
                         "not executable: `chmod +x {name}` if it is a connector executable, or name a bundle <app_id>-<version>.tar.gz"
                     ))
                 } else {
-                    self.load_executable(&path, &name).await
+                    self.load_executable(&program, &name).await
                 }
             }
-            ConnectorKind::Cdylib => self.load_native(&path, &name, &sha256).await,
+            ConnectorKind::Cdylib => self.load_native(&program, &name, &sha256).await,
         };
         match result {
             Ok((info, runner, bundle_app_id)) => {
@@ -443,6 +505,8 @@ impl PluginLoader {
                         limiter: Arc::new(Semaphore::new(limit)),
                     }),
                     app_id: Some(app_id),
+                    fingerprint: None,
+                    private_dir,
                 }
             }
             Err(reason) => Connector::rejected(path, Some(kind), Some(sha256), reason),
@@ -636,6 +700,61 @@ fn truncate(text: &str, max: usize) -> &str {
         Some((i, _)) => &text[..i],
         None => text,
     }
+}
+
+/// Copies `path` to `<store>/<sha256>/<name>` (executable, private), hashing the same bytes it
+/// copies. An existing copy of the same content is reused.
+async fn store_copy(path: &Path, store: &Path, name: &str) -> std::io::Result<(String, PathBuf)> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let (path, store, name) = (path.to_path_buf(), store.to_path_buf(), name.to_string());
+    tokio::task::spawn_blocking(move || {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&store)?;
+        let mut suffix = [0u8; 8];
+        getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let tmp = store.join(format!(".copy-{}", hex::encode(suffix)));
+        let result = (|| {
+            let mut from = std::fs::File::open(&path)?;
+            let mut to = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o700)
+                .open(&tmp)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = from.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                to.write_all(&buf[..n])?;
+            }
+            to.sync_all()?;
+            let sha = hex::encode(hasher.finalize());
+            let dir = store.join(&sha);
+            let copy = dir.join(&name);
+            if copy.is_file() {
+                std::fs::remove_file(&tmp)?;
+            } else {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)?;
+                std::fs::rename(&tmp, &copy)?;
+            }
+            Ok((sha, copy))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// sha256 of a file, streamed.

@@ -1,0 +1,391 @@
+//! Hot reload: the plugins folder is reconciled against the registry whenever something may
+//! have changed. Watcher events are only hints: they schedule a reconcile after a quiet
+//! `debounce`, the watcher's "events were lost" signal and its errors trigger one at once, and a
+//! periodic timer catches whatever events miss (a folder removed and recreated, an NFS mount).
+//!
+//! A reconcile compares each file's [`Fingerprint`] with the record loaded from it:
+//! - unchanged files keep their records (and running workers);
+//! - a file modified less than `debounce` ago is still being written: it waits;
+//! - new or changed files are loaded (and health-checked by `info`) *before* they are swapped in;
+//!   a rejected replacement never displaces a good version: the old one keeps serving;
+//! - vanished files are dropped.
+//!
+//! Calls in flight hold their record, so they finish on the version they started with; its
+//! worker and private files go when the last call does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{is_ignored, Connector, ConnectorStatus, Fingerprint, PluginLoader, PluginRegistry};
+
+/// What a plugin file currently contributes to the inventory.
+#[derive(Debug)]
+struct Slot {
+    /// Loaded from the file's current content.
+    current: Arc<Connector>,
+    /// The previous good version, kept serving while `current` is rejected.
+    retained: Option<Arc<Connector>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: BTreeMap<PathBuf, Slot>,
+    /// Records no longer in the inventory, with their private folders: removed once the last
+    /// call using them has finished.
+    retired: Vec<(Weak<Connector>, PathBuf)>,
+}
+
+/// What a reconcile did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The inventory changed (a new revision was published).
+    pub changed: bool,
+    /// Some file was still being written: reconcile again after the debounce.
+    pub unsettled: bool,
+}
+
+/// Reconciles the plugins folder with the registry. One reconcile at a time.
+#[derive(Debug)]
+pub struct Reconciler {
+    loader: PluginLoader,
+    registry: Arc<PluginRegistry>,
+    dir: PathBuf,
+    /// Private folders (store copies, unpacked bundles) that garbage collection may remove.
+    private_roots: Vec<PathBuf>,
+    settle: Duration,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl Reconciler {
+    /// A reconciler for `dir`; files younger than `settle` wait for the next round.
+    pub fn new(
+        loader: PluginLoader,
+        registry: Arc<PluginRegistry>,
+        dir: PathBuf,
+        private_roots: Vec<PathBuf>,
+        settle: Duration,
+    ) -> Self {
+        Self {
+            loader,
+            registry,
+            dir,
+            private_roots,
+            settle,
+            state: tokio::sync::Mutex::new(State::default()),
+        }
+    }
+
+    /// The folder reconciled.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Brings the registry in line with the folder. `wait_for_writes = false` (at start) loads
+    /// even files modified a moment ago.
+    pub async fn reconcile(&self, wait_for_writes: bool) -> Outcome {
+        let mut state = self.state.lock().await;
+        let mut outcome = Outcome::default();
+        let files = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => {
+                let mut files: Vec<PathBuf> = entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        !p.file_name()
+                            .is_some_and(|n| is_ignored(&n.to_string_lossy()))
+                    })
+                    .collect();
+                files.sort();
+                files
+            }
+            Err(e) => {
+                if !state.slots.is_empty() {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "the plugins folder is gone; its connectors are removed");
+                }
+                Vec::new()
+            }
+        };
+
+        let mut next = BTreeMap::new();
+        let mut to_load = Vec::new();
+        for path in files {
+            let fingerprint = Fingerprint::of(&path);
+            let previous = match state.slots.remove(&path) {
+                Some(slot) if slot.current.fingerprint == fingerprint => {
+                    next.insert(path, slot);
+                    continue;
+                }
+                previous => previous,
+            };
+            if wait_for_writes && fingerprint.is_some_and(|f| f.age() < self.settle) {
+                // Still being written (or just renamed in): look again after the debounce.
+                outcome.unsettled = true;
+                if let Some(slot) = previous {
+                    next.insert(path, slot);
+                }
+                continue;
+            }
+            to_load.push((path, previous));
+        }
+
+        let mut loads = tokio::task::JoinSet::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(4));
+        for (path, previous) in to_load {
+            let loader = self.loader.clone();
+            let limit = limit.clone();
+            loads.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let connector = loader.load(path.clone()).await;
+                (path, previous, connector)
+            });
+        }
+        while let Some(joined) = loads.join_next().await {
+            let Ok((path, previous, connector)) = joined else {
+                tracing::error!(
+                    "a plugin load task failed; that file is retried at the next reconcile"
+                );
+                outcome.unsettled = true;
+                continue;
+            };
+            outcome.changed = true;
+            let new = Arc::new(connector);
+            let slot = match previous {
+                Some(old) if new.status == ConnectorStatus::Rejected => {
+                    let good = if old.current.status == ConnectorStatus::Rejected {
+                        old.retained
+                    } else {
+                        Some(old.current)
+                    };
+                    if let Some(good) = &good {
+                        tracing::warn!(
+                            "{}: the new content is rejected; {} {} keeps serving",
+                            new.file_name(),
+                            good.app_id.as_deref().unwrap_or("?"),
+                            good.version.as_deref().unwrap_or("?")
+                        );
+                    }
+                    Slot {
+                        current: new,
+                        retained: good,
+                    }
+                }
+                Some(old) => {
+                    let was = old.retained.as_ref().unwrap_or(&old.current);
+                    if was.status == ConnectorStatus::Ready && new.status == ConnectorStatus::Ready
+                    {
+                        tracing::info!(
+                            "replaced {} {} with {} {} ({})",
+                            was.app_id.as_deref().unwrap_or("?"),
+                            was.version.as_deref().unwrap_or("?"),
+                            new.app_id.as_deref().unwrap_or("?"),
+                            new.version.as_deref().unwrap_or("?"),
+                            new.file_name()
+                        );
+                    }
+                    retire(&mut state.retired, old);
+                    Slot {
+                        current: new,
+                        retained: None,
+                    }
+                }
+                None => Slot {
+                    current: new,
+                    retained: None,
+                },
+            };
+            next.insert(path, slot);
+        }
+
+        let removed = std::mem::take(&mut state.slots);
+        for (_, slot) in removed {
+            outcome.changed = true;
+            let c = slot.retained.as_ref().unwrap_or(&slot.current);
+            tracing::info!(
+                "removed {} {} ({})",
+                c.app_id.as_deref().unwrap_or("?"),
+                c.version.as_deref().unwrap_or("?"),
+                slot.current.file_name()
+            );
+            retire(&mut state.retired, slot);
+        }
+        state.slots = next;
+
+        if outcome.changed {
+            let records: Vec<Arc<Connector>> = state
+                .slots
+                .values()
+                .flat_map(|s| std::iter::once(s.current.clone()).chain(s.retained.clone()))
+                .collect();
+            let revision = self.registry.replace_shared(records);
+            let inventory = self.registry.snapshot();
+            tracing::info!(
+                revision,
+                ready = inventory.ready_count(),
+                total = inventory.connectors.len(),
+                "inventory changed"
+            );
+        }
+        self.collect_garbage(&mut state);
+        outcome
+    }
+
+    /// Removes private folders that no record uses any more.
+    fn collect_garbage(&self, state: &mut State) {
+        let in_use: Vec<PathBuf> = state
+            .slots
+            .values()
+            .flat_map(|s| std::iter::once(&s.current).chain(s.retained.as_ref()))
+            .filter_map(|c| c.private_dir.clone())
+            .chain(
+                state
+                    .retired
+                    .iter()
+                    .filter(|(w, _)| w.strong_count() > 0)
+                    .map(|(_, d)| d.clone()),
+            )
+            .collect();
+        state.retired.retain(|(weak, _)| weak.strong_count() > 0);
+        for root in &self.private_roots {
+            let Ok(entries) = std::fs::read_dir(root) else {
+                continue;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                let path = entry.path();
+                let name = entry.file_name();
+                // Temporary names belong to loads in progress.
+                if name.to_string_lossy().starts_with('.') || in_use.contains(&path) {
+                    continue;
+                }
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove an unused private copy");
+                } else {
+                    tracing::debug!(path = %path.display(), "removed an unused private copy");
+                }
+            }
+        }
+    }
+}
+
+fn retire(retired: &mut Vec<(Weak<Connector>, PathBuf)>, slot: Slot) {
+    for c in std::iter::once(slot.current).chain(slot.retained) {
+        if let Some(dir) = c.private_dir.clone() {
+            retired.push((Arc::downgrade(&c), dir));
+        }
+    }
+}
+
+/// How the watch loop runs.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    /// Watch the folder for events (otherwise only the periodic rescan).
+    pub watch: bool,
+    /// Quiet time after the last event before reconciling.
+    pub debounce: Duration,
+    /// Full reconcile period.
+    pub rescan_interval: Duration,
+}
+
+enum Signal {
+    /// Something may have changed: reconcile after the debounce.
+    Hint,
+    /// Events were lost, or the watcher failed: reconcile now.
+    Rescan,
+}
+
+/// Watches the folder and reconciles until `shutdown`. (SIGHUP reconciles directly through
+/// [`Reconciler::reconcile`].)
+pub async fn watch_loop(
+    reconciler: Arc<Reconciler>,
+    settings: WatchSettings,
+    shutdown: CancellationToken,
+) {
+    let (tx, mut signals) = mpsc::unbounded_channel();
+    let dir = reconciler.dir().to_path_buf();
+    let mut watcher = if settings.watch {
+        start_watcher(&dir, tx)
+    } else {
+        None
+    };
+    let mut due: Option<Instant> = None;
+    let mut periodic = tokio::time::interval(settings.rescan_interval);
+    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    periodic.reset();
+    loop {
+        let run = tokio::select! {
+            () = shutdown.cancelled() => break,
+            signal = signals.recv() => {
+                match signal {
+                    Some(Signal::Hint) => due = Some(Instant::now() + settings.debounce),
+                    Some(Signal::Rescan) => due = Some(Instant::now()),
+                    None => {}
+                }
+                false
+            }
+            () = sleep_until_due(due) => true,
+                        _ = periodic.tick() => true,
+        };
+        if !run {
+            continue;
+        }
+        due = None;
+        let outcome = reconciler.reconcile(true).await;
+        if outcome.unsettled {
+            due = Some(Instant::now() + settings.debounce);
+        }
+        // Re-arm the watch each time: a folder removed and recreated lost its old watch.
+        if let Some(w) = watcher.as_mut() {
+            if dir.is_dir() {
+                let _ = w.watch(&dir, RecursiveMode::NonRecursive);
+            }
+        }
+    }
+}
+
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn start_watcher(
+    dir: &Path,
+    tx: mpsc::UnboundedSender<Signal>,
+) -> Option<notify::RecommendedWatcher> {
+    let watched = dir.to_path_buf();
+    let handler = move |event: notify::Result<notify::Event>| {
+        let signal = match event {
+            Ok(event) if event.need_rescan() => Signal::Rescan,
+            // Events of the parent folder matter only when they concern the plugins folder.
+            Ok(event) if !event.paths.iter().any(|p| p.starts_with(&watched)) => return,
+            Ok(_) => Signal::Hint,
+            Err(e) => {
+                tracing::warn!(error = %e, "plugins folder watcher error; rescanning");
+                Signal::Rescan
+            }
+        };
+        let _ = tx.send(signal);
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the plugins folder; relying on the periodic rescan");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the plugins folder yet; it is watched once it exists");
+    }
+    // The parent tells us when the folder itself is removed or recreated.
+    if let Some(parent) = dir.parent() {
+        let _ = watcher.watch(parent, RecursiveMode::NonRecursive);
+    }
+    Some(watcher)
+}
