@@ -125,6 +125,16 @@ pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
+/// Writes a connector script into `dir` as `file_name` (copy, then rename) that runs the test
+/// connector as `app_id` `version` (its app_id and version come from its argv[0]).
+pub fn versioned_connector(dir: &Path, file_name: &str, app_id: &str, version: &str) -> PathBuf {
+    let body = format!(
+        "#!/bin/bash\nexec -a '{app_id}@{version}' '{}' \"$@\"\n",
+        test_connector().display()
+    );
+    write_script(dir, file_name, &body)
+}
+
 /// sha256(token)[:16], the `unique_tenant_id` the example and interop connectors report.
 pub fn token_hash(token: &str) -> String {
     use sha2::Digest;
@@ -204,10 +214,11 @@ impl TestAgent {
             listen: Some("127.0.0.1:0".into()),
         };
         // Native connectors run in workers: the agent re-executes itself, and in-process that
-        // would be this test binary, so point it at the real agent binary.
+        // would be this test binary, so point it at this package's build of the same worker
+        // (`lumos-plugin-host`). agent/tests/cli.rs covers the real binary's `plugin-host`.
         let env = [(
             "LUMOS_AGENT_PLUGINS__WORKER_PROGRAM".to_string(),
-            workspace_bin("lumos-agent").display().to_string(),
+            workspace_bin("lumos-plugin-host").display().to_string(),
         )];
         let config = config::load_with_env(&overrides, &env).unwrap();
         let agent = RunningAgent::start(config).await.unwrap();
@@ -278,6 +289,63 @@ impl TestAgent {
             Some(body),
         )
         .await
+    }
+
+    /// A call, with the version that answered (`x-lumos-connector-version`).
+    pub async fn call_with_version(
+        &self,
+        app_id: &str,
+        capability: &str,
+        body: Value,
+    ) -> (StatusCode, Value, Option<String>) {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}/v1/connectors/{app_id}/{capability}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        let status = response.status();
+        let version = response
+            .headers()
+            .get("x-lumos-connector-version")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            version,
+        )
+    }
+
+    /// The inventory revision (`x-lumos-inventory-revision` of `GET /v1/connectors`).
+    pub async fn revision(&self) -> u64 {
+        let request = Request::builder()
+            .uri(format!("{}/v1/connectors", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        response.headers()["x-lumos-inventory-revision"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// The inventory entries whose file is named `file_name` (a rejected replacement and the old
+    /// version it did not displace share a path).
+    pub async fn entries_for_file(&self, file_name: &str) -> Vec<Value> {
+        self.connectors()
+            .await
+            .into_iter()
+            .filter(|c| {
+                c["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with(&format!("/{file_name}")))
+            })
+            .collect()
     }
 
     /// `GET /v1/connectors`.

@@ -335,15 +335,16 @@ pub async fn watch_loop(
             continue;
         }
         due = None;
-        let outcome = reconciler.reconcile(true).await;
-        if outcome.unsettled {
-            due = Some(Instant::now() + settings.debounce);
-        }
-        // Re-arm the watch each time: a folder removed and recreated lost its old watch.
+        // Re-arm the watch before listing: a folder removed and recreated lost its old watch,
+        // and a file added after this point raises an event, while one added before is listed.
         if let Some(w) = watcher.as_mut() {
             if dir.is_dir() {
                 let _ = w.watch(&dir, RecursiveMode::NonRecursive);
             }
+        }
+        let outcome = reconciler.reconcile(true).await;
+        if outcome.unsettled {
+            due = Some(Instant::now() + settings.debounce);
         }
     }
 }

@@ -1,0 +1,378 @@
+//! Hot reload: connectors appear, change and disappear while the agent serves calls.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::StatusCode;
+use lumos_agent_integration::*;
+use serde_json::{json, Value};
+
+/// Only the watcher reacts in these tests (the periodic rescan is an hour away), so they show
+/// that events, not the timer, bring changes in.
+const WATCH_ONLY: &str = "[plugins]\nrescan_interval_secs = 3600\n";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls the inventory until `pred` holds for the entries of `file_name`.
+async fn until_entries(
+    agent: &TestAgent,
+    file_name: &str,
+    what: &str,
+    pred: impl Fn(&[Value]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let entries = agent.entries_for_file(file_name).await;
+        if pred(&entries) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {entries:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn until_serves(agent: &TestAgent, app_id: &str, version: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, _, served) = agent.call_with_version(app_id, "echo", json!({})).await;
+        if status == StatusCode::OK && served.as_deref() == Some(version) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {app_id} {version} to serve (last: {status} {served:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Calls `app_id` in a loop until stopped; counts failures and records the versions seen.
+struct SteadyCalls {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+    calls: Arc<AtomicU64>,
+    versions: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SteadyCalls {
+    fn start(agent: Arc<TestAgent>, app_id: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicU64::new(0));
+        let calls = Arc::new(AtomicU64::new(0));
+        let versions = Arc::new(Mutex::new(Vec::new()));
+        let task = {
+            let (stop, failures, calls, versions) = (
+                stop.clone(),
+                failures.clone(),
+                calls.clone(),
+                versions.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, body, version) =
+                        agent.call_with_version(app_id, "echo", json!({})).await;
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if status != StatusCode::OK {
+                        eprintln!("steady call failed: {status} {body}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let mut seen = versions.lock().unwrap();
+                    if let Some(v) = version {
+                        if seen.last() != Some(&v) {
+                            seen.push(v);
+                        }
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            failures,
+            calls,
+            versions,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        let versions = self.versions.lock().unwrap().clone();
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+            versions,
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_replace_and_remove_while_calls_run_lose_no_call() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    let plugins = dirs.plugins();
+    versioned_connector(&plugins, "app", "app", "1.0.0");
+    let agent = Arc::new(TestAgent::start(&dirs, WATCH_ONLY).await);
+    let mut revision = agent.revision().await;
+    let steady = SteadyCalls::start(agent.clone(), "app");
+
+    // Add: a new connector appears.
+    versioned_connector(&plugins, "other", "other", "1.0.0");
+    until_entries(&agent, "other", "other to be ready", |e| {
+        e.len() == 1 && e[0]["status"] == "ready"
+    })
+    .await;
+    let r = agent.revision().await;
+    assert!(
+        r > revision,
+        "a change makes a new revision ({r} after {revision})"
+    );
+    revision = r;
+
+    // Replace at the same path: new calls answer from the new version.
+    versioned_connector(&plugins, "app", "app", "2.0.0");
+    until_serves(&agent, "app", "2.0.0").await;
+
+    // Replace through a new path: the highest version serves, the other is superseded.
+    versioned_connector(&plugins, "app-v3", "app", "3.0.0");
+    until_serves(&agent, "app", "3.0.0").await;
+    until_entries(&agent, "app", "2.0.0 to be superseded", |e| {
+        e.len() == 1 && e[0]["status"] == "superseded"
+    })
+    .await;
+
+    // Remove the newest: the remaining version serves again.
+    std::fs::remove_file(plugins.join("app-v3")).unwrap();
+    until_serves(&agent, "app", "2.0.0").await;
+
+    let (calls, failures, versions) = steady.finish().await;
+    assert!(calls > 20, "the steady stream ran ({calls} calls)");
+    assert_eq!(failures, 0, "no call failed during add, replace and remove");
+    assert_eq!(versions, ["1.0.0", "2.0.0", "3.0.0", "2.0.0"]);
+    assert!(agent.revision().await > revision);
+
+    // Remove the last file while a call runs on it: the call finishes, then the app is gone.
+    let pid_dir = tempfile::tempdir().unwrap();
+    let pid_file = pid_dir.path().join("pid");
+    let in_flight = {
+        let agent = agent.clone();
+        let body = json!({"request": {"secs": 1, "pid_file": pid_file.to_str().unwrap()}});
+        tokio::spawn(async move { agent.call("app", "sleep", body).await })
+    };
+    let p = pid_file.clone();
+    eventually(WAIT, "the call to start", move || p.exists()).await;
+    std::fs::remove_file(plugins.join("app")).unwrap();
+    until_entries(&agent, "app", "app to be removed", <[Value]>::is_empty).await;
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the in-flight call finished on the removed version: {body}"
+    );
+    let (status, body) = agent.call("app", "echo", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let logs = captured_logs();
+    for line in [
+        "replaced app 1.0.0 with app 2.0.0 (app)",
+        "removed app 3.0.0 (app-v3)",
+        "removed app 2.0.0 (app)",
+        "loaded other 1.0.0 (executable, sha256",
+    ] {
+        assert!(logs.contains(line), "the log says {line:?}");
+    }
+    let agent = Arc::try_unwrap(agent).unwrap();
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_copied_in_slowly_loads_once_complete() {
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
+    let bytes = std::fs::read(test_connector()).unwrap();
+    let path = dirs.plugins().join("slowpoke");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let chunk = bytes.len() / 20 + 1;
+        for part in bytes.chunks(chunk) {
+            file.write_all(part).unwrap();
+            file.flush().unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    until_entries(&agent, "slowpoke", "the complete file to load", |e| {
+        e.len() == 1 && e[0]["status"] == "ready"
+    })
+    .await;
+    let entry = &agent.entries_for_file("slowpoke").await[0];
+    let expected = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    assert_eq!(
+        entry["sha256"],
+        expected.as_str(),
+        "what loaded is the whole file"
+    );
+    let (status, _) = agent.call("slowpoke", "echo", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_file_is_rejected_then_loads_when_fixed() {
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
+    let bytes = std::fs::read(test_connector()).unwrap();
+    let tmp = dirs.plugins().join(".fixme.part");
+    std::fs::write(&tmp, &bytes[..4096]).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, dirs.plugins().join("fixme")).unwrap();
+    until_entries(&agent, "fixme", "the truncated file to be rejected", |e| {
+        e.len() == 1 && e[0]["status"] == "rejected"
+    })
+    .await;
+
+    install_plugin(&dirs.plugins(), &test_connector(), "fixme");
+    until_entries(&agent, "fixme", "the fixed file to load", |e| {
+        e.len() == 1 && e[0]["status"] == "ready"
+    })
+    .await;
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_new_version_leaves_the_old_one_serving() {
+    let dirs = TestDirs::new();
+    versioned_connector(&dirs.plugins(), "app", "app", "1.0.0");
+    let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
+    until_serves(&agent, "app", "1.0.0").await;
+
+    write_script(
+        &dirs.plugins(),
+        "app",
+        "#!/bin/sh\necho 'Traceback: broken build'\n",
+    );
+    until_entries(
+        &agent,
+        "app",
+        "the rejected replacement beside the old version",
+        |e| {
+            e.len() == 2
+                && e.iter().any(|c| c["status"] == "rejected")
+                && e.iter()
+                    .any(|c| c["status"] == "ready" && c["version"] == "1.0.0")
+        },
+    )
+    .await;
+    let rejected = agent
+        .entries_for_file("app")
+        .await
+        .into_iter()
+        .find(|c| c["status"] == "rejected")
+        .unwrap();
+    assert!(
+        rejected["reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not print a JSON document"),
+        "{rejected}"
+    );
+    // The old version runs from its private copy: the broken file cannot touch it.
+    until_serves(&agent, "app", "1.0.0").await;
+
+    versioned_connector(&dirs.plugins(), "app", "app", "1.1.0");
+    until_serves(&agent, "app", "1.1.0").await;
+    until_entries(&agent, "app", "only the fixed version", |e| e.len() == 1).await;
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_folder_removed_and_recreated_is_watched_again() {
+    let dirs = TestDirs::new();
+    versioned_connector(&dirs.plugins(), "first", "first", "1.0.0");
+    let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
+    assert_eq!(agent.connectors().await.len(), 1);
+
+    std::fs::remove_dir_all(dirs.plugins()).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !agent.connectors().await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the folder's connectors were not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::create_dir(dirs.plugins()).unwrap();
+    versioned_connector(&dirs.plugins(), "second", "second", "1.0.0");
+    until_entries(
+        &agent,
+        "second",
+        "a connector in the recreated folder",
+        |e| e.len() == 1 && e[0]["status"] == "ready",
+    )
+    .await;
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_rescan_catches_what_events_miss() {
+    let dirs = TestDirs::new();
+    // No watcher at all: as if every event were lost.
+    let agent = TestAgent::start(
+        &dirs,
+        "[plugins]\nwatch = false\nrescan_interval_secs = 1\n",
+    )
+    .await;
+    versioned_connector(&dirs.plugins(), "late", "late", "1.0.0");
+    until_entries(&agent, "late", "the periodic rescan to load it", |e| {
+        e.len() == 1 && e[0]["status"] == "ready"
+    })
+    .await;
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_library_replaced_at_the_same_path_runs_the_new_code() {
+    let dirs = TestDirs::new();
+    let path = dirs.plugins().join("libnative.so");
+    std::fs::copy(lumos_example_c::LIBRARY, &path).unwrap();
+    let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
+    assert_eq!(
+        agent.entries_for_file("libnative.so").await[0]["app_id"],
+        "lumos_example_c"
+    );
+
+    let tmp = dirs.plugins().join(".libnative.so.part");
+    std::fs::copy(native_lib("liblumos_example_cdylib.so"), &tmp).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    until_entries(&agent, "libnative.so", "the new library to load", |e| {
+        e.len() == 1 && e[0]["app_id"] == "lumos_example_cdylib"
+    })
+    .await;
+    let (status, body) = agent
+        .call(
+            "lumos_example_cdylib",
+            "validate_credentials",
+            json!({"auth": {"oauth": {"access_token": "t"}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = agent
+        .call("lumos_example_c", "list_accounts", json!({}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the old code no longer serves"
+    );
+    agent.shutdown().await;
+}
