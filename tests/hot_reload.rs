@@ -376,3 +376,45 @@ async fn a_native_library_replaced_at_the_same_path_runs_the_new_code() {
     );
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_on_a_replaced_version_are_cancelled_after_the_drain_grace() {
+    let dirs = TestDirs::new();
+    versioned_connector(&dirs.plugins(), "app", "app", "1.0.0");
+    let agent = Arc::new(
+        TestAgent::start(
+            &dirs,
+            &format!("{WATCH_ONLY}[calls]\ndrain_grace_secs = 1\n"),
+        )
+        .await,
+    );
+    let pid_dir = tempfile::tempdir().unwrap();
+    let pid_file = pid_dir.path().join("pid");
+    let long_call = {
+        let agent = agent.clone();
+        let body = json!({"request": {"secs": 600, "pid_file": pid_file.to_str().unwrap()}});
+        tokio::spawn(async move { agent.call("app", "sleep", body).await })
+    };
+    let p = pid_file.clone();
+    eventually(WAIT, "the long call to start", move || p.exists()).await;
+    let pid: i32 = serde_json::from_str::<Value>(&std::fs::read_to_string(&pid_file).unwrap())
+        .unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+
+    versioned_connector(&dirs.plugins(), "app", "app", "2.0.0");
+    until_serves(&agent, "app", "2.0.0").await;
+    // The old version's call does not hold the old version for its 600 s: after the 1 s drain
+    // grace it is cancelled and its process killed.
+    let (status, body) = long_call.await.unwrap();
+    assert_eq!(
+        body["error"]["error_code"], "agent.cancelled",
+        "{status} {body}"
+    );
+    eventually(WAIT, "the old call's process to be gone", move || {
+        !process_alive(pid)
+    })
+    .await;
+    let agent = Arc::try_unwrap(agent).unwrap();
+    agent.shutdown().await;
+}

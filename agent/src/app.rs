@@ -112,13 +112,15 @@ impl RunningAgent {
             tracing::warn!(dir = %config.plugins_dir.display(), error = %e, "cannot create the plugins folder");
         }
         let registry = Arc::new(PluginRegistry::new());
-        let loader = PluginLoader::new(config.clone(), state.clone());
+        let abort = CancellationToken::new();
+        let loader = PluginLoader::new(config.clone(), state.clone(), abort.clone());
         let reconciler = Arc::new(Reconciler::new(
             loader,
             registry.clone(),
             config.plugins_dir.clone(),
             vec![state.store(), state.bundles()],
             config.plugins.debounce,
+            config.calls.drain_grace,
         ));
         tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
         // At start every file is loaded, however recently it was written.
@@ -146,7 +148,6 @@ impl RunningAgent {
         }
 
         let draining = CancellationToken::new();
-        let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
         let dispatcher = Arc::new(Dispatcher::new(
             registry.clone(),

@@ -166,16 +166,44 @@ impl Dispatcher {
             _ => runnable.timeout,
         };
         let version = connector.version.clone().unwrap_or_default();
-        let json = match &runnable.runner {
-            Runner::Executable { program, env } => {
-                self.run_executable(app_id, capability, program, env, &envelope, timeout, cancel)
-                    .await?
+        // The call stops when the caller cancels or when this version's drain grace runs out
+        // (it was replaced or removed); the relay forwards the first into the second's child.
+        let call_token = runnable.drain.child_token();
+        let relay = async {
+            cancel.cancelled().await;
+            call_token.cancel();
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        let run = async {
+            match &runnable.runner {
+                Runner::Executable { program, env } => {
+                    self.run_executable(
+                        app_id,
+                        capability,
+                        program,
+                        env,
+                        &envelope,
+                        timeout,
+                        &call_token,
+                    )
+                    .await
+                }
+                // Native connectors get the envelope in memory (over a private pipe to a worker).
+                Runner::Worker(worker) => {
+                    worker
+                        .call(capability, &envelope, timeout, &call_token)
+                        .await
+                }
+                Runner::InProcess(native) => {
+                    native
+                        .call(capability, &envelope, timeout, &call_token)
+                        .await
+                }
             }
-            // Native connectors get the envelope in memory (over a private pipe to a worker).
-            Runner::Worker(worker) => worker.call(capability, &envelope, timeout, cancel).await?,
-            Runner::InProcess(native) => {
-                native.call(capability, &envelope, timeout, cancel).await?
-            }
+        };
+        let json = tokio::select! {
+            result = run => result?,
+            never = relay => match never {},
         };
         Ok(CallAnswer { json, version })
     }

@@ -123,6 +123,9 @@ pub struct Runnable {
     pub limiter: Arc<Semaphore>,
     /// Its call deadline.
     pub timeout: Duration,
+    /// Cancelled when this version was replaced or removed and its drain grace ran out: the
+    /// calls still running on it are cancelled.
+    pub drain: CancellationToken,
 }
 
 /// How a ready connector is called.
@@ -376,12 +379,18 @@ fn is_cdylib_name(name: &str) -> bool {
 pub struct PluginLoader {
     config: Arc<Config>,
     state: StatePaths,
+    /// The agent's quit token; every version's drain token is its child.
+    abort: CancellationToken,
 }
 
 impl PluginLoader {
     /// A loader for `config`'s plugins and state folders.
-    pub fn new(config: Arc<Config>, state: StatePaths) -> Self {
-        Self { config, state }
+    pub fn new(config: Arc<Config>, state: StatePaths, abort: CancellationToken) -> Self {
+        Self {
+            config,
+            state,
+            abort,
+        }
     }
 
     /// Loads one plugin file. Never fails: problems become a rejected record.
@@ -503,6 +512,7 @@ impl PluginLoader {
                         info,
                         runner,
                         limiter: Arc::new(Semaphore::new(limit)),
+                        drain: self.abort.child_token(),
                     }),
                     app_id: Some(app_id),
                     fingerprint: None,

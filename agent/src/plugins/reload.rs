@@ -60,6 +60,7 @@ pub struct Reconciler {
     /// Private folders (store copies, unpacked bundles) that garbage collection may remove.
     private_roots: Vec<PathBuf>,
     settle: Duration,
+    drain_grace: Duration,
     state: tokio::sync::Mutex<State>,
 }
 
@@ -71,6 +72,7 @@ impl Reconciler {
         dir: PathBuf,
         private_roots: Vec<PathBuf>,
         settle: Duration,
+        drain_grace: Duration,
     ) -> Self {
         Self {
             loader,
@@ -78,6 +80,7 @@ impl Reconciler {
             dir,
             private_roots,
             settle,
+            drain_grace,
             state: tokio::sync::Mutex::new(State::default()),
         }
     }
@@ -189,7 +192,7 @@ impl Reconciler {
                             new.file_name()
                         );
                     }
-                    retire(&mut state.retired, old);
+                    retire(&mut state.retired, old, self.drain_grace);
                     Slot {
                         current: new,
                         retained: None,
@@ -213,7 +216,7 @@ impl Reconciler {
                 c.version.as_deref().unwrap_or("?"),
                 slot.current.file_name()
             );
-            retire(&mut state.retired, slot);
+            retire(&mut state.retired, slot, self.drain_grace);
         }
         state.slots = next;
 
@@ -273,8 +276,18 @@ impl Reconciler {
     }
 }
 
-fn retire(retired: &mut Vec<(Weak<Connector>, PathBuf)>, slot: Slot) {
+fn retire(retired: &mut Vec<(Weak<Connector>, PathBuf)>, slot: Slot, drain_grace: Duration) {
     for c in std::iter::once(slot.current).chain(slot.retained) {
+        if let Some(runnable) = &c.runnable {
+            // Calls still running on this version get the drain grace, then are cancelled.
+            let drain = runnable.drain.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(drain_grace) => drain.cancel(),
+                    () = drain.cancelled() => {}
+                }
+            });
+        }
         if let Some(dir) = c.private_dir.clone() {
             retired.push((Arc::downgrade(&c), dir));
         }
@@ -313,7 +326,9 @@ pub async fn watch_loop(
     } else {
         None
     };
-    let mut due: Option<Instant> = None;
+    // Changes made between the first reconcile (at start) and arming the watcher raised no
+    // event: reconcile once more now that it is armed.
+    let mut due: Option<Instant> = Some(Instant::now());
     let mut periodic = tokio::time::interval(settings.rescan_interval);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     periodic.reset();
