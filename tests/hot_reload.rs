@@ -418,3 +418,52 @@ async fn calls_on_a_replaced_version_are_cancelled_after_the_drain_grace() {
     let agent = Arc::try_unwrap(agent).unwrap();
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_is_published_with_a_growing_revision() {
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
+    let mut events = agent.registry.subscribe();
+    let start = events.borrow_and_update().revision;
+
+    versioned_connector(&dirs.plugins(), "one", "one", "1.0.0");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        tokio::time::timeout_at(deadline, events.changed())
+            .await
+            .expect("an inventory event")
+            .unwrap();
+        let inventory = events.borrow_and_update().clone();
+        seen.push(inventory.revision);
+        if inventory
+            .connectors
+            .iter()
+            .any(|c| c.app_id.as_deref() == Some("one"))
+        {
+            break;
+        }
+    }
+    std::fs::remove_file(dirs.plugins().join("one")).unwrap();
+    loop {
+        tokio::time::timeout_at(deadline + WAIT, events.changed())
+            .await
+            .expect("an inventory event")
+            .unwrap();
+        let inventory = events.borrow_and_update().clone();
+        seen.push(inventory.revision);
+        if inventory.connectors.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]) && seen[0] > start,
+        "revisions only grow: {start} then {seen:?}"
+    );
+    assert_eq!(
+        agent.revision().await,
+        *seen.last().unwrap(),
+        "the API shows the latest revision"
+    );
+    agent.shutdown().await;
+}

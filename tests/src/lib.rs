@@ -196,6 +196,8 @@ pub struct TestAgent {
     pub token: String,
     /// Send Reload / Shutdown / Quit.
     pub control: mpsc::Sender<Control>,
+    /// The agent's connector registry (inventory snapshots and events).
+    pub registry: std::sync::Arc<lumos_agent::plugins::PluginRegistry>,
     /// Resolves when the agent stops.
     pub stopped: tokio::task::JoinHandle<Result<Stopped, lumos_agent::app::TaskFailed>>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -227,6 +229,7 @@ impl TestAgent {
             .unwrap()
             .trim()
             .to_string();
+        let registry = agent.registry.clone();
         let (control, rx) = mpsc::channel(4);
         let stopped = tokio::spawn(agent.run(rx));
         let client = Client::builder(TokioExecutor::new()).build_http();
@@ -234,6 +237,7 @@ impl TestAgent {
             base,
             token,
             control,
+            registry,
             stopped,
             client,
         }
