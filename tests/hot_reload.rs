@@ -467,3 +467,55 @@ async fn every_change_is_published_with_a_growing_revision() {
     );
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_copies_of_removed_versions_are_cleaned_up() {
+    let dirs = TestDirs::new();
+    // A minimal bundle: the example connector as `main`, with its metadata.
+    let bundle = dirs.root.path().join("example_on_prem-0.1.0.tar.gz");
+    {
+        let file = std::fs::File::create(&bundle).unwrap();
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::fast(),
+        ));
+        let main = std::fs::read(example_connector()).unwrap();
+        let meta = b"[connector]\napp_id = \"example_on_prem\"\nversion = \"0.1.0\"\n";
+        for (name, data, mode) in [
+            ("main", &main[..], 0o755),
+            ("metadata.toml", &meta[..], 0o644),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(mode);
+            tar.append_data(&mut header, name, data).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+    install_plugin(&dirs.plugins(), &bundle, "example_on_prem-0.1.0.tar.gz");
+    install_plugin(&dirs.plugins(), &test_connector(), "exe");
+    let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
+    let bundle_sha = agent.entries_for_file("example_on_prem-0.1.0.tar.gz").await[0]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let exe_sha = agent.entries_for_file("exe").await[0]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let unpacked = dirs.state().join("bundles").join(&bundle_sha[..32]);
+    let stored = dirs.state().join("store").join(&exe_sha);
+    assert!(unpacked.join("main").is_file() && stored.join("exe").is_file());
+
+    std::fs::remove_file(dirs.plugins().join("example_on_prem-0.1.0.tar.gz")).unwrap();
+    std::fs::remove_file(dirs.plugins().join("exe")).unwrap();
+    let (u, s) = (unpacked.clone(), stored.clone());
+    eventually(
+        WAIT,
+        "the unpacked bundle and the stored copy to be removed",
+        move || !u.exists() && !s.exists(),
+    )
+    .await;
+    assert!(agent.connectors().await.is_empty());
+    agent.shutdown().await;
+}
