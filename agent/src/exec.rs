@@ -325,6 +325,22 @@ async fn read_tail(mut reader: impl AsyncRead + Unpin, keep: usize) -> String {
     String::from_utf8_lossy(&tail).into_owned()
 }
 
+/// Whether a process is running. A zombie counts as dead: it runs nothing and holds nothing
+/// but its exit status.
+pub fn is_process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the command name, which is in parentheses and may contain
+        // spaces: take what follows the last ") ".
+        Ok(stat) => !matches!(
+            stat.rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
+}
+
 /// Describes how a process ended, for messages.
 pub fn describe_status(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -466,17 +482,6 @@ mod tests {
         assert!(matches!(err, ExecError::Timeout(_)), "{err}");
     }
 
-    fn alive(pid: &str) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| {
-                !matches!(
-                    stat.rsplit(") ").next().and_then(|r| r.chars().next()),
-                    Some('Z' | 'X')
-                )
-            })
-            .unwrap_or(false)
-    }
-
     /// The SIGTERM→SIGKILL escalation after a deadline runs on a background task; if the agent
     /// quits during the grace and that task is dropped, the group must still die.
     #[test]
@@ -499,10 +504,10 @@ mod tests {
         let pids: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(pids.len(), 2);
         // Both ignore SIGTERM and the grace is ten minutes: only the guard can kill them now.
-        assert!(pids.iter().all(|p| alive(p)));
+        assert!(pids.iter().all(|p| is_process_alive(p.parse().unwrap())));
         drop(runtime);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while pids.iter().any(|p| alive(p)) {
+        while pids.iter().any(|p| is_process_alive(p.parse().unwrap())) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "a process of the group survived: {pids:?}"

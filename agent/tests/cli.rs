@@ -254,17 +254,6 @@ impl OutputWithStdin for Command {
     }
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            !matches!(
-                stat.rsplit(") ").next().and_then(|r| r.chars().next()),
-                Some('Z' | 'X')
-            )
-        })
-        .unwrap_or(false)
-}
-
 /// The plugin workers whose parent is `parent`.
 fn workers_of(parent: u32) -> Vec<i32> {
     let mut found = Vec::new();
@@ -329,7 +318,7 @@ fn killing_the_agent_leaves_no_worker_behind() {
     child.wait().unwrap();
     for pid in workers {
         wait_for(&format!("worker {pid} to die with its agent"), || {
-            !alive(pid)
+            !lumos_agent::exec::is_process_alive(pid)
         });
     }
 }

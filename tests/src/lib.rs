@@ -141,18 +141,9 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))[..16].to_string()
 }
 
-/// Whether a process is alive (zombies count as dead: they hold no resources and run nothing).
+/// Whether a process is alive (zombies count as dead).
 pub fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit(") ")
-                .next()
-                .and_then(|rest| rest.chars().next());
-            !matches!(state, Some('Z' | 'X'))
-        }
-        Err(_) => false,
-    }
+    lumos_agent::exec::is_process_alive(pid)
 }
 
 /// The agent's folders, created before it starts so a test can fill the plugins folder.
