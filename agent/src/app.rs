@@ -242,10 +242,20 @@ impl RunningAgent {
     /// Runs until [`Control::Shutdown`] or [`Control::Quit`] (or a supervised task fails), then
     /// drains within `config.calls.drain_grace`. A second stop request during the drain quits.
     pub async fn run(self, mut control: mpsc::Receiver<Control>) -> Result<Stopped, TaskFailed> {
+        let notifier_stop = self.draining.child_token();
+        tokio::spawn(crate::service::run_notifier(
+            self.registry.clone(),
+            self.api_addr,
+            notifier_stop,
+        ));
         loop {
             tokio::select! {
                 message = control.recv() => match message {
-                    Some(Control::Reload) => { self.rescan().await; }
+                    Some(Control::Reload) => {
+                        crate::service::reloading();
+                        self.rescan().await;
+                        crate::service::reloaded();
+                    }
                     Some(Control::Shutdown) | None => break,
                     Some(Control::Quit) => { self.quit().await; return Ok(Stopped::Quit); }
                 },
@@ -261,6 +271,7 @@ impl RunningAgent {
             ?grace,
             "draining: no new calls; waiting for in-flight calls"
         );
+        crate::service::stopping(grace);
         self.draining.cancel();
         self.tracker.close();
         let stopped = tokio::select! {

@@ -16,6 +16,7 @@ pub mod exec;
 pub mod exit;
 pub mod native;
 pub mod plugins;
+pub mod service;
 pub mod state;
 pub mod telemetry;
 pub mod tenants;
