@@ -443,3 +443,25 @@ async fn shutdown_drains_in_flight_calls() {
         lumos_agent::app::Stopped::Drained
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_printing_its_secrets_on_stderr_does_not_leak_them_into_the_log() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "careless");
+    let agent = TestAgent::start(&dirs, CONFIG).await;
+    let canary = format!("CANARY-STDERR-{}", std::process::id());
+    agent.put_tenant("t", json!({"app_id": "careless", "credentials": [{"id": "oauth", "oauth": {"access_token": canary, "refresh_token": format!("{canary}-rt")}}]})).await;
+    let (status, body) = agent
+        .call("careless", "leak", json!({"tenant_id": "t"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(!body.to_string().contains(&canary));
+    let logs = captured_logs();
+    assert!(
+        logs.contains("debug dump of my input") && logs.contains("[redacted]"),
+        "the stderr tail is logged, redacted"
+    );
+    assert!(!logs.contains(&canary), "a secret reached the log");
+    agent.shutdown().await;
+}

@@ -242,7 +242,7 @@ impl Dispatcher {
         let output = exec::run(program, &args, env, &limits, cancel).await;
         drop(input);
         let output = output.map_err(|e| exec_error(app_id, e))?;
-        classify_output(app_id, output)
+        classify_output(app_id, output, envelope)
     }
 
     /// `{"request", "settings", "auth" | "credentials", "page", "include_raw_data"}`, spliced
@@ -336,10 +336,16 @@ fn exec_error(app_id: &str, e: ExecError) -> CallError {
 /// its own errors, and a non-zero exit with a valid document still carries the connector's
 /// words). Log lines before the document are tolerated; anything else is `bad_output`, or
 /// `connector_crashed` when the process died.
-fn classify_output(app_id: &str, output: exec::ProcessOutput) -> Result<Bytes, CallError> {
+fn classify_output(
+    app_id: &str,
+    output: exec::ProcessOutput,
+    envelope: &[u8],
+) -> Result<Bytes, CallError> {
     let status = exec::describe_status(&output.status);
     if !output.status.success() {
-        let tail = output.stderr_tail.trim();
+        // A connector may print its input on stderr; its secrets must not reach the log.
+        let tail = redact_secrets(output.stderr_tail.trim(), envelope);
+        let tail = tail.as_str();
         tracing::warn!(
             app_id,
             "connector {status}; stderr tail: {}",
@@ -349,7 +355,7 @@ fn classify_output(app_id: &str, output: exec::ProcessOutput) -> Result<Bytes, C
         tracing::debug!(
             app_id,
             "connector stderr tail: {}",
-            output.stderr_tail.trim()
+            redact_secrets(output.stderr_tail.trim(), envelope)
         );
     }
     let stdout = Bytes::from(output.stdout);
@@ -386,6 +392,39 @@ fn classify_output(app_id: &str, output: exec::ProcessOutput) -> Result<Bytes, C
     ))
 }
 
+/// `text` with every secret of the call's envelope (each string in its `auth` and `credentials`)
+/// replaced by `[redacted]`.
+fn redact_secrets(text: &str, envelope: &[u8]) -> String {
+    fn collect(value: &Value, out: &mut Vec<Zeroizing<String>>) {
+        match value {
+            // Short strings ("oauth", "Bearer") are labels, not secrets, and would redact noise.
+            Value::String(s) if s.len() >= 6 => out.push(Zeroizing::new(s.clone())),
+            Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
+            Value::Object(map) => map.values().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    let mut secrets = Vec::new();
+    // The parsed copy cannot be zeroized (serde_json::Value); it lives only for this call, on
+    // the rare path where a connector wrote to stderr.
+    if let Ok(doc) = serde_json::from_slice::<Value>(envelope) {
+        for key in ["auth", "credentials"] {
+            if let Some(part) = doc.get(key) {
+                collect(part, &mut secrets);
+            }
+        }
+    }
+    // Longest first, so a secret that contains another is replaced whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_string();
+    for secret in &secrets {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), "[redacted]");
+        }
+    }
+    out
+}
+
 /// The last non-empty line, if it is a JSON object, as a slice of `stdout` (no copy).
 fn last_json_line(stdout: &Bytes) -> Option<Bytes> {
     let trimmed_end = stdout.iter().rposition(|b| !b.is_ascii_whitespace())? + 1;
@@ -413,32 +452,48 @@ mod tests {
         }
     }
 
+    fn classify(output: exec::ProcessOutput) -> Result<Bytes, CallError> {
+        classify_output("a", output, b"{}")
+    }
+
     #[test]
     fn output_classification() {
         assert_eq!(
-            &classify_output("a", out("{\"response\":1}\n", 0)).unwrap()[..],
+            &classify(out("{\"response\":1}\n", 0)).unwrap()[..],
             b"{\"response\":1}\n"
         );
         assert_eq!(
-            &classify_output("a", out("log line\n{\"response\":1}\n", 0)).unwrap()[..],
+            &classify(out("log line\n{\"response\":1}\n", 0)).unwrap()[..],
             b"{\"response\":1}"
         );
         assert_eq!(
-            classify_output("a", out("garbage", 0)).unwrap_err().code,
+            classify(out("garbage", 0)).unwrap_err().code,
             ErrorCode::BadOutput
         );
+        assert_eq!(classify(out("", 0)).unwrap_err().code, ErrorCode::BadOutput);
         assert_eq!(
-            classify_output("a", out("", 0)).unwrap_err().code,
-            ErrorCode::BadOutput
-        );
-        assert_eq!(
-            classify_output("a", out("Traceback", 1)).unwrap_err().code,
+            classify(out("Traceback", 1)).unwrap_err().code,
             ErrorCode::ConnectorCrashed
         );
         // A non-zero exit with a document: the connector's words win.
         assert_eq!(
-            &classify_output("a", out("{\"is_error\":true}", 2)).unwrap()[..],
+            &classify(out("{\"is_error\":true}", 2)).unwrap()[..],
             b"{\"is_error\":true}"
+        );
+    }
+
+    #[test]
+    fn secrets_of_the_envelope_are_redacted() {
+        let envelope = br#"{"request":{},"settings":{"region":"eu-west"},"auth":{"oauth":{"access_token":"CANARY-TOKEN-1","refresh_token":"CANARY-REFRESH-2"}},"credentials":[{"id":"x","basic":{"password":"hunter2-CANARY"}}]}"#;
+        let text = "got token CANARY-TOKEN-1 and CANARY-REFRESH-2 and hunter2-CANARY in eu-west";
+        let redacted = redact_secrets(text, envelope);
+        assert_eq!(
+            redacted,
+            "got token [redacted] and [redacted] and [redacted] in eu-west"
+        );
+        assert_eq!(
+            redact_secrets("no secrets here", b"not json"),
+            "no secrets here"
         );
     }
 

@@ -18,6 +18,8 @@
 //! - `grandchild`: starts `sleep 3600` holding stdout, records its pid in `request.pid_file`,
 //!   answers and exits.
 //! - `close_stdout`: closes stdout without printing and exits 0.
+//! - `leak`: prints its whole input (secrets included) on stderr and exits 1, as a careless
+//!   connector might.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -40,6 +42,7 @@ const CAPABILITIES: &[&str] = &[
     "nonzero_json",
     "grandchild",
     "close_stdout",
+    "leak",
 ];
 
 fn identity() -> (String, String) {
@@ -164,6 +167,10 @@ fn main() -> ExitCode {
                 .expect("spawn sleep");
             write_pid_file(&input, json!({"grandchild": child.id()}));
             print(&json!({"response": {"grandchild": child.id()}}));
+        }
+        "leak" => {
+            eprintln!("debug dump of my input: {input}");
+            return ExitCode::from(1);
         }
         "close_stdout" => {
             let _ = nix::unistd::close(1);
