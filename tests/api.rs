@@ -231,3 +231,111 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_as_calls_are_made() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &example_connector(), "example");
+    std::fs::write(dirs.plugins().join("junk"), b"not a connector").unwrap();
+    let agent = TestAgent::start(&dirs, "").await;
+    let scrape = |bytes: bytes::Bytes| {
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+    };
+    let value = |scrape: &prometheus_parse::Scrape,
+                 name: &str,
+                 labels: &[(&str, &str)]|
+     -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(ref buckets) => {
+                    buckets.last().map_or(0.0, |b| b.count)
+                }
+                _ => f64::NAN,
+            })
+    };
+
+    let (status, before) = agent
+        .request_with(Method::GET, "/metrics", None, None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "metrics need no token, like the health checks"
+    );
+    let before = scrape(before);
+    assert_eq!(
+        value(&before, "lumos_agent_connectors", &[("status", "ready")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&before, "lumos_agent_connectors", &[("status", "rejected")]),
+        Some(1.0)
+    );
+    let answered = [
+        ("app_id", "lumos_example"),
+        ("capability", "list_accounts"),
+        ("outcome", "answered"),
+    ];
+    assert_eq!(value(&before, "lumos_agent_calls_total", &answered), None);
+
+    for _ in 0..2 {
+        let (status, _) = agent
+            .call("lumos_example", "list_accounts", json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    agent
+        .call("lumos_example", "typed_by_a_caller", json!({}))
+        .await;
+    agent
+        .call("ghost_app_typed_by_a_caller", "whatever", json!({}))
+        .await;
+
+    let (_, after) = agent
+        .request_with(Method::GET, "/metrics", None, None)
+        .await;
+    let after = scrape(after);
+    assert_eq!(
+        value(&after, "lumos_agent_calls_total", &answered),
+        Some(2.0)
+    );
+    let unsupported = [
+        ("app_id", "lumos_example"),
+        ("capability", "(unknown)"),
+        ("outcome", "unsupported_capability"),
+    ];
+    assert_eq!(
+        value(&after, "lumos_agent_calls_total", &unsupported),
+        Some(1.0)
+    );
+    let unknown = [
+        ("app_id", "(unknown)"),
+        ("capability", "(unknown)"),
+        ("outcome", "unknown_connector"),
+    ];
+    assert_eq!(
+        value(&after, "lumos_agent_calls_total", &unknown),
+        Some(1.0)
+    );
+    assert_eq!(value(&after, "lumos_agent_calls_in_flight", &[]), Some(0.0));
+    let latency = [("app_id", "lumos_example"), ("capability", "list_accounts")];
+    assert_eq!(
+        value(&after, "lumos_agent_call_duration_seconds", &latency),
+        Some(2.0),
+        "two observations"
+    );
+    // Nothing a caller typed became a label.
+    for sample in &after.samples {
+        for (_, v) in sample.labels.iter() {
+            assert!(!v.contains("typed_by_a_caller"), "{sample:?}");
+        }
+    }
+    agent.shutdown().await;
+}

@@ -249,6 +249,28 @@ async fn misbehaving_native_connectors_get_typed_errors_and_their_workers_restar
     echo_works("misbehave_c").await;
 
     bystander.await.unwrap();
+    // Every restart is counted. Workers restart on the next call: the two panics and the first
+    // abort were each followed by one (misbehave: 3), the final abort was not; the segfault was
+    // (misbehave_c: 1).
+    let (_, metrics) = agent
+        .request_with(hyper::Method::GET, "/metrics", None, None)
+        .await;
+    let metrics = String::from_utf8(metrics.to_vec()).unwrap();
+    let restarts = |app: &str| -> u64 {
+        let prefix = format!("lumos_agent_worker_restarts_total{{app_id=\"{app}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        restarts("misbehave"),
+        3,
+        "misbehave restarts: {}\n{metrics}",
+        restarts("misbehave")
+    );
+    assert_eq!(restarts("misbehave_c"), 1, "misbehave_c restarts");
     let agent = std::sync::Arc::try_unwrap(agent).unwrap();
     agent.shutdown().await;
 }

@@ -38,6 +38,8 @@ pub const REVISION_HEADER: &str = "x-lumos-inventory-revision";
 pub struct ApiState {
     /// Runs calls.
     pub dispatcher: Arc<Dispatcher>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The connectors.
     pub registry: Arc<PluginRegistry>,
     /// The agent-held tenants.
@@ -99,6 +101,19 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let response = match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
+        // Open like the health checks (the API listens on loopback): metrics hold connector ids
+        // and counts, never tenants or secrets.
+        (&Method::GET, ["metrics"]) => {
+            let body = state.metrics.render(&state.registry.snapshot());
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
         (&Method::GET, ["readyz"]) => {
             let inventory = state.registry.snapshot();
             if state.draining.is_cancelled() {

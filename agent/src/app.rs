@@ -16,6 +16,7 @@ use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::exec::ScratchDir;
+use crate::metrics::Metrics;
 use crate::plugins::reload::{watch_loop, Reconciler, WatchSettings};
 use crate::plugins::{PluginLoader, PluginRegistry};
 use crate::state::{ensure_admin_token, StatePaths};
@@ -113,7 +114,13 @@ impl RunningAgent {
         }
         let registry = Arc::new(PluginRegistry::new());
         let abort = CancellationToken::new();
-        let loader = PluginLoader::new(config.clone(), state.clone(), abort.clone());
+        let metrics = Arc::new(Metrics::new());
+        let loader = PluginLoader::new(
+            config.clone(),
+            state.clone(),
+            abort.clone(),
+            metrics.clone(),
+        );
         let reconciler = Arc::new(Reconciler::new(
             loader,
             registry.clone(),
@@ -154,9 +161,11 @@ impl RunningAgent {
             tenants.clone(),
             scratch,
             config.clone(),
+            metrics.clone(),
         ));
         let api_state = Arc::new(ApiState {
             dispatcher,
+            metrics,
             registry: registry.clone(),
             tenants: tenants.clone(),
             token_digest: Sha256::digest(token.as_bytes()).into(),

@@ -73,6 +73,7 @@ pub struct CallAnswer {
 /// Runs capability calls.
 #[derive(Debug)]
 pub struct Dispatcher {
+    metrics: Arc<crate::metrics::Metrics>,
     registry: Arc<PluginRegistry>,
     tenants: Arc<TenantStore>,
     scratch: ScratchDir,
@@ -86,8 +87,10 @@ impl Dispatcher {
         tenants: Arc<TenantStore>,
         scratch: ScratchDir,
         config: Arc<Config>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
+            metrics,
             registry,
             tenants,
             scratch,
@@ -102,6 +105,7 @@ impl Dispatcher {
         cancel: &CancellationToken,
     ) -> Result<CallAnswer, CallError> {
         let started = Instant::now();
+        let _in_flight = self.metrics.in_flight();
         let tenant_id = req.body.tenant_id.clone().unwrap_or_default();
         let result = self
             .call_inner(
@@ -112,6 +116,19 @@ impl Dispatcher {
             )
             .await;
         let elapsed = started.elapsed();
+        // Only names the agent validated become labels; a caller's typos do not.
+        let (app_label, capability_label, outcome) = match &result {
+            Ok(_) => (req.app_id.as_str(), req.capability.as_str(), "answered"),
+            Err(e) => match e.code {
+                ErrorCode::UnknownConnector => ("(unknown)", "(unknown)", e.code.as_str()),
+                ErrorCode::UnsupportedCapability | ErrorCode::ConnectorRejected => {
+                    (req.app_id.as_str(), "(unknown)", e.code.as_str())
+                }
+                code => (req.app_id.as_str(), req.capability.as_str(), code.as_str()),
+            },
+        };
+        self.metrics
+            .record_call(app_label, capability_label, outcome, elapsed);
         match &result {
             Ok(answer) => tracing::info!(
                 app_id = %req.app_id, capability = %req.capability, tenant_id = %tenant_id,

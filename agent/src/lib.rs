@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod error;
 pub mod exec;
 pub mod exit;
+pub mod metrics;
 pub mod native;
 pub mod plugins;
 pub mod service;

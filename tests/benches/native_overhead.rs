@@ -91,8 +91,9 @@ fn main() {
         let settings = WorkerSettings {
             program: PathBuf::from(WORKER),
             env: ProcessEnv::for_connector(scratch.path().to_path_buf(), scratch.path(), "INFO", &[]),
-            max_output_bytes: 1 << 20,
+                        max_output_bytes: 1 << 20,
             start_timeout: Duration::from_secs(10),
+            metrics: Arc::new(lumos_agent::metrics::Metrics::new()),
         };
         let (worker, _) = WorkerConnector::start(&library, settings).await.unwrap();
         let (inproc, worker) = (Arc::new(inproc), Arc::new(worker));

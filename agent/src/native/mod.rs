@@ -63,6 +63,8 @@ pub struct WorkerSettings {
     pub max_output_bytes: u64,
     /// How long a worker may take to load the library and say HELLO.
     pub start_timeout: Duration,
+    /// Where restarts are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 enum Reply {
@@ -549,6 +551,7 @@ impl WorkerConnector {
             })?;
         if had_one {
             self.restarts.fetch_add(1, Ordering::Relaxed);
+            self.settings.metrics.worker_restarted(&self.app_id);
             tracing::info!(app_id = %self.app_id, "native connector worker restarted");
         }
         *current = Some(worker.clone());

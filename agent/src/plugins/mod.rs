@@ -381,15 +381,23 @@ pub struct PluginLoader {
     state: StatePaths,
     /// The agent's quit token; every version's drain token is its child.
     abort: CancellationToken,
+    /// Where worker restarts are counted.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl PluginLoader {
     /// A loader for `config`'s plugins and state folders.
-    pub fn new(config: Arc<Config>, state: StatePaths, abort: CancellationToken) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        state: StatePaths,
+        abort: CancellationToken,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             config,
             state,
             abort,
+            metrics,
         }
     }
 
@@ -667,6 +675,7 @@ impl PluginLoader {
             ),
             max_output_bytes: self.config.calls.max_output_bytes,
             start_timeout: self.config.plugins.info_timeout,
+            metrics: self.metrics.clone(),
         };
         let (worker, description) = WorkerConnector::start(path, settings).await?;
         if !self.config.in_process(&description.id) {

@@ -1,0 +1,191 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text). Labels are connector ids, capability
+//! names, outcomes and statuses: never tenants, never anything a caller sent.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::plugins::{ConnectorStatus, Inventory};
+
+/// A call's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// The connector.
+    pub app_id: String,
+    /// The capability.
+    pub capability: String,
+    /// `answered` (the connector's document, which may be its own error) or the agent error
+    /// code (`timeout`, `busy`, ...).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    app_id: String,
+    capability: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabels {
+    app_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+/// The agent's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram>,
+    in_flight: Gauge,
+    worker_restarts: Family<AppLabels, Counter>,
+    connectors: Family<StatusLabels, Gauge>,
+    revision: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lumos_agent");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "calls",
+            "Capability calls by connector, capability and outcome",
+            calls.clone(),
+        );
+        // 1 ms .. ~65 s: native calls take microseconds, Python connectors seconds.
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 17))
+        });
+        registry.register(
+            "call_duration_seconds",
+            "Capability call latency",
+            latency.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register("calls_in_flight", "Calls running now", in_flight.clone());
+        let worker_restarts = Family::<AppLabels, Counter>::default();
+        registry.register(
+            "worker_restarts",
+            "Native connector worker processes restarted after dying",
+            worker_restarts.clone(),
+        );
+        let connectors = Family::<StatusLabels, Gauge>::default();
+        registry.register("connectors", "Plugin files by status", connectors.clone());
+        let revision = Gauge::default();
+        registry.register(
+            "inventory_revision",
+            "Revision of the connector inventory",
+            revision.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            latency,
+            in_flight,
+            worker_restarts,
+            connectors,
+            revision,
+        }
+    }
+
+    /// Counts a call as running until the guard drops.
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.in_flight.inc();
+        InFlight {
+            metrics: self.clone(),
+        }
+    }
+
+    /// Records a finished call. Callers pass only validated names (a loaded app_id, one of its
+    /// capabilities), or `(unknown)`: labels must not be whatever a caller typed.
+    pub fn record_call(
+        &self,
+        app_id: &str,
+        capability: &str,
+        outcome: &str,
+        duration: std::time::Duration,
+    ) {
+        self.calls
+            .get_or_create(&CallLabels {
+                app_id: app_id.to_string(),
+                capability: capability.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&LatencyLabels {
+                app_id: app_id.to_string(),
+                capability: capability.to_string(),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// A native connector's worker was restarted.
+    pub fn worker_restarted(&self, app_id: &str) {
+        self.worker_restarts
+            .get_or_create(&AppLabels {
+                app_id: app_id.to_string(),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text, with inventory gauges taken from `inventory` now.
+    pub fn render(&self, inventory: &Inventory) -> String {
+        for status in [
+            ConnectorStatus::Ready,
+            ConnectorStatus::Superseded,
+            ConnectorStatus::Rejected,
+        ] {
+            let count = inventory
+                .connectors
+                .iter()
+                .filter(|c| inventory.status_of(c) == status)
+                .count();
+            let name = match status {
+                ConnectorStatus::Ready => "ready",
+                ConnectorStatus::Superseded => "superseded",
+                ConnectorStatus::Rejected => "rejected",
+            };
+            self.connectors
+                .get_or_create(&StatusLabels {
+                    status: name.to_string(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        self.revision
+            .set(i64::try_from(inventory.revision).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Counts one running call.
+#[derive(Debug)]
+pub struct InFlight {
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+    }
+}
