@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState};
-use crate::config::Config;
+use crate::config::{Config, ConfigSource, SharedConfig};
 use crate::dispatch::Dispatcher;
 use crate::exec::ScratchDir;
 use crate::metrics::Metrics;
@@ -75,7 +75,6 @@ pub enum StartError {
 pub struct TaskFailed(pub &'static str);
 
 /// A started agent.
-#[derive(Debug)]
 pub struct RunningAgent {
     /// Where the local API listens (useful with port 0).
     pub api_addr: SocketAddr,
@@ -85,7 +84,8 @@ pub struct RunningAgent {
     pub tenants: Arc<TenantStore>,
     /// The file holding the admin bearer token.
     pub admin_token_path: PathBuf,
-    config: Arc<Config>,
+    config: Arc<SharedConfig>,
+    config_source: Option<ConfigSource>,
     reconciler: Arc<Reconciler>,
     draining: CancellationToken,
     abort: CancellationToken,
@@ -94,11 +94,21 @@ pub struct RunningAgent {
     tracker: TaskTracker,
 }
 
+impl std::fmt::Debug for RunningAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningAgent")
+            .field("api_addr", &self.api_addr)
+            .field("config", &self.config.get())
+            .finish_non_exhaustive()
+    }
+}
+
 impl RunningAgent {
     /// Prepares the state folder, loads every plugin, opens the tenant store and starts the
     /// API. Bad plugins never stop this; only an unusable state folder or address does.
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        let config = Arc::new(config);
+        let shared = SharedConfig::new(config);
+        let config = shared.get();
         let state = StatePaths::new(config.state_dir.clone());
         let state_err = |source| StartError::State {
             path: config.state_dir.clone(),
@@ -116,7 +126,7 @@ impl RunningAgent {
         let abort = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let loader = PluginLoader::new(
-            config.clone(),
+            shared.clone(),
             state.clone(),
             abort.clone(),
             metrics.clone(),
@@ -124,10 +134,8 @@ impl RunningAgent {
         let reconciler = Arc::new(Reconciler::new(
             loader,
             registry.clone(),
-            config.plugins_dir.clone(),
+            shared.clone(),
             vec![state.store(), state.bundles()],
-            config.plugins.debounce,
-            config.calls.drain_grace,
         ));
         tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
         // At start every file is loaded, however recently it was written.
@@ -160,7 +168,7 @@ impl RunningAgent {
             registry.clone(),
             tenants.clone(),
             scratch,
-            config.clone(),
+            shared.clone(),
             metrics.clone(),
         ));
         let api_state = Arc::new(ApiState {
@@ -177,7 +185,8 @@ impl RunningAgent {
             registry,
             tenants,
             admin_token_path: state.admin_token(),
-            config,
+            config: shared,
+            config_source: None,
             reconciler: reconciler.clone(),
             draining: draining.clone(),
             abort,
@@ -190,9 +199,9 @@ impl RunningAgent {
             api::serve(listener, api_state, draining.clone(), tracker.clone()),
         );
         let watch = WatchSettings {
-            watch: agent.config.plugins.watch,
-            debounce: agent.config.plugins.debounce,
-            rescan_interval: agent.config.plugins.rescan_interval,
+            watch: config.plugins.watch,
+            debounce: config.plugins.debounce,
+            rescan_interval: config.plugins.rescan_interval,
         };
         agent.supervise(
             "plugins-watch",
@@ -244,8 +253,101 @@ impl RunningAgent {
     }
 
     /// The configuration in force.
-    pub fn config(&self) -> &Config {
-        &self.config
+    pub fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    /// Where SIGHUP re-reads the configuration from (the same file, environment and flags as
+    /// at start). Without one, SIGHUP only rescans the plugins folder.
+    pub fn set_config_source(&mut self, source: ConfigSource) {
+        self.config_source = Some(source);
+    }
+
+    /// SIGHUP: re-reads the configuration and applies what can change live; a configuration
+    /// with errors is reported and the running one kept. Then rescans the plugins folder.
+    pub async fn reload(&self) {
+        if let Some(source) = &self.config_source {
+            match source() {
+                Err(e) => {
+                    tracing::error!("configuration reload failed; still running the previous configuration. {e}");
+                    crate::service::status("configuration reload failed: see the log; running the previous configuration");
+                }
+                Ok(new) => self.apply(new),
+            }
+        }
+        self.rescan().await;
+    }
+
+    fn apply(&self, new: Config) {
+        let old = self.config.get();
+        if *old == new {
+            tracing::info!("configuration reloaded: nothing changed");
+            return;
+        }
+        let mut applied = Vec::new();
+        let mut needs_restart = Vec::new();
+        if new.log.level != old.log.level {
+            match crate::telemetry::set_filter(&new.log.level) {
+                Ok(()) => {
+                    // Visible only if the new filter lets debug through: proof it took effect.
+                    tracing::debug!(filter = %new.log.level, "log filter changed");
+                    applied.push("log.level");
+                }
+                Err(e) => tracing::warn!("cannot change the log level live: {e}"),
+            }
+        }
+        if new.plugins_dir != old.plugins_dir {
+            if let Err(e) = std::fs::create_dir_all(&new.plugins_dir) {
+                tracing::warn!(dir = %new.plugins_dir.display(), error = %e, "cannot create the new plugins folder");
+            }
+            applied.push("plugins_dir");
+        }
+        // Limits fixed when a connector is loaded: reload every connector under the new ones.
+        if new.calls != old.calls
+            || new.connectors != old.connectors
+            || new.plugins.info_timeout != old.plugins.info_timeout
+            || new.plugins.max_bundle_bytes != old.plugins.max_bundle_bytes
+            || new.plugins.max_bundle_entries != old.plugins.max_bundle_entries
+            || new.plugins.worker_program != old.plugins.worker_program
+            || new.plugins.debounce != old.plugins.debounce
+        {
+            self.reconciler.reload_all_next();
+            applied.push("calls, connectors and plugin limits (connectors reloaded)");
+        }
+        for (changed, key) in [
+            (new.state_dir != old.state_dir, "state_dir"),
+            (new.api.listen != old.api.listen, "api.listen"),
+            (new.log.format != old.log.format, "log.format"),
+            (new.plugins.watch != old.plugins.watch, "plugins.watch"),
+            (
+                new.plugins.rescan_interval != old.plugins.rescan_interval,
+                "plugins.rescan_interval_secs",
+            ),
+        ] {
+            if changed {
+                needs_restart.push(key);
+            }
+        }
+        let mut kept = (*old).clone();
+        // Settings that need a restart keep their running values, so what is in force stays
+        // what is running.
+        kept.log.level = new.log.level;
+        kept.plugins_dir = new.plugins_dir;
+        kept.calls = new.calls;
+        kept.connectors = new.connectors;
+        kept.plugins = crate::config::PluginsConfig {
+            watch: old.plugins.watch,
+            rescan_interval: old.plugins.rescan_interval,
+            ..new.plugins
+        };
+        self.config.replace(kept);
+        tracing::info!(applied = ?applied, "configuration reloaded");
+        if !needs_restart.is_empty() {
+            tracing::warn!(
+                "configuration reloaded, but these changes need a restart to take effect: {}",
+                needs_restart.join(", ")
+            );
+        }
     }
 
     /// Runs until [`Control::Shutdown`] or [`Control::Quit`] (or a supervised task fails), then
@@ -262,7 +364,7 @@ impl RunningAgent {
                 message = control.recv() => match message {
                     Some(Control::Reload) => {
                         crate::service::reloading();
-                        self.rescan().await;
+                        self.reload().await;
                         crate::service::reloaded();
                     }
                     Some(Control::Shutdown) | None => break,
@@ -275,7 +377,7 @@ impl RunningAgent {
                 }
             }
         }
-        let grace = self.config.calls.drain_grace;
+        let grace = self.config.get().calls.drain_grace;
         tracing::info!(
             ?grace,
             "draining: no new calls; waiting for in-flight calls"

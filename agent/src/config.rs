@@ -56,7 +56,7 @@ pub enum LogFormat {
 }
 
 /// The validated agent configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where it came from.
     pub origin: ConfigOrigin,
@@ -77,14 +77,14 @@ pub struct Config {
 }
 
 /// The local API.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ApiConfig {
     /// Address to listen on; loopback by default.
     pub listen: SocketAddr,
 }
 
 /// Capability call limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CallsConfig {
     /// Deadline of a call when the caller gives none (and the maximum a caller may ask for).
     pub timeout: Duration,
@@ -105,7 +105,7 @@ pub struct CallsConfig {
 }
 
 /// Plugin loading limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PluginsConfig {
     /// Deadline of a connector's `info` at load time.
     pub info_timeout: Duration,
@@ -126,7 +126,7 @@ pub struct PluginsConfig {
 }
 
 /// Logging.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     /// A tracing filter: `info`, or `info,lumos_agent::plugins=debug`.
     pub level: String,
@@ -135,7 +135,7 @@ pub struct LogConfig {
 }
 
 /// Settings for one connector, overriding `[calls]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConnectorOverride {
     /// Overrides `calls.max_concurrency`.
     pub max_concurrency: Option<usize>,
@@ -168,6 +168,34 @@ impl Config {
             .unwrap_or(self.calls.timeout)
     }
 }
+
+/// The configuration in force, replaced whole by a reload (SIGHUP). Readers take a snapshot
+/// (`get`) per operation, so one call or one load sees one consistent configuration.
+#[derive(Debug)]
+pub struct SharedConfig(std::sync::RwLock<std::sync::Arc<Config>>);
+
+impl SharedConfig {
+    /// Shares `config`.
+    pub fn new(config: Config) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self(std::sync::RwLock::new(std::sync::Arc::new(config))))
+    }
+
+    /// The configuration in force now.
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        self.0.read().expect("config lock poisoned").clone()
+    }
+
+    /// Puts `config` in force; returns the previous one.
+    pub fn replace(&self, config: Config) -> std::sync::Arc<Config> {
+        std::mem::replace(
+            &mut *self.0.write().expect("config lock poisoned"),
+            std::sync::Arc::new(config),
+        )
+    }
+}
+
+/// Loads the configuration again (for SIGHUP), from the same file, environment and flags.
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
 /// Command-line values that override the file and the environment.
 #[derive(Debug, Clone, Default)]

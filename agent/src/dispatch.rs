@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-use crate::config::Config;
+use crate::config::SharedConfig;
 use crate::error::{CallError, ErrorCode};
 use crate::exec::{self, ExecError, ExecLimits, ScratchDir};
 use crate::plugins::{info::is_capability_name, PluginRegistry, Runner};
@@ -77,7 +77,7 @@ pub struct Dispatcher {
     registry: Arc<PluginRegistry>,
     tenants: Arc<TenantStore>,
     scratch: ScratchDir,
-    config: Arc<Config>,
+    config: Arc<SharedConfig>,
 }
 
 impl Dispatcher {
@@ -86,7 +86,7 @@ impl Dispatcher {
         registry: Arc<PluginRegistry>,
         tenants: Arc<TenantStore>,
         scratch: ScratchDir,
-        config: Arc<Config>,
+        config: Arc<SharedConfig>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
@@ -172,7 +172,7 @@ impl Dispatcher {
                 ErrorCode::Busy,
                 format!(
                     "{app_id} is running its maximum of {} calls; retry shortly",
-                    self.config.max_concurrency_for(app_id)
+                    self.config.get().max_concurrency_for(app_id)
                 ),
             );
             err.retry_after_seconds = Some(1);
@@ -245,11 +245,12 @@ impl Dispatcher {
                 format!("cannot write the call input file: {e}"),
             )
         })?;
+        let config = self.config.get();
         let limits = ExecLimits {
             timeout,
-            kill_grace: self.config.calls.kill_grace,
-            max_output_bytes: self.config.calls.max_output_bytes,
-            stderr_keep: self.config.calls.stderr_log_bytes,
+            kill_grace: config.calls.kill_grace,
+            max_output_bytes: config.calls.max_output_bytes,
+            stderr_keep: config.calls.stderr_log_bytes,
         };
         let args = [
             OsString::from(capability),

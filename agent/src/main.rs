@@ -45,13 +45,16 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
-        let agent = match RunningAgent::start(config).await {
+        let mut agent = match RunningAgent::start(config).await {
             Ok(agent) => agent,
             Err(e) => {
                 tracing::error!("cannot start: {e}");
                 return exit::STARTUP;
             }
         };
+        // SIGHUP re-reads the same file, environment and flags.
+        let overrides = cli.overrides();
+        agent.set_config_source(Box::new(move || lumos_agent::config::load(&overrides)));
         let (control_tx, control_rx) = mpsc::channel(8);
         if let Err(e) = forward_signals(control_tx) {
             tracing::error!("cannot install signal handlers: {e}");

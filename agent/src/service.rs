@@ -76,6 +76,11 @@ pub fn reloading() {
     }
 }
 
+/// A status line outside the inventory's (e.g. a failed reload).
+pub fn status(line: &str) {
+    send(&[NotifyState::Status(line)]);
+}
+
 /// The reload is done.
 pub fn reloaded() {
     send(&[NotifyState::Ready]);

@@ -77,3 +77,74 @@ fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
     );
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn sighup_with_a_bad_config_keeps_running_and_with_a_good_one_applies_the_log_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    let write = |extra: &str| {
+        let text = format!(
+            "plugins_dir = {:?}\nstate_dir = {:?}\n{extra}",
+            dir.path().join("plugins"),
+            dir.path().join("state")
+        );
+        std::fs::write(dir.path().join(".tmp"), text).unwrap();
+        std::fs::rename(dir.path().join(".tmp"), &config).unwrap();
+    };
+    write("[log]\nlevel = \"info\"\n");
+    let log_path = dir.path().join("agent.log");
+    let mut child = Command::new(AGENT)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "run",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let wait_for = |what: &str, needle: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("the agent to start", "local API listening");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let hup = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+
+    write("[log]\nlevel = 5\n");
+    hup();
+    wait_for(
+        "the bad config to be reported",
+        "configuration reload failed",
+    );
+    assert!(
+        log().contains("`log.level`"),
+        "the error names the key:\n{}",
+        log()
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent keeps running"
+    );
+    assert!(!log().contains("DEBUG"), "still at info");
+
+    write("[log]\nlevel = \"debug\"\n");
+    hup();
+    wait_for("the new level to apply", "configuration reloaded");
+    wait_for("debug lines after the change", "log filter changed");
+    assert!(log().contains("DEBUG"));
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -197,13 +197,12 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts the agent on `dirs` with extra TOML config (e.g. `[calls]\ntimeout_secs = 2`).
     pub async fn start(dirs: &TestDirs, extra_toml: &str) -> Self {
-        let config_file = dirs.root.path().join("agent.toml");
-        std::fs::write(&config_file, extra_toml).unwrap();
+        Self::write_config(dirs, &dirs.plugins(), extra_toml);
         let overrides = Overrides {
-            config_file: Some(config_file),
+            config_file: Some(dirs.root.path().join("agent.toml")),
             dev: false,
-            plugins_dir: Some(dirs.plugins()),
-            state_dir: Some(dirs.state()),
+            plugins_dir: None,
+            state_dir: None,
             listen: Some("127.0.0.1:0".into()),
         };
         // Native connectors run in workers: the agent re-executes itself, and in-process that
@@ -214,7 +213,9 @@ impl TestAgent {
             workspace_bin("lumos-plugin-host").display().to_string(),
         )];
         let config = config::load_with_env(&overrides, &env).unwrap();
-        let agent = RunningAgent::start(config).await.unwrap();
+        let mut agent = RunningAgent::start(config).await.unwrap();
+        // Control::Reload re-reads the same file, as SIGHUP does in the binary.
+        agent.set_config_source(Box::new(move || config::load_with_env(&overrides, &env)));
         let base = format!("http://{}", agent.api_addr);
         let token = std::fs::read_to_string(&agent.admin_token_path)
             .unwrap()
@@ -232,6 +233,19 @@ impl TestAgent {
             stopped,
             client,
         }
+    }
+
+    /// Writes the agent's config file: the folders, then `extra_toml`. Rewrite it and send
+    /// `Control::Reload` to test a live reload.
+    pub fn write_config(dirs: &TestDirs, plugins_dir: &Path, extra_toml: &str) {
+        let text = format!(
+            "plugins_dir = {:?}\nstate_dir = {:?}\n{extra_toml}",
+            plugins_dir.display().to_string(),
+            dirs.state().display().to_string()
+        );
+        let tmp = dirs.root.path().join(".agent.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dirs.root.path().join("agent.toml")).unwrap();
     }
 
     /// A raw request with the admin token (or `token`), returning status and body.

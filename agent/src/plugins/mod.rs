@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::SharedConfig;
 use crate::error::{CallError, ErrorCode};
 use crate::exec::{self, ExecLimits, ProcessEnv};
 use crate::native::{InProcessConnector, WorkerConnector, WorkerSettings};
@@ -377,7 +377,7 @@ fn is_cdylib_name(name: &str) -> bool {
 /// Loads plugin files into [`Connector`] records.
 #[derive(Debug, Clone)]
 pub struct PluginLoader {
-    config: Arc<Config>,
+    config: Arc<SharedConfig>,
     state: StatePaths,
     /// The agent's quit token; every version's drain token is its child.
     abort: CancellationToken,
@@ -388,7 +388,7 @@ pub struct PluginLoader {
 impl PluginLoader {
     /// A loader for `config`'s plugins and state folders.
     pub fn new(
-        config: Arc<Config>,
+        config: Arc<SharedConfig>,
         state: StatePaths,
         abort: CancellationToken,
         metrics: Arc<crate::metrics::Metrics>,
@@ -507,7 +507,7 @@ impl PluginLoader {
         match result {
             Ok((info, runner, bundle_app_id)) => {
                 let app_id = bundle_app_id.unwrap_or_else(|| info.app_id.clone());
-                let limit = self.config.max_concurrency_for(&app_id);
+                let limit = self.config.get().max_concurrency_for(&app_id);
                 Connector {
                     path,
                     kind: Some(kind),
@@ -516,7 +516,7 @@ impl PluginLoader {
                     reason: None,
                     version: Some(info.version.clone()),
                     runnable: Some(Runnable {
-                        timeout: self.config.timeout_for(&app_id),
+                        timeout: self.config.get().timeout_for(&app_id),
                         info,
                         runner,
                         limiter: Arc::new(Semaphore::new(limit)),
@@ -534,8 +534,8 @@ impl PluginLoader {
     async fn load_bundle(&self, path: &Path, name: &str, sha256: &str) -> Result<Loaded, String> {
         let format = BundleFormat::from_file_name(name).ok_or("not a bundle name")?;
         let limits = BundleLimits {
-            max_bytes: self.config.plugins.max_bundle_bytes,
-            max_entries: self.config.plugins.max_bundle_entries,
+            max_bytes: self.config.get().plugins.max_bundle_bytes,
+            max_entries: self.config.get().plugins.max_bundle_entries,
         };
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let bundles = self.state.bundles();
@@ -591,14 +591,14 @@ impl PluginLoader {
         let env = ProcessEnv::for_connector(
             workdir,
             &self.state.connector_logs(),
-            &self.config.calls.connector_log_level,
-            &self.config.calls.pass_env,
+            &self.config.get().calls.connector_log_level,
+            &self.config.get().calls.pass_env,
         );
         let limits = ExecLimits {
-            timeout: self.config.plugins.info_timeout,
-            kill_grace: self.config.calls.kill_grace,
+            timeout: self.config.get().plugins.info_timeout,
+            kill_grace: self.config.get().calls.kill_grace,
             max_output_bytes: 16 << 20,
-            stderr_keep: self.config.calls.stderr_log_bytes,
+            stderr_keep: self.config.get().calls.stderr_log_bytes,
         };
         let args = [OsString::from("info")];
         let output = exec::run(program, &args, &env, &limits, &CancellationToken::new()).await.map_err(|e| match e {
@@ -658,7 +658,7 @@ impl PluginLoader {
             .state
             .workdir_for(name)
             .map_err(|e| format!("cannot create its working folder: {e}"))?;
-        let program = match &self.config.plugins.worker_program {
+        let program = match &self.config.get().plugins.worker_program {
             Some(program) => program.clone(),
             // /proc/self/exe still works after a package upgrade replaced the file on disk.
             None if cfg!(target_os = "linux") => PathBuf::from("/proc/self/exe"),
@@ -670,15 +670,15 @@ impl PluginLoader {
             env: ProcessEnv::for_connector(
                 workdir,
                 &self.state.connector_logs(),
-                &self.config.calls.connector_log_level,
-                &self.config.calls.pass_env,
+                &self.config.get().calls.connector_log_level,
+                &self.config.get().calls.pass_env,
             ),
-            max_output_bytes: self.config.calls.max_output_bytes,
-            start_timeout: self.config.plugins.info_timeout,
+            max_output_bytes: self.config.get().calls.max_output_bytes,
+            start_timeout: self.config.get().plugins.info_timeout,
             metrics: self.metrics.clone(),
         };
         let (worker, description) = WorkerConnector::start(path, settings).await?;
-        if !self.config.in_process(&description.id) {
+        if !self.config.get().in_process(&description.id) {
             return Ok((description.info, Runner::Worker(Arc::new(worker)), None));
         }
         drop(worker);

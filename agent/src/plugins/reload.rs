@@ -14,7 +14,7 @@
 //! worker and private files go when the last call does.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{is_ignored, Connector, ConnectorStatus, Fingerprint, PluginLoader, PluginRegistry};
+use crate::config::SharedConfig;
 
 /// What a plugin file currently contributes to the inventory.
 #[derive(Debug)]
@@ -56,38 +57,43 @@ pub struct Outcome {
 pub struct Reconciler {
     loader: PluginLoader,
     registry: Arc<PluginRegistry>,
-    dir: PathBuf,
+    /// Where `plugins_dir`, the debounce and the drain grace come from (a reload may change them).
+    config: Arc<SharedConfig>,
     /// Private folders (store copies, unpacked bundles) that garbage collection may remove.
     private_roots: Vec<PathBuf>,
-    settle: Duration,
-    drain_grace: Duration,
     state: tokio::sync::Mutex<State>,
+    /// Set by a config reload that changed limits: the next reconcile reloads every file.
+    reload_all: std::sync::atomic::AtomicBool,
 }
 
 impl Reconciler {
-    /// A reconciler for `dir`; files younger than `settle` wait for the next round.
+    /// A reconciler for the configured plugins folder.
     pub fn new(
         loader: PluginLoader,
         registry: Arc<PluginRegistry>,
-        dir: PathBuf,
+        config: Arc<SharedConfig>,
         private_roots: Vec<PathBuf>,
-        settle: Duration,
-        drain_grace: Duration,
     ) -> Self {
         Self {
             loader,
             registry,
-            dir,
+            config,
             private_roots,
-            settle,
-            drain_grace,
             state: tokio::sync::Mutex::new(State::default()),
+            reload_all: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// The folder reconciled.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The folder reconciled (the configured one, which a reload may change).
+    pub fn dir(&self) -> PathBuf {
+        self.config.get().plugins_dir.clone()
+    }
+
+    /// Makes the next reconcile load every file again, as if each had changed (a reload changed
+    /// limits that are fixed when a connector is loaded). Running versions drain as usual.
+    pub fn reload_all_next(&self) {
+        self.reload_all
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Brings the registry in line with the folder. `wait_for_writes = false` (at start) loads
@@ -95,7 +101,16 @@ impl Reconciler {
     pub async fn reconcile(&self, wait_for_writes: bool) -> Outcome {
         let mut state = self.state.lock().await;
         let mut outcome = Outcome::default();
-        let files = match std::fs::read_dir(&self.dir) {
+        let config = self.config.get();
+        let (dir, settle, drain_grace) = (
+            config.plugins_dir.clone(),
+            config.plugins.debounce,
+            config.calls.drain_grace,
+        );
+        let reload_all = self
+            .reload_all
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        let files = match std::fs::read_dir(&dir) {
             Ok(entries) => {
                 let mut files: Vec<PathBuf> = entries
                     .filter_map(Result::ok)
@@ -110,7 +125,7 @@ impl Reconciler {
             }
             Err(e) => {
                 if !state.slots.is_empty() {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "the plugins folder is gone; its connectors are removed");
+                    tracing::warn!(dir = %dir.display(), error = %e, "the plugins folder is gone; its connectors are removed");
                 }
                 Vec::new()
             }
@@ -121,13 +136,13 @@ impl Reconciler {
         for path in files {
             let fingerprint = Fingerprint::of(&path);
             let previous = match state.slots.remove(&path) {
-                Some(slot) if slot.current.fingerprint == fingerprint => {
+                Some(slot) if slot.current.fingerprint == fingerprint && !reload_all => {
                     next.insert(path, slot);
                     continue;
                 }
                 previous => previous,
             };
-            if wait_for_writes && fingerprint.is_some_and(|f| f.age() < self.settle) {
+            if wait_for_writes && fingerprint.is_some_and(|f| f.age() < settle) {
                 // Still being written (or just renamed in): look again after the debounce.
                 outcome.unsettled = true;
                 if let Some(slot) = previous {
@@ -192,7 +207,7 @@ impl Reconciler {
                             new.file_name()
                         );
                     }
-                    retire(&mut state.retired, old, self.drain_grace);
+                    retire(&mut state.retired, old, drain_grace);
                     Slot {
                         current: new,
                         retained: None,
@@ -216,7 +231,7 @@ impl Reconciler {
                 c.version.as_deref().unwrap_or("?"),
                 slot.current.file_name()
             );
-            retire(&mut state.retired, slot, self.drain_grace);
+            retire(&mut state.retired, slot, drain_grace);
         }
         state.slots = next;
 
@@ -320,9 +335,10 @@ pub async fn watch_loop(
     shutdown: CancellationToken,
 ) {
     let (tx, mut signals) = mpsc::unbounded_channel();
-    let dir = reconciler.dir().to_path_buf();
+    // The folder being watched; a config reload may move it.
+    let watched = Arc::new(std::sync::RwLock::new(reconciler.dir()));
     let mut watcher = if settings.watch {
-        start_watcher(&dir, tx)
+        start_watcher(watched.clone(), tx)
     } else {
         None
     };
@@ -353,6 +369,21 @@ pub async fn watch_loop(
         // Re-arm the watch before listing: a folder removed and recreated lost its old watch,
         // and a file added after this point raises an event, while one added before is listed.
         if let Some(w) = watcher.as_mut() {
+            let dir = reconciler.dir();
+            let previous = std::mem::replace(
+                &mut *watched.write().expect("watch lock poisoned"),
+                dir.clone(),
+            );
+            if previous != dir {
+                // A reload moved the plugins folder.
+                let _ = w.unwatch(&previous);
+                if let Some(parent) = previous.parent() {
+                    let _ = w.unwatch(parent);
+                }
+                if let Some(parent) = dir.parent() {
+                    let _ = w.watch(parent, RecursiveMode::NonRecursive);
+                }
+            }
             if dir.is_dir() {
                 let _ = w.watch(&dir, RecursiveMode::NonRecursive);
             }
@@ -372,15 +403,22 @@ async fn sleep_until_due(due: Option<Instant>) {
 }
 
 fn start_watcher(
-    dir: &Path,
+    watched: Arc<std::sync::RwLock<PathBuf>>,
     tx: mpsc::UnboundedSender<Signal>,
 ) -> Option<notify::RecommendedWatcher> {
-    let watched = dir.to_path_buf();
+    let dir = watched.read().expect("watch lock poisoned").clone();
     let handler = move |event: notify::Result<notify::Event>| {
         let signal = match event {
             Ok(event) if event.need_rescan() => Signal::Rescan,
             // Events of the parent folder matter only when they concern the plugins folder.
-            Ok(event) if !event.paths.iter().any(|p| p.starts_with(&watched)) => return,
+            Ok(event)
+                if !event
+                    .paths
+                    .iter()
+                    .any(|p| p.starts_with(&*watched.read().expect("watch lock poisoned"))) =>
+            {
+                return
+            }
             Ok(_) => Signal::Hint,
             Err(e) => {
                 tracing::warn!(error = %e, "plugins folder watcher error; rescanning");
@@ -396,7 +434,7 @@ fn start_watcher(
             return None;
         }
     };
-    if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the plugins folder yet; it is watched once it exists");
     }
     // The parent tells us when the folder itself is removed or recreated.
