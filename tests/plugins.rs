@@ -457,3 +457,113 @@ async fn the_highest_version_of_an_app_serves() {
     assert_eq!(body["info"]["app_id"], "multi");
     agent.shutdown().await;
 }
+
+fn digest_of(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_others_could_have_written_are_rejected_unless_strictness_is_off() {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = TestDirs::new();
+    let p = dirs.plugins();
+    install_plugin(&p, &test_connector(), "shared_group");
+    std::fs::set_permissions(
+        p.join("shared_group"),
+        std::fs::Permissions::from_mode(0o775),
+    )
+    .unwrap();
+    install_plugin(&p, &test_connector(), "fine");
+    let agent = TestAgent::start(&dirs, "").await;
+    let why = reason(&agent.connector_by_file("shared_group").await);
+    assert!(
+        why.contains("group-writable") && why.contains("chmod go-w"),
+        "{why}"
+    );
+    assert_eq!(agent.connector_by_file("fine").await["status"], "ready");
+    agent.shutdown().await;
+
+    // A world-writable plugins folder (not sticky) puts every file in it at risk.
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let agent = TestAgent::start(&dirs, "").await;
+    let why = reason(&agent.connector_by_file("fine").await);
+    assert!(why.contains("world-writable"), "{why}");
+    agent.shutdown().await;
+
+    // Development opt-out.
+    let agent = TestAgent::start(&dirs, "[plugins]\nstrict_permissions = false\n").await;
+    assert_eq!(agent.connector_by_file("fine").await["status"], "ready");
+    assert_eq!(
+        agent.connector_by_file("shared_group").await["status"],
+        "ready"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_files_in_the_allow_list_load() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &example_connector(), "approved");
+    install_plugin(&dirs.plugins(), &test_connector(), "unapproved");
+    let lock = dirs.root.path().join("plugins.lock");
+    std::fs::write(
+        &lock,
+        format!(
+            "# approved by the admin\n{}  approved\n",
+            digest_of(&example_connector())
+        ),
+    )
+    .unwrap();
+    let agent = TestAgent::start(
+        &dirs,
+        &format!("[plugins]\nlock_file = {:?}\n", lock.display().to_string()),
+    )
+    .await;
+    assert_eq!(agent.connector_by_file("approved").await["status"], "ready");
+    let why = reason(&agent.connector_by_file("unapproved").await);
+    assert!(
+        why.contains("not in the allow-list") && why.contains(&digest_of(&test_connector())),
+        "{why}"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_signing_keys_only_validly_signed_files_load() {
+    use ed25519_dalek::Signer;
+    let dirs = TestDirs::new();
+    let p = dirs.plugins();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let other_key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let sign = |key: &ed25519_dalek::SigningKey, file: &Path| {
+        hex::encode(key.sign(&hex::decode(digest_of(file)).unwrap()).to_bytes())
+    };
+
+    install_plugin(&p, &test_connector(), "signed");
+    std::fs::write(p.join("signed.sig"), sign(&key, &test_connector())).unwrap();
+    install_plugin(&p, &test_connector(), "wrong_key");
+    std::fs::write(p.join("wrong_key.sig"), sign(&other_key, &test_connector())).unwrap();
+    install_plugin(&p, &test_connector(), "wrong_file");
+    std::fs::write(p.join("wrong_file.sig"), sign(&key, &example_connector())).unwrap();
+    install_plugin(&p, &test_connector(), "unsigned");
+
+    let config = format!(
+        "[plugins]\nsigning_keys = [{:?}]\n",
+        hex::encode(key.verifying_key().to_bytes())
+    );
+    let agent = TestAgent::start(&dirs, &config).await;
+    assert_eq!(agent.connector_by_file("signed").await["status"], "ready");
+    for file in ["wrong_key", "wrong_file"] {
+        let why = reason(&agent.connector_by_file(file).await);
+        assert!(why.contains("does not match"), "{file}: {why}");
+    }
+    assert!(reason(&agent.connector_by_file("unsigned").await).contains("no signature"));
+    // Signature files are not connectors themselves.
+    assert!(agent
+        .connectors()
+        .await
+        .iter()
+        .all(|c| !c["path"].as_str().unwrap().ends_with(".sig")));
+    agent.shutdown().await;
+}

@@ -275,6 +275,11 @@ impl RunningAgent {
                 Ok(new) => self.apply(new),
             }
         }
+        let plugins = &self.config.get().plugins;
+        if plugins.lock_file.is_some() || !plugins.signing_keys.is_empty() {
+            // The allow-list or the signatures may have been edited: check every file again.
+            self.reconciler.reload_all_next();
+        }
         self.rescan().await;
     }
 

@@ -123,6 +123,12 @@ pub struct PluginsConfig {
     pub debounce: Duration,
     /// Full reconcile period, whatever the watcher says.
     pub rescan_interval: Duration,
+    /// Refuse plugin files that others than root and the agent's user could have written.
+    pub strict_permissions: bool,
+    /// An allow-list of sha256 digests; files not in it are rejected.
+    pub lock_file: Option<PathBuf>,
+    /// ed25519 public keys; when set, every plugin needs a valid `<file>.sig`.
+    pub signing_keys: Vec<[u8; 32]>,
 }
 
 /// Logging.
@@ -415,6 +421,9 @@ impl Validator {
                 "watch",
                 "debounce_ms",
                 "rescan_interval_secs",
+                "strict_permissions",
+                "lock_file",
+                "signing_keys",
             ],
         );
         let mut log = self.section(&mut table, "log", &["level", "format"]);
@@ -505,6 +514,11 @@ impl Validator {
                 self.uint(&mut plugins, "plugins.rescan_interval_secs", 1, 86_400)
                     .unwrap_or(60),
             ),
+            strict_permissions: self
+                .boolean(&mut plugins, "plugins.strict_permissions")
+                .unwrap_or(true),
+            lock_file: self.path(&mut plugins, "plugins.lock_file").map(absolute),
+            signing_keys: self.signing_keys(&mut plugins),
         };
         let log = LogConfig {
             level: match self.string(&mut log, "log.level") {
@@ -666,6 +680,27 @@ impl Validator {
                 None
             }
         }
+    }
+
+    fn signing_keys(&mut self, table: &mut Map<String, Value>) -> Vec<[u8; 32]> {
+        let Some(list) = self.string_list(table, "plugins.signing_keys") else {
+            return Vec::new();
+        };
+        let mut keys = Vec::new();
+        for text in list {
+            let parsed = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            match parsed.filter(|k| ed25519_dalek::VerifyingKey::from_bytes(k).is_ok()) {
+                Some(key) => keys.push(key),
+                None => self.issue(
+                    "plugins.signing_keys",
+                    None,
+                    format!("{text:?} is not an ed25519 public key (64 hex characters)"),
+                ),
+            }
+        }
+        keys
     }
 
     fn choice(

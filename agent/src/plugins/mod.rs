@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod info;
+pub mod integrity;
 pub mod reload;
 
 use std::ffi::OsString;
@@ -87,6 +88,8 @@ pub struct Fingerprint {
     ino: u64,
     dev: u64,
     mode: u32,
+    /// The signature beside it (`<file>.sig`): a new signature means a new check.
+    signature: Option<(u64, i128)>,
 }
 
 impl Fingerprint {
@@ -100,6 +103,14 @@ impl Fingerprint {
             ino: meta.ino(),
             dev: meta.dev(),
             mode: meta.mode(),
+            signature: std::fs::metadata(integrity::signature_path(path))
+                .ok()
+                .map(|m| {
+                    (
+                        m.len(),
+                        i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+                    )
+                }),
         })
     }
 
@@ -358,9 +369,17 @@ impl PluginRegistry {
 fn is_ignored(name: &str) -> bool {
     name.starts_with('.')
         || name.ends_with('~')
-        || [".part", ".tmp", ".crdownload", ".partial", ".swp"]
-            .iter()
-            .any(|s| name.ends_with(s))
+        || [
+            ".part",
+            ".tmp",
+            ".crdownload",
+            ".partial",
+            ".swp",
+            ".sig",
+            ".lock",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
         || name.eq_ignore_ascii_case("README")
         || name.eq_ignore_ascii_case("README.md")
         || name.eq_ignore_ascii_case("README.txt")
@@ -467,15 +486,14 @@ impl PluginLoader {
         // Executables and libraries run from a private, content-addressed copy made from the
         // same read that hashes them: the bytes hashed are the bytes run, and replacing or
         // breaking the file in the plugins folder cannot touch a version that is serving.
-        let stored = match kind {
-            ConnectorKind::Bundle => hash_file(&path).await.map(|sha| (sha, None)),
-            ConnectorKind::Executable | ConnectorKind::Cdylib => {
-                store_copy(&path, &self.state.store(), &name)
-                    .await
-                    .map(|(sha, copy)| (sha, Some(copy)))
+        let config = self.config.get();
+        // Who could have written it, before anything of it is read or run.
+        if config.plugins.strict_permissions {
+            if let Err(reason) = integrity::check_permissions(&path) {
+                return Connector::rejected(path, Some(kind), None, reason);
             }
-        };
-        let (sha256, copy) = match stored {
+        }
+        let (sha256, copy) = match store_copy(&path, &self.state.store(), &name).await {
             Ok(pair) => pair,
             Err(e) => {
                 return Connector::rejected(
@@ -486,13 +504,43 @@ impl PluginLoader {
                 )
             }
         };
-        let private_dir = match &copy {
-            Some(copy) => copy.parent().map(Path::to_path_buf),
-            None => Some(self.state.bundles().join(&sha256[..32])),
+        // Whether the admin approved these bytes: the digest of the copy that will run.
+        if let Some(lock_file) = &config.plugins.lock_file {
+            match integrity::read_lock_file(lock_file) {
+                Ok(allowed) if allowed.contains(&sha256) => {}
+                Ok(_) => {
+                    let reason = format!(
+                        "sha256 {sha256} is not in the allow-list {}: add it to approve this file",
+                        lock_file.display()
+                    );
+                    return Connector::rejected(path, Some(kind), Some(sha256), reason);
+                }
+                Err(reason) => return Connector::rejected(path, Some(kind), Some(sha256), reason),
+            }
+        }
+        if !config.plugins.signing_keys.is_empty() {
+            if let Err(reason) =
+                integrity::check_signature(&path, &sha256, &config.plugins.signing_keys)
+            {
+                return Connector::rejected(path, Some(kind), Some(sha256), reason);
+            }
+        }
+        let private_dir = match kind {
+            ConnectorKind::Bundle => Some(self.state.bundles().join(&sha256[..32])),
+            _ => copy.parent().map(Path::to_path_buf),
         };
-        let program = copy.unwrap_or_else(|| path.clone());
+        let program = copy;
         let result = match kind {
-            ConnectorKind::Bundle => self.load_bundle(&path, &name, &sha256).await,
+            ConnectorKind::Bundle => {
+                // Unpacked from the verified copy, which is not needed afterwards.
+                let loaded = self.load_bundle(&program, &name, &sha256).await;
+                // Only this copy; the folder goes if empty (another name may hold the same bytes).
+                let _ = std::fs::remove_file(&program);
+                if let Some(dir) = program.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                loaded
+            }
             ConnectorKind::Executable => {
                 if meta.permissions().mode() & 0o111 == 0 {
                     Err(format!(
@@ -771,26 +819,6 @@ async fn store_copy(path: &Path, store: &Path, name: &str) -> std::io::Result<(S
             let _ = std::fs::remove_file(&tmp);
         }
         result
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
-/// sha256 of a file, streamed.
-async fn hash_file(path: &Path) -> std::io::Result<String> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&path)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        Ok(hex::encode(hasher.finalize()))
     })
     .await
     .map_err(std::io::Error::other)?

@@ -1,0 +1,177 @@
+//! Plugin integrity: who may have written a plugin file, and whether its bytes are the ones the
+//! admin approved.
+//!
+//! - **Permissions** (like sshd's StrictModes): the file and every folder above it must be owned
+//!   by root or the agent's user and not writable by group or others; otherwise anyone in that
+//!   group could swap the connector for their own code. Sticky folders such as `/tmp` are
+//!   accepted (others cannot rename what they do not own there). `plugins.strict_permissions =
+//!   false` turns this off for development.
+//! - **Allow-list** (`plugins.lock_file`): lines of `<sha256> [name]`; a file whose digest is not
+//!   listed is rejected.
+//! - **Signatures** (`plugins.signing_keys`): every plugin needs `<file>.sig` beside it, an
+//!   ed25519 signature by one of the keys over the file's 32-byte SHA-256 digest (64 bytes, raw
+//!   or hex). The digest is the one computed while copying the file into the private store, so
+//!   the bytes verified are the bytes loaded.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Checks that `path` (after symlinks) and every folder above it, and above the link itself,
+/// can only be written by root or this process's user.
+pub fn check_permissions(path: &Path) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    let real = std::fs::canonicalize(path).map_err(|e| format!("cannot resolve the file: {e}"))?;
+    check_one(&real, me, false)?;
+    let mut seen = HashSet::new();
+    let parents = [
+        real.parent().map(Path::to_path_buf),
+        path.parent().and_then(|p| std::fs::canonicalize(p).ok()),
+    ];
+    for start in parents.into_iter().flatten() {
+        for dir in start.ancestors() {
+            if seen.insert(dir.to_path_buf()) {
+                check_one(dir, me, true)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_one(path: &Path, me: u32, is_dir: bool) -> Result<(), String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let (uid, mode) = (meta.uid(), meta.mode());
+    let fix = "(or set plugins.strict_permissions = false for development)";
+    if uid != 0 && uid != me {
+        return Err(format!(
+            "{} is owned by uid {uid}, not root or the agent's user (uid {me}): that user could replace the connector; chown it {fix}",
+            path.display()
+        ));
+    }
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !(is_dir && sticky) {
+        let who = if mode & 0o002 != 0 { "world" } else { "group" };
+        return Err(format!(
+            "{} is {who}-writable (mode {:o}): others could replace the connector; run `chmod go-w {}` {fix}",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Reads an allow-list: `<sha256> [name]` per line; `#` comments and blank lines ignored.
+pub fn read_lock_file(path: &Path) -> Result<HashSet<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the allow-list {}: {e}", path.display()))?;
+    let mut digests = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let digest = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{} line {}: expected a sha256 digest (64 hex characters)",
+                path.display(),
+                n + 1
+            ));
+        }
+        digests.insert(digest);
+    }
+    Ok(digests)
+}
+
+/// Checks `<plugin>.sig` against `keys` for the file whose digest is `sha256_hex`.
+pub fn check_signature(plugin: &Path, sha256_hex: &str, keys: &[[u8; 32]]) -> Result<(), String> {
+    let sig_path = signature_path(plugin);
+    let raw = std::fs::read(&sig_path).map_err(|_| {
+        format!(
+            "no signature {}: plugins.signing_keys requires every plugin to be signed",
+            sig_path.display()
+        )
+    })?;
+    let bytes: Vec<u8> = if raw.len() == 64 {
+        raw
+    } else {
+        hex::decode(String::from_utf8_lossy(&raw).trim()).map_err(|_| {
+            format!(
+                "{} is not a signature (64 bytes, raw or hex)",
+                sig_path.display()
+            )
+        })?
+    };
+    let signature: [u8; 64] = bytes.try_into().map_err(|_| {
+        format!(
+            "{} is not a signature (64 bytes, raw or hex)",
+            sig_path.display()
+        )
+    })?;
+    let signature = ed25519_dalek::Signature::from_bytes(&signature);
+    let digest = hex::decode(sha256_hex).map_err(|_| "bad digest".to_string())?;
+    let valid = keys.iter().any(|key| {
+        ed25519_dalek::VerifyingKey::from_bytes(key)
+            .is_ok_and(|key| key.verify_strict(&digest, &signature).is_ok())
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "the signature {} does not match this file for any of plugins.signing_keys",
+            sig_path.display()
+        ))
+    }
+}
+
+/// Where a plugin's signature lives.
+pub fn signature_path(plugin: &Path) -> std::path::PathBuf {
+    let mut name = plugin.file_name().unwrap_or_default().to_os_string();
+    name.push(".sig");
+    plugin.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn writable_files_and_folders_are_refused_sticky_folders_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plugin");
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The temp folder lives under /tmp, which is sticky: accepted.
+        check_permissions(&file).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(check_permissions(&file)
+            .unwrap_err()
+            .contains("group-writable"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(check_permissions(&file)
+            .unwrap_err()
+            .contains("world-writable"));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        check_permissions(&file).unwrap();
+    }
+
+    #[test]
+    fn lock_files_are_parsed_strictly() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("plugins.lock");
+        let digest = "a".repeat(64);
+        std::fs::write(&lock, format!("# approved\n{digest}  connector\n\n")).unwrap();
+        assert!(read_lock_file(&lock).unwrap().contains(&digest));
+        std::fs::write(&lock, "not-a-digest x\n").unwrap();
+        assert!(read_lock_file(&lock).unwrap_err().contains("line 1"));
+    }
+}
