@@ -102,12 +102,27 @@ async fn in_process_loading_is_an_opt_in_from_a_content_addressed_copy() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["response"]["unique_tenant_id"], token_hash("inproc"));
-    // Loaded from a copy named by content, never from the plugins folder itself.
-    let copy = dirs
-        .state()
-        .join("native")
-        .join(format!("{}.so", entry["sha256"].as_str().unwrap()));
-    assert!(copy.is_file(), "{}", copy.display());
+    // Loaded from the copy named by its content, never from the plugins folder itself: the
+    // library is mapped into this (the agent's) process from the store.
+    let sha = entry["sha256"].as_str().unwrap();
+    let copy = std::fs::canonicalize(
+        dirs.state()
+            .join("store")
+            .join(sha)
+            .join("liblumos_example_cdylib.so"),
+    )
+    .unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(
+        maps.contains(copy.to_str().unwrap()),
+        "the store copy is not the loaded library"
+    );
+    let original =
+        std::fs::canonicalize(dirs.plugins().join("liblumos_example_cdylib.so")).unwrap();
+    assert!(
+        !maps.contains(original.to_str().unwrap()),
+        "the plugins folder's file was loaded"
+    );
     agent.shutdown().await;
 }
 
@@ -197,7 +212,7 @@ async fn misbehaving_native_connectors_get_typed_errors_and_their_workers_restar
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert_eq!(body["error"]["error_code"], "agent.timeout");
     let mut cancelled = 0;
-    for _ in 0..100 {
+    for _ in 0..1000 {
         let (_, body) = agent.call("misbehave", "cancelled", json!({})).await;
         cancelled = body["response"]["cancelled"].as_u64().unwrap();
         if cancelled >= 1 {

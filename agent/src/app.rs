@@ -252,11 +252,6 @@ impl RunningAgent {
         inventory.revision
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.config.get()
-    }
-
     /// Where SIGHUP re-reads the configuration from (the same file, environment and flags as
     /// at start). Without one, SIGHUP only rescans the plugins folder.
     pub fn set_config_source(&mut self, source: ConfigSource) {

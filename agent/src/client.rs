@@ -52,11 +52,7 @@ impl ApiClient {
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             });
         }
-        Self::with_base(format!("http://{addr}"), token_file)
-    }
-
-    /// A client for an explicit base URL (`http://host:port`).
-    pub fn with_base(base: String, token_file: &Path) -> Result<Self, ClientError> {
+        let base = format!("http://{addr}");
         let token = std::fs::read_to_string(token_file).map_err(|source| ClientError::Token {
             path: token_file.display().to_string(),
             source,
@@ -64,7 +60,7 @@ impl ApiClient {
         let token = Zeroizing::new(token.trim().to_string());
         let client = Client::builder(TokioExecutor::new()).build_http();
         Ok(Self {
-            base: base.trim_end_matches('/').to_string(),
+            base,
             token,
             client,
         })

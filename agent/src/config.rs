@@ -17,13 +17,8 @@ use config::{Map, Value, ValueKind};
 pub const DEV_CONFIG_TOML: &str = include_str!("dev.toml");
 
 /// Environment variables with the `LUMOS_AGENT_` prefix that belong to the command line, not to
-/// the config file.
-const CLI_ONLY_ENV: &[&str] = &[
-    "LUMOS_AGENT_CONFIG",
-    "LUMOS_AGENT_DEV",
-    "LUMOS_AGENT_URL",
-    "LUMOS_AGENT_TOKEN_FILE",
-];
+/// the config file (`--config`'s); any other one is a config key, and a wrong one is reported.
+const CLI_ONLY_ENV: &[&str] = &["LUMOS_AGENT_CONFIG"];
 
 /// Where a configuration came from, for messages.
 #[derive(Debug, Clone, PartialEq, Eq)]

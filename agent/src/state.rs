@@ -9,7 +9,6 @@
 //!   work/<plugin>/              each connector's private working folder (HOME, TMPDIR)
 //!   calls/                0700  call input files (0600), deleted after each call
 //!   logs/connectors/            connector-py log files (LUMOS_LOG_DIRECTORY)
-//!   native/<sha256>.so          copies of in-process native libraries (never unloaded)
 //! ```
 
 use std::fs;
@@ -92,11 +91,6 @@ impl StatePaths {
     /// Private, content-addressed copies of plugin executables and libraries, run from there.
     pub fn store(&self) -> PathBuf {
         self.root.join("store")
-    }
-
-    /// Content-addressed copies of native libraries loaded in-process.
-    pub fn native_copies(&self) -> PathBuf {
-        self.root.join("native")
     }
 
     /// Call input files.

@@ -87,7 +87,7 @@ fn main() {
     runtime.block_on(async move {
         let library = native_lib("liblumos_example_cdylib.so");
         let scratch = tempfile::tempdir().unwrap();
-        let (inproc, _) = InProcessConnector::load(&library, "bench", scratch.path()).unwrap();
+        let (inproc, _) = InProcessConnector::load(&library).unwrap();
         let settings = WorkerSettings {
             program: PathBuf::from(WORKER),
             env: ProcessEnv::for_connector(scratch.path().to_path_buf(), scratch.path(), "INFO", &[]),

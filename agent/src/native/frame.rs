@@ -48,6 +48,18 @@ pub fn encode(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// A frame's length prefix, refused when empty or over `max_len` (a corrupt or hostile peer).
+fn checked_len(prefix: [u8; 4], max_len: u32) -> io::Result<u32> {
+    let len = u32::from_le_bytes(prefix);
+    if len == 0 || len > max_len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
+    }
+    Ok(len)
+}
+
 /// Reads one frame; `Ok(None)` at a clean end of stream. Frames over `max_len` are an error.
 pub fn read_blocking(reader: &mut impl Read, max_len: u32) -> io::Result<Option<Frame>> {
     let mut len = [0u8; 4];
@@ -56,13 +68,7 @@ pub fn read_blocking(reader: &mut impl Read, max_len: u32) -> io::Result<Option<
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = u32::from_le_bytes(len);
-    if len == 0 || len > max_len {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes"),
-        ));
-    }
+    let len = checked_len(len, max_len)?;
     let mut body = vec![0u8; len as usize];
     reader.read_exact(&mut body)?;
     let kind = body[0];
@@ -85,13 +91,7 @@ pub async fn read_async(
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = u32::from_le_bytes(len);
-    if len == 0 || len > max_len {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes"),
-        ));
-    }
+    let len = checked_len(len, max_len)?;
     let mut kind = [0u8; 1];
     reader.read_exact(&mut kind).await?;
     let mut payload = vec![0u8; len as usize - 1];

@@ -8,8 +8,8 @@
 //!
 //! **In-process** loading is an explicit opt-in per connector (`[connectors.<app_id>]
 //! in_process = true`) for vetted plugins: the library is copied to a content-addressed file
-//! (`<state_dir>/native/<sha256>.so`, because dlopen of an already-loaded path returns the old
-//! library) and never unloaded.
+//! (the loader's `<state_dir>/store/<sha256>/` copy, because dlopen of an already-loaded path
+//! returns the old library) and never unloaded.
 
 pub mod frame;
 pub mod worker;
@@ -458,7 +458,6 @@ pub struct WorkerConnector {
     current: tokio::sync::Mutex<Option<Arc<Worker>>>,
     backoff: Mutex<Backoff>,
     next_id: AtomicU64,
-    restarts: AtomicU64,
 }
 
 impl std::fmt::Debug for WorkerConnector {
@@ -489,24 +488,8 @@ impl WorkerConnector {
             current: tokio::sync::Mutex::new(Some(worker)),
             backoff: Mutex::new(Backoff::default()),
             next_id: AtomicU64::new(1),
-            restarts: AtomicU64::new(0),
         };
         Ok((connector, description))
-    }
-
-    /// How many times a worker was restarted after dying.
-    pub fn restarts(&self) -> u64 {
-        self.restarts.load(Ordering::Relaxed)
-    }
-
-    /// The current worker's pid, if one runs.
-    pub async fn worker_pid(&self) -> Option<u32> {
-        self.current
-            .lock()
-            .await
-            .as_ref()
-            .filter(|w| !w.dead.is_cancelled())
-            .and_then(|w| w.pid)
     }
 
     async fn worker(&self, timeout: Duration) -> Result<Arc<Worker>, CallError> {
@@ -550,7 +533,6 @@ impl WorkerConnector {
                 )
             })?;
         if had_one {
-            self.restarts.fetch_add(1, Ordering::Relaxed);
             self.settings.metrics.worker_restarted(&self.app_id);
             tracing::info!(app_id = %self.app_id, "native connector worker restarted");
         }
@@ -643,27 +625,11 @@ impl std::fmt::Debug for Pending {
 }
 
 impl InProcessConnector {
-    /// Copies `library` to `<copies_dir>/<sha256>.<ext>` (dlopen of a path already loaded
-    /// returns the old library, so a replaced file must get a new path) and loads the copy.
-    pub fn load(
-        library: &Path,
-        sha256: &str,
-        copies_dir: &Path,
-    ) -> Result<(Self, Description), String> {
-        std::fs::create_dir_all(copies_dir)
-            .map_err(|e| format!("cannot create {}: {e}", copies_dir.display()))?;
-        let ext = library
-            .extension()
-            .map(|e| e.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "so".into());
-        let copy = copies_dir.join(format!("{sha256}.{ext}"));
-        if !copy.is_file() {
-            let tmp = copies_dir.join(format!(".{sha256}.{}.tmp", std::process::id()));
-            std::fs::copy(library, &tmp)
-                .and_then(|_| std::fs::rename(&tmp, &copy))
-                .map_err(|e| format!("cannot copy the library: {e}"))?;
-        }
-        let lib = Library::load(&copy).map_err(|e| e.to_string())?;
+    /// Loads `library` into this process. The path must be content-addressed (the loader's
+    /// private store copy): dlopen of a path already loaded returns the old library, so new
+    /// bytes must come with a new path.
+    pub fn load(library: &Path) -> Result<(Self, Description), String> {
+        let lib = Library::load(library).map_err(|e| e.to_string())?;
         let pending = Arc::new(Pending::default());
         let callbacks = Arc::new(InProcessCallbacks {
             app_id: lib.id(),

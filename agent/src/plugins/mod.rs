@@ -345,11 +345,6 @@ impl PluginRegistry {
         self.current.subscribe()
     }
 
-    /// Replaces the whole inventory, returning the new revision.
-    pub fn replace(&self, connectors: Vec<Connector>) -> u64 {
-        self.replace_shared(connectors.into_iter().map(Arc::new).collect())
-    }
-
     /// Replaces the whole inventory with records that may be shared with the previous one.
     pub fn replace_shared(&self, mut connectors: Vec<Arc<Connector>>) -> u64 {
         connectors.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| b.status.cmp(&a.status)));
@@ -550,7 +545,7 @@ impl PluginLoader {
                     self.load_executable(&program, &name).await
                 }
             }
-            ConnectorKind::Cdylib => self.load_native(&program, &name, &sha256).await,
+            ConnectorKind::Cdylib => self.load_native(&program, &name).await,
         };
         match result {
             Ok((info, runner, bundle_app_id)) => {
@@ -632,16 +627,7 @@ impl PluginLoader {
     }
 
     async fn load_executable(&self, program: &Path, name: &str) -> Result<Loaded, String> {
-        let workdir = self
-            .state
-            .workdir_for(name)
-            .map_err(|e| format!("cannot create its working folder: {e}"))?;
-        let env = ProcessEnv::for_connector(
-            workdir,
-            &self.state.connector_logs(),
-            &self.config.get().calls.connector_log_level,
-            &self.config.get().calls.pass_env,
-        );
+        let env = self.connector_env(name)?;
         let limits = ExecLimits {
             timeout: self.config.get().plugins.info_timeout,
             kill_grace: self.config.get().calls.kill_grace,
@@ -697,15 +683,27 @@ impl PluginLoader {
 }
 
 impl PluginLoader {
-    /// Loads a native library: a worker process loads it and checks its header first (a
-    /// library's initialisers run at load, so never in the agent unless vetted). With
-    /// `[connectors.<app_id>] in_process = true` it is then loaded into the agent from a
-    /// content-addressed copy.
-    async fn load_native(&self, path: &Path, name: &str, sha256: &str) -> Result<Loaded, String> {
+    /// A connector's environment: the scrubbed allow-list, its private working folder, and
+    /// connector-py's logging variables.
+    fn connector_env(&self, name: &str) -> Result<ProcessEnv, String> {
         let workdir = self
             .state
             .workdir_for(name)
             .map_err(|e| format!("cannot create its working folder: {e}"))?;
+        let config = self.config.get();
+        Ok(ProcessEnv::for_connector(
+            workdir,
+            &self.state.connector_logs(),
+            &config.calls.connector_log_level,
+            &config.calls.pass_env,
+        ))
+    }
+
+    /// Loads a native library: a worker process loads it and checks its header first (a
+    /// library's initialisers run at load, so never in the agent unless vetted). With
+    /// `[connectors.<app_id>] in_process = true` it is then loaded into the agent from a
+    /// content-addressed copy.
+    async fn load_native(&self, path: &Path, name: &str) -> Result<Loaded, String> {
         let program = match &self.config.get().plugins.worker_program {
             Some(program) => program.clone(),
             // /proc/self/exe still works after a package upgrade replaced the file on disk.
@@ -715,12 +713,7 @@ impl PluginLoader {
         };
         let settings = WorkerSettings {
             program,
-            env: ProcessEnv::for_connector(
-                workdir,
-                &self.state.connector_logs(),
-                &self.config.get().calls.connector_log_level,
-                &self.config.get().calls.pass_env,
-            ),
+            env: self.connector_env(name)?,
             max_output_bytes: self.config.get().calls.max_output_bytes,
             start_timeout: self.config.get().plugins.info_timeout,
             metrics: self.metrics.clone(),
@@ -730,13 +723,10 @@ impl PluginLoader {
             return Ok((description.info, Runner::Worker(Arc::new(worker)), None));
         }
         drop(worker);
-        let (path, sha, copies) = (
-            path.to_path_buf(),
-            sha256.to_string(),
-            self.state.native_copies(),
-        );
+        // `path` is already the content-addressed store copy.
+        let path = path.to_path_buf();
         let (connector, description) =
-            tokio::task::spawn_blocking(move || InProcessConnector::load(&path, &sha, &copies))
+            tokio::task::spawn_blocking(move || InProcessConnector::load(&path))
                 .await
                 .map_err(|e| format!("in-process load failed: {e}"))??;
         tracing::info!(
