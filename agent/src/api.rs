@@ -52,7 +52,32 @@ pub struct ApiState {
     pub draining: CancellationToken,
 }
 
-type ApiResponse = Response<Full<Bytes>>;
+/// Response bodies: small ones whole, call results streamed (they may be spooled on disk).
+type ApiBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+type ApiResponse = Response<ApiBody>;
+
+fn full(bytes: impl Into<Bytes>) -> ApiBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A result body as an HTTP body, read in chunks (a spooled result never sits whole in memory).
+fn result_body(body: crate::output::ResultBody) -> ApiBody {
+    const CHUNK: usize = 256 * 1024;
+    if let crate::output::ResultBody::Memory(bytes) = body {
+        return full(bytes);
+    }
+    let stream = futures_util::stream::try_unfold((body, 0u64), |(body, offset)| async move {
+        if offset >= body.len() {
+            return Ok(None);
+        }
+        let chunk = body.read_at(offset, CHUNK).await?;
+        let next = offset + chunk.len() as u64;
+        Ok(Some((hyper::body::Frame::data(chunk), (body, next))))
+    });
+    http_body_util::StreamBody::new(stream).boxed()
+}
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish (tracked by
 /// `tracker`).
@@ -105,7 +130,7 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
         // and counts, never tenants or secrets.
         (&Method::GET, ["metrics"]) => {
             let body = state.metrics.render(&state.registry.snapshot());
-            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            let mut resp = Response::new(full(Bytes::from(body)));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(
@@ -289,7 +314,7 @@ async fn call(
         .await
     {
         Ok(answer) => {
-            let mut resp = Response::new(Full::new(answer.json));
+            let mut resp = Response::new(result_body(answer.json));
             resp.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             if let Ok(v) = HeaderValue::from_str(&answer.version) {
@@ -394,7 +419,7 @@ fn status_of(err: &CallError) -> StatusCode {
 }
 
 fn agent_error(err: &CallError, app_id: Option<&str>, status: StatusCode) -> ApiResponse {
-    let mut resp = Response::new(Full::new(Bytes::from(err.to_json_bytes(app_id))));
+    let mut resp = Response::new(full(Bytes::from(err.to_json_bytes(app_id))));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -407,7 +432,7 @@ fn agent_error(err: &CallError, app_id: Option<&str>, status: StatusCode) -> Api
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> ApiResponse {
     let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -415,7 +440,7 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> ApiRespon
 }
 
 fn text(status: StatusCode, body: &'static str) -> ApiResponse {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut resp = Response::new(full(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp
 }

@@ -3,10 +3,10 @@
 //! verbatim (or an agent error in the same shape).
 
 use std::ffi::OsString;
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 use crate::config::SharedConfig;
 use crate::error::{CallError, ErrorCode};
 use crate::exec::{self, ExecError, ExecLimits, ScratchDir};
+use crate::output::ResultBody;
 use crate::plugins::{info::is_capability_name, PluginRegistry, Runner};
 use crate::tenants::{SecretJson, TenantStore};
 
@@ -64,8 +65,8 @@ pub struct CallRequest {
 /// A connector's answer, verbatim.
 #[derive(Debug)]
 pub struct CallAnswer {
-    /// The JSON document the connector printed.
-    pub json: Bytes,
+    /// The JSON document the connector printed (spooled to disk when large).
+    pub json: ResultBody,
     /// The version that answered.
     pub version: String,
 }
@@ -206,16 +207,14 @@ impl Dispatcher {
                     .await
                 }
                 // Native connectors get the envelope in memory (over a private pipe to a worker).
-                Runner::Worker(worker) => {
-                    worker
-                        .call(capability, &envelope, timeout, &call_token)
-                        .await
-                }
-                Runner::InProcess(native) => {
-                    native
-                        .call(capability, &envelope, timeout, &call_token)
-                        .await
-                }
+                Runner::Worker(worker) => worker
+                    .call(capability, &envelope, timeout, &call_token)
+                    .await
+                    .map(ResultBody::from),
+                Runner::InProcess(native) => native
+                    .call(capability, &envelope, timeout, &call_token)
+                    .await
+                    .map(ResultBody::from),
             }
         };
         let json = tokio::select! {
@@ -238,7 +237,7 @@ impl Dispatcher {
         envelope: &[u8],
         timeout: Duration,
         cancel: &CancellationToken,
-    ) -> Result<Bytes, CallError> {
+    ) -> Result<ResultBody, CallError> {
         let input = self.scratch.write_secret_file(envelope).map_err(|e| {
             CallError::new(
                 ErrorCode::Internal,
@@ -251,6 +250,7 @@ impl Dispatcher {
             kill_grace: config.calls.kill_grace,
             max_output_bytes: config.calls.max_output_bytes,
             stderr_keep: config.calls.stderr_log_bytes,
+            spool_dir: self.scratch.path().to_path_buf(),
         };
         let args = [
             OsString::from(capability),
@@ -260,7 +260,15 @@ impl Dispatcher {
         let output = exec::run(program, &args, env, &limits, cancel).await;
         drop(input);
         let output = output.map_err(|e| exec_error(app_id, e))?;
-        classify_output(app_id, output, envelope)
+        if output.stdout.in_memory() {
+            return classify_output(app_id, output, envelope);
+        }
+        // A large answer: the streaming JSON check reads it from disk, off the async threads.
+        let app_id = app_id.to_string();
+        let envelope = Zeroizing::new(envelope.to_vec());
+        tokio::task::spawn_blocking(move || classify_output(&app_id, output, &envelope))
+            .await
+            .map_err(|e| CallError::new(ErrorCode::Internal, format!("output check failed: {e}")))?
     }
 
     /// `{"request", "settings", "auth" | "credentials", "page", "include_raw_data"}`, spliced
@@ -358,7 +366,7 @@ fn classify_output(
     app_id: &str,
     output: exec::ProcessOutput,
     envelope: &[u8],
-) -> Result<Bytes, CallError> {
+) -> Result<ResultBody, CallError> {
     let status = exec::describe_status(&output.status);
     if !output.status.success() {
         // A connector may print its input on stderr; its secrets must not reach the log.
@@ -376,9 +384,9 @@ fn classify_output(
             redact_secrets(output.stderr_tail.trim(), envelope)
         );
     }
-    let stdout = Bytes::from(output.stdout);
-    let parse_error = match serde_json::from_slice::<serde::de::IgnoredAny>(&stdout) {
-        Ok(_) => return Ok(stdout),
+    let stdout = output.stdout;
+    let parse_error = match stdout.is_one_json_document() {
+        Ok(()) => return Ok(stdout),
         Err(e) => e,
     };
     if let Some(last) = last_json_line(&stdout) {
@@ -395,7 +403,7 @@ fn classify_output(
             format!("{app_id} {status} without an answer (see the agent log for its stderr)"),
         ));
     }
-    if stdout.iter().all(u8::is_ascii_whitespace) {
+    if blank(&stdout) {
         return Err(CallError::new(
             ErrorCode::BadOutput,
             format!("{app_id} exited without printing an answer"),
@@ -443,35 +451,42 @@ fn redact_secrets(text: &str, envelope: &[u8]) -> String {
     out
 }
 
-/// The last non-empty line, if it is a JSON object, as a slice of `stdout` (no copy).
-fn last_json_line(stdout: &Bytes) -> Option<Bytes> {
-    let trimmed_end = stdout.iter().rposition(|b| !b.is_ascii_whitespace())? + 1;
-    let start = stdout[..trimmed_end]
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |i| i + 1);
-    let line = stdout.slice(start..trimmed_end);
-    (start > 0
-        && line.first() == Some(&b'{')
-        && serde_json::from_slice::<serde::de::IgnoredAny>(&line).is_ok())
-    .then_some(line)
+/// The last non-empty line after other text, if it is a JSON object, as a slice of `stdout`
+/// (no copy).
+fn last_json_line(stdout: &ResultBody) -> Option<ResultBody> {
+    let (start, end) = stdout.last_line().ok()??;
+    let line = stdout.slice(start, end);
+    let starts_with_brace = line.reader().bytes().next().and_then(Result::ok) == Some(b'{');
+    (starts_with_brace && line.is_one_json_document().is_ok()).then_some(line)
+}
+
+/// Whether the output is empty or only whitespace.
+fn blank(stdout: &ResultBody) -> bool {
+    stdout
+        .reader()
+        .bytes()
+        .all(|b| b.is_ok_and(|b| b.is_ascii_whitespace()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::os::unix::process::ExitStatusExt;
 
     fn out(stdout: &str, code: i32) -> exec::ProcessOutput {
         exec::ProcessOutput {
-            stdout: stdout.as_bytes().to_vec(),
+            stdout: ResultBody::from(stdout.as_bytes().to_vec()),
             status: std::process::ExitStatus::from_raw(code << 8),
             stderr_tail: String::new(),
         }
     }
 
     fn classify(output: exec::ProcessOutput) -> Result<Bytes, CallError> {
-        classify_output("a", output, b"{}")
+        match classify_output("a", output, b"{}")? {
+            ResultBody::Memory(bytes) => Ok(bytes),
+            ResultBody::Spooled(_) => unreachable!("small outputs stay in memory"),
+        }
     }
 
     #[test]

@@ -22,6 +22,8 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::output::{ResultBody, Spool};
+
 /// Environment variables a connector may inherit from the agent; everything else is dropped
 /// so no secret of the agent's own environment reaches a connector.
 const INHERITED_ENV: &[&str] = &[
@@ -50,6 +52,8 @@ pub struct ExecLimits {
     pub max_output_bytes: u64,
     /// How much stderr is kept (the tail) for the log.
     pub stderr_keep: usize,
+    /// Where stdout beyond [`crate::output::SPOOL_THRESHOLD`] is spooled.
+    pub spool_dir: PathBuf,
 }
 
 /// Where and how a connector process runs.
@@ -92,8 +96,8 @@ impl ProcessEnv {
 /// A finished process.
 #[derive(Debug)]
 pub struct ProcessOutput {
-    /// Everything it printed on stdout.
-    pub stdout: Vec<u8>,
+    /// Everything it printed on stdout (spooled to disk when large).
+    pub stdout: ResultBody,
     /// How it ended.
     pub status: ExitStatus,
     /// The last bytes of its stderr, lossily decoded.
@@ -175,11 +179,15 @@ pub async fn run(
         .stderr
         .take()
         .ok_or_else(|| std::io::Error::other("stderr was not piped"))?;
-    let mut stdout_task = tokio::spawn(read_capped(stdout, limits.max_output_bytes));
+    let mut stdout_task = tokio::spawn(read_capped(
+        stdout,
+        limits.max_output_bytes,
+        Spool::new(&limits.spool_dir),
+    ));
     let stderr_task = tokio::spawn(read_tail(stderr, limits.stderr_keep));
 
     // EOF on stdout and the exit arrive in either order; both are needed.
-    let mut early_stdout: Option<Vec<u8>> = None;
+    let mut early_stdout: Option<ResultBody> = None;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
@@ -291,18 +299,21 @@ enum ReadError {
     Io(std::io::Error),
 }
 
-async fn read_capped(mut reader: impl AsyncRead + Unpin, cap: u64) -> Result<Vec<u8>, ReadError> {
-    let mut out = Vec::with_capacity(16 * 1024);
+async fn read_capped(
+    mut reader: impl AsyncRead + Unpin,
+    cap: u64,
+    mut out: Spool,
+) -> Result<ResultBody, ReadError> {
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let n = reader.read(&mut chunk).await.map_err(ReadError::Io)?;
         if n == 0 {
-            return Ok(out);
+            return out.finish().await.map_err(ReadError::Io);
         }
-        if out.len() as u64 + n as u64 > cap {
+        if out.len() + n as u64 > cap {
             return Err(ReadError::TooLarge);
         }
-        out.extend_from_slice(&chunk[..n]);
+        out.write(&chunk[..n]).await.map_err(ReadError::Io)?;
     }
 }
 
@@ -373,6 +384,11 @@ impl ScratchDir {
         Ok(Self { dir })
     }
 
+    /// The folder (also where large outputs are spooled).
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
     /// Writes `contents` to a new 0600 file that is removed when the returned guard drops.
     /// Secrets travel to connectors this way, never on the command line.
     pub fn write_secret_file(&self, contents: &[u8]) -> std::io::Result<SecretFile> {
@@ -424,6 +440,7 @@ mod tests {
             kill_grace: Duration::from_millis(200),
             max_output_bytes: 1 << 20,
             stderr_keep: 64,
+            spool_dir: std::env::temp_dir(),
         }
     }
 
@@ -444,7 +461,7 @@ mod tests {
         let out = run(&p, &a, &env(), &limits(5000), &CancellationToken::new())
             .await
             .unwrap();
-        assert_eq!(out.stdout, b"{\"ok\":1}\n");
+        assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"{\"ok\":1}\n");
         assert_eq!(out.stderr_tail, "oops\n");
         assert_eq!(describe_status(&out.status), "exited with code 3");
     }
@@ -457,7 +474,7 @@ mod tests {
             let out = run(&p, &a, &env(), &limits(10_000), &CancellationToken::new())
                 .await
                 .unwrap();
-            assert_eq!(out.stdout, b"ok\n");
+            assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"ok\n");
         }
     }
 
@@ -468,7 +485,7 @@ mod tests {
         let out = run(&p, &a, &env(), &limits(20_000), &CancellationToken::new())
             .await
             .unwrap();
-        assert_eq!(out.stdout, b"done\n");
+        assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"done\n");
         // Far below the 30 s the grandchild sleeps: the group was killed at the exit.
         assert!(started.elapsed() < Duration::from_secs(15));
     }
@@ -538,7 +555,7 @@ mod tests {
         let out = run(&p, &a, &e, &limits(5000), &CancellationToken::new())
             .await
             .unwrap();
-        let text = String::from_utf8(out.stdout).unwrap();
+        let text = String::from_utf8(out.stdout.to_bytes().await.unwrap().to_vec()).unwrap();
         assert!(text.contains("LUMOS_LOG_TO_STDOUT=false"));
         assert!(!text.contains("CARGO_PKG_NAME"), "{text}");
     }

@@ -16,6 +16,7 @@ pub mod exec;
 pub mod exit;
 pub mod metrics;
 pub mod native;
+pub mod output;
 pub mod plugins;
 pub mod service;
 pub mod state;

@@ -633,6 +633,7 @@ impl PluginLoader {
             kill_grace: self.config.get().calls.kill_grace,
             max_output_bytes: 16 << 20,
             stderr_keep: self.config.get().calls.stderr_log_bytes,
+            spool_dir: self.state.calls(),
         };
         let args = [OsString::from("info")];
         let output = exec::run(program, &args, &env, &limits, &CancellationToken::new()).await.map_err(|e| match e {
@@ -643,7 +644,12 @@ impl PluginLoader {
             exec::ExecError::Timeout(t) => format!("`info` gave no answer within {t:?} (plugins.info_timeout_secs)"),
             other => format!("`info` failed: {other}"),
         })?;
-        let parsed = info::parse(&output.stdout);
+        let stdout = output
+            .stdout
+            .to_bytes()
+            .await
+            .map_err(|e| format!("reading `info` output failed: {e}"))?;
+        let parsed = info::parse(&stdout);
         if !output.status.success() {
             let status = exec::describe_status(&output.status);
             let hint = output.stderr_tail.lines().last().unwrap_or("").trim();
