@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .build_transport(false)
+        // `bytes` fields as `bytes::Bytes`: a result chunk is a slice of the result, not a copy.
+        .bytes(".")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -306,6 +306,7 @@ async fn call(
         app_id: app_id.to_string(),
         capability: capability.to_string(),
         body,
+        deadline: None,
     };
     // A dropped request (client gone) drops this future, and with it the call's processes.
     match state

@@ -58,6 +58,9 @@ pub enum StartError {
     /// The tenant store cannot be opened.
     #[error(transparent)]
     Tenants(#[from] TenantStoreError),
+    /// The tunnel to the cloud cannot be set up (agent id, trust store).
+    #[error("cannot set up the tunnel to the Lumos cloud: {0}")]
+    Tunnel(#[from] crate::tunnel::TunnelSetupError),
     /// The API address cannot be bound.
     #[error("cannot listen on {addr}: {source} (set api.listen or --listen)")]
     Bind {
@@ -171,6 +174,22 @@ impl RunningAgent {
             shared.clone(),
             metrics.clone(),
         ));
+        let tunnel = match &config.cloud {
+            None => {
+                tracing::info!("no cloud.endpoint configured: standalone mode, local API only");
+                None
+            }
+            Some(cloud) => Some(crate::tunnel::TunnelContext::new(
+                cloud.clone(),
+                &state,
+                dispatcher.clone(),
+                registry.clone(),
+                draining.clone(),
+                abort.clone(),
+                tracker.clone(),
+                config.calls.drain_grace,
+            )?),
+        };
         let api_state = Arc::new(ApiState {
             dispatcher,
             metrics,
@@ -207,6 +226,9 @@ impl RunningAgent {
             "plugins-watch",
             watch_loop(reconciler, watch, draining.clone()),
         );
+        if let Some(tunnel) = tunnel {
+            agent.supervise("tunnel", crate::tunnel::run(tunnel));
+        }
         tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
         Ok(agent)
     }
@@ -318,6 +340,7 @@ impl RunningAgent {
             (new.state_dir != old.state_dir, "state_dir"),
             (new.api.listen != old.api.listen, "api.listen"),
             (new.log.format != old.log.format, "log.format"),
+            (new.cloud != old.cloud, "cloud"),
             (new.plugins.watch != old.plugins.watch, "plugins.watch"),
             (
                 new.plugins.rescan_interval != old.plugins.rescan_interval,

@@ -69,6 +69,131 @@ pub struct Config {
     pub log: LogConfig,
     /// Per-connector overrides, by app_id.
     pub connectors: BTreeMap<String, ConnectorOverride>,
+    /// The tunnel to the Lumos cloud; `None` is standalone mode (local API only).
+    pub cloud: Option<CloudConfig>,
+}
+
+/// How an agent prefers to be used within its cluster (`Hello.operation_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperationMode {
+    /// Any call.
+    Default,
+    /// Prefer reads.
+    ReadPreferred,
+    /// Prefer writes.
+    WritePreferred,
+}
+
+/// The tunnel to the Lumos cloud (`[cloud]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudConfig {
+    /// The cloud's gRPC endpoint, `https://host[:port]` (`http://` only with `allow_insecure`).
+    pub endpoint: hyper::Uri,
+    /// A file (mode 0600) holding the agent's bearer token.
+    pub token_file: PathBuf,
+    /// Permit a plain `http://` endpoint (tests, local fake clouds).
+    pub allow_insecure: bool,
+    /// Extra CA certificates (PEM) trusted for the cloud, besides the web PKI and system roots.
+    pub ca_file: Option<PathBuf>,
+    /// HTTP CONNECT proxy (`cloud.proxy`, else `HTTPS_PROXY` from the environment).
+    pub proxy: Option<ProxyUrl>,
+    /// Hosts reached without the proxy (`cloud.no_proxy`, else `NO_PROXY`).
+    pub no_proxy: Vec<String>,
+    /// The cluster this agent serves.
+    pub cluster_id: String,
+    /// How it prefers to be used in its cluster.
+    pub operation_mode: OperationMode,
+    /// Calls run at once for the cloud; more are answered `agent.busy`.
+    pub max_concurrent_calls: usize,
+    /// TCP + TLS + proxy set-up deadline, and the deadline for the cloud's Welcome.
+    pub connect_timeout: Duration,
+    /// First reconnect delay (before jitter).
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay; also the delay after an authentication failure.
+    pub backoff_max: Duration,
+    /// Unacknowledged results kept in memory; beyond this they are spooled to the state folder.
+    pub outbox_memory_bytes: u64,
+    /// Largest call payload accepted from the cloud (all chunks together).
+    pub max_request_bytes: u64,
+}
+
+/// A proxy URL; its password is never shown (`Debug`, `Display`, logs).
+#[derive(Clone, PartialEq)]
+pub struct ProxyUrl {
+    /// `host:port` of the proxy.
+    pub authority: String,
+    /// `user:password`, when the URL carries credentials (percent-decoded).
+    pub credentials: Option<zeroize::Zeroizing<String>>,
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.credentials {
+            Some(_) => write!(f, "http://[credentials]@{}", self.authority),
+            None => write!(f, "http://{}", self.authority),
+        }
+    }
+}
+
+/// Parses `http://[user[:password]@]host:port`.
+fn parse_proxy(text: &str) -> Result<ProxyUrl, String> {
+    let rest = text
+        .strip_prefix("http://")
+        .ok_or("a proxy URL must start with http:// (the CONNECT request is plain HTTP; the tunnel inside it is TLS)")?;
+    let rest = rest.trim_end_matches('/');
+    let (credentials, authority) = match rest.rsplit_once('@') {
+        Some((userinfo, authority)) => {
+            let decode = |part: &str| {
+                percent_decode(part).ok_or_else(|| {
+                    "the proxy credentials are not valid percent-encoding".to_string()
+                })
+            };
+            let joined = match userinfo.split_once(':') {
+                Some((user, password)) => format!("{}:{}", decode(user)?, decode(password)?),
+                None => format!("{}:", decode(userinfo)?),
+            };
+            (Some(zeroize::Zeroizing::new(joined)), authority)
+        }
+        None => (None, rest),
+    };
+    if authority.is_empty() || authority.contains('/') {
+        return Err("expected http://[user:password@]host:port".into());
+    }
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok(ProxyUrl {
+        authority,
+        credentials,
+    })
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The local API.
@@ -338,7 +463,7 @@ pub fn load_with_env(
             "built-in defaults"
         },
     };
-    validator.validate(table, origin, overrides)
+    validator.validate(table, origin, overrides, env)
 }
 
 /// Walks the merged table once, collecting every problem instead of stopping at the first.
@@ -358,6 +483,7 @@ const TOP_KEYS: &[&str] = &[
     "plugins",
     "log",
     "connectors",
+    "cloud",
 ];
 
 impl Validator {
@@ -380,6 +506,7 @@ impl Validator {
         mut table: Map<String, Value>,
         origin: ConfigOrigin,
         cli: &Overrides,
+        env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
         for (key, value) in &table {
             if !TOP_KEYS.contains(&key.as_str()) {
@@ -538,6 +665,7 @@ impl Validator {
             },
         };
         let connectors = self.connectors(&mut table);
+        let cloud = self.cloud(&mut table, env);
 
         if self.issues.is_empty() {
             Ok(Config {
@@ -549,6 +677,7 @@ impl Validator {
                 plugins,
                 log,
                 connectors,
+                cloud,
             })
         } else {
             Err(ConfigError::Invalid(self.issues))
@@ -753,6 +882,166 @@ impl Validator {
                 None
             }
         }
+    }
+
+    fn cloud(
+        &mut self,
+        table: &mut Map<String, Value>,
+        env: &[(String, String)],
+    ) -> Option<CloudConfig> {
+        let mut cloud = self.section(
+            table,
+            "cloud",
+            &[
+                "endpoint",
+                "token_file",
+                "allow_insecure",
+                "ca_file",
+                "proxy",
+                "no_proxy",
+                "cluster_id",
+                "operation_mode",
+                "max_concurrent_calls",
+                "connect_timeout_secs",
+                "backoff_initial_ms",
+                "backoff_max_secs",
+                "outbox_memory_bytes",
+                "max_request_bytes",
+            ],
+        );
+        let endpoint = self.string(&mut cloud, "cloud.endpoint");
+        let token_file = self.path(&mut cloud, "cloud.token_file").map(absolute);
+        let allow_insecure = self
+            .boolean(&mut cloud, "cloud.allow_insecure")
+            .unwrap_or(false);
+        let ca_file = self.path(&mut cloud, "cloud.ca_file").map(absolute);
+        let proxy_setting = self.string(&mut cloud, "cloud.proxy");
+        let no_proxy_setting = self.string_list(&mut cloud, "cloud.no_proxy");
+        let cluster_id = self
+            .string(&mut cloud, "cloud.cluster_id")
+            .map_or_else(|| "default".to_string(), |(id, _)| id);
+        let operation_mode = match self
+            .choice(
+                &mut cloud,
+                "cloud.operation_mode",
+                &["default", "read_preferred", "write_preferred"],
+            )
+            .as_deref()
+        {
+            Some("read_preferred") => OperationMode::ReadPreferred,
+            Some("write_preferred") => OperationMode::WritePreferred,
+            _ => OperationMode::Default,
+        };
+        let max_concurrent_calls = self
+            .uint(&mut cloud, "cloud.max_concurrent_calls", 1, 100_000)
+            .map_or(64, to_usize);
+        let connect_timeout = Duration::from_secs(
+            self.uint(&mut cloud, "cloud.connect_timeout_secs", 1, 600)
+                .unwrap_or(10),
+        );
+        let backoff_initial = Duration::from_millis(
+            self.uint(&mut cloud, "cloud.backoff_initial_ms", 1, 600_000)
+                .unwrap_or(500),
+        );
+        let backoff_max = Duration::from_secs(
+            self.uint(&mut cloud, "cloud.backoff_max_secs", 1, 86_400)
+                .unwrap_or(60),
+        );
+        let outbox_memory_bytes = self
+            .uint(&mut cloud, "cloud.outbox_memory_bytes", 0, u64::MAX)
+            .unwrap_or(64 << 20);
+        let max_request_bytes = self
+            .uint(&mut cloud, "cloud.max_request_bytes", 1024, 1 << 32)
+            .unwrap_or(64 << 20);
+
+        let (endpoint_text, endpoint_origin) = endpoint?;
+        let endpoint_origin = endpoint_origin.as_deref();
+        let endpoint = match endpoint_text.parse::<hyper::Uri>() {
+            Ok(uri) if uri.host().is_some() => match uri.scheme_str() {
+                Some("https") => Some(uri),
+                Some("http") if allow_insecure => Some(uri),
+                Some("http") => {
+                    self.issue("cloud.endpoint", endpoint_origin, format!("{endpoint_text:?} is plain http: the agent token and every call would travel unencrypted. Use https://, or set cloud.allow_insecure = true for a local test cloud"));
+                    None
+                }
+                _ => {
+                    self.issue(
+                        "cloud.endpoint",
+                        endpoint_origin,
+                        format!("{endpoint_text:?} must start with https://"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                self.issue(
+                    "cloud.endpoint",
+                    endpoint_origin,
+                    format!("{endpoint_text:?} is not a URL like https://agents.lumos.example:443"),
+                );
+                None
+            }
+        };
+        if token_file.is_none() {
+            self.issue(
+                "cloud.token_file",
+                endpoint_origin,
+                "required when cloud.endpoint is set: a file (mode 0600) holding the agent token from the Lumos admin console",
+            );
+        }
+        if backoff_initial > backoff_max {
+            self.issue(
+                "cloud.backoff_initial_ms",
+                None,
+                "must not be longer than cloud.backoff_max_secs",
+            );
+        }
+        let env_var = |names: &[&str]| {
+            names.iter().find_map(|name| {
+                env.iter()
+                    .find(|(k, v)| k == name && !v.trim().is_empty())
+                    .map(|(_, v)| v.clone())
+            })
+        };
+        let proxy = match proxy_setting {
+            Some((text, origin)) => Some((text, origin)),
+            None => env_var(&["HTTPS_PROXY", "https_proxy"])
+                .map(|t| (t, Some("the environment".to_string()))),
+        };
+        let proxy = proxy.and_then(|(text, origin)| match parse_proxy(&text) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.issue("cloud.proxy", origin.as_deref(), e);
+                None
+            }
+        });
+        let no_proxy = no_proxy_setting.unwrap_or_else(|| {
+            env_var(&["NO_PROXY", "no_proxy"])
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        Some(CloudConfig {
+            endpoint: endpoint?,
+            token_file: token_file?,
+            allow_insecure,
+            ca_file,
+            proxy,
+            no_proxy,
+            cluster_id,
+            operation_mode,
+            max_concurrent_calls,
+            connect_timeout,
+            backoff_initial,
+            backoff_max,
+            outbox_memory_bytes,
+            max_request_bytes,
+        })
     }
 
     fn connectors(

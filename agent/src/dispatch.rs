@@ -60,6 +60,8 @@ pub struct CallRequest {
     pub capability: String,
     /// The envelope parts.
     pub body: CallBody,
+    /// A deadline shorter than the connector's configured one (the tunnel's `deadline_ms`).
+    pub deadline: Option<Duration>,
 }
 
 /// A connector's answer, verbatim.
@@ -113,6 +115,7 @@ impl Dispatcher {
                 req.app_id.as_str(),
                 req.capability.as_str(),
                 &req.body,
+                req.deadline,
                 cancel,
             )
             .await;
@@ -149,6 +152,7 @@ impl Dispatcher {
         app_id: &str,
         capability: &str,
         body: &CallBody,
+        deadline: Option<Duration>,
         cancel: &CancellationToken,
     ) -> Result<CallAnswer, CallError> {
         let inventory = self.registry.snapshot();
@@ -179,10 +183,15 @@ impl Dispatcher {
             err.retry_after_seconds = Some(1);
             return Err(err);
         };
-        let timeout = match body.timeout_secs {
-            Some(secs) if secs > 0 => Duration::from_secs(secs).min(runnable.timeout),
-            _ => runnable.timeout,
-        };
+        let timeout = [
+            body.timeout_secs
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs),
+            deadline.filter(|d| !d.is_zero()),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(runnable.timeout, Duration::min);
         let version = connector.version.clone().unwrap_or_default();
         // The call stops when the caller cancels or when this version's drain grace runs out
         // (it was replaced or removed); the relay forwards the first into the second's child.
@@ -456,14 +465,14 @@ fn redact_secrets(text: &str, envelope: &[u8]) -> String {
 fn last_json_line(stdout: &ResultBody) -> Option<ResultBody> {
     let (start, end) = stdout.last_line().ok()??;
     let line = stdout.slice(start, end);
-    let starts_with_brace = line.reader().bytes().next().and_then(Result::ok) == Some(b'{');
+    let mut first = [0u8; 1];
+    let starts_with_brace = line.reader().read_exact(&mut first).is_ok() && first[0] == b'{';
     (starts_with_brace && line.is_one_json_document().is_ok()).then_some(line)
 }
 
 /// Whether the output is empty or only whitespace.
 fn blank(stdout: &ResultBody) -> bool {
-    stdout
-        .reader()
+    std::io::BufReader::new(stdout.reader())
         .bytes()
         .all(|b| b.is_ok_and(|b| b.is_ascii_whitespace()))
 }

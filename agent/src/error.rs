@@ -35,6 +35,9 @@ pub enum ErrorCode {
     Cancelled,
     /// The agent is draining and takes no new calls.
     ShuttingDown,
+    /// The call's id already ran on this agent and the cloud acknowledged its result; it is
+    /// not run twice.
+    DuplicateCall,
     /// A bug or an I/O failure inside the agent.
     Internal,
 }
@@ -56,6 +59,7 @@ impl ErrorCode {
             Self::Busy => "busy",
             Self::Cancelled => "cancelled",
             Self::ShuttingDown => "shutting_down",
+            Self::DuplicateCall => "duplicate_call",
             Self::Internal => "internal",
         }
     }
@@ -77,6 +81,7 @@ impl ErrorCode {
             Self::ConnectorRejected | Self::Busy | Self::ShuttingDown => 503,
             Self::Timeout => 504,
             Self::Cancelled => 499,
+            Self::DuplicateCall => 409,
             Self::Internal => 500,
         }
     }
@@ -89,6 +94,7 @@ impl ErrorCode {
             | Self::UnknownConnector
             | Self::UnsupportedCapability
             | Self::UnknownTenant
+            | Self::DuplicateCall
             | Self::Cancelled => "caller",
             Self::ConnectorCrashed
             | Self::BadOutput

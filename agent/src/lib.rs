@@ -22,3 +22,4 @@ pub mod service;
 pub mod state;
 pub mod telemetry;
 pub mod tenants;
+pub mod tunnel;

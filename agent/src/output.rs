@@ -108,6 +108,17 @@ impl ResultBody {
         }
     }
 
+    /// This body, moved out of memory into an unlinked file in `dir` (a no-op when spooled).
+    pub async fn spill(self, dir: &Path) -> io::Result<Self> {
+        let Self::Memory(bytes) = self else {
+            return Ok(self);
+        };
+        let mut spool = Spool::new(dir);
+        spool.force_file().await?;
+        spool.write(&bytes).await?;
+        spool.finish().await
+    }
+
     /// A blocking reader over the body, for streaming parsers.
     pub fn reader(&self) -> Box<dyn Read + Send> {
         match self {
@@ -253,12 +264,22 @@ impl Spool {
 
     /// Appends `data`.
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.len += data.len() as u64;
-        if let Some(file) = &mut self.file {
-            return file.write_all(data).await;
+        if self.file.is_none() && self.memory.len() + data.len() > SPOOL_THRESHOLD {
+            self.force_file().await?;
         }
-        if self.memory.len() + data.len() <= SPOOL_THRESHOLD {
-            self.memory.extend_from_slice(data);
+        self.len += data.len() as u64;
+        match &mut self.file {
+            Some(file) => file.write_all(data).await,
+            None => {
+                self.memory.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves what is collected to a file now; later writes go there.
+    async fn force_file(&mut self) -> io::Result<()> {
+        if self.file.is_some() {
             return Ok(());
         }
         // Unlinked at once (O_TMPFILE or create-then-unlink): nothing to clean up, ever.
@@ -268,7 +289,6 @@ impl Spool {
             .map_err(io::Error::other)??;
         let mut file = tokio::fs::File::from_std(std_file);
         file.write_all(&std::mem::take(&mut self.memory)).await?;
-        file.write_all(data).await?;
         self.file = Some(file);
         Ok(())
     }

@@ -48,6 +48,11 @@ impl StatePaths {
         Ok(())
     }
 
+    /// This install's stable identity for the cloud (`Hello.agent_id`).
+    pub fn agent_id(&self) -> PathBuf {
+        self.root.join("agent-id")
+    }
+
     /// The local API's admin bearer token.
     pub fn admin_token(&self) -> PathBuf {
         self.root.join("admin.token")

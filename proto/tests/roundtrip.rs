@@ -122,7 +122,7 @@ async fn hello_welcome_and_acked_results() {
         let chunk = CallResult {
             call_id: "call-7".into(),
             seq,
-            data: b"{}".to_vec(),
+            data: b"{}".to_vec().into(),
             last,
             status: CallStatus::ConnectorAnswered.into(),
         };

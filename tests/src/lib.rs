@@ -6,6 +6,8 @@
     reason = "test harness: a failed unwrap is a failed test"
 )]
 
+pub mod fake_cloud;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -18,8 +18,13 @@
 //! - `grandchild`: starts `sleep 3600` holding stdout, records its pid in `request.pid_file`,
 //!   answers and exits.
 //! - `close_stdout`: closes stdout without printing and exits 0.
+//! - `big`: answers `{"response": "aaa…", "n": <request.bytes>}` with `request.bytes` bytes of
+//!   `a` (default 1 MiB), written in pieces; the answer is valid JSON of any size.
 //! - `leak`: prints its whole input (secrets included) on stderr and exits 1, as a careless
 //!   connector might.
+//!
+//! Every capability first appends a line to `request.count_file` when given: tests count how
+//! many times a call really ran.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -43,6 +48,7 @@ const CAPABILITIES: &[&str] = &[
     "grandchild",
     "close_stdout",
     "leak",
+    "big",
 ];
 
 fn identity() -> (String, String) {
@@ -102,8 +108,35 @@ fn main() -> ExitCode {
         .pointer("/request/secs")
         .and_then(Value::as_u64)
         .unwrap_or(3600);
+    if let Some(path) = input.pointer("/request/count_file").and_then(Value::as_str) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("count file");
+        writeln!(file, "{command}").expect("count file");
+    }
     match command.as_str() {
         "echo" => print(&json!({"response": input})),
+        "big" => {
+            let bytes = input
+                .pointer("/request/bytes")
+                .and_then(Value::as_u64)
+                .unwrap_or(1 << 20);
+            let piece = vec![b'a'; 64 << 10];
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut left = bytes;
+            let mut ok = out.write_all(b"{\"response\": \"").is_ok();
+            while ok && left > 0 {
+                let n = left.min(piece.len() as u64);
+                ok = out.write_all(&piece[..n as usize]).is_ok();
+                left -= n;
+            }
+            ok = ok && writeln!(out, "\", \"n\": {bytes}}}").is_ok() && out.flush().is_ok();
+            if !ok {
+                return ExitCode::from(1);
+            }
+        }
         "env_dump" => {
             let env: serde_json::Map<String, Value> = std::env::vars()
                 .map(|(k, v)| (k, Value::String(v)))

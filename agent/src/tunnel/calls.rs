@@ -1,0 +1,319 @@
+//! The tunnel's memory of calls, across streams: which are running, which results wait for
+//! the cloud's `ResultAck` (the outbox), and which ids already ran and were acknowledged.
+//!
+//! This is what makes delivery exactly-once from the cloud's point of view: a result stays
+//! here until acknowledged and is sent again on every new stream; a `call_id` seen before is
+//! never run again.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::output::ResultBody;
+
+/// How many acknowledged call ids are remembered, to refuse a replay of an old call.
+const ACKED_MEMORY: usize = 100_000;
+
+/// How a call ended, as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The connector answered (its document is verbatim, even a connector error).
+    Answered,
+    /// The agent could not get an answer; the body is an agent error document.
+    AgentError,
+}
+
+/// A finished call's result, waiting for its acknowledgement.
+#[derive(Debug)]
+pub struct StoredResult {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The document.
+    pub body: ResultBody,
+    /// Whether the connector ran. A call refused before running (busy, draining) may be sent
+    /// again by the cloud and then runs.
+    pub ran: bool,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Running(CancellationToken),
+    Done(Arc<StoredResult>),
+}
+
+/// What to do with a call request.
+#[derive(Debug)]
+pub enum Admission {
+    /// Run it; the token stops it (`Cancel`, agent quit).
+    Run(CancellationToken),
+    /// It is running; its result is sent when ready.
+    AlreadyRunning,
+    /// It ran; its stored result was queued to be sent again.
+    Resent,
+    /// It ran and the cloud acknowledged the result: refuse to run it twice.
+    Acknowledged,
+    /// Too many calls run: answer `agent.busy`.
+    Busy,
+}
+
+/// Calls known to the tunnel. Shared by every stream of one agent run.
+#[derive(Debug)]
+pub struct CallTable {
+    inner: Mutex<Inner>,
+    /// Woken when a call finishes or a result is acknowledged.
+    pub changed: Notify,
+    spill_dir: PathBuf,
+    memory_budget: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    running: usize,
+    acked: HashSet<String>,
+    acked_order: VecDeque<String>,
+    memory_bytes: u64,
+    /// The current stream's queue of results to send.
+    sender: Option<mpsc::UnboundedSender<String>>,
+}
+
+impl CallTable {
+    /// A table that keeps up to `memory_budget` bytes of results in memory and spills the rest
+    /// to unlinked files in `spill_dir`.
+    pub fn new(spill_dir: PathBuf, memory_budget: u64) -> Self {
+        Self {
+            inner: Mutex::default(),
+            changed: Notify::new(),
+            spill_dir,
+            memory_budget,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("call table poisoned")
+    }
+
+    /// Decides what to do with a request for `call_id`; `Run` registers it as running.
+    pub fn admit(
+        &self,
+        call_id: &str,
+        max_running: usize,
+        parent: &CancellationToken,
+    ) -> Admission {
+        let mut inner = self.lock();
+        if inner.acked.contains(call_id) {
+            return Admission::Acknowledged;
+        }
+        match inner.entries.get(call_id) {
+            Some(Entry::Running(_)) => return Admission::AlreadyRunning,
+            Some(Entry::Done(result)) if result.ran => {
+                if let Some(sender) = &inner.sender {
+                    let _ = sender.send(call_id.to_string());
+                }
+                return Admission::Resent;
+            }
+            // Refused before running: this request may run.
+            Some(Entry::Done(_)) | None => {}
+        }
+        if inner.running >= max_running {
+            return Admission::Busy;
+        }
+        if let Some(Entry::Done(old)) = inner.entries.remove(call_id) {
+            if old.body.in_memory() {
+                inner.memory_bytes = inner.memory_bytes.saturating_sub(old.body.len());
+            }
+        }
+        let token = parent.child_token();
+        inner
+            .entries
+            .insert(call_id.to_string(), Entry::Running(token.clone()));
+        inner.running += 1;
+        Admission::Run(token)
+    }
+
+    /// Stores a call's result (spilling it to disk when memory is over budget) and queues it
+    /// on the current stream.
+    pub async fn finish(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
+        let over_budget = body.in_memory() && {
+            let inner = self.lock();
+            inner.memory_bytes.saturating_add(body.len()) > self.memory_budget
+        };
+        let body = if over_budget {
+            let len = body.len();
+            match body.clone().spill(&self.spill_dir).await {
+                Ok(spooled) => spooled,
+                Err(e) => {
+                    // Keeping it in memory loses nothing; the budget is a soft limit.
+                    tracing::warn!(call_id, bytes = len, error = %e, "cannot spill a result to the state folder; keeping it in memory");
+                    body
+                }
+            }
+        } else {
+            body
+        };
+        {
+            let mut inner = self.lock();
+            if body.in_memory() {
+                inner.memory_bytes += body.len();
+            }
+            let previous = inner.entries.insert(
+                call_id.to_string(),
+                Entry::Done(Arc::new(StoredResult { outcome, body, ran })),
+            );
+            if matches!(previous, Some(Entry::Running(_))) {
+                inner.running -= 1;
+            }
+            if let Some(sender) = &inner.sender {
+                let _ = sender.send(call_id.to_string());
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The cloud stored the result: forget it, and remember that the id ran.
+    pub fn acknowledge(&self, call_id: &str) -> bool {
+        let mut inner = self.lock();
+        let known = match inner.entries.get(call_id) {
+            Some(Entry::Done(result)) => {
+                let result = result.clone();
+                inner.entries.remove(call_id);
+                if result.body.in_memory() {
+                    inner.memory_bytes = inner.memory_bytes.saturating_sub(result.body.len());
+                }
+                if result.ran {
+                    inner.acked.insert(call_id.to_string());
+                    inner.acked_order.push_back(call_id.to_string());
+                    if inner.acked_order.len() > ACKED_MEMORY {
+                        if let Some(old) = inner.acked_order.pop_front() {
+                            inner.acked.remove(&old);
+                        }
+                    }
+                }
+                true
+            }
+            _ => false,
+        };
+        drop(inner);
+        self.changed.notify_waiters();
+        known
+    }
+
+    /// Stops a running call; anything else is ignored (harmless by contract).
+    pub fn cancel(&self, call_id: &str) -> bool {
+        match self.lock().entries.get(call_id) {
+            Some(Entry::Running(token)) => {
+                token.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A stored result, if the call finished and is not acknowledged yet.
+    pub fn result(&self, call_id: &str) -> Option<Arc<StoredResult>> {
+        match self.lock().entries.get(call_id) {
+            Some(Entry::Done(result)) => Some(result.clone()),
+            _ => None,
+        }
+    }
+
+    /// Makes a new stream the receiver of results: every unacknowledged one is queued at
+    /// once, oldest first is not guaranteed; later ones as they finish.
+    pub fn attach(&self) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inner = self.lock();
+        for (id, entry) in &inner.entries {
+            if matches!(entry, Entry::Done(_)) {
+                let _ = tx.send(id.clone());
+            }
+        }
+        inner.sender = Some(tx);
+        rx
+    }
+
+    /// Calls running now.
+    pub fn running(&self) -> usize {
+        self.lock().running
+    }
+
+    /// Results waiting for an acknowledgement.
+    pub fn unacknowledged(&self) -> usize {
+        let inner = self.lock();
+        inner.entries.len() - inner.running
+    }
+
+    /// Bytes of unacknowledged results held in memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.lock().memory_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn body(text: &'static str) -> ResultBody {
+        ResultBody::Memory(Bytes::from_static(text.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn a_call_runs_once_and_its_result_waits_for_the_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = CallTable::new(dir.path().to_path_buf(), 1 << 20);
+        let root = CancellationToken::new();
+        let mut rx = table.attach();
+        assert!(matches!(table.admit("c1", 4, &root), Admission::Run(_)));
+        assert!(matches!(
+            table.admit("c1", 4, &root),
+            Admission::AlreadyRunning
+        ));
+        table
+            .finish("c1", Outcome::Answered, body("{}"), true)
+            .await;
+        assert_eq!(rx.recv().await.as_deref(), Some("c1"));
+        // A replay before the ack re-sends the stored result.
+        assert!(matches!(table.admit("c1", 4, &root), Admission::Resent));
+        assert_eq!(rx.recv().await.as_deref(), Some("c1"));
+        // A new stream gets it again.
+        let mut rx2 = table.attach();
+        assert_eq!(rx2.recv().await.as_deref(), Some("c1"));
+        assert!(table.acknowledge("c1"));
+        assert!(table.result("c1").is_none());
+        assert!(matches!(
+            table.admit("c1", 4, &root),
+            Admission::Acknowledged
+        ));
+        assert!(!table.acknowledge("c1"), "a second ack is harmless");
+        assert_eq!(table.unacknowledged(), 0);
+    }
+
+    #[tokio::test]
+    async fn busy_calls_may_run_later_and_results_over_budget_spill() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = CallTable::new(dir.path().to_path_buf(), 4);
+        let root = CancellationToken::new();
+        let Admission::Run(token) = table.admit("a", 1, &root) else {
+            panic!("first call must run")
+        };
+        assert!(matches!(table.admit("b", 1, &root), Admission::Busy));
+        table
+            .finish("b", Outcome::AgentError, body("{busy}"), false)
+            .await;
+        // Over the 4-byte budget: spilled to an (unlinked) file, not counted in memory.
+        assert!(!table.result("b").unwrap().body.in_memory());
+        assert_eq!(table.memory_bytes(), 0);
+        assert!(table.cancel("a"));
+        assert!(token.is_cancelled());
+        table
+            .finish("a", Outcome::AgentError, body("{}"), true)
+            .await;
+        assert_eq!(table.memory_bytes(), 2);
+        // "b" never ran: a new request for it runs.
+        assert!(matches!(table.admit("b", 1, &root), Admission::Run(_)));
+        assert!(!table.cancel("nonexistent"));
+    }
+}

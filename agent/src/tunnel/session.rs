@@ -1,0 +1,656 @@
+//! One stream to the cloud: Hello → Welcome, then inventory, calls, results, acks, cancels and
+//! heartbeats until the stream dies, the cloud goes silent, or the agent stops.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lumos_agent_proto::v1::agent_tunnel_client::AgentTunnelClient;
+use lumos_agent_proto::v1::{
+    self as pb, agent_message, cloud_message, AgentMessage, CallStatus, CloudMessage,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+use super::calls::{Admission, CallTable, Outcome, StoredResult};
+use super::TunnelContext;
+use crate::config::OperationMode;
+use crate::dispatch::{CallBody, CallRequest};
+use crate::error::{CallError, ErrorCode};
+use crate::output::ResultBody;
+use crate::plugins::{ConnectorKind, ConnectorStatus, Inventory};
+
+/// Heartbeat interval when the cloud's Welcome names none.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+/// Chunk size when the cloud's Welcome names none.
+const DEFAULT_CHUNK: usize = 1 << 20;
+/// Largest chunk ever sent, whatever the cloud asks: under gRPC's 4 MiB default with room for
+/// the message's other fields.
+const MAX_CHUNK: usize = (4 << 20) - (64 << 10);
+/// Smallest chunk, so a bogus Welcome cannot make a result a million messages.
+const MIN_CHUNK: usize = 1024;
+/// Results queued for the stream at once: the memory a result costs in flight is about this
+/// many chunks.
+const DATA_QUEUE: usize = 4;
+
+/// How a stream that was welcomed ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The agent stopped (quit, or drained with every result delivered).
+    Finished,
+    /// The stream broke or went silent: reconnect.
+    Lost(String),
+}
+
+/// Why a stream was never welcomed.
+#[derive(Debug)]
+pub enum SessionError {
+    /// UNAUTHENTICATED or PERMISSION_DENIED.
+    Unauthorized(String),
+    /// Anything else.
+    Failed(String),
+}
+
+/// A call request being assembled from its chunks.
+struct Partial {
+    app_id: String,
+    capability: String,
+    tenant_id: String,
+    deadline_ms: u64,
+    next_seq: u32,
+    payload: Vec<u8>,
+}
+
+/// Runs one stream over `channel`.
+pub async fn run(
+    ctx: &TunnelContext,
+    channel: Channel,
+    token: &str,
+) -> Result<SessionEnd, SessionError> {
+    let (control_tx, control_rx) = mpsc::channel::<AgentMessage>(64);
+    let (data_tx, data_rx) = mpsc::channel::<AgentMessage>(DATA_QUEUE);
+    control_tx
+        .try_send(message(agent_message::Message::Hello(hello(ctx))))
+        .map_err(|_| SessionError::Failed("internal: cannot queue Hello".into()))?;
+    let outbound = ReceiverStream::new(control_rx).merge(ReceiverStream::new(data_rx));
+
+    let mut request = tonic::Request::new(outbound);
+    let mut bearer =
+        tonic::metadata::MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+            SessionError::Failed("the agent token holds characters not allowed in a header".into())
+        })?;
+    bearer.set_sensitive(true);
+    request.metadata_mut().insert("authorization", bearer);
+
+    let mut client = AgentTunnelClient::new(channel)
+        .max_decoding_message_size(MAX_CHUNK + (1 << 20))
+        .max_encoding_message_size(MAX_CHUNK + (1 << 20));
+    let timeout = ctx.cloud.connect_timeout;
+    let response = tokio::time::timeout(timeout, client.connect(request))
+        .await
+        .map_err(|_| SessionError::Failed(format!("the cloud did not answer within {timeout:?}")))?
+        .map_err(status_error)?;
+    let mut inbound = response.into_inner();
+    let welcome = match tokio::time::timeout(timeout, inbound.message()).await {
+        Err(_) => {
+            return Err(SessionError::Failed(format!(
+                "no Welcome within {timeout:?}"
+            )))
+        }
+        Ok(Err(status)) => return Err(status_error(status)),
+        Ok(Ok(None)) => {
+            return Err(SessionError::Failed(
+                "the cloud closed the stream before its Welcome".into(),
+            ))
+        }
+        Ok(Ok(Some(CloudMessage {
+            message: Some(cloud_message::Message::Welcome(welcome)),
+        }))) => welcome,
+        Ok(Ok(Some(_))) => {
+            return Err(SessionError::Failed(
+                "the cloud's first message was not a Welcome".into(),
+            ))
+        }
+    };
+    let heartbeat = match welcome.heartbeat_interval_ms {
+        0 => DEFAULT_HEARTBEAT,
+        ms => Duration::from_millis(u64::from(ms)).max(Duration::from_millis(50)),
+    };
+    let chunk = match welcome.max_chunk_size {
+        0 => DEFAULT_CHUNK,
+        n => usize::try_from(n)
+            .unwrap_or(MAX_CHUNK)
+            .clamp(MIN_CHUNK, MAX_CHUNK),
+    };
+    tracing::info!(
+        session_id = %welcome.session_id,
+        heartbeat_ms = heartbeat.as_millis() as u64,
+        chunk_bytes = chunk,
+        "connected to the Lumos cloud"
+    );
+
+    let mut session = Session {
+        ctx,
+        control: control_tx,
+        data: data_tx.clone(),
+        partials: HashMap::new(),
+        refused: HashSet::new(),
+    };
+    let mut inventory = ctx.registry.subscribe();
+    let snapshot = inventory.borrow_and_update().clone();
+    session.send_control(inventory_message(&snapshot)).await;
+
+    // Every unacknowledged result goes out again on this stream, then each new one.
+    let results = ctx.table.attach();
+    let pump = tokio::spawn(pump_results(ctx.table.clone(), results, data_tx, chunk));
+    let _pump_guard = AbortOnDrop(pump.abort_handle());
+    let mut pump = pump;
+
+    let mut last_heard = Instant::now();
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_announced = false;
+    loop {
+        if ctx.draining.is_cancelled() {
+            if !drain_announced {
+                drain_announced = true;
+                let in_flight = u32::try_from(ctx.table.running()).unwrap_or(u32::MAX);
+                tracing::info!(in_flight, "telling the cloud this agent is draining");
+                session
+                    .send_control(message(agent_message::Message::Draining(pb::Draining {
+                        grace_ms: u64::try_from(ctx.grace.as_millis()).unwrap_or(u64::MAX),
+                        in_flight,
+                    })))
+                    .await;
+            }
+            if super::idle(&ctx.table) {
+                tracing::info!("every result is delivered; closing the tunnel");
+                return Ok(SessionEnd::Finished);
+            }
+        }
+        let changed = ctx.table.changed.notified();
+        tokio::select! {
+            biased;
+            () = ctx.abort.cancelled() => return Ok(SessionEnd::Finished),
+            received = inbound.message() => match received {
+                Ok(Some(msg)) => {
+                    last_heard = Instant::now();
+                    session.handle(msg).await;
+                }
+                Ok(None) => return Ok(SessionEnd::Lost("the cloud closed the stream".into())),
+                Err(status) => return Ok(SessionEnd::Lost(format!("the stream failed: {}", describe_status(&status)))),
+            },
+            _ = ticker.tick() => {
+                if last_heard.elapsed() >= heartbeat * 3 {
+                    return Ok(SessionEnd::Lost(format!(
+                        "nothing from the cloud for {:?} (3 heartbeat intervals)",
+                        last_heard.elapsed()
+                    )));
+                }
+                // Never wait on a full queue for a heartbeat: a full queue is traffic enough.
+                let _ = session.control.try_send(message(agent_message::Message::Heartbeat(now_heartbeat())));
+            }
+            Ok(()) = inventory.changed() => {
+                let snapshot = inventory.borrow_and_update().clone();
+                tracing::info!(revision = snapshot.revision, "sending the new inventory to the cloud");
+                session.send_control(inventory_message(&snapshot)).await;
+            }
+            () = ctx.draining.cancelled(), if !drain_announced => {}
+            () = changed, if drain_announced => {}
+            _ = &mut pump => return Ok(SessionEnd::Lost("the stream stopped taking results".into())),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Session<'a> {
+    ctx: &'a TunnelContext,
+    control: mpsc::Sender<AgentMessage>,
+    data: mpsc::Sender<AgentMessage>,
+    partials: HashMap<String, Partial>,
+    /// Calls whose chunks were refused: their later chunks are dropped until the last one.
+    refused: HashSet<String>,
+}
+
+impl Session<'_> {
+    async fn send_control(&self, msg: AgentMessage) {
+        // A closed queue means the stream is gone; the main loop notices on its next read.
+        let _ = self.control.send(msg).await;
+    }
+
+    async fn handle(&mut self, msg: CloudMessage) {
+        match msg.message {
+            Some(cloud_message::Message::CallRequest(chunk)) => self.on_chunk(chunk).await,
+            Some(cloud_message::Message::ResultAck(ack)) => {
+                if !self.ctx.table.acknowledge(&ack.call_id) {
+                    tracing::debug!(call_id = %ack.call_id, "ack for a result this agent does not hold (already acknowledged)");
+                }
+            }
+            Some(cloud_message::Message::Cancel(cancel)) => {
+                if self.ctx.table.cancel(&cancel.call_id) {
+                    tracing::info!(call_id = %cancel.call_id, "call cancelled by the cloud");
+                } else {
+                    tracing::debug!(call_id = %cancel.call_id, "cancel for a call that is not running (finished or unknown): nothing to do");
+                }
+                // A call still being received is dropped too.
+                self.partials.remove(&cancel.call_id);
+            }
+            Some(cloud_message::Message::Heartbeat(_)) => {}
+            Some(cloud_message::Message::Welcome(_)) => {
+                tracing::debug!("a second Welcome on one stream was ignored");
+            }
+            // A message kind newer than this agent: ignored, per the protocol's versioning.
+            None => tracing::debug!("an empty or unknown cloud message was ignored"),
+        }
+    }
+
+    async fn on_chunk(&mut self, chunk: pb::CallRequest) {
+        let call_id = chunk.call_id.clone();
+        if call_id.is_empty() {
+            tracing::warn!("a CallRequest without call_id was ignored: there is no id to answer");
+            return;
+        }
+        if self.refused.contains(&call_id) {
+            if chunk.last {
+                self.refused.remove(&call_id);
+            }
+            return;
+        }
+        let max_request = self.ctx.cloud.max_request_bytes;
+        let partial = match self.partials.remove(&call_id) {
+            None if chunk.seq == 0 => {
+                if self.partials.len() >= self.ctx.cloud.max_concurrent_calls.saturating_mul(2) {
+                    return self
+                        .refuse(&call_id, &chunk, busy(self.ctx.cloud.max_concurrent_calls))
+                        .await;
+                }
+                Partial {
+                    app_id: chunk.app_id.clone(),
+                    capability: chunk.capability.clone(),
+                    tenant_id: chunk.tenant_id.clone(),
+                    deadline_ms: chunk.deadline_ms,
+                    next_seq: 1,
+                    payload: chunk.payload.to_vec(),
+                }
+            }
+            None => {
+                let err = CallError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "chunk {} of call {call_id} arrived without chunk 0; send the call again",
+                        chunk.seq
+                    ),
+                );
+                return self.refuse(&call_id, &chunk, err).await;
+            }
+            Some(mut partial) => {
+                if chunk.seq != partial.next_seq {
+                    let err = CallError::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "chunk {} of call {call_id} arrived, expected {}; send the call again",
+                            chunk.seq, partial.next_seq
+                        ),
+                    );
+                    return self.refuse(&call_id, &chunk, err).await;
+                }
+                partial.next_seq += 1;
+                partial.payload.extend_from_slice(&chunk.payload);
+                partial
+            }
+        };
+        if partial.payload.len() as u64 > max_request {
+            let err = CallError::new(
+                ErrorCode::BadRequest,
+                format!("the payload of call {call_id} is over {max_request} bytes (cloud.max_request_bytes)"),
+            );
+            return self.refuse(&call_id, &chunk, err).await;
+        }
+        if chunk.last {
+            self.start(call_id, partial).await;
+        } else {
+            self.partials.insert(call_id, partial);
+        }
+    }
+
+    /// Answers a call with an error without running it. The result is stored like any other
+    /// (and acknowledged like any other); the call may be sent again and then run.
+    async fn refuse(&mut self, call_id: &str, chunk: &pb::CallRequest, err: CallError) {
+        tracing::warn!(
+            call_id,
+            code = err.code.as_str(),
+            "call refused: {}",
+            err.message
+        );
+        if !chunk.last {
+            self.refused.insert(call_id.to_string());
+        }
+        self.partials.remove(call_id);
+        let app_id = (!chunk.app_id.is_empty()).then_some(chunk.app_id.as_str());
+        store_refusal(&self.ctx.table, call_id, app_id, &err).await;
+    }
+
+    async fn start(&mut self, call_id: String, partial: Partial) {
+        let ctx = self.ctx;
+        let app_id = Some(partial.app_id.as_str()).filter(|a| !a.is_empty());
+        if ctx.draining.is_cancelled() {
+            let err = CallError::new(
+                ErrorCode::ShuttingDown,
+                "this agent is shutting down and takes no new calls; send it to another agent of the cluster",
+            );
+            return store_refusal(&ctx.table, &call_id, app_id, &err).await;
+        }
+        let token = match ctx
+            .table
+            .admit(&call_id, ctx.cloud.max_concurrent_calls, &ctx.abort)
+        {
+            Admission::Run(token) => token,
+            Admission::AlreadyRunning => {
+                tracing::info!(%call_id, "call already running: its result follows when ready, it is not run twice");
+                return;
+            }
+            Admission::Resent => {
+                tracing::info!(%call_id, "call already ran: sending its stored result again, not running it twice");
+                return;
+            }
+            Admission::Acknowledged => {
+                let err = CallError::new(
+                    ErrorCode::DuplicateCall,
+                    format!("call {call_id} already ran on this agent and its result was acknowledged; it is not run twice"),
+                );
+                tracing::warn!(%call_id, "{}", err.message);
+                // Not stored: the cloud already holds this call's result.
+                let _ = send_result(
+                    &self.data,
+                    &call_id,
+                    &StoredResult {
+                        outcome: Outcome::AgentError,
+                        body: ResultBody::from(err.to_json_bytes(app_id)),
+                        ran: false,
+                    },
+                    DEFAULT_CHUNK,
+                )
+                .await;
+                return;
+            }
+            Admission::Busy => {
+                return store_refusal(
+                    &ctx.table,
+                    &call_id,
+                    app_id,
+                    &busy(ctx.cloud.max_concurrent_calls),
+                )
+                .await
+            }
+        };
+        let dispatcher = ctx.dispatcher.clone();
+        let table = ctx.table.clone();
+        ctx.tracker.spawn(async move {
+            let app_id = partial.app_id.clone();
+            let (outcome, body) = match parse_call(partial) {
+                Err(err) => (
+                    Outcome::AgentError,
+                    ResultBody::from(err.to_json_bytes(Some(&app_id))),
+                ),
+                Ok(request) => match dispatcher.call(request, &token).await {
+                    Ok(answer) => (Outcome::Answered, answer.json),
+                    Err(err) => (
+                        Outcome::AgentError,
+                        ResultBody::from(err.to_json_bytes(Some(&app_id))),
+                    ),
+                },
+            };
+            table.finish(&call_id, outcome, body, true).await;
+        });
+    }
+}
+
+fn busy(limit: usize) -> CallError {
+    let mut err = CallError::new(
+        ErrorCode::Busy,
+        format!("this agent is running its maximum of {limit} calls (cloud.max_concurrent_calls); retry shortly"),
+    );
+    err.retry_after_seconds = Some(1);
+    err
+}
+
+async fn store_refusal(table: &CallTable, call_id: &str, app_id: Option<&str>, err: &CallError) {
+    // Never overwrite a call that runs or ran under this id: its own result stands.
+    match table.result(call_id) {
+        Some(existing) if existing.ran => return,
+        _ => {}
+    }
+    if matches!(
+        table.admit(
+            call_id,
+            usize::MAX,
+            &tokio_util::sync::CancellationToken::new()
+        ),
+        Admission::Run(_)
+    ) {
+        table
+            .finish(
+                call_id,
+                Outcome::AgentError,
+                ResultBody::from(err.to_json_bytes(app_id)),
+                false,
+            )
+            .await;
+    }
+}
+
+/// The dispatcher's request from an assembled CallRequest.
+fn parse_call(partial: Partial) -> Result<CallRequest, CallError> {
+    if partial.app_id.is_empty() || partial.capability.is_empty() {
+        return Err(CallError::new(
+            ErrorCode::BadRequest,
+            "the call names no app_id or no capability",
+        ));
+    }
+    let mut body: CallBody = if partial.payload.iter().all(u8::is_ascii_whitespace) {
+        CallBody::default()
+    } else {
+        serde_json::from_slice(&partial.payload).map_err(|e| {
+            CallError::new(
+                ErrorCode::BadRequest,
+                format!("the call's payload is not a valid envelope ({e}); expected {{\"request\", \"settings\", \"auth\" | \"credentials\", \"page\", \"include_raw_data\"}}"),
+            )
+        })?
+    };
+    // Zeroize the payload (it may hold credentials) now that it is parsed.
+    drop(zeroize::Zeroizing::new(partial.payload));
+    if !partial.tenant_id.is_empty() {
+        match &body.tenant_id {
+            Some(inner) if inner != &partial.tenant_id => {
+                return Err(CallError::new(
+                    ErrorCode::BadRequest,
+                    "the payload's tenant_id differs from the call's",
+                ))
+            }
+            _ => body.tenant_id = Some(partial.tenant_id),
+        }
+    }
+    Ok(CallRequest {
+        app_id: partial.app_id,
+        capability: partial.capability,
+        body,
+        deadline: (partial.deadline_ms > 0).then(|| Duration::from_millis(partial.deadline_ms)),
+    })
+}
+
+/// Sends each queued result, chunk by chunk, while the stream lasts.
+async fn pump_results(
+    table: Arc<CallTable>,
+    mut queue: mpsc::UnboundedReceiver<String>,
+    data: mpsc::Sender<AgentMessage>,
+    chunk: usize,
+) {
+    while let Some(call_id) = queue.recv().await {
+        // Acknowledged meanwhile (a duplicate in the queue): nothing to send.
+        let Some(result) = table.result(&call_id) else {
+            continue;
+        };
+        if send_result(&data, &call_id, &result, chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `Err` when the stream is gone.
+async fn send_result(
+    data: &mpsc::Sender<AgentMessage>,
+    call_id: &str,
+    result: &StoredResult,
+    chunk: usize,
+) -> Result<(), ()> {
+    let status = match result.outcome {
+        Outcome::Answered => CallStatus::ConnectorAnswered,
+        Outcome::AgentError => CallStatus::AgentError,
+    };
+    let len = result.body.len();
+    let mut offset = 0u64;
+    let mut seq = 0u32;
+    loop {
+        let data_chunk = match result.body.read_at(offset, chunk).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // The spool file is unreadable: this result cannot be delivered. Say so loudly;
+                // the cloud will time the call out.
+                tracing::error!(call_id, error = %e, "cannot read a stored result; it cannot be sent");
+                return Ok(());
+            }
+        };
+        offset += data_chunk.len() as u64;
+        let last = offset >= len;
+        let msg = message(agent_message::Message::CallResult(pb::CallResult {
+            call_id: call_id.to_string(),
+            seq,
+            data: data_chunk,
+            last,
+            status: status as i32,
+        }));
+        data.send(msg).await.map_err(|_| ())?;
+        if last {
+            return Ok(());
+        }
+        seq += 1;
+    }
+}
+
+fn message(msg: agent_message::Message) -> AgentMessage {
+    AgentMessage { message: Some(msg) }
+}
+
+fn now_heartbeat() -> pb::Heartbeat {
+    pb::Heartbeat {
+        sent_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    }
+}
+
+fn hello(ctx: &TunnelContext) -> pb::Hello {
+    let mode = match ctx.cloud.operation_mode {
+        OperationMode::Default => pb::OperationMode::Default,
+        OperationMode::ReadPreferred => pb::OperationMode::ReadPreferred,
+        OperationMode::WritePreferred => pb::OperationMode::WritePreferred,
+    };
+    pb::Hello {
+        agent_id: ctx.agent_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol_version: lumos_agent_proto::PROTOCOL_VERSION,
+        hostname: hostname(),
+        os: std::env::consts::OS.to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        cluster_id: ctx.cloud.cluster_id.clone(),
+        operation_mode: mode as i32,
+        max_concurrent_calls: u32::try_from(ctx.cloud.max_concurrent_calls).unwrap_or(u32::MAX),
+    }
+}
+
+fn hostname() -> String {
+    #[cfg(unix)]
+    {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::var("COMPUTERNAME").unwrap_or_default()
+    }
+}
+
+/// The proto form of an inventory.
+fn inventory_message(inventory: &Inventory) -> AgentMessage {
+    let connectors = inventory
+        .connectors
+        .iter()
+        .map(|c| {
+            let status = inventory.status_of(c);
+            pb::Connector {
+                app_id: c.app_id.clone().unwrap_or_default(),
+                version: c.version.clone().unwrap_or_default(),
+                kind: match c.kind {
+                    Some(ConnectorKind::Bundle) => pb::ConnectorKind::Bundle,
+                    Some(ConnectorKind::Executable) => pb::ConnectorKind::Executable,
+                    Some(ConnectorKind::Cdylib) => pb::ConnectorKind::Cdylib,
+                    None => pb::ConnectorKind::Unspecified,
+                } as i32,
+                sha256: c.sha256.clone().unwrap_or_default(),
+                status: match status {
+                    ConnectorStatus::Ready => pb::ConnectorStatus::Ready,
+                    ConnectorStatus::Superseded => pb::ConnectorStatus::Superseded,
+                    ConnectorStatus::Rejected => pb::ConnectorStatus::Rejected,
+                } as i32,
+                reason: c.reason.clone().unwrap_or_default(),
+                info: c
+                    .runnable
+                    .as_ref()
+                    .and_then(|r| serde_json::to_vec(r.info.document.as_ref()).ok())
+                    .map(Bytes::from)
+                    .unwrap_or_default(),
+                file_name: c.file_name(),
+            }
+        })
+        .collect();
+    message(agent_message::Message::Inventory(pb::Inventory {
+        revision: inventory.revision,
+        connectors,
+    }))
+}
+
+fn status_error(status: tonic::Status) -> SessionError {
+    match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            SessionError::Unauthorized(describe_status(&status))
+        }
+        _ => SessionError::Failed(describe_status(&status)),
+    }
+}
+
+fn describe_status(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}", status.code());
+    if !status.message().is_empty() {
+        text.push_str(": ");
+        text.push_str(status.message());
+    }
+    if let Some(source) = std::error::Error::source(status) {
+        text.push_str(" (");
+        text.push_str(&super::transport::error_chain(source));
+        text.push(')');
+    }
+    text
+}

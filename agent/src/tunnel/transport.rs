@@ -1,0 +1,345 @@
+//! The connection under the tunnel: TCP, optionally through an HTTP CONNECT proxy, then TLS
+//! (rustls) with ALPN `h2`. tonic speaks HTTP/2 over whatever this returns.
+//!
+//! Why the agent does TLS itself rather than through tonic's TLS features: the proxy's CONNECT
+//! must happen before the TLS handshake, and the trust store is the union of the web PKI, the
+//! system store and an optional extra CA file, which tonic's options do not combine.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::header::{HeaderValue, HOST, PROXY_AUTHORIZATION};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{CloudConfig, ProxyUrl};
+
+/// Why the agent could not reach the cloud.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The trust store could not be built (a bad `cloud.ca_file`).
+    #[error("cannot use cloud.ca_file {path}: {message}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// TCP, proxy or TLS failed.
+    #[error("cannot connect to {target}: {message}")]
+    Connect {
+        /// Where to.
+        target: String,
+        /// What failed, for a person.
+        message: String,
+    },
+}
+
+/// Streams the connector hands to tonic.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Connects to the cloud endpoint as configured. Cheap to clone.
+#[derive(Clone)]
+pub struct CloudConnector {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CloudConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudConnector")
+            .field("host", &self.inner.host)
+            .field("port", &self.inner.port)
+            .field("tls", &self.inner.tls.is_some())
+            .field("proxy", &self.inner.proxy)
+            .finish()
+    }
+}
+
+struct Inner {
+    endpoint: Uri,
+    host: String,
+    port: u16,
+    tls: Option<tokio_rustls::TlsConnector>,
+    proxy: Option<ProxyUrl>,
+    timeout: Duration,
+}
+
+impl CloudConnector {
+    /// Builds the trust store and proxy choice for `cloud`.
+    pub fn new(cloud: &CloudConfig) -> Result<Self, TransportError> {
+        let host = cloud
+            .endpoint
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let https = cloud.endpoint.scheme_str() == Some("https");
+        let port = cloud
+            .endpoint
+            .port_u16()
+            .unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            Some(tokio_rustls::TlsConnector::from(Arc::new(client_config(
+                cloud.ca_file.as_deref(),
+            )?)))
+        } else {
+            None
+        };
+        let proxy = cloud
+            .proxy
+            .clone()
+            .filter(|_| !bypasses_proxy(&host, &cloud.no_proxy));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint: cloud.endpoint.clone(),
+                host,
+                port,
+                tls,
+                proxy,
+                timeout: cloud.connect_timeout,
+            }),
+        })
+    }
+
+    /// A tonic channel over a fresh connection (proxy and TLS included).
+    pub async fn channel(&self) -> Result<Channel, TransportError> {
+        let inner = self.inner.clone();
+        let target = self.target();
+        let io = tokio::time::timeout(inner.timeout, inner.connect())
+            .await
+            .map_err(|_| TransportError::Connect {
+                target: target.clone(),
+                message: format!(
+                    "no connection within {:?} (cloud.connect_timeout_secs)",
+                    inner.timeout
+                ),
+            })??;
+        // The connection is made once, here; tonic gets it through a one-shot connector.
+        let slot = Arc::new(std::sync::Mutex::new(Some(io)));
+        let connector = tower::service_fn(move |_: Uri| {
+            let io = slot.lock().expect("connection slot poisoned").take();
+            async move {
+                io.map(TokioIo::new)
+                    .ok_or_else(|| io::Error::other("the tunnel connection was already used"))
+            }
+        });
+        Endpoint::from(inner.endpoint.clone())
+            // Large results go as many chunks; keep HTTP/2 windows big enough to stream them.
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(8 << 20))
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| TransportError::Connect {
+                target,
+                message: format!("HTTP/2 set-up failed: {}", error_chain(&e)),
+            })
+    }
+
+    /// `host:port`, and the proxy when one is used, for messages.
+    pub fn target(&self) -> String {
+        match &self.inner.proxy {
+            Some(proxy) => format!("{}:{} via proxy {proxy}", self.inner.host, self.inner.port),
+            None => format!("{}:{}", self.inner.host, self.inner.port),
+        }
+    }
+}
+
+impl Inner {
+    async fn connect(&self) -> Result<Box<dyn Io>, TransportError> {
+        let fail = |message: String| TransportError::Connect {
+            target: format!("{}:{}", self.host, self.port),
+            message,
+        };
+        let stream: Box<dyn Io> = match &self.proxy {
+            None => Box::new(
+                TcpStream::connect((self.host.as_str(), self.port))
+                    .await
+                    .map_err(|e| fail(format!("TCP: {e}")))?,
+            ),
+            Some(proxy) => Box::new(
+                connect_via_proxy(proxy, &self.host, self.port)
+                    .await
+                    .map_err(|e| fail(format!("proxy {proxy}: {e}")))?,
+            ),
+        };
+        let Some(tls) = &self.tls else {
+            return Ok(stream);
+        };
+        let name = ServerName::try_from(self.host.clone()).map_err(|e| {
+            fail(format!(
+                "{:?} is not a valid TLS server name: {e}",
+                self.host
+            ))
+        })?;
+        let stream = tls
+            .connect(name, stream)
+            .await
+            .map_err(|e| fail(format!("TLS: {e}")))?;
+        Ok(Box::new(stream))
+    }
+}
+
+/// rustls settings: web PKI roots, the system store and `ca_file`; HTTP/2 by ALPN.
+fn client_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!("system certificate store: {error}");
+    }
+    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(system_roots = added, "trust store loaded");
+    if let Some(path) = ca_file {
+        let bad = |message: String| TransportError::CaFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let mut count = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+            let cert = cert.map_err(|e| bad(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("a certificate is not usable as a CA: {e}")))?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(bad("it holds no PEM certificate".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TransportError::Connect {
+            target: "TLS".into(),
+            message: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// `CONNECT host:port` through the proxy (hyper's HTTP/1 client, upgraded to a raw stream).
+async fn connect_via_proxy(proxy: &ProxyUrl, host: &str, port: u16) -> io::Result<impl Io> {
+    let tcp = TcpStream::connect(proxy.authority.as_str()).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!("proxy connection: {e}");
+        }
+    });
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.as_str())
+        .header(HOST, authority.as_str())
+        .body(Empty::<Bytes>::new())
+        .map_err(io::Error::other)?;
+    if let Some(credentials) = &proxy.credentials {
+        let encoded = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD.encode(credentials.as_bytes()),
+        );
+        let mut value = HeaderValue::from_str(&format!("Basic {}", encoded.as_str()))
+            .map_err(io::Error::other)?;
+        // Kept out of hyper's debug output and HPACK tables.
+        value.set_sensitive(true);
+        request.headers_mut().insert(PROXY_AUTHORIZATION, value);
+    }
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(io::Error::other)?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+            return Err(io::Error::other(if proxy.credentials.is_some() {
+                "the proxy refused its credentials (407)"
+            } else {
+                "the proxy wants credentials (407): put them in cloud.proxy as http://user:password@host:port"
+            }))
+        }
+        status => {
+            return Err(io::Error::other(format!(
+                "the proxy answered CONNECT with {status}"
+            )))
+        }
+    }
+    let upgraded = hyper::upgrade::on(response)
+        .await
+        .map_err(io::Error::other)?;
+    Ok(TokioIo::new(upgraded))
+}
+
+/// `NO_PROXY` rules: `*`, exact host names and IPs, and domain suffixes (`.corp` or `corp`).
+pub fn bypasses_proxy(host: &str, no_proxy: &[String]) -> bool {
+    let host = host.to_ascii_lowercase();
+    no_proxy.iter().any(|rule| {
+        let rule = rule.trim().to_ascii_lowercase();
+        // A rule may carry a port (`host:443`); hosts are compared without it.
+        let rule = match rule.rsplit_once(':') {
+            Some((name, port)) if !name.contains(':') && port.parse::<u16>().is_ok() => {
+                name.to_string()
+            }
+            _ => rule,
+        };
+        let suffix = rule.trim_start_matches('.');
+        rule == "*"
+            || (!suffix.is_empty() && (host == suffix || host.ends_with(&format!(".{suffix}"))))
+    })
+}
+
+/// An error and its sources, joined: tonic's top-level "transport error" alone says nothing.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_proxy_rules() {
+        let rules: Vec<String> = ["corp.example", ".internal", "10.0.0.5", "svc:443"]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect();
+        assert!(bypasses_proxy("corp.example", &rules));
+        assert!(bypasses_proxy("api.corp.example", &rules));
+        assert!(bypasses_proxy("db.internal", &rules));
+        assert!(bypasses_proxy("10.0.0.5", &rules));
+        assert!(bypasses_proxy("SVC", &rules));
+        assert!(!bypasses_proxy("notcorp.example", &rules));
+        assert!(!bypasses_proxy("agents.lumos.example", &rules));
+        assert!(bypasses_proxy("anything", &["*".to_string()]));
+        assert!(!bypasses_proxy("anything", &[]));
+    }
+}

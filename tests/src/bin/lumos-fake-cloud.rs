@@ -1,0 +1,175 @@
+//! A fake Lumos cloud for connector developers: start it, point an agent at it, type calls,
+//! see the results.
+//!
+//! ```text
+//! cargo run -p lumos-agent-integration --bin lumos-fake-cloud -- --listen 127.0.0.1:50051
+//! ```
+//!
+//! It prints the `[cloud]` section to give the agent, writes the agent token file, then reads
+//! commands on stdin:
+//!
+//! - `call <app_id> <capability> [tenant_id] [json envelope]` — runs a call, prints its result
+//!   (and acknowledges it);
+//! - `cancel <call_id>`;
+//! - `inventory` — prints the agent's last inventory;
+//! - `quit`.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lumos_agent_integration::fake_cloud::{FakeCloud, FakeCloudOptions};
+use lumos_agent_proto::v1::agent_message;
+use tokio::io::AsyncBufReadExt;
+
+const USAGE: &str = "usage: lumos-fake-cloud [--listen ADDR] [--token-file PATH] [--heartbeat-ms N] [--chunk-bytes N]";
+
+fn parse_args() -> Result<(SocketAddr, PathBuf, FakeCloudOptions), String> {
+    let mut listen: SocketAddr = "127.0.0.1:50051".parse().map_err(|_| "bad default")?;
+    let mut token_file = PathBuf::from("fake-cloud-token");
+    let mut options = FakeCloudOptions::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "--listen" => listen = value()?.parse().map_err(|e| format!("--listen: {e}"))?,
+            "--token-file" => token_file = PathBuf::from(value()?),
+            "--heartbeat-ms" => {
+                options.heartbeat_interval_ms = value()?
+                    .parse()
+                    .map_err(|e| format!("--heartbeat-ms: {e}"))?;
+            }
+            "--chunk-bytes" => {
+                options.max_chunk_size = value()?
+                    .parse()
+                    .map_err(|e| format!("--chunk-bytes: {e}"))?;
+            }
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok((listen, token_file, options))
+}
+
+fn write_token(path: &PathBuf, token: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(file, "{token}")?;
+    std::path::absolute(path)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let (listen, token_file, options) = match parse_args() {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            eprintln!("{message}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let token_path = match write_token(&token_file, &options.token) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("cannot write the token file {}: {e}", token_file.display());
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let cloud = match FakeCloud::bind(options, listen).await {
+        Ok(cloud) => cloud,
+        Err(e) => {
+            eprintln!("cannot listen on {listen}: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    println!("fake Lumos cloud listening on {}", cloud.endpoint());
+    println!("give the agent this (e.g. append it to its agent.toml):\n");
+    println!(
+        "[cloud]\nendpoint = \"{}\"\nallow_insecure = true\ntoken_file = {:?}\n",
+        cloud.endpoint(),
+        token_path.display().to_string()
+    );
+    println!("commands: call <app_id> <capability> [tenant_id] [json envelope] | cancel <call_id> | inventory | quit");
+    println!("waiting for the agent…");
+
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut session = None;
+    let mut next_call = 1u64;
+    loop {
+        if session.is_none() {
+            tokio::select! {
+                s = cloud.next_session(Duration::from_secs(3600)) => {
+                    println!("agent {} ({} {}/{}) connected, session {}", s.hello.agent_id, s.hello.hostname, s.hello.os, s.hello.arch, s.id);
+                    session = Some(s);
+                }
+                line = lines.next_line() => match line {
+                    Ok(Some(l)) if l.trim() == "quit" => break,
+                    Ok(None) => break,
+                    _ => println!("no agent connected yet"),
+                },
+            }
+            continue;
+        }
+        let Some(s) = session.as_mut() else { continue };
+        tokio::select! {
+            line = lines.next_line() => {
+                let line = match line {
+                    Ok(Some(l)) => l,
+                    _ => break,
+                };
+                let words: Vec<&str> = line.splitn(5, ' ').collect();
+                match words.as_slice() {
+                    ["quit"] => break,
+                    ["inventory"] => {
+                        match s.inventory_where(Duration::from_millis(200), |_| true).await {
+                            Some(inv) => {
+                                println!("inventory revision {}:", inv.revision);
+                                for c in inv.connectors {
+                                    println!("  {:<30} {:<28} {:<8} status={} {}", c.file_name, c.app_id, c.version, c.status, c.reason);
+                                }
+                            }
+                            None => println!("no inventory received yet"),
+                        }
+                    }
+                    ["cancel", call_id] => s.cancel(call_id),
+                    ["call", app_id, capability, rest @ ..] => {
+                        let tenant = rest.first().copied().unwrap_or("");
+                        let envelope = rest.get(1).copied().unwrap_or("{}");
+                        let payload: serde_json::Value = match serde_json::from_str(envelope) {
+                            Ok(v) => v,
+                            Err(e) => { println!("the envelope is not JSON: {e}"); continue; }
+                        };
+                        let call_id = format!("cli-{next_call}");
+                        next_call += 1;
+                        println!("sending {call_id}…");
+                        s.call(&call_id, app_id, capability, tenant, &payload);
+                        match s.result(&call_id, Duration::from_secs(3600)).await {
+                            Some(result) => {
+                                s.ack(&call_id);
+                                let kind = if result.status == 1 { "connector answered" } else { "agent error" };
+                                println!("{call_id}: {kind}, {} bytes in {} chunk(s):", result.data.len(), result.chunks);
+                                println!("{}", String::from_utf8_lossy(&result.data));
+                            }
+                            None => { println!("the stream ended before the result; waiting for the agent to reconnect"); session = None; }
+                        }
+                    }
+                    _ => println!("commands: call <app_id> <capability> [tenant_id] [json envelope] | cancel <call_id> | inventory | quit"),
+                }
+            }
+            msg = s.recv(Duration::from_secs(3600)) => match msg {
+                None => { println!("the agent's stream ended; waiting for it to reconnect"); session = None; }
+                Some(m) => if let Some(agent_message::Message::Draining(d)) = m.message {
+                    println!("the agent is draining ({} call(s) in flight, grace {} ms)", d.in_flight, d.grace_ms);
+                }
+            },
+        }
+    }
+    cloud.stop();
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,664 @@
+//! The tunnel, end to end: the real agent in-process dials a fake cloud (a real tonic server)
+//! and serves its calls; the fake cloud injects the faults.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lumos_agent::app::Stopped;
+use lumos_agent_integration::fake_cloud::*;
+use lumos_agent_integration::*;
+use lumos_agent_proto::v1::{agent_message, CallRequest};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+const ANSWERED: i32 = 1;
+const AGENT_ERROR: i32 = 2;
+
+fn token_file(dirs: &TestDirs, token: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dirs.root.path().join("cloud-token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// The `[cloud]` section for `endpoint`, fast backoff for tests, then `extra` lines in it.
+fn cloud_config(dirs: &TestDirs, endpoint: &str, token: &str, extra: &str) -> String {
+    // Installs the log capture before the agent logs anything.
+    captured_logs();
+    let backoff_max = if extra.contains("backoff_max_secs") {
+        ""
+    } else {
+        "backoff_max_secs = 1\n"
+    };
+    format!(
+        "[calls]\ntimeout_secs = 120\nkill_grace_secs = 1\ndrain_grace_secs = 30\n[cloud]\nendpoint = {endpoint:?}\nallow_insecure = true\ntoken_file = {:?}\nbackoff_initial_ms = 50\n{backoff_max}cluster_id = \"test-cluster\"\n{extra}\n",
+        token_file(dirs, token).display().to_string()
+    )
+}
+
+async fn agent_for(dirs: &TestDirs, cloud: &FakeCloud, extra: &str) -> TestAgent {
+    let config = cloud_config(
+        dirs,
+        &cloud.endpoint(),
+        &FakeCloudOptions::default().token,
+        extra,
+    );
+    TestAgent::start(dirs, &config).await
+}
+
+fn ready(inv: &lumos_agent_proto::v1::Inventory, app_id: &str) -> bool {
+    inv.connectors
+        .iter()
+        .any(|c| c.app_id == app_id && c.status == 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_welcome_inventory_then_calls_with_the_tenant_injected() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(
+        &dirs,
+        &cloud,
+        "max_concurrent_calls = 7\noperation_mode = \"read_preferred\"",
+    )
+    .await;
+    agent
+        .put_tenant(
+            "acme",
+            json!({"app_id": "tester", "settings": {"region": "eu"}, "auth": {"access_token": "CANARY-acme"}}),
+        )
+        .await;
+
+    let mut s = cloud.next_session(WAIT).await;
+    let hello = &s.hello;
+    assert!(uuid_like(&hello.agent_id), "{}", hello.agent_id);
+    assert_eq!(hello.cluster_id, "test-cluster");
+    assert_eq!(hello.max_concurrent_calls, 7);
+    assert_eq!(hello.operation_mode, 2);
+    assert_eq!(hello.protocol_version, 1);
+    assert_eq!(hello.os, std::env::consts::OS);
+    let agent_id = hello.agent_id.clone();
+    // The id is persisted: the file holds the one the cloud saw.
+    assert_eq!(
+        std::fs::read_to_string(dirs.state().join("agent-id"))
+            .unwrap()
+            .trim(),
+        agent_id
+    );
+
+    let inv = s
+        .inventory_where(WAIT, |i| ready(i, "tester"))
+        .await
+        .expect("an inventory");
+    assert_eq!(
+        s.seen.first(),
+        Some(&"inventory"),
+        "inventory comes first after Welcome: {:?}",
+        s.seen
+    );
+    let entry = inv
+        .connectors
+        .iter()
+        .find(|c| c.app_id == "tester")
+        .unwrap();
+    assert_eq!(entry.kind, 2, "executable");
+    assert_eq!(entry.file_name, "tester");
+    assert_eq!(entry.sha256.len(), 64);
+    let info: Value = serde_json::from_slice(&entry.info).unwrap();
+    assert_eq!(info["app_id"], "tester");
+
+    s.call(
+        "c-1",
+        "tester",
+        "echo",
+        "acme",
+        &json!({"request": {"x": 1}, "settings": {"extra": true}}),
+    );
+    let result = s.result("c-1", WAIT).await.expect("the result");
+    assert_eq!(result.status, ANSWERED);
+    let doc = result.json();
+    assert_eq!(doc["response"]["request"], json!({"x": 1}));
+    assert_eq!(
+        doc["response"]["settings"],
+        json!({"region": "eu", "extra": true})
+    );
+    assert_eq!(doc["response"]["auth"]["access_token"], "CANARY-acme");
+    s.ack("c-1");
+
+    // A deadline from the cloud is honoured: a typed timeout, not a hang.
+    s.call_raw(
+        "c-2",
+        "tester",
+        "sleep",
+        "",
+        300,
+        br#"{"request": {"secs": 30}}"#,
+    );
+    let result = s.result("c-2", WAIT).await.unwrap();
+    assert_eq!(result.status, AGENT_ERROR);
+    assert_eq!(result.json()["error"]["error_code"], "agent.timeout");
+    s.ack("c-2");
+    assert!(
+        !captured_logs().contains("CANARY-acme"),
+        "a secret reached the log"
+    );
+    assert_eq!(agent.shutdown().await, Stopped::Drained);
+}
+
+fn uuid_like(text: &str) -> bool {
+    text.len() == 36 && text.chars().filter(|c| *c == '-').count() == 4
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_dropped_into_the_folder_shows_up_in_the_cloud_inventory() {
+    let dirs = TestDirs::new();
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(&dirs, &cloud, "").await;
+    let mut s = cloud.next_session(WAIT).await;
+    let first = s.inventory_where(WAIT, |_| true).await.unwrap();
+    assert!(first.connectors.is_empty());
+    install_plugin(&dirs.plugins(), &example_connector(), "example");
+    std::fs::write(dirs.plugins().join("broken"), b"not a program").unwrap();
+    let inv = s
+        .inventory_where(WAIT, |i| {
+            ready(i, "lumos_example") && i.connectors.len() == 2
+        })
+        .await
+        .expect("the new connector in the cloud's inventory");
+    assert!(inv.revision > first.revision);
+    let broken = inv
+        .connectors
+        .iter()
+        .find(|c| c.file_name == "broken")
+        .unwrap();
+    assert_eq!(broken.status, 3, "rejected");
+    assert!(!broken.reason.is_empty());
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_dropped_mid_result_delivers_it_whole_after_reconnect_and_runs_it_once() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(&dirs, &cloud, "").await;
+    let count = dirs.root.path().join("runs");
+    let payload = json!({"request": {"bytes": 8 << 20, "count_file": count}});
+
+    let mut s = cloud.next_session(WAIT).await;
+    s.call("big-1", "tester", "big", "", &payload);
+    // Wait for the first chunk of the result, then drop the stream.
+    loop {
+        let msg = s.recv(WAIT).await.expect("result chunks");
+        if let Some(agent_message::Message::CallResult(r)) = msg.message {
+            assert_eq!(r.seq, 0);
+            assert!(!r.last, "an 8 MiB result in 64 KiB chunks is many chunks");
+            break;
+        }
+    }
+    s.close();
+
+    let mut s2 = cloud.next_session(WAIT).await;
+    // The unacknowledged result is sent again on the new stream, whole.
+    let result = s2
+        .result("big-1", WAIT)
+        .await
+        .expect("the whole result after reconnecting");
+    assert_eq!(result.status, ANSWERED);
+    assert!(result.largest_chunk <= 64 * 1024);
+    let doc = result.json();
+    assert_eq!(doc["n"], 8 << 20);
+    assert_eq!(doc["response"].as_str().unwrap().len(), 8 << 20);
+    // The cloud does not know whether the call ran: it sends it again. It must not run twice:
+    // the stored result comes back instead.
+    s2.call("big-1", "tester", "big", "", &payload);
+    let again = s2
+        .result("big-1", WAIT)
+        .await
+        .expect("the stored result again");
+    assert_eq!(again, result);
+    s2.ack("big-1");
+    // Acknowledged, then replayed: refused, still not run.
+    s2.call("big-1", "tester", "big", "", &payload);
+    let replay = s2.result("big-1", WAIT).await.unwrap();
+    assert_eq!(replay.json()["error"]["error_code"], "agent.duplicate_call");
+    assert_eq!(count_lines(&count), 1, "the connector ran exactly once");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_cloud_is_left_within_three_heartbeats() {
+    let dirs = TestDirs::new();
+    let options = FakeCloudOptions {
+        heartbeat_interval_ms: 200,
+        ..FakeCloudOptions::default()
+    };
+    let cloud = FakeCloud::start(options).await;
+    let agent = agent_for(&dirs, &cloud, "").await;
+    let mut s = cloud.next_session(WAIT).await;
+    // The agent heartbeats at the Welcome's interval.
+    s.until("heartbeat", WAIT)
+        .await
+        .expect("an agent heartbeat");
+    s.go_silent();
+    let s2 = cloud.next_session(WAIT).await;
+    assert_eq!(s2.id, 1);
+    assert!(
+        captured_logs().contains("3 heartbeat intervals"),
+        "the reason is logged"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifty_megabyte_result_arrives_chunked_and_intact() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let options = FakeCloudOptions {
+        max_chunk_size: 1 << 20,
+        ..FakeCloudOptions::default()
+    };
+    let cloud = FakeCloud::start(options).await;
+    let agent = agent_for(&dirs, &cloud, "").await;
+    let mut s = cloud.next_session(WAIT).await;
+    s.call(
+        "huge",
+        "tester",
+        "big",
+        "",
+        &json!({"request": {"bytes": 50 << 20}}),
+    );
+    let result = s.result("huge", WAIT).await.expect("the 50 MB result");
+    assert_eq!(result.status, ANSWERED);
+    assert!(result.chunks >= 50, "{} chunks", result.chunks);
+    assert!(result.largest_chunk <= 1 << 20, "{}", result.largest_chunk);
+    let doc = result.json();
+    let text = doc["response"].as_str().unwrap();
+    assert_eq!(text.len(), 50 << 20);
+    assert!(text.bytes().all(|b| b == b'a'));
+    s.ack("huge");
+    agent.shutdown().await;
+}
+
+async fn pid_in(path: &Path) -> i32 {
+    let p = path.to_path_buf();
+    eventually(WAIT, "the connector's pid file", move || p.exists()).await;
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    doc["pid"].as_i64().unwrap() as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_the_process_group_and_stray_cancels_are_harmless() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(&dirs, &cloud, "").await;
+    let mut s = cloud.next_session(WAIT).await;
+    let pid_file = dirs.root.path().join("sleeper.pid");
+    s.call(
+        "long",
+        "tester",
+        "sleep",
+        "",
+        &json!({"request": {"secs": 3600, "pid_file": pid_file}}),
+    );
+    let pid = pid_in(&pid_file).await;
+    assert!(process_alive(pid));
+    s.cancel("long");
+    let result = s.result("long", WAIT).await.unwrap();
+    assert_eq!(result.status, AGENT_ERROR);
+    assert_eq!(result.json()["error"]["error_code"], "agent.cancelled");
+    eventually(WAIT, "the cancelled connector to be gone", || {
+        !process_alive(pid)
+    })
+    .await;
+    s.ack("long");
+    // Cancel of a finished call, of one that never existed, twice: nothing happens.
+    s.cancel("long");
+    s.cancel("never-existed");
+    s.cancel("never-existed");
+    s.call(
+        "after",
+        "tester",
+        "echo",
+        "",
+        &json!({"request": {"still": "serving"}}),
+    );
+    let result = s.result("after", WAIT).await.unwrap();
+    assert_eq!(result.json()["response"]["request"]["still"], "serving");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_limit_get_a_retryable_busy() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(&dirs, &cloud, "max_concurrent_calls = 2").await;
+    let mut s = cloud.next_session(WAIT).await;
+    let mut pids = Vec::new();
+    for i in 0..2 {
+        let pid_file = dirs.root.path().join(format!("s{i}.pid"));
+        s.call(
+            &format!("slow-{i}"),
+            "tester",
+            "sleep",
+            "",
+            &json!({"request": {"secs": 3600, "pid_file": pid_file}}),
+        );
+        pids.push(pid_in(&pid_file).await);
+    }
+    s.call("third", "tester", "echo", "", &json!({}));
+    let busy = s.result("third", WAIT).await.unwrap();
+    assert_eq!(busy.status, AGENT_ERROR);
+    let doc = busy.json();
+    assert_eq!(doc["error"]["error_code"], "agent.busy");
+    s.ack("third");
+    for i in 0..2 {
+        s.cancel(&format!("slow-{i}"));
+        s.result(&format!("slow-{i}"), WAIT).await.unwrap();
+        s.ack(&format!("slow-{i}"));
+    }
+    // Busy never ran: the same id may run now.
+    s.call("third", "tester", "echo", "", &json!({"request": 3}));
+    assert_eq!(
+        s.result("third", WAIT).await.unwrap().json()["response"]["request"],
+        3
+    );
+    for pid in pids {
+        assert!(!process_alive(pid));
+    }
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_and_payloads_get_an_error_for_that_call_and_nothing_else() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(&dirs, &cloud, "").await;
+    let mut s = cloud.next_session(WAIT).await;
+    let code = |r: &AssembledResult| {
+        r.json()["error"]["error_code"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    s.call_raw("bad-json", "tester", "echo", "", 0, b"{not json");
+    assert_eq!(
+        code(&s.result("bad-json", WAIT).await.unwrap()),
+        "agent.bad_request"
+    );
+    s.call_raw("not-object", "tester", "echo", "", 0, b"[1, 2]");
+    assert_eq!(
+        code(&s.result("not-object", WAIT).await.unwrap()),
+        "agent.bad_request"
+    );
+    s.call("no-app", "", "echo", "", &json!({}));
+    assert_eq!(
+        code(&s.result("no-app", WAIT).await.unwrap()),
+        "agent.bad_request"
+    );
+    s.call("unknown", "nope", "echo", "", &json!({}));
+    assert_eq!(
+        code(&s.result("unknown", WAIT).await.unwrap()),
+        "agent.unknown_connector"
+    );
+    s.call("no-cap", "tester", "no_such_capability", "", &json!({}));
+    assert_eq!(
+        code(&s.result("no-cap", WAIT).await.unwrap()),
+        "agent.unsupported_capability"
+    );
+    let chunk = |call_id: &str, seq: u32, last: bool| CallRequest {
+        call_id: call_id.into(),
+        app_id: "tester".into(),
+        capability: "echo".into(),
+        seq,
+        last,
+        payload: bytes::Bytes::from_static(b"{}"),
+        ..CallRequest::default()
+    };
+    // A chunk out of order, and a call that starts at chunk 3.
+    s.send_chunk(chunk("gap", 0, false));
+    s.send_chunk(chunk("gap", 2, true));
+    assert_eq!(
+        code(&s.result("gap", WAIT).await.unwrap()),
+        "agent.bad_request"
+    );
+    s.send_chunk(chunk("late", 3, true));
+    assert_eq!(
+        code(&s.result("late", WAIT).await.unwrap()),
+        "agent.bad_request"
+    );
+    // No call_id (nothing to answer), and an empty message: ignored.
+    s.send_chunk(chunk("", 0, true));
+    s.send_empty();
+    // The stream is still good.
+    s.call("good", "tester", "echo", "", &json!({"request": "fine"}));
+    let good = s.result("good", WAIT).await.unwrap();
+    assert_eq!(good.status, ANSWERED);
+    assert_eq!(good.json()["response"]["request"], "fine");
+    assert_eq!(s.id, 0, "no reconnect was needed");
+    assert!(cloud.try_next_session().await.is_none());
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_not_retried_in_a_tight_loop() {
+    let dirs = TestDirs::new();
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    // backoff_max_secs = 3600: after a refusal the agent must wait the maximum, an hour.
+    let config = cloud_config(
+        &dirs,
+        &cloud.endpoint(),
+        "WRONG-TOKEN-SECRET",
+        "backoff_max_secs = 3600",
+    );
+    let agent = TestAgent::start(&dirs, &config).await;
+    eventually(WAIT, "a first attempt", || cloud.attempts() >= 1).await;
+    eventually(WAIT, "the refusal to be logged", || {
+        captured_logs().contains("refused this agent's token")
+    })
+    .await;
+    // Had it retried with the initial 50 ms backoff, there would be dozens by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cloud.attempts(), 1, "retried after a permanent refusal");
+    let logs = captured_logs();
+    assert!(logs.contains("retrying in 3600s"), "{logs}");
+    assert!(
+        !logs.contains("WRONG-TOKEN-SECRET"),
+        "the token reached the log"
+    );
+    agent.shutdown().await;
+
+    // PERMISSION_DENIED (a revoked agent) is treated the same.
+    let dirs = TestDirs::new();
+    let denied = FakeCloud::start(FakeCloudOptions {
+        deny: true,
+        ..FakeCloudOptions::default()
+    })
+    .await;
+    let config = cloud_config(
+        &dirs,
+        &denied.endpoint(),
+        &FakeCloudOptions::default().token,
+        "backoff_max_secs = 3600",
+    );
+    let agent = TestAgent::start(&dirs, &config).await;
+    eventually(WAIT, "a first attempt", || denied.attempts() >= 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(denied.attempts(), 1);
+    assert!(captured_logs().contains("PermissionDenied"));
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_announces_draining_finishes_in_flight_calls_and_flushes_results() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(&dirs, &cloud, "").await;
+    let mut s = cloud.next_session(WAIT).await;
+    let pid_file = dirs.root.path().join("s.pid");
+    s.call(
+        "inflight",
+        "tester",
+        "sleep",
+        "",
+        &json!({"request": {"secs": 2, "pid_file": pid_file}}),
+    );
+    pid_in(&pid_file).await;
+    let control = agent.control.clone();
+    let stopped = agent.stopped;
+    control
+        .send(lumos_agent::app::Control::Shutdown)
+        .await
+        .unwrap();
+    let msg = s.until("draining", WAIT).await.expect("Draining");
+    let Some(agent_message::Message::Draining(d)) = msg.message else {
+        unreachable!()
+    };
+    assert_eq!(d.in_flight, 1);
+    assert_eq!(d.grace_ms, 30_000);
+    // No new calls while draining.
+    s.call("late", "tester", "echo", "", &json!({}));
+    let late = s.result("late", WAIT).await.unwrap();
+    assert_eq!(late.json()["error"]["error_code"], "agent.shutting_down");
+    s.ack("late");
+    let done = s
+        .result("inflight", WAIT)
+        .await
+        .expect("the in-flight result is flushed");
+    assert_eq!(done.json()["response"]["slept"], 2);
+    s.ack("inflight");
+    assert!(
+        s.ended(WAIT).await,
+        "the agent closes the stream once everything is delivered"
+    );
+    assert_eq!(stopped.await.unwrap().unwrap(), Stopped::Drained);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verifies_the_cloud_certificate_and_trusts_an_extra_ca() {
+    let (cert, key) = self_signed_cert();
+    let cloud = FakeCloud::start_tls(FakeCloudOptions::default(), &cert, &key).await;
+    let endpoint = format!("https://localhost:{}", cloud.addr.port());
+
+    // Without the CA: the handshake fails and nothing is sent.
+    let dirs = TestDirs::new();
+    let config = cloud_config(&dirs, &endpoint, &FakeCloudOptions::default().token, "");
+    let agent = TestAgent::start(&dirs, &config).await;
+    eventually(WAIT, "a certificate error in the log", || {
+        let logs = captured_logs();
+        logs.contains("TLS:") && logs.contains("localhost")
+    })
+    .await;
+    assert_eq!(cloud.attempts(), 0, "an untrusted cloud received a request");
+    agent.shutdown().await;
+
+    // With it (cloud.ca_file): connected.
+    let dirs = TestDirs::new();
+    let ca = dirs.root.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let config = cloud_config(
+        &dirs,
+        &endpoint,
+        &FakeCloudOptions::default().token,
+        &format!("ca_file = {:?}", ca.display().to_string()),
+    );
+    let agent = TestAgent::start(&dirs, &config).await;
+    let mut s = cloud.next_session(WAIT).await;
+    s.inventory_where(WAIT, |_| true)
+        .await
+        .expect("an inventory over TLS");
+    agent.shutdown().await;
+}
+
+/// A minimal HTTP CONNECT proxy that requires basic auth and records what it saw.
+async fn connect_proxy(
+    expected_auth: &'static str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                log.lock().unwrap().push(head.clone());
+                let target = head
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                let authorized = head.lines().any(|l| {
+                    l.to_ascii_lowercase().starts_with("proxy-authorization:")
+                        && l.ends_with(expected_auth)
+                });
+                if !authorized {
+                    let _ = client.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n").await;
+                    return;
+                }
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_goes_through_an_http_connect_proxy_with_basic_auth() {
+    // user "agent", password "p@ss:w/rd" (percent-encoded in the URL).
+    let expected = "Basic YWdlbnQ6cEBzczp3L3Jk";
+    let (proxy, seen) = connect_proxy(expected).await;
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let dirs = TestDirs::new();
+    let config = cloud_config(
+        &dirs,
+        &cloud.endpoint(),
+        &FakeCloudOptions::default().token,
+        &format!("proxy = \"http://agent:p%40ss%3Aw%2Frd@{proxy}\""),
+    );
+    let agent = TestAgent::start(&dirs, &config).await;
+    let mut s = cloud.next_session(WAIT).await;
+    s.inventory_where(WAIT, |_| true)
+        .await
+        .expect("an inventory through the proxy");
+    let heads = seen.lock().unwrap().clone();
+    assert!(
+        heads[0].starts_with(&format!("CONNECT {} HTTP/1.1", cloud.addr)),
+        "{heads:?}"
+    );
+    assert!(
+        !captured_logs().contains("p@ss"),
+        "the proxy password reached the log"
+    );
+    agent.shutdown().await;
+}
