@@ -159,6 +159,7 @@ impl AgentTunnel for Service {
             silent,
             chunk: self.options.max_chunk_size as usize,
             partial: HashMap::new(),
+            discard: false,
             results: HashMap::new(),
             inventory: None,
             seen: Vec::new(),
@@ -168,6 +169,18 @@ impl AgentTunnel for Service {
             out_rx,
         ))))
     }
+}
+
+/// Accepted connections with Nagle off, as a real gRPC server has them.
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    })
 }
 
 fn cloud(message: cloud_message::Message) -> CloudMessage {
@@ -181,16 +194,14 @@ impl FakeCloud {
     pub async fn start(options: FakeCloudOptions) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        Self::serve(options, addr, incoming)
+        Self::serve(options, addr, nodelay(listener))
     }
 
     /// Starts on `addr` (e.g. a fixed port for the binary).
     pub async fn bind(options: FakeCloudOptions, addr: SocketAddr) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        Ok(Self::serve(options, addr, incoming))
+        Ok(Self::serve(options, addr, nodelay(listener)))
     }
 
     /// Starts on `127.0.0.1:0` behind TLS with `cert_pem`/`key_pem`.
@@ -218,6 +229,7 @@ impl FakeCloud {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -343,8 +355,10 @@ impl tokio::io::AsyncWrite for TlsConn {
 pub struct AssembledResult {
     /// `CallStatus` as a number (1 answered, 2 agent error).
     pub status: i32,
-    /// The whole document.
+    /// The whole document (empty when the session discards data; see `len`).
     pub data: Vec<u8>,
+    /// Its length in bytes.
+    pub len: usize,
     /// How many chunks it came in.
     pub chunks: u32,
     /// The largest chunk.
@@ -374,7 +388,8 @@ pub struct CloudSession {
     inbound: mpsc::UnboundedReceiver<Result<AgentMessage, String>>,
     silent: Arc<AtomicBool>,
     chunk: usize,
-    partial: HashMap<String, (i32, Vec<u8>, u32, usize)>,
+    partial: HashMap<String, (i32, Vec<u8>, u32, usize, usize)>,
+    discard: bool,
     results: HashMap<String, AssembledResult>,
     inventory: Option<Inventory>,
     /// Every message kind received, in order (for assertions on the sequence).
@@ -459,6 +474,16 @@ impl CloudSession {
         }));
     }
 
+    /// Keep only the length of result data, not the bytes (for memory benchmarks).
+    pub fn discard_data(&mut self, on: bool) {
+        self.discard = on;
+    }
+
+    /// Results completed so far, taken out of the session.
+    pub fn take_results(&mut self) -> Vec<(String, AssembledResult)> {
+        self.results.drain().collect()
+    }
+
     /// Ends the stream with an error, as a crashing cloud or a load balancer would.
     pub fn close(self) {
         let _ = self
@@ -501,7 +526,7 @@ impl CloudSession {
         let entry = self
             .partial
             .entry(r.call_id.clone())
-            .or_insert_with(|| (r.status, Vec::new(), 0, 0));
+            .or_insert_with(|| (r.status, Vec::new(), 0, 0, 0));
         assert_eq!(
             r.seq, entry.2,
             "result chunks of {} out of order",
@@ -512,16 +537,21 @@ impl CloudSession {
             "status changed between chunks of {}",
             r.call_id
         );
-        entry.1.extend_from_slice(&r.data);
+        if !self.discard {
+            entry.1.extend_from_slice(&r.data);
+        }
         entry.2 += 1;
         entry.3 = entry.3.max(r.data.len());
+        entry.4 += r.data.len();
         if r.last {
-            let (status, data, chunks, largest_chunk) = self.partial.remove(&r.call_id).unwrap();
+            let (status, data, chunks, largest_chunk, len) =
+                self.partial.remove(&r.call_id).unwrap();
             self.results.insert(
                 r.call_id.clone(),
                 AssembledResult {
                     status,
                     data,
+                    len,
                     chunks,
                     largest_chunk,
                 },

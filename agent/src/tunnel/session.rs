@@ -33,9 +33,30 @@ const DEFAULT_CHUNK: usize = 1 << 20;
 const MAX_CHUNK: usize = (4 << 20) - (64 << 10);
 /// Smallest chunk, so a bogus Welcome cannot make a result a million messages.
 const MIN_CHUNK: usize = 1024;
-/// Results queued for the stream at once: the memory a result costs in flight is about this
-/// many chunks.
-const DATA_QUEUE: usize = 4;
+/// Result bytes queued for the stream at once: what a result costs in memory while in flight,
+/// however large it is. Counted in bytes, not messages, so many small results queue freely.
+const DATA_QUEUE_BYTES: usize = 4 << 20;
+
+/// The queue of result chunks, bounded by bytes: each chunk holds its share of the budget until
+/// tonic takes it off the queue.
+#[derive(Clone)]
+struct DataQueue {
+    tx: mpsc::UnboundedSender<(AgentMessage, tokio::sync::OwnedSemaphorePermit)>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl DataQueue {
+    async fn send(&self, msg: AgentMessage, bytes: usize) -> Result<(), ()> {
+        let want = u32::try_from(bytes.clamp(1, DATA_QUEUE_BYTES)).unwrap_or(u32::MAX);
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .map_err(|_| ())?;
+        self.tx.send((msg, permit)).map_err(|_| ())
+    }
+}
 
 /// How a stream that was welcomed ended.
 #[derive(Debug)]
@@ -72,11 +93,18 @@ pub async fn run(
     token: &str,
 ) -> Result<SessionEnd, SessionError> {
     let (control_tx, control_rx) = mpsc::channel::<AgentMessage>(64);
-    let (data_tx, data_rx) = mpsc::channel::<AgentMessage>(DATA_QUEUE);
+    let (data_tx, data_rx) = mpsc::unbounded_channel();
+    let data_tx = DataQueue {
+        tx: data_tx,
+        budget: Arc::new(tokio::sync::Semaphore::new(DATA_QUEUE_BYTES)),
+    };
     control_tx
         .try_send(message(agent_message::Message::Hello(hello(ctx))))
         .map_err(|_| SessionError::Failed("internal: cannot queue Hello".into()))?;
-    let outbound = ReceiverStream::new(control_rx).merge(ReceiverStream::new(data_rx));
+    // The permit is released when tonic takes the chunk to encode it.
+    let data_stream = tokio_stream::wrappers::UnboundedReceiverStream::new(data_rx)
+        .map(|(msg, _permit): (AgentMessage, tokio::sync::OwnedSemaphorePermit)| msg);
+    let outbound = ReceiverStream::new(control_rx).merge(data_stream);
 
     let mut request = tonic::Request::new(outbound);
     let mut bearer =
@@ -217,7 +245,7 @@ impl Drop for AbortOnDrop {
 struct Session<'a> {
     ctx: &'a TunnelContext,
     control: mpsc::Sender<AgentMessage>,
-    data: mpsc::Sender<AgentMessage>,
+    data: DataQueue,
     partials: HashMap<String, Partial>,
     /// Calls whose chunks were refused: their later chunks are dropped until the last one.
     refused: HashSet<String>,
@@ -493,7 +521,7 @@ fn parse_call(partial: Partial) -> Result<CallRequest, CallError> {
 async fn pump_results(
     table: Arc<CallTable>,
     mut queue: mpsc::UnboundedReceiver<String>,
-    data: mpsc::Sender<AgentMessage>,
+    data: DataQueue,
     chunk: usize,
 ) {
     while let Some(call_id) = queue.recv().await {
@@ -509,7 +537,7 @@ async fn pump_results(
 
 /// `Err` when the stream is gone.
 async fn send_result(
-    data: &mpsc::Sender<AgentMessage>,
+    data: &DataQueue,
     call_id: &str,
     result: &StoredResult,
     chunk: usize,
@@ -533,6 +561,7 @@ async fn send_result(
         };
         offset += data_chunk.len() as u64;
         let last = offset >= len;
+        let bytes = data_chunk.len();
         let msg = message(agent_message::Message::CallResult(pb::CallResult {
             call_id: call_id.to_string(),
             seq,
@@ -540,7 +569,7 @@ async fn send_result(
             last,
             status: status as i32,
         }));
-        data.send(msg).await.map_err(|_| ())?;
+        data.send(msg, bytes).await?;
         if last {
             return Ok(());
         }

@@ -162,11 +162,14 @@ impl Inner {
             message,
         };
         let stream: Box<dyn Io> = match &self.proxy {
-            None => Box::new(
-                TcpStream::connect((self.host.as_str(), self.port))
+            None => {
+                let tcp = TcpStream::connect((self.host.as_str(), self.port))
                     .await
-                    .map_err(|e| fail(format!("TCP: {e}")))?,
-            ),
+                    .map_err(|e| fail(format!("TCP: {e}")))?;
+                // Small messages (acks, short results) must not wait for Nagle's delayed ACK.
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
+            }
             Some(proxy) => Box::new(
                 connect_via_proxy(proxy, &self.host, self.port)
                     .await
@@ -235,6 +238,7 @@ fn client_config(
 /// `CONNECT host:port` through the proxy (hyper's HTTP/1 client, upgraded to a raw stream).
 async fn connect_via_proxy(proxy: &ProxyUrl, host: &str, port: u16) -> io::Result<impl Io> {
     let tcp = TcpStream::connect(proxy.authority.as_str()).await?;
+    let _ = tcp.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(io::Error::other)?;

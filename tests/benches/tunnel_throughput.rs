@@ -1,0 +1,272 @@
+//! Calls through the tunnel, measured from the cloud's side, against a bare tonic responder on
+//! the same stream protocol in the same run; and the agent's memory while relaying a 100 MB
+//! result.
+//!
+//! ```text
+//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS]
+//! ```
+//! - Throughput and p50/p99 latency at concurrency 1 and 64 of `validate_credentials` on the
+//!   Rust cdylib example, in-process and in a worker, through the real agent; the baseline is
+//!   a bare tonic client that answers every CallRequest at once with a CallResult of the same
+//!   size (the tunnel with nothing behind it).
+//!   Target (issue 5): in-process at concurrency 64 ≥ 0.7× the baseline's calls per second.
+//! - Peak RSS growth of this process (the agent, the fake cloud discarding the data it
+//!   receives) while a connector's 100 MB answer is relayed. Target: ≤ 32 MB.
+#![allow(clippy::unwrap_used, reason = "benchmark harness")]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use lumos_agent_integration::fake_cloud::{CloudSession, FakeCloud, FakeCloudOptions};
+use lumos_agent_integration::*;
+use lumos_agent_proto::v1::agent_tunnel_client::AgentTunnelClient;
+use lumos_agent_proto::v1::{agent_message, cloud_message, AgentMessage, CallResult, Hello};
+use serde_json::json;
+
+const PAYLOAD: &str = r#"{"request":{},"auth":{"oauth":{"access_token":"bench-token"}}}"#;
+
+fn p(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+struct Run {
+    calls_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Sends `calls` calls keeping `concurrency` outstanding; acks each result.
+async fn drive(s: &mut CloudSession, app_id: &str, calls: usize, concurrency: usize) -> Run {
+    let payload: serde_json::Value = serde_json::from_str(PAYLOAD).unwrap();
+    let mut sent = 0;
+    let mut outstanding: HashMap<String, Instant> = HashMap::new();
+    let mut latencies = Vec::with_capacity(calls);
+    let started = Instant::now();
+    while latencies.len() < calls {
+        while outstanding.len() < concurrency && sent < calls {
+            // Ids are unique across runs: the agent refuses to run an id twice.
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let id = format!(
+                "b{}",
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            outstanding.insert(id.clone(), Instant::now());
+            s.call(&id, app_id, "validate_credentials", "", &payload);
+            sent += 1;
+        }
+        s.recv(Duration::from_secs(60)).await.expect("results");
+        for (id, result) in s.take_results() {
+            assert_eq!(
+                result.status,
+                1,
+                "{}",
+                String::from_utf8_lossy(&result.data)
+            );
+            if let Some(at) = outstanding.remove(&id) {
+                latencies.push(at.elapsed());
+                s.ack(&id);
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Run {
+        calls_per_sec: calls as f64 / elapsed.as_secs_f64(),
+        p50: p(&latencies, 0.5),
+        p99: p(&latencies, 0.99),
+    }
+}
+
+/// The baseline: a bare tonic client on the tunnel protocol that answers every call at once
+/// with `answer`.
+async fn bare_responder(cloud: &FakeCloud, answer: bytes::Bytes) {
+    let channel = tonic::transport::Endpoint::from_shared(cloud.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(1024);
+    tx.send(AgentMessage {
+        message: Some(agent_message::Message::Hello(Hello {
+            agent_id: "bare".into(),
+            ..Hello::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", FakeCloudOptions::default().token)
+            .parse()
+            .unwrap(),
+    );
+    let mut inbound = AgentTunnelClient::new(channel)
+        .connect(request)
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(msg)) = inbound.message().await {
+            if let Some(cloud_message::Message::CallRequest(req)) = msg.message {
+                if req.last {
+                    let result = CallResult {
+                        call_id: req.call_id,
+                        seq: 0,
+                        data: answer.clone(),
+                        last: true,
+                        status: 1,
+                    };
+                    let out = AgentMessage {
+                        message: Some(agent_message::Message::CallResult(result)),
+                    };
+                    if tx.send(out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn vm_hwm_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn vm_rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn print_row(name: &str, concurrency: usize, run: &Run, baseline: Option<&Run>) {
+    let ratio = baseline.map_or(String::new(), |b| {
+        format!("  {:.2}× baseline", run.calls_per_sec / b.calls_per_sec)
+    });
+    println!(
+        "{name:<22} c={concurrency:<3} {:>9.0} calls/s  p50 {:>8.1} µs  p99 {:>8.1} µs{ratio}",
+        run.calls_per_sec,
+        run.p50.as_secs_f64() * 1e6,
+        run.p99.as_secs_f64() * 1e6
+    );
+}
+
+async fn agent_session(dirs: &TestDirs, extra: &str) -> (FakeCloud, TestAgent, CloudSession) {
+    use std::os::unix::fs::PermissionsExt;
+    let cloud = FakeCloud::start(FakeCloudOptions {
+        max_chunk_size: 1 << 20,
+        heartbeat_interval_ms: 5000,
+        ..FakeCloudOptions::default()
+    })
+    .await;
+    let token = dirs.root.path().join("token");
+    std::fs::write(&token, FakeCloudOptions::default().token).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = format!(
+        "[calls]\nmax_concurrency = 128\n[cloud]\nendpoint = {:?}\nallow_insecure = true\ntoken_file = {:?}\nmax_concurrent_calls = 128\n{extra}\n",
+        cloud.endpoint(),
+        token.display().to_string()
+    );
+    let agent = TestAgent::start(dirs, &config).await;
+    let mut s = cloud.next_session(Duration::from_secs(60)).await;
+    s.inventory_where(Duration::from_secs(60), |i| {
+        i.connectors.iter().any(|c| c.status == 1)
+    })
+    .await
+    .unwrap();
+    (cloud, agent, s)
+}
+
+fn main() {
+    let calls: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        println!("{calls} calls per run at c=64, {} at c=1; 2 runtime threads", calls / 5);
+        // The connector's answer, for the baseline to send the same bytes.
+        let answer = bytes::Bytes::from(
+            json!({"response": {"valid": true, "unique_tenant_id": "0123456789abcdef"}, "page": null, "raw_data": null})
+                .to_string(),
+        );
+
+        // Baseline.
+        let cloud = FakeCloud::start(FakeCloudOptions {
+            max_chunk_size: 1 << 20,
+            heartbeat_interval_ms: 5000,
+            ..FakeCloudOptions::default()
+        })
+        .await;
+        bare_responder(&cloud, answer).await;
+        let mut s = cloud.next_session(Duration::from_secs(30)).await;
+        drive(&mut s, "x", 200, 8).await;
+        let base1 = drive(&mut s, "x", calls / 5, 1).await;
+        let base64 = drive(&mut s, "x", calls, 64).await;
+        print_row("bare tonic responder", 1, &base1, None);
+        print_row("bare tonic responder", 64, &base64, None);
+
+        for (name, extra) in [
+            (
+                "agent, in-process",
+                "[connectors.lumos_example_cdylib]\nin_process = true",
+            ),
+            ("agent, worker", ""),
+        ] {
+            let dirs = TestDirs::new();
+            install_plugin(
+                &dirs.plugins(),
+                &native_lib("liblumos_example_cdylib.so"),
+                "liblumos_example_cdylib.so",
+            );
+            let (_cloud, agent, mut s) = agent_session(&dirs, extra).await;
+            drive(&mut s, "lumos_example_cdylib", 200, 8).await;
+            let r1 = drive(&mut s, "lumos_example_cdylib", calls / 5, 1).await;
+            let r64 = drive(&mut s, "lumos_example_cdylib", calls, 64).await;
+            print_row(name, 1, &r1, Some(&base1));
+            print_row(name, 64, &r64, Some(&base64));
+            agent.shutdown().await;
+        }
+
+        // 100 MB relayed: peak RSS growth of this process.
+        let dirs = TestDirs::new();
+        install_plugin(&dirs.plugins(), &test_connector(), "tester");
+        let (_cloud, agent, mut s) = agent_session(&dirs, "").await;
+        s.discard_data(true);
+        // Warm up the path (spool, chunking) with a small large result.
+        s.call("warm", "tester", "big", "", &json!({"request": {"bytes": 4 << 20}}));
+        s.result("warm", Duration::from_secs(120)).await.unwrap();
+        s.ack("warm");
+        // Reset the peak to the current RSS (Linux: clear_refs 5), then relay 100 MB.
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+        let before = vm_rss_kb();
+        let started = Instant::now();
+        s.call("huge", "tester", "big", "", &json!({"request": {"bytes": 100 << 20}}));
+        let result = s.result("huge", Duration::from_secs(600)).await.unwrap();
+        let elapsed = started.elapsed();
+        s.ack("huge");
+        let peak = vm_hwm_kb();
+        assert!(result.len > 100 << 20, "{}", result.len);
+        println!(
+            "100 MB result relayed in {:.2} s ({} chunks): RSS before {} MB, peak {} MB, growth {:.1} MB (target ≤ 32 MB)",
+            elapsed.as_secs_f64(),
+            result.chunks,
+            before / 1024,
+            peak / 1024,
+            (peak.saturating_sub(before)) as f64 / 1024.0
+        );
+        agent.shutdown().await;
+    });
+}
