@@ -38,7 +38,7 @@ pub fn status_line(inventory: &Inventory, api: SocketAddr) -> String {
     } else {
         String::new()
     };
-    format!("{ready} {noun} ready{rejected}; API on {api}; no cloud configured")
+    format!("{ready} {noun} ready{rejected}; API on {api}")
 }
 
 /// Tells the service manager the agent is ready, then keeps its status line current and pings
