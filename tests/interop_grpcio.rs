@@ -75,12 +75,7 @@ async fn a_python_grpcio_cloud_accepts_the_agent_and_runs_calls() {
     let dirs = TestDirs::new();
     install_plugin(&dirs.plugins(), &example_connector(), "example");
     let token_file = dirs.root.path().join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    std::fs::set_permissions(
-        &token_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    write_private(&token_file, TOKEN);
     let config = format!(
         "[cloud]\nendpoint = \"http://127.0.0.1:{port}\"\nallow_insecure = true\ntoken_file = {:?}\ncluster_id = \"py\"\nbackoff_initial_ms = 100\nbackoff_max_secs = 2\n",
         token_file.display().to_string()

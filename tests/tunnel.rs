@@ -16,10 +16,8 @@ const ANSWERED: i32 = 1;
 const AGENT_ERROR: i32 = 2;
 
 fn token_file(dirs: &TestDirs, token: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let path = dirs.root.path().join("cloud-token");
-    std::fs::write(&path, format!("{token}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&path, &format!("{token}\n"));
     path
 }
 

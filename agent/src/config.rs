@@ -180,20 +180,10 @@ fn parse_proxy(text: &str) -> Result<ProxyUrl, String> {
 }
 
 fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 /// The local API.
@@ -1158,6 +1148,48 @@ mod tests {
         assert!(cfg.plugins_dir.ends_with(".lumos-agent-dev/plugins"));
         assert_eq!(cfg.calls.max_concurrency, 8);
         assert_eq!(cfg.origin, ConfigOrigin::EmbeddedDev);
+    }
+
+    #[test]
+    fn the_cloud_section_is_checked_and_proxies_come_from_the_environment() {
+        let (_dir, path) = file(
+            "[cloud]\nendpoint = \"http://cloud.example\"\nproxy = \"socks5://p\"\nbackoff_initial_ms = 90000\nbackoff_max_secs = 1\n",
+        );
+        let ConfigError::Invalid(issues) = load_file(&path, &[]).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        for key in [
+            "cloud.endpoint",
+            "cloud.token_file",
+            "cloud.proxy",
+            "cloud.backoff_initial_ms",
+        ] {
+            assert!(keys.contains(&key), "{key} not reported: {issues:?}");
+        }
+        assert!(issues.iter().any(|i| i.message.contains("allow_insecure")));
+
+        let (_dir, path) =
+            file("[cloud]\nendpoint = \"https://cloud.example\"\ntoken_file = \"/etc/t\"\n");
+        let env = [
+            (
+                "HTTPS_PROXY".to_string(),
+                "http://me:s%3Acret@proxy:3128".to_string(),
+            ),
+            ("NO_PROXY".to_string(), "internal, .corp".to_string()),
+        ];
+        let cloud = load_file(&path, &env).unwrap().cloud.unwrap();
+        let proxy = cloud.proxy.unwrap();
+        assert_eq!(proxy.authority, "proxy:3128");
+        assert_eq!(
+            proxy.credentials.as_deref().map(String::as_str),
+            Some("me:s:cret")
+        );
+        assert!(!format!("{proxy:?} {proxy}").contains("s:cret"));
+        assert_eq!(cloud.no_proxy, ["internal", ".corp"]);
+        // Without [cloud]: standalone.
+        let (_dir, path) = file("");
+        assert!(load_file(&path, &[]).unwrap().cloud.is_none());
     }
 
     #[test]

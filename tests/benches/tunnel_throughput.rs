@@ -129,20 +129,12 @@ async fn bare_responder(cloud: &FakeCloud, answer: bytes::Bytes) {
     });
 }
 
-fn vm_hwm_kb() -> u64 {
+/// A `kB` field of `/proc/self/status` (`VmRSS`, `VmHWM`).
+fn proc_status_kb(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-fn vm_rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
@@ -160,7 +152,6 @@ fn print_row(name: &str, concurrency: usize, run: &Run, baseline: Option<&Run>) 
 }
 
 async fn agent_session(dirs: &TestDirs, extra: &str) -> (FakeCloud, TestAgent, CloudSession) {
-    use std::os::unix::fs::PermissionsExt;
     let cloud = FakeCloud::start(FakeCloudOptions {
         max_chunk_size: 1 << 20,
         heartbeat_interval_ms: 5000,
@@ -168,8 +159,7 @@ async fn agent_session(dirs: &TestDirs, extra: &str) -> (FakeCloud, TestAgent, C
     })
     .await;
     let token = dirs.root.path().join("token");
-    std::fs::write(&token, FakeCloudOptions::default().token).unwrap();
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&token, &FakeCloudOptions::default().token);
     let config = format!(
         "[calls]\nmax_concurrency = 128\n[cloud]\nendpoint = {:?}\nallow_insecure = true\ntoken_file = {:?}\nmax_concurrent_calls = 128\n{extra}\n",
         cloud.endpoint(),
@@ -251,13 +241,13 @@ fn main() {
         s.ack("warm");
         // Reset the peak to the current RSS (Linux: clear_refs 5), then relay 100 MB.
         std::fs::write("/proc/self/clear_refs", "5").unwrap();
-        let before = vm_rss_kb();
+        let before = proc_status_kb("VmRSS");
         let started = Instant::now();
         s.call("huge", "tester", "big", "", &json!({"request": {"bytes": 100 << 20}}));
         let result = s.result("huge", Duration::from_secs(600)).await.unwrap();
         let elapsed = started.elapsed();
         s.ack("huge");
-        let peak = vm_hwm_kb();
+        let peak = proc_status_kb("VmHWM");
         assert!(result.len > 100 << 20, "{}", result.len);
         println!(
             "100 MB result relayed in {:.2} s ({} chunks): RSS before {} MB, peak {} MB, growth {:.1} MB (target ≤ 32 MB)",

@@ -116,6 +116,13 @@ pub fn install_plugin(dir: &Path, from: &Path, name: &str) -> PathBuf {
     to
 }
 
+/// Writes `text` to a file only its owner may read (0600), as token files must be.
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// Writes an executable script into `dir`.
 pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;

@@ -163,14 +163,38 @@ impl CallTable {
                 call_id.to_string(),
                 Entry::Done(Arc::new(StoredResult { outcome, body, ran })),
             );
-            if matches!(previous, Some(Entry::Running(_))) {
-                inner.running -= 1;
+            match previous {
+                Some(Entry::Running(_)) => inner.running -= 1,
+                // A refusal replaced by a newer refusal: its bytes no longer count.
+                Some(Entry::Done(old)) if old.body.in_memory() => {
+                    inner.memory_bytes = inner.memory_bytes.saturating_sub(old.body.len());
+                }
+                _ => {}
             }
             if let Some(sender) = &inner.sender {
                 let _ = sender.send(call_id.to_string());
             }
         }
         self.changed.notify_waiters();
+    }
+
+    /// Stores an error answer for a call that is not run (busy, draining, malformed). Refused
+    /// when the id runs, ran or was acknowledged: that call's own result stands. Returns
+    /// whether it was stored.
+    pub async fn refuse(&self, call_id: &str, body: ResultBody) -> bool {
+        let may = {
+            let inner = self.lock();
+            !inner.acked.contains(call_id)
+                && match inner.entries.get(call_id) {
+                    Some(Entry::Running(_)) => false,
+                    Some(Entry::Done(result)) => !result.ran,
+                    None => true,
+                }
+        };
+        if may {
+            self.finish(call_id, Outcome::AgentError, body, false).await;
+        }
+        may
     }
 
     /// The cloud stored the result: forget it, and remember that the id ran.
@@ -315,5 +339,26 @@ mod tests {
         // "b" never ran: a new request for it runs.
         assert!(matches!(table.admit("b", 1, &root), Admission::Run(_)));
         assert!(!table.cancel("nonexistent"));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_never_replaces_a_real_result_and_replacing_one_keeps_the_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = CallTable::new(dir.path().to_path_buf(), 1 << 20);
+        let root = CancellationToken::new();
+        assert!(table.refuse("r", body("{busy}")).await);
+        assert!(table.refuse("r", body("{bad}")).await);
+        assert_eq!(
+            table.memory_bytes(),
+            5,
+            "the first refusal's bytes were released"
+        );
+        assert!(matches!(table.admit("r", 4, &root), Admission::Run(_)));
+        assert!(!table.refuse("r", body("{x}")).await, "running");
+        table.finish("r", Outcome::Answered, body("{}"), true).await;
+        assert!(!table.refuse("r", body("{x}")).await, "ran");
+        assert!(table.acknowledge("r"));
+        assert!(!table.refuse("r", body("{x}")).await, "acknowledged");
+        assert_eq!(table.memory_bytes(), 0);
     }
 }

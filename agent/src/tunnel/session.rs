@@ -83,7 +83,8 @@ struct Partial {
     tenant_id: String,
     deadline_ms: u64,
     next_seq: u32,
-    payload: Vec<u8>,
+    /// May hold credentials: zeroized when dropped, parsed or not.
+    payload: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// Runs one stream over `channel`.
@@ -164,13 +165,15 @@ pub async fn run(
     let mut session = Session {
         ctx,
         control: control_tx,
-        data: data_tx.clone(),
+        stall_limit: heartbeat * 3,
         partials: HashMap::new(),
         refused: HashSet::new(),
     };
     let mut inventory = ctx.registry.subscribe();
     let snapshot = inventory.borrow_and_update().clone();
-    session.send_control(inventory_message(&snapshot)).await;
+    if let Err(reason) = session.send_control(inventory_message(&snapshot)).await {
+        return Ok(SessionEnd::Lost(reason));
+    }
 
     // Every unacknowledged result goes out again on this stream, then each new one.
     let results = ctx.table.attach();
@@ -188,12 +191,13 @@ pub async fn run(
                 drain_announced = true;
                 let in_flight = u32::try_from(ctx.table.running()).unwrap_or(u32::MAX);
                 tracing::info!(in_flight, "telling the cloud this agent is draining");
-                session
-                    .send_control(message(agent_message::Message::Draining(pb::Draining {
-                        grace_ms: u64::try_from(ctx.grace.as_millis()).unwrap_or(u64::MAX),
-                        in_flight,
-                    })))
-                    .await;
+                let draining = message(agent_message::Message::Draining(pb::Draining {
+                    grace_ms: u64::try_from(ctx.grace.as_millis()).unwrap_or(u64::MAX),
+                    in_flight,
+                }));
+                if let Err(reason) = session.send_control(draining).await {
+                    return Ok(SessionEnd::Lost(reason));
+                }
             }
             if super::idle(&ctx.table) {
                 tracing::info!("every result is delivered; closing the tunnel");
@@ -225,7 +229,9 @@ pub async fn run(
             Ok(()) = inventory.changed() => {
                 let snapshot = inventory.borrow_and_update().clone();
                 tracing::info!(revision = snapshot.revision, "sending the new inventory to the cloud");
-                session.send_control(inventory_message(&snapshot)).await;
+                if let Err(reason) = session.send_control(inventory_message(&snapshot)).await {
+                    return Ok(SessionEnd::Lost(reason));
+                }
             }
             () = ctx.draining.cancelled(), if !drain_announced => {}
             () = changed, if drain_announced => {}
@@ -245,16 +251,26 @@ impl Drop for AbortOnDrop {
 struct Session<'a> {
     ctx: &'a TunnelContext,
     control: mpsc::Sender<AgentMessage>,
-    data: DataQueue,
+    /// How long a message may wait for room on the stream before the stream counts as dead.
+    stall_limit: Duration,
     partials: HashMap<String, Partial>,
     /// Calls whose chunks were refused: their later chunks are dropped until the last one.
     refused: HashSet<String>,
 }
 
 impl Session<'_> {
-    async fn send_control(&self, msg: AgentMessage) {
-        // A closed queue means the stream is gone; the main loop notices on its next read.
-        let _ = self.control.send(msg).await;
+    /// Queues a control message. A queue that stays full for 3 heartbeat intervals means the
+    /// cloud stopped reading: the stream is dead, and waiting on it would stall the session
+    /// loop (and with it the silence check) for ever.
+    async fn send_control(&self, msg: AgentMessage) -> Result<(), String> {
+        match tokio::time::timeout(self.stall_limit, self.control.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the stream closed".into()),
+            Err(_) => Err(format!(
+                "the cloud took nothing for {:?} (3 heartbeat intervals)",
+                self.stall_limit
+            )),
+        }
     }
 
     async fn handle(&mut self, msg: CloudMessage) {
@@ -309,7 +325,7 @@ impl Session<'_> {
                     tenant_id: chunk.tenant_id.clone(),
                     deadline_ms: chunk.deadline_ms,
                     next_seq: 1,
-                    payload: chunk.payload.to_vec(),
+                    payload: zeroize::Zeroizing::new(chunk.payload.to_vec()),
                 }
             }
             None => {
@@ -398,18 +414,18 @@ impl Session<'_> {
                     format!("call {call_id} already ran on this agent and its result was acknowledged; it is not run twice"),
                 );
                 tracing::warn!(%call_id, "{}", err.message);
-                // Not stored: the cloud already holds this call's result.
-                let _ = send_result(
-                    &self.data,
-                    &call_id,
-                    &StoredResult {
-                        outcome: Outcome::AgentError,
-                        body: ResultBody::from(err.to_json_bytes(app_id)),
-                        ran: false,
-                    },
-                    DEFAULT_CHUNK,
-                )
-                .await;
+                // Not stored (the cloud already holds this call's result), and never waited
+                // for: a full queue means a stalled stream, which the silence check ends.
+                let notice = message(agent_message::Message::CallResult(pb::CallResult {
+                    call_id: call_id.clone(),
+                    seq: 0,
+                    data: Bytes::from(err.to_json_bytes(app_id)),
+                    last: true,
+                    status: CallStatus::AgentError as i32,
+                }));
+                if self.control.try_send(notice).is_err() {
+                    tracing::warn!(%call_id, "the duplicate-call notice was dropped: the stream is stalled");
+                }
                 return;
             }
             Admission::Busy => {
@@ -454,27 +470,11 @@ fn busy(limit: usize) -> CallError {
 }
 
 async fn store_refusal(table: &CallTable, call_id: &str, app_id: Option<&str>, err: &CallError) {
-    // Never overwrite a call that runs or ran under this id: its own result stands.
-    match table.result(call_id) {
-        Some(existing) if existing.ran => return,
-        _ => {}
-    }
-    if matches!(
-        table.admit(
-            call_id,
-            usize::MAX,
-            &tokio_util::sync::CancellationToken::new()
-        ),
-        Admission::Run(_)
-    ) {
-        table
-            .finish(
-                call_id,
-                Outcome::AgentError,
-                ResultBody::from(err.to_json_bytes(app_id)),
-                false,
-            )
-            .await;
+    if !table
+        .refuse(call_id, ResultBody::from(err.to_json_bytes(app_id)))
+        .await
+    {
+        tracing::debug!(call_id, "not refused: this id has its own result");
     }
 }
 
@@ -496,8 +496,8 @@ fn parse_call(partial: Partial) -> Result<CallRequest, CallError> {
             )
         })?
     };
-    // Zeroize the payload (it may hold credentials) now that it is parsed.
-    drop(zeroize::Zeroizing::new(partial.payload));
+    // The payload (it may hold credentials) is zeroized now that it is parsed.
+    drop(partial.payload);
     if !partial.tenant_id.is_empty() {
         match &body.tenant_id {
             Some(inner) if inner != &partial.tenant_id => {

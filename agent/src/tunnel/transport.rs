@@ -116,15 +116,21 @@ impl CloudConnector {
     pub async fn channel(&self) -> Result<Channel, TransportError> {
         let inner = self.inner.clone();
         let target = self.target();
-        let io = tokio::time::timeout(inner.timeout, inner.connect())
+        // One deadline for everything: TCP, proxy, TLS and the HTTP/2 handshake (a peer that
+        // accepts TLS but never speaks HTTP/2 must not hang the agent).
+        tokio::time::timeout(inner.timeout, self.open())
             .await
             .map_err(|_| TransportError::Connect {
-                target: target.clone(),
+                target,
                 message: format!(
                     "no connection within {:?} (cloud.connect_timeout_secs)",
                     inner.timeout
                 ),
-            })??;
+            })?
+    }
+
+    async fn open(&self) -> Result<Channel, TransportError> {
+        let io = self.inner.connect().await?;
         // The connection is made once, here; tonic gets it through a one-shot connector.
         let slot = Arc::new(std::sync::Mutex::new(Some(io)));
         let connector = tower::service_fn(move |_: Uri| {
@@ -134,14 +140,14 @@ impl CloudConnector {
                     .ok_or_else(|| io::Error::other("the tunnel connection was already used"))
             }
         });
-        Endpoint::from(inner.endpoint.clone())
+        Endpoint::from(self.inner.endpoint.clone())
             // Large results go as many chunks; keep HTTP/2 windows big enough to stream them.
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20))
             .connect_with_connector(connector)
             .await
             .map_err(|e| TransportError::Connect {
-                target,
+                target: self.target(),
                 message: format!("HTTP/2 set-up failed: {}", error_chain(&e)),
             })
     }
@@ -188,7 +194,15 @@ impl Inner {
         let stream = tls
             .connect(name, stream)
             .await
-            .map_err(|e| fail(format!("TLS: {e}")))?;
+            .map_err(|e| {
+                // The usual cause behind a TLS-inspecting proxy or a private cloud: say the fix.
+                let hint = if e.to_string().contains("certificate") {
+                    "; if the cloud's certificate is issued by a private CA, put that CA in cloud.ca_file"
+                } else {
+                    ""
+                };
+                fail(format!("TLS: {e}{hint}"))
+            })?;
         Ok(Box::new(stream))
     }
 }
