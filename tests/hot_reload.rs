@@ -1,7 +1,6 @@
 //! Hot reload: connectors appear, change and disappear while the agent serves calls.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -216,7 +215,7 @@ async fn a_file_copied_in_slowly_loads_once_complete() {
     {
         use std::io::Write;
         let mut file = std::fs::File::create(&path).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        lumos_agent::platform::set_mode(&path, 0o755).unwrap();
         let chunk = bytes.len() / 20 + 1;
         for part in bytes.chunks(chunk) {
             file.write_all(part).unwrap();
@@ -250,7 +249,7 @@ async fn a_truncated_file_is_rejected_then_loads_when_fixed() {
     let bytes = std::fs::read(test_connector()).unwrap();
     let tmp = dirs.plugins().join(".fixme.part");
     std::fs::write(&tmp, &bytes[..4096]).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    lumos_agent::platform::set_mode(&tmp, 0o755).unwrap();
     std::fs::rename(&tmp, dirs.plugins().join("fixme")).unwrap();
     until_entries(&agent, "fixme", "the truncated file to be rejected", |e| {
         e.len() == 1 && e[0]["status"] == "rejected"

@@ -1,4 +1,7 @@
 //! Loading the plugins folder: bundles and executables, good and hostile.
+// Unix semantics under test (modes, symlinks, process groups, shell-script connectors): the
+// Windows build is type-checked in CI, these scenarios run on Linux.
+#![cfg(unix)]
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::io::Write;

@@ -2,10 +2,11 @@
 //! and serves its calls; the fake cloud injects the faults.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use lumos_agent::app::Stopped;
+use hyper::Method;
+use lumos_agent::app::{Control, Stopped};
 use lumos_agent_integration::fake_cloud::*;
 use lumos_agent_integration::*;
 use lumos_agent_proto::v1::{agent_message, CallRequest};
@@ -14,27 +15,6 @@ use serde_json::{json, Value};
 const WAIT: Duration = Duration::from_secs(60);
 const ANSWERED: i32 = 1;
 const AGENT_ERROR: i32 = 2;
-
-fn token_file(dirs: &TestDirs, token: &str) -> PathBuf {
-    let path = dirs.root.path().join("cloud-token");
-    write_private(&path, &format!("{token}\n"));
-    path
-}
-
-/// The `[cloud]` section for `endpoint`, fast backoff for tests, then `extra` lines in it.
-fn cloud_config(dirs: &TestDirs, endpoint: &str, token: &str, extra: &str) -> String {
-    // Installs the log capture before the agent logs anything.
-    captured_logs();
-    let backoff_max = if extra.contains("backoff_max_secs") {
-        ""
-    } else {
-        "backoff_max_secs = 1\n"
-    };
-    format!(
-        "[calls]\ntimeout_secs = 120\nkill_grace_secs = 1\ndrain_grace_secs = 30\n[cloud]\nendpoint = {endpoint:?}\nallow_insecure = true\ntoken_file = {:?}\nbackoff_initial_ms = 50\n{backoff_max}cluster_id = \"test-cluster\"\n{extra}\n",
-        token_file(dirs, token).display().to_string()
-    )
-}
 
 async fn agent_for(dirs: &TestDirs, cloud: &FakeCloud, extra: &str) -> TestAgent {
     let config = cloud_config(
@@ -142,6 +122,19 @@ async fn hello_welcome_inventory_then_calls_with_the_tenant_injected() {
     assert!(
         !captured_logs().contains("CANARY-acme"),
         "a secret reached the log"
+    );
+    // The admin sees the tunnel's state in the API and the metrics.
+    let (_, status) = agent.request(Method::GET, "/v1/status", None).await;
+    assert_eq!(status["cloud"], "connected", "{status}");
+    assert_eq!(status["connectors"]["ready"], 1, "{status}");
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("lumos_agent_cloud_status{status=\"connected\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lumos_agent_cloud_status{status=\"unreachable\"} 0"),
+        "{metrics}"
     );
     assert_eq!(agent.shutdown().await, Stopped::Drained);
 }
@@ -471,6 +464,13 @@ async fn a_refused_token_is_not_retried_in_a_tight_loop() {
         !logs.contains("WRONG-TOKEN-SECRET"),
         "the token reached the log"
     );
+    let (_, status) = agent.request(Method::GET, "/v1/status", None).await;
+    assert_eq!(status["cloud"], "unauthorized", "{status}");
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("lumos_agent_tunnel_disconnects_total{reason=\"unauthorized\"} 1"),
+        "{metrics}"
+    );
     agent.shutdown().await;
 
     // PERMISSION_DENIED (a revoked agent) is treated the same.
@@ -659,4 +659,84 @@ async fn the_tunnel_goes_through_an_http_connect_proxy_with_basic_auth() {
         "the proxy password reached the log"
     );
     agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_new_cloud_settings_reconnects_and_keeps_unacknowledged_results() {
+    let first = FakeCloud::start(FakeCloudOptions::default()).await;
+    let second = FakeCloud::start(FakeCloudOptions::default()).await;
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let agent = agent_for(&dirs, &first, "").await;
+    let mut s1 = first.next_session(WAIT).await;
+    s1.inventory_where(WAIT, |i| ready(i, "tester"))
+        .await
+        .unwrap();
+    // A result the first cloud receives but never acknowledges.
+    s1.call("kept", "tester", "echo", "", &json!({"request": {"n": 1}}));
+    s1.result("kept", WAIT).await.unwrap();
+    let token = FakeCloudOptions::default().token;
+    let reload = |endpoint: &str, extra: &str| {
+        TestAgent::write_config(
+            &dirs,
+            &dirs.plugins(),
+            &cloud_config(&dirs, endpoint, &token, extra),
+        );
+        agent.control.send(Control::Reload)
+    };
+
+    // Unusable new settings (a CA file with no certificate): reported, and the running tunnel
+    // stays.
+    let bad_ca = dirs.root.path().join("bad-ca.pem");
+    std::fs::write(&bad_ca, "not a certificate").unwrap();
+    reload(
+        &format!("https://localhost:{}", second.addr.port()),
+        &format!("ca_file = {:?}", bad_ca.display().to_string()),
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "the bad settings to be reported", || {
+        captured_logs().contains("keeping the current ones")
+    })
+    .await;
+    s1.call("still", "tester", "echo", "", &json!({}));
+    assert!(
+        s1.result("still", WAIT).await.is_some(),
+        "the first tunnel still serves"
+    );
+    s1.ack("still");
+    assert_eq!(second.attempts(), 0);
+
+    // Good new settings: the agent moves to the second cloud, with the same id, and the
+    // unacknowledged result follows it.
+    reload(&second.endpoint(), "").await.unwrap();
+    let mut s2 = second.next_session(WAIT).await;
+    assert_eq!(s2.hello.agent_id, s1.hello.agent_id);
+    let kept = s2
+        .result("kept", WAIT)
+        .await
+        .expect("the unacknowledged result");
+    assert_eq!(kept.json()["response"]["request"], json!({"n": 1}));
+    s2.ack("kept");
+    assert!(s1.ended(WAIT).await, "the first stream is closed");
+    let (_, status) = agent.request(Method::GET, "/v1/status", None).await;
+    assert_eq!(status["cloud"], "connected");
+
+    // No [cloud] at all: standalone.
+    TestAgent::write_config(&dirs, &dirs.plugins(), "");
+    agent.control.send(Control::Reload).await.unwrap();
+    assert!(s2.ended(WAIT).await, "the tunnel is closed");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, status) = agent.request(Method::GET, "/v1/status", None).await;
+        if status["cloud"] == "standalone" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not standalone: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(agent.shutdown().await, Stopped::Drained);
 }

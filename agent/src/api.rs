@@ -50,6 +50,8 @@ pub struct ApiState {
     pub abort: CancellationToken,
     /// Cancelled when the agent drains: new calls are refused.
     pub draining: CancellationToken,
+    /// Where the tunnel to the cloud stands.
+    pub cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
 }
 
 /// Response bodies: small ones whole, call results streamed (they may be spooled on disk).
@@ -204,6 +206,24 @@ async fn v1(
     rest: &[&str],
 ) -> ApiResponse {
     match (method, rest) {
+        (&Method::GET, ["status"]) => {
+            let inventory = state.registry.snapshot();
+            let rejected = inventory
+                .connectors
+                .iter()
+                .filter(|c| inventory.status_of(c) == crate::plugins::ConnectorStatus::Rejected)
+                .count();
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "draining": state.draining.is_cancelled(),
+                    "inventory_revision": inventory.revision,
+                    "connectors": {"ready": inventory.ready_count(), "rejected": rejected},
+                    "cloud": state.cloud.borrow().as_str(),
+                }),
+            )
+        }
         (&Method::GET, ["connectors"]) => {
             let inventory = state.registry.snapshot();
             let views = inventory.views();

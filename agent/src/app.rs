@@ -95,6 +95,9 @@ pub struct RunningAgent {
     failed: CancellationToken,
     failed_task: Arc<std::sync::Mutex<Option<&'static str>>>,
     tracker: TaskTracker,
+    cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
+    /// The `[cloud]` settings in force; a reload that changes them replaces the tunnel.
+    cloud_settings: tokio::sync::watch::Sender<Option<crate::config::CloudConfig>>,
 }
 
 impl std::fmt::Debug for RunningAgent {
@@ -174,22 +177,45 @@ impl RunningAgent {
             shared.clone(),
             metrics.clone(),
         ));
-        let tunnel = match &config.cloud {
+        let initial = if config.cloud.is_some() {
+            crate::tunnel::CloudStatus::Connecting
+        } else {
+            crate::tunnel::CloudStatus::Standalone
+        };
+        metrics.set_cloud_status(initial.as_str());
+        let cloud_status = Arc::new(tokio::sync::watch::Sender::new(initial));
+        let tunnel_parts = crate::tunnel::TunnelParts {
+            state: state.clone(),
+            dispatcher: dispatcher.clone(),
+            registry: registry.clone(),
+            table: Arc::new(crate::tunnel::calls::CallTable::new(
+                state.calls(),
+                config
+                    .cloud
+                    .as_ref()
+                    .map_or(crate::config::DEFAULT_OUTBOX_MEMORY_BYTES, |c| {
+                        c.outbox_memory_bytes
+                    }),
+            )),
+            draining: draining.clone(),
+            abort: abort.clone(),
+            tracker: tracker.clone(),
+            grace: config.calls.drain_grace,
+            status: cloud_status.clone(),
+            metrics: metrics.clone(),
+        };
+        // The first settings must work: a bad ca_file stops the start (a reload keeps the old).
+        let first_tunnel = match &config.cloud {
             None => {
                 tracing::info!("no cloud.endpoint configured: standalone mode, local API only");
                 None
             }
             Some(cloud) => Some(crate::tunnel::TunnelContext::new(
                 cloud.clone(),
-                &state,
-                dispatcher.clone(),
-                registry.clone(),
-                draining.clone(),
-                abort.clone(),
-                tracker.clone(),
-                config.calls.drain_grace,
+                &tunnel_parts,
             )?),
         };
+        let cloud_settings = tokio::sync::watch::Sender::new(config.cloud.clone());
         let api_state = Arc::new(ApiState {
             dispatcher,
             metrics,
@@ -198,8 +224,11 @@ impl RunningAgent {
             token_digest: Sha256::digest(token.as_bytes()).into(),
             abort: abort.clone(),
             draining: draining.clone(),
+            cloud: cloud_status.subscribe(),
         });
         let agent = Self {
+            cloud: cloud_status.subscribe(),
+            cloud_settings,
             api_addr,
             registry,
             tenants,
@@ -226,9 +255,10 @@ impl RunningAgent {
             "plugins-watch",
             watch_loop(reconciler, watch, draining.clone()),
         );
-        if let Some(tunnel) = tunnel {
-            agent.supervise("tunnel", crate::tunnel::run(tunnel));
-        }
+        agent.supervise(
+            "tunnel",
+            crate::tunnel::supervise(tunnel_parts, first_tunnel, agent.cloud_settings.subscribe()),
+        );
         tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
         Ok(agent)
     }
@@ -340,7 +370,6 @@ impl RunningAgent {
             (new.state_dir != old.state_dir, "state_dir"),
             (new.api.listen != old.api.listen, "api.listen"),
             (new.log.format != old.log.format, "log.format"),
-            (new.cloud != old.cloud, "cloud"),
             (new.plugins.watch != old.plugins.watch, "plugins.watch"),
             (
                 new.plugins.rescan_interval != old.plugins.rescan_interval,
@@ -351,6 +380,12 @@ impl RunningAgent {
                 needs_restart.push(key);
             }
         }
+        if new.cloud != old.cloud {
+            // The tunnel supervisor reconnects with them; results not yet acknowledged are
+            // kept and sent on the new stream.
+            self.cloud_settings.send_replace(new.cloud.clone());
+            applied.push("cloud (the tunnel reconnects)");
+        }
         let mut kept = (*old).clone();
         // Settings that need a restart keep their running values, so what is in force stays
         // what is running.
@@ -358,6 +393,7 @@ impl RunningAgent {
         kept.plugins_dir = new.plugins_dir;
         kept.calls = new.calls;
         kept.connectors = new.connectors;
+        kept.cloud = new.cloud;
         kept.plugins = crate::config::PluginsConfig {
             watch: old.plugins.watch,
             rescan_interval: old.plugins.rescan_interval,
@@ -379,6 +415,7 @@ impl RunningAgent {
         let notifier_stop = self.draining.child_token();
         tokio::spawn(crate::service::run_notifier(
             self.registry.clone(),
+            self.cloud.clone(),
             self.api_addr,
             notifier_stop,
         ));
@@ -448,10 +485,11 @@ impl RunningAgent {
 /// Copies the example connectors built next to this binary into the plugins folder (for
 /// `--dev`), replacing stale copies. Returns the names copied.
 pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
-    const EXAMPLES: &[&str] = &[
-        "lumos-example-connector",
-        "liblumos_example_cdylib.so",
-        "liblumos_example_c.so",
+    use std::env::consts::{DLL_PREFIX, DLL_SUFFIX, EXE_SUFFIX};
+    let examples = [
+        format!("lumos-example-connector{EXE_SUFFIX}"),
+        format!("{DLL_PREFIX}lumos_example_cdylib{DLL_SUFFIX}"),
+        format!("{DLL_PREFIX}lumos_example_c{DLL_SUFFIX}"),
     ];
     let exe = std::env::current_exe()?;
     let bin_dir = exe
@@ -459,7 +497,7 @@ pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
         .ok_or_else(|| std::io::Error::other("the agent binary has no folder"))?;
     std::fs::create_dir_all(&config.plugins_dir)?;
     let mut staged = Vec::new();
-    for name in EXAMPLES {
+    for name in &examples {
         // `cargo build` puts workspace libraries next to the binary; when they were only built as
         // dependencies (e.g. by `cargo test`) they are in `deps/`.
         let from = [bin_dir.join(name), bin_dir.join("deps").join(name)]
@@ -482,7 +520,7 @@ pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
         let tmp = config.plugins_dir.join(format!(".{name}.staging"));
         std::fs::copy(&from, &tmp)?;
         std::fs::rename(&tmp, &to)?;
-        staged.push((*name).to_string());
+        staged.push(name.clone());
     }
     Ok(staged)
 }

@@ -45,6 +45,9 @@ pub enum Command {
     Run,
     /// Validate the configuration and print every problem at once.
     CheckConfig,
+    /// Check the config, folders and permissions, the running agent and each connector, and
+    /// the path to the cloud (DNS, TCP, proxy, TLS, clock); non-zero exit if anything is wrong.
+    Doctor,
     /// List connectors, or show one connector's full `info`.
     Connectors {
         /// Show this connector in detail.
@@ -78,6 +81,12 @@ pub enum Command {
         #[command(subcommand)]
         action: TenantsCommand,
     },
+    /// Manage the Windows service (on Linux, the systemd unit does this: see README).
+    Service {
+        /// install, uninstall, start or stop.
+        #[command(subcommand)]
+        action: ServiceCommand,
+    },
     /// Print the version.
     Version,
     /// Internal: host one native connector library in this process (a plugin worker). The agent
@@ -87,6 +96,23 @@ pub enum Command {
         /// The shared library.
         library: PathBuf,
     },
+}
+
+/// Windows service commands; run them from an elevated prompt.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ServiceCommand {
+    /// Register the service (automatic start, restart on failure) with this executable and the
+    /// given --config / --plugins-dir / --state-dir / --listen.
+    Install,
+    /// Stop and remove the service.
+    Uninstall,
+    /// Start the service.
+    Start,
+    /// Stop the service (it drains first, like SIGTERM).
+    Stop,
+    /// Internal: what the service control manager starts.
+    #[command(hide = true)]
+    Run,
 }
 
 /// Tenant commands. Secrets are read from files or stdin, never from the command line.
@@ -156,24 +182,70 @@ pub fn execute(cli: &Cli) -> u8 {
             exit::OK
         }
         Command::CheckConfig => check_config(cli),
+        Command::Doctor => block_on(crate::doctor::run(
+            &cli.overrides(),
+            &mut std::io::stdout().lock(),
+        )),
+        Command::Service { action } => service(cli, *action),
         command => {
             let config = match load_config(cli) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("lumos-agent: cannot start a runtime: {e}");
-                    return exit::STARTUP;
-                }
-            };
-            runtime.block_on(client_command(&config, command))
+            block_on(client_command(&config, command))
         }
     }
+}
+
+/// Runs a command's future on a small runtime of its own.
+fn block_on(work: impl std::future::Future<Output = u8>) -> u8 {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(work),
+        Err(e) => {
+            eprintln!("lumos-agent: cannot start a runtime: {e}");
+            exit::STARTUP
+        }
+    }
+}
+
+#[cfg(windows)]
+fn service(cli: &Cli, action: ServiceCommand) -> u8 {
+    use crate::winservice;
+    let (result, done) = match action {
+        ServiceCommand::Install => (
+            winservice::install(&cli.overrides()),
+            "installed; start it with `lumos-agent service start`",
+        ),
+        ServiceCommand::Uninstall => (winservice::uninstall(), "removed"),
+        ServiceCommand::Start => (winservice::start(), "started"),
+        ServiceCommand::Stop => (
+            winservice::stop(),
+            "asked to stop; it finishes in-flight calls first",
+        ),
+        ServiceCommand::Run => (winservice::run(cli.overrides()), "stopped"),
+    };
+    match result {
+        Ok(()) => {
+            if !matches!(action, ServiceCommand::Run) {
+                println!("service {}: {done}", winservice::SERVICE_NAME);
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("lumos-agent: {e}");
+            exit::STARTUP
+        }
+    }
+}
+
+#[cfg(not(windows))]
+fn service(_cli: &Cli, action: ServiceCommand) -> u8 {
+    let _ = action;
+    eprintln!("lumos-agent: `service` manages the Windows service; on Linux the systemd unit runs the agent (`systemctl enable --now lumos-agent`, see README)");
+    exit::USAGE
 }
 
 fn check_config(cli: &Cli) -> u8 {
@@ -232,9 +304,12 @@ async fn client_command(config: &Config, command: &Command) -> u8 {
             .await
         }
         Command::Tenants { action } => tenants(&client, action).await,
-        Command::Run | Command::CheckConfig | Command::Version | Command::PluginHost { .. } => {
-            Ok(exit::USAGE)
-        }
+        Command::Run
+        | Command::CheckConfig
+        | Command::Doctor
+        | Command::Version
+        | Command::Service { .. }
+        | Command::PluginHost { .. } => Ok(exit::USAGE),
     };
     result.unwrap_or_else(|e| {
         eprintln!("lumos-agent: {e}");

@@ -84,6 +84,10 @@ pub enum OperationMode {
     WritePreferred,
 }
 
+/// `cloud.outbox_memory_bytes` when not set: unacknowledged results kept in memory before
+/// they spill to the state folder.
+pub const DEFAULT_OUTBOX_MEMORY_BYTES: u64 = 64 << 20;
+
 /// The tunnel to the Lumos cloud (`[cloud]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudConfig {
@@ -361,25 +365,41 @@ pub enum ConfigError {
     Invalid(Vec<ConfigIssue>),
 }
 
-/// The platform's default config file: `/etc/lumos-agent/agent.toml` on Linux, the user's
-/// config folder elsewhere.
+/// The platform's default config file: `/etc/lumos-agent/agent.toml` on Linux,
+/// `%ProgramData%\Lumos\lumos-agent\agent.toml` on Windows (where the service reads it), the
+/// user's config folder elsewhere.
 pub fn default_config_path() -> Option<PathBuf> {
     if cfg!(target_os = "linux") {
         return Some(PathBuf::from("/etc/lumos-agent/agent.toml"));
+    }
+    if cfg!(windows) {
+        return Some(windows_program_data().join("agent.toml"));
     }
     directories::ProjectDirs::from("com", "Lumos", "lumos-agent")
         .map(|d| d.config_dir().join("agent.toml"))
 }
 
-/// The platform's default state folder: `/var/lib/lumos-agent` for root on Linux, the user's
-/// data folder otherwise.
+/// The platform's default state folder: `/var/lib/lumos-agent` for root on Linux,
+/// `%ProgramData%\Lumos\lumos-agent\state` on Windows, the user's data folder otherwise.
 fn default_state_dir() -> PathBuf {
-    if cfg!(target_os = "linux") && nix::unistd::geteuid().is_root() {
+    if cfg!(target_os = "linux") && crate::platform::is_root() {
         return PathBuf::from("/var/lib/lumos-agent");
+    }
+    if cfg!(windows) {
+        return windows_program_data().join("state");
     }
     directories::ProjectDirs::from("com", "Lumos", "lumos-agent")
         .map(|d| d.data_dir().to_path_buf())
         .unwrap_or_else(|| PathBuf::from("lumos-agent-state"))
+}
+
+/// The machine-wide application data folder for the service (not a user's profile: the
+/// service runs as LocalSystem, whose profile is no place for an admin to look).
+fn windows_program_data() -> PathBuf {
+    std::env::var_os("ProgramData")
+        .map_or_else(|| PathBuf::from(r"C:\ProgramData"), PathBuf::from)
+        .join("Lumos")
+        .join("lumos-agent")
 }
 
 /// Loads and validates the configuration, reading the process environment.
@@ -939,7 +959,7 @@ impl Validator {
         );
         let outbox_memory_bytes = self
             .uint(&mut cloud, "cloud.outbox_memory_bytes", 0, u64::MAX)
-            .unwrap_or(64 << 20);
+            .unwrap_or(DEFAULT_OUTBOX_MEMORY_BYTES);
         let max_request_bytes = self
             .uint(&mut cloud, "cloud.max_request_bytes", 1024, 1 << 32)
             .unwrap_or(64 << 20);

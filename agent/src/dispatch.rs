@@ -481,12 +481,11 @@ fn blank(stdout: &ResultBody) -> bool {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use std::os::unix::process::ExitStatusExt;
 
     fn out(stdout: &str, code: i32) -> exec::ProcessOutput {
         exec::ProcessOutput {
             stdout: ResultBody::from(stdout.as_bytes().to_vec()),
-            status: std::process::ExitStatus::from_raw(code << 8),
+            status: crate::platform::exit_status(code),
             stderr_tail: String::new(),
         }
     }

@@ -9,20 +9,17 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::output::{ResultBody, Spool};
+use crate::platform::{self, DirBuilderExt, OpenOptionsExt, OsErrorKind, ProcessGroup};
 
 /// Environment variables a connector may inherit from the agent; everything else is dropped
 /// so no secret of the agent's own environment reaches a connector.
@@ -135,22 +132,11 @@ pub enum ExecError {
 /// Kills the whole process group when dropped. This is what guarantees that a
 /// dropped call future (client disconnect, agent shutdown) leaves no process behind.
 #[derive(Debug)]
-struct GroupGuard {
-    pgid: Option<Pid>,
-}
-
-impl GroupGuard {
-    fn kill(&self, signal: Signal) {
-        if let Some(pgid) = self.pgid {
-            // ESRCH (group already gone) is the normal case after a clean exit.
-            let _ = killpg(pgid, signal);
-        }
-    }
-}
+struct GroupGuard(ProcessGroup);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        self.kill(Signal::SIGKILL);
+        self.0.kill();
     }
 }
 
@@ -164,12 +150,7 @@ pub async fn run(
 ) -> Result<ProcessOutput, ExecError> {
     let deadline = Instant::now() + limits.timeout;
     let mut child = spawn(program, args, env).await?;
-    let guard = GroupGuard {
-        pgid: child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw),
-    };
+    let guard = GroupGuard(ProcessGroup::of(&child));
 
     let stdout = child
         .stdout
@@ -194,7 +175,7 @@ pub async fn run(
             read = &mut stdout_task, if early_stdout.is_none() => match read {
                 Ok(Ok(bytes)) => early_stdout = Some(bytes),
                 failed => {
-                    guard.kill(Signal::SIGKILL);
+                    guard.0.kill();
                     let _ = child.wait().await;
                     return Err(match failed {
                         Ok(Err(ReadError::TooLarge)) => ExecError::OutputTooLarge(limits.max_output_bytes),
@@ -210,7 +191,7 @@ pub async fn run(
                 return Err(ExecError::Timeout(limits.timeout));
             }
             () = cancel.cancelled() => {
-                guard.kill(Signal::SIGKILL);
+                guard.0.kill();
                 let _ = child.wait().await;
                 stdout_task.abort();
                 return Err(ExecError::Cancelled);
@@ -219,7 +200,7 @@ pub async fn run(
     };
     // The connector exited. Whatever it left running in its group goes now, so that a
     // grandchild holding the pipe cannot keep the read open.
-    guard.kill(Signal::SIGKILL);
+    guard.0.kill();
     let stdout = match early_stdout {
         Some(bytes) => bytes,
         None => match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut stdout_task).await {
@@ -257,14 +238,14 @@ async fn spawn(program: &Path, args: &[OsString], env: &ProcessEnv) -> Result<Ch
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // A group of its own, so deadlines and exits reach its helpers too.
-            .process_group(0)
             .kill_on_drop(true);
+        // A group of its own, so deadlines and exits reach its helpers too.
+        ProcessGroup::prepare(&mut cmd);
         match cmd.spawn() {
             Ok(child) => return Ok(child),
             // ETXTBSY: another thread forked while this file was open for writing (a plugin
             // that was just copied in). It clears within milliseconds.
-            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && attempt < 10 => {
+            Err(e) if platform::os_error_is(&e, OsErrorKind::TextBusy) && attempt < 10 => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
             }
@@ -281,15 +262,15 @@ async fn spawn(program: &Path, args: &[OsString], env: &ProcessEnv) -> Result<Ch
 /// SIGTERM to the group, SIGKILL after the grace, and reap: off the caller's path so the call's
 /// error is answered at the deadline, not a grace period later.
 fn terminate_in_background(mut child: Child, guard: GroupGuard, grace: Duration) {
-    guard.kill(Signal::SIGTERM);
+    guard.0.terminate();
     // The guard moves into the task: if the runtime drops the task (the agent is quitting),
     // dropping the guard still SIGKILLs the group.
     tokio::spawn(async move {
         if tokio::time::timeout(grace, child.wait()).await.is_err() {
-            tracing::warn!(pgid = ?guard.pgid, "connector ignored SIGTERM; sending SIGKILL");
+            tracing::warn!(pgid = ?guard.0.id(), "connector ignored SIGTERM; sending SIGKILL");
         }
         // Always: the leader may have exited while helpers in its group ignored SIGTERM.
-        guard.kill(Signal::SIGKILL);
+        guard.0.kill();
         let _ = child.wait().await;
     });
 }
@@ -354,16 +335,20 @@ pub fn is_process_alive(pid: i32) -> bool {
 
 /// Describes how a process ended, for messages.
 pub fn describe_status(status: &ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(sig)) => {
-            let name = Signal::try_from(sig)
+    if let Some(code) = status.code() {
+        return format!("exited with code {code}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            let name = nix::sys::signal::Signal::try_from(sig)
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_else(|_| sig.to_string());
-            format!("was killed by signal {name}")
+            return format!("was killed by signal {name}");
         }
-        _ => "ended".to_string(),
     }
+    "ended".to_string()
 }
 
 /// A private folder for call input files: mode 0700, created once.
@@ -380,7 +365,7 @@ impl ScratchDir {
             .mode(0o700)
             .create(&dir)?;
         // An existing folder may have been created with a looser mode.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        platform::set_mode(&dir, 0o700)?;
         Ok(Self { dir })
     }
 
@@ -429,7 +414,8 @@ impl Drop for SecretFile {
     }
 }
 
-#[cfg(test)]
+// The tests run shell-script connectors and check Unix modes.
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

@@ -16,5 +16,7 @@ pub const UNREACHABLE: u8 = 5;
 pub const UNAUTHORIZED: u8 = 6;
 /// The agent quit at once on a second stop signal, or the drain grace ran out.
 pub const FORCED_STOP: u8 = 7;
+/// `doctor` found something wrong; every line marked FAIL says what.
+pub const CHECK_FAILED: u8 = 8;
 /// A supervised task failed (a bug); the agent stopped in order.
 pub const INTERNAL: u8 = 70;

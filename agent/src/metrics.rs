@@ -50,6 +50,13 @@ pub struct Metrics {
     worker_restarts: Family<AppLabels, Counter>,
     connectors: Family<StatusLabels, Gauge>,
     revision: Gauge,
+    cloud: Family<StatusLabels, Gauge>,
+    tunnel_disconnects: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
 impl Default for Metrics {
@@ -93,6 +100,18 @@ impl Metrics {
             "Revision of the connector inventory",
             revision.clone(),
         );
+        let cloud = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "cloud_status",
+            "The tunnel to the Lumos cloud: 1 for the current status (standalone, connecting, connected, unreachable, unauthorized), 0 for the others",
+            cloud.clone(),
+        );
+        let tunnel_disconnects = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tunnel_disconnects",
+            "Tunnel connections that ended or failed, by reason (lost, unreachable, unauthorized): each is followed by a reconnect",
+            tunnel_disconnects.clone(),
+        );
         Self {
             registry,
             calls,
@@ -101,6 +120,8 @@ impl Metrics {
             worker_restarts,
             connectors,
             revision,
+            cloud,
+            tunnel_disconnects,
         }
     }
 
@@ -141,6 +162,26 @@ impl Metrics {
         self.worker_restarts
             .get_or_create(&AppLabels {
                 app_id: app_id.to_string(),
+            })
+            .inc();
+    }
+
+    /// The tunnel's status now (one of [`crate::tunnel::CloudStatus`]'s names).
+    pub fn set_cloud_status(&self, current: &str) {
+        for status in crate::tunnel::CloudStatus::ALL {
+            self.cloud
+                .get_or_create(&StatusLabels {
+                    status: status.as_str().to_string(),
+                })
+                .set(i64::from(status.as_str() == current));
+        }
+    }
+
+    /// Counts a tunnel connection that ended or failed.
+    pub fn tunnel_disconnected(&self, reason: &'static str) {
+        self.tunnel_disconnects
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
             })
             .inc();
     }

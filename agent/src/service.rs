@@ -9,19 +9,70 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::plugins::{Inventory, PluginRegistry};
+use tokio::sync::watch;
 
+use crate::plugins::{Inventory, PluginRegistry};
+use crate::tunnel::CloudStatus;
+
+/// What the agent tells its service manager.
+#[cfg_attr(
+    windows,
+    allow(dead_code, reason = "only systemd reads the states' contents")
+)]
+enum NotifyState<'a> {
+    Ready,
+    Status(&'a str),
+    Watchdog,
+    Reloading,
+    Stopping,
+}
+
+/// Sends `states` over systemd's notify socket. On Windows the service control manager learns
+/// of start and stop from the service host (`winservice`), and there is no status line.
 fn send(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "cannot notify the service manager");
+    #[cfg(unix)]
+    {
+        use sd_notify::NotifyState as Sd;
+        let mut sd: Vec<Sd<'_>> = states
+            .iter()
+            .map(|s| match s {
+                NotifyState::Ready => Sd::Ready,
+                NotifyState::Status(line) => Sd::Status(line),
+                NotifyState::Watchdog => Sd::Watchdog,
+                NotifyState::Reloading => Sd::Reloading,
+                NotifyState::Stopping => Sd::Stopping,
+            })
+            .collect();
+        // systemd wants the monotonic time with RELOADING=1 (Type=notify-reload).
+        if states.iter().any(|s| matches!(s, NotifyState::Reloading)) {
+            if let Ok(now) = Sd::monotonic_usec_now() {
+                sd.push(now);
+            }
+        }
+        if let Err(e) = sd_notify::notify(&sd) {
+            tracing::warn!(error = %e, "cannot notify the service manager");
+        }
+    }
+    #[cfg(windows)]
+    let _ = states;
+}
+
+/// The watchdog period the service manager expects pings within, if any.
+fn watchdog_period() -> Option<std::time::Duration> {
+    #[cfg(unix)]
+    {
+        sd_notify::watchdog_enabled()
+    }
+    #[cfg(windows)]
+    {
+        None
     }
 }
 
-/// The `STATUS=` line for an inventory.
-pub fn status_line(inventory: &Inventory, api: SocketAddr) -> String {
+/// The `STATUS=` line: "3 connectors ready, 1 rejected; cloud connected; API on 127.0.0.1:7878".
+pub fn status_line(inventory: &Inventory, cloud: CloudStatus, api: SocketAddr) -> String {
     let ready = inventory.ready_count();
     let rejected = inventory
         .connectors
@@ -38,18 +89,32 @@ pub fn status_line(inventory: &Inventory, api: SocketAddr) -> String {
     } else {
         String::new()
     };
-    format!("{ready} {noun} ready{rejected}; API on {api}")
+    let cloud = match cloud {
+        CloudStatus::Standalone => "standalone (no cloud configured)".to_string(),
+        other => format!("cloud {}", other.as_str()),
+    };
+    format!("{ready} {noun} ready{rejected}; {cloud}; API on {api}")
 }
 
-/// Tells the service manager the agent is ready, then keeps its status line current and pings
-/// its watchdog until `stop`.
-pub async fn run_notifier(registry: Arc<PluginRegistry>, api: SocketAddr, stop: CancellationToken) {
+/// Tells the service manager the agent is ready, then keeps its status line current (on every
+/// inventory or tunnel change) and pings its watchdog until `stop`.
+pub async fn run_notifier(
+    registry: Arc<PluginRegistry>,
+    mut cloud: watch::Receiver<CloudStatus>,
+    api: SocketAddr,
+    stop: CancellationToken,
+) {
     send(&[NotifyState::Ready]);
     let mut inventory = registry.subscribe();
-    let status = status_line(&inventory.borrow_and_update(), api);
+    let line = |inventory: &mut watch::Receiver<Arc<Inventory>>,
+                cloud: &mut watch::Receiver<CloudStatus>| {
+        let cloud = *cloud.borrow_and_update();
+        status_line(&inventory.borrow_and_update(), cloud, api)
+    };
+    let status = line(&mut inventory, &mut cloud);
     send(&[NotifyState::Status(&status)]);
     tracing::info!("ready: {status}");
-    let watchdog = sd_notify::watchdog_enabled();
+    let watchdog = watchdog_period();
     let mut ping = watchdog.map(|period| tokio::time::interval(period / 2));
     loop {
         tokio::select! {
@@ -58,8 +123,10 @@ pub async fn run_notifier(registry: Arc<PluginRegistry>, api: SocketAddr, stop: 
                 if changed.is_err() {
                     break;
                 }
-                let status = status_line(&inventory.borrow_and_update(), api);
-                send(&[NotifyState::Status(&status)]);
+                send(&[NotifyState::Status(&line(&mut inventory, &mut cloud))]);
+            }
+            Ok(()) = cloud.changed() => {
+                send(&[NotifyState::Status(&line(&mut inventory, &mut cloud))]);
             }
             _ = async { match ping.as_mut() { Some(p) => p.tick().await, None => std::future::pending().await } } => {
                 send(&[NotifyState::Watchdog]);
@@ -70,10 +137,7 @@ pub async fn run_notifier(registry: Arc<PluginRegistry>, api: SocketAddr, stop: 
 
 /// The agent is re-reading its configuration or plugins (SIGHUP).
 pub fn reloading() {
-    match NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[NotifyState::Reloading, now]),
-        Err(_) => send(&[NotifyState::Reloading]),
-    }
+    send(&[NotifyState::Reloading]);
 }
 
 /// A status line outside the inventory's (e.g. a failed reload).

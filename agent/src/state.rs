@@ -11,8 +11,8 @@
 //!   logs/connectors/            connector-py log files (LUMOS_LOG_DIRECTORY)
 //! ```
 
+use crate::platform::{self, DirBuilderExt, OpenOptionsExt};
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Paths inside the state folder.
@@ -43,7 +43,7 @@ impl StatePaths {
                 .create(dir)?;
         }
         for private in [&self.root, &self.calls()] {
-            fs::set_permissions(private, fs::Permissions::from_mode(0o700))?;
+            platform::set_mode(private, 0o700)?;
         }
         Ok(())
     }
@@ -113,7 +113,6 @@ impl StatePaths {
 /// fsync of the folder. A crash leaves the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("path has no parent folder"))?;
@@ -162,8 +161,10 @@ pub fn ensure_admin_token(path: &Path) -> std::io::Result<String> {
 mod tests {
     use super::*;
 
+    #[cfg(unix)]
     #[test]
     fn admin_token_is_created_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let state = StatePaths::new(dir.path().join("state"));
         state.prepare().unwrap();

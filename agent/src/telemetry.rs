@@ -3,6 +3,7 @@
 
 use std::sync::OnceLock;
 
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -12,46 +13,43 @@ type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 /// Swaps the installed subscriber's filter; set by [`init`].
 static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level` (for debugging a
-/// running install without editing its config).
+/// Installs the global subscriber, writing to stderr. `RUST_LOG`, when set, overrides
+/// `log.level` (for debugging a running install without editing its config).
 pub fn init(log: &LogConfig) {
+    init_with_writer(log, BoxMakeWriter::new(std::io::stderr));
+}
+
+/// [`init`] with another destination (the Windows service writes to a file: a service has no
+/// console).
+pub fn init_with_writer(log: &LogConfig, writer: BoxMakeWriter) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(&log.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
+    let base = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_filter_reloading();
-    let handle = builder.reload_handle();
-    let installed = match log.format {
-        LogFormat::Human => builder.try_init(),
+        .with_writer(writer);
+    // Human and JSON builders are different types, each with its own reload handle.
+    let installed: Result<SetFilter, _> = match log.format {
+        LogFormat::Human => {
+            let builder = base.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| -> SetFilter {
+                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+            })
+        }
         LogFormat::Json => {
-            // The JSON builder is another type; it gets its own reload handle.
-            let builder = tracing_subscriber::fmt()
-                .with_env_filter(
-                    EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .json()
-                .flatten_event(true)
-                .with_filter_reloading();
-            let json_handle = builder.reload_handle();
-            let result = builder.try_init();
-            if result.is_ok() {
-                let _ = SET_FILTER.set(Box::new(move |f| {
-                    json_handle.reload(f).map_err(|e| e.to_string())
-                }));
-            }
-            return;
+            let builder = base.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| -> SetFilter {
+                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+            })
         }
     };
     // A second init (tests) is harmless: the first subscriber stays.
-    if installed.is_ok() {
-        let _ = SET_FILTER.set(Box::new(move |f| {
-            handle.reload(f).map_err(|e| e.to_string())
-        }));
+    if let Ok(set) = installed {
+        let _ = SET_FILTER.set(set);
     }
 }
 

@@ -1,4 +1,5 @@
 //! The agent as a systemd `Type=notify` service: what a NOTIFY_SOCKET listener receives.
+#![cfg(unix)]
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::os::unix::net::UnixDatagram;
@@ -52,7 +53,9 @@ fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
     assert_eq!(receive(&socket), "READY=1\n");
     let status = receive(&socket);
     assert!(
-        status.starts_with("STATUS=1 connector ready, 1 rejected; API on 127.0.0.1:"),
+        status.starts_with(
+            "STATUS=1 connector ready, 1 rejected; standalone (no cloud configured); API on 127.0.0.1:"
+        ),
         "{status:?}"
     );
     assert_eq!(receive(&socket), "WATCHDOG=1\n");

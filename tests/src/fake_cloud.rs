@@ -7,12 +7,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::{captured_logs, write_private, TestDirs};
 use lumos_agent_proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use lumos_agent_proto::v1::{
     agent_message, cloud_message, AgentMessage, CallRequest, CallResult, Cancel, CloudMessage,
@@ -632,4 +635,27 @@ pub fn count_lines(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path)
         .map(|s| s.lines().count())
         .unwrap_or(0)
+}
+
+/// Writes the agent token file (0600) for a test agent.
+pub fn token_file(dirs: &TestDirs, token: &str) -> PathBuf {
+    let path = dirs.root.path().join("cloud-token");
+    write_private(&path, &format!("{token}\n"));
+    path
+}
+
+/// The agent config for `endpoint`: a `[cloud]` section with fast backoff for tests, then
+/// `extra` lines in it.
+pub fn cloud_config(dirs: &TestDirs, endpoint: &str, token: &str, extra: &str) -> String {
+    // Installs the log capture before the agent logs anything.
+    captured_logs();
+    let backoff_max = if extra.contains("backoff_max_secs") {
+        ""
+    } else {
+        "backoff_max_secs = 1\n"
+    };
+    format!(
+        "[calls]\ntimeout_secs = 120\nkill_grace_secs = 1\ndrain_grace_secs = 30\n[cloud]\nendpoint = {endpoint:?}\nallow_insecure = true\ntoken_file = {:?}\nbackoff_initial_ms = 50\n{backoff_max}cluster_id = \"test-cluster\"\n{extra}\n",
+        token_file(dirs, token).display().to_string()
+    )
 }

@@ -118,17 +118,15 @@ pub fn install_plugin(dir: &Path, from: &Path, name: &str) -> PathBuf {
 
 /// Writes `text` to a file only its owner may read (0600), as token files must be.
 pub fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    lumos_agent::platform::set_mode(path, 0o600).unwrap();
 }
 
 /// Writes an executable script into `dir`.
 pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let tmp = dir.join(format!(".{name}.writing"));
     std::fs::write(&tmp, body).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    lumos_agent::platform::set_mode(&tmp, 0o755).unwrap();
     let path = dir.join(name);
     std::fs::rename(&tmp, &path).unwrap();
     path
@@ -198,6 +196,8 @@ pub struct TestAgent {
     pub control: mpsc::Sender<Control>,
     /// The agent's connector registry (inventory snapshots and events).
     pub registry: std::sync::Arc<lumos_agent::plugins::PluginRegistry>,
+    /// Where the local API listens.
+    pub api_addr: std::net::SocketAddr,
     /// Resolves when the agent stops.
     pub stopped: tokio::task::JoinHandle<Result<Stopped, lumos_agent::app::TaskFailed>>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -225,7 +225,8 @@ impl TestAgent {
         let mut agent = RunningAgent::start(config).await.unwrap();
         // Control::Reload re-reads the same file, as SIGHUP does in the binary.
         agent.set_config_source(Box::new(move || config::load_with_env(&overrides, &env)));
-        let base = format!("http://{}", agent.api_addr);
+        let api_addr = agent.api_addr;
+        let base = format!("http://{api_addr}");
         let token = std::fs::read_to_string(&agent.admin_token_path)
             .unwrap()
             .trim()
@@ -235,6 +236,7 @@ impl TestAgent {
         let stopped = tokio::spawn(agent.run(rx));
         let client = Client::builder(TokioExecutor::new()).build_http();
         Self {
+            api_addr,
             base,
             token,
             control,
@@ -282,6 +284,13 @@ impl TestAgent {
             status,
             response.into_body().collect().await.unwrap().to_bytes(),
         )
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics_text(&self) -> String {
+        let (status, body) = self.request_with(Method::GET, "/metrics", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8(body.to_vec()).unwrap()
     }
 
     /// A request with the admin token; the body parsed as JSON.

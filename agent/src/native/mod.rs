@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{CallError, ErrorCode};
 use crate::exec::ProcessEnv;
+use crate::platform::ProcessGroup;
 use crate::plugins::info::{self, ConnectorInfo};
 
 /// Longest backoff between worker restarts.
@@ -205,7 +206,8 @@ struct Worker {
     outbox: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     pending: Arc<Pending>,
     dead: CancellationToken,
-    pid: Option<u32>,
+    /// The worker and whatever the plugin started.
+    group: Arc<ProcessGroup>,
 }
 
 impl Worker {
@@ -226,14 +228,15 @@ impl Worker {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
+        ProcessGroup::prepare(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| {
             format!(
                 "cannot start a worker ({}): {e}",
                 settings.program.display()
             )
         })?;
+        let group = Arc::new(ProcessGroup::of(&child));
         let stdin = child.stdin.take().ok_or("worker stdin missing")?;
         // Buffered: one read syscall serves many small frames.
         let mut stdout = tokio::io::BufReader::with_capacity(
@@ -283,7 +286,7 @@ impl Worker {
             outbox,
             pending: Arc::new(Pending::default()),
             dead: CancellationToken::new(),
-            pid: child.id(),
+            group: group.clone(),
         });
         let app_id = app_hint.to_string();
         tokio::spawn(forward_stderr(app_id.clone(), stderr));
@@ -294,6 +297,7 @@ impl Worker {
             worker.pending.clone(),
             worker.dead.clone(),
             child,
+            group,
             stdout,
             max_frame,
         ));
@@ -311,12 +315,7 @@ impl Worker {
     }
 
     fn kill(&self) {
-        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        self.group.kill();
     }
 }
 
@@ -388,6 +387,7 @@ async fn read_replies(
     pending: Arc<Pending>,
     dead: CancellationToken,
     mut child: Child,
+    group: Arc<ProcessGroup>,
     mut stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
     max_frame: u32,
 ) {
@@ -423,13 +423,8 @@ async fn read_replies(
     };
     dead.cancel();
     let _ = child.start_kill();
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        // Its process group: whatever the plugin started goes too.
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    // Its process group: whatever the plugin started goes too.
+    group.kill();
     let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
         Ok(Ok(status)) => crate::exec::describe_status(&status),
         _ => "did not exit".to_string(),

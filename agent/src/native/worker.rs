@@ -9,7 +9,6 @@
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::{BufReader, BufWriter, Write};
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -91,26 +90,44 @@ impl HostCallbacks for WorkerCallbacks {
     }
 }
 
+/// The worker's frame channel: a private copy of stdout. On Unix, fd 1 then becomes stderr, so
+/// a plugin that prints can never corrupt the protocol. Windows has no safe way to rebind the
+/// C runtime's stdout; there a plugin that prints to stdout breaks its frames, and the agent
+/// restarts the worker with a clear reason.
+fn frame_output() -> Result<std::fs::File, String> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        let frames = nix::unistd::dup(std::io::stdout().as_fd())
+            .map_err(|e| format!("cannot duplicate stdout: {e}"))?;
+        nix::unistd::dup2_stdout(std::io::stderr().as_fd())
+            .map_err(|e| format!("cannot redirect stdout: {e}"))?;
+        Ok(std::fs::File::from(frames))
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::io::AsHandle;
+        let handle = std::io::stdout()
+            .as_handle()
+            .try_clone_to_owned()
+            .map_err(|e| format!("cannot duplicate stdout: {e}"))?;
+        Ok(std::fs::File::from(handle))
+    }
+}
+
 /// Runs the worker; returns the process exit code.
 pub fn main(library: &Path) -> u8 {
     // If the agent dies, even by SIGKILL, the worker goes with it.
     #[cfg(target_os = "linux")]
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
 
-    // Frames get a private copy of stdout; fd 1 becomes stderr, so a plugin that prints can
-    // never corrupt the protocol.
-    let frames = match nix::unistd::dup(std::io::stdout().as_fd()) {
-        Ok(fd) => fd,
+    let writer: FrameWriter = match frame_output() {
+        Ok(file) => Arc::new(Mutex::new(BufWriter::new(file))),
         Err(e) => {
-            eprintln!("plugin-host: cannot duplicate stdout: {e}");
+            eprintln!("plugin-host: {e}");
             return 4;
         }
     };
-    if let Err(e) = nix::unistd::dup2_stdout(std::io::stderr().as_fd()) {
-        eprintln!("plugin-host: cannot redirect stdout: {e}");
-        return 4;
-    }
-    let writer: FrameWriter = Arc::new(Mutex::new(BufWriter::new(std::fs::File::from(frames))));
 
     let lib = match Library::load(library) {
         Ok(lib) => lib,

@@ -7,9 +7,9 @@
 //! Unpacking goes to a temporary folder that is renamed into place only when complete, so a
 //! crash never leaves a half-unpacked bundle that looks ready.
 
+use crate::platform::{DirBuilderExt, OpenOptionsExt};
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 /// Marks a folder as completely unpacked; holds nothing.
@@ -480,7 +480,7 @@ fn add_symlink(root: &Path, rel: &Path, raw: &str, target: &str) -> Result<(), B
     if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
         fs::remove_file(&path)?;
     }
-    std::os::unix::fs::symlink(target, path)?;
+    crate::platform::symlink(Path::new(target), &path)?;
     Ok(())
 }
 

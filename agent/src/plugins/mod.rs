@@ -12,7 +12,6 @@ pub mod reload;
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use crate::config::SharedConfig;
 use crate::error::{CallError, ErrorCode};
 use crate::exec::{self, ExecLimits, ProcessEnv};
 use crate::native::{InProcessConnector, WorkerConnector, WorkerSettings};
+use crate::platform::{self, OsErrorKind};
 use crate::state::StatePaths;
 use bundle::{BundleFormat, BundleLimits};
 use info::ConnectorInfo;
@@ -92,25 +92,43 @@ pub struct Fingerprint {
     signature: Option<(u64, i128)>,
 }
 
+/// Modification time in nanoseconds since the epoch (0 if unknown or earlier).
+fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// Inode and device: a file replaced by rename changes them even with the same size and time.
+/// Windows exposes no stable equivalent through std; size, time and the signature remain.
+fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        (meta.ino(), meta.dev())
+    }
+    #[cfg(windows)]
+    {
+        let _ = meta;
+        (0, 0)
+    }
+}
+
 impl Fingerprint {
     /// The fingerprint of `path` (following symlinks), if it can be read.
     pub fn of(path: &Path) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).ok()?;
+        let (ino, dev) = file_identity(&meta);
         Some(Self {
             len: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            ino: meta.ino(),
-            dev: meta.dev(),
-            mode: meta.mode(),
+            mtime_ns: mtime_ns(&meta),
+            ino,
+            dev,
+            mode: platform::mode_of(&meta).unwrap_or(0),
             signature: std::fs::metadata(integrity::signature_path(path))
                 .ok()
-                .map(|m| {
-                    (
-                        m.len(),
-                        i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-                    )
-                }),
+                .map(|m| (m.len(), mtime_ns(&m))),
         })
     }
 
@@ -453,7 +471,7 @@ impl PluginLoader {
         let meta = match std::fs::metadata(&path) {
             Ok(meta) => meta,
             Err(e) => {
-                let reason = if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                let reason = if platform::os_error_is(&e, OsErrorKind::SymlinkLoop) {
                     "symlink loop: the link points back at itself".to_string()
                 } else if e.kind() == std::io::ErrorKind::NotFound {
                     "dangling symlink: its target does not exist".to_string()
@@ -537,7 +555,7 @@ impl PluginLoader {
                 loaded
             }
             ConnectorKind::Executable => {
-                if meta.permissions().mode() & 0o111 == 0 {
+                if !platform::is_executable(&meta, &path) {
                     Err(format!(
                         "not executable: `chmod +x {name}` if it is a connector executable, or name a bundle <app_id>-<version>.tar.gz"
                     ))
@@ -637,7 +655,7 @@ impl PluginLoader {
         };
         let args = [OsString::from("info")];
         let output = exec::run(program, &args, &env, &limits, &CancellationToken::new()).await.map_err(|e| match e {
-            exec::ExecError::Spawn { source, .. } if source.raw_os_error() == Some(nix::libc::ENOEXEC) => {
+            exec::ExecError::Spawn { source, .. } if platform::os_error_is(&source, OsErrorKind::NotExecutable) => {
                 "cannot execute: not a program for this machine (truncated file, another architecture, or a script without #!)".to_string()
             }
             exec::ExecError::Spawn { source, .. } => format!("cannot execute: {source}"),
@@ -768,8 +786,8 @@ fn truncate(text: &str, max: usize) -> &str {
 /// Copies `path` to `<store>/<sha256>/<name>` (executable, private), hashing the same bytes it
 /// copies. An existing copy of the same content is reused.
 async fn store_copy(path: &Path, store: &Path, name: &str) -> std::io::Result<(String, PathBuf)> {
+    use crate::platform::{DirBuilderExt, OpenOptionsExt};
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let (path, store, name) = (path.to_path_buf(), store.to_path_buf(), name.to_string());
     tokio::task::spawn_blocking(move || {
         std::fs::DirBuilder::new()

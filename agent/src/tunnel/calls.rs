@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, Notify};
@@ -66,7 +67,7 @@ pub struct CallTable {
     /// Woken when a call finishes or a result is acknowledged.
     pub changed: Notify,
     spill_dir: PathBuf,
-    memory_budget: u64,
+    memory_budget: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -88,8 +89,14 @@ impl CallTable {
             inner: Mutex::default(),
             changed: Notify::new(),
             spill_dir,
-            memory_budget,
+            memory_budget: AtomicU64::new(memory_budget),
         }
+    }
+
+    /// Changes the memory budget (new cloud settings); results already stored stay where they
+    /// are.
+    pub fn set_memory_budget(&self, bytes: u64) {
+        self.memory_budget.store(bytes, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -139,7 +146,8 @@ impl CallTable {
     pub async fn finish(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
         let over_budget = body.in_memory() && {
             let inner = self.lock();
-            inner.memory_bytes.saturating_add(body.len()) > self.memory_budget
+            inner.memory_bytes.saturating_add(body.len())
+                > self.memory_budget.load(Ordering::Relaxed)
         };
         let body = if over_budget {
             let len = body.len();

@@ -70,19 +70,57 @@ pub enum TokenError {
     },
 }
 
-/// Everything the tunnel works with.
+/// Where the tunnel stands, for the service status line, `/metrics`, `/v1/status` and
+/// `doctor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudStatus {
+    /// No `[cloud]` configured: local API only.
+    Standalone,
+    /// Dialling (at start, or after a lost stream).
+    Connecting,
+    /// Welcomed by the cloud; calls flow.
+    Connected,
+    /// The last attempt failed (network, proxy, TLS, the cloud); retrying with backoff.
+    Unreachable,
+    /// The cloud refused the agent token; retrying at the maximum backoff.
+    Unauthorized,
+}
+
+impl CloudStatus {
+    /// Every status, for metrics.
+    pub const ALL: [Self; 5] = [
+        Self::Standalone,
+        Self::Connecting,
+        Self::Connected,
+        Self::Unreachable,
+        Self::Unauthorized,
+    ];
+
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standalone => "standalone",
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Unreachable => "unreachable",
+            Self::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// What every tunnel of one agent run shares, whatever its `[cloud]` settings: a reload that
+/// changes them replaces the tunnel, not these.
 #[derive(Debug, Clone)]
-pub struct TunnelContext {
-    /// Where and how to connect.
-    pub cloud: CloudConfig,
+pub struct TunnelParts {
+    /// The state folder (the agent id lives there).
+    pub state: crate::state::StatePaths,
     /// Runs the calls.
     pub dispatcher: Arc<Dispatcher>,
     /// The inventory to publish.
     pub registry: Arc<PluginRegistry>,
-    /// Calls and results across streams.
+    /// Calls and results across streams, and across tunnels: a result survives a reconnect and
+    /// a change of cloud settings until it is acknowledged.
     pub table: Arc<CallTable>,
-    /// `Hello.agent_id`.
-    pub agent_id: String,
     /// Cancelled when the agent drains: announce `Draining`, finish, flush.
     pub draining: CancellationToken,
     /// Cancelled when the agent quits at once.
@@ -91,42 +129,118 @@ pub struct TunnelContext {
     pub tracker: TaskTracker,
     /// `Draining.grace_ms`.
     pub grace: Duration,
+    /// Where the tunnel stands.
+    pub status: Arc<tokio::sync::watch::Sender<CloudStatus>>,
+    /// Connection metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Everything one tunnel works with: its settings and connection, and the shared parts.
+#[derive(Debug, Clone)]
+pub struct TunnelContext {
+    /// Where and how to connect.
+    pub cloud: CloudConfig,
+    /// `Hello.agent_id`.
+    pub agent_id: String,
+    /// Ends this tunnel (the agent quits, or new cloud settings replace it). Its calls go on:
+    /// their tokens descend from `parts.abort`.
+    pub stop: CancellationToken,
     /// Connections to the cloud.
     pub connector: CloudConnector,
+    /// What every tunnel of this agent run shares.
+    pub parts: TunnelParts,
 }
 
 impl TunnelContext {
-    /// Prepares the tunnel: the agent id (created on first run), the trust store and the
-    /// outbox.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one constructor that wires the agent's shared parts; named arguments read best"
-    )]
-    pub fn new(
-        cloud: CloudConfig,
-        state: &crate::state::StatePaths,
-        dispatcher: Arc<Dispatcher>,
-        registry: Arc<PluginRegistry>,
-        draining: CancellationToken,
-        abort: CancellationToken,
-        tracker: TaskTracker,
-        grace: Duration,
-    ) -> Result<Self, TunnelSetupError> {
-        let agent_id = load_or_create_agent_id(&state.agent_id())?;
+    /// Prepares a tunnel for `cloud`: the agent id (created on first run) and the trust store.
+    pub fn new(cloud: CloudConfig, parts: &TunnelParts) -> Result<Self, TunnelSetupError> {
+        let agent_id = load_or_create_agent_id(&parts.state.agent_id())?;
         let connector = CloudConnector::new(&cloud)?;
-        let table = Arc::new(CallTable::new(state.calls(), cloud.outbox_memory_bytes));
+        parts.table.set_memory_budget(cloud.outbox_memory_bytes);
         Ok(Self {
             cloud,
-            dispatcher,
-            registry,
-            table,
             agent_id,
-            draining,
-            abort,
-            tracker,
-            grace,
+            stop: parts.abort.child_token(),
             connector,
+            parts: parts.clone(),
         })
+    }
+
+    /// Records where the tunnel stands.
+    pub fn set_status(&self, status: CloudStatus) {
+        set_status(&self.parts.status, &self.parts.metrics, status);
+    }
+}
+
+fn set_status(
+    current: &tokio::sync::watch::Sender<CloudStatus>,
+    metrics: &crate::metrics::Metrics,
+    status: CloudStatus,
+) {
+    current.send_if_modified(|current| {
+        let changed = *current != status;
+        *current = status;
+        changed
+    });
+    metrics.set_cloud_status(status.as_str());
+}
+
+/// Runs the tunnel for the current `[cloud]` settings, replacing it whenever a reload changes
+/// them (`None`: standalone). New settings that cannot be used (a bad `ca_file`) are reported
+/// and the running tunnel kept. Returns when the agent quits, or drains with every result
+/// delivered.
+pub async fn supervise(
+    parts: TunnelParts,
+    first: Option<TunnelContext>,
+    mut settings: tokio::sync::watch::Receiver<Option<CloudConfig>>,
+) {
+    let mut current = first;
+    loop {
+        let stop = current.as_ref().map(|ctx| ctx.stop.clone());
+        let mut running = std::pin::pin!(run_or_stand_alone(current.clone(), &parts));
+        let next = loop {
+            tokio::select! {
+                () = &mut running => return,
+                changed = settings.changed() => {
+                    if changed.is_err() {
+                        // Nobody can change the settings any more: run these to the end.
+                        running.await;
+                        return;
+                    }
+                    let new = settings.borrow_and_update().clone();
+                    match new.map(|cloud| TunnelContext::new(cloud, &parts)).transpose() {
+                        Ok(next) => break next,
+                        Err(e) => tracing::error!("the new [cloud] settings cannot be used, keeping the current ones: {e}"),
+                    }
+                }
+            }
+        };
+        match &next {
+            Some(ctx) => {
+                tracing::info!(target = %ctx.connector.target(), "new [cloud] settings: reconnecting")
+            }
+            None => {
+                tracing::info!("[cloud] removed: closing the tunnel; standalone, local API only")
+            }
+        }
+        if let Some(stop) = stop {
+            stop.cancel();
+        }
+        running.await;
+        current = next;
+    }
+}
+
+async fn run_or_stand_alone(ctx: Option<TunnelContext>, parts: &TunnelParts) {
+    match ctx {
+        Some(ctx) => run(ctx).await,
+        None => {
+            set_status(&parts.status, &parts.metrics, CloudStatus::Standalone);
+            tokio::select! {
+                () = parts.draining.cancelled() => {}
+                () = parts.abort.cancelled() => {}
+            }
+        }
     }
 }
 
@@ -137,22 +251,32 @@ pub async fn run(ctx: TunnelContext) {
     tracing::info!(agent_id = %ctx.agent_id, cluster_id = %ctx.cloud.cluster_id, %target, "connecting to the Lumos cloud");
     let mut failures: u32 = 0;
     loop {
-        if ctx.abort.is_cancelled() || (ctx.draining.is_cancelled() && idle(&ctx.table)) {
+        if ctx.stop.is_cancelled() || (ctx.parts.draining.is_cancelled() && idle(&ctx.parts.table))
+        {
             return;
         }
         let delay = match read_token(&ctx.cloud.token_file) {
             Err(e) => {
+                ctx.set_status(CloudStatus::Unauthorized);
                 tracing::error!("{e}; retrying in {:?}", ctx.cloud.backoff_max);
                 ctx.cloud.backoff_max
             }
             Ok(token) => {
-                let outcome = match ctx.connector.channel().await {
-                    Ok(channel) => session::run(&ctx, channel, &token).await,
-                    Err(e) => Err(session::SessionError::Failed(e.to_string())),
+                let attempt = async {
+                    match ctx.connector.channel().await {
+                        Ok(channel) => session::run(&ctx, channel, &token).await,
+                        Err(e) => Err(session::SessionError::Failed(e.to_string())),
+                    }
+                };
+                let outcome = tokio::select! {
+                    outcome = attempt => outcome,
+                    () = ctx.stop.cancelled() => return,
                 };
                 match outcome {
                     Ok(session::SessionEnd::Finished) => return,
                     Ok(session::SessionEnd::Lost(reason)) => {
+                        ctx.set_status(CloudStatus::Connecting);
+                        ctx.parts.metrics.tunnel_disconnected("lost");
                         // The stream worked: start the backoff over.
                         failures = 1;
                         let delay =
@@ -161,6 +285,8 @@ pub async fn run(ctx: TunnelContext) {
                         delay
                     }
                     Err(session::SessionError::Unauthorized(message)) => {
+                        ctx.set_status(CloudStatus::Unauthorized);
+                        ctx.parts.metrics.tunnel_disconnected("unauthorized");
                         // Retrying fast cannot fix a rejected token: wait the maximum, and say so
                         // on every attempt.
                         tracing::error!(
@@ -171,6 +297,8 @@ pub async fn run(ctx: TunnelContext) {
                         ctx.cloud.backoff_max
                     }
                     Err(session::SessionError::Failed(message)) => {
+                        ctx.set_status(CloudStatus::Unreachable);
+                        ctx.parts.metrics.tunnel_disconnected("unreachable");
                         failures = failures.saturating_add(1);
                         let delay =
                             full_jitter(ctx.cloud.backoff_initial, ctx.cloud.backoff_max, failures);
@@ -182,11 +310,11 @@ pub async fn run(ctx: TunnelContext) {
         };
         // A drain that starts during the wait ends it: with nothing to deliver the tunnel
         // stops at once, otherwise it tries to deliver now.
-        let draining_already = ctx.draining.is_cancelled();
+        let draining_already = ctx.parts.draining.is_cancelled();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = ctx.abort.cancelled() => return,
-            () = ctx.draining.cancelled(), if !draining_already => {}
+            () = ctx.stop.cancelled() => return,
+            () = ctx.parts.draining.cancelled(), if !draining_already => {}
         }
     }
 }
@@ -293,6 +421,7 @@ mod tests {
         assert!(err.contains("not a UUID"), "{err}");
     }
 
+    #[cfg(unix)]
     #[test]
     fn token_file_must_be_private_and_non_empty() {
         use std::os::unix::fs::PermissionsExt;

@@ -155,6 +155,7 @@ pub async fn run(
             .unwrap_or(MAX_CHUNK)
             .clamp(MIN_CHUNK, MAX_CHUNK),
     };
+    ctx.set_status(super::CloudStatus::Connected);
     tracing::info!(
         session_id = %welcome.session_id,
         heartbeat_ms = heartbeat.as_millis() as u64,
@@ -169,15 +170,20 @@ pub async fn run(
         partials: HashMap::new(),
         refused: HashSet::new(),
     };
-    let mut inventory = ctx.registry.subscribe();
+    let mut inventory = ctx.parts.registry.subscribe();
     let snapshot = inventory.borrow_and_update().clone();
     if let Err(reason) = session.send_control(inventory_message(&snapshot)).await {
         return Ok(SessionEnd::Lost(reason));
     }
 
     // Every unacknowledged result goes out again on this stream, then each new one.
-    let results = ctx.table.attach();
-    let pump = tokio::spawn(pump_results(ctx.table.clone(), results, data_tx, chunk));
+    let results = ctx.parts.table.attach();
+    let pump = tokio::spawn(pump_results(
+        ctx.parts.table.clone(),
+        results,
+        data_tx,
+        chunk,
+    ));
     let _pump_guard = AbortOnDrop(pump.abort_handle());
     let mut pump = pump;
 
@@ -186,28 +192,28 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_announced = false;
     loop {
-        if ctx.draining.is_cancelled() {
+        if ctx.parts.draining.is_cancelled() {
             if !drain_announced {
                 drain_announced = true;
-                let in_flight = u32::try_from(ctx.table.running()).unwrap_or(u32::MAX);
+                let in_flight = u32::try_from(ctx.parts.table.running()).unwrap_or(u32::MAX);
                 tracing::info!(in_flight, "telling the cloud this agent is draining");
                 let draining = message(agent_message::Message::Draining(pb::Draining {
-                    grace_ms: u64::try_from(ctx.grace.as_millis()).unwrap_or(u64::MAX),
+                    grace_ms: u64::try_from(ctx.parts.grace.as_millis()).unwrap_or(u64::MAX),
                     in_flight,
                 }));
                 if let Err(reason) = session.send_control(draining).await {
                     return Ok(SessionEnd::Lost(reason));
                 }
             }
-            if super::idle(&ctx.table) {
+            if super::idle(&ctx.parts.table) {
                 tracing::info!("every result is delivered; closing the tunnel");
                 return Ok(SessionEnd::Finished);
             }
         }
-        let changed = ctx.table.changed.notified();
+        let changed = ctx.parts.table.changed.notified();
         tokio::select! {
             biased;
-            () = ctx.abort.cancelled() => return Ok(SessionEnd::Finished),
+            () = ctx.stop.cancelled() => return Ok(SessionEnd::Finished),
             received = inbound.message() => match received {
                 Ok(Some(msg)) => {
                     last_heard = Instant::now();
@@ -233,7 +239,7 @@ pub async fn run(
                     return Ok(SessionEnd::Lost(reason));
                 }
             }
-            () = ctx.draining.cancelled(), if !drain_announced => {}
+            () = ctx.parts.draining.cancelled(), if !drain_announced => {}
             () = changed, if drain_announced => {}
             _ = &mut pump => return Ok(SessionEnd::Lost("the stream stopped taking results".into())),
         }
@@ -277,12 +283,12 @@ impl Session<'_> {
         match msg.message {
             Some(cloud_message::Message::CallRequest(chunk)) => self.on_chunk(chunk).await,
             Some(cloud_message::Message::ResultAck(ack)) => {
-                if !self.ctx.table.acknowledge(&ack.call_id) {
+                if !self.ctx.parts.table.acknowledge(&ack.call_id) {
                     tracing::debug!(call_id = %ack.call_id, "ack for a result this agent does not hold (already acknowledged)");
                 }
             }
             Some(cloud_message::Message::Cancel(cancel)) => {
-                if self.ctx.table.cancel(&cancel.call_id) {
+                if self.ctx.parts.table.cancel(&cancel.call_id) {
                     tracing::info!(call_id = %cancel.call_id, "call cancelled by the cloud");
                 } else {
                     tracing::debug!(call_id = %cancel.call_id, "cancel for a call that is not running (finished or unknown): nothing to do");
@@ -382,23 +388,24 @@ impl Session<'_> {
         }
         self.partials.remove(call_id);
         let app_id = (!chunk.app_id.is_empty()).then_some(chunk.app_id.as_str());
-        store_refusal(&self.ctx.table, call_id, app_id, &err).await;
+        store_refusal(&self.ctx.parts.table, call_id, app_id, &err).await;
     }
 
     async fn start(&mut self, call_id: String, partial: Partial) {
         let ctx = self.ctx;
         let app_id = Some(partial.app_id.as_str()).filter(|a| !a.is_empty());
-        if ctx.draining.is_cancelled() {
+        if ctx.parts.draining.is_cancelled() {
             let err = CallError::new(
                 ErrorCode::ShuttingDown,
                 "this agent is shutting down and takes no new calls; send it to another agent of the cluster",
             );
-            return store_refusal(&ctx.table, &call_id, app_id, &err).await;
+            return store_refusal(&ctx.parts.table, &call_id, app_id, &err).await;
         }
-        let token = match ctx
-            .table
-            .admit(&call_id, ctx.cloud.max_concurrent_calls, &ctx.abort)
-        {
+        let token = match ctx.parts.table.admit(
+            &call_id,
+            ctx.cloud.max_concurrent_calls,
+            &ctx.parts.abort,
+        ) {
             Admission::Run(token) => token,
             Admission::AlreadyRunning => {
                 tracing::info!(%call_id, "call already running: its result follows when ready, it is not run twice");
@@ -430,7 +437,7 @@ impl Session<'_> {
             }
             Admission::Busy => {
                 return store_refusal(
-                    &ctx.table,
+                    &ctx.parts.table,
                     &call_id,
                     app_id,
                     &busy(ctx.cloud.max_concurrent_calls),
@@ -438,9 +445,9 @@ impl Session<'_> {
                 .await
             }
         };
-        let dispatcher = ctx.dispatcher.clone();
-        let table = ctx.table.clone();
-        ctx.tracker.spawn(async move {
+        let dispatcher = ctx.parts.dispatcher.clone();
+        let table = ctx.parts.table.clone();
+        ctx.parts.tracker.spawn(async move {
             let app_id = partial.app_id.clone();
             let (outcome, body) = match parse_call(partial) {
                 Err(err) => (
@@ -599,26 +606,12 @@ fn hello(ctx: &TunnelContext) -> pb::Hello {
         agent_id: ctx.agent_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         protocol_version: lumos_agent_proto::PROTOCOL_VERSION,
-        hostname: hostname(),
+        hostname: crate::platform::hostname(),
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
         cluster_id: ctx.cloud.cluster_id.clone(),
         operation_mode: mode as i32,
         max_concurrent_calls: u32::try_from(ctx.cloud.max_concurrent_calls).unwrap_or(u32::MAX),
-    }
-}
-
-fn hostname() -> String {
-    #[cfg(unix)]
-    {
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default()
-    }
-    #[cfg(not(unix))]
-    {
-        std::env::var("COMPUTERNAME").unwrap_or_default()
     }
 }
 

@@ -152,6 +152,26 @@ impl CloudConnector {
             })
     }
 
+    /// The cloud's host name (what TLS verifies).
+    pub fn host(&self) -> &str {
+        &self.inner.host
+    }
+
+    /// The cloud's port.
+    pub fn port(&self) -> u16 {
+        self.inner.port
+    }
+
+    /// The proxy the connection goes through, if any (after `NO_PROXY`).
+    pub fn proxy(&self) -> Option<&ProxyUrl> {
+        self.inner.proxy.as_ref()
+    }
+
+    /// The TLS connector, `None` for an `http://` endpoint.
+    pub fn tls(&self) -> Option<&tokio_rustls::TlsConnector> {
+        self.inner.tls.as_ref()
+    }
+
     /// `host:port`, and the proxy when one is used, for messages.
     pub fn target(&self) -> String {
         match &self.inner.proxy {
@@ -250,7 +270,7 @@ fn client_config(
 }
 
 /// `CONNECT host:port` through the proxy (hyper's HTTP/1 client, upgraded to a raw stream).
-async fn connect_via_proxy(proxy: &ProxyUrl, host: &str, port: u16) -> io::Result<impl Io> {
+pub async fn connect_via_proxy(proxy: &ProxyUrl, host: &str, port: u16) -> io::Result<impl Io> {
     let tcp = TcpStream::connect(proxy.authority.as_str()).await?;
     let _ = tcp.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

@@ -53,8 +53,8 @@ fn parse_args() -> Result<(SocketAddr, PathBuf, FakeCloudOptions), String> {
 }
 
 fn write_token(path: &PathBuf, token: &str) -> std::io::Result<PathBuf> {
+    use lumos_agent::platform::OpenOptionsExt;
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

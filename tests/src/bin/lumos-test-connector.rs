@@ -28,7 +28,6 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
@@ -73,7 +72,11 @@ fn print(value: &Value) {
 fn write_pid_file(input: &Value, extra: Value) {
     if let Some(path) = input.pointer("/request/pid_file").and_then(Value::as_str) {
         let pid = std::process::id();
+        #[cfg(unix)]
         let pgid = nix::unistd::getpgrp().as_raw();
+        // Windows has no process groups; the job object is invisible from inside.
+        #[cfg(windows)]
+        let pgid = 0;
         let mut doc = json!({"pid": pid, "pgid": pgid});
         if let (Some(d), Some(e)) = (doc.as_object_mut(), extra.as_object()) {
             d.extend(e.clone());
@@ -153,10 +156,16 @@ fn main() -> ExitCode {
         }
         "ignore_term" => {
             write_pid_file(&input, json!({}));
-            let err = Command::new("/bin/sh")
-                .args(["-c", "trap '' TERM; sleep 3600 & wait"])
-                .exec();
-            eprintln!("exec failed: {err}");
+            #[cfg(unix)]
+            {
+                use std::os::unix::process::CommandExt;
+                let err = Command::new("/bin/sh")
+                    .args(["-c", "trap '' TERM; sleep 3600 & wait"])
+                    .exec();
+                eprintln!("exec failed: {err}");
+            }
+            #[cfg(windows)]
+            eprintln!("ignore_term needs a Unix shell");
             return ExitCode::from(1);
         }
         "crash" => {
@@ -206,6 +215,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
         "close_stdout" => {
+            #[cfg(unix)]
             let _ = nix::unistd::close(1);
         }
         other => {

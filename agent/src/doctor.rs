@@ -1,0 +1,677 @@
+//! `lumos-agent doctor`: checks what an admin would check by hand, one verdict per line, as
+//! each check completes (the network ones can take seconds): the config, the folders and their
+//! permissions, the running agent and each connector, and the path to the cloud (token file,
+//! DNS, TCP, proxy, TLS with the certificate's details, HTTP/2, clock skew). Exits non-zero
+//! when any line is FAIL.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+use crate::client::ApiClient;
+use crate::config::{self, CloudConfig, Config, Overrides};
+use crate::exit;
+use crate::state::StatePaths;
+use crate::tunnel::transport::{self, CloudConnector, Io};
+
+/// Skew beyond which TLS and OAuth expiry times become unreliable.
+const SKEW_WARN: Duration = Duration::from_secs(5);
+const SKEW_FAIL: Duration = Duration::from_secs(60);
+/// A certificate this close to its end gets a warning.
+const CERT_WARN_DAYS: i64 = 14;
+
+/// One line's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Fine.
+    Ok,
+    /// Works, but an admin should look.
+    Warn,
+    /// Broken: the exit code says so.
+    Fail,
+    /// Not checked, and why (not a problem).
+    Skip,
+}
+
+impl Verdict {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Warn => "WARN",
+            Self::Fail => "FAIL",
+            Self::Skip => "skip",
+        }
+    }
+}
+
+/// Prints verdicts as they come and remembers the worst.
+struct Report<'a> {
+    out: &'a mut dyn Write,
+    failures: usize,
+    warnings: usize,
+}
+
+impl Report<'_> {
+    fn line(&mut self, verdict: Verdict, topic: &str, text: impl AsRef<str>) {
+        match verdict {
+            Verdict::Fail => self.failures += 1,
+            Verdict::Warn => self.warnings += 1,
+            Verdict::Ok | Verdict::Skip => {}
+        }
+        let _ = writeln!(
+            self.out,
+            "{:<5} {:<14} {}",
+            verdict.label(),
+            topic,
+            text.as_ref()
+        );
+        let _ = self.out.flush();
+    }
+}
+
+/// Runs every check, printing to `out`; returns the exit code.
+pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
+    let mut report = Report {
+        out,
+        failures: 0,
+        warnings: 0,
+    };
+    let config = match config::load(overrides) {
+        Ok(config) => {
+            report.line(Verdict::Ok, "config", config.origin.to_string());
+            config
+        }
+        Err(e) => {
+            report.line(Verdict::Fail, "config", e.to_string());
+            report.line(
+                Verdict::Skip,
+                "everything else",
+                "needs a valid configuration",
+            );
+            return summary(&mut report);
+        }
+    };
+    folders(&config, &mut report);
+    agent(&config, &mut report).await;
+    match &config.cloud {
+        None => report.line(
+            Verdict::Skip,
+            "cloud",
+            "no [cloud] section: standalone, local API only",
+        ),
+        Some(cloud) => cloud_path(cloud, &mut report).await,
+    }
+    summary(&mut report)
+}
+
+fn summary(report: &mut Report<'_>) -> u8 {
+    let (failures, warnings) = (report.failures, report.warnings);
+    let _ = writeln!(report.out, "\n{failures} problem(s), {warnings} warning(s)");
+    if failures > 0 {
+        exit::CHECK_FAILED
+    } else {
+        exit::OK
+    }
+}
+
+fn folders(config: &Config, report: &mut Report<'_>) {
+    let state = &config.state_dir;
+    match std::fs::metadata(state) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.line(
+            Verdict::Warn,
+            "state folder",
+            format!(
+                "{} does not exist yet; the agent creates it at start",
+                state.display()
+            ),
+        ),
+        Err(e) => report.line(
+            Verdict::Fail,
+            "state folder",
+            format!("{}: {e}", state.display()),
+        ),
+        Ok(meta) if !meta.is_dir() => report.line(
+            Verdict::Fail,
+            "state folder",
+            format!("{} is not a folder", state.display()),
+        ),
+        Ok(meta) => {
+            let mode = crate::platform::mode_of(&meta).map(|m| m & 0o777);
+            match tempfile::tempfile_in(state) {
+                Err(e) => report.line(
+                    Verdict::Fail,
+                    "state folder",
+                    format!(
+                        "{} is not writable by this user ({e}); run doctor as the service's user, e.g. `sudo -u lumos-agent lumos-agent doctor`",
+                        state.display()
+                    ),
+                ),
+                Ok(_) if mode.is_some_and(|m| m & 0o077 != 0) => report.line(
+                    Verdict::Warn,
+                    "state folder",
+                    format!(
+                        "{} is mode {:o}; the agent tightens it to 700 at start",
+                        state.display(),
+                        mode.unwrap_or_default()
+                    ),
+                ),
+                Ok(_) => report.line(
+                    Verdict::Ok,
+                    "state folder",
+                    format!("{} (writable, private)", state.display()),
+                ),
+            }
+        }
+    }
+
+    let plugins = &config.plugins_dir;
+    if !plugins.is_dir() {
+        report.line(
+            Verdict::Warn,
+            "plugins folder",
+            format!(
+                "{} does not exist yet; the agent creates it at start",
+                plugins.display()
+            ),
+        );
+        return;
+    }
+    let files = std::fs::read_dir(plugins).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count()
+    });
+    if config.plugins.strict_permissions {
+        match crate::plugins::integrity::check_permissions(plugins) {
+            Ok(()) => report.line(
+                Verdict::Ok,
+                "plugins folder",
+                format!(
+                    "{} ({files} entries; only root and the agent's user can write it)",
+                    plugins.display()
+                ),
+            ),
+            Err(e) => report.line(Verdict::Fail, "plugins folder", e),
+        }
+    } else {
+        report.line(
+            Verdict::Warn,
+            "plugins folder",
+            format!(
+                "{} ({files} entries); plugins.strict_permissions = false: anyone who can write it can run code as the agent",
+                plugins.display()
+            ),
+        );
+    }
+}
+
+/// The running agent, through its local API: its status and each connector's.
+async fn agent(config: &Config, report: &mut Report<'_>) {
+    let token = StatePaths::new(config.state_dir.clone()).admin_token();
+    let client = match ApiClient::new(config.api.listen, &token) {
+        Ok(client) => client,
+        Err(e) => {
+            report.line(
+                Verdict::Warn,
+                "agent",
+                format!("cannot use the local API: {e}"),
+            );
+            report.line(Verdict::Skip, "connectors", "needs the running agent");
+            return;
+        }
+    };
+    let status = match get_json(&client, "/v1/status").await {
+        Ok(status) => status,
+        Err(e) => {
+            report.line(
+                Verdict::Warn,
+                "agent",
+                format!(
+                    "not answering on {} ({e}); start it (`systemctl start lumos-agent`)",
+                    config.api.listen
+                ),
+            );
+            report.line(Verdict::Skip, "connectors", "needs the running agent");
+            return;
+        }
+    };
+    let version = status["version"].as_str().unwrap_or("?");
+    let draining = if status["draining"].as_bool() == Some(true) {
+        ", draining"
+    } else {
+        ""
+    };
+    report.line(
+        Verdict::Ok,
+        "agent",
+        format!("running {version} on {}{draining}", config.api.listen),
+    );
+    match status["cloud"].as_str().unwrap_or("?") {
+        "connected" => report.line(Verdict::Ok, "tunnel", "connected to the Lumos cloud"),
+        "standalone" => report.line(Verdict::Skip, "tunnel", "standalone"),
+        "connecting" => report.line(
+            Verdict::Warn,
+            "tunnel",
+            "connecting (just started, or reconnecting after a lost stream)",
+        ),
+        "unauthorized" => report.line(
+            Verdict::Fail,
+            "tunnel",
+            "the cloud refuses the agent token, or the token file is unusable: see the agent's log",
+        ),
+        other => report.line(
+            Verdict::Fail,
+            "tunnel",
+            format!(
+                "{other}: the agent cannot reach the cloud; the checks below say where it breaks"
+            ),
+        ),
+    }
+    let connectors = match get_json(&client, "/v1/connectors").await {
+        Ok(Value::Array(rows)) => rows,
+        Ok(_) | Err(_) => {
+            report.line(Verdict::Fail, "connectors", "cannot list them");
+            return;
+        }
+    };
+    if connectors.is_empty() {
+        report.line(
+            Verdict::Warn,
+            "connectors",
+            format!(
+                "none: drop connector files into {}",
+                config.plugins_dir.display()
+            ),
+        );
+    }
+    for row in connectors {
+        let file = row["path"]
+            .as_str()
+            .and_then(|p| Path::new(p).file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = row["app_id"].as_str().unwrap_or(&file);
+        let version = row["version"].as_str().unwrap_or("-");
+        let kind = row["kind"].as_str().unwrap_or("-");
+        match row["status"].as_str() {
+            Some("ready") => report.line(
+                Verdict::Ok,
+                "connector",
+                format!("{name} {version} ({kind}, {file}): ready"),
+            ),
+            Some("superseded") => report.line(
+                Verdict::Skip,
+                "connector",
+                format!("{name} {version} ({file}): superseded by a newer version"),
+            ),
+            _ => report.line(
+                Verdict::Fail,
+                "connector",
+                format!(
+                    "{file}: rejected: {}",
+                    row["reason"].as_str().unwrap_or("no reason given")
+                ),
+            ),
+        }
+    }
+}
+
+async fn get_json(client: &ApiClient, path: &str) -> Result<Value, String> {
+    let (status, body) = client
+        .send(Method::GET, path, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{path} answered {status}"));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{path} answered with bad JSON: {e}"))
+}
+
+/// The token file, then the network path step by step, each under the connect timeout.
+async fn cloud_path(cloud: &CloudConfig, report: &mut Report<'_>) {
+    match crate::tunnel::read_token(&cloud.token_file) {
+        Ok(_) => report.line(
+            Verdict::Ok,
+            "agent token",
+            format!("{} (readable, private)", cloud.token_file.display()),
+        ),
+        Err(e) => report.line(Verdict::Fail, "agent token", e.to_string()),
+    }
+    let connector = match CloudConnector::new(cloud) {
+        Ok(connector) => connector,
+        Err(e) => {
+            report.line(Verdict::Fail, "trust store", e.to_string());
+            return;
+        }
+    };
+    let timeout = cloud.connect_timeout;
+    let (host, port) = (connector.host().to_string(), connector.port());
+    let proxy = connector.proxy().cloned();
+
+    // DNS: the proxy's name when there is one (the proxy resolves the cloud's).
+    let (dns_host, dns_port) = match &proxy {
+        Some(p) => split_authority(&p.authority),
+        None => (host.clone(), port),
+    };
+    let resolved = within(
+        timeout,
+        tokio::net::lookup_host((dns_host.as_str(), dns_port)),
+    )
+    .await;
+    let addrs: Vec<SocketAddr> = match resolved {
+        Ok(addrs) => addrs.collect(),
+        Err(e) => {
+            report.line(Verdict::Fail, "dns", format!("{dns_host}: {e}"));
+            return;
+        }
+    };
+    let shown: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+    let what = if proxy.is_some() { "proxy " } else { "" };
+    report.line(
+        Verdict::Ok,
+        "dns",
+        format!("{what}{dns_host} → {}", shown.join(", ")),
+    );
+
+    // TCP to the first address that answers.
+    let started = Instant::now();
+    let mut tcp = None;
+    let mut last_error = String::from("no address");
+    for addr in &addrs {
+        match within(timeout, TcpStream::connect(addr)).await {
+            Ok(stream) => {
+                tcp = Some((stream, *addr));
+                break;
+            }
+            Err(e) => last_error = format!("{addr}: {e}"),
+        }
+    }
+    let Some((tcp, addr)) = tcp else {
+        report.line(
+            Verdict::Fail,
+            "tcp",
+            format!("{last_error} (check the endpoint; a firewall must allow outbound connections to {dns_host}:{dns_port})"),
+        );
+        return;
+    };
+    report.line(
+        Verdict::Ok,
+        "tcp",
+        format!("{what}{addr} in {} ms", started.elapsed().as_millis()),
+    );
+    drop(tcp);
+
+    let stream: Box<dyn Io> = match &proxy {
+        None => match TcpStream::connect(addr).await {
+            Ok(stream) => Box::new(stream),
+            Err(e) => {
+                report.line(Verdict::Fail, "tcp", format!("{addr}: {e}"));
+                return;
+            }
+        },
+        Some(p) => match within(timeout, transport::connect_via_proxy(p, &host, port)).await {
+            Ok(stream) => {
+                report.line(
+                    Verdict::Ok,
+                    "proxy",
+                    format!("{p} tunnels to {host}:{port}"),
+                );
+                Box::new(stream)
+            }
+            Err(e) => {
+                report.line(Verdict::Fail, "proxy", format!("{p}: CONNECT: {e}"));
+                return;
+            }
+        },
+    };
+
+    let stream: Box<dyn Io> = match connector.tls() {
+        None => {
+            report.line(
+                Verdict::Warn,
+                "tls",
+                "none: cloud.allow_insecure with an http:// endpoint (for development only)",
+            );
+            stream
+        }
+        Some(tls) => {
+            let Ok(name) = ServerName::try_from(host.clone()) else {
+                report.line(
+                    Verdict::Fail,
+                    "tls",
+                    format!("{host:?} is not a valid TLS server name"),
+                );
+                return;
+            };
+            let stream = match within(timeout, tls.connect(name, stream)).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let hint = if e.contains("certificate") {
+                        " (if the cloud's certificate comes from a private CA or a TLS-inspecting proxy, put that CA in cloud.ca_file)"
+                    } else {
+                        ""
+                    };
+                    report.line(Verdict::Fail, "tls", format!("{e}{hint}"));
+                    return;
+                }
+            };
+            let (_, session) = stream.get_ref();
+            let version = session
+                .protocol_version()
+                .map_or("?".to_string(), |v| format!("{v:?}"));
+            let alpn = session
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            let leaf = session.peer_certificates().and_then(|c| c.first());
+            let (cert_verdict, cert_text) = match leaf {
+                Some(der) => describe_certificate(der.as_ref()),
+                None => (Verdict::Fail, "no certificate".to_string()),
+            };
+            report.line(
+                cert_verdict,
+                "tls",
+                format!(
+                    "{version}, verified; {cert_text}",
+                    version = version.replace('_', ".")
+                ),
+            );
+            if alpn.as_deref() != Some("h2") {
+                report.line(
+                    Verdict::Fail,
+                    "http/2",
+                    format!(
+                        "the server did not agree to HTTP/2 (ALPN {}): something between the agent and the cloud (a TLS-inspecting proxy?) speaks only HTTP/1",
+                        alpn.as_deref().unwrap_or("none")
+                    ),
+                );
+                return;
+            }
+            Box::new(stream)
+        }
+    };
+    clock(stream, &host, connector.tls().is_some(), timeout, report).await;
+}
+
+/// HTTP/2 to the cloud, and its `Date` against this machine's clock.
+async fn clock(
+    stream: Box<dyn Io>,
+    host: &str,
+    https: bool,
+    timeout: Duration,
+    report: &mut Report<'_>,
+) {
+    let asked = SystemTime::now();
+    let exchange = async {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("HTTP/2 set-up failed: {e}"))?;
+        tokio::spawn(connection);
+        let scheme = if https { "https" } else { "http" };
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{scheme}://{host}/"))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("no HTTP/2 answer: {e}"))
+    };
+    let response = match within(timeout, exchange).await {
+        Ok(response) => response,
+        Err(e) => {
+            report.line(Verdict::Fail, "http/2", e);
+            return;
+        }
+    };
+    report.line(
+        Verdict::Ok,
+        "http/2",
+        format!("the cloud answers ({})", response.status()),
+    );
+    let date = response
+        .headers()
+        .get(hyper::header::DATE)
+        .and_then(|d| d.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok());
+    let Some(date) = date else {
+        report.line(
+            Verdict::Warn,
+            "clock",
+            "the cloud sent no Date header: skew unknown",
+        );
+        return;
+    };
+    // The Date has a one-second resolution; take the local time half-way through the exchange.
+    let local = asked + asked.elapsed().unwrap_or_default() / 2;
+    let (skew, direction) = match local.duration_since(date) {
+        Ok(ahead) => (ahead, "ahead of"),
+        Err(behind) => (behind.duration(), "behind"),
+    };
+    let text = format!(
+        "this machine is {:.1} s {direction} the cloud",
+        skew.as_secs_f64()
+    );
+    let verdict = if skew <= SKEW_WARN {
+        Verdict::Ok
+    } else if skew <= SKEW_FAIL {
+        Verdict::Warn
+    } else {
+        Verdict::Fail
+    };
+    let advice = if verdict == Verdict::Ok {
+        ""
+    } else {
+        " (certificates and OAuth token expiry depend on it: enable NTP, e.g. `timedatectl set-ntp true`)"
+    };
+    report.line(verdict, "clock", format!("{text}{advice}"));
+}
+
+/// `work` under the connect timeout; its error, or the timeout, as text.
+async fn within<T, E: std::fmt::Display>(
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// Subject, issuer, names and validity of the cloud's certificate.
+fn describe_certificate(der: &[u8]) -> (Verdict, String) {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return (
+            Verdict::Warn,
+            "the certificate could not be parsed for display".into(),
+        );
+    };
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => (*d).to_string(),
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                        match <[u8; 4]>::try_from(*ip) {
+                            Ok(v4) => std::net::Ipv4Addr::from(v4).to_string(),
+                            Err(_) => <[u8; 16]>::try_from(*ip).map_or_else(
+                                |_| hex::encode(ip),
+                                |v6| std::net::Ipv6Addr::from(v6).to_string(),
+                            ),
+                        }
+                    }
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let not_after = cert.validity().not_after;
+    let days_left = (not_after.timestamp()
+        - SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)))
+        / 86_400;
+    let verdict = if days_left < CERT_WARN_DAYS {
+        Verdict::Warn
+    } else {
+        Verdict::Ok
+    };
+    (
+        verdict,
+        format!(
+            "certificate for {} ({}), issued by {}, expires {} ({days_left} days)",
+            cert.subject(),
+            if names.is_empty() {
+                "no alternative names".to_string()
+            } else {
+                names.join(", ")
+            },
+            cert.issuer(),
+            not_after
+        ),
+    )
+}
+
+/// `host:port` (or `[v6]:port`) into its parts; port 80 when absent.
+fn split_authority(authority: &str) -> (String, u16) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => (
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port.parse().unwrap_or(80),
+        ),
+        _ => (authority.to_string(), 80),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_split_into_host_and_port() {
+        assert_eq!(
+            split_authority("proxy.corp:3128"),
+            ("proxy.corp".into(), 3128)
+        );
+        assert_eq!(split_authority("[::1]:8080"), ("::1".into(), 8080));
+        assert_eq!(split_authority("proxy"), ("proxy".into(), 80));
+    }
+}

@@ -1,0 +1,267 @@
+//! What differs between Unix and Windows, in one place: file modes, process groups, the
+//! identity the agent runs as, and OS error kinds. Everything else in the agent is portable and
+//! calls these instead of `std::os::unix`.
+//!
+//! On Windows, file privacy comes from the ACLs the folders inherit (the service's
+//! `%ProgramData%` folder is created by the installer for SYSTEM and Administrators), so the mode
+//! arguments are accepted and ignored; a connector's helpers are stopped through a job object
+//! instead of a process group.
+
+use std::path::Path;
+
+/// `.mode(..)` on [`std::fs::DirBuilder`] and [`std::fs::OpenOptions`]: the Unix permission bits
+/// for what is created. Import these instead of the `std::os::unix` traits.
+#[cfg(unix)]
+pub use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+/// `.mode(..)` on a [`std::fs::DirBuilder`]; Windows folders inherit their ACLs instead.
+#[cfg(windows)]
+pub trait DirBuilderExt {
+    /// Ignored on Windows.
+    fn mode(&mut self, mode: u32) -> &mut Self;
+}
+
+#[cfg(windows)]
+impl DirBuilderExt for std::fs::DirBuilder {
+    fn mode(&mut self, _mode: u32) -> &mut Self {
+        self
+    }
+}
+
+/// `.mode(..)` on [`std::fs::OpenOptions`]; Windows files inherit their folder's ACLs instead.
+#[cfg(windows)]
+pub trait OpenOptionsExt {
+    /// Ignored on Windows.
+    fn mode(&mut self, mode: u32) -> &mut Self;
+}
+
+#[cfg(windows)]
+impl OpenOptionsExt for std::fs::OpenOptions {
+    fn mode(&mut self, _mode: u32) -> &mut Self {
+        self
+    }
+}
+
+/// Sets `path`'s permission bits (tightens a folder created earlier with looser ones).
+pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+    #[cfg(windows)]
+    {
+        let _ = (path, mode);
+        Ok(())
+    }
+}
+
+/// The permission bits of a file, `None` where the platform has none.
+pub fn mode_of(meta: &std::fs::Metadata) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some(meta.mode())
+    }
+    #[cfg(windows)]
+    {
+        let _ = meta;
+        None
+    }
+}
+
+/// Whether a plugin file may be run as a program: an execute bit on Unix, an `.exe` name on
+/// Windows.
+pub fn is_executable(meta: &std::fs::Metadata, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        let _ = path;
+        mode_of(meta).is_some_and(|m| m & 0o111 != 0)
+    }
+    #[cfg(windows)]
+    {
+        meta.is_file()
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("exe"))
+    }
+}
+
+/// Whether the agent runs as root (decides the default state folder).
+pub fn is_root() -> bool {
+    #[cfg(unix)]
+    {
+        nix::unistd::geteuid().is_root()
+    }
+    #[cfg(windows)]
+    {
+        false
+    }
+}
+
+/// Makes a symbolic link (bundles carry them).
+pub fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(target, link)
+    }
+    #[cfg(windows)]
+    {
+        // Windows needs to know what the link points at; a dangling link counts as a file.
+        let resolved = link
+            .parent()
+            .map_or(target.to_path_buf(), |p| p.join(target));
+        if resolved.is_dir() {
+            std::os::windows::fs::symlink_dir(target, link)
+        } else {
+            std::os::windows::fs::symlink_file(target, link)
+        }
+    }
+}
+
+/// OS errors the agent explains in its own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OsErrorKind {
+    /// `ETXTBSY`: a file still open for writing was executed.
+    TextBusy,
+    /// `ELOOP`: a symlink loop.
+    SymlinkLoop,
+    /// `ENOEXEC`: not a program this system can run.
+    NotExecutable,
+}
+
+/// Whether `e` is the OS error `kind`.
+pub fn os_error_is(e: &std::io::Error, kind: OsErrorKind) -> bool {
+    #[cfg(unix)]
+    let code = match kind {
+        OsErrorKind::TextBusy => nix::libc::ETXTBSY,
+        OsErrorKind::SymlinkLoop => nix::libc::ELOOP,
+        OsErrorKind::NotExecutable => nix::libc::ENOEXEC,
+    };
+    #[cfg(windows)]
+    let code = match kind {
+        OsErrorKind::TextBusy => 32,       // ERROR_SHARING_VIOLATION
+        OsErrorKind::SymlinkLoop => 1921,  // ERROR_CANT_RESOLVE_FILENAME
+        OsErrorKind::NotExecutable => 193, // ERROR_BAD_EXE_FORMAT
+    };
+    e.raw_os_error() == Some(code)
+}
+
+/// The machine's host name, for the cloud's console.
+pub fn hostname() -> String {
+    #[cfg(unix)]
+    {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    }
+    #[cfg(windows)]
+    {
+        std::env::var("COMPUTERNAME").unwrap_or_default()
+    }
+}
+
+/// A connector process and everything it starts: a process group on Unix, a job object on
+/// Windows. Killing it reaches the helpers too, so a deadline or a cancel leaves nothing behind.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    #[cfg(unix)]
+    pgid: Option<nix::unistd::Pid>,
+    #[cfg(windows)]
+    job: std::sync::Mutex<Option<win32job::Job>>,
+}
+
+impl ProcessGroup {
+    /// Makes the command start a group of its own. Call before spawning.
+    pub fn prepare(cmd: &mut tokio::process::Command) {
+        #[cfg(unix)]
+        {
+            cmd.process_group(0);
+        }
+        #[cfg(windows)]
+        {
+            // CREATE_NEW_PROCESS_GROUP: console Ctrl events meant for the agent do not reach it.
+            cmd.creation_flags(0x0000_0200);
+        }
+    }
+
+    /// The group of a child started from a [`prepare`](Self::prepare)d command.
+    pub fn of(child: &tokio::process::Child) -> Self {
+        #[cfg(unix)]
+        {
+            Self {
+                pgid: child
+                    .id()
+                    .and_then(|id| i32::try_from(id).ok())
+                    .map(nix::unistd::Pid::from_raw),
+            }
+        }
+        #[cfg(windows)]
+        {
+            // The job kills every process in it when its handle closes. A helper started in the
+            // instant between spawn and assignment escapes it; the child itself is still
+            // killed through its own handle.
+            let job = child.raw_handle().and_then(|handle| {
+                let mut info = win32job::ExtendedLimitInfo::new();
+                info.limit_kill_on_job_close();
+                let job = win32job::Job::create_with_limit_info(&info).ok()?;
+                job.assign_process(handle as isize).ok()?;
+                Some(job)
+            });
+            Self {
+                job: std::sync::Mutex::new(job),
+            }
+        }
+    }
+
+    /// Asks the group to stop (SIGTERM). On Windows there is no polite request for a console
+    /// program without a console, so this kills.
+    pub fn terminate(&self) {
+        #[cfg(unix)]
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        #[cfg(windows)]
+        self.kill();
+    }
+
+    /// Kills every process in the group. Harmless when they are gone.
+    pub fn kill(&self) {
+        #[cfg(unix)]
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        #[cfg(windows)]
+        drop(self.job.lock().expect("job lock poisoned").take());
+    }
+
+    /// The group's id, for logs.
+    pub fn id(&self) -> Option<i64> {
+        #[cfg(unix)]
+        {
+            self.pgid.map(|p| i64::from(p.as_raw()))
+        }
+        #[cfg(windows)]
+        {
+            None
+        }
+    }
+
+    #[cfg(unix)]
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pgid) = self.pgid {
+            // ESRCH (the group is already gone) is the normal case after a clean exit.
+            let _ = nix::sys::signal::killpg(pgid, signal);
+        }
+    }
+}
+
+/// An exit status from a plain exit code (tests build outputs by hand).
+#[cfg(test)]
+pub fn exit_status(code: i32) -> std::process::ExitStatus {
+    #[cfg(unix)]
+    {
+        std::os::unix::process::ExitStatusExt::from_raw(code << 8)
+    }
+    #[cfg(windows)]
+    {
+        std::os::windows::process::ExitStatusExt::from_raw(code as u32)
+    }
+}

@@ -1,0 +1,137 @@
+//! `lumos-agent doctor` against a running agent and a real TLS cloud (the fake cloud), and
+//! against a broken install: every problem gets a FAIL line that says what to do, and the exit
+//! code says something is wrong.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::time::Duration;
+
+use lumos_agent::config::Overrides;
+use lumos_agent::{doctor, exit};
+use lumos_agent_integration::fake_cloud::*;
+use lumos_agent_integration::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn overrides(dirs: &TestDirs, agent: Option<&TestAgent>) -> Overrides {
+    Overrides {
+        config_file: Some(dirs.root.path().join("agent.toml")),
+        listen: agent.map(|a| a.api_addr.to_string()),
+        ..Overrides::default()
+    }
+}
+
+async fn doctor_says(overrides: &Overrides) -> (u8, String) {
+    let mut out = Vec::new();
+    let code = doctor::run(overrides, &mut out).await;
+    (code, String::from_utf8(out).unwrap())
+}
+
+fn line<'a>(report: &'a str, verdict: &str, topic: &str) -> Option<&'a str> {
+    report
+        .lines()
+        .find(|l| l.starts_with(&format!("{verdict:<5} {topic}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_install_passes_every_check_with_the_certificate_and_clock_shown() {
+    let (cert, key) = self_signed_cert();
+    let cloud = FakeCloud::start_tls(FakeCloudOptions::default(), &cert, &key).await;
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let ca = dirs.root.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let config = cloud_config(
+        &dirs,
+        &format!("https://localhost:{}", cloud.addr.port()),
+        &FakeCloudOptions::default().token,
+        &format!("ca_file = {:?}", ca.display().to_string()),
+    );
+    let agent = TestAgent::start(&dirs, &config).await;
+    let mut session = cloud.next_session(WAIT).await;
+    session.inventory_where(WAIT, |_| true).await.unwrap();
+
+    let (code, report) = doctor_says(&overrides(&dirs, Some(&agent))).await;
+    assert_eq!(code, exit::OK, "{report}");
+    assert!(!report.contains("FAIL"), "{report}");
+    for (topic, needle) in [
+        ("config", "agent.toml"),
+        ("state folder", "writable, private"),
+        ("plugins folder", "only root and the agent's user"),
+        ("agent", "running"),
+        ("tunnel", "connected"),
+        ("connector", "tester"),
+        ("agent token", "readable, private"),
+        ("dns", "localhost"),
+        ("tcp", "127.0.0.1"),
+        ("tls", "certificate for"),
+        ("http/2", "the cloud answers"),
+        ("clock", "this machine is"),
+    ] {
+        let found = line(&report, "ok", topic).unwrap_or_else(|| panic!("no ok {topic}: {report}"));
+        assert!(found.contains(needle), "{topic}: {found}\n{report}");
+    }
+    // The certificate's details: the names it is for, and its expiry.
+    let tls = line(&report, "ok", "tls").unwrap();
+    assert!(
+        tls.contains("localhost, 127.0.0.1") && tls.contains("days"),
+        "{tls}"
+    );
+    assert!(report.ends_with("0 problem(s), 0 warning(s)\n"), "{report}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_install_gets_a_fail_line_for_each_problem_and_a_nonzero_exit() {
+    // A port nothing listens on: bind, note it, close.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let dirs = TestDirs::new();
+    // A file that is no connector: rejected by the loader.
+    std::fs::write(dirs.plugins().join("notes.txt"), "not a connector").unwrap();
+    let config = cloud_config(&dirs, &dead_endpoint, "a-token", "");
+    let agent = TestAgent::start(&dirs, &config).await;
+    // The token file is readable by everyone, and the plugins folder group-writable.
+    lumos_agent::platform::set_mode(&dirs.root.path().join("cloud-token"), 0o644).unwrap();
+    lumos_agent::platform::set_mode(&dirs.plugins(), 0o775).unwrap();
+
+    let (code, report) = doctor_says(&overrides(&dirs, Some(&agent))).await;
+    assert_eq!(code, exit::CHECK_FAILED, "{report}");
+    let plugins = line(&report, "FAIL", "plugins folder").expect(&report);
+    assert!(plugins.contains("chmod go-w"), "{plugins}");
+    let connector = line(&report, "FAIL", "connector").expect(&report);
+    assert!(connector.contains("notes.txt"), "{connector}");
+    let token = line(&report, "FAIL", "agent token").expect(&report);
+    assert!(token.contains("chmod 600"), "{token}");
+    assert!(
+        !report.contains("a-token"),
+        "the token itself is never printed"
+    );
+    let tcp = line(&report, "FAIL", "tcp").expect(&report);
+    assert!(tcp.contains("firewall"), "{tcp}");
+    assert!(
+        line(&report, "FAIL", "tunnel").is_some() || line(&report, "WARN", "tunnel").is_some(),
+        "{report}"
+    );
+    agent.shutdown().await;
+
+    // With the agent stopped: a warning that it is not running, not a crash.
+    let (_, report) = doctor_says(&overrides(&dirs, None)).await;
+    let agent_line = line(&report, "WARN", "agent").expect(&report);
+    assert!(agent_line.contains("not answering"), "{agent_line}");
+
+    // A broken config: one FAIL naming every problem, and nothing else is attempted.
+    std::fs::write(
+        dirs.root.path().join("agent.toml"),
+        "bogus = 1\n[calls]\ntimeout_secs = \"soon\"\n",
+    )
+    .unwrap();
+    let (code, report) = doctor_says(&overrides(&dirs, None)).await;
+    assert_eq!(code, exit::CHECK_FAILED, "{report}");
+    let config = line(&report, "FAIL", "config").expect(&report);
+    assert!(config.contains("2 error(s)"), "{report}");
+    assert!(
+        line(&report, "skip", "everything else").is_some(),
+        "{report}"
+    );
+}
