@@ -141,7 +141,7 @@ async fn tenants_are_stored_listed_without_secrets_and_deleted() {
     assert_eq!(body["response"]["unique_tenant_id"], token_hash(secret));
 
     // The store on disk is private.
-    let meta = std::fs::metadata(dirs.state().join("tenants.json")).unwrap();
+    let meta = std::fs::metadata(dirs.state().join("tenants.enc")).unwrap();
     if let Some(mode) = lumos_agent::platform::mode_of(&meta) {
         assert_eq!(mode & 0o777, 0o600);
     }

@@ -123,7 +123,12 @@ impl RunningAgent {
         state.prepare().map_err(state_err)?;
         let token = ensure_admin_token(&state.admin_token()).map_err(state_err)?;
         let scratch = ScratchDir::create(state.calls()).map_err(state_err)?;
-        let tenants = Arc::new(TenantStore::open(state.tenants())?);
+        let store_key = crate::tenants::StoreKey::load_or_create(&state)?;
+        let tenants = Arc::new(TenantStore::open(
+            state.tenants(),
+            store_key,
+            &state.tenants_plaintext(),
+        )?);
 
         if let Err(e) = std::fs::create_dir_all(&config.plugins_dir) {
             tracing::warn!(dir = %config.plugins_dir.display(), error = %e, "cannot create the plugins folder");

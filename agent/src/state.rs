@@ -3,7 +3,8 @@
 //! ```text
 //! <state_dir>/            0700
 //!   admin.token           0600  bearer token for the local API (written at first start)
-//!   tenants.json          0600  agent-held tenants (settings and credentials)
+//!   tenants.enc           0600  agent-held tenants (settings and credentials), encrypted
+//!   tenants.key           0600  the tenant store's key (unless the service manager gives one)
 //!   bundles/<sha256>/           unpacked connector bundles, content-addressed
 //!   store/<sha256>/<name>       private copies of plugin executables and libraries, run from here
 //!   work/<plugin>/              each connector's private working folder (HOME, TMPDIR)
@@ -60,7 +61,17 @@ impl StatePaths {
 
     /// The agent-held tenant store.
     pub fn tenants(&self) -> PathBuf {
+        self.root.join("tenants.enc")
+    }
+
+    /// The plaintext tenant store of earlier versions, migrated at start.
+    pub fn tenants_plaintext(&self) -> PathBuf {
         self.root.join("tenants.json")
+    }
+
+    /// The tenant store's key, when the service manager gives none.
+    pub fn tenants_key(&self) -> PathBuf {
+        self.root.join("tenants.key")
     }
 
     /// Unpacked bundles.

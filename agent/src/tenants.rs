@@ -1,14 +1,20 @@
 //! Agent-held tenants: per Lumos connection, the settings and the credentials that the agent
 //! injects into every call for it.
 //!
-//! Stored in `<state_dir>/tenants.json` (0600, written atomically). Secrets live in
-//! [`SecretJson`]: redacted in `Debug`, zeroized on drop, never returned by the API.
-//! Encryption at rest arrives with the credentials work (issue 6); until then the file's mode is
-//! the protection.
+//! Stored in `<state_dir>/tenants.enc` (0600, written atomically: temp file, fsync, rename,
+//! fsync of the folder), encrypted with XChaCha20-Poly1305 under a 256-bit [`StoreKey`]: the
+//! service manager's (systemd `LoadCredential=tenants-key:…`, read from
+//! `$CREDENTIALS_DIRECTORY`), or `<state_dir>/tenants.key` (0600), created at first start. A
+//! fresh random nonce seals every write; the header is authenticated too, so a damaged,
+//! truncated or foreign file is refused with a clear error, never half-read.
+//!
+//! In memory, secrets live in [`SecretJson`]: redacted in `Debug`, zeroized on drop, never
+//! returned by the API. The plaintext `tenants.json` of earlier versions is encrypted and
+//! removed at the first start that finds it.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +22,136 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
-use crate::state::write_atomic;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+use crate::state::{write_atomic, StatePaths};
+
+/// The first bytes of an encrypted store: format and version, authenticated with the data.
+const MAGIC: &[u8; 8] = b"LUMOSTS1";
+const NONCE_LEN: usize = 24;
+/// The file name under `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=tenants-key:…`).
+pub const SERVICE_KEY_NAME: &str = "tenants-key";
+
+/// The tenant store's 256-bit key. Zeroized on drop; `Debug` shows where it came from only.
+pub struct StoreKey {
+    key: Zeroizing<[u8; 32]>,
+    origin: PathBuf,
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreKey({})", self.origin.display())
+    }
+}
+
+impl StoreKey {
+    /// The service manager's key if it gives one (`$CREDENTIALS_DIRECTORY/tenants-key`), else
+    /// `<state_dir>/tenants.key`, created when there is none yet. A store that exists without
+    /// its key is an error: a new key would make it unreadable.
+    pub fn load_or_create(state: &StatePaths) -> Result<Self, TenantStoreError> {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let path = Path::new(&dir).join(SERVICE_KEY_NAME);
+            if path.exists() {
+                return Self::read(&path);
+            }
+        }
+        let path = state.tenants_key();
+        match std::fs::metadata(&path) {
+            Ok(_) => Self::read(&path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if state.tenants().exists() {
+                    return Err(TenantStoreError::KeyMissing {
+                        store: state.tenants(),
+                        key: path,
+                    });
+                }
+                let mut key = Zeroizing::new([0u8; 32]);
+                getrandom::fill(key.as_mut()).map_err(|e| TenantStoreError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                write_atomic(&path, hex::encode(key.as_ref()).as_bytes(), 0o600).map_err(
+                    |source| TenantStoreError::Io {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                tracing::info!(key = %path.display(), "created the tenant store's key; back it up with the state folder");
+                Ok(Self { key, origin: path })
+            }
+            Err(source) => Err(TenantStoreError::Io { path, source }),
+        }
+    }
+
+    /// Reads a key file: 64 hex characters (a trailing newline is fine) or 32 raw bytes.
+    pub fn read(path: &Path) -> Result<Self, TenantStoreError> {
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| TenantStoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?);
+        let mut key = Zeroizing::new([0u8; 32]);
+        let text = std::str::from_utf8(&bytes).map(str::trim).unwrap_or("");
+        if text.len() == 64 && hex::decode_to_slice(text, key.as_mut()).is_ok() {
+            return Ok(Self {
+                key,
+                origin: path.to_path_buf(),
+            });
+        }
+        if bytes.len() == 32 {
+            key.copy_from_slice(&bytes);
+            return Ok(Self {
+                key,
+                origin: path.to_path_buf(),
+            });
+        }
+        Err(TenantStoreError::BadKey(path.to_path_buf()))
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(self.key.as_ref().into())
+    }
+
+    /// `MAGIC ‖ nonce ‖ ciphertext`, with a fresh random nonce.
+    fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, String> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| e.to_string())?;
+        let sealed = self
+            .cipher()
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: MAGIC,
+                },
+            )
+            .map_err(|_| "encryption failed".to_string())?;
+        let mut out = Vec::with_capacity(MAGIC.len() + NONCE_LEN + sealed.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// The plaintext of a sealed file; `None` if it is not ours, damaged, or another key's.
+    fn open(&self, file: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let rest = file.strip_prefix(MAGIC)?;
+        if rest.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        self.cipher()
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: MAGIC,
+                },
+            )
+            .ok()
+            .map(Zeroizing::new)
+    }
+}
 
 /// A JSON document holding secrets (auth or credentials).
 #[derive(Clone)]
@@ -126,6 +261,25 @@ pub enum TenantStoreError {
         /// The parser's words.
         detail: String,
     },
+    /// The file cannot be decrypted with the key.
+    #[error("tenant store {path} cannot be decrypted with the key {key}: it is damaged, or was written under another key; restore the matching key, or move the store aside to start empty")]
+    Undecryptable {
+        /// The store.
+        path: PathBuf,
+        /// Where the key came from.
+        key: PathBuf,
+    },
+    /// The store exists but its key does not.
+    #[error("tenant store {store} exists but its key {key} does not; restore the key from a backup (or give it as the service credential `tenants-key`), or move the store aside to start empty")]
+    KeyMissing {
+        /// The store.
+        store: PathBuf,
+        /// The expected key file.
+        key: PathBuf,
+    },
+    /// The key file holds no key.
+    #[error("the tenant store key {0} is not a key: expected 64 hex characters (or 32 bytes)")]
+    BadKey(PathBuf),
     /// A bad tenant id.
     #[error("tenant id {0:?} must be 1-128 characters of A-Z a-z 0-9 _ - . :")]
     BadId(String),
@@ -141,6 +295,7 @@ struct StoreFile {
 #[derive(Debug)]
 pub struct TenantStore {
     path: PathBuf,
+    key: StoreKey,
     tenants: RwLock<BTreeMap<String, Arc<Tenant>>>,
 }
 
@@ -159,28 +314,58 @@ pub fn check_tenant_id(id: &str) -> Result<(), TenantStoreError> {
 }
 
 impl TenantStore {
-    /// Opens the store at `path`, empty if the file does not exist yet.
-    pub fn open(path: PathBuf) -> Result<Self, TenantStoreError> {
+    /// Opens the store at `path` with `key`, empty if the file does not exist yet. A plaintext
+    /// store of an earlier version at `plaintext` is encrypted into `path` and then removed.
+    pub fn open(path: PathBuf, key: StoreKey, plaintext: &Path) -> Result<Self, TenantStoreError> {
         let tenants = match std::fs::read(&path) {
             Ok(bytes) => {
-                let bytes = Zeroizing::new(bytes);
-                let file: StoreFile =
-                    serde_json::from_slice(&bytes).map_err(|e| TenantStoreError::Corrupt {
+                let clear = key
+                    .open(&bytes)
+                    .ok_or_else(|| TenantStoreError::Undecryptable {
                         path: path.clone(),
-                        detail: e.to_string(),
+                        key: key.origin.clone(),
                     })?;
-                file.tenants
-                    .into_iter()
-                    .map(|(k, v)| (k, Arc::new(v)))
-                    .collect()
+                parse_store(&path, &clear)?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(TenantStoreError::Io { path, source }),
         };
-        Ok(Self {
+        let store = Self {
             path,
+            key,
             tenants: RwLock::new(tenants),
-        })
+        };
+        store.migrate(plaintext)?;
+        Ok(store)
+    }
+
+    /// Encrypts an earlier version's plaintext store, once: written encrypted first, removed
+    /// after, so a crash in between leaves both and the next start finishes the job.
+    fn migrate(&self, plaintext: &Path) -> Result<(), TenantStoreError> {
+        let bytes = match std::fs::read(plaintext) {
+            Ok(bytes) => Zeroizing::new(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(TenantStoreError::Io {
+                    path: plaintext.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let old = parse_store(plaintext, &bytes)?;
+        let mut tenants = self.tenants.write().expect("tenant lock poisoned");
+        let count = old.len();
+        for (id, tenant) in old {
+            // A tenant already in the encrypted store is newer than the plaintext copy.
+            tenants.entry(id).or_insert(tenant);
+        }
+        self.persist(&tenants)?;
+        std::fs::remove_file(plaintext).map_err(|source| TenantStoreError::Io {
+            path: plaintext.to_path_buf(),
+            source,
+        })?;
+        tracing::info!(tenants = count, from = %plaintext.display(), to = %self.path.display(), "encrypted the plaintext tenant store and removed it");
+        Ok(())
     }
 
     /// The tenant, if stored.
@@ -245,62 +430,165 @@ impl TenantStore {
                 detail: e.to_string(),
             }
         })?);
-        write_atomic(&self.path, &bytes, 0o600).map_err(|source| TenantStoreError::Io {
+        let sealed = self.key.seal(&bytes).map_err(|e| TenantStoreError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomic(&self.path, &sealed, 0o600).map_err(|source| TenantStoreError::Io {
             path: self.path.clone(),
             source,
         })
     }
 }
 
+fn parse_store(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<BTreeMap<String, Arc<Tenant>>, TenantStoreError> {
+    let file: StoreFile = serde_json::from_slice(bytes).map_err(|e| TenantStoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    Ok(file
+        .tenants
+        .into_iter()
+        .map(|(k, v)| (k, Arc::new(v)))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn secrets_are_redacted_and_persisted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tenants.json");
-        let store = TenantStore::open(path.clone()).unwrap();
-        let tenant = Tenant {
+    fn tenant(secret: &str) -> Tenant {
+        Tenant {
             app_id: "app".into(),
             settings: serde_json::from_str(r#"{"account_id": "a1"}"#).unwrap(),
             auth: Some(
-                SecretJson::from_json_text(r#"{"oauth": {"access_token": "CANARY-1"}}"#.into())
-                    .unwrap(),
+                SecretJson::from_json_text(format!(
+                    r#"{{"oauth": {{"access_token": "{secret}"}}}}"#
+                ))
+                .unwrap(),
             ),
             credentials: None,
-        };
-        assert!(!format!("{tenant:?}").contains("CANARY"));
-        let view = tenant.view("t1").to_string();
+        }
+    }
+
+    fn state() -> (tempfile::TempDir, StatePaths) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StatePaths::new(dir.path().join("state"));
+        state.prepare().unwrap();
+        (dir, state)
+    }
+
+    fn open(state: &StatePaths) -> Result<TenantStore, TenantStoreError> {
+        TenantStore::open(
+            state.tenants(),
+            StoreKey::load_or_create(state)?,
+            &state.tenants_plaintext(),
+        )
+    }
+
+    #[test]
+    fn secrets_are_redacted_encrypted_at_rest_and_persisted() {
+        let (_dir, state) = state();
+        let store = open(&state).unwrap();
+        let t = tenant("CANARY-1");
+        assert!(!format!("{t:?}").contains("CANARY"));
+        assert!(!format!("{:?}", store.key).contains(&hex::encode(store.key.key.as_ref())));
+        let view = t.view("t1").to_string();
         assert!(!view.contains("CANARY"), "{view}");
         assert!(view.contains("oauth"), "{view}");
-        store.put("t1", tenant).unwrap();
+        store.put("t1", t).unwrap();
 
-        let reopened = TenantStore::open(path).unwrap();
+        // On disk: neither the secret nor even the settings are readable.
+        let disk = std::fs::read(state.tenants()).unwrap();
+        assert!(disk.starts_with(MAGIC));
+        let text = String::from_utf8_lossy(&disk);
+        assert!(!text.contains("CANARY") && !text.contains("account_id"));
+
+        let reopened = open(&state).unwrap();
         let t = reopened.get("t1").unwrap();
         assert!(t.auth.as_ref().unwrap().expose().contains("CANARY-1"));
         assert_eq!(t.settings["account_id"], "a1");
         assert!(reopened.delete("t1").unwrap());
         assert!(!reopened.delete("t1").unwrap());
-        assert!(store
-            .put(
-                "../x",
-                Tenant {
-                    app_id: "a".into(),
-                    settings: Map::new(),
-                    auth: None,
-                    credentials: None
-                }
-            )
-            .is_err());
+        assert!(store.put("../x", tenant("x")).is_err());
     }
 
     #[test]
-    fn corrupt_store_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tenants.json");
-        std::fs::write(&path, "{not json").unwrap();
-        let err = TenantStore::open(path).unwrap_err();
-        assert!(err.to_string().contains("corrupt"), "{err}");
+    fn a_damaged_store_a_wrong_key_and_a_missing_key_are_clear_errors() {
+        let (_dir, state) = state();
+        open(&state).unwrap().put("t1", tenant("CANARY-2")).unwrap();
+        let good = std::fs::read(state.tenants()).unwrap();
+
+        // Every single flipped bit, anywhere (header, nonce, ciphertext, tag), is refused.
+        for at in [0, MAGIC.len(), MAGIC.len() + NONCE_LEN, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[at] ^= 1;
+            std::fs::write(state.tenants(), &bad).unwrap();
+            let err = open(&state).unwrap_err().to_string();
+            assert!(err.contains("cannot be decrypted"), "{err}");
+            assert!(!err.contains("CANARY"), "{err}");
+        }
+        // Truncated, and not ours at all.
+        for bad in [&good[..20], b"{\"version\": 1}".as_slice()] {
+            std::fs::write(state.tenants(), bad).unwrap();
+            assert!(matches!(
+                open(&state),
+                Err(TenantStoreError::Undecryptable { .. })
+            ));
+        }
+        std::fs::write(state.tenants(), &good).unwrap();
+
+        // Another key: refused, and the store is left as it was.
+        let key = std::fs::read(state.tenants_key()).unwrap();
+        std::fs::write(state.tenants_key(), hex::encode([7u8; 32])).unwrap();
+        assert!(matches!(
+            open(&state),
+            Err(TenantStoreError::Undecryptable { .. })
+        ));
+        assert_eq!(std::fs::read(state.tenants()).unwrap(), good);
+
+        // No key: refused, and no new key is made (it would orphan the store).
+        std::fs::remove_file(state.tenants_key()).unwrap();
+        let err = open(&state).unwrap_err();
+        assert!(matches!(err, TenantStoreError::KeyMissing { .. }), "{err}");
+        assert!(!state.tenants_key().exists());
+
+        // A key file that holds no key.
+        std::fs::write(state.tenants_key(), "short").unwrap();
+        assert!(matches!(open(&state), Err(TenantStoreError::BadKey(_))));
+
+        // The right key again (raw bytes work as well as hex): everything is back.
+        std::fs::write(state.tenants_key(), &key).unwrap();
+        let store = open(&state).unwrap();
+        assert!(store.get("t1").is_some());
+    }
+
+    #[test]
+    fn a_plaintext_store_of_an_earlier_version_is_encrypted_and_removed() {
+        let (_dir, state) = state();
+        let old = serde_json::json!({"version": 1, "tenants": {"old": {"app_id": "app", "auth": {"oauth": {"access_token": "CANARY-3"}}}}});
+        std::fs::write(state.tenants_plaintext(), old.to_string()).unwrap();
+        let store = open(&state).unwrap();
+        assert!(!state.tenants_plaintext().exists());
+        assert!(store.get("old").is_some());
+        let disk = std::fs::read(state.tenants()).unwrap();
+        assert!(!String::from_utf8_lossy(&disk).contains("CANARY-3"));
+        drop(store);
+        assert!(open(&state).unwrap().get("old").is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_key_and_the_store_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, state) = state();
+        open(&state).unwrap().put("t1", tenant("x")).unwrap();
+        for path in [state.tenants(), state.tenants_key()] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
     }
 }
