@@ -3,7 +3,7 @@
 //! result.
 //!
 //! ```text
-//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS]
+//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS] [throughput-only] [in-process-only] [baseline-only]
 //! ```
 //! - Throughput and p50/p99 latency at concurrency 1 and 64 of `validate_credentials` on the
 //!   Rust cdylib example, in-process and in a worker, through the real agent; the baseline is
@@ -33,6 +33,17 @@ struct Run {
     calls_per_sec: f64,
     p50: Duration,
     p99: Duration,
+    /// Process CPU time (user + system, both sides: cloud and agent) per call.
+    cpu_per_call: Duration,
+}
+
+/// User + system CPU time of this process so far (`/proc/self/stat`, in clock ticks of 10 ms).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based, whole line).
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
 }
 
 /// Sends `calls` calls keeping `concurrency` outstanding; acks each result.
@@ -42,6 +53,7 @@ async fn drive(s: &mut CloudSession, app_id: &str, calls: usize, concurrency: us
     let mut outstanding: HashMap<String, Instant> = HashMap::new();
     let mut latencies = Vec::with_capacity(calls);
     let started = Instant::now();
+    let cpu_before = cpu_time();
     while latencies.len() < calls {
         while outstanding.len() < concurrency && sent < calls {
             // Ids are unique across runs: the agent refuses to run an id twice.
@@ -69,8 +81,10 @@ async fn drive(s: &mut CloudSession, app_id: &str, calls: usize, concurrency: us
         }
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_before);
     latencies.sort();
     Run {
+        cpu_per_call: cpu / u32::try_from(calls).unwrap(),
         calls_per_sec: calls as f64 / elapsed.as_secs_f64(),
         p50: p(&latencies, 0.5),
         p99: p(&latencies, 0.99),
@@ -144,10 +158,11 @@ fn print_row(name: &str, concurrency: usize, run: &Run, baseline: Option<&Run>) 
         format!("  {:.2}× baseline", run.calls_per_sec / b.calls_per_sec)
     });
     println!(
-        "{name:<22} c={concurrency:<3} {:>9.0} calls/s  p50 {:>8.1} µs  p99 {:>8.1} µs{ratio}",
+        "{name:<22} c={concurrency:<3} {:>9.0} calls/s  p50 {:>8.1} µs  p99 {:>8.1} µs  cpu {:>5.1} µs/call{ratio}",
         run.calls_per_sec,
         run.p50.as_secs_f64() * 1e6,
-        run.p99.as_secs_f64() * 1e6
+        run.p99.as_secs_f64() * 1e6,
+        run.cpu_per_call.as_secs_f64() * 1e6
     );
 }
 
@@ -207,6 +222,9 @@ fn main() {
         let base64 = drive(&mut s, "x", calls, 64).await;
         print_row("bare tonic responder", 1, &base1, None);
         print_row("bare tonic responder", 64, &base64, None);
+        if std::env::args().any(|a| a == "baseline-only") {
+            return;
+        }
 
         for (name, extra) in [
             (
@@ -215,6 +233,10 @@ fn main() {
             ),
             ("agent, worker", ""),
         ] {
+            // `in-process-only` (for profiling): skip the worker runs.
+            if extra.is_empty() && std::env::args().any(|a| a == "in-process-only") {
+                continue;
+            }
             let dirs = TestDirs::new();
             install_plugin(
                 &dirs.plugins(),
@@ -230,6 +252,10 @@ fn main() {
             agent.shutdown().await;
         }
 
+        // `throughput-only` (for profiling the call path): skip the relay.
+        if std::env::args().any(|a| a == "throughput-only") {
+            return;
+        }
         // 100 MB relayed: peak RSS growth of this process.
         let dirs = TestDirs::new();
         install_plugin(&dirs.plugins(), &test_connector(), "tester");
