@@ -18,6 +18,7 @@ pub mod exec;
 pub mod exit;
 pub mod metrics;
 pub mod native;
+pub mod oauth;
 pub mod output;
 pub mod platform;
 pub mod plugins;

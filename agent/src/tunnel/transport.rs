@@ -92,6 +92,7 @@ impl CloudConnector {
         let tls = if https {
             Some(tokio_rustls::TlsConnector::from(Arc::new(client_config(
                 cloud.ca_file.as_deref(),
+                &[b"h2"],
             )?)))
         } else {
             None
@@ -227,9 +228,11 @@ impl Inner {
     }
 }
 
-/// rustls settings: web PKI roots, the system store and `ca_file`; HTTP/2 by ALPN.
-fn client_config(
+/// rustls settings: web PKI roots, the system store and `ca_file`, offering `alpn` (the tunnel
+/// asks for HTTP/2; token endpoints leave it to hyper-rustls).
+pub fn client_config(
     ca_file: Option<&std::path::Path>,
+    alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TransportError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -265,7 +268,7 @@ fn client_config(
         })?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
 
