@@ -13,6 +13,8 @@
 //! - Errors never carry a secret: the server's `error_description` is scrubbed of every secret
 //!   the request sent, in case the server echoes it.
 
+pub mod broker;
+
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -599,73 +601,13 @@ fn scrub(text: &str, secrets: &[Zeroizing<String>]) -> String {
 }
 
 #[cfg(test)]
+pub(crate) mod fake;
+
+#[cfg(test)]
 mod tests {
+    use super::fake::{fake_endpoint, Script, Seen};
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    /// What the fake token endpoint saw.
-    #[derive(Debug, Default, Clone)]
-    struct Seen {
-        uri: String,
-        authorization: Option<String>,
-        content_type: Option<String>,
-        api_key: Option<String>,
-        body: String,
-    }
-
-    type Script = Arc<dyn Fn(&Seen) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync>;
-
-    /// A token endpoint on 127.0.0.1 that answers as `script` says and records each request.
-    async fn fake_endpoint(script: Script) -> (String, Arc<Mutex<Vec<Seen>>>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let (script, log) = (script.clone(), log.clone());
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let (script, log) = (script.clone(), log.clone());
-                            async move {
-                                let header = |name: &str| {
-                                    req.headers()
-                                        .get(name)
-                                        .and_then(|v| v.to_str().ok())
-                                        .map(str::to_owned)
-                                };
-                                let mut seen = Seen {
-                                    uri: req.uri().to_string(),
-                                    authorization: header("authorization"),
-                                    content_type: header("content-type"),
-                                    api_key: header("x-api-key"),
-                                    body: String::new(),
-                                };
-                                let body = req.into_body().collect().await.unwrap().to_bytes();
-                                seen.body = String::from_utf8_lossy(&body).into_owned();
-                                let (status, headers, body) = script(&seen);
-                                log.lock().unwrap().push(seen);
-                                let mut response = hyper::Response::builder().status(status);
-                                for (name, value) in headers {
-                                    response = response.header(name, value);
-                                }
-                                Ok::<_, std::convert::Infallible>(
-                                    response.body(Full::new(Bytes::from(body))).unwrap(),
-                                )
-                            }
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        (format!("http://{addr}/token"), seen)
-    }
+    use std::sync::Arc;
 
     fn endpoint(url: &str, auth: ClientAuth, format: BodyFormat) -> TokenEndpoint {
         TokenEndpoint {
@@ -677,6 +619,16 @@ mod tests {
             scopes: vec!["read".into(), "write".into()],
             api_key: None,
         }
+    }
+
+    /// One request to `url` with the standard test client.
+    async fn ask(
+        url: &str,
+        auth: ClientAuth,
+        format: BodyFormat,
+        grant: Grant<'_>,
+    ) -> Result<Tokens, TokenError> {
+        client().request(&endpoint(url, auth, format), grant).await
     }
 
     fn client() -> TokenClient {
@@ -985,26 +937,21 @@ mod tests {
     #[tokio::test]
     async fn timeouts_and_oversized_answers_are_unavailable() {
         let big = "x".repeat(MAX_BODY + 10);
-        let (url, _) = fake_endpoint(answer(200, &big)).await;
-        let err = client()
-            .request(
-                &endpoint(&url, ClientAuth::Post, BodyFormat::Form),
-                Grant::ClientCredentials,
-            )
-            .await
-            .unwrap_err();
-        assert_eq!(err.class(), "unavailable", "{err}");
+        let (oversized, _) = fake_endpoint(answer(200, &big)).await;
         // Nobody listening at all.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/token", closed.local_addr().unwrap());
+        let nobody = format!("http://{}/token", closed.local_addr().unwrap());
         drop(closed);
-        let err = client()
-            .request(
-                &endpoint(&url, ClientAuth::Post, BodyFormat::Form),
+        for url in [oversized, nobody] {
+            let err = ask(
+                &url,
+                ClientAuth::Post,
+                BodyFormat::Form,
                 Grant::ClientCredentials,
             )
             .await
             .unwrap_err();
-        assert_eq!(err.class(), "unavailable", "{err}");
+            assert_eq!(err.class(), "unavailable", "{url}: {err}");
+        }
     }
 }

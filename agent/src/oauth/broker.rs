@@ -1,0 +1,949 @@
+//! The token broker: one owner per credential of "is this token still good, and if not, get a
+//! new one", so that connectors always receive a valid access token and hundreds of concurrent
+//! calls on one expired token cause exactly one token request.
+//!
+//! - **Keyed** by tenant, credential id, token URL, client id and scopes: two tenants with the
+//!   same client id at different token URLs never share a token.
+//! - **Proactive**: a token counts as expired once `now + skew >= expiry`; the skew is 60 s,
+//!   shortened to half the token's lifetime for short-lived tokens (so they are not refreshed on
+//!   every call).
+//! - **Single-flight on a detached task**: the first caller that finds the token stale starts
+//!   the refresh; everyone else waits for the same outcome; a caller that goes away does not
+//!   cancel it. A failed refresh is reported to every waiter and not remembered as a result: the
+//!   next call after the backoff tries again.
+//! - **Rotation-safe**: a new refresh token is handed to the persistence hook *before* the new
+//!   access token is served; if persisting fails, the new token stays in memory (the old one is
+//!   never used again) and a background task retries the hook until it succeeds or newer
+//!   tokens supersede these.
+//! - **Failure classes**: `invalid_grant` marks the credential as needing re-consent (later
+//!   calls fail fast, no request), unless the refresh token has changed meanwhile (a stale
+//!   racer); 429 parks every credential of that token host until `Retry-After`; 5xx and
+//!   timeouts back off with full jitter while a token that has not actually expired keeps being
+//!   served; configuration errors fail with the setting to fix and are retried at the maximum
+//!   backoff.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::{BoxFuture, FutureExt as _, Shared};
+use zeroize::Zeroizing;
+
+use super::{Grant, TokenClient, TokenEndpoint, TokenError, Tokens};
+
+/// Identifies one credential. Tokens are never shared between two keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CredentialKey {
+    /// The tenant (Lumos connection).
+    pub tenant_id: String,
+    /// The credential within the tenant (`""` for single-credential auth).
+    pub credential_id: String,
+    /// The token URL.
+    pub token_url: String,
+    /// The client id.
+    pub client_id: String,
+    /// The scopes, in order.
+    pub scopes: Vec<String>,
+}
+
+/// How a credential gets new tokens.
+#[derive(Clone)]
+pub enum GrantKind {
+    /// With its refresh token.
+    RefreshToken,
+    /// With the client's own credentials.
+    ClientCredentials,
+    /// With a resource owner's password (only where an app needs it).
+    Password {
+        /// The user.
+        username: String,
+        /// The password.
+        password: Zeroizing<String>,
+    },
+}
+
+impl fmt::Debug for GrantKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::RefreshToken => "RefreshToken",
+            Self::ClientCredentials => "ClientCredentials",
+            Self::Password { .. } => "Password([redacted])",
+        })
+    }
+}
+
+/// What is known of a credential when the broker first sees it (from the tenant store, or
+/// from the call for cloud-held credentials).
+#[derive(Default)]
+pub struct Seed {
+    /// When the access token was issued, if known (its lifetime shortens the skew).
+    pub issued_at: Option<SystemTime>,
+    /// The current access token, if any.
+    pub access_token: Option<Zeroizing<String>>,
+    /// When it expires.
+    pub expires_at: Option<SystemTime>,
+    /// The current refresh token, if any.
+    pub refresh_token: Option<Zeroizing<String>>,
+}
+
+impl fmt::Debug for Seed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Seed")
+            .field(
+                "access_token",
+                &self.access_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field("expires_at", &self.expires_at)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "[redacted]"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// An access token as served to a call.
+pub struct AccessToken {
+    /// The token.
+    pub token: Zeroizing<String>,
+    /// When it expires (absolute), if known.
+    pub expires_at: Option<SystemTime>,
+    /// When it was obtained, if known: with `expires_at`, its lifetime (for the skew).
+    pub issued_at: Option<SystemTime>,
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token", &"[redacted]")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stores a credential's new tokens durably (the tenant store for agent-held credentials, the
+/// outbox towards the cloud for cloud-held ones). Called before a new access token is used.
+pub type Persist =
+    Arc<dyn Fn(&CredentialKey, &Tokens) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// The broker's timing.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerSettings {
+    /// Refresh this long before expiry (shortened for short-lived tokens).
+    pub skew: Duration,
+    /// First backoff after a failed refresh.
+    pub backoff_initial: Duration,
+    /// Longest backoff (also the wait after a configuration error).
+    pub backoff_max: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            skew: Duration::from_secs(60),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+type Refresh = Shared<BoxFuture<'static, Result<Arc<AccessToken>, TokenError>>>;
+
+#[derive(Default)]
+struct CredentialState {
+    access: Option<Arc<AccessToken>>,
+    refresh_token: Option<Zeroizing<String>>,
+    /// `invalid_grant` was answered for the current refresh token.
+    needs_consent: bool,
+    /// No refresh before this (after a failure), and the error to give meanwhile.
+    parked: Option<(SystemTime, TokenError)>,
+    failures: u32,
+    inflight: Option<Refresh>,
+}
+
+/// Counts of refresh outcomes, by class (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct RefreshCounts {
+    counts: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl RefreshCounts {
+    fn add(&self, outcome: &'static str) {
+        *self
+            .counts
+            .lock()
+            .expect("counts poisoned")
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
+    /// How many refreshes ended as `outcome` (`ok` or a [`TokenError::class`]).
+    pub fn get(&self, outcome: &str) -> u64 {
+        self.counts
+            .lock()
+            .expect("counts poisoned")
+            .get(outcome)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The token broker. Shared by every call.
+pub struct TokenBroker {
+    client: TokenClient,
+    settings: BrokerSettings,
+    persist: Persist,
+    states: Mutex<HashMap<CredentialKey, Arc<Mutex<CredentialState>>>>,
+    /// Token hosts that answered 429, until when.
+    hosts: Arc<Mutex<HashMap<String, SystemTime>>>,
+    /// Refresh outcomes.
+    pub counts: Arc<RefreshCounts>,
+}
+
+impl fmt::Debug for TokenBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBroker")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenBroker {
+    /// A broker that asks token endpoints through `client` and stores new tokens with
+    /// `persist`.
+    pub fn new(client: TokenClient, settings: BrokerSettings, persist: Persist) -> Self {
+        Self {
+            client,
+            settings,
+            persist,
+            states: Mutex::default(),
+            hosts: Arc::default(),
+            counts: Arc::default(),
+        }
+    }
+
+    /// A valid access token for `key`, refreshing it first if it is stale. `seed` is used the
+    /// first time the broker sees `key`.
+    pub async fn token(
+        &self,
+        key: &CredentialKey,
+        endpoint: &TokenEndpoint,
+        grant: &GrantKind,
+        seed: impl FnOnce() -> Seed,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        let state = self.state(key, seed);
+        let now = SystemTime::now();
+        let refresh = {
+            let mut s = state.lock().expect("credential state poisoned");
+            if let Some(access) = &s.access {
+                if !self.stale(access, now) {
+                    return Ok(access.clone());
+                }
+            }
+            if s.needs_consent {
+                return Err(TokenError::InvalidGrant { description: None });
+            }
+            let host_until = self.host_parked_until(&endpoint.url);
+            let parked = s
+                .parked
+                .as_ref()
+                .filter(|(until, _)| *until > now)
+                .map(|(_, e)| e.clone())
+                .or_else(|| {
+                    host_until
+                        .filter(|until| *until > now)
+                        .map(|until| TokenError::RateLimited {
+                            retry_after: until.duration_since(now).unwrap_or_default(),
+                        })
+                });
+            if let Some(error) = parked {
+                // Waiting out a failure: a token that has not actually expired still works.
+                return match &s.access {
+                    Some(access) if access.expires_at.is_none_or(|at| at > now) => {
+                        Ok(access.clone())
+                    }
+                    _ => Err(error),
+                };
+            }
+            match &s.inflight {
+                Some(refresh) => refresh.clone(),
+                None => {
+                    let refresh = self.start_refresh(key, endpoint, grant, &state, &mut s);
+                    s.inflight = Some(refresh.clone());
+                    refresh
+                }
+            }
+        };
+        refresh.await
+    }
+
+    /// Whether the credential was refused with `invalid_grant` and needs re-consent.
+    pub fn needs_consent(&self, key: &CredentialKey) -> bool {
+        self.states
+            .lock()
+            .expect("broker poisoned")
+            .get(key)
+            .is_some_and(|s| s.lock().expect("credential state poisoned").needs_consent)
+    }
+
+    fn state(
+        &self,
+        key: &CredentialKey,
+        seed: impl FnOnce() -> Seed,
+    ) -> Arc<Mutex<CredentialState>> {
+        let mut states = self.states.lock().expect("broker poisoned");
+        states
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let seed = seed();
+                Arc::new(Mutex::new(CredentialState {
+                    access: seed.access_token.map(|token| {
+                        Arc::new(AccessToken {
+                            token,
+                            expires_at: seed.expires_at,
+                            issued_at: seed.issued_at,
+                        })
+                    }),
+                    refresh_token: seed.refresh_token,
+                    ..CredentialState::default()
+                }))
+            })
+            .clone()
+    }
+
+    /// `now + skew >= expiry`, the skew shortened to half the lifetime for short-lived tokens.
+    fn stale(&self, access: &AccessToken, now: SystemTime) -> bool {
+        let Some(expires_at) = access.expires_at else {
+            return false;
+        };
+        // Lifetime unknown (a seeded token): the full skew.
+        let skew = match access.issued_at {
+            Some(issued) => self
+                .settings
+                .skew
+                .min(expires_at.duration_since(issued).unwrap_or_default() / 2),
+            None => self.settings.skew,
+        };
+        now + skew >= expires_at
+    }
+
+    fn host_parked_until(&self, url: &str) -> Option<SystemTime> {
+        self.hosts
+            .lock()
+            .expect("hosts poisoned")
+            .get(host_of(url))
+            .copied()
+    }
+
+    /// Spawns the refresh as a task of its own, so a caller that goes away cannot cancel it.
+    fn start_refresh(
+        &self,
+        key: &CredentialKey,
+        endpoint: &TokenEndpoint,
+        grant: &GrantKind,
+        state: &Arc<Mutex<CredentialState>>,
+        s: &mut CredentialState,
+    ) -> Refresh {
+        let used = s.refresh_token.clone();
+        let task = tokio::spawn(refresh_task(RefreshJob {
+            client: self.client.clone(),
+            persist: self.persist.clone(),
+            settings: self.settings,
+            hosts: self.hosts.clone(),
+            counts: self.counts.clone(),
+            key: key.clone(),
+            endpoint: endpoint.clone(),
+            grant: grant.clone(),
+            used,
+            state: state.clone(),
+        }));
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(TokenError::Unavailable(format!(
+                    "the refresh task failed: {e}"
+                )))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+}
+
+struct RefreshJob {
+    client: TokenClient,
+    persist: Persist,
+    settings: BrokerSettings,
+    hosts: Arc<Mutex<HashMap<String, SystemTime>>>,
+    counts: Arc<RefreshCounts>,
+    key: CredentialKey,
+    endpoint: TokenEndpoint,
+    grant: GrantKind,
+    /// The refresh token this refresh sends.
+    used: Option<Zeroizing<String>>,
+    state: Arc<Mutex<CredentialState>>,
+}
+
+async fn refresh_task(job: RefreshJob) -> Result<Arc<AccessToken>, TokenError> {
+    let grant = match (&job.grant, job.used.as_deref()) {
+        (GrantKind::RefreshToken, Some(token)) => Grant::RefreshToken(token),
+        (GrantKind::RefreshToken, None) => {
+            let err = TokenError::InvalidGrant {
+                description: Some("no refresh token is stored for this credential".into()),
+            };
+            return finish(&job, Err(err)).await;
+        }
+        (GrantKind::ClientCredentials, _) => Grant::ClientCredentials,
+        (GrantKind::Password { username, password }, _) => Grant::Password { username, password },
+    };
+    let outcome = job.client.request(&job.endpoint, grant).await;
+    finish(&job, outcome).await
+}
+
+/// Records a refresh's outcome in the credential's state (persisting new tokens first).
+async fn finish(
+    job: &RefreshJob,
+    outcome: Result<Tokens, TokenError>,
+) -> Result<Arc<AccessToken>, TokenError> {
+    let now = SystemTime::now();
+    match outcome {
+        Ok(tokens) => {
+            // Durable before used: a crash after this point finds the new refresh token.
+            if let Err(e) = (job.persist)(&job.key, &tokens).await {
+                tracing::error!(tenant_id = %job.key.tenant_id, credential = %job.key.credential_id, "cannot store the credential's new tokens; keeping them in memory and retrying: {e}");
+                tokio::spawn(retry_persist(
+                    job.persist.clone(),
+                    job.key.clone(),
+                    clone_tokens(&tokens),
+                    job.state.clone(),
+                    job.settings,
+                ));
+            }
+            let access = Arc::new(AccessToken {
+                token: tokens.access_token.clone(),
+                expires_at: tokens.expires_at,
+                issued_at: Some(now),
+            });
+            let mut s = job.state.lock().expect("credential state poisoned");
+            s.access = Some(access.clone());
+            if let Some(new) = tokens.refresh_token {
+                s.refresh_token = Some(new);
+            }
+            s.needs_consent = false;
+            s.parked = None;
+            s.failures = 0;
+            s.inflight = None;
+            job.counts.add("ok");
+            Ok(access)
+        }
+        Err(error) => {
+            job.counts.add(error.class());
+            let mut s = job.state.lock().expect("credential state poisoned");
+            s.inflight = None;
+            match &error {
+                TokenError::InvalidGrant { .. } => {
+                    // A racer's stale refusal: the credential has a newer refresh token now.
+                    if s.refresh_token.as_deref() == job.used.as_deref() {
+                        s.needs_consent = true;
+                        tracing::warn!(tenant_id = %job.key.tenant_id, credential = %job.key.credential_id, "the authorization server refused the refresh token (invalid_grant): the credential needs re-consent");
+                    }
+                }
+                TokenError::RateLimited { retry_after } => {
+                    job.hosts
+                        .lock()
+                        .expect("hosts poisoned")
+                        .insert(host_of(&job.endpoint.url).to_string(), now + *retry_after);
+                }
+                TokenError::Unavailable(_) => {
+                    s.failures = s.failures.saturating_add(1);
+                    let wait = crate::tunnel::full_jitter(
+                        job.settings.backoff_initial,
+                        job.settings.backoff_max,
+                        s.failures,
+                    );
+                    s.parked = Some((now + wait, error.clone()));
+                }
+                TokenError::Config { .. } => {
+                    s.parked = Some((now + job.settings.backoff_max, error.clone()));
+                }
+            }
+            Err(error)
+        }
+    }
+}
+
+fn clone_tokens(tokens: &Tokens) -> Tokens {
+    Tokens {
+        access_token: tokens.access_token.clone(),
+        refresh_token: tokens.refresh_token.clone(),
+        expires_at: tokens.expires_at,
+        token_type: tokens.token_type.clone(),
+        scope: tokens.scope.clone(),
+    }
+}
+
+/// Retries storing `tokens` with backoff until it works, or until a newer refresh token has
+/// replaced them (its own persist covers it).
+async fn retry_persist(
+    persist: Persist,
+    key: CredentialKey,
+    tokens: Tokens,
+    state: Arc<Mutex<CredentialState>>,
+    settings: BrokerSettings,
+) {
+    let mut attempt = 0u32;
+    loop {
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(crate::tunnel::full_jitter(
+            settings.backoff_initial,
+            settings.backoff_max,
+            attempt,
+        ))
+        .await;
+        let superseded = state
+            .lock()
+            .expect("credential state poisoned")
+            .refresh_token
+            .as_deref()
+            != tokens.refresh_token.as_deref();
+        if superseded {
+            return;
+        }
+        match persist(&key, &tokens).await {
+            Ok(()) => {
+                tracing::info!(tenant_id = %key.tenant_id, credential = %key.credential_id, attempt, "stored the credential's new tokens");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(tenant_id = %key.tenant_id, attempt, "still cannot store the credential's new tokens: {e}")
+            }
+        }
+    }
+}
+
+/// The `scheme://host:port` part of a URL: 429s are shared per token host.
+fn host_of(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after_scheme + i);
+    &url[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fake::{fake_endpoint, Script};
+    use super::super::{BodyFormat, ClientAuth};
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn endpoint(url: &str) -> TokenEndpoint {
+        TokenEndpoint {
+            url: url.to_string(),
+            client_id: "client".into(),
+            client_secret: Some(Zeroizing::new("secret".into())),
+            auth: ClientAuth::Post,
+            format: BodyFormat::Form,
+            scopes: vec![],
+            api_key: None,
+        }
+    }
+
+    fn key(tenant: &str, url: &str) -> CredentialKey {
+        CredentialKey {
+            tenant_id: tenant.into(),
+            credential_id: String::new(),
+            token_url: url.into(),
+            client_id: "client".into(),
+            scopes: vec![],
+        }
+    }
+
+    /// One `token` call for `tenant` at `url`.
+    async fn ask(
+        broker: &TokenBroker,
+        tenant: &str,
+        url: &str,
+        grant: GrantKind,
+        seed: impl FnOnce() -> Seed,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        broker
+            .token(&key(tenant, url), &endpoint(url), &grant, seed)
+            .await
+    }
+
+    /// Records what was persisted, in order.
+    fn recorder() -> (Persist, Arc<Mutex<Vec<String>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let persist: Persist = Arc::new(move |_key, tokens| {
+            let entry = format!(
+                "{}|{}",
+                tokens.access_token.as_str(),
+                tokens.refresh_token.as_deref().map_or("-", String::as_str)
+            );
+            sink.lock().unwrap().push(entry);
+            async { Ok(()) }.boxed()
+        });
+        (persist, log)
+    }
+
+    fn broker(persist: Persist, settings: BrokerSettings) -> TokenBroker {
+        TokenBroker::new(
+            TokenClient::new(None, Duration::from_secs(5)).unwrap(),
+            settings,
+            persist,
+        )
+    }
+
+    fn fast() -> BrokerSettings {
+        BrokerSettings {
+            skew: Duration::from_secs(60),
+            backoff_initial: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(2),
+        }
+    }
+
+    fn expired_seed() -> Seed {
+        Seed {
+            issued_at: None,
+            access_token: Some(Zeroizing::new("OLD".into())),
+            expires_at: Some(SystemTime::now() - Duration::from_secs(1)),
+            refresh_token: Some(Zeroizing::new("RT-0".into())),
+        }
+    }
+
+    /// A strict rotating server: each refresh token works once; reusing one is invalid_grant.
+    fn rotating_server(delay: Duration) -> (Script, Arc<AtomicUsize>) {
+        let issued = Arc::new(AtomicUsize::new(0));
+        let counter = issued.clone();
+        let script: Script = Arc::new(move |seen| {
+            let params: HashMap<String, String> = form_urlencoded::parse(seen.body.as_bytes())
+                .into_owned()
+                .collect();
+            let n = counter.load(Ordering::SeqCst);
+            std::thread::sleep(delay);
+            if params.get("refresh_token").map(String::as_str) != Some(&format!("RT-{n}")) {
+                return (400, vec![], r#"{"error": "invalid_grant"}"#.into());
+            }
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            (
+                200,
+                vec![],
+                format!(
+                    r#"{{"access_token": "AT-{n}", "refresh_token": "RT-{n}", "expires_in": 3600}}"#
+                ),
+            )
+        });
+        (script, issued)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thousand_callers_on_an_expired_token_make_one_request_and_share_the_token() {
+        let (script, issued) = rotating_server(Duration::from_millis(50));
+        let (url, seen) = fake_endpoint(script).await;
+        let (persist, persisted) = recorder();
+        let broker = Arc::new(broker(persist, fast()));
+        let mut calls = Vec::new();
+        for _ in 0..1000 {
+            let (broker, url) = (broker.clone(), url.clone());
+            calls.push(tokio::spawn(async move {
+                ask(&broker, "t", &url, GrantKind::RefreshToken, expired_seed)
+                    .await
+                    .map(|t| t.token.to_string())
+            }));
+        }
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap(), "AT-1");
+        }
+        assert_eq!(seen.lock().unwrap().len(), 1, "exactly one token request");
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
+        assert_eq!(*persisted.lock().unwrap(), vec!["AT-1|RT-1".to_string()]);
+        assert_eq!(broker.counts.get("ok"), 1);
+        // Fresh now: no more requests.
+        let again = ask(&broker, "t", &url, GrantKind::RefreshToken, Seed::default)
+            .await
+            .unwrap();
+        assert_eq!(again.token.as_str(), "AT-1");
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_caller_does_not_cancel_the_refresh_and_rotation_is_persisted_first() {
+        let (script, issued) = rotating_server(Duration::from_millis(200));
+        let (url, _) = fake_endpoint(script).await;
+        let (persist, persisted) = recorder();
+        let broker = Arc::new(broker(persist, fast()));
+        let b = broker.clone();
+        let u = url.clone();
+        let caller =
+            tokio::spawn(
+                async move { ask(&b, "t", &u, GrantKind::RefreshToken, expired_seed).await },
+            );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        caller.abort();
+        // The refresh completes and is stored although its caller is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while persisted.lock().unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the refresh never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
+        // The next refresh sends the rotated token (a strict server would revoke on RT-0).
+        let stale_key = key("t", &url);
+        {
+            let states = broker.states.lock().unwrap();
+            let mut s = states.get(&stale_key).unwrap().lock().unwrap();
+            if let Some(a) = s.access.as_mut() {
+                *a = Arc::new(AccessToken {
+                    token: a.token.clone(),
+                    expires_at: Some(SystemTime::now()),
+                    issued_at: Some(SystemTime::now() - Duration::from_secs(3600)),
+                });
+            }
+        }
+        let token = broker
+            .token(
+                &stale_key,
+                &endpoint(&url),
+                &GrantKind::RefreshToken,
+                Seed::default,
+            )
+            .await
+            .unwrap();
+        assert_eq!(token.token.as_str(), "AT-2");
+        assert_eq!(
+            *persisted.lock().unwrap(),
+            vec!["AT-1|RT-1".to_string(), "AT-2|RT-2".to_string()]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_refresh_reaches_every_waiter_and_the_next_call_tries_again() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let n = calls.clone();
+        let script: Script = Arc::new(move |_| {
+            std::thread::sleep(Duration::from_millis(50));
+            if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                (503, vec![], "<html>down</html>".into())
+            } else {
+                (
+                    200,
+                    vec![],
+                    r#"{"access_token": "AT-ok", "expires_in": 3600}"#.into(),
+                )
+            }
+        });
+        let (url, _) = fake_endpoint(script).await;
+        let (persist, _) = recorder();
+        let broker = Arc::new(broker(persist, fast()));
+        let mut waiters = Vec::new();
+        for _ in 0..50 {
+            let (broker, url) = (broker.clone(), url.clone());
+            waiters.push(tokio::spawn(async move {
+                ask(
+                    &broker,
+                    "t",
+                    &url,
+                    GrantKind::ClientCredentials,
+                    Seed::default,
+                )
+                .await
+            }));
+        }
+        for w in waiters {
+            assert_eq!(w.await.unwrap().unwrap_err().class(), "unavailable");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(10)).await; // past the (tiny) backoff
+        let token = ask(
+            &broker,
+            "t",
+            &url,
+            GrantKind::ClientCredentials,
+            Seed::default,
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.token.as_str(), "AT-ok");
+        assert_eq!(broker.counts.get("unavailable"), 1);
+        assert_eq!(broker.counts.get("ok"), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_store_keeps_the_new_token_and_retries_until_it_is_stored() {
+        let (script, _) = rotating_server(Duration::ZERO);
+        let (url, seen) = fake_endpoint(script).await;
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let stored = Arc::new(Mutex::new(Vec::new()));
+        let (a, st) = (attempts.clone(), stored.clone());
+        let persist: Persist = Arc::new(move |_key, tokens| {
+            let n = a.fetch_add(1, Ordering::SeqCst);
+            let rt = tokens.refresh_token.as_deref().cloned().unwrap_or_default();
+            let st = st.clone();
+            async move {
+                if n < 2 {
+                    Err("disk full".to_string())
+                } else {
+                    st.lock().unwrap().push(rt);
+                    Ok(())
+                }
+            }
+            .boxed()
+        });
+        let broker = broker(persist, fast());
+        let k = key("t", &url);
+        let token = broker
+            .token(&k, &endpoint(&url), &GrantKind::RefreshToken, expired_seed)
+            .await
+            .unwrap();
+        // Served from memory: the rotated token, never the old one.
+        assert_eq!(token.token.as_str(), "AT-1");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while stored.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never stored");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*stored.lock().unwrap(), vec!["RT-1".to_string()]);
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            1,
+            "no second refresh to get there"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_grant_needs_re_consent_and_later_calls_fail_fast() {
+        let (url, seen) = fake_endpoint(Arc::new(|_| {
+            (400, vec![], r#"{"error": "invalid_grant"}"#.into())
+        }))
+        .await;
+        let (persist, _) = recorder();
+        let broker = broker(persist, fast());
+        let k = key("t", &url);
+        for _ in 0..5 {
+            let err = broker
+                .token(&k, &endpoint(&url), &GrantKind::RefreshToken, expired_seed)
+                .await
+                .unwrap_err();
+            assert_eq!(err.class(), "invalid_grant");
+        }
+        assert_eq!(seen.lock().unwrap().len(), 1, "one request, no retry loop");
+        assert!(broker.needs_consent(&k));
+    }
+
+    #[tokio::test]
+    async fn rate_limits_are_shared_per_host_and_a_valid_token_keeps_being_served() {
+        let (url, seen) = fake_endpoint(Arc::new(|_| {
+            (429, vec![("retry-after", "120".to_string())], String::new())
+        }))
+        .await;
+        let (persist, _) = recorder();
+        let broker = broker(persist, fast());
+        // Stale (inside the skew) but not expired: served despite the 429.
+        let soon = || Seed {
+            issued_at: None,
+            access_token: Some(Zeroizing::new("STILL-VALID".into())),
+            expires_at: Some(SystemTime::now() + Duration::from_secs(30)),
+            refresh_token: Some(Zeroizing::new("RT".into())),
+        };
+        let first = ask(&broker, "a", &url, GrantKind::RefreshToken, soon).await;
+        assert_eq!(
+            first.unwrap_err().class(),
+            "rate_limited",
+            "the refresh itself reports the 429"
+        );
+        let served = ask(&broker, "a", &url, GrantKind::RefreshToken, soon)
+            .await
+            .unwrap();
+        assert_eq!(served.token.as_str(), "STILL-VALID");
+        // Another credential at the same host waits too, without a request.
+        let other = ask(&broker, "b", &url, GrantKind::RefreshToken, expired_seed)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(other, TokenError::RateLimited { retry_after } if retry_after > Duration::from_secs(100))
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_skew_is_shortened_for_short_lived_tokens_and_expiry_counts_at_the_boundary() {
+        let (persist, _) = recorder();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let broker = rt.block_on(async { broker(persist, BrokerSettings::default()) });
+        let now = SystemTime::now();
+        let token = |lifetime: u64, issued_ago: u64| AccessToken {
+            token: Zeroizing::new("t".into()),
+            issued_at: Some(now - Duration::from_secs(issued_ago)),
+            expires_at: Some(now - Duration::from_secs(issued_ago) + Duration::from_secs(lifetime)),
+        };
+        // An hour-long token: stale 60 s before expiry, not before.
+        assert!(!broker.stale(&token(3600, 3539), now));
+        assert!(
+            broker.stale(&token(3600, 3540), now),
+            "now + skew == expiry counts as expired"
+        );
+        // A 20 s token: the skew is 10 s, so it serves its first 10 s without a refresh.
+        assert!(!broker.stale(&token(20, 5), now));
+        assert!(broker.stale(&token(20, 10), now));
+        // No expiry known: never stale by time.
+        let unknown = AccessToken {
+            token: Zeroizing::new("t".into()),
+            issued_at: Some(now),
+            expires_at: None,
+        };
+        assert!(!broker.stale(&unknown, now));
+        // Issue time unknown (a seeded token): the full skew.
+        let seeded = AccessToken {
+            token: Zeroizing::new("t".into()),
+            issued_at: None,
+            expires_at: Some(now + Duration::from_secs(30)),
+        };
+        assert!(broker.stale(&seeded, now));
+    }
+
+    #[tokio::test]
+    async fn two_tenants_with_one_client_id_at_different_token_urls_never_share_a_token() {
+        let (url_a, _) = fake_endpoint(Arc::new(|_| {
+            (200, vec![], r#"{"access_token": "FROM-A"}"#.into())
+        }))
+        .await;
+        let (url_b, _) = fake_endpoint(Arc::new(|_| {
+            (200, vec![], r#"{"access_token": "FROM-B"}"#.into())
+        }))
+        .await;
+        let (persist, _) = recorder();
+        let broker = broker(persist, fast());
+        let a = ask(
+            &broker,
+            "t1",
+            &url_a,
+            GrantKind::ClientCredentials,
+            Seed::default,
+        )
+        .await
+        .unwrap();
+        let b = ask(
+            &broker,
+            "t2",
+            &url_b,
+            GrantKind::ClientCredentials,
+            Seed::default,
+        )
+        .await
+        .unwrap();
+        assert_eq!((a.token.as_str(), b.token.as_str()), ("FROM-A", "FROM-B"));
+        assert_ne!(host_of(&url_a), host_of(&url_b));
+        assert_eq!(
+            host_of("https://login.example.com:8443/oauth/token?x=1"),
+            "https://login.example.com:8443"
+        );
+    }
+}
