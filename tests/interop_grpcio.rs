@@ -21,32 +21,7 @@ fn grpc_python() -> PathBuf {
     if let Some(python) = std::env::var_os("LUMOS_GRPC_PYTHON") {
         return PathBuf::from(python);
     }
-    let cache = std::env::var_os("LUMOS_INTEROP_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/lumos-agent-interop")
-        });
-    let venv = cache.join("grpc-venv");
-    let python = venv.join("bin/python");
-    let ready = Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ready {
-        let made = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(made.success(), "python3 -m venv {} failed", venv.display());
-        let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "grpcio", "grpcio-tools"])
-            .status()
-            .unwrap();
-        assert!(pip.success(), "pip install grpcio grpcio-tools failed");
-    }
-    python
+    interop_python("grpc-venv", "grpc, grpc_tools", &["grpcio", "grpcio-tools"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

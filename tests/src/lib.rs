@@ -116,6 +116,38 @@ pub fn install_plugin(dir: &Path, from: &Path, name: &str) -> PathBuf {
     to
 }
 
+/// A Python with `packages` installed, for the interop tests' real peers: the venv
+/// `~/.cache/lumos-agent-interop/<venv>` (or `$LUMOS_INTEROP_CACHE/<venv>`), made and filled
+/// from PyPI on first use (`.ci/run` does it up front). `imports` is the import check.
+pub fn interop_python(venv: &str, imports: &str, packages: &[&str]) -> PathBuf {
+    let cache = std::env::var_os("LUMOS_INTEROP_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/lumos-agent-interop")
+        });
+    let venv = cache.join(venv);
+    let python = venv.join("bin/python");
+    let ready = std::process::Command::new(&python)
+        .args(["-c", &format!("import {imports}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(made.success(), "python3 -m venv {} failed", venv.display());
+        let pip = std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(packages)
+            .status()
+            .unwrap();
+        assert!(pip.success(), "pip install {packages:?} failed");
+    }
+    python
+}
+
 /// Writes `text` to a file only its owner may read (0600), as token files must be.
 pub fn write_private(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();

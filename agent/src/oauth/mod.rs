@@ -316,11 +316,20 @@ fn secrets_of(endpoint: &TokenEndpoint, grant: &Grant<'_>) -> Vec<Zeroizing<Stri
     secrets
 }
 
-/// `Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1).
+/// Every byte but RFC 3986's unreserved characters is percent-encoded in Basic credentials.
+const BASIC_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1). Spaces become `%20`,
+/// not `+`: a form decoder reads both, but servers that decode with a plain percent-decoder
+/// (authlib's `unquote`, for one) would keep a `+`.
 pub fn client_secret_basic(client_id: &str, client_secret: &str) -> Zeroizing<String> {
-    let id: String = form_urlencoded::byte_serialize(client_id.as_bytes()).collect();
+    let id = percent_encoding::utf8_percent_encode(client_id, BASIC_ENCODE).to_string();
     let secret = Zeroizing::new(
-        form_urlencoded::byte_serialize(client_secret.as_bytes()).collect::<String>(),
+        percent_encoding::utf8_percent_encode(client_secret, BASIC_ENCODE).to_string(),
     );
     let pair = Zeroizing::new(format!("{id}:{}", secret.as_str()));
     Zeroizing::new(format!(
