@@ -49,6 +49,12 @@ async fn a_healthy_install_passes_every_check_with_the_certificate_and_clock_sho
     let agent = TestAgent::start(&dirs, &config).await;
     let mut session = cloud.next_session(WAIT).await;
     session.inventory_where(WAIT, |_| true).await.unwrap();
+    agent
+        .put_tenant(
+            "acme",
+            serde_json::json!({"app_id": "tester", "auth": {"oauth": {"access_token": "CANARY-doctor"}}}),
+        )
+        .await;
 
     let (code, report) = doctor_says(&overrides(&dirs, Some(&agent))).await;
     assert_eq!(code, exit::OK, "{report}");
@@ -56,6 +62,7 @@ async fn a_healthy_install_passes_every_check_with_the_certificate_and_clock_sho
     for (topic, needle) in [
         ("config", "agent.toml"),
         ("state folder", "writable, private"),
+        ("tenant store", "1 tenant(s), encrypted; key"),
         ("plugins folder", "only root and the agent's user"),
         ("agent", "running"),
         ("tunnel", "connected"),
@@ -77,6 +84,7 @@ async fn a_healthy_install_passes_every_check_with_the_certificate_and_clock_sho
         "{tls}"
     );
     assert!(report.ends_with("0 problem(s), 0 warning(s)\n"), "{report}");
+    assert!(!report.contains("CANARY-doctor"), "{report}");
     agent.shutdown().await;
 }
 
@@ -115,10 +123,14 @@ async fn a_broken_install_gets_a_fail_line_for_each_problem_and_a_nonzero_exit()
     );
     agent.shutdown().await;
 
+    // A tenant store that the key does not open (restored from another machine's backup).
+    agent_put_and_swap_key(&dirs);
     // With the agent stopped: a warning that it is not running, not a crash.
     let (_, report) = doctor_says(&overrides(&dirs, None)).await;
     let agent_line = line(&report, "WARN", "agent").expect(&report);
     assert!(agent_line.contains("not answering"), "{agent_line}");
+    let store = line(&report, "FAIL", "tenant store").expect(&report);
+    assert!(store.contains("cannot be decrypted"), "{store}");
 
     // A broken config: one FAIL naming every problem, and nothing else is attempted.
     std::fs::write(
@@ -134,4 +146,27 @@ async fn a_broken_install_gets_a_fail_line_for_each_problem_and_a_nonzero_exit()
         line(&report, "skip", "everything else").is_some(),
         "{report}"
     );
+}
+
+/// Stores a tenant sealed under the current key, then replaces the key with another one.
+fn agent_put_and_swap_key(dirs: &TestDirs) {
+    let state = lumos_agent::state::StatePaths::new(dirs.state());
+    let store = lumos_agent::tenants::TenantStore::open(
+        state.tenants(),
+        lumos_agent::tenants::StoreKey::load_or_create(&state).unwrap(),
+        &state.tenants_plaintext(),
+    )
+    .unwrap();
+    store
+        .put(
+            "t1",
+            lumos_agent::tenants::Tenant {
+                app_id: "app".into(),
+                settings: serde_json::Map::new(),
+                auth: None,
+                credentials: None,
+            },
+        )
+        .unwrap();
+    std::fs::write(state.tenants_key(), "ab".repeat(32)).unwrap();
 }

@@ -101,6 +101,7 @@ pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
         }
     };
     folders(&config, &mut report);
+    tenant_store(&config, &mut report);
     agent(&config, &mut report).await;
     match &config.cloud {
         None => report.line(
@@ -212,6 +213,59 @@ fn folders(config: &Config, report: &mut Report<'_>) {
                 plugins.display()
             ),
         );
+    }
+}
+
+/// The encrypted tenant store: its key is found and opens it (nothing is written).
+fn tenant_store(config: &Config, report: &mut Report<'_>) {
+    let state = StatePaths::new(config.state_dir.clone());
+    if state.tenants_plaintext().exists() {
+        report.line(
+            Verdict::Warn,
+            "tenant store",
+            format!(
+                "{} is an earlier version's plaintext store: the agent encrypts it at its next start",
+                state.tenants_plaintext().display()
+            ),
+        );
+    }
+    if !state.tenants().exists() {
+        report.line(
+            Verdict::Skip,
+            "tenant store",
+            "none yet (agent-held tenants are stored when first put)",
+        );
+        return;
+    }
+    let key = match crate::tenants::StoreKey::find(&state) {
+        Ok(Some(key)) => key,
+        Ok(None) => {
+            report.line(
+                Verdict::Fail,
+                "tenant store",
+                crate::tenants::TenantStoreError::KeyMissing {
+                    store: state.tenants(),
+                    key: state.tenants_key(),
+                }
+                .to_string(),
+            );
+            return;
+        }
+        Err(e) => {
+            report.line(Verdict::Fail, "tenant store", e.to_string());
+            return;
+        }
+    };
+    match crate::tenants::inspect(&state.tenants(), &key) {
+        Ok(count) => report.line(
+            Verdict::Ok,
+            "tenant store",
+            format!(
+                "{count} tenant(s), encrypted; key {}",
+                key.origin().display()
+            ),
+        ),
+        Err(e) => report.line(Verdict::Fail, "tenant store", e.to_string()),
     }
 }
 

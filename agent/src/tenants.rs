@@ -50,11 +50,8 @@ impl StoreKey {
     /// `<state_dir>/tenants.key`, created when there is none yet. A store that exists without
     /// its key is an error: a new key would make it unreadable.
     pub fn load_or_create(state: &StatePaths) -> Result<Self, TenantStoreError> {
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let path = Path::new(&dir).join(SERVICE_KEY_NAME);
-            if path.exists() {
-                return Self::read(&path);
-            }
+        if let Some(key) = Self::find(state)? {
+            return Ok(key);
         }
         let path = state.tenants_key();
         match std::fs::metadata(&path) {
@@ -82,6 +79,27 @@ impl StoreKey {
             }
             Err(source) => Err(TenantStoreError::Io { path, source }),
         }
+    }
+
+    /// The key if there is one (the service manager's, else the state folder's); creates
+    /// nothing (`doctor` uses this).
+    pub fn find(state: &StatePaths) -> Result<Option<Self>, TenantStoreError> {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let path = Path::new(&dir).join(SERVICE_KEY_NAME);
+            if path.exists() {
+                return Self::read(&path).map(Some);
+            }
+        }
+        let path = state.tenants_key();
+        if path.exists() {
+            return Self::read(&path).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Where the key was read from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
     }
 
     /// Reads a key file: 64 hex characters (a trailing newline is fine) or 32 raw bytes.
@@ -317,19 +335,7 @@ impl TenantStore {
     /// Opens the store at `path` with `key`, empty if the file does not exist yet. A plaintext
     /// store of an earlier version at `plaintext` is encrypted into `path` and then removed.
     pub fn open(path: PathBuf, key: StoreKey, plaintext: &Path) -> Result<Self, TenantStoreError> {
-        let tenants = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let clear = key
-                    .open(&bytes)
-                    .ok_or_else(|| TenantStoreError::Undecryptable {
-                        path: path.clone(),
-                        key: key.origin.clone(),
-                    })?;
-                parse_store(&path, &clear)?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(source) => return Err(TenantStoreError::Io { path, source }),
-        };
+        let tenants = read_sealed(&path, &key)?;
         let store = Self {
             path,
             key,
@@ -438,6 +444,34 @@ impl TenantStore {
             path: self.path.clone(),
             source,
         })
+    }
+}
+
+/// The tenants in the sealed store at `path` (none if there is no file), changing nothing:
+/// `doctor` checks a store with this.
+pub fn inspect(path: &Path, key: &StoreKey) -> Result<usize, TenantStoreError> {
+    read_sealed(path, key).map(|t| t.len())
+}
+
+fn read_sealed(
+    path: &Path,
+    key: &StoreKey,
+) -> Result<BTreeMap<String, Arc<Tenant>>, TenantStoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let clear = key
+                .open(&bytes)
+                .ok_or_else(|| TenantStoreError::Undecryptable {
+                    path: path.to_path_buf(),
+                    key: key.origin.clone(),
+                })?;
+            parse_store(path, &clear)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(source) => Err(TenantStoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
