@@ -131,6 +131,11 @@ async fn a_broken_install_gets_a_fail_line_for_each_problem_and_a_nonzero_exit()
     assert!(agent_line.contains("not answering"), "{agent_line}");
     let store = line(&report, "FAIL", "tenant store").expect(&report);
     assert!(store.contains("cannot be decrypted"), "{store}");
+    // No key at all in the state folder: doctor cannot see a service-supplied one, and says so.
+    std::fs::remove_file(dirs.state().join("tenants.key")).unwrap();
+    let (_, report) = doctor_says(&overrides(&dirs, None)).await;
+    let store = line(&report, "WARN", "tenant store").expect(&report);
+    assert!(store.contains("LoadCredential"), "{store}");
 
     // A broken config: one FAIL naming every problem, and nothing else is attempted.
     std::fs::write(

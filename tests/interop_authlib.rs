@@ -8,30 +8,20 @@
 //! `~/.cache/lumos-agent-interop/oauth-venv` (`.ci/run` does it up front).
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::Command;
 use std::time::Duration;
 
 use lumos_agent::oauth::{BodyFormat, ClientAuth, Grant, TokenClient, TokenEndpoint, TokenError};
-use lumos_agent_integration::interop_python;
+use lumos_agent_integration::{interop_python, PythonPeer};
 use zeroize::Zeroizing;
 
 const TRICKY_ID: &str = "id: +%/= é ü";
 const TRICKY_SECRET: &str = "s:e+c%r/e=t with spaces ñ 秘密";
 
 struct Server {
-    child: std::process::Child,
-    lines: Receiver<String>,
+    peer: PythonPeer,
     url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Server {
@@ -42,35 +32,25 @@ impl Server {
             {"client_id": "post-client", "client_secret": "post secret+/=", "auth_method": "client_secret_post"},
         ]);
         let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut child = Command::new(python)
+        let mut command = Command::new(python);
+        command
             .arg(here.join("python/authlib_token_server.py"))
-            .arg(clients.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let port = lines
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the authlib server's port");
-        let port = port.strip_prefix("PORT ").unwrap().to_string();
-        Self {
-            child,
-            lines,
-            url: format!("http://127.0.0.1:{port}/token"),
-        }
+            .arg(clients.to_string());
+        let peer = PythonPeer::start(command);
+        let url = format!("http://127.0.0.1:{}/token", peer.port);
+        Self { peer, url }
     }
 
-    /// The request lines logged so far (after a short wait for the last one).
-    fn requests(&self) -> Vec<String> {
-        std::thread::sleep(Duration::from_millis(200));
-        self.lines.try_iter().collect()
+    /// The server's log of the requests so far: it prints each line before it answers, so a
+    /// retry (in the other style, say) would be among the first `n` and change them.
+    fn requests(&self, n: usize) -> Vec<String> {
+        let lines = self.peer.next_lines(n);
+        // Anything more already printed is a request too many.
+        std::thread::sleep(Duration::from_millis(100));
+        lines
+            .into_iter()
+            .chain(self.peer.lines.try_iter())
+            .collect()
     }
 
     fn endpoint(
@@ -124,7 +104,7 @@ async fn authlib_accepts_basic_with_encoded_ids_and_secrets_and_post() {
     assert!(!tokens.access_token.is_empty());
 
     assert_eq!(
-        server.requests(),
+        server.requests(2),
         vec!["REQUEST basic 200", "REQUEST post 200"]
     );
 }
@@ -162,7 +142,7 @@ async fn a_wrong_secret_is_one_request_and_a_config_error_without_the_other_styl
         .unwrap_err();
     assert_eq!(err.class(), "config", "{err}");
     assert_eq!(
-        server.requests(),
+        server.requests(2),
         vec!["REQUEST basic 401", "REQUEST basic 401"],
         "one request each, no retry in the other style"
     );

@@ -6,9 +6,8 @@
 //! PyPI into `~/.cache/lumos-agent-interop/grpc-venv` (`.ci/run` does it up front).
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use lumos_agent_integration::*;
@@ -27,25 +26,13 @@ fn grpc_python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_grpcio_cloud_accepts_the_agent_and_runs_calls() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut cloud = Command::new(grpc_python())
+    let mut command = Command::new(grpc_python());
+    command
         .arg(here.join("python/grpcio_cloud.py"))
         .arg(here.join("../proto"))
-        .arg(TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = cloud.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let port_line = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("the Python cloud's port");
-    let port: u16 = port_line.strip_prefix("PORT ").unwrap().parse().unwrap();
+        .arg(TOKEN);
+    let mut cloud = PythonPeer::start(command);
+    let port = cloud.port;
 
     let dirs = TestDirs::new();
     install_plugin(&dirs.plugins(), &example_connector(), "example");
@@ -57,6 +44,8 @@ async fn a_python_grpcio_cloud_accepts_the_agent_and_runs_calls() {
     );
     let agent = TestAgent::start(&dirs, &config).await;
 
+    // The receiver moves to a blocking thread; the peer keeps a closed one.
+    let rx = std::mem::replace(&mut cloud.lines, std::sync::mpsc::channel().1);
     let report_line = tokio::task::spawn_blocking(move || loop {
         match rx.recv_timeout(Duration::from_secs(180)) {
             Ok(line) if line.starts_with("REPORT ") => return line,
@@ -67,7 +56,7 @@ async fn a_python_grpcio_cloud_accepts_the_agent_and_runs_calls() {
     .await
     .unwrap();
     let report: Value = serde_json::from_str(report_line.strip_prefix("REPORT ").unwrap()).unwrap();
-    let _ = cloud.wait();
+    let _ = cloud.child.wait();
     assert_eq!(report["errors"], serde_json::json!([]), "{report:#}");
 
     let hello = &report["hello"];

@@ -54,31 +54,25 @@ impl StoreKey {
             return Ok(key);
         }
         let path = state.tenants_key();
-        match std::fs::metadata(&path) {
-            Ok(_) => Self::read(&path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if state.tenants().exists() {
-                    return Err(TenantStoreError::KeyMissing {
-                        store: state.tenants(),
-                        key: path,
-                    });
-                }
-                let mut key = Zeroizing::new([0u8; 32]);
-                getrandom::fill(key.as_mut()).map_err(|e| TenantStoreError::Io {
-                    path: path.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                write_atomic(&path, hex::encode(key.as_ref()).as_bytes(), 0o600).map_err(
-                    |source| TenantStoreError::Io {
-                        path: path.clone(),
-                        source,
-                    },
-                )?;
-                tracing::info!(key = %path.display(), "created the tenant store's key; back it up with the state folder");
-                Ok(Self { key, origin: path })
-            }
-            Err(source) => Err(TenantStoreError::Io { path, source }),
+        if state.tenants().exists() {
+            return Err(TenantStoreError::KeyMissing {
+                store: state.tenants(),
+                key: path,
+            });
         }
+        let mut key = Zeroizing::new([0u8; 32]);
+        getrandom::fill(key.as_mut()).map_err(|e| TenantStoreError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        write_atomic(&path, hex::encode(key.as_ref()).as_bytes(), 0o600).map_err(|source| {
+            TenantStoreError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        tracing::info!(key = %path.display(), "created the tenant store's key; back it up with the state folder");
+        Ok(Self { key, origin: path })
     }
 
     /// The key if there is one (the service manager's, else the state folder's); creates
@@ -91,10 +85,12 @@ impl StoreKey {
             }
         }
         let path = state.tenants_key();
-        if path.exists() {
-            return Self::read(&path).map(Some);
+        match std::fs::metadata(&path) {
+            Ok(_) => Self::read(&path).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            // Unreadable is not absent: never make a new key over one we cannot see.
+            Err(source) => Err(TenantStoreError::Io { path, source }),
         }
-        Ok(None)
     }
 
     /// Where the key was read from.

@@ -148,6 +148,67 @@ pub fn interop_python(venv: &str, imports: &str, packages: &[&str]) -> PathBuf {
     python
 }
 
+/// A Python peer process that prints `PORT <n>` once it listens, then lines the test reads.
+/// Killed when dropped.
+#[derive(Debug)]
+pub struct PythonPeer {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its stdout, line by line (after the `PORT` line).
+    pub lines: std::sync::mpsc::Receiver<String>,
+    /// The port it printed.
+    pub port: u16,
+}
+
+impl PythonPeer {
+    /// Starts `command` (stdout piped, stderr inherited so a traceback shows) and waits up to
+    /// two minutes for its `PORT` line.
+    pub fn start(mut command: std::process::Command) -> Self {
+        use std::io::BufRead as _;
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the Python peer's PORT line");
+        let port = first
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("expected `PORT <n>`, got {first:?}"));
+        Self { child, lines, port }
+    }
+
+    /// The next `n` lines, each waited for up to a minute.
+    pub fn next_lines(&self, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                self.lines
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("a line from the Python peer")
+            })
+            .collect()
+    }
+}
+
+impl Drop for PythonPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Writes `text` to a file only its owner may read (0600), as token files must be.
 pub fn write_private(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();

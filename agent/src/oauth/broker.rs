@@ -293,6 +293,10 @@ impl TokenBroker {
         seed: impl FnOnce() -> Seed,
     ) -> Arc<Mutex<CredentialState>> {
         let mut states = self.states.lock().expect("broker poisoned");
+        // The hot path: a known credential, found without cloning its key.
+        if let Some(state) = states.get(key) {
+            return state.clone();
+        }
         states
             .entry(key.clone())
             .or_insert_with(|| {
@@ -358,8 +362,12 @@ impl TokenBroker {
             used,
             state: state.clone(),
         }));
+        let state = state.clone();
         async move {
             task.await.unwrap_or_else(|e| {
+                // The task died before recording its outcome (a panic in the store hook):
+                // forget it, so the next call starts a new refresh instead of joining this one.
+                state.lock().expect("credential state poisoned").inflight = None;
                 Err(TokenError::Unavailable(format!(
                     "the refresh task failed: {e}"
                 )))
@@ -414,7 +422,7 @@ async fn finish(
                 tokio::spawn(retry_persist(
                     job.persist.clone(),
                     job.key.clone(),
-                    clone_tokens(&tokens),
+                    tokens.clone(),
                     job.state.clone(),
                     job.settings,
                 ));
@@ -469,16 +477,6 @@ async fn finish(
             }
             Err(error)
         }
-    }
-}
-
-fn clone_tokens(tokens: &Tokens) -> Tokens {
-    Tokens {
-        access_token: tokens.access_token.clone(),
-        refresh_token: tokens.refresh_token.clone(),
-        expires_at: tokens.expires_at,
-        token_type: tokens.token_type.clone(),
-        scope: tokens.scope.clone(),
     }
 }
 
@@ -680,7 +678,24 @@ mod tests {
             tokio::spawn(
                 async move { ask(&b, "t", &u, GrantKind::RefreshToken, expired_seed).await },
             );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Abort only once the refresh has started (a fixed sleep would race a busy machine).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let started = broker
+                .states
+                .lock()
+                .unwrap()
+                .get(&key("t", &url))
+                .is_some_and(|s| s.lock().unwrap().inflight.is_some());
+            if started {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the refresh never started"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         caller.abort();
         // The refresh completes and is stored although its caller is gone.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -726,7 +741,8 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let n = calls.clone();
         let script: Script = Arc::new(move |_| {
-            std::thread::sleep(Duration::from_millis(50));
+            // Long enough for all 50 waiters to join this refresh, even on a busy machine.
+            std::thread::sleep(Duration::from_millis(500));
             if n.fetch_add(1, Ordering::SeqCst) == 0 {
                 (503, vec![], "<html>down</html>".into())
             } else {
@@ -813,6 +829,57 @@ mod tests {
             1,
             "no second refresh to get there"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refresh_task_that_dies_does_not_poison_the_next_one() {
+        let (url, seen) = fake_endpoint(answer_ok()).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let n = calls.clone();
+        let persist: Persist = Arc::new(move |_key, _tokens| {
+            let first = n.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                assert!(!first, "a store hook that panics (deliberately, once)");
+                Ok(())
+            }
+            .boxed()
+        });
+        let broker = broker(persist, fast());
+        let err = ask(
+            &broker,
+            "t",
+            &url,
+            GrantKind::ClientCredentials,
+            Seed::default,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("refresh task failed"), "{err}");
+        let token = ask(
+            &broker,
+            "t",
+            &url,
+            GrantKind::ClientCredentials,
+            Seed::default,
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.token.as_str(), "AT-ok");
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            2,
+            "the second call made its own request"
+        );
+    }
+
+    fn answer_ok() -> Script {
+        Arc::new(|_| {
+            (
+                200,
+                vec![],
+                r#"{"access_token": "AT-ok", "expires_in": 3600}"#.into(),
+            )
+        })
     }
 
     #[tokio::test]

@@ -121,6 +121,7 @@ impl fmt::Debug for Grant<'_> {
 }
 
 /// A token response that holds an access token.
+#[derive(Clone)]
 pub struct Tokens {
     /// The access token.
     pub access_token: Zeroizing<String>,
@@ -252,10 +253,10 @@ impl TokenClient {
         let secrets = secrets_of(endpoint, &grant);
         let request = build_request(endpoint, &grant)?;
         let exchange = async {
-            let response =
-                self.http.request(request).await.map_err(|e| {
-                    TokenError::Unavailable(crate::tunnel::transport::error_chain(&e))
-                })?;
+            let response = self.http.request(request).await.map_err(|e| {
+                // Scrubbed: a query-mode request carries its secrets in the URL.
+                TokenError::Unavailable(scrub(&crate::tunnel::transport::error_chain(&e), &secrets))
+            })?;
             let status = response.status();
             let retry_after = response
                 .headers()
@@ -267,7 +268,7 @@ impl TokenClient {
                 .await
                 .map(|b| Zeroizing::new(b.to_bytes().to_vec()))
                 .map_err(|e| {
-                    TokenError::Unavailable(if e.to_string().contains("length limit") {
+                    TokenError::Unavailable(if e.is::<http_body_util::LengthLimitError>() {
                         format!("the answer is over {MAX_BODY} bytes: not a token response")
                     } else {
                         format!("reading the answer failed: {e}")
@@ -951,7 +952,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let nobody = format!("http://{}/token", closed.local_addr().unwrap());
         drop(closed);
-        for url in [oversized, nobody] {
+        for (url, says) in [(oversized, "not a token response"), (nobody, "")] {
             let err = ask(
                 &url,
                 ClientAuth::Post,
@@ -961,6 +962,7 @@ mod tests {
             .await
             .unwrap_err();
             assert_eq!(err.class(), "unavailable", "{url}: {err}");
+            assert!(err.to_string().contains(says), "{url}: {err}");
         }
     }
 }
