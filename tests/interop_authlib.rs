@@ -13,14 +13,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use lumos_agent::oauth::{BodyFormat, ClientAuth, Grant, TokenClient, TokenEndpoint, TokenError};
-use lumos_agent_integration::{interop_python, PythonPeer};
+use lumos_agent_integration::{interop_python, PeerProcess};
 use zeroize::Zeroizing;
 
 const TRICKY_ID: &str = "id: +%/= é ü";
 const TRICKY_SECRET: &str = "s:e+c%r/e=t with spaces ñ 秘密";
 
 struct Server {
-    peer: PythonPeer,
+    peer: PeerProcess,
     url: String,
 }
 
@@ -36,7 +36,7 @@ impl Server {
         command
             .arg(here.join("python/authlib_token_server.py"))
             .arg(clients.to_string());
-        let peer = PythonPeer::start(command);
+        let peer = PeerProcess::start(command);
         let url = format!("http://127.0.0.1:{}/token", peer.port);
         Self { peer, url }
     }

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 
 use hyper::StatusCode;
 use lumos_agent_integration::*;
@@ -19,46 +18,9 @@ const APP_PORT: u16 = 47391;
 /// The real connector's OAuth credential id (from its `credentials_schema`).
 const CREDENTIAL_ID: &str = "demo_connector_oauth";
 
-/// One build at a time: the builds share a venv.
-static BUILD: Mutex<()> = Mutex::new(());
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("LUMOS_INTEROP_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/lumos-agent-interop")
-        })
-}
-
-/// Runs the shared build script (it reuses what is already built) and returns what it prints.
+/// Builds the real connector (see [`connector_py_build`]).
 fn build(mode: &str, subdir: &str, app_base_url: Option<&str>) -> PathBuf {
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/interop/lumos-connector.sh");
-    assert!(
-        script.is_file(),
-        "{} is missing: the interop tests need shared/ beside the repository",
-        script.display()
-    );
-    let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg(mode).arg(cache_dir().join(subdir));
-    match app_base_url {
-        Some(url) => cmd.env("APP_BASE_URL", url),
-        None => cmd.env_remove("APP_BASE_URL"),
-    };
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "building the connector-py {mode} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    assert!(
-        path.is_file(),
-        "the build script printed {}",
-        path.display()
-    );
-    path
+    connector_py_build(mode, subdir, app_base_url)
 }
 
 /// A tenant of the real connector: its OAuth credential, and the `account_id` setting it needs.
@@ -88,11 +50,7 @@ fn run_directly(exe: &Path, capability: &str, envelope: &Value) -> Value {
 async fn real_connector_py_executable_answers_through_the_agent() {
     let exe = build("exe", "demo", None);
     let dirs = TestDirs::new();
-    write_script(
-        &dirs.plugins(),
-        "demo-connector",
-        &format!("#!/bin/sh\nexec '{}' \"$@\"\n", exe.display()),
-    );
+    install_connector_py(&dirs.plugins(), &exe);
     let agent = TestAgent::start(&dirs, "").await;
 
     let entry = agent.connector_by_file("demo-connector").await;
@@ -188,11 +146,7 @@ async fn real_refreshable_error_passes_through_verbatim() {
         }
     });
     let dirs = TestDirs::new();
-    write_script(
-        &dirs.plugins(),
-        "demo-connector",
-        &format!("#!/bin/sh\nexec '{}' \"$@\"\n", exe.display()),
-    );
+    install_connector_py(&dirs.plugins(), &exe);
     let agent = TestAgent::start(&dirs, "").await;
     agent
         .put_tenant(

@@ -31,7 +31,7 @@ async fn a_python_grpcio_cloud_accepts_the_agent_and_runs_calls() {
         .arg(here.join("python/grpcio_cloud.py"))
         .arg(here.join("../proto"))
         .arg(TOKEN);
-    let mut cloud = PythonPeer::start(command);
+    let mut cloud = PeerProcess::start(command);
     let port = cloud.port;
 
     let dirs = TestDirs::new();

@@ -257,12 +257,12 @@ async fn v1(
                 .tenants
                 .list()
                 .iter()
-                .map(|(id, t)| t.view(id))
+                .map(|(id, t)| tenant_view(state, id, t))
                 .collect();
             json_response(StatusCode::OK, &list)
         }
         (&Method::GET, ["tenants", id]) => match state.tenants.get(id) {
-            Some(t) => json_response(StatusCode::OK, &t.view(id)),
+            Some(t) => json_response(StatusCode::OK, &tenant_view(state, id, &t)),
             None => agent_error(
                 &CallError::new(ErrorCode::UnknownTenant, format!("no tenant {id:?}")),
                 None,
@@ -271,7 +271,10 @@ async fn v1(
         },
         (&Method::PUT, ["tenants", id]) => put_tenant(state, req, id).await,
         (&Method::DELETE, ["tenants", id]) => match state.tenants.delete(id) {
-            Ok(true) => json_response(StatusCode::OK, &json!({"deleted": id})),
+            Ok(true) => {
+                state.dispatcher.broker().forget_tenant(id);
+                json_response(StatusCode::OK, &json!({"deleted": id}))
+            }
             Ok(false) => agent_error(
                 &CallError::new(ErrorCode::UnknownTenant, format!("no tenant {id:?}")),
                 None,
@@ -391,9 +394,23 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
         auth,
         credentials,
     };
+    // A misconfigured token_broker block is refused now, not at the first call.
+    if let Err(e) = crate::oauth::managed::PreparedCredentials::parse(
+        tenant_id,
+        &tenant.app_id,
+        &tenant.settings,
+        tenant.auth.as_ref(),
+        tenant.credentials.as_ref(),
+    ) {
+        return bad(format!("a managed credential is misconfigured: {e}"));
+    }
     let view = tenant.view(tenant_id);
     match state.tenants.put(tenant_id, tenant) {
-        Ok(()) => json_response(StatusCode::OK, &view),
+        Ok(()) => {
+            // New credentials (a re-consent, say): the broker starts over from them.
+            state.dispatcher.broker().forget_tenant(tenant_id);
+            json_response(StatusCode::OK, &view)
+        }
         Err(crate::tenants::TenantStoreError::BadId(id)) => bad(format!(
             "tenant id {id:?} must be 1-128 characters of A-Z a-z 0-9 _ - . :"
         )),
@@ -403,6 +420,23 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
             StatusCode::INTERNAL_SERVER_ERROR,
         ),
     }
+}
+
+/// A tenant as the API shows it: no secrets, and the state of each managed credential
+/// (`ok`, `failing`, `needs_reconsent`).
+fn tenant_view(state: &ApiState, tenant_id: &str, tenant: &Tenant) -> Value {
+    let mut view = tenant.view(tenant_id);
+    let mut status = serde_json::Map::new();
+    for id in crate::oauth::managed::stored_reconsent(tenant) {
+        status.insert(id, json!("needs_reconsent"));
+    }
+    for (id, s) in state.dispatcher.broker().tenant_status(tenant_id) {
+        status.entry(id).or_insert_with(|| json!(s.as_str()));
+    }
+    if let Value::Object(map) = &mut view {
+        map.insert("credential_status".into(), Value::Object(status));
+    }
+    view
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiResponse> {

@@ -61,6 +61,9 @@ pub enum StartError {
     /// The tunnel to the cloud cannot be set up (agent id, trust store).
     #[error("cannot set up the tunnel to the Lumos cloud: {0}")]
     Tunnel(#[from] crate::tunnel::TunnelSetupError),
+    /// The OAuth token client cannot be set up (the system trust store).
+    #[error("cannot set up the OAuth token client: {0}")]
+    TokenClient(crate::tunnel::transport::TransportError),
     /// The API address cannot be bound.
     #[error("cannot listen on {addr}: {source} (set api.listen or --listen)")]
     Bind {
@@ -70,6 +73,9 @@ pub enum StartError {
         source: std::io::Error,
     },
 }
+
+/// How long one token request may take in all (connect, TLS, answer).
+const TOKEN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A long-lived task ended by itself (a panic, or a loop that returned): the agent cannot go on
 /// safely, so it stops in order and exits with [`crate::exit::INTERNAL`].
@@ -175,13 +181,24 @@ impl RunningAgent {
 
         let draining = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let dispatcher = Arc::new(Dispatcher::new(
+        let broker = crate::oauth::broker::TokenBroker::new(
+            crate::oauth::TokenClient::new(None, TOKEN_REQUEST_TIMEOUT)
+                .map_err(StartError::TokenClient)?,
+            crate::oauth::broker::BrokerSettings::default(),
+            crate::oauth::managed::persist_to(tenants.clone()),
+        )
+        .with_events(Arc::new(crate::oauth::managed::StoreEvents {
+            store: tenants.clone(),
+            metrics: metrics.clone(),
+        }));
+        let dispatcher = Dispatcher::new(
             registry.clone(),
             tenants.clone(),
+            Arc::new(broker),
             scratch,
             shared.clone(),
             metrics.clone(),
-        ));
+        );
         let initial = if config.cloud.is_some() {
             crate::tunnel::CloudStatus::Connecting
         } else {

@@ -4,8 +4,10 @@
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+
+use futures_util::FutureExt as _;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -16,6 +18,9 @@ use zeroize::Zeroizing;
 use crate::config::SharedConfig;
 use crate::error::{CallError, ErrorCode};
 use crate::exec::{self, ExecError, ExecLimits, ScratchDir};
+use crate::oauth::broker::{GrantKind, TokenBroker};
+use crate::oauth::managed::{PreparedCredentials, SecretValue};
+use crate::oauth::{TokenError, Tokens};
 use crate::output::ResultBody;
 use crate::plugins::{info::is_capability_name, PluginRegistry, Runner};
 use crate::tenants::{SecretJson, TenantStore};
@@ -79,26 +84,63 @@ pub struct Dispatcher {
     metrics: Arc<crate::metrics::Metrics>,
     registry: Arc<PluginRegistry>,
     tenants: Arc<TenantStore>,
+    broker: Arc<TokenBroker>,
     scratch: ScratchDir,
     config: Arc<SharedConfig>,
+    /// Itself, for refreshes that run the connector's `refresh_access_token`.
+    me: Weak<Dispatcher>,
+}
+
+/// The envelope of one call, and the managed credentials it carries (for a reactive refresh).
+struct Envelope {
+    bytes: Zeroizing<Vec<u8>>,
+    managed: Option<Managed>,
+}
+
+struct Managed {
+    prepared: PreparedCredentials,
+    /// The access token each managed credential was given.
+    used: Vec<Zeroizing<String>>,
+    parts: EnvelopeParts,
+}
+
+/// The non-secret parts of an envelope, kept to build it again after a refresh.
+struct EnvelopeParts {
+    settings: String,
+    request: Box<RawValue>,
+    page: Option<Box<RawValue>>,
+    include_raw_data: bool,
 }
 
 impl Dispatcher {
-    /// A dispatcher over the given registry and tenant store.
+    /// A dispatcher over the given registry, tenant store and token broker.
     pub fn new(
         registry: Arc<PluginRegistry>,
         tenants: Arc<TenantStore>,
+        broker: Arc<TokenBroker>,
         scratch: ScratchDir,
         config: Arc<SharedConfig>,
         metrics: Arc<crate::metrics::Metrics>,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             metrics,
             registry,
             tenants,
+            broker,
             scratch,
             config,
-        }
+            me: me.clone(),
+        })
+    }
+
+    /// The token broker.
+    pub fn broker(&self) -> &Arc<TokenBroker> {
+        &self.broker
+    }
+
+    /// The tenant store (which also keeps the credential updates owed to the cloud).
+    pub fn tenants(&self) -> &Arc<TenantStore> {
+        &self.tenants
     }
 
     /// Runs one call. `cancel` stops it (and kills its processes) early.
@@ -171,7 +213,7 @@ impl Dispatcher {
                 ),
             ));
         }
-        let envelope = self.envelope(app_id, body)?;
+        let mut envelope = self.envelope(app_id, body).await?;
         let Ok(_permit) = runnable.limiter.clone().try_acquire_owned() else {
             let mut err = CallError::new(
                 ErrorCode::Busy,
@@ -202,35 +244,216 @@ impl Dispatcher {
             std::future::pending::<std::convert::Infallible>().await
         };
         let run = async {
-            match &runnable.runner {
-                Runner::Executable { program, env } => {
-                    self.run_executable(
-                        app_id,
-                        capability,
-                        program,
-                        env,
-                        &envelope,
-                        timeout,
-                        &call_token,
-                    )
-                    .await
-                }
-                // Native connectors get the envelope in memory (over a private pipe to a worker).
-                Runner::Worker(worker) => worker
-                    .call(capability, &envelope, timeout, &call_token)
-                    .await
-                    .map(ResultBody::from),
-                Runner::InProcess(native) => native
-                    .call(capability, &envelope, timeout, &call_token)
-                    .await
-                    .map(ResultBody::from),
+            let json = self
+                .run(
+                    app_id,
+                    capability,
+                    &runnable.runner,
+                    &envelope.bytes,
+                    timeout,
+                    &call_token,
+                )
+                .await?;
+            // The app refused the access token (connector-py answers `refreshable` on a 401):
+            // refresh once, single-flight, and run once more.
+            let Some(managed) = envelope.managed.as_mut() else {
+                return Ok(json);
+            };
+            if !is_refreshable(&json) {
+                return Ok(json);
             }
+            tracing::info!(
+                app_id,
+                capability,
+                "the app refused the access token; refreshing it and running the call once more"
+            );
+            let bytes = self.refresh_after_rejection(managed).await?;
+            self.run(
+                app_id,
+                capability,
+                &runnable.runner,
+                &bytes,
+                timeout,
+                &call_token,
+            )
+            .await
         };
         let json = tokio::select! {
             result = run => result?,
             never = relay => match never {},
         };
         Ok(CallAnswer { json, version })
+    }
+
+    /// Runs the connector once with `envelope`.
+    async fn run(
+        &self,
+        app_id: &str,
+        capability: &str,
+        runner: &Runner,
+        envelope: &[u8],
+        timeout: Duration,
+        call_token: &CancellationToken,
+    ) -> Result<ResultBody, CallError> {
+        match runner {
+            Runner::Executable { program, env } => {
+                self.run_executable(
+                    app_id, capability, program, env, envelope, timeout, call_token,
+                )
+                .await
+            }
+            // Native connectors get the envelope in memory (over a private pipe to a worker).
+            Runner::Worker(worker) => worker
+                .call(capability, envelope, timeout, call_token)
+                .await
+                .map(ResultBody::from),
+            Runner::InProcess(native) => native
+                .call(capability, envelope, timeout, call_token)
+                .await
+                .map(ResultBody::from),
+        }
+    }
+
+    /// New access tokens for the managed credentials of a call the app refused, and the
+    /// envelope with them.
+    async fn refresh_after_rejection(
+        &self,
+        managed: &mut Managed,
+    ) -> Result<Zeroizing<Vec<u8>>, CallError> {
+        for i in 0..managed.prepared.managed.len() {
+            let credential = &managed.prepared.managed[i];
+            let grant = self.grant_for(credential);
+            let token = self
+                .broker
+                .token_after_rejection(
+                    &credential.key,
+                    &credential.endpoint,
+                    &grant,
+                    &managed.used[i],
+                )
+                .await
+                .map_err(|e| token_error(&credential.key.credential_id, &e))?;
+            managed.prepared.set_token(i, &token.token);
+            managed.used[i] = token.token.clone();
+        }
+        let (auth, credentials) = managed.prepared.render();
+        Ok(render_envelope(
+            &managed.parts,
+            auth.as_ref(),
+            credentials.as_ref(),
+        ))
+    }
+
+    /// How the broker gets new tokens for `credential`: its grant, or, without a token URL,
+    /// the connector's own `refresh_access_token` capability.
+    fn grant_for(&self, credential: &crate::oauth::managed::ManagedCredential) -> GrantKind {
+        if let Some(grant) = &credential.grant {
+            return grant.clone();
+        }
+        let me = self.me.clone();
+        let app_id = credential
+            .key
+            .token_url
+            .strip_prefix("connector://")
+            .unwrap_or_default()
+            .to_string();
+        let credential_id = credential.key.credential_id.clone();
+        let client_id = credential.endpoint.client_id.clone();
+        let client_secret =
+            Zeroizing::new(credential.client_secret().unwrap_or_default().to_string());
+        GrantKind::Exchange(Arc::new(move |refresh_token| {
+            let me = me.clone();
+            let app_id = app_id.clone();
+            let request = SecretValue(serde_json::json!({
+                "credential_id": credential_id,
+                "client_id": client_id,
+                "client_secret": client_secret.as_str(),
+                "refresh_token": refresh_token.as_deref().map(String::as_str),
+            }));
+            async move {
+                let me = me
+                    .upgrade()
+                    .ok_or_else(|| TokenError::Unavailable("the agent is stopping".into()))?;
+                me.refresh_through_connector(&app_id, &request).await
+            }
+            .boxed()
+        }))
+    }
+
+    /// Runs the connector's `refresh_access_token` with `request` and reads the new tokens.
+    async fn refresh_through_connector(
+        &self,
+        app_id: &str,
+        request: &SecretValue,
+    ) -> Result<Tokens, TokenError> {
+        let body = CallBody {
+            request: RawValue::from_string(request.0.to_string()).ok(),
+            ..CallBody::default()
+        };
+        let answer = self
+            .call_inner(
+                app_id,
+                "refresh_access_token",
+                &body,
+                None,
+                &CancellationToken::new(),
+            )
+            .await
+            .map_err(|e| {
+                TokenError::Unavailable(format!(
+                    "{app_id}'s refresh_access_token failed: {}",
+                    e.message
+                ))
+            })?;
+        let json = answer.json;
+        let doc: SecretValue = tokio::task::spawn_blocking(move || {
+            let mut text = Zeroizing::new(String::new());
+            json.reader().read_to_string(&mut text).ok()?;
+            serde_json::from_str(&text).ok().map(SecretValue)
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            TokenError::Unavailable(format!(
+                "{app_id}'s refresh_access_token did not answer JSON"
+            ))
+        })?;
+        if doc.0.get("is_error") == Some(&Value::Bool(true)) {
+            let words = doc.0.get("error").map(Value::to_string).unwrap_or_default();
+            // The connector's own words for a refused refresh token.
+            return Err(if words.contains("invalid_grant") {
+                TokenError::InvalidGrant {
+                    description: Some(format!("{app_id}'s refresh_access_token was refused")),
+                }
+            } else {
+                TokenError::Unavailable(format!(
+                    "{app_id}'s refresh_access_token answered an error"
+                ))
+            });
+        }
+        let response = doc.0.get("response");
+        let text = |name: &str| {
+            response
+                .and_then(|r| r.get(name))
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .map(|t| Zeroizing::new(t.to_string()))
+        };
+        let access_token = text("access_token").ok_or_else(|| {
+            TokenError::Unavailable(format!(
+                "{app_id}'s refresh_access_token answered no access_token"
+            ))
+        })?;
+        Ok(Tokens {
+            access_token,
+            refresh_token: text("refresh_token"),
+            // connector-py's answer carries no lifetime: the token is used until an app
+            // refuses it (then the reactive refresh takes over).
+            expires_at: None,
+            token_type: "Bearer".into(),
+            scope: None,
+        })
     }
 
     #[allow(
@@ -281,17 +504,19 @@ impl Dispatcher {
     }
 
     /// `{"request", "settings", "auth" | "credentials", "page", "include_raw_data"}`, spliced
-    /// from raw JSON so secrets are copied once, into a buffer that is zeroized.
-    fn envelope(&self, app_id: &str, body: &CallBody) -> Result<Zeroizing<Vec<u8>>, CallError> {
-        let stored = match body.tenant_id.as_deref() {
-            Some(id) if !id.is_empty() => self.tenants.get(id),
-            _ => None,
+    /// from raw JSON so secrets are copied once, into a buffer that is zeroized. Managed OAuth
+    /// credentials get a fresh access token from the broker first.
+    async fn envelope(&self, app_id: &str, body: &CallBody) -> Result<Envelope, CallError> {
+        let tenant_id = body.tenant_id.as_deref().unwrap_or_default();
+        let stored = match tenant_id {
+            "" => None,
+            id => self.tenants.get(id),
         };
         if let Some(tenant) = &stored {
             if tenant.app_id != app_id {
                 return Err(CallError::new(
                     ErrorCode::TenantMismatch,
-                    format!("tenant {:?} belongs to {}, not {app_id}; its credentials are not sent to another connector", body.tenant_id.as_deref().unwrap_or_default(), tenant.app_id),
+                    format!("tenant {tenant_id:?} belongs to {}, not {app_id}; its credentials are not sent to another connector", tenant.app_id),
                 ));
             }
         }
@@ -309,40 +534,181 @@ impl Dispatcher {
             Some(t) if agent_holds_secrets => (t.auth.as_ref(), t.credentials.as_ref()),
             _ => (body.auth.as_ref(), body.credentials.as_ref()),
         };
-
-        let settings = serde_json::to_string(&settings)
-            .map_err(|e| CallError::new(ErrorCode::Internal, e.to_string()))?;
-        let request = body.request.as_deref().map_or("{}", RawValue::get);
-        let page = body.page.as_deref().map_or("null", RawValue::get);
-        let mut out = Zeroizing::new(Vec::with_capacity(
-            request.len()
-                + settings.len()
-                + page.len()
-                + auth.map_or(0, |a| a.expose().len())
-                + credentials.map_or(0, |c| c.expose().len())
-                + 128,
-        ));
-        out.extend_from_slice(b"{\"request\":");
-        out.extend_from_slice(request.as_bytes());
-        out.extend_from_slice(b",\"settings\":");
-        out.extend_from_slice(settings.as_bytes());
-        if let Some(auth) = auth {
-            out.extend_from_slice(b",\"auth\":");
-            out.extend_from_slice(auth.expose().as_bytes());
+        let prepared = PreparedCredentials::parse(tenant_id, app_id, &settings, auth, credentials)
+            .map_err(|e| {
+                CallError::new(
+                    ErrorCode::BadRequest,
+                    format!("a managed credential is misconfigured: {e}"),
+                )
+            })?;
+        let parts = EnvelopeParts {
+            settings: serde_json::to_string(&settings)
+                .map_err(|e| CallError::new(ErrorCode::Internal, e.to_string()))?,
+            request: body
+                .request
+                .clone()
+                .unwrap_or_else(|| RawValue::from_string("{}".into()).unwrap_or_default()),
+            page: body.page.clone(),
+            include_raw_data: body.include_raw_data == Some(true),
+        };
+        let Some(mut prepared) = prepared else {
+            return Ok(Envelope {
+                bytes: render_envelope(&parts, auth, credentials),
+                managed: None,
+            });
+        };
+        if tenant_id.is_empty() {
+            return Err(CallError::new(
+                ErrorCode::BadRequest,
+                "a call with managed OAuth credentials (token_broker) needs a tenant_id: tokens are kept per tenant",
+            ));
         }
-        if let Some(credentials) = credentials {
-            out.extend_from_slice(b",\"credentials\":");
-            out.extend_from_slice(credentials.expose().as_bytes());
-        }
-        out.extend_from_slice(b",\"page\":");
-        out.extend_from_slice(page.as_bytes());
-        out.extend_from_slice(if body.include_raw_data == Some(true) {
-            b",\"include_raw_data\":true}"
+        let pending = if agent_holds_secrets {
+            Vec::new()
         } else {
-            b",\"include_raw_data\":false}"
-        });
-        Ok(out)
+            self.tenants.pending_updates()
+        };
+        let mut used = Vec::with_capacity(prepared.managed.len());
+        for i in 0..prepared.managed.len() {
+            let credential = &prepared.managed[i];
+            if credential.needs_reconsent {
+                return Err(token_error(
+                    &credential.key.credential_id,
+                    &TokenError::InvalidGrant { description: None },
+                ));
+            }
+            let grant = self.grant_for(credential);
+            let update = pending.iter().find(|u| {
+                u.tenant_id == credential.key.tenant_id
+                    && u.credential_id == credential.key.credential_id
+            });
+            let token = self
+                .broker
+                .token_presented(
+                    &credential.key,
+                    &credential.endpoint,
+                    &grant,
+                    credential.presented_refresh_token(),
+                    || credential.seed(update),
+                )
+                .await
+                .map_err(|e| token_error(&credential.key.credential_id, &e))?;
+            prepared.set_token(i, &token.token);
+            used.push(token.token.clone());
+        }
+        let (auth, credentials) = prepared.render();
+        Ok(Envelope {
+            bytes: render_envelope(&parts, auth.as_ref(), credentials.as_ref()),
+            managed: Some(Managed {
+                prepared,
+                used,
+                parts,
+            }),
+        })
     }
+}
+
+/// The envelope document from its parts.
+fn render_envelope(
+    parts: &EnvelopeParts,
+    auth: Option<&SecretJson>,
+    credentials: Option<&SecretJson>,
+) -> Zeroizing<Vec<u8>> {
+    let request = parts.request.get();
+    let page = parts.page.as_deref().map_or("null", RawValue::get);
+    let mut out = Zeroizing::new(Vec::with_capacity(
+        request.len()
+            + parts.settings.len()
+            + page.len()
+            + auth.map_or(0, |a| a.expose().len())
+            + credentials.map_or(0, |c| c.expose().len())
+            + 128,
+    ));
+    out.extend_from_slice(b"{\"request\":");
+    out.extend_from_slice(request.as_bytes());
+    out.extend_from_slice(b",\"settings\":");
+    out.extend_from_slice(parts.settings.as_bytes());
+    if let Some(auth) = auth {
+        out.extend_from_slice(b",\"auth\":");
+        out.extend_from_slice(auth.expose().as_bytes());
+    }
+    if let Some(credentials) = credentials {
+        out.extend_from_slice(b",\"credentials\":");
+        out.extend_from_slice(credentials.expose().as_bytes());
+    }
+    out.extend_from_slice(b",\"page\":");
+    out.extend_from_slice(page.as_bytes());
+    out.extend_from_slice(if parts.include_raw_data {
+        b",\"include_raw_data\":true}"
+    } else {
+        b",\"include_raw_data\":false}"
+    });
+    out
+}
+
+/// A broker failure as the call's error: re-consent is the caller's to fix; the rest is
+/// retryable later.
+fn token_error(credential_id: &str, e: &TokenError) -> CallError {
+    match e {
+        TokenError::InvalidGrant { .. } => CallError::new(
+            ErrorCode::NeedsReconsent,
+            format!("the credential {credential_id:?} was refused by its authorization server (invalid_grant): an admin must connect it again"),
+        ),
+        TokenError::Config { .. } => CallError::new(
+            ErrorCode::TokenRefreshFailed,
+            format!("cannot refresh the credential {credential_id:?}: {e}"),
+        ),
+        TokenError::RateLimited { retry_after } => {
+            let mut err = CallError::new(
+                ErrorCode::TokenRefreshFailed,
+                format!("cannot refresh the credential {credential_id:?}: {e}"),
+            );
+            err.retry_after_seconds = Some(retry_after.as_secs().max(1));
+            err
+        }
+        TokenError::Unavailable(_) => {
+            let mut err = CallError::new(
+                ErrorCode::TokenRefreshFailed,
+                format!("cannot refresh the credential {credential_id:?}: {e}"),
+            );
+            err.retry_after_seconds = Some(5);
+            err
+        }
+    }
+}
+
+/// Whether a connector's answer says the access token was refused and a refresh may help
+/// (`error.error_metadata.refreshable`, which connector-py sets on an HTTP 401).
+fn is_refreshable(json: &ResultBody) -> bool {
+    // Such answers are small error documents; a large answer is data.
+    if !json.in_memory() || json.len() > 64 * 1024 {
+        return false;
+    }
+    let mut text = Vec::new();
+    if json.reader().read_to_end(&mut text).is_err() {
+        return false;
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        is_error: bool,
+        error: Option<ErrorPart>,
+    }
+    #[derive(Deserialize)]
+    struct ErrorPart {
+        error_metadata: Option<Metadata>,
+    }
+    #[derive(Deserialize)]
+    struct Metadata {
+        #[serde(default)]
+        refreshable: bool,
+    }
+    serde_json::from_slice::<Answer>(&text).is_ok_and(|a| {
+        a.is_error
+            && a.error
+                .and_then(|e| e.error_metadata)
+                .is_some_and(|m| m.refreshable)
+    })
 }
 
 fn exec_error(app_id: &str, e: ExecError) -> CallError {

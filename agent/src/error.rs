@@ -38,6 +38,12 @@ pub enum ErrorCode {
     /// The call's id already ran on this agent and the cloud acknowledged its result; it is
     /// not run twice.
     DuplicateCall,
+    /// A managed OAuth credential's grant was refused (`invalid_grant`): an admin must
+    /// connect it again.
+    NeedsReconsent,
+    /// A managed OAuth credential could not be refreshed (the authorization server is down,
+    /// rate-limits, or refuses the client's configuration).
+    TokenRefreshFailed,
     /// A bug or an I/O failure inside the agent.
     Internal,
 }
@@ -60,6 +66,8 @@ impl ErrorCode {
             Self::Cancelled => "cancelled",
             Self::ShuttingDown => "shutting_down",
             Self::DuplicateCall => "duplicate_call",
+            Self::NeedsReconsent => "needs_reconsent",
+            Self::TokenRefreshFailed => "token_refresh_failed",
             Self::Internal => "internal",
         }
     }
@@ -68,7 +76,11 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Self::Timeout | Self::ConnectorCrashed | Self::Busy | Self::ShuttingDown
+            Self::Timeout
+                | Self::ConnectorCrashed
+                | Self::Busy
+                | Self::ShuttingDown
+                | Self::TokenRefreshFailed
         )
     }
 
@@ -82,6 +94,8 @@ impl ErrorCode {
             Self::Timeout => 504,
             Self::Cancelled => 499,
             Self::DuplicateCall => 409,
+            Self::NeedsReconsent => 401,
+            Self::TokenRefreshFailed => 502,
             Self::Internal => 500,
         }
     }
@@ -95,12 +109,17 @@ impl ErrorCode {
             | Self::UnsupportedCapability
             | Self::UnknownTenant
             | Self::DuplicateCall
+            | Self::NeedsReconsent
             | Self::Cancelled => "caller",
             Self::ConnectorCrashed
             | Self::BadOutput
             | Self::OutputTooLarge
             | Self::ConnectorRejected => "connector",
-            Self::Timeout | Self::Busy | Self::ShuttingDown | Self::Internal => "agent",
+            Self::Timeout
+            | Self::Busy
+            | Self::ShuttingDown
+            | Self::TokenRefreshFailed
+            | Self::Internal => "agent",
         }
     }
 }

@@ -52,6 +52,12 @@ pub struct Metrics {
     revision: Gauge,
     cloud: Family<StatusLabels, Gauge>,
     tunnel_disconnects: Family<ReasonLabels, Counter>,
+    token_refreshes: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +118,12 @@ impl Metrics {
             "Tunnel connections that ended or failed, by reason (lost, unreachable, unauthorized): each is followed by a reconnect",
             tunnel_disconnects.clone(),
         );
+        let token_refreshes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "token_refreshes",
+            "OAuth token refreshes by the token broker, by outcome (ok, invalid_grant, config, rate_limited, unavailable)",
+            token_refreshes.clone(),
+        );
         Self {
             registry,
             calls,
@@ -122,6 +134,7 @@ impl Metrics {
             revision,
             cloud,
             tunnel_disconnects,
+            token_refreshes,
         }
     }
 
@@ -182,6 +195,15 @@ impl Metrics {
         self.tunnel_disconnects
             .get_or_create(&ReasonLabels {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a token refresh by outcome (`ok` or the failure class).
+    pub fn token_refreshed(&self, outcome: &'static str) {
+        self.token_refreshes
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
             })
             .inc();
     }

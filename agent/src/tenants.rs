@@ -11,11 +11,15 @@
 //! In memory, secrets live in [`SecretJson`]: redacted in `Debug`, zeroized on drop, never
 //! returned by the API. The plaintext `tenants.json` of earlier versions is encrypted and
 //! removed at the first start that finds it.
+//!
+//! The same sealed file holds the [`PendingUpdate`]s: tokens the broker refreshed for
+//! cloud-held credentials, kept until the cloud acknowledges them, so that a rotated refresh
+//! token survives a crash (the store is the one durable, encrypted home of every secret).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -299,10 +303,35 @@ pub enum TenantStoreError {
     BadId(String),
 }
 
+/// New tokens for a cloud-held credential, waiting for the cloud's acknowledgement
+/// (`CredentialUpdate` on the tunnel).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingUpdate {
+    /// Unique id; the cloud acknowledges it with `ResultAck(call_id = update_id)`.
+    pub update_id: String,
+    /// The tenant.
+    pub tenant_id: String,
+    /// The credential's id (`credentials[].id`, or `auth`).
+    pub credential_id: String,
+    /// `refreshed` (the credential holds new tokens) or `needs_reconsent`.
+    pub status: String,
+    /// The credential as sent to the cloud: `{"access_token", "refresh_token", "expires_at",
+    /// "token_type"}` (empty for `needs_reconsent`).
+    pub credential: SecretJson,
+    /// When the agent obtained it, milliseconds since the Unix epoch.
+    pub issued_at_ms: u64,
+    /// Hex SHA-256 of the refresh tokens this update replaces: a call that still presents one
+    /// of them comes from a cloud that has not applied the update yet.
+    #[serde(default)]
+    pub replaces: Vec<String>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoreFile {
     version: u32,
     tenants: BTreeMap<String, Tenant>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending_updates: Vec<PendingUpdate>,
 }
 
 /// The agent-held tenants, in memory and on disk.
@@ -311,6 +340,19 @@ pub struct TenantStore {
     path: PathBuf,
     key: StoreKey,
     tenants: RwLock<BTreeMap<String, Arc<Tenant>>>,
+    /// Locked after `tenants` when both are needed.
+    pending: Mutex<Vec<PendingUpdate>>,
+    /// Woken when a pending update is added.
+    pub updates: tokio::sync::Notify,
+}
+
+/// The tenants and the pending updates, as one transaction sees them.
+#[derive(Debug)]
+pub struct StoreContents<'a> {
+    /// Every tenant.
+    pub tenants: &'a mut BTreeMap<String, Arc<Tenant>>,
+    /// Every pending credential update.
+    pub pending: &'a mut Vec<PendingUpdate>,
 }
 
 /// Checks a tenant id.
@@ -331,11 +373,13 @@ impl TenantStore {
     /// Opens the store at `path` with `key`, empty if the file does not exist yet. A plaintext
     /// store of an earlier version at `plaintext` is encrypted into `path` and then removed.
     pub fn open(path: PathBuf, key: StoreKey, plaintext: &Path) -> Result<Self, TenantStoreError> {
-        let tenants = read_sealed(&path, &key)?;
+        let (tenants, pending) = read_sealed(&path, &key)?;
         let store = Self {
             path,
             key,
             tenants: RwLock::new(tenants),
+            pending: Mutex::new(pending),
+            updates: tokio::sync::Notify::new(),
         };
         store.migrate(plaintext)?;
         Ok(store)
@@ -354,7 +398,7 @@ impl TenantStore {
                 })
             }
         };
-        let old = parse_store(plaintext, &bytes)?;
+        let (old, _) = parse_store(plaintext, &bytes)?;
         let mut tenants = self.tenants.write().expect("tenant lock poisoned");
         let count = old.len();
         for (id, tenant) in old {
@@ -418,13 +462,65 @@ impl TenantStore {
         Ok(true)
     }
 
+    /// Changes tenants and pending updates together, durably: `change` returns whether it
+    /// changed anything; if writing fails, memory is put back as it was.
+    pub fn transact<R>(
+        &self,
+        change: impl FnOnce(StoreContents<'_>) -> (bool, R),
+    ) -> Result<R, TenantStoreError> {
+        let mut tenants = self.tenants.write().expect("tenant lock poisoned");
+        let mut pending = self.pending.lock().expect("pending lock poisoned");
+        let (old_tenants, old_pending) = (tenants.clone(), pending.clone());
+        let (changed, out) = change(StoreContents {
+            tenants: &mut tenants,
+            pending: &mut pending,
+        });
+        if !changed {
+            return Ok(out);
+        }
+        if let Err(e) = self.persist_with(&tenants, &pending) {
+            *tenants = old_tenants;
+            *pending = old_pending;
+            return Err(e);
+        }
+        drop(pending);
+        drop(tenants);
+        self.updates.notify_waiters();
+        Ok(out)
+    }
+
+    /// Every pending credential update.
+    pub fn pending_updates(&self) -> Vec<PendingUpdate> {
+        self.pending.lock().expect("pending lock poisoned").clone()
+    }
+
+    /// The cloud stored an update: forget it. Returns whether it was pending.
+    pub fn acknowledge_update(&self, update_id: &str) -> Result<bool, TenantStoreError> {
+        self.transact(|c| {
+            let before = c.pending.len();
+            c.pending.retain(|u| u.update_id != update_id);
+            let removed = c.pending.len() != before;
+            (removed, removed)
+        })
+    }
+
     fn persist(&self, tenants: &BTreeMap<String, Arc<Tenant>>) -> Result<(), TenantStoreError> {
+        let pending = self.pending.lock().expect("pending lock poisoned");
+        self.persist_with(tenants, &pending)
+    }
+
+    fn persist_with(
+        &self,
+        tenants: &BTreeMap<String, Arc<Tenant>>,
+        pending: &[PendingUpdate],
+    ) -> Result<(), TenantStoreError> {
         let file = StoreFile {
             version: 1,
             tenants: tenants
                 .iter()
                 .map(|(k, v)| (k.clone(), Tenant::clone(v)))
                 .collect(),
+            pending_updates: pending.to_vec(),
         };
         let bytes = Zeroizing::new(serde_json::to_vec_pretty(&file).map_err(|e| {
             TenantStoreError::Corrupt {
@@ -446,13 +542,12 @@ impl TenantStore {
 /// The tenants in the sealed store at `path` (none if there is no file), changing nothing:
 /// `doctor` checks a store with this.
 pub fn inspect(path: &Path, key: &StoreKey) -> Result<usize, TenantStoreError> {
-    read_sealed(path, key).map(|t| t.len())
+    read_sealed(path, key).map(|(t, _)| t.len())
 }
 
-fn read_sealed(
-    path: &Path,
-    key: &StoreKey,
-) -> Result<BTreeMap<String, Arc<Tenant>>, TenantStoreError> {
+type Contents = (BTreeMap<String, Arc<Tenant>>, Vec<PendingUpdate>);
+
+fn read_sealed(path: &Path, key: &StoreKey) -> Result<Contents, TenantStoreError> {
     match std::fs::read(path) {
         Ok(bytes) => {
             let clear = key
@@ -463,7 +558,7 @@ fn read_sealed(
                 })?;
             parse_store(path, &clear)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((BTreeMap::new(), Vec::new())),
         Err(source) => Err(TenantStoreError::Io {
             path: path.to_path_buf(),
             source,
@@ -471,19 +566,18 @@ fn read_sealed(
     }
 }
 
-fn parse_store(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<BTreeMap<String, Arc<Tenant>>, TenantStoreError> {
+fn parse_store(path: &Path, bytes: &[u8]) -> Result<Contents, TenantStoreError> {
     let file: StoreFile = serde_json::from_slice(bytes).map_err(|e| TenantStoreError::Corrupt {
         path: path.to_path_buf(),
         detail: e.to_string(),
     })?;
-    Ok(file
-        .tenants
-        .into_iter()
-        .map(|(k, v)| (k, Arc::new(v)))
-        .collect())
+    Ok((
+        file.tenants
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect(),
+        file.pending_updates,
+    ))
 }
 
 #[cfg(test)]

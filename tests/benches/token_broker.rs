@@ -61,7 +61,7 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let (url, requests) = endpoint(Duration::from_millis(20)).await;
-        let persist: Persist = Arc::new(|_, _| async { Ok(()) }.boxed());
+        let persist: Persist = Arc::new(|_, _, _| async { Ok(()) }.boxed());
         let broker = Arc::new(TokenBroker::new(
             TokenClient::new(None, Duration::from_secs(10)).unwrap(),
             BrokerSettings::default(),
@@ -88,6 +88,7 @@ fn main() {
             access_token: Some(Zeroizing::new("OLD".into())),
             expires_at: Some(SystemTime::now() - Duration::from_secs(1)),
             refresh_token: Some(Zeroizing::new("RT-0".into())),
+            supersedes: Vec::new(),
         };
 
         // Baseline for the herd: one token request made directly, same client and endpoint.
@@ -131,6 +132,7 @@ fn main() {
                 access_token: Some(Zeroizing::new("FRESH".into())),
                 expires_at: Some(SystemTime::now() + Duration::from_secs(3600)),
                 refresh_token: None,
+                supersedes: Vec::new(),
             };
             broker.token(&key(tenant), &ep, &GrantKind::RefreshToken, fresh).await.unwrap();
         }

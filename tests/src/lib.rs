@@ -116,16 +116,94 @@ pub fn install_plugin(dir: &Path, from: &Path, name: &str) -> PathBuf {
     to
 }
 
+/// Where interop peers are built and cached: `$LUMOS_INTEROP_CACHE`, or
+/// `~/.cache/lumos-agent-interop` (`.ci/run` fills it up front).
+pub fn interop_cache() -> PathBuf {
+    std::env::var_os("LUMOS_INTEROP_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/lumos-agent-interop")
+        })
+}
+
+/// One connector-py build at a time: the builds share a venv.
+static CONNECTOR_PY_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Builds a REAL connector-py connector with the shared script
+/// (`shared/interop/lumos-connector.sh`, which reuses what is already built) into
+/// `<interop cache>/<subdir>` and returns the path it prints: the executable (`mode` = `exe`)
+/// or the `compile-on-prem` bundle (`bundle`). `app_base_url` points its API client at a local
+/// app; it is baked in at build time, so each value needs its own `subdir`.
+pub fn connector_py_build(mode: &str, subdir: &str, app_base_url: Option<&str>) -> PathBuf {
+    let _guard = CONNECTOR_PY_BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/interop/lumos-connector.sh");
+    assert!(
+        script.is_file(),
+        "{} is missing: the interop tests need shared/ beside the repository",
+        script.display()
+    );
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(&script).arg(mode).arg(interop_cache().join(subdir));
+    match app_base_url {
+        Some(url) => cmd.env("APP_BASE_URL", url),
+        None => cmd.env_remove("APP_BASE_URL"),
+    };
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "building the connector-py {mode} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(
+        path.is_file(),
+        "the build script printed {}",
+        path.display()
+    );
+    path
+}
+
+/// Installs a connector-py executable as the plugin `demo-connector` (a one-line wrapper
+/// script, so the build's venv stays where it is).
+pub fn install_connector_py(plugins: &Path, exe: &Path) -> PathBuf {
+    write_script(
+        plugins,
+        "demo-connector",
+        &format!("#!/bin/sh\nexec '{}' \"$@\"\n", exe.display()),
+    )
+}
+
+/// A folder with npm `packages` installed (`<interop cache>/<name>`), made on first use from
+/// the npm registry (`.ci/run` does it up front). Node resolves a script's imports from the
+/// script's own folder, so a peer script is copied in here before it runs.
+pub fn interop_node(name: &str, packages: &[&str]) -> PathBuf {
+    let dir = interop_cache().join(name);
+    let ready = packages.iter().all(|p| {
+        let bare = p.rsplit_once('@').map_or(*p, |(n, _)| n);
+        dir.join("node_modules")
+            .join(bare)
+            .join("package.json")
+            .is_file()
+    });
+    if !ready {
+        std::fs::create_dir_all(&dir).unwrap();
+        let npm = std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&dir)
+            .args(packages)
+            .status()
+            .unwrap();
+        assert!(npm.success(), "npm install {packages:?} failed");
+    }
+    dir
+}
+
 /// A Python with `packages` installed, for the interop tests' real peers: the venv
 /// `~/.cache/lumos-agent-interop/<venv>` (or `$LUMOS_INTEROP_CACHE/<venv>`), made and filled
 /// from PyPI on first use (`.ci/run` does it up front). `imports` is the import check.
 pub fn interop_python(venv: &str, imports: &str, packages: &[&str]) -> PathBuf {
-    let cache = std::env::var_os("LUMOS_INTEROP_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/lumos-agent-interop")
-        });
-    let venv = cache.join(venv);
+    let venv = interop_cache().join(venv);
     let python = venv.join("bin/python");
     let ready = std::process::Command::new(&python)
         .args(["-c", &format!("import {imports}")])
@@ -148,10 +226,10 @@ pub fn interop_python(venv: &str, imports: &str, packages: &[&str]) -> PathBuf {
     python
 }
 
-/// A Python peer process that prints `PORT <n>` once it listens, then lines the test reads.
+/// A peer process (a Python or Node server) that prints `PORT <n>` once it listens, then lines the test reads.
 /// Killed when dropped.
 #[derive(Debug)]
-pub struct PythonPeer {
+pub struct PeerProcess {
     /// The process.
     pub child: std::process::Child,
     /// Its stdout, line by line (after the `PORT` line).
@@ -160,7 +238,7 @@ pub struct PythonPeer {
     pub port: u16,
 }
 
-impl PythonPeer {
+impl PeerProcess {
     /// Starts `command` (stdout piped, stderr inherited so a traceback shows) and waits up to
     /// two minutes for its `PORT` line.
     pub fn start(mut command: std::process::Command) -> Self {
@@ -182,7 +260,7 @@ impl PythonPeer {
         });
         let first = lines
             .recv_timeout(Duration::from_secs(120))
-            .expect("the Python peer's PORT line");
+            .expect("the peer's PORT line");
         let port = first
             .strip_prefix("PORT ")
             .and_then(|p| p.parse().ok())
@@ -196,13 +274,13 @@ impl PythonPeer {
             .map(|_| {
                 self.lines
                     .recv_timeout(Duration::from_secs(60))
-                    .expect("a line from the Python peer")
+                    .expect("a line from the peer")
             })
             .collect()
     }
 }
 
-impl Drop for PythonPeer {
+impl Drop for PeerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

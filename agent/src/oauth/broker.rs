@@ -61,7 +61,18 @@ pub enum GrantKind {
         /// The password.
         password: Zeroizing<String>,
     },
+    /// Through something other than a token endpoint: the connector's own
+    /// `refresh_access_token` capability, where the agent lacks the token URL. Given the
+    /// current refresh token.
+    Exchange(Exchange),
 }
+
+/// Trades a refresh token for new tokens without a token endpoint (see [`GrantKind::Exchange`]).
+pub type Exchange = Arc<
+    dyn Fn(Option<Zeroizing<String>>) -> BoxFuture<'static, Result<Tokens, TokenError>>
+        + Send
+        + Sync,
+>;
 
 impl fmt::Debug for GrantKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -69,6 +80,7 @@ impl fmt::Debug for GrantKind {
             Self::RefreshToken => "RefreshToken",
             Self::ClientCredentials => "ClientCredentials",
             Self::Password { .. } => "Password([redacted])",
+            Self::Exchange(_) => "Exchange",
         })
     }
 }
@@ -85,6 +97,10 @@ pub struct Seed {
     pub expires_at: Option<SystemTime>,
     /// The current refresh token, if any.
     pub refresh_token: Option<Zeroizing<String>>,
+    /// Fingerprints ([`fingerprint`]) of older refresh tokens this seed supersedes: a caller
+    /// presenting one of them is behind, not re-consented (a cloud that has not applied a
+    /// `CredentialUpdate` yet).
+    pub supersedes: Vec<[u8; 32]>,
 }
 
 impl fmt::Debug for Seed {
@@ -123,9 +139,45 @@ impl fmt::Debug for AccessToken {
 }
 
 /// Stores a credential's new tokens durably (the tenant store for agent-held credentials, the
-/// outbox towards the cloud for cloud-held ones). Called before a new access token is used.
-pub type Persist =
-    Arc<dyn Fn(&CredentialKey, &Tokens) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+/// outbox towards the cloud for cloud-held ones). Called before a new access token is used,
+/// with the refresh token they replace.
+pub type Persist = Arc<
+    dyn Fn(&CredentialKey, &Tokens, Option<&str>) -> BoxFuture<'static, Result<(), String>>
+        + Send
+        + Sync,
+>;
+
+/// A refresh token's SHA-256: how the broker remembers tokens it has held without keeping them.
+pub fn fingerprint(refresh_token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(refresh_token.as_bytes()).into()
+}
+
+/// How many superseded refresh tokens a credential remembers (to tell a caller that is behind
+/// from a re-consent).
+const KNOWN_REFRESH_TOKENS: usize = 16;
+
+/// A credential's state, as `GET /v1/tenants` and the cloud see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialStatus {
+    /// Tokens are being served.
+    Ok,
+    /// The last refresh failed; retrying after a backoff.
+    Failing,
+    /// The authorization server refused the grant: an admin must consent again.
+    NeedsReconsent,
+}
+
+impl CredentialStatus {
+    /// The word used in the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failing => "failing",
+            Self::NeedsReconsent => "needs_reconsent",
+        }
+    }
+}
 
 /// The broker's timing.
 #[derive(Debug, Clone, Copy)]
@@ -160,6 +212,47 @@ struct CredentialState {
     parked: Option<(SystemTime, TokenError)>,
     failures: u32,
     inflight: Option<Refresh>,
+    /// Fingerprints of refresh tokens this credential held before (newest last).
+    known: Vec<[u8; 32]>,
+    /// Bumped when a caller re-seeds the credential (re-consent): a refresh started before
+    /// then is discarded.
+    generation: u64,
+}
+
+impl CredentialState {
+    fn seeded(seed: Seed, generation: u64) -> Self {
+        let mut known = seed.supersedes;
+        known.extend(seed.refresh_token.as_deref().map(|t| fingerprint(t)));
+        Self {
+            access: seed.access_token.map(|token| {
+                Arc::new(AccessToken {
+                    token,
+                    expires_at: seed.expires_at,
+                    issued_at: seed.issued_at,
+                })
+            }),
+            refresh_token: seed.refresh_token,
+            known,
+            generation,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a caller presenting `refresh_token` brings a grant this credential never held.
+    fn is_new_grant(&self, refresh_token: &str) -> bool {
+        self.refresh_token.as_deref().map(String::as_str) != Some(refresh_token)
+            && !self.known.contains(&fingerprint(refresh_token))
+    }
+
+    fn remember(&mut self, refresh_token: &str) {
+        let print = fingerprint(refresh_token);
+        if !self.known.contains(&print) {
+            self.known.push(print);
+            if self.known.len() > KNOWN_REFRESH_TOKENS {
+                self.known.remove(0);
+            }
+        }
+    }
 }
 
 /// Counts of refresh outcomes, by class (for `/metrics`).
@@ -189,8 +282,17 @@ impl RefreshCounts {
     }
 }
 
+/// What the broker tells the rest of the agent (metrics, the tenant store, the cloud).
+pub trait BrokerEvents: Send + Sync {
+    /// A refresh ended as `outcome` (`ok` or a [`TokenError::class`]).
+    fn refreshed(&self, outcome: &'static str);
+    /// The authorization server refused the credential's grant: it needs re-consent.
+    fn needs_reconsent(&self, key: &CredentialKey);
+}
+
 /// The token broker. Shared by every call.
 pub struct TokenBroker {
+    events: Option<Arc<dyn BrokerEvents>>,
     client: TokenClient,
     settings: BrokerSettings,
     persist: Persist,
@@ -214,6 +316,7 @@ impl TokenBroker {
     /// `persist`.
     pub fn new(client: TokenClient, settings: BrokerSettings, persist: Persist) -> Self {
         Self {
+            events: None,
             client,
             settings,
             persist,
@@ -221,6 +324,13 @@ impl TokenBroker {
             hosts: Arc::default(),
             counts: Arc::default(),
         }
+    }
+
+    /// Reports refresh outcomes and lost grants to `events`.
+    #[must_use]
+    pub fn with_events(mut self, events: Arc<dyn BrokerEvents>) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// A valid access token for `key`, refreshing it first if it is stale. `seed` is used the
@@ -232,7 +342,22 @@ impl TokenBroker {
         grant: &GrantKind,
         seed: impl FnOnce() -> Seed,
     ) -> Result<Arc<AccessToken>, TokenError> {
-        let state = self.state(key, seed);
+        self.token_presented(key, endpoint, grant, None, seed).await
+    }
+
+    /// [`Self::token`] for a caller that presents the credential's refresh token with each
+    /// call (cloud-held credentials, or a tenant store an admin may rewrite): a refresh token
+    /// this credential never held is a new grant (re-consent), and `seed` replaces what the
+    /// broker knew. A refresh token it held before means the caller is behind; it is ignored.
+    pub async fn token_presented(
+        &self,
+        key: &CredentialKey,
+        endpoint: &TokenEndpoint,
+        grant: &GrantKind,
+        presented: Option<&str>,
+        seed: impl FnOnce() -> Seed,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        let state = self.state_presented(key, presented, seed);
         let now = SystemTime::now();
         let refresh = {
             let mut s = state.lock().expect("credential state poisoned");
@@ -266,53 +391,127 @@ impl TokenBroker {
                     _ => Err(error),
                 };
             }
-            match &s.inflight {
-                Some(refresh) => refresh.clone(),
-                None => {
-                    let refresh = self.start_refresh(key, endpoint, grant, &state, &mut s);
-                    s.inflight = Some(refresh.clone());
-                    refresh
+            self.join_or_start(key, endpoint, grant, &state, &mut s)
+        };
+        refresh.await
+    }
+
+    /// A new access token after the app refused `rejected` (a connector answered
+    /// `refreshable`): single-flight keyed by the rejected token, so many calls failing with
+    /// the same token cause one refresh, and a call whose token was already replaced just gets
+    /// the newer one.
+    pub async fn token_after_rejection(
+        &self,
+        key: &CredentialKey,
+        endpoint: &TokenEndpoint,
+        grant: &GrantKind,
+        rejected: &str,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        let state = self.state_presented(key, None, Seed::default);
+        let refresh = {
+            let mut s = state.lock().expect("credential state poisoned");
+            if let Some(access) = &s.access {
+                if access.token.as_str() != rejected && s.inflight.is_none() {
+                    return Ok(access.clone());
                 }
             }
+            if s.needs_consent {
+                return Err(TokenError::InvalidGrant { description: None });
+            }
+            let now = SystemTime::now();
+            if let Some((until, error)) = &s.parked {
+                if *until > now {
+                    return Err(error.clone());
+                }
+            }
+            self.join_or_start(key, endpoint, grant, &state, &mut s)
         };
         refresh.await
     }
 
     /// Whether the credential was refused with `invalid_grant` and needs re-consent.
     pub fn needs_consent(&self, key: &CredentialKey) -> bool {
-        self.states
+        self.status(key) == Some(CredentialStatus::NeedsReconsent)
+    }
+
+    /// The credential's state, if the broker has seen it.
+    pub fn status(&self, key: &CredentialKey) -> Option<CredentialStatus> {
+        let state = self
+            .states
             .lock()
             .expect("broker poisoned")
             .get(key)
-            .is_some_and(|s| s.lock().expect("credential state poisoned").needs_consent)
+            .cloned()?;
+        let s = state.lock().expect("credential state poisoned");
+        Some(if s.needs_consent {
+            CredentialStatus::NeedsReconsent
+        } else if s.failures > 0 || s.parked.is_some() {
+            CredentialStatus::Failing
+        } else {
+            CredentialStatus::Ok
+        })
     }
 
-    fn state(
+    /// The state of every credential of `tenant_id` the broker has seen, by credential id.
+    pub fn tenant_status(&self, tenant_id: &str) -> Vec<(String, CredentialStatus)> {
+        let keys: Vec<CredentialKey> = self
+            .states
+            .lock()
+            .expect("broker poisoned")
+            .keys()
+            .filter(|k| k.tenant_id == tenant_id)
+            .cloned()
+            .collect();
+        let mut out: Vec<(String, CredentialStatus)> = keys
+            .iter()
+            .filter_map(|k| Some((k.credential_id.clone(), self.status(k)?)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Forgets every credential of `tenant_id` (its stored credentials were replaced or
+    /// removed); a refresh in flight finishes but its tokens are discarded.
+    pub fn forget_tenant(&self, tenant_id: &str) {
+        self.states
+            .lock()
+            .expect("broker poisoned")
+            .retain(|k, state| {
+                if k.tenant_id == tenant_id {
+                    state.lock().expect("credential state poisoned").generation += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+    }
+
+    fn state_presented(
         &self,
         key: &CredentialKey,
+        presented: Option<&str>,
         seed: impl FnOnce() -> Seed,
     ) -> Arc<Mutex<CredentialState>> {
         let mut states = self.states.lock().expect("broker poisoned");
         // The hot path: a known credential, found without cloning its key.
         if let Some(state) = states.get(key) {
-            return state.clone();
+            let state = state.clone();
+            drop(states);
+            if let Some(presented) = presented {
+                let mut s = state.lock().expect("credential state poisoned");
+                if s.is_new_grant(presented) {
+                    // Re-consent: start over from what the caller brings; a refresh in flight
+                    // for the old grant is discarded when it ends.
+                    tracing::info!(tenant_id = %key.tenant_id, credential = %key.credential_id, "a new grant was presented for the credential; using it");
+                    let generation = s.generation + 1;
+                    *s = CredentialState::seeded(seed(), generation);
+                }
+            }
+            return state;
         }
         states
             .entry(key.clone())
-            .or_insert_with(|| {
-                let seed = seed();
-                Arc::new(Mutex::new(CredentialState {
-                    access: seed.access_token.map(|token| {
-                        Arc::new(AccessToken {
-                            token,
-                            expires_at: seed.expires_at,
-                            issued_at: seed.issued_at,
-                        })
-                    }),
-                    refresh_token: seed.refresh_token,
-                    ..CredentialState::default()
-                }))
-            })
+            .or_insert_with(|| Arc::new(Mutex::new(CredentialState::seeded(seed(), 0))))
             .clone()
     }
 
@@ -340,6 +539,23 @@ impl TokenBroker {
             .copied()
     }
 
+    /// The refresh in flight for the credential, or a new one.
+    fn join_or_start(
+        &self,
+        key: &CredentialKey,
+        endpoint: &TokenEndpoint,
+        grant: &GrantKind,
+        state: &Arc<Mutex<CredentialState>>,
+        s: &mut CredentialState,
+    ) -> Refresh {
+        if let Some(refresh) = &s.inflight {
+            return refresh.clone();
+        }
+        let refresh = self.start_refresh(key, endpoint, grant, state, s);
+        s.inflight = Some(refresh.clone());
+        refresh
+    }
+
     /// Spawns the refresh as a task of its own, so a caller that goes away cannot cancel it.
     fn start_refresh(
         &self,
@@ -350,12 +566,15 @@ impl TokenBroker {
         s: &mut CredentialState,
     ) -> Refresh {
         let used = s.refresh_token.clone();
+        let generation = s.generation;
         let task = tokio::spawn(refresh_task(RefreshJob {
+            generation,
             client: self.client.clone(),
             persist: self.persist.clone(),
             settings: self.settings,
             hosts: self.hosts.clone(),
             counts: self.counts.clone(),
+            events: self.events.clone(),
             key: key.clone(),
             endpoint: endpoint.clone(),
             grant: grant.clone(),
@@ -379,11 +598,14 @@ impl TokenBroker {
 }
 
 struct RefreshJob {
+    /// The credential's generation when this refresh started.
+    generation: u64,
     client: TokenClient,
     persist: Persist,
     settings: BrokerSettings,
     hosts: Arc<Mutex<HashMap<String, SystemTime>>>,
     counts: Arc<RefreshCounts>,
+    events: Option<Arc<dyn BrokerEvents>>,
     key: CredentialKey,
     endpoint: TokenEndpoint,
     grant: GrantKind,
@@ -403,6 +625,10 @@ async fn refresh_task(job: RefreshJob) -> Result<Arc<AccessToken>, TokenError> {
         }
         (GrantKind::ClientCredentials, _) => Grant::ClientCredentials,
         (GrantKind::Password { username, password }, _) => Grant::Password { username, password },
+        (GrantKind::Exchange(exchange), used) => {
+            let outcome = exchange(used.map(|t| Zeroizing::new(t.to_string()))).await;
+            return finish(&job, outcome).await;
+        }
     };
     let outcome = job.client.request(&job.endpoint, grant).await;
     finish(&job, outcome).await
@@ -414,15 +640,37 @@ async fn finish(
     outcome: Result<Tokens, TokenError>,
 ) -> Result<Arc<AccessToken>, TokenError> {
     let now = SystemTime::now();
+    let superseded = || {
+        job.state
+            .lock()
+            .expect("credential state poisoned")
+            .generation
+            != job.generation
+    };
+    if superseded() {
+        // The credential was re-seeded (re-consent) while this refresh ran: its outcome
+        // belongs to the old grant and must not overwrite the new one.
+        tracing::info!(tenant_id = %job.key.tenant_id, credential = %job.key.credential_id, "discarding a refresh of a replaced grant");
+        job.state
+            .lock()
+            .expect("credential state poisoned")
+            .inflight = None;
+        return Err(TokenError::Unavailable(
+            "the credential was replaced while it was being refreshed".into(),
+        ));
+    }
     match outcome {
         Ok(tokens) => {
             // Durable before used: a crash after this point finds the new refresh token.
-            if let Err(e) = (job.persist)(&job.key, &tokens).await {
+            if let Err(e) =
+                (job.persist)(&job.key, &tokens, job.used.as_deref().map(String::as_str)).await
+            {
                 tracing::error!(tenant_id = %job.key.tenant_id, credential = %job.key.credential_id, "cannot store the credential's new tokens; keeping them in memory and retrying: {e}");
                 tokio::spawn(retry_persist(
                     job.persist.clone(),
                     job.key.clone(),
                     tokens.clone(),
+                    job.used.clone(),
                     job.state.clone(),
                     job.settings,
                 ));
@@ -435,25 +683,41 @@ async fn finish(
             let mut s = job.state.lock().expect("credential state poisoned");
             s.access = Some(access.clone());
             if let Some(new) = tokens.refresh_token {
+                if let Some(old) = s.refresh_token.take() {
+                    s.remember(&old);
+                }
+                s.remember(&new);
                 s.refresh_token = Some(new);
             }
             s.needs_consent = false;
             s.parked = None;
             s.failures = 0;
             s.inflight = None;
+            drop(s);
             job.counts.add("ok");
+            if let Some(events) = &job.events {
+                events.refreshed("ok");
+            }
             Ok(access)
         }
         Err(error) => {
             job.counts.add(error.class());
+            if let Some(events) = &job.events {
+                events.refreshed(error.class());
+            }
             let mut s = job.state.lock().expect("credential state poisoned");
             s.inflight = None;
             match &error {
                 TokenError::InvalidGrant { .. } => {
                     // A racer's stale refusal: the credential has a newer refresh token now.
-                    if s.refresh_token.as_deref() == job.used.as_deref() {
+                    if s.refresh_token.as_deref() == job.used.as_deref() && !s.needs_consent {
                         s.needs_consent = true;
+                        drop(s);
                         tracing::warn!(tenant_id = %job.key.tenant_id, credential = %job.key.credential_id, "the authorization server refused the refresh token (invalid_grant): the credential needs re-consent");
+                        if let Some(events) = &job.events {
+                            events.needs_reconsent(&job.key);
+                        }
+                        return Err(error);
                     }
                 }
                 TokenError::RateLimited { retry_after } => {
@@ -486,6 +750,7 @@ async fn retry_persist(
     persist: Persist,
     key: CredentialKey,
     tokens: Tokens,
+    replaced: Option<Zeroizing<String>>,
     state: Arc<Mutex<CredentialState>>,
     settings: BrokerSettings,
 ) {
@@ -507,7 +772,7 @@ async fn retry_persist(
         if superseded {
             return;
         }
-        match persist(&key, &tokens).await {
+        match persist(&key, &tokens, replaced.as_deref().map(String::as_str)).await {
             Ok(()) => {
                 tracing::info!(tenant_id = %key.tenant_id, credential = %key.credential_id, attempt, "stored the credential's new tokens");
                 return;
@@ -574,7 +839,7 @@ mod tests {
     fn recorder() -> (Persist, Arc<Mutex<Vec<String>>>) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
-        let persist: Persist = Arc::new(move |_key, tokens| {
+        let persist: Persist = Arc::new(move |_key, tokens, _replaced| {
             let entry = format!(
                 "{}|{}",
                 tokens.access_token.as_str(),
@@ -608,6 +873,7 @@ mod tests {
             access_token: Some(Zeroizing::new("OLD".into())),
             expires_at: Some(SystemTime::now() - Duration::from_secs(1)),
             refresh_token: Some(Zeroizing::new("RT-0".into())),
+            supersedes: Vec::new(),
         }
     }
 
@@ -634,6 +900,100 @@ mod tests {
             )
         });
         (script, issued)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rejected_tokens_refresh_once_and_a_caller_behind_gets_the_newer_token() {
+        let (script, issued) = rotating_server(Duration::from_millis(30));
+        let (url, seen) = fake_endpoint(script).await;
+        let (persist, persisted) = recorder();
+        let broker = Arc::new(broker(persist, fast()));
+        // A token the broker thinks is good for an hour, which the app refuses.
+        let valid = || Seed {
+            access_token: Some(Zeroizing::new("AT-0".into())),
+            expires_at: Some(SystemTime::now() + Duration::from_secs(3600)),
+            refresh_token: Some(Zeroizing::new("RT-0".into())),
+            ..Seed::default()
+        };
+        let first = ask(&broker, "t", &url, GrantKind::RefreshToken, valid)
+            .await
+            .unwrap();
+        assert_eq!(first.token.as_str(), "AT-0");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "a fresh token needs no request"
+        );
+        let mut calls = Vec::new();
+        for _ in 0..50 {
+            let (broker, url) = (broker.clone(), url.clone());
+            calls.push(tokio::spawn(async move {
+                broker
+                    .token_after_rejection(
+                        &key("t", &url),
+                        &endpoint(&url),
+                        &GrantKind::RefreshToken,
+                        "AT-0",
+                    )
+                    .await
+                    .map(|t| t.token.to_string())
+            }));
+        }
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap(), "AT-1");
+        }
+        // A latecomer whose call failed with the old token: no second request.
+        let late = broker
+            .token_after_rejection(
+                &key("t", &url),
+                &endpoint(&url),
+                &GrantKind::RefreshToken,
+                "AT-0",
+            )
+            .await
+            .unwrap();
+        assert_eq!(late.token.as_str(), "AT-1");
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert_eq!(*persisted.lock().unwrap(), vec!["AT-1|RT-1".to_string()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_presenting_an_old_refresh_token_is_behind_and_a_new_one_is_a_reconsent() {
+        let (script, issued) = rotating_server(Duration::ZERO);
+        let (url, _seen) = fake_endpoint(script).await;
+        let (persist, _) = recorder();
+        let broker = broker(persist, fast());
+        let k = key("t", &url);
+        let ep = endpoint(&url);
+        let get = |presented: &'static str, access: &'static str| {
+            let (broker, k, ep) = (&broker, k.clone(), ep.clone());
+            async move {
+                broker
+                    .token_presented(&k, &ep, &GrantKind::RefreshToken, Some(presented), || {
+                        Seed {
+                            access_token: Some(Zeroizing::new(access.into())),
+                            expires_at: Some(SystemTime::now() - Duration::from_secs(1)),
+                            refresh_token: Some(Zeroizing::new(presented.into())),
+                            ..Seed::default()
+                        }
+                    })
+                    .await
+            }
+        };
+        // RT-0 is exchanged for RT-1; a cloud that still sends RT-0 is behind: no reuse of
+        // RT-0 (which a strict server would answer with invalid_grant and a revocation).
+        assert_eq!(get("RT-0", "OLD").await.unwrap().token.as_str(), "AT-1");
+        assert_eq!(get("RT-0", "OLD").await.unwrap().token.as_str(), "AT-1");
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
+        // The admin connected again and the server issued a grant the broker never held.
+        assert!(broker.status(&k) == Some(CredentialStatus::Ok));
+        issued.store(7, Ordering::SeqCst);
+        let fresh = get("RT-7", "NEW-CONSENT").await.unwrap();
+        assert_eq!(
+            fresh.token.as_str(),
+            "AT-8",
+            "the new grant was used, not the old one"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -796,7 +1156,7 @@ mod tests {
         let attempts = Arc::new(AtomicUsize::new(0));
         let stored = Arc::new(Mutex::new(Vec::new()));
         let (a, st) = (attempts.clone(), stored.clone());
-        let persist: Persist = Arc::new(move |_key, tokens| {
+        let persist: Persist = Arc::new(move |_key, tokens, _replaced| {
             let n = a.fetch_add(1, Ordering::SeqCst);
             let rt = tokens.refresh_token.as_deref().cloned().unwrap_or_default();
             let st = st.clone();
@@ -836,7 +1196,7 @@ mod tests {
         let (url, seen) = fake_endpoint(answer_ok()).await;
         let calls = Arc::new(AtomicUsize::new(0));
         let n = calls.clone();
-        let persist: Persist = Arc::new(move |_key, _tokens| {
+        let persist: Persist = Arc::new(move |_key, _tokens, _replaced| {
             let first = n.fetch_add(1, Ordering::SeqCst) == 0;
             async move {
                 assert!(!first, "a store hook that panics (deliberately, once)");
@@ -916,6 +1276,7 @@ mod tests {
             access_token: Some(Zeroizing::new("STILL-VALID".into())),
             expires_at: Some(SystemTime::now() + Duration::from_secs(30)),
             refresh_token: Some(Zeroizing::new("RT".into())),
+            supersedes: Vec::new(),
         };
         let first = ask(&broker, "a", &url, GrantKind::RefreshToken, soon).await;
         assert_eq!(

@@ -14,6 +14,7 @@
 //!   the request sent, in case the server echoes it.
 
 pub mod broker;
+pub mod managed;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};

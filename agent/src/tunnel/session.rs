@@ -187,6 +187,13 @@ pub async fn run(
     let _pump_guard = AbortOnDrop(pump.abort_handle());
     let mut pump = pump;
 
+    // Credential updates the cloud has not acknowledged go out again on this stream too.
+    let store = ctx.parts.dispatcher.tenants().clone();
+    let mut updates_sent = HashSet::new();
+    if let Err(reason) = session.send_updates(&store, &mut updates_sent).await {
+        return Ok(SessionEnd::Lost(reason));
+    }
+
     let mut last_heard = Instant::now();
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -211,6 +218,7 @@ pub async fn run(
             }
         }
         let changed = ctx.parts.table.changed.notified();
+        let updates = store.updates.notified();
         tokio::select! {
             biased;
             () = ctx.stop.cancelled() => return Ok(SessionEnd::Finished),
@@ -236,6 +244,11 @@ pub async fn run(
                 let snapshot = inventory.borrow_and_update().clone();
                 tracing::info!(revision = snapshot.revision, "sending the new inventory to the cloud");
                 if let Err(reason) = session.send_control(inventory_message(&snapshot)).await {
+                    return Ok(SessionEnd::Lost(reason));
+                }
+            }
+            () = updates => {
+                if let Err(reason) = session.send_updates(&store, &mut updates_sent).await {
                     return Ok(SessionEnd::Lost(reason));
                 }
             }
@@ -279,12 +292,56 @@ impl Session<'_> {
         }
     }
 
+    /// Sends every pending credential update not yet sent on this stream.
+    async fn send_updates(
+        &self,
+        store: &crate::tenants::TenantStore,
+        sent: &mut HashSet<String>,
+    ) -> Result<(), String> {
+        for update in store.pending_updates() {
+            if !sent.insert(update.update_id.clone()) {
+                continue;
+            }
+            tracing::info!(update_id = %update.update_id, tenant_id = %update.tenant_id, credential = %update.credential_id, status = %update.status, "sending a credential update to the cloud");
+            let msg = message(agent_message::Message::CredentialUpdate(
+                pb::CredentialUpdate {
+                    update_id: update.update_id,
+                    tenant_id: update.tenant_id,
+                    credential_id: update.credential_id,
+                    credential: update.credential.expose().as_bytes().to_vec().into(),
+                    issued_at_ms: update.issued_at_ms,
+                    status: update.status,
+                },
+            ));
+            self.send_control(msg).await?;
+        }
+        Ok(())
+    }
+
     async fn handle(&mut self, msg: CloudMessage) {
         match msg.message {
             Some(cloud_message::Message::CallRequest(chunk)) => self.on_chunk(chunk).await,
             Some(cloud_message::Message::ResultAck(ack)) => {
-                if !self.ctx.parts.table.acknowledge(&ack.call_id) {
-                    tracing::debug!(call_id = %ack.call_id, "ack for a result this agent does not hold (already acknowledged)");
+                if self.ctx.parts.table.acknowledge(&ack.call_id) {
+                    return;
+                }
+                match self
+                    .ctx
+                    .parts
+                    .dispatcher
+                    .tenants()
+                    .acknowledge_update(&ack.call_id)
+                {
+                    Ok(true) => {
+                        tracing::debug!(update_id = %ack.call_id, "the cloud stored a credential update")
+                    }
+                    Ok(false) => {
+                        tracing::debug!(call_id = %ack.call_id, "ack for a result this agent does not hold (already acknowledged)")
+                    }
+                    // Kept, so it is sent again: the cloud stores the same update twice, harmlessly.
+                    Err(e) => {
+                        tracing::error!(update_id = %ack.call_id, "cannot forget an acknowledged credential update: {e}")
+                    }
                 }
             }
             Some(cloud_message::Message::Cancel(cancel)) => {
