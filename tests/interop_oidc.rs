@@ -35,6 +35,11 @@ struct Provider {
 
 impl Provider {
     fn start(port: u16) -> Self {
+        Self::start_with(port, 3600)
+    }
+
+    /// With access tokens that live `access_ttl` seconds.
+    fn start_with(port: u16, access_ttl: u64) -> Self {
         let dir = interop_node("oidc", &[OIDC_PROVIDER]);
         let script = dir.join("oidc_server.mjs");
         std::fs::copy(
@@ -43,7 +48,10 @@ impl Provider {
         )
         .unwrap();
         let mut command = std::process::Command::new("node");
-        command.arg(&script).arg(port.to_string());
+        command
+            .arg(&script)
+            .arg(port.to_string())
+            .env("ACCESS_TTL", access_ttl.to_string());
         let peer = PeerProcess::start(command);
         let minted: Value = serde_json::from_str(&peer.next_lines(1)[0]).unwrap();
         let text = |k: &str| minted[k].as_str().unwrap().to_string();
@@ -60,6 +68,30 @@ impl Provider {
     async fn stats(&self) -> Value {
         let url = format!("{}/stats?grant={}", self.issuer, self.grant_id);
         http_get_json(&url).await
+    }
+
+    /// A new grant: `(grant_id, refresh_token)`.
+    async fn mint(&self) -> (String, String) {
+        use http_body_util::BodyExt as _;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let req = hyper::Request::post(format!("{}/mint", self.issuer))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let body = client
+            .request(req)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        let minted: Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+        (
+            minted["grant_id"].as_str().unwrap().to_string(),
+            minted["refresh_token"].as_str().unwrap().to_string(),
+        )
     }
 
     /// The broker block of a credential of this provider's confidential client.
@@ -82,6 +114,20 @@ async fn http_get_json(url: &str) -> Value {
     let resp = client.get(url.parse().unwrap()).await.unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&body).unwrap()
+}
+
+/// No secret in anything the agent logged so far (its crates log at TRACE in tests), nor in
+/// the `Debug` of what it holds.
+fn assert_no_secret_logged(secrets: &[&str]) {
+    let logs = captured_logs();
+    assert!(!logs.is_empty(), "the log capture is installed");
+    for secret in secrets {
+        assert!(
+            !logs.contains(secret),
+            "a secret ({} bytes) was logged",
+            secret.len()
+        );
+    }
 }
 
 fn now_secs() -> u64 {
@@ -166,6 +212,7 @@ async fn concurrent_validations(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_calls_on_an_expired_token_make_one_refresh_and_the_grant_survives() {
+    captured_logs();
     let provider = Provider::start(0);
     let dirs = TestDirs::new();
     let agent = Arc::new(agent_with_cdylib(&dirs).await);
@@ -325,4 +372,295 @@ async fn a_real_connector_py_connector_refused_with_401_is_refreshed_and_retried
     assert_eq!(again["response"], body["response"]);
     assert_eq!(provider.stats().await["token_requests"], 1);
     agent.shutdown().await;
+}
+
+/// Reads the session until a `CredentialUpdate` arrives (results met on the way are kept).
+async fn next_update(
+    s: &mut lumos_agent_integration::fake_cloud::CloudSession,
+) -> lumos_agent_proto::v1::CredentialUpdate {
+    use lumos_agent_proto::v1::agent_message::Message;
+    loop {
+        let msg = s
+            .recv(std::time::Duration::from_secs(60))
+            .await
+            .expect("a CredentialUpdate");
+        if let Some(Message::CredentialUpdate(update)) = msg.message {
+            return update;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_held_tokens_go_back_to_the_cloud_and_survive_a_restart_before_its_ack() {
+    use lumos_agent_integration::fake_cloud::*;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+    let provider = Provider::start(0);
+    let dirs = TestDirs::new();
+    install_plugin(
+        &dirs.plugins(),
+        &native_lib("liblumos_example_cdylib.so"),
+        "liblumos_example_cdylib.so",
+    );
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let config = format!(
+        "{}[connectors.{CDYLIB_APP}]\nin_process = true\n",
+        cloud_config(
+            &dirs,
+            &cloud.endpoint(),
+            &FakeCloudOptions::default().token,
+            ""
+        )
+    );
+    // The cloud holds the credential and sends it with every call; the token expired.
+    let payload = json!({"credentials": [{
+        "id": "oidc",
+        "oauth": {"access_token": provider.access_token},
+        "token_broker": provider.broker_block(&provider.refresh_token, now_secs() - 10),
+    }]});
+    let agent = TestAgent::start(&dirs, &config).await;
+    let mut s = cloud.next_session(WAIT).await;
+    s.call("c1", CDYLIB_APP, "validate_credentials", "cloudy", &payload);
+    // The update is stored, and sent, before the new token is used: it may come first.
+    let update = next_update(&mut s).await;
+    let first = s.result("c1", WAIT).await.expect("c1's result").json();
+    s.ack("c1");
+    assert_eq!(first["response"]["valid"], true, "{first}");
+    assert_eq!(
+        (
+            update.tenant_id.as_str(),
+            update.credential_id.as_str(),
+            update.status.as_str()
+        ),
+        ("cloudy", "oidc", "refreshed")
+    );
+    let tokens: Value = serde_json::from_slice(&update.credential).unwrap();
+    let rotated = tokens["refresh_token"].as_str().unwrap();
+    assert_ne!(rotated, provider.refresh_token);
+    assert!(captured_logs().contains("sending a credential update to the cloud"));
+    assert_no_secret_logged(&[
+        rotated,
+        &provider.refresh_token,
+        tokens["access_token"].as_str().unwrap(),
+        CLIENT_SECRET,
+    ]);
+    assert!(tokens["expires_at"].as_u64().unwrap() > now_secs());
+    assert_eq!(
+        first["response"]["unique_tenant_id"],
+        token_hash(tokens["access_token"].as_str().unwrap()),
+        "the call used the tokens the cloud is told about"
+    );
+    assert_eq!(provider.stats().await["token_requests"], 1);
+
+    // The agent stops before the cloud acknowledged the update (kept sealed in the store).
+    agent.shutdown().await;
+    drop(s);
+    let agent = TestAgent::start(&dirs, &config).await;
+    let mut s = cloud.next_session(WAIT).await;
+    let again = next_update(&mut s).await;
+    assert_eq!(
+        again.update_id, update.update_id,
+        "the same update, sent again"
+    );
+    // The cloud has not applied it and still sends the old, already rotated refresh token.
+    // Using it would revoke the grant; the agent uses the update's tokens instead.
+    s.call("c2", CDYLIB_APP, "validate_credentials", "cloudy", &payload);
+    let second = s.result("c2", WAIT).await.expect("c2's result").json();
+    s.ack("c2");
+    assert_eq!(second["response"], first["response"], "{second}");
+    let stats = provider.stats().await;
+    assert_eq!(stats["token_requests"], 1, "{stats}");
+    assert_eq!(stats["grant_alive"], true, "{stats}");
+
+    // Acknowledged: forgotten, on disk too.
+    s.ack(&update.update_id);
+    let state = lumos_agent::state::StatePaths::new(dirs.state());
+    eventually(
+        WAIT,
+        "the acknowledged update is removed from the store",
+        || {
+            let key = lumos_agent::tenants::StoreKey::find(&state)
+                .unwrap()
+                .unwrap();
+            lumos_agent::tenants::TenantStore::open(
+                state.tenants(),
+                key,
+                &state.tenants_plaintext(),
+            )
+            .is_ok_and(|store| store.pending_updates().is_empty())
+        },
+    )
+    .await;
+    agent.shutdown().await;
+}
+
+/// kill -9 the agent at random points while it refreshes, many times. After each kill the
+/// store decrypts, and the refresh token on disk is the newest the server issued, or the one
+/// before it when the newest was in flight (issued, but the agent died before storing it: the
+/// server's answer never reached the disk). Never an older one, never none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_during_refreshes_never_loses_the_latest_stored_refresh_token() {
+    // Access tokens live 2 s: with the skew halved to 1 s, a call every few ms refreshes
+    // about once a second.
+    let mut provider = Provider::start_with(0, 2);
+    let dirs = TestDirs::new();
+    install_plugin(
+        &dirs.plugins(),
+        &native_lib("liblumos_example_cdylib.so"),
+        "liblumos_example_cdylib.so",
+    );
+    let agent_bin = workspace_bin("lumos-agent");
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (mut in_flight, mut stored_latest) = (0, 0);
+    let mut needs_tenant = true;
+    for round in 0..12 {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let mut child = std::process::Command::new(&agent_bin)
+            .arg("--plugins-dir")
+            .arg(dirs.plugins())
+            .arg("--state-dir")
+            .arg(dirs.state())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let api = ApiClient::connect(port, &dirs).await;
+        if needs_tenant {
+            let (grant_id, refresh_token) = provider.mint().await;
+            provider.grant_id = grant_id;
+            api.put(
+                "/v1/tenants/acme",
+                json!({"app_id": CDYLIB_APP, "credentials": [{
+                    "id": "oidc", "oauth": {},
+                    "token_broker": provider.broker_block(&refresh_token, now_secs() - 10),
+                }]}),
+            )
+            .await;
+            needs_tenant = false;
+        }
+        let kill_after = std::time::Duration::from_millis(rng.u64(300..2500));
+        let started = std::time::Instant::now();
+        while started.elapsed() < kill_after {
+            let _ = api
+                .post(
+                    &format!("/v1/connectors/{CDYLIB_APP}/validate_credentials"),
+                    json!({"tenant_id": "acme"}),
+                )
+                .await;
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+
+        let on_disk = stored_refresh_token(&dirs, "acme", "oidc");
+        let stats = provider.stats().await;
+        let issued: Vec<&str> = stats["issued_refresh_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let newest = issued.len() - 1;
+        if on_disk == issued[newest] {
+            stored_latest += 1;
+            assert_eq!(
+                stats["grant_alive"], true,
+                "round {round} (seed {seed}): {stats}"
+            );
+        } else {
+            assert_eq!(
+                on_disk,
+                issued[newest - 1],
+                "round {round} (seed {seed}): the stored refresh token is neither the newest nor the one in flight"
+            );
+            // The newest never reached the disk: that grant is lost to the agent, as OAuth
+            // allows. Start the next round from a new one.
+            in_flight += 1;
+            needs_tenant = true;
+        }
+    }
+    let issued = provider.stats().await["issued_refresh_tokens"]
+        .as_array()
+        .unwrap()
+        .len();
+    eprintln!("seed {seed}: {issued} refresh tokens issued; stored the newest {stored_latest} times, killed with one in flight {in_flight} times");
+    assert!(
+        issued > 12 + in_flight + 1,
+        "the agent was refreshing when it was killed ({issued} tokens issued)"
+    );
+    assert!(
+        stored_latest > 0,
+        "some rounds end with the newest token stored"
+    );
+}
+
+/// The local API of an agent running as its own process.
+struct ApiClient {
+    base: String,
+    token: String,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+}
+
+impl ApiClient {
+    /// Waits until the agent on `port` answers `GET /v1/status`.
+    async fn connect(port: u16, dirs: &TestDirs) -> Self {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let token_path = lumos_agent::state::StatePaths::new(dirs.state()).admin_token();
+        let mut api = None;
+        eventually(
+            std::time::Duration::from_secs(60),
+            "the agent's API answers",
+            || {
+                if let Ok(token) = std::fs::read_to_string(&token_path) {
+                    api = Some(Self {
+                        base: format!("http://127.0.0.1:{port}"),
+                        token: token.trim().to_string(),
+                        client: client.clone(),
+                    });
+                }
+                api.is_some() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            },
+        )
+        .await;
+        api.unwrap()
+    }
+
+    async fn send(&self, method: hyper::Method, path: &str, body: Value) -> StatusCode {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        match self.client.request(req).await {
+            Ok(resp) => resp.status(),
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    async fn put(&self, path: &str, body: Value) {
+        assert_eq!(
+            self.send(hyper::Method::PUT, path, body).await,
+            StatusCode::OK
+        );
+    }
+
+    async fn post(&self, path: &str, body: Value) -> StatusCode {
+        self.send(hyper::Method::POST, path, body).await
+    }
 }

@@ -9,7 +9,8 @@
 // access token minted for
 // client `agent-client` (as an authorization-code flow with offline_access would have left
 // them). `GET /stats?grant=ID` answers how many token requests were made and whether the grant
-// is alive. `GET /me` is the provider's own userinfo endpoint: 401 for any token it does not
+// is alive, and the refresh tokens it issued (newest last); `POST /mint` mints another grant.
+// `ACCESS_TTL` (seconds, default 3600) sets the access tokens' lifetime. `GET /me` is the provider's own userinfo endpoint: 401 for any token it does not
 // know, so it serves as the "app" a connector calls with the bearer token.
 import net from 'node:net';
 import Provider from 'oidc-provider';
@@ -57,7 +58,7 @@ const provider = new Provider(issuer, {
   rotateRefreshToken: true,
   issueRefreshToken: async () => true,
   ttl: {
-    AccessToken: 3600,
+    AccessToken: Number(process.env.ACCESS_TTL || 3600),
     ClientCredentials: 3600,
     RefreshToken: 14 * 24 * 3600,
     Grant: 14 * 24 * 3600,
@@ -67,6 +68,8 @@ const provider = new Provider(issuer, {
 provider.proxy = false;
 
 let tokenRequests = 0;
+const issuedRefreshTokens = [];
+provider.on('refresh_token.saved', (token) => issuedRefreshTokens.push(token.jti));
 let grantErrors = [];
 provider.on('grant.error', (ctx, err) => grantErrors.push(`${err.error}: ${err.error_description}`));
 provider.use(async (ctx, next) => {
@@ -74,26 +77,40 @@ provider.use(async (ctx, next) => {
   if (ctx.path === '/stats') {
     const id = ctx.query.grant;
     const grant = id ? await provider.Grant.find(id) : undefined;
-    ctx.body = { token_requests: tokenRequests, grant_alive: Boolean(grant), grant_errors: grantErrors };
+    ctx.body = {
+      token_requests: tokenRequests,
+      grant_alive: Boolean(grant),
+      grant_errors: grantErrors,
+      issued_refresh_tokens: issuedRefreshTokens,
+    };
+    return;
+  }
+  if (ctx.path === '/mint' && ctx.method === 'POST') {
+    ctx.body = await mint();
     return;
   }
   await next();
 });
 
-const client = await provider.Client.find('agent-client');
-const grant = new provider.Grant({ accountId: 'user-1', clientId: client.clientId });
-grant.addOIDCScope('openid offline_access');
-const grantId = await grant.save();
-const now = Math.floor(Date.now() / 1000);
-const refresh = new provider.RefreshToken({
-  accountId: 'user-1', client, grantId, scope: 'openid offline_access', gty: 'authorization_code', authTime: now,
-});
-const refreshToken = await refresh.save();
-const access = new provider.AccessToken({ accountId: 'user-1', client, grantId, scope: 'openid offline_access', gty: 'authorization_code' });
-const accessToken = await access.save();
+// A grant as an authorization-code flow with offline_access would have left it.
+async function mint() {
+  const client = await provider.Client.find('agent-client');
+  const grant = new provider.Grant({ accountId: 'user-1', clientId: client.clientId });
+  grant.addOIDCScope('openid offline_access');
+  const grantId = await grant.save();
+  const now = Math.floor(Date.now() / 1000);
+  const refresh = new provider.RefreshToken({
+    accountId: 'user-1', client, grantId, scope: 'openid offline_access', gty: 'authorization_code', authTime: now,
+  });
+  const refreshToken = await refresh.save();
+  const access = new provider.AccessToken({ accountId: 'user-1', client, grantId, scope: 'openid offline_access', gty: 'authorization_code' });
+  const accessToken = await access.save();
+  return { issuer, grant_id: grantId, refresh_token: refreshToken, access_token: accessToken };
+}
+const minted = await mint();
 
 const server = provider.listen(port, '127.0.0.1', () => {
   process.stdout.write(`PORT ${port}\n`);
-  process.stdout.write(JSON.stringify({ issuer, grant_id: grantId, refresh_token: refreshToken, access_token: accessToken }) + '\n');
+  process.stdout.write(JSON.stringify(minted) + '\n');
 });
 process.on('SIGTERM', () => server.close(() => process.exit(0)));

@@ -35,7 +35,8 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut c
 }
 
 /// Captures the agent's log lines (this test binary's tracing output) so tests can assert what
-/// an admin would read. Installed once per test binary; returns everything logged so far.
+/// an admin would read, and that no secret is ever logged: the agent's own crates at TRACE,
+/// everything else at INFO. Installed once per test binary; returns everything logged so far.
 pub fn captured_logs() -> String {
     use std::sync::{Mutex, OnceLock};
     static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
@@ -44,7 +45,7 @@ pub fn captured_logs() -> String {
         let writer = move || LogWriter(logs);
         let _ = tracing_subscriber::fmt()
             .with_ansi(false)
-            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_env_filter("info,lumos_agent=trace,lumos_agent_integration=trace")
             .with_writer(writer)
             .try_init();
         logs
