@@ -147,3 +147,24 @@ async fn a_wrong_secret_is_one_request_and_a_config_error_without_the_other_styl
         "one request each, no retry in the other style"
     );
 }
+
+/// Query mode (parameters in the URL, empty body), as a few old APIs want: authlib reads the
+/// grant from the query string and the client from the Basic header. (authlib takes
+/// `client_secret_post` credentials from the body only, as RFC 6749 §2.3.1 says they belong.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authlib_accepts_the_query_mode_with_basic_client_authentication() {
+    let server = Server::start();
+    let client = TokenClient::new(None, Duration::from_secs(20)).unwrap();
+    let query = server.endpoint(
+        TRICKY_ID,
+        TRICKY_SECRET,
+        ClientAuth::Basic,
+        BodyFormat::Query,
+    );
+    let tokens = client
+        .request(&query, Grant::ClientCredentials)
+        .await
+        .unwrap();
+    assert!(!tokens.access_token.is_empty());
+    assert_eq!(server.requests(1), vec!["REQUEST basic 200"]);
+}
