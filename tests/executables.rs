@@ -335,6 +335,70 @@ async fn connector_environment_is_scrubbed_and_private() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_url_the_broker_refreshes_through_the_connectors_refresh_access_token() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "echo_app");
+    let agent = TestAgent::start(&dirs, CONFIG).await;
+    let expired = json!({"client_id": "app-client", "client_secret": "app-secret",
+                         "refresh_token": "RT-1", "expires_at": 1});
+    agent
+        .put_tenant(
+            "acme",
+            json!({"app_id": "echo_app", "credentials": [
+                {"id": "app_oauth", "oauth": {"access_token": "AT-1"}, "token_broker": expired}]}),
+        )
+        .await;
+    let (status, body) = agent
+        .call("echo_app", "echo", json!({"tenant_id": "acme"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["response"]["credentials"],
+        json!([{"id": "app_oauth", "oauth": {"access_token": "AT-2"}}]),
+        "the connector's own refresh gave the new token; the broker block stays with the agent"
+    );
+    let (_, view) = agent
+        .request(hyper::Method::GET, "/v1/tenants/acme", None)
+        .await;
+    assert_eq!(view["credential_status"]["app_oauth"], "ok", "{view}");
+    agent.shutdown().await;
+
+    // A refresh token the app refuses: re-consent, and later calls fail fast.
+    let agent = TestAgent::start(&dirs, CONFIG).await;
+    agent
+        .put_tenant(
+            "revoked",
+            json!({"app_id": "echo_app", "credentials": [{"id": "app_oauth", "oauth": {},
+                "token_broker": {"client_id": "app-client", "client_secret": "app-secret",
+                                 "refresh_token": "revoked", "expires_at": 1}}]}),
+        )
+        .await;
+    for _ in 0..2 {
+        let (status, body) = agent
+            .call("echo_app", "echo", json!({"tenant_id": "revoked"}))
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(
+            body["error"]["error_code"], "agent.needs_reconsent",
+            "{body}"
+        );
+    }
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("lumos_agent_token_refreshes_total{outcome=\"invalid_grant\"} 1"),
+        "one refresh, then fast failures: {metrics}"
+    );
+    let (_, view) = agent
+        .request(hyper::Method::GET, "/v1/tenants/revoked", None)
+        .await;
+    assert_eq!(
+        view["credential_status"]["app_oauth"], "needs_reconsent",
+        "{view}"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelope_injects_the_tenants_settings_and_credentials() {
     let dirs = TestDirs::new();
     install_plugin(&dirs.plugins(), &test_connector(), "echo_app");

@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 
 const CAPABILITIES: &[&str] = &[
     "echo",
+    "refresh_access_token",
     "env_dump",
     "sleep",
     "ignore_term",
@@ -121,6 +122,32 @@ fn main() -> ExitCode {
     }
     match command.as_str() {
         "echo" => print(&json!({"response": input})),
+        // As connector-py's: trades `RT-n` for `AT-(n+1)` and `RT-(n+1)`; `revoked` is refused.
+        "refresh_access_token" => {
+            let token = input
+                .pointer("/request/refresh_token")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            match token
+                .strip_prefix("RT-")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                Some(n)
+                    if input.pointer("/request/client_secret") == Some(&json!("app-secret")) =>
+                {
+                    print(&json!({"response": {
+                        "access_token": format!("AT-{}", n + 1),
+                        "refresh_token": format!("RT-{}", n + 1),
+                        "token_type": "bearer",
+                    }}))
+                }
+                _ => print(&json!({"is_error": true, "error": {
+                    "message": "the app answered invalid_grant",
+                    "error_code": "unauthorized",
+                    "error_metadata": {"refreshable": false},
+                }})),
+            }
+        }
         "big" => {
             let bytes = input
                 .pointer("/request/bytes")
