@@ -383,6 +383,36 @@ async fn without_a_token_url_the_broker_refreshes_through_the_connectors_refresh
             "{body}"
         );
     }
+    // A connector without refresh_access_token: the credential must name its token URL.
+    install_plugin(&dirs.plugins(), &example_connector(), "example");
+    eventually(
+        Duration::from_secs(30),
+        "the example connector is ready",
+        || agent.registry.snapshot().resolve("lumos_example").is_ok(),
+    )
+    .await;
+    agent
+        .put_tenant(
+            "no-url",
+            json!({"app_id": "lumos_example", "credentials": [{"id": "app_oauth", "oauth": {},
+                "token_broker": {"client_id": "app-client", "refresh_token": "RT-1", "expires_at": 1}}]}),
+        )
+        .await;
+    let (status, body) = agent
+        .call(
+            "lumos_example",
+            "validate_credentials",
+            json!({"tenant_id": "no-url"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(
+        body["error"]["error_code"], "agent.token_refresh_failed",
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("token_broker.token_url"), "{message}");
+    assert!(!message.contains("RT-1"), "{message}");
     let metrics = agent.metrics_text().await;
     assert!(
         metrics.contains("lumos_agent_token_refreshes_total{outcome=\"invalid_grant\"} 1"),

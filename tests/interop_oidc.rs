@@ -499,8 +499,7 @@ async fn cloud_held_tokens_go_back_to_the_cloud_and_survive_a_restart_before_its
 /// server's answer never reached the disk). Never an older one, never none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_agent_during_refreshes_never_loses_the_latest_stored_refresh_token() {
-    // Access tokens live 2 s: with the skew halved to 1 s, a call every few ms refreshes
-    // about once a second.
+    // Access tokens live 2 s: with the skew halved to 1 s, calls refresh about once a second.
     let mut provider = Provider::start_with(0, 2);
     let dirs = TestDirs::new();
     install_plugin(
@@ -542,15 +541,23 @@ async fn killing_the_agent_during_refreshes_never_loses_the_latest_stored_refres
             .await;
             needs_tenant = false;
         }
-        let kill_after = std::time::Duration::from_millis(rng.u64(300..2500));
+        // Calls until this round has refreshed at least once (whatever the machine's speed),
+        // then for a random while more, so the kill lands at any point of later refreshes.
+        let before = provider.stats().await["token_requests"].as_u64().unwrap();
+        let path = format!("/v1/connectors/{CDYLIB_APP}/validate_credentials");
+        let call = || api.post(&path, json!({"tenant_id": "acme"}));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while provider.stats().await["token_requests"].as_u64().unwrap() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: no refresh within 2 minutes"
+            );
+            let _ = call().await;
+        }
+        let kill_after = std::time::Duration::from_millis(rng.u64(0..1500));
         let started = std::time::Instant::now();
         while started.elapsed() < kill_after {
-            let _ = api
-                .post(
-                    &format!("/v1/connectors/{CDYLIB_APP}/validate_credentials"),
-                    json!({"tenant_id": "acme"}),
-                )
-                .await;
+            let _ = call().await;
         }
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
@@ -586,15 +593,7 @@ async fn killing_the_agent_during_refreshes_never_loses_the_latest_stored_refres
             needs_tenant = true;
         }
     }
-    let issued = provider.stats().await["issued_refresh_tokens"]
-        .as_array()
-        .unwrap()
-        .len();
-    eprintln!("seed {seed}: {issued} refresh tokens issued; stored the newest {stored_latest} times, killed with one in flight {in_flight} times");
-    assert!(
-        issued > 12 + in_flight + 1,
-        "the agent was refreshing when it was killed ({issued} tokens issued)"
-    );
+    eprintln!("seed {seed}: stored the newest {stored_latest} times, killed with one in flight {in_flight} times");
     assert!(
         stored_latest > 0,
         "some rounds end with the newest token stored"

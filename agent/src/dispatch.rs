@@ -92,23 +92,24 @@ pub struct Dispatcher {
 }
 
 /// The envelope of one call, and the managed credentials it carries (for a reactive refresh).
-struct Envelope {
+struct Envelope<'a> {
     bytes: Zeroizing<Vec<u8>>,
-    managed: Option<Managed>,
+    managed: Option<Managed<'a>>,
 }
 
-struct Managed {
+struct Managed<'a> {
     prepared: PreparedCredentials,
     /// The access token each managed credential was given.
     used: Vec<Zeroizing<String>>,
-    parts: EnvelopeParts,
+    parts: EnvelopeParts<'a>,
 }
 
-/// The non-secret parts of an envelope, kept to build it again after a refresh.
-struct EnvelopeParts {
+/// The non-secret parts of an envelope, kept to build it again after a refresh. The request
+/// and page are borrowed from the call: a large request is never copied for this.
+struct EnvelopeParts<'a> {
     settings: String,
-    request: Box<RawValue>,
-    page: Option<Box<RawValue>>,
+    request: &'a str,
+    page: &'a str,
     include_raw_data: bool,
 }
 
@@ -318,7 +319,7 @@ impl Dispatcher {
     /// envelope with them.
     async fn refresh_after_rejection(
         &self,
-        managed: &mut Managed,
+        managed: &mut Managed<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, CallError> {
         for i in 0..managed.prepared.managed.len() {
             let credential = &managed.prepared.managed[i];
@@ -399,11 +400,19 @@ impl Dispatcher {
                 &CancellationToken::new(),
             )
             .await
-            .map_err(|e| {
-                TokenError::Unavailable(format!(
+            .map_err(|e| match e.code {
+                // Retrying cannot help: the credential must name its token endpoint.
+                ErrorCode::UnsupportedCapability => TokenError::Config {
+                    code: "no_refresh_access_token".into(),
+                    description: Some(format!(
+                        "{app_id} has no refresh_access_token capability to refresh through"
+                    )),
+                    setting: "token_broker.token_url",
+                },
+                _ => TokenError::Unavailable(format!(
                     "{app_id}'s refresh_access_token failed: {}",
                     e.message
-                ))
+                )),
             })?;
         let json = answer.json;
         let doc: SecretValue = tokio::task::spawn_blocking(move || {
@@ -506,7 +515,11 @@ impl Dispatcher {
     /// `{"request", "settings", "auth" | "credentials", "page", "include_raw_data"}`, spliced
     /// from raw JSON so secrets are copied once, into a buffer that is zeroized. Managed OAuth
     /// credentials get a fresh access token from the broker first.
-    async fn envelope(&self, app_id: &str, body: &CallBody) -> Result<Envelope, CallError> {
+    async fn envelope<'a>(
+        &self,
+        app_id: &str,
+        body: &'a CallBody,
+    ) -> Result<Envelope<'a>, CallError> {
         let tenant_id = body.tenant_id.as_deref().unwrap_or_default();
         let stored = match tenant_id {
             "" => None,
@@ -544,11 +557,8 @@ impl Dispatcher {
         let parts = EnvelopeParts {
             settings: serde_json::to_string(&settings)
                 .map_err(|e| CallError::new(ErrorCode::Internal, e.to_string()))?,
-            request: body
-                .request
-                .clone()
-                .unwrap_or_else(|| RawValue::from_string("{}".into()).unwrap_or_default()),
-            page: body.page.clone(),
+            request: body.request.as_deref().map_or("{}", RawValue::get),
+            page: body.page.as_deref().map_or("null", RawValue::get),
             include_raw_data: body.include_raw_data == Some(true),
         };
         let Some(mut prepared) = prepared else {
@@ -563,11 +573,6 @@ impl Dispatcher {
                 "a call with managed OAuth credentials (token_broker) needs a tenant_id: tokens are kept per tenant",
             ));
         }
-        let pending = if agent_holds_secrets {
-            Vec::new()
-        } else {
-            self.tenants.pending_updates()
-        };
         let mut used = Vec::with_capacity(prepared.managed.len());
         for i in 0..prepared.managed.len() {
             let credential = &prepared.managed[i];
@@ -578,10 +583,6 @@ impl Dispatcher {
                 ));
             }
             let grant = self.grant_for(credential);
-            let update = pending.iter().find(|u| {
-                u.tenant_id == credential.key.tenant_id
-                    && u.credential_id == credential.key.credential_id
-            });
             let token = self
                 .broker
                 .token_presented(
@@ -589,7 +590,17 @@ impl Dispatcher {
                     &credential.endpoint,
                     &grant,
                     credential.presented_refresh_token(),
-                    || credential.seed(update),
+                    // Only when the broker (re)seeds the credential: a cloud-held one may have
+                    // newer tokens in an update the cloud has not acknowledged yet.
+                    || {
+                        let update = (!agent_holds_secrets)
+                            .then(|| {
+                                self.tenants
+                                    .pending_update(tenant_id, &credential.key.credential_id)
+                            })
+                            .flatten();
+                        credential.seed(update.as_ref())
+                    },
                 )
                 .await
                 .map_err(|e| token_error(&credential.key.credential_id, &e))?;
@@ -610,12 +621,11 @@ impl Dispatcher {
 
 /// The envelope document from its parts.
 fn render_envelope(
-    parts: &EnvelopeParts,
+    parts: &EnvelopeParts<'_>,
     auth: Option<&SecretJson>,
     credentials: Option<&SecretJson>,
 ) -> Zeroizing<Vec<u8>> {
-    let request = parts.request.get();
-    let page = parts.page.as_deref().map_or("null", RawValue::get);
+    let (request, page) = (parts.request, parts.page);
     let mut out = Zeroizing::new(Vec::with_capacity(
         request.len()
             + parts.settings.len()
@@ -814,6 +824,15 @@ fn redact_secrets(text: &str, envelope: &[u8]) -> String {
                 collect(part, &mut secrets);
             }
         }
+        // A refresh through the connector (`refresh_access_token`) carries its secrets in the
+        // request.
+        if let Some(request) = doc.get("request") {
+            for key in ["refresh_token", "client_secret", "access_token", "password"] {
+                if let Some(value) = request.get(key) {
+                    collect(value, &mut secrets);
+                }
+            }
+        }
     }
     // Longest first, so a secret that contains another is replaced whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
@@ -901,6 +920,15 @@ mod tests {
         assert_eq!(
             redact_secrets("no secrets here", b"not json"),
             "no secrets here"
+        );
+        // A refresh through the connector carries its secrets in the request.
+        let refresh = br#"{"request":{"credential_id":"oauth-main","client_id":"client-42","client_secret":"CANARY-CLIENT-SECRET","refresh_token":"CANARY-RT-3"},"settings":{}}"#;
+        assert_eq!(
+            redact_secrets(
+                "refreshing oauth-main for client-42 with CANARY-RT-3 / CANARY-CLIENT-SECRET",
+                refresh
+            ),
+            "refreshing oauth-main for client-42 with [redacted] / [redacted]"
         );
     }
 

@@ -342,8 +342,9 @@ pub struct TenantStore {
     tenants: RwLock<BTreeMap<String, Arc<Tenant>>>,
     /// Locked after `tenants` when both are needed.
     pending: Mutex<Vec<PendingUpdate>>,
-    /// Woken when a pending update is added.
-    pub updates: tokio::sync::Notify,
+    /// Bumped on every change of the pending updates: a watcher never misses one, even if it
+    /// was busy when it happened.
+    pub updates: tokio::sync::watch::Sender<u64>,
 }
 
 /// The tenants and the pending updates, as one transaction sees them.
@@ -379,7 +380,7 @@ impl TenantStore {
             key,
             tenants: RwLock::new(tenants),
             pending: Mutex::new(pending),
-            updates: tokio::sync::Notify::new(),
+            updates: tokio::sync::watch::Sender::new(0),
         };
         store.migrate(plaintext)?;
         Ok(store)
@@ -485,8 +486,19 @@ impl TenantStore {
         }
         drop(pending);
         drop(tenants);
-        self.updates.notify_waiters();
+        self.updates.send_modify(|v| *v = v.wrapping_add(1));
         Ok(out)
+    }
+
+    /// The pending update of one credential, if any (there is at most one: a newer one
+    /// replaces it).
+    pub fn pending_update(&self, tenant_id: &str, credential_id: &str) -> Option<PendingUpdate> {
+        self.pending
+            .lock()
+            .expect("pending lock poisoned")
+            .iter()
+            .find(|u| u.tenant_id == tenant_id && u.credential_id == credential_id)
+            .cloned()
     }
 
     /// Every pending credential update.

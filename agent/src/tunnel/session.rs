@@ -189,6 +189,8 @@ pub async fn run(
 
     // Credential updates the cloud has not acknowledged go out again on this stream too.
     let store = ctx.parts.dispatcher.tenants().clone();
+    // Subscribed before the first send: an update added meanwhile is seen as a change.
+    let mut updates = store.updates.subscribe();
     let mut updates_sent = HashSet::new();
     if let Err(reason) = session.send_updates(&store, &mut updates_sent).await {
         return Ok(SessionEnd::Lost(reason));
@@ -218,7 +220,6 @@ pub async fn run(
             }
         }
         let changed = ctx.parts.table.changed.notified();
-        let updates = store.updates.notified();
         tokio::select! {
             biased;
             () = ctx.stop.cancelled() => return Ok(SessionEnd::Finished),
@@ -247,7 +248,7 @@ pub async fn run(
                     return Ok(SessionEnd::Lost(reason));
                 }
             }
-            () = updates => {
+            Ok(()) = updates.changed() => {
                 if let Err(reason) = session.send_updates(&store, &mut updates_sent).await {
                     return Ok(SessionEnd::Lost(reason));
                 }
