@@ -407,8 +407,12 @@ async fn without_a_token_url_the_broker_refreshes_through_the_connectors_refresh
         .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(
-        body["error"]["error_code"], "agent.token_refresh_failed",
+        body["error"]["error_code"], "agent.credential_misconfigured",
         "{body}"
+    );
+    assert_eq!(
+        body["error"]["error_metadata"]["retryable"], false,
+        "retrying cannot fix a missing setting: {body}"
     );
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("token_broker.token_url"), "{message}");
@@ -512,6 +516,53 @@ async fn calls_over_the_connector_limit_are_busy_not_queued() {
     // The slot is free again.
     let (status, _) = agent.call("narrow", "echo", json!({})).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reactive_refresh_through_the_connector_is_not_refused_by_its_own_calls_limit() {
+    // With one slot, the call that the app refused holds it while the agent refreshes through
+    // the same connector; the refresh must not be answered `busy`.
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "narrow");
+    let agent = TestAgent::start(
+        &dirs,
+        &format!("{CONFIG}[connectors.narrow]\nmax_concurrency = 1\n"),
+    )
+    .await;
+    let far_future = 4_000_000_000u64;
+    agent
+        .put_tenant(
+            "acme",
+            json!({"app_id": "narrow", "credentials": [{"id": "app_oauth",
+                "oauth": {"access_token": "AT-1"},
+                "token_broker": {"client_id": "app-client", "client_secret": "app-secret",
+                                 "refresh_token": "RT-1", "expires_at": far_future}}]}),
+        )
+        .await;
+    let (status, body) = agent
+        .call(
+            "narrow",
+            "authorized",
+            json!({"tenant_id": "acme", "request": {"valid_token": "AT-2"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["response"]["ok"], true, "{body}");
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("lumos_agent_token_refreshes_total{outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    // The limit still holds for callers: the slot is free again and one call fits.
+    let (status, body) = agent
+        .call(
+            "narrow",
+            "authorized",
+            json!({"tenant_id": "acme", "request": {"valid_token": "AT-2"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,7 @@ impl Dispatcher {
                 &req.body,
                 req.deadline,
                 cancel,
+                Admission::Limited,
             )
             .await;
         let elapsed = started.elapsed();
@@ -197,6 +198,7 @@ impl Dispatcher {
         body: &CallBody,
         deadline: Option<Duration>,
         cancel: &CancellationToken,
+        admission: Admission,
     ) -> Result<CallAnswer, CallError> {
         let inventory = self.registry.snapshot();
         let connector = inventory.resolve(app_id)?;
@@ -215,7 +217,14 @@ impl Dispatcher {
             ));
         }
         let mut envelope = self.envelope(app_id, body).await?;
-        let Ok(_permit) = runnable.limiter.clone().try_acquire_owned() else {
+        // The agent's own refreshes through the connector skip the limit: a call that waits
+        // for one already holds a slot (with `max_concurrency = 1`, the only one), and they
+        // are single-flight per credential, so they add at most one run per credential.
+        let permit = match admission {
+            Admission::Limited => runnable.limiter.clone().try_acquire_owned().ok(),
+            Admission::TokenRefresh => None,
+        };
+        if admission == Admission::Limited && permit.is_none() {
             let mut err = CallError::new(
                 ErrorCode::Busy,
                 format!(
@@ -225,7 +234,7 @@ impl Dispatcher {
             );
             err.retry_after_seconds = Some(1);
             return Err(err);
-        };
+        }
         let timeout = [
             body.timeout_secs
                 .filter(|s| *s > 0)
@@ -283,6 +292,7 @@ impl Dispatcher {
             result = run => result?,
             never = relay => match never {},
         };
+        drop(permit);
         Ok(CallAnswer { json, version })
     }
 
@@ -398,6 +408,7 @@ impl Dispatcher {
                 &body,
                 None,
                 &CancellationToken::new(),
+                Admission::TokenRefresh,
             )
             .await
             .map_err(|e| match e.code {
@@ -658,6 +669,15 @@ fn render_envelope(
 
 /// A broker failure as the call's error: re-consent is the caller's to fix; the rest is
 /// retryable later.
+/// Whether a run counts against the connector's concurrency limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// A caller's call: above the limit it is refused with `agent.busy`.
+    Limited,
+    /// The agent refreshing a managed credential through the connector.
+    TokenRefresh,
+}
+
 fn token_error(credential_id: &str, e: &TokenError) -> CallError {
     match e {
         TokenError::InvalidGrant { .. } => CallError::new(
@@ -665,7 +685,7 @@ fn token_error(credential_id: &str, e: &TokenError) -> CallError {
             format!("the credential {credential_id:?} was refused by its authorization server (invalid_grant): an admin must connect it again"),
         ),
         TokenError::Config { .. } => CallError::new(
-            ErrorCode::TokenRefreshFailed,
+            ErrorCode::CredentialMisconfigured,
             format!("cannot refresh the credential {credential_id:?}: {e}"),
         ),
         TokenError::RateLimited { retry_after } => {

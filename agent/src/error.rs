@@ -41,9 +41,14 @@ pub enum ErrorCode {
     /// A managed OAuth credential's grant was refused (`invalid_grant`): an admin must
     /// connect it again.
     NeedsReconsent,
-    /// A managed OAuth credential could not be refreshed (the authorization server is down,
-    /// rate-limits, or refuses the client's configuration).
+    /// A managed OAuth credential could not be refreshed for now (the authorization server is
+    /// down or rate-limits); the same call may work later.
     TokenRefreshFailed,
+    /// A managed OAuth credential cannot be refreshed until an admin fixes it: the
+    /// authorization server refuses the client (`invalid_client`, `invalid_scope`, an
+    /// unsupported request format) or the credential lacks what a refresh needs. The message
+    /// names the setting.
+    CredentialMisconfigured,
     /// A bug or an I/O failure inside the agent.
     Internal,
 }
@@ -68,6 +73,7 @@ impl ErrorCode {
             Self::DuplicateCall => "duplicate_call",
             Self::NeedsReconsent => "needs_reconsent",
             Self::TokenRefreshFailed => "token_refresh_failed",
+            Self::CredentialMisconfigured => "credential_misconfigured",
             Self::Internal => "internal",
         }
     }
@@ -95,7 +101,7 @@ impl ErrorCode {
             Self::Cancelled => 499,
             Self::DuplicateCall => 409,
             Self::NeedsReconsent => 401,
-            Self::TokenRefreshFailed => 502,
+            Self::TokenRefreshFailed | Self::CredentialMisconfigured => 502,
             Self::Internal => 500,
         }
     }
@@ -110,6 +116,7 @@ impl ErrorCode {
             | Self::UnknownTenant
             | Self::DuplicateCall
             | Self::NeedsReconsent
+            | Self::CredentialMisconfigured
             | Self::Cancelled => "caller",
             Self::ConnectorCrashed
             | Self::BadOutput

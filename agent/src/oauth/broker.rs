@@ -408,17 +408,21 @@ impl TokenBroker {
         rejected: &str,
     ) -> Result<Arc<AccessToken>, TokenError> {
         let state = self.state_presented(key, None, Seed::default);
+        let now = SystemTime::now();
         let refresh = {
             let mut s = state.lock().expect("credential state poisoned");
             if let Some(access) = &s.access {
-                if access.token.as_str() != rejected && s.inflight.is_none() {
+                // Already replaced: the newer token, unless it is due for a refresh itself.
+                if access.token.as_str() != rejected
+                    && s.inflight.is_none()
+                    && !self.stale(access, now)
+                {
                     return Ok(access.clone());
                 }
             }
             if s.needs_consent {
                 return Err(TokenError::InvalidGrant { description: None });
             }
-            let now = SystemTime::now();
             if let Some((until, error)) = &s.parked {
                 if *until > now {
                     return Err(error.clone());
@@ -955,6 +959,44 @@ mod tests {
         assert_eq!(issued.load(Ordering::SeqCst), 1);
         assert_eq!(seen.lock().unwrap().len(), 1);
         assert_eq!(*persisted.lock().unwrap(), vec!["AT-1|RT-1".to_string()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rejection_is_not_answered_with_a_held_token_that_has_expired_since() {
+        let (script, issued) = rotating_server(Duration::ZERO);
+        let (url, _seen) = fake_endpoint(script).await;
+        let (persist, _) = recorder();
+        let broker = broker(
+            persist,
+            BrokerSettings {
+                skew: Duration::ZERO,
+                ..fast()
+            },
+        );
+        let short = || Seed {
+            access_token: Some(Zeroizing::new("AT-0".into())),
+            expires_at: Some(SystemTime::now() + Duration::from_millis(300)),
+            refresh_token: Some(Zeroizing::new("RT-0".into())),
+            ..Seed::default()
+        };
+        let held = ask(&broker, "t", &url, GrantKind::RefreshToken, short)
+            .await
+            .unwrap();
+        assert_eq!(held.token.as_str(), "AT-0");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // A call that ran with some other token was refused; the held AT-0 is not newer, it
+        // is expired.
+        let after = broker
+            .token_after_rejection(
+                &key("t", &url),
+                &endpoint(&url),
+                &GrantKind::RefreshToken,
+                "AT-elsewhere",
+            )
+            .await
+            .unwrap();
+        assert_eq!(after.token.as_str(), "AT-1");
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,7 @@ use serde_json::{json, Value};
 const CAPABILITIES: &[&str] = &[
     "echo",
     "refresh_access_token",
+    "authorized",
     "env_dump",
     "sleep",
     "ignore_term",
@@ -146,6 +147,20 @@ fn main() -> ExitCode {
                     "error_code": "unauthorized",
                     "error_metadata": {"refreshable": false},
                 }})),
+            }
+        }
+        // As a connector-py connector whose app answers 401: `refreshable` unless the first
+        // credential's access token is `request.valid_token`.
+        "authorized" => {
+            let presented = input.pointer("/credentials/0/oauth/access_token");
+            if presented.is_some() && presented == input.pointer("/request/valid_token") {
+                print(&json!({"response": {"ok": true}}));
+            } else {
+                print(&json!({"is_error": true, "error": {
+                    "message": "the app answered 401",
+                    "error_code": "unauthorized",
+                    "error_metadata": {"refreshable": true},
+                }}));
             }
         }
         "big" => {
