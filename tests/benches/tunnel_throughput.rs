@@ -35,6 +35,16 @@ struct Run {
     p99: Duration,
     /// Process CPU time (user + system, both sides: cloud and agent) per call.
     cpu_per_call: Duration,
+    /// How busy each runtime worker was during the run (0..1): one saturated worker and one
+    /// idle one means a serial stage, not the CPU, limits the rate.
+    worker_busy: Vec<f64>,
+}
+
+fn worker_busy_times() -> Vec<Duration> {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    (0..metrics.num_workers())
+        .map(|w| metrics.worker_total_busy_duration(w))
+        .collect()
 }
 
 /// User + system CPU time of this process so far (`/proc/self/stat`, in clock ticks of 10 ms).
@@ -54,6 +64,7 @@ async fn drive(s: &mut CloudSession, app_id: &str, calls: usize, concurrency: us
     let mut latencies = Vec::with_capacity(calls);
     let started = Instant::now();
     let cpu_before = cpu_time();
+    let busy_before = worker_busy_times();
     while latencies.len() < calls {
         while outstanding.len() < concurrency && sent < calls {
             // Ids are unique across runs: the agent refuses to run an id twice.
@@ -82,12 +93,18 @@ async fn drive(s: &mut CloudSession, app_id: &str, calls: usize, concurrency: us
     }
     let elapsed = started.elapsed();
     let cpu = cpu_time().saturating_sub(cpu_before);
+    let worker_busy = worker_busy_times()
+        .iter()
+        .zip(&busy_before)
+        .map(|(after, before)| after.saturating_sub(*before).as_secs_f64() / elapsed.as_secs_f64())
+        .collect();
     latencies.sort();
     Run {
         cpu_per_call: cpu / u32::try_from(calls).unwrap(),
         calls_per_sec: calls as f64 / elapsed.as_secs_f64(),
         p50: p(&latencies, 0.5),
         p99: p(&latencies, 0.99),
+        worker_busy,
     }
 }
 
@@ -157,12 +174,18 @@ fn print_row(name: &str, concurrency: usize, run: &Run, baseline: Option<&Run>) 
     let ratio = baseline.map_or(String::new(), |b| {
         format!("  {:.2}× baseline", run.calls_per_sec / b.calls_per_sec)
     });
+    let busy: Vec<String> = run
+        .worker_busy
+        .iter()
+        .map(|b| format!("{:.0}%", b * 100.0))
+        .collect();
     println!(
-        "{name:<22} c={concurrency:<3} {:>9.0} calls/s  p50 {:>8.1} µs  p99 {:>8.1} µs  cpu {:>5.1} µs/call{ratio}",
+        "{name:<22} c={concurrency:<3} {:>9.0} calls/s  p50 {:>8.1} µs  p99 {:>8.1} µs  cpu {:>5.1} µs/call  workers busy {}{ratio}",
         run.calls_per_sec,
         run.p50.as_secs_f64() * 1e6,
         run.p99.as_secs_f64() * 1e6,
-        run.cpu_per_call.as_secs_f64() * 1e6
+        run.cpu_per_call.as_secs_f64() * 1e6,
+        busy.join("/")
     );
 }
 

@@ -10,10 +10,9 @@ use lumos_agent_proto::v1::agent_tunnel_client::AgentTunnelClient;
 use lumos_agent_proto::v1::{
     self as pb, agent_message, cloud_message, AgentMessage, CallStatus, CloudMessage,
 };
+use std::future::Future as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
 use super::calls::{Admission, CallTable, Outcome, StoredResult};
@@ -33,30 +32,9 @@ const DEFAULT_CHUNK: usize = 1 << 20;
 const MAX_CHUNK: usize = (4 << 20) - (64 << 10);
 /// Smallest chunk, so a bogus Welcome cannot make a result a million messages.
 const MIN_CHUNK: usize = 1024;
-/// Result bytes queued for the stream at once: what a result costs in memory while in flight,
-/// however large it is. Counted in bytes, not messages, so many small results queue freely.
-const DATA_QUEUE_BYTES: usize = 4 << 20;
-
-/// The queue of result chunks, bounded by bytes: each chunk holds its share of the budget until
-/// tonic takes it off the queue.
-#[derive(Clone)]
-struct DataQueue {
-    tx: mpsc::UnboundedSender<(AgentMessage, tokio::sync::OwnedSemaphorePermit)>,
-    budget: Arc<tokio::sync::Semaphore>,
-}
-
-impl DataQueue {
-    async fn send(&self, msg: AgentMessage, bytes: usize) -> Result<(), ()> {
-        let want = u32::try_from(bytes.clamp(1, DATA_QUEUE_BYTES)).unwrap_or(u32::MAX);
-        let permit = self
-            .budget
-            .clone()
-            .acquire_many_owned(want)
-            .await
-            .map_err(|_| ())?;
-        self.tx.send((msg, permit)).map_err(|_| ())
-    }
-}
+/// Messages read from the stream in one go before the session looks at its other duties
+/// (heartbeats, stop, inventory) and starts the calls read.
+const MAX_BURST: usize = 128;
 
 /// How a stream that was welcomed ended.
 #[derive(Debug)]
@@ -94,18 +72,20 @@ pub async fn run(
     token: &str,
 ) -> Result<SessionEnd, SessionError> {
     let (control_tx, control_rx) = mpsc::channel::<AgentMessage>(64);
-    let (data_tx, data_rx) = mpsc::unbounded_channel();
-    let data_tx = DataQueue {
-        tx: data_tx,
-        budget: Arc::new(tokio::sync::Semaphore::new(DATA_QUEUE_BYTES)),
-    };
     control_tx
         .try_send(message(agent_message::Message::Hello(hello(ctx))))
         .map_err(|_| SessionError::Failed("internal: cannot queue Hello".into()))?;
-    // The permit is released when tonic takes the chunk to encode it.
-    let data_stream = tokio_stream::wrappers::UnboundedReceiverStream::new(data_rx)
-        .map(|(msg, _permit): (AgentMessage, tokio::sync::OwnedSemaphorePermit)| msg);
-    let outbound = ReceiverStream::new(control_rx).merge(data_stream);
+    // Results are attached once the cloud has welcomed this stream (see below); until then the
+    // outbound stream carries control messages only.
+    let (results_tx, results_rx) = tokio::sync::oneshot::channel();
+    let outbound = Outbound {
+        control: control_rx,
+        pending_results: Some(results_rx),
+        results: None,
+        table: ctx.parts.table.clone(),
+        chunk: DEFAULT_CHUNK,
+        current: None,
+    };
 
     let mut request = tonic::Request::new(outbound);
     let mut bearer =
@@ -169,6 +149,7 @@ pub async fn run(
         stall_limit: heartbeat * 3,
         partials: HashMap::new(),
         refused: HashSet::new(),
+        batch: std::sync::Mutex::default(),
     };
     let mut inventory = ctx.parts.registry.subscribe();
     let snapshot = inventory.borrow_and_update().clone();
@@ -177,15 +158,9 @@ pub async fn run(
     }
 
     // Every unacknowledged result goes out again on this stream, then each new one.
-    let results = ctx.parts.table.attach();
-    let pump = tokio::spawn(pump_results(
-        ctx.parts.table.clone(),
-        results,
-        data_tx,
-        chunk,
-    ));
-    let _pump_guard = AbortOnDrop(pump.abort_handle());
-    let mut pump = pump;
+    if results_tx.send((ctx.parts.table.attach(), chunk)).is_err() {
+        return Ok(SessionEnd::Lost("the stream closed".into()));
+    }
 
     // Credential updates the cloud has not acknowledged go out again on this stream too.
     let store = ctx.parts.dispatcher.tenants().clone();
@@ -227,6 +202,24 @@ pub async fn run(
                 Ok(Some(msg)) => {
                     last_heard = Instant::now();
                     session.handle(msg).await;
+                    // The rest of the burst already read (bounded, so that a cloud that never
+                    // pauses cannot starve the heartbeat and stop checks), then its calls start
+                    // together.
+                    for _ in 1..MAX_BURST {
+                        match futures_util::FutureExt::now_or_never(inbound.message()) {
+                            None => break,
+                            Some(Ok(Some(msg))) => session.handle(msg).await,
+                            Some(Ok(None)) => {
+                                session.start_batch();
+                                return Ok(SessionEnd::Lost("the cloud closed the stream".into()));
+                            }
+                            Some(Err(status)) => {
+                                session.start_batch();
+                                return Ok(SessionEnd::Lost(format!("the stream failed: {}", describe_status(&status))));
+                            }
+                        }
+                    }
+                    session.start_batch();
                 }
                 Ok(None) => return Ok(SessionEnd::Lost("the cloud closed the stream".into())),
                 Err(status) => return Ok(SessionEnd::Lost(format!("the stream failed: {}", describe_status(&status)))),
@@ -255,16 +248,7 @@ pub async fn run(
             }
             () = ctx.parts.draining.cancelled(), if !drain_announced => {}
             () = changed, if drain_announced => {}
-            _ = &mut pump => return Ok(SessionEnd::Lost("the stream stopped taking results".into())),
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -276,7 +260,12 @@ struct Session<'a> {
     partials: HashMap<String, Partial>,
     /// Calls whose chunks were refused: their later chunks are dropped until the last one.
     refused: HashSet<String>,
+    /// Calls admitted from the current burst of messages, started together by `start_batch`.
+    /// (In a mutex only so that `&Session` is `Send`; used through `get_mut`, never locked.)
+    batch: std::sync::Mutex<Vec<BoxedCall>>,
 }
+
+type BoxedCall = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 impl Session<'_> {
     /// Queues a control message. A queue that stays full for 3 heartbeat intervals means the
@@ -505,7 +494,7 @@ impl Session<'_> {
         };
         let dispatcher = ctx.parts.dispatcher.clone();
         let table = ctx.parts.table.clone();
-        ctx.parts.tracker.spawn(async move {
+        let call = Box::pin(async move {
             let app_id = partial.app_id.clone();
             let (outcome, body) = match parse_call(partial) {
                 Err(err) => (
@@ -522,6 +511,46 @@ impl Session<'_> {
             };
             table.finish(&call_id, outcome, body, true).await;
         });
+        self.batch_mut().push(call);
+    }
+
+    fn batch_mut(&mut self) -> &mut Vec<BoxedCall> {
+        self.batch
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts the calls of the last burst of messages: a few tasks, each polling its share
+    /// once in place (an in-process connector's answer is ready at once) and spawning a task
+    /// for each call that has to wait. Fewer tasks and wake-ups per call than a task each, and
+    /// still spread over the runtime's workers.
+    fn start_batch(&mut self) {
+        let calls = std::mem::take(self.batch_mut());
+        if calls.is_empty() {
+            return;
+        }
+        let workers = tokio::runtime::Handle::current()
+            .metrics()
+            .num_workers()
+            .max(1);
+        let per_task = calls.len().div_ceil(workers).clamp(1, 16);
+        let mut calls = calls.into_iter().peekable();
+        while calls.peek().is_some() {
+            let mut group: Vec<BoxedCall> = calls.by_ref().take(per_task).collect();
+            if group.len() == 1 {
+                // A call alone is its own task: no hop through a group.
+                self.ctx.parts.tracker.spawn(group.remove(0));
+                continue;
+            }
+            let tracker = self.ctx.parts.tracker.clone();
+            self.ctx.parts.tracker.spawn(async move {
+                for mut call in group {
+                    if futures_util::FutureExt::now_or_never(&mut call).is_none() {
+                        tracker.spawn(call);
+                    }
+                }
+            });
+        }
     }
 }
 
@@ -582,63 +611,134 @@ fn parse_call(partial: Partial) -> Result<CallRequest, CallError> {
     })
 }
 
-/// Sends each queued result, chunk by chunk, while the stream lasts.
-async fn pump_results(
+/// What the agent sends on one stream, produced as tonic asks for it: control messages first,
+/// then the results queued by the call table, chunk by chunk. Produced lazily, so a result's
+/// memory while it is sent is one chunk plus what HTTP/2 flow control lets out, however large
+/// it is, and a finished call's result needs no task of its own to reach the stream.
+struct Outbound {
+    control: mpsc::Receiver<AgentMessage>,
+    /// The result queue and chunk size, once the cloud's Welcome has set them.
+    pending_results:
+        Option<tokio::sync::oneshot::Receiver<(mpsc::UnboundedReceiver<String>, usize)>>,
+    results: Option<mpsc::UnboundedReceiver<String>>,
     table: Arc<CallTable>,
-    mut queue: mpsc::UnboundedReceiver<String>,
-    data: DataQueue,
     chunk: usize,
-) {
-    while let Some(call_id) = queue.recv().await {
-        // Acknowledged meanwhile (a duplicate in the queue): nothing to send.
-        let Some(result) = table.result(&call_id) else {
-            continue;
-        };
-        if send_result(&data, &call_id, &result, chunk).await.is_err() {
-            return;
-        }
-    }
+    current: Option<Sending>,
 }
 
-/// `Err` when the stream is gone.
-async fn send_result(
-    data: &DataQueue,
-    call_id: &str,
-    result: &StoredResult,
-    chunk: usize,
-) -> Result<(), ()> {
-    let status = match result.outcome {
-        Outcome::Answered => CallStatus::ConnectorAnswered,
-        Outcome::AgentError => CallStatus::AgentError,
-    };
-    let len = result.body.len();
-    let mut offset = 0u64;
-    let mut seq = 0u32;
-    loop {
-        let data_chunk = match result.body.read_at(offset, chunk).await {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                // The spool file is unreadable: this result cannot be delivered. Say so loudly;
-                // the cloud will time the call out.
-                tracing::error!(call_id, error = %e, "cannot read a stored result; it cannot be sent");
-                return Ok(());
-            }
-        };
-        offset += data_chunk.len() as u64;
-        let last = offset >= len;
-        let bytes = data_chunk.len();
-        let msg = message(agent_message::Message::CallResult(pb::CallResult {
-            call_id: call_id.to_string(),
-            seq,
-            data: data_chunk,
-            last,
-            status: status as i32,
-        }));
-        data.send(msg, bytes).await?;
-        if last {
-            return Ok(());
+/// A result part-way sent.
+struct Sending {
+    call_id: String,
+    result: Arc<StoredResult>,
+    offset: u64,
+    seq: u32,
+    /// A read from the spool file in progress.
+    read: Option<futures_util::future::BoxFuture<'static, std::io::Result<Bytes>>>,
+}
+
+impl tokio_stream::Stream for Outbound {
+    type Item = AgentMessage;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<AgentMessage>> {
+        use std::task::Poll;
+        let me = &mut *self;
+        match me.control.poll_recv(cx) {
+            Poll::Ready(Some(msg)) => return Poll::Ready(Some(msg)),
+            // The session is over.
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
         }
-        seq += 1;
+        if let Some(pending) = &mut me.pending_results {
+            match std::pin::Pin::new(pending).poll(cx) {
+                Poll::Ready(Ok((queue, chunk))) => {
+                    me.results = Some(queue);
+                    me.chunk = chunk;
+                    me.pending_results = None;
+                }
+                Poll::Ready(Err(_)) => me.pending_results = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        loop {
+            if me.current.is_none() {
+                let Some(queue) = &mut me.results else {
+                    return Poll::Pending;
+                };
+                match queue.poll_recv(cx) {
+                    Poll::Ready(Some(call_id)) => {
+                        // Acknowledged meanwhile (a duplicate in the queue): nothing to send.
+                        if let Some(result) = me.table.result(&call_id) {
+                            me.current = Some(Sending {
+                                call_id,
+                                result,
+                                offset: 0,
+                                seq: 0,
+                                read: None,
+                            });
+                        }
+                        continue;
+                    }
+                    Poll::Ready(None) => return Poll::Pending,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let Some(sending) = &mut me.current else {
+                continue;
+            };
+            let data = match &sending.result.body {
+                ResultBody::Memory(bytes) => {
+                    let start = usize::try_from(sending.offset)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len());
+                    let end = start.saturating_add(me.chunk).min(bytes.len());
+                    bytes.slice(start..end)
+                }
+                ResultBody::Spooled(_) => {
+                    let read = sending.read.get_or_insert_with(|| {
+                        let (result, offset, chunk) =
+                            (sending.result.clone(), sending.offset, me.chunk);
+                        Box::pin(async move { result.body.read_at(offset, chunk).await })
+                    });
+                    let read = std::task::ready!(read.as_mut().poll(cx));
+                    sending.read = None;
+                    match read {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            // The spool file is unreadable: this result cannot be delivered.
+                            // Say so loudly; the cloud will time the call out.
+                            tracing::error!(call_id = %sending.call_id, error = %e, "cannot read a stored result; it cannot be sent");
+                            me.current = None;
+                            continue;
+                        }
+                    }
+                }
+            };
+            sending.offset += data.len() as u64;
+            let last = sending.offset >= sending.result.body.len();
+            let status = match sending.result.outcome {
+                Outcome::Answered => CallStatus::ConnectorAnswered,
+                Outcome::AgentError => CallStatus::AgentError,
+            };
+            let msg = message(agent_message::Message::CallResult(pb::CallResult {
+                call_id: if last {
+                    std::mem::take(&mut sending.call_id)
+                } else {
+                    sending.call_id.clone()
+                },
+                seq: sending.seq,
+                data,
+                last,
+                status: status as i32,
+            }));
+            sending.seq += 1;
+            if last {
+                me.current = None;
+            }
+            return Poll::Ready(Some(msg));
+        }
     }
 }
 
