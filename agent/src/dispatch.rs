@@ -220,21 +220,23 @@ impl Dispatcher {
         // The agent's own refreshes through the connector skip the limit: a call that waits
         // for one already holds a slot (with `max_concurrency = 1`, the only one), and they
         // are single-flight per credential, so they add at most one run per credential.
-        let permit = match admission {
-            Admission::Limited => runnable.limiter.clone().try_acquire_owned().ok(),
+        let _permit = match admission {
+            Admission::Limited => match runnable.limiter.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let mut err = CallError::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "{app_id} is running its maximum of {} calls; retry shortly",
+                            self.config.get().max_concurrency_for(app_id)
+                        ),
+                    );
+                    err.retry_after_seconds = Some(1);
+                    return Err(err);
+                }
+            },
             Admission::TokenRefresh => None,
         };
-        if admission == Admission::Limited && permit.is_none() {
-            let mut err = CallError::new(
-                ErrorCode::Busy,
-                format!(
-                    "{app_id} is running its maximum of {} calls; retry shortly",
-                    self.config.get().max_concurrency_for(app_id)
-                ),
-            );
-            err.retry_after_seconds = Some(1);
-            return Err(err);
-        }
         let timeout = [
             body.timeout_secs
                 .filter(|s| *s > 0)
@@ -292,7 +294,6 @@ impl Dispatcher {
             result = run => result?,
             never = relay => match never {},
         };
-        drop(permit);
         Ok(CallAnswer { json, version })
     }
 
@@ -670,7 +671,7 @@ fn render_envelope(
 /// A broker failure as the call's error: re-consent is the caller's to fix; the rest is
 /// retryable later.
 /// Whether a run counts against the connector's concurrency limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Admission {
     /// A caller's call: above the limit it is refused with `agent.busy`.
     Limited,

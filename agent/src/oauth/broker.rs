@@ -839,6 +839,22 @@ mod tests {
             .await
     }
 
+    /// A new token after the app refused `rejected` (tenant `t`, refresh-token grant).
+    async fn after_rejection(
+        broker: &TokenBroker,
+        url: &str,
+        rejected: &str,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        broker
+            .token_after_rejection(
+                &key("t", url),
+                &endpoint(url),
+                &GrantKind::RefreshToken,
+                rejected,
+            )
+            .await
+    }
+
     /// Records what was persisted, in order.
     fn recorder() -> (Persist, Arc<Mutex<Vec<String>>>) {
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -931,13 +947,7 @@ mod tests {
         for _ in 0..50 {
             let (broker, url) = (broker.clone(), url.clone());
             calls.push(tokio::spawn(async move {
-                broker
-                    .token_after_rejection(
-                        &key("t", &url),
-                        &endpoint(&url),
-                        &GrantKind::RefreshToken,
-                        "AT-0",
-                    )
+                after_rejection(&broker, &url, "AT-0")
                     .await
                     .map(|t| t.token.to_string())
             }));
@@ -946,15 +956,7 @@ mod tests {
             assert_eq!(call.await.unwrap().unwrap(), "AT-1");
         }
         // A latecomer whose call failed with the old token: no second request.
-        let late = broker
-            .token_after_rejection(
-                &key("t", &url),
-                &endpoint(&url),
-                &GrantKind::RefreshToken,
-                "AT-0",
-            )
-            .await
-            .unwrap();
+        let late = after_rejection(&broker, &url, "AT-0").await.unwrap();
         assert_eq!(late.token.as_str(), "AT-1");
         assert_eq!(issued.load(Ordering::SeqCst), 1);
         assert_eq!(seen.lock().unwrap().len(), 1);
@@ -975,7 +977,7 @@ mod tests {
         );
         let short = || Seed {
             access_token: Some(Zeroizing::new("AT-0".into())),
-            expires_at: Some(SystemTime::now() + Duration::from_millis(300)),
+            expires_at: Some(SystemTime::now() + Duration::from_secs(1)),
             refresh_token: Some(Zeroizing::new("RT-0".into())),
             ..Seed::default()
         };
@@ -983,16 +985,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(held.token.as_str(), "AT-0");
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // A sleep lasts at least this long, however busy the machine: AT-0 has expired after.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         // A call that ran with some other token was refused; the held AT-0 is not newer, it
         // is expired.
-        let after = broker
-            .token_after_rejection(
-                &key("t", &url),
-                &endpoint(&url),
-                &GrantKind::RefreshToken,
-                "AT-elsewhere",
-            )
+        let after = after_rejection(&broker, &url, "AT-elsewhere")
             .await
             .unwrap();
         assert_eq!(after.token.as_str(), "AT-1");

@@ -198,32 +198,35 @@ pub async fn run(
         tokio::select! {
             biased;
             () = ctx.stop.cancelled() => return Ok(SessionEnd::Finished),
-            received = inbound.message() => match received {
-                Ok(Some(msg)) => {
-                    last_heard = Instant::now();
-                    session.handle(msg).await;
-                    // The rest of the burst already read (bounded, so that a cloud that never
-                    // pauses cannot starve the heartbeat and stop checks), then its calls start
-                    // together.
-                    for _ in 1..MAX_BURST {
-                        match futures_util::FutureExt::now_or_never(inbound.message()) {
-                            None => break,
-                            Some(Ok(Some(msg))) => session.handle(msg).await,
-                            Some(Ok(None)) => {
-                                session.start_batch();
-                                return Ok(SessionEnd::Lost("the cloud closed the stream".into()));
-                            }
-                            Some(Err(status)) => {
-                                session.start_batch();
-                                return Ok(SessionEnd::Lost(format!("the stream failed: {}", describe_status(&status))));
-                            }
+            received = inbound.message() => {
+                // The rest of the burst already read comes too (bounded, so that a cloud that
+                // never pauses cannot starve the heartbeat and stop checks); then the calls of
+                // the burst start together.
+                let mut received = received;
+                let mut read = 0;
+                let ended = loop {
+                    match received {
+                        Ok(Some(msg)) => {
+                            last_heard = Instant::now();
+                            session.handle(msg).await;
                         }
+                        Ok(None) => break Some("the cloud closed the stream".to_string()),
+                        Err(status) => break Some(format!("the stream failed: {}", describe_status(&status))),
                     }
-                    session.start_batch();
+                    read += 1;
+                    if read == MAX_BURST {
+                        break None;
+                    }
+                    match futures_util::FutureExt::now_or_never(inbound.message()) {
+                        Some(next) => received = next,
+                        None => break None,
+                    }
+                };
+                session.start_batch();
+                if let Some(reason) = ended {
+                    return Ok(SessionEnd::Lost(reason));
                 }
-                Ok(None) => return Ok(SessionEnd::Lost("the cloud closed the stream".into())),
-                Err(status) => return Ok(SessionEnd::Lost(format!("the stream failed: {}", describe_status(&status)))),
-            },
+            }
             _ = ticker.tick() => {
                 if last_heard.elapsed() >= heartbeat * 3 {
                     return Ok(SessionEnd::Lost(format!(
@@ -681,8 +684,8 @@ impl tokio_stream::Stream for Outbound {
                         }
                         continue;
                     }
-                    Poll::Ready(None) => return Poll::Pending,
-                    Poll::Pending => return Poll::Pending,
+                    // A newer stream took the queue over (this one is ending), or nothing yet.
+                    Poll::Ready(None) | Poll::Pending => return Poll::Pending,
                 }
             }
             let Some(sending) = &mut me.current else {
