@@ -115,31 +115,35 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.finish(
-                status::PANIC,
-                &error_json("the connector panicked during the call"),
-            );
-        } else {
-            self.finish(
-                status::ERROR,
-                &error_json("the connector dropped the call without answering"),
-            );
+        // The usual case: completed, so nothing to say. Checked first, because building the
+        // error document below costs more than the whole completion did (this runs on every
+        // call).
+        if self.completed.load(Ordering::Acquire) {
+            return;
         }
+        let (status, message) = if std::thread::panicking() {
+            (status::PANIC, "the connector panicked during the call")
+        } else {
+            (
+                status::ERROR,
+                "the connector dropped the call without answering",
+            )
+        };
+        self.finish(status, &error_json(message));
     }
 }
 
 /// A Lumos error document for SDK-level failures.
 pub fn error_json(message: &str) -> Vec<u8> {
-    let escaped: String = message
-        .chars()
-        .flat_map(|c| match c {
-            '"' => vec!['\\', '"'],
-            '\\' => vec!['\\', '\\'],
-            c if (c as u32) < 0x20 => vec![' '],
-            c => vec![c],
-        })
-        .collect();
+    let mut escaped = String::with_capacity(message.len());
+    for c in message.chars() {
+        match c {
+            '"' => escaped.push_str("\\\""),
+            '\\' => escaped.push_str("\\\\"),
+            c if (c as u32) < 0x20 => escaped.push(' '),
+            c => escaped.push(c),
+        }
+    }
     format!(
         r#"{{"is_error":true,"error":{{"message":"{escaped}","error_code":"connector.sdk","raised_by":"lumos-connector-abi","error_metadata":{{"retryable":false,"refreshable":false}}}},"response":null}}"#
     )
@@ -303,4 +307,64 @@ pub fn deadline_unix_ms(deadline: Option<SystemTime>) -> u64 {
     deadline
         .and_then(|d| d.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    type Completions = Mutex<Vec<(u64, u32, Vec<u8>)>>;
+
+    unsafe extern "C" fn record(host_ctx: *mut c_void, call_id: u64, status: u32, output: Bytes) {
+        // SAFETY: the tests below pass a `Completions` that outlives every call, and `output`
+        // is borrowed for this call's duration.
+        let (completions, output) = unsafe { (&*host_ctx.cast::<Completions>(), output.to_vec()) };
+        completions.lock().unwrap().push((call_id, status, output));
+    }
+
+    fn completion(completions: &Completions, call_id: u64) -> Completion {
+        let api = HostApi {
+            size: ffi::size_of_u32::<HostApi>(),
+            reserved: 0,
+            host_ctx: std::ptr::from_ref(completions).cast_mut().cast(),
+            log: None,
+            complete: Some(record),
+        };
+        Completion {
+            host: Host { api },
+            call_id,
+            completed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    #[test]
+    fn a_completed_call_is_completed_once_and_its_drop_adds_nothing() {
+        let completions = Completions::default();
+        completion(&completions, 7).ok(br#"{"response":{}}"#);
+        let seen = completions.lock().unwrap();
+        assert_eq!(*seen, vec![(7, status::OK, br#"{"response":{}}"#.to_vec())]);
+    }
+
+    #[test]
+    fn a_call_dropped_without_an_answer_completes_with_an_error_document() {
+        let completions = Completions::default();
+        drop(completion(&completions, 9));
+        let seen = completions.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let (call_id, status, output) = &seen[0];
+        assert_eq!((*call_id, *status), (9, status::ERROR));
+        let text = String::from_utf8(output.clone()).unwrap();
+        assert!(
+            text.contains(r#""message":"the connector dropped the call without answering""#),
+            "{text}"
+        );
+        assert!(text.contains(r#""error_code":"connector.sdk""#), "{text}");
+    }
+
+    #[test]
+    fn error_documents_escape_quotes_backslashes_and_control_characters() {
+        let text = String::from_utf8(error_json("a \"b\" c\\d\ne\u{1}f é")).unwrap();
+        assert!(text.contains(r#""message":"a \"b\" c\\d e f é""#), "{text}");
+    }
 }
