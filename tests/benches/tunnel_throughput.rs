@@ -3,13 +3,16 @@
 //! result.
 //!
 //! ```text
-//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS] [throughput-only] [in-process-only] [baseline-only]
+//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS] [throughput-only] [in-process-only] [baseline-only] [agent-only] [c64-only]
 //! ```
 //! - Throughput and p50/p99 latency at concurrency 1 and 64 of `validate_credentials` on the
 //!   Rust cdylib example, in-process and in a worker, through the real agent; the baseline is
 //!   a bare tonic client that answers every CallRequest at once with a CallResult of the same
 //!   size (the tunnel with nothing behind it).
 //!   Target (issue 5): in-process at concurrency 64 ≥ 0.7× the baseline's calls per second.
+//! - A reference row with no agent at all: the bare client doing the example connector's own
+//!   work (`lumos_example_connector::handle`, with the JSON parse and serialisation the plugin
+//!   does) for each call before it answers. What the connector alone costs on this machine.
 //! - Peak RSS growth of this process (the agent, the fake cloud discarding the data it
 //!   receives) while a connector's 100 MB answer is relayed. Target: ≤ 32 MB.
 #![allow(clippy::unwrap_used, reason = "benchmark harness")]
@@ -108,9 +111,17 @@ async fn drive(s: &mut CloudSession, app_id: &str, calls: usize, concurrency: us
     }
 }
 
-/// The baseline: a bare tonic client on the tunnel protocol that answers every call at once
-/// with `answer`.
-async fn bare_responder(cloud: &FakeCloud, answer: bytes::Bytes) {
+/// What the bare client answers.
+#[derive(Clone)]
+enum Reply {
+    /// These bytes, at once (the baseline).
+    Canned(bytes::Bytes),
+    /// What the example connector answers, computed in the read loop (the reference row).
+    Connector,
+}
+
+/// A bare tonic client on the tunnel protocol that answers every call with `reply`.
+async fn bare_responder(cloud: &FakeCloud, reply: Reply) {
     let channel = tonic::transport::Endpoint::from_shared(cloud.endpoint())
         .unwrap()
         .connect()
@@ -141,10 +152,21 @@ async fn bare_responder(cloud: &FakeCloud, answer: bytes::Bytes) {
         while let Ok(Some(msg)) = inbound.message().await {
             if let Some(cloud_message::Message::CallRequest(req)) = msg.message {
                 if req.last {
+                    let data = match &reply {
+                        Reply::Canned(bytes) => bytes.clone(),
+                        Reply::Connector => {
+                            let input: serde_json::Value =
+                                serde_json::from_slice(&req.payload).unwrap();
+                            let answer =
+                                lumos_example_connector::handle("validate_credentials", &input)
+                                    .unwrap();
+                            bytes::Bytes::from(answer.to_string())
+                        }
+                    };
                     let result = CallResult {
                         call_id: req.call_id,
                         seq: 0,
-                        data: answer.clone(),
+                        data,
                         last: true,
                         status: 1,
                     };
@@ -190,12 +212,7 @@ fn print_row(name: &str, concurrency: usize, run: &Run, baseline: Option<&Run>) 
 }
 
 async fn agent_session(dirs: &TestDirs, extra: &str) -> (FakeCloud, TestAgent, CloudSession) {
-    let cloud = FakeCloud::start(FakeCloudOptions {
-        max_chunk_size: 1 << 20,
-        heartbeat_interval_ms: 5000,
-        ..FakeCloudOptions::default()
-    })
-    .await;
+    let cloud = FakeCloud::start(cloud_options()).await;
     let token = dirs.root.path().join("token");
     write_private(&token, &FakeCloudOptions::default().token);
     let config = format!(
@@ -213,6 +230,32 @@ async fn agent_session(dirs: &TestDirs, extra: &str) -> (FakeCloud, TestAgent, C
     (cloud, agent, s)
 }
 
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+fn cloud_options() -> FakeCloudOptions {
+    FakeCloudOptions {
+        max_chunk_size: 1 << 20,
+        heartbeat_interval_ms: 5000,
+        ..FakeCloudOptions::default()
+    }
+}
+
+/// A bare client answering with `reply`, measured at concurrency 1 (unless `c64-only`) and 64.
+async fn measure_bare(reply: Reply, calls: usize) -> (Option<Run>, Run) {
+    let cloud = FakeCloud::start(cloud_options()).await;
+    bare_responder(&cloud, reply).await;
+    let mut s = cloud.next_session(Duration::from_secs(30)).await;
+    drive(&mut s, "x", 200, 8).await;
+    let c1 = if flag("c64-only") {
+        None
+    } else {
+        Some(drive(&mut s, "x", calls / 5, 1).await)
+    };
+    (c1, drive(&mut s, "x", calls, 64).await)
+}
+
 fn main() {
     let calls: usize = std::env::args()
         .skip(1)
@@ -223,89 +266,110 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(async {
-        println!("{calls} calls per run at c=64, {} at c=1; 2 runtime threads", calls / 5);
+    // The bench runs as a task on the runtime's two workers, like the agent and the fake cloud:
+    // driven from `block_on` instead, it was a third thread on two cores, parked and woken by
+    // a futex for every batch of results (a third of all futex calls of an agent run).
+    runtime.block_on(async { tokio::spawn(run(calls)).await.unwrap() });
+}
+
+/// Options (any order, after `--`): a number of calls; `throughput-only` skips the relay,
+/// `in-process-only` the worker runs, `baseline-only` everything after the baselines,
+/// `agent-only` the baselines, `c64-only` the runs at concurrency 1 (the last three for
+/// profiling).
+async fn run(calls: usize) {
+    println!(
+        "{calls} calls per run at c=64, {} at c=1; 2 runtime threads",
+        calls / 5
+    );
+    let (base1, base64) = if flag("agent-only") {
+        (None, None)
+    } else {
         // The connector's answer, for the baseline to send the same bytes.
         let answer = bytes::Bytes::from(
             json!({"response": {"valid": true, "unique_tenant_id": "0123456789abcdef"}, "page": null, "raw_data": null})
                 .to_string(),
         );
-
-        // Baseline.
-        let cloud = FakeCloud::start(FakeCloudOptions {
-            max_chunk_size: 1 << 20,
-            heartbeat_interval_ms: 5000,
-            ..FakeCloudOptions::default()
-        })
-        .await;
-        bare_responder(&cloud, answer).await;
-        let mut s = cloud.next_session(Duration::from_secs(30)).await;
-        drive(&mut s, "x", 200, 8).await;
-        let base1 = drive(&mut s, "x", calls / 5, 1).await;
-        let base64 = drive(&mut s, "x", calls, 64).await;
-        print_row("bare tonic responder", 1, &base1, None);
+        let (base1, base64) = measure_bare(Reply::Canned(answer), calls).await;
+        if let Some(base1) = &base1 {
+            print_row("bare tonic responder", 1, base1, None);
+        }
         print_row("bare tonic responder", 64, &base64, None);
-        if std::env::args().any(|a| a == "baseline-only") {
-            return;
-        }
+        let (_, reference) = measure_bare(Reply::Connector, calls).await;
+        print_row("responder + connector", 64, &reference, Some(&base64));
+        (base1, Some(base64))
+    };
+    if flag("baseline-only") {
+        return;
+    }
 
-        for (name, extra) in [
-            (
-                "agent, in-process",
-                "[connectors.lumos_example_cdylib]\nin_process = true",
-            ),
-            ("agent, worker", ""),
-        ] {
-            // `in-process-only` (for profiling): skip the worker runs.
-            if extra.is_empty() && std::env::args().any(|a| a == "in-process-only") {
-                continue;
-            }
-            let dirs = TestDirs::new();
-            install_plugin(
-                &dirs.plugins(),
-                &native_lib("liblumos_example_cdylib.so"),
-                "liblumos_example_cdylib.so",
-            );
-            let (_cloud, agent, mut s) = agent_session(&dirs, extra).await;
-            drive(&mut s, "lumos_example_cdylib", 200, 8).await;
-            let r1 = drive(&mut s, "lumos_example_cdylib", calls / 5, 1).await;
-            let r64 = drive(&mut s, "lumos_example_cdylib", calls, 64).await;
-            print_row(name, 1, &r1, Some(&base1));
-            print_row(name, 64, &r64, Some(&base64));
-            agent.shutdown().await;
+    for (name, extra) in [
+        (
+            "agent, in-process",
+            "[connectors.lumos_example_cdylib]\nin_process = true",
+        ),
+        ("agent, worker", ""),
+    ] {
+        if extra.is_empty() && flag("in-process-only") {
+            continue;
         }
-
-        // `throughput-only` (for profiling the call path): skip the relay.
-        if std::env::args().any(|a| a == "throughput-only") {
-            return;
-        }
-        // 100 MB relayed: peak RSS growth of this process.
         let dirs = TestDirs::new();
-        install_plugin(&dirs.plugins(), &test_connector(), "tester");
-        let (_cloud, agent, mut s) = agent_session(&dirs, "").await;
-        s.discard_data(true);
-        // Warm up the path (spool, chunking) with a small large result.
-        s.call("warm", "tester", "big", "", &json!({"request": {"bytes": 4 << 20}}));
-        s.result("warm", Duration::from_secs(120)).await.unwrap();
-        s.ack("warm");
-        // Reset the peak to the current RSS (Linux: clear_refs 5), then relay 100 MB.
-        std::fs::write("/proc/self/clear_refs", "5").unwrap();
-        let before = proc_status_kb("VmRSS");
-        let started = Instant::now();
-        s.call("huge", "tester", "big", "", &json!({"request": {"bytes": 100 << 20}}));
-        let result = s.result("huge", Duration::from_secs(600)).await.unwrap();
-        let elapsed = started.elapsed();
-        s.ack("huge");
-        let peak = proc_status_kb("VmHWM");
-        assert!(result.len > 100 << 20, "{}", result.len);
-        println!(
-            "100 MB result relayed in {:.2} s ({} chunks): RSS before {} MB, peak {} MB, growth {:.1} MB (target ≤ 32 MB)",
-            elapsed.as_secs_f64(),
-            result.chunks,
-            before / 1024,
-            peak / 1024,
-            (peak.saturating_sub(before)) as f64 / 1024.0
+        install_plugin(
+            &dirs.plugins(),
+            &native_lib("liblumos_example_cdylib.so"),
+            "liblumos_example_cdylib.so",
         );
+        let (_cloud, agent, mut s) = agent_session(&dirs, extra).await;
+        drive(&mut s, "lumos_example_cdylib", 200, 8).await;
+        if !flag("c64-only") {
+            let r1 = drive(&mut s, "lumos_example_cdylib", calls / 5, 1).await;
+            print_row(name, 1, &r1, base1.as_ref());
+        }
+        let r64 = drive(&mut s, "lumos_example_cdylib", calls, 64).await;
+        print_row(name, 64, &r64, base64.as_ref());
         agent.shutdown().await;
-    });
+    }
+
+    if flag("throughput-only") {
+        return;
+    }
+    // 100 MB relayed: peak RSS growth of this process.
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let (_cloud, agent, mut s) = agent_session(&dirs, "").await;
+    s.discard_data(true);
+    // Warm up the path (spool, chunking) with a small large result.
+    s.call(
+        "warm",
+        "tester",
+        "big",
+        "",
+        &json!({"request": {"bytes": 4 << 20}}),
+    );
+    s.result("warm", Duration::from_secs(120)).await.unwrap();
+    s.ack("warm");
+    // Reset the peak to the current RSS (Linux: clear_refs 5), then relay 100 MB.
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let before = proc_status_kb("VmRSS");
+    let started = Instant::now();
+    s.call(
+        "huge",
+        "tester",
+        "big",
+        "",
+        &json!({"request": {"bytes": 100 << 20}}),
+    );
+    let result = s.result("huge", Duration::from_secs(600)).await.unwrap();
+    let elapsed = started.elapsed();
+    s.ack("huge");
+    let peak = proc_status_kb("VmHWM");
+    assert!(result.len > 100 << 20, "{}", result.len);
+    println!(
+        "100 MB result relayed in {:.2} s ({} chunks): RSS before {} MB, peak {} MB, growth {:.1} MB (target ≤ 32 MB)",
+        elapsed.as_secs_f64(),
+        result.chunks,
+        before / 1024,
+        peak / 1024,
+        (peak.saturating_sub(before)) as f64 / 1024.0
+    );
+    agent.shutdown().await;
 }
