@@ -397,6 +397,67 @@ async fn an_in_process_panic_poisons_the_connector_not_the_agent() {
     agent.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_connector_logging_its_secrets_does_not_leak_them_into_the_log() {
+    captured_logs();
+    for (mode, config, stderr) in [
+        ("worker", "", true),
+        // An in-process plugin's stderr is the agent's own; its log callbacks are covered.
+        (
+            "in-process",
+            "[connectors.misbehave]\nin_process = true\n",
+            false,
+        ),
+    ] {
+        let dirs = TestDirs::new();
+        copy_in(
+            &dirs,
+            &native_lib("liblumos_test_cdylib.so"),
+            "libmisbehave.so",
+        );
+        let agent = TestAgent::start(&dirs, config).await;
+        let canary = format!("CANARY-NATIVE-{}-{mode}", std::process::id());
+        agent.put_tenant("t", json!({"app_id": "misbehave", "credentials": [{"id": "oauth", "oauth": {"access_token": canary}}]})).await;
+        // A secret the caller hands over in the call itself, too.
+        let caller_secret = format!("{canary}-from-the-caller");
+        for body in [
+            json!({"tenant_id": "t", "request": {"stderr": stderr}}),
+            json!({"request": {"stderr": stderr}, "auth": {"oauth": {"access_token": caller_secret}}}),
+        ] {
+            let (status, answer) = agent.call("misbehave", "leak", body).await;
+            assert_eq!(status, StatusCode::OK, "{mode}: {answer}");
+        }
+        let logged = |needle: &'static str| {
+            move || {
+                let logs = captured_logs();
+                logs.lines()
+                    .filter(|l| l.contains(needle) && l.contains("[redacted]"))
+                    .count()
+                    >= 2
+            }
+        };
+        eventually(
+            Duration::from_secs(10),
+            "the plugin's log lines, redacted",
+            logged("plugin: leak: my auth is"),
+        )
+        .await;
+        if stderr {
+            eventually(
+                Duration::from_secs(10),
+                "the worker's stderr lines, redacted",
+                logged("worker stderr: leak: my auth is"),
+            )
+            .await;
+        }
+        assert!(
+            !captured_logs().contains(&canary),
+            "{mode}: a secret reached the log"
+        );
+        agent.shutdown().await;
+    }
+}
+
 /// Worker processes of this test process hosting a library under `dir`.
 fn workers_for(dir: &Path) -> Vec<i32> {
     let needle = dir.to_string_lossy().into_owned();

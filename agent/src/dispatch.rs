@@ -23,6 +23,7 @@ use crate::oauth::managed::{PreparedCredentials, SecretValue};
 use crate::oauth::{TokenError, Tokens};
 use crate::output::ResultBody;
 use crate::plugins::{info::is_capability_name, PluginRegistry, Runner};
+use crate::redact::Secrets;
 use crate::tenants::{SecretJson, TenantStore};
 
 /// What a caller sends with a call: any of the Lumos envelope's parts. Settings overlay the
@@ -776,7 +777,7 @@ fn classify_output(
     let status = exec::describe_status(&output.status);
     if !output.status.success() {
         // A connector may print its input on stderr; its secrets must not reach the log.
-        let tail = redact_secrets(output.stderr_tail.trim(), envelope);
+        let tail = Secrets::of_envelope(envelope).redact(output.stderr_tail.trim());
         let tail = tail.as_str();
         tracing::warn!(
             app_id,
@@ -787,7 +788,7 @@ fn classify_output(
         tracing::debug!(
             app_id,
             "connector stderr tail: {}",
-            redact_secrets(output.stderr_tail.trim(), envelope)
+            Secrets::of_envelope(envelope).redact(output.stderr_tail.trim())
         );
     }
     let stdout = output.stdout;
@@ -822,48 +823,6 @@ fn classify_output(
             stdout.len()
         ),
     ))
-}
-
-/// `text` with every secret of the call's envelope (each string in its `auth` and `credentials`)
-/// replaced by `[redacted]`.
-fn redact_secrets(text: &str, envelope: &[u8]) -> String {
-    fn collect(value: &Value, out: &mut Vec<Zeroizing<String>>) {
-        match value {
-            // Short strings ("oauth", "Bearer") are labels, not secrets, and would redact noise.
-            Value::String(s) if s.len() >= 6 => out.push(Zeroizing::new(s.clone())),
-            Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
-            Value::Object(map) => map.values().for_each(|v| collect(v, out)),
-            _ => {}
-        }
-    }
-    let mut secrets = Vec::new();
-    // The parsed copy cannot be zeroized (serde_json::Value); it lives only for this call, on
-    // the rare path where a connector wrote to stderr.
-    if let Ok(doc) = serde_json::from_slice::<Value>(envelope) {
-        for key in ["auth", "credentials"] {
-            if let Some(part) = doc.get(key) {
-                collect(part, &mut secrets);
-            }
-        }
-        // A refresh through the connector (`refresh_access_token`) carries its secrets in the
-        // request.
-        if let Some(request) = doc.get("request") {
-            for key in ["refresh_token", "client_secret", "access_token", "password"] {
-                if let Some(value) = request.get(key) {
-                    collect(value, &mut secrets);
-                }
-            }
-        }
-    }
-    // Longest first, so a secret that contains another is replaced whole.
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut out = text.to_string();
-    for secret in &secrets {
-        if out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), "[redacted]");
-        }
-    }
-    out
 }
 
 /// The last non-empty line after other text, if it is a JSON object, as a slice of `stdout`
@@ -926,30 +885,6 @@ mod tests {
         assert_eq!(
             &classify(out("{\"is_error\":true}", 2)).unwrap()[..],
             b"{\"is_error\":true}"
-        );
-    }
-
-    #[test]
-    fn secrets_of_the_envelope_are_redacted() {
-        let envelope = br#"{"request":{},"settings":{"region":"eu-west"},"auth":{"oauth":{"access_token":"CANARY-TOKEN-1","refresh_token":"CANARY-REFRESH-2"}},"credentials":[{"id":"x","basic":{"password":"hunter2-CANARY"}}]}"#;
-        let text = "got token CANARY-TOKEN-1 and CANARY-REFRESH-2 and hunter2-CANARY in eu-west";
-        let redacted = redact_secrets(text, envelope);
-        assert_eq!(
-            redacted,
-            "got token [redacted] and [redacted] and [redacted] in eu-west"
-        );
-        assert_eq!(
-            redact_secrets("no secrets here", b"not json"),
-            "no secrets here"
-        );
-        // A refresh through the connector carries its secrets in the request.
-        let refresh = br#"{"request":{"credential_id":"oauth-main","client_id":"client-42","client_secret":"CANARY-CLIENT-SECRET","refresh_token":"CANARY-RT-3"},"settings":{}}"#;
-        assert_eq!(
-            redact_secrets(
-                "refreshing oauth-main for client-42 with CANARY-RT-3 / CANARY-CLIENT-SECRET",
-                refresh
-            ),
-            "refreshing oauth-main for client-42 with [redacted] / [redacted]"
         );
     }
 

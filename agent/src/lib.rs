@@ -22,6 +22,7 @@ pub mod oauth;
 pub mod output;
 pub mod platform;
 pub mod plugins;
+pub mod redact;
 pub mod service;
 pub mod state;
 pub mod telemetry;

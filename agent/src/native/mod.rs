@@ -34,6 +34,7 @@ use crate::error::{CallError, ErrorCode};
 use crate::exec::ProcessEnv;
 use crate::platform::ProcessGroup;
 use crate::plugins::info::{self, ConnectorInfo};
+use crate::redact::RecentSecrets;
 
 /// Longest backoff between worker restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -116,13 +117,40 @@ impl Pending {
     }
 }
 
-fn log_from_plugin(app_id: &str, level: u32, message: &[u8]) {
-    let message = String::from_utf8_lossy(message);
-    match level {
-        log_level::ERROR => tracing::error!(app_id, "plugin: {message}"),
-        log_level::WARN => tracing::warn!(app_id, "plugin: {message}"),
-        log_level::INFO => tracing::info!(app_id, "plugin: {message}"),
-        _ => tracing::debug!(app_id, "plugin: {message}"),
+/// Where a native connector's own words go (its log callbacks, its worker's stderr): the
+/// agent's log, under its app_id, without the secrets of its recent calls. A plugin is not
+/// trusted to keep the tokens it is handed out of what it writes.
+#[derive(Debug, Clone)]
+struct PluginLog {
+    app_id: String,
+    secrets: Arc<RecentSecrets>,
+}
+
+impl PluginLog {
+    fn new(app_id: String) -> Self {
+        Self {
+            app_id,
+            secrets: Arc::default(),
+        }
+    }
+
+    /// A line from the host's log callback.
+    fn callback(&self, level: u32, message: &[u8]) {
+        let app_id = self.app_id.as_str();
+        let message = self.secrets.redact(&String::from_utf8_lossy(message));
+        match level {
+            log_level::ERROR => tracing::error!(app_id, "plugin: {message}"),
+            log_level::WARN => tracing::warn!(app_id, "plugin: {message}"),
+            log_level::INFO => tracing::info!(app_id, "plugin: {message}"),
+            _ => tracing::debug!(app_id, "plugin: {message}"),
+        }
+    }
+
+    /// A line the worker wrote on stderr.
+    fn stderr(&self, line: &str) {
+        let line: String = line.chars().take(2000).collect();
+        let line = self.secrets.redact(&line);
+        tracing::debug!(app_id = %self.app_id, "worker stderr: {line}");
     }
 }
 
@@ -213,7 +241,7 @@ struct Worker {
 impl Worker {
     /// Spawns a worker for `library` and waits for its HELLO.
     async fn start(
-        app_hint: &str,
+        log: &PluginLog,
         library: &Path,
         settings: &WorkerSettings,
     ) -> Result<(Arc<Self>, Description), String> {
@@ -288,12 +316,11 @@ impl Worker {
             dead: CancellationToken::new(),
             group: group.clone(),
         });
-        let app_id = app_hint.to_string();
-        tokio::spawn(forward_stderr(app_id.clone(), stderr));
+        tokio::spawn(forward_stderr(log.clone(), stderr));
         // The reader holds what it needs, not the Worker: dropping the Worker (the connector
         // was replaced or removed) must kill the process and close its stdin.
         tokio::spawn(read_replies(
-            app_id,
+            log.clone(),
             worker.pending.clone(),
             worker.dead.clone(),
             child,
@@ -352,11 +379,10 @@ fn parse_hello(payload: &[u8]) -> Result<Description, String> {
     })
 }
 
-async fn forward_stderr(app_id: String, stderr: tokio::process::ChildStderr) {
+async fn forward_stderr(log: PluginLog, stderr: tokio::process::ChildStderr) {
     let mut lines = tokio::io::BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let line: String = line.chars().take(2000).collect();
-        tracing::debug!(app_id, "worker stderr: {line}");
+        log.stderr(&line);
     }
 }
 
@@ -383,7 +409,7 @@ async fn write_frames(
 }
 
 async fn read_replies(
-    app_id: String,
+    log: PluginLog,
     pending: Arc<Pending>,
     dead: CancellationToken,
     mut child: Child,
@@ -403,7 +429,7 @@ async fn read_replies(
                         },
                     ) {
                         tracing::debug!(
-                            app_id,
+                            app_id = %log.app_id,
                             call_id = id,
                             "completion for a call nobody waits for (timed out or cancelled)"
                         );
@@ -413,7 +439,7 @@ async fn read_replies(
             },
             Ok(Some(f)) if f.kind == frame::LOG => {
                 if let Some((level, message)) = frame::decode_log(&f.payload) {
-                    log_from_plugin(&app_id, level, message);
+                    log.callback(level, message);
                 }
             }
             Ok(Some(f)) => break format!("it sent unexpected frame kind {}", f.kind),
@@ -434,7 +460,7 @@ async fn read_replies(
     } else {
         format!("{why}; its worker {status}")
     };
-    tracing::warn!(app_id, "native connector worker stopped: {why}");
+    tracing::warn!(app_id = %log.app_id, "native connector worker stopped: {why}");
     pending.fail_all(&why);
 }
 
@@ -448,6 +474,8 @@ struct Backoff {
 /// A native connector served by worker processes.
 pub struct WorkerConnector {
     app_id: String,
+    /// Shared by its workers, one after another: a late line of an old worker is redacted too.
+    log: PluginLog,
     library: PathBuf,
     settings: WorkerSettings,
     current: tokio::sync::Mutex<Option<Arc<Worker>>>,
@@ -475,9 +503,14 @@ impl WorkerConnector {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let (worker, description) = Worker::start(&hint, library, &settings).await?;
+        let first = PluginLog::new(hint);
+        let (worker, description) = Worker::start(&first, library, &settings).await?;
         let connector = Self {
             app_id: description.id.clone(),
+            log: PluginLog {
+                app_id: description.id.clone(),
+                secrets: first.secrets,
+            },
             library: library.to_path_buf(),
             settings,
             current: tokio::sync::Mutex::new(Some(worker)),
@@ -519,7 +552,7 @@ impl WorkerConnector {
             return Err(err);
         }
         tokio::time::sleep(wait).await;
-        let (worker, _) = Worker::start(&self.app_id, &self.library, &self.settings)
+        let (worker, _) = Worker::start(&self.log, &self.library, &self.settings)
             .await
             .map_err(|why| {
                 CallError::new(
@@ -546,6 +579,7 @@ impl WorkerConnector {
         let started = Instant::now();
         let worker = self.worker(timeout).await?;
         let remaining = timeout.saturating_sub(started.elapsed());
+        self.log.secrets.remember(capability, input);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = worker.pending.register(id);
         if let Err(e) = worker.send(frame::encode_call(
@@ -581,7 +615,7 @@ impl WorkerConnector {
 
 /// Routes in-process completions to waiting calls.
 struct InProcessCallbacks {
-    app_id: String,
+    log: PluginLog,
     pending: Arc<Pending>,
 }
 
@@ -594,12 +628,12 @@ impl HostCallbacks for InProcessCallbacks {
                 output: output.to_vec(),
             },
         ) {
-            tracing::warn!(app_id = %self.app_id, call_id, "completion for a call nobody waits for (late, or completed twice); ignored");
+            tracing::warn!(app_id = %self.log.app_id, call_id, "completion for a call nobody waits for (late, or completed twice); ignored");
         }
     }
 
     fn log(&self, level: u32, message: &[u8]) {
-        log_from_plugin(&self.app_id, level, message);
+        self.log.callback(level, message);
     }
 }
 
@@ -607,6 +641,8 @@ impl HostCallbacks for InProcessCallbacks {
 #[derive(Debug)]
 pub struct InProcessConnector {
     app_id: String,
+    /// The secrets of its recent calls, which its log callbacks are redacted with.
+    secrets: Arc<RecentSecrets>,
     instance: Instance,
     pending: Arc<Pending>,
     next_id: AtomicU64,
@@ -626,8 +662,10 @@ impl InProcessConnector {
     pub fn load(library: &Path) -> Result<(Self, Description), String> {
         let lib = Library::load(library).map_err(|e| e.to_string())?;
         let pending = Arc::new(Pending::default());
+        let log = PluginLog::new(lib.id());
+        let secrets = log.secrets.clone();
         let callbacks = Arc::new(InProcessCallbacks {
-            app_id: lib.id(),
+            log,
             pending: pending.clone(),
         });
         let instance = lib.start(callbacks).map_err(|e| e.to_string())?;
@@ -638,6 +676,7 @@ impl InProcessConnector {
         let description = parse_hello(hello.to_string().as_bytes())?;
         let connector = Self {
             app_id: description.id.clone(),
+            secrets,
             instance,
             pending,
             next_id: AtomicU64::new(1),
@@ -660,6 +699,7 @@ impl InProcessConnector {
                 format!("{} panicked earlier and is poisoned; replace the plugin file or restart the agent", self.app_id),
             ));
         }
+        self.secrets.remember(capability, input);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = self.pending.register(id);
         if !self

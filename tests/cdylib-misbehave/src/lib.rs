@@ -6,6 +6,8 @@
 //! - `abort`: aborts the process.
 //! - `hang`: never answers unless cancelled; `hanging` answers how many calls hang now;
 //!   `cancelled` how many cancels arrived.
+//! - `leak`: logs its `auth` and `credentials` (secrets included) through the host's log
+//!   callback, and on stderr too when `request.stderr` is true; then answers.
 // deny, not forbid: `export_connector!` generates the entry symbol.
 #![deny(unsafe_code)]
 
@@ -15,22 +17,27 @@ use std::sync::Mutex;
 use lumos_connector_abi::sdk::{CallRequest, Completion, Connector, Host};
 
 /// Holds hanging calls until they are cancelled.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Misbehave {
+    host: Host,
     hanging: Mutex<HashMap<u64, Completion>>,
     cancels: Mutex<u64>,
 }
 
 impl Connector for Misbehave {
-    fn new(_host: Host) -> Self {
-        Self::default()
+    fn new(host: Host) -> Self {
+        Self {
+            host,
+            hanging: Mutex::default(),
+            cancels: Mutex::default(),
+        }
     }
 
     fn info(&self) -> String {
         serde_json::json!({
             "app_id": "misbehave",
             "version": "1.0.0",
-            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "hanging", "cancelled"],
+            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "hanging", "cancelled", "leak"],
         })
         .to_string()
     }
@@ -43,6 +50,20 @@ impl Connector for Misbehave {
                 done.ok(serde_json::json!({"response": input})
                     .to_string()
                     .as_bytes());
+            }
+            "leak" => {
+                let input: serde_json::Value =
+                    serde_json::from_slice(&call.input).unwrap_or_default();
+                let line = format!(
+                    "leak: my auth is {} and my credentials are {}",
+                    input["auth"], input["credentials"]
+                );
+                self.host
+                    .log(lumos_connector_abi::ffi::log_level::INFO, &line);
+                if input["request"]["stderr"] == true {
+                    eprintln!("{line}");
+                }
+                done.ok(br#"{"response": {"leaked": true}}"#);
             }
             "panic" => panic!("misbehave: asked to panic"),
             "panic_in_thread" => {

@@ -1,0 +1,325 @@
+//! Keeping a call's secrets out of the agent's log.
+//!
+//! The secrets of a call are the strings of its envelope's `auth` and `credentials`, and the
+//! secret fields of a refresh request the agent sends through a connector. They are redacted
+//! from whatever a connector writes that the agent logs: an executable's stderr (one call, so
+//! that call's [`Secrets`]), and a native connector's log callbacks and worker stderr, which
+//! belong to no one call (so the [`RecentSecrets`] of the connector's recent calls).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+/// How many distinct secret-bearing envelope parts a connector's [`RecentSecrets`] keeps: well
+/// above the calls one connector runs at once, so a secret of a call in flight is never
+/// forgotten.
+const REMEMBERED: usize = 1024;
+
+/// Strings shorter than this are labels ("oauth", "Bearer"), not secrets; redacting them would
+/// only garble the log.
+const MIN_SECRET_LEN: usize = 6;
+
+/// The parts of an envelope that hold secrets; everything else is skipped unparsed.
+#[derive(Deserialize)]
+struct SecretParts<'a> {
+    #[serde(borrow, default)]
+    auth: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    credentials: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    request: Option<&'a RawValue>,
+}
+
+/// The secret fields of a `refresh_access_token` request (the agent's own refresh through a
+/// connector carries them in `request`).
+#[derive(Deserialize)]
+struct RequestSecrets {
+    #[serde(default)]
+    refresh_token: Option<Value>,
+    #[serde(default)]
+    client_secret: Option<Value>,
+    #[serde(default)]
+    access_token: Option<Value>,
+    #[serde(default)]
+    password: Option<Value>,
+}
+
+/// The secrets of one call's envelope. Zeroized when dropped.
+#[derive(Default)]
+pub struct Secrets(Vec<Zeroizing<String>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets({} redacted)", self.0.len())
+    }
+}
+
+impl Secrets {
+    /// The secrets in `envelope` (a Lumos envelope as JSON); none if it is not one.
+    pub fn of_envelope(envelope: &[u8]) -> Self {
+        let mut out = Vec::new();
+        if let Ok(parts) = serde_json::from_slice::<SecretParts<'_>>(envelope) {
+            for part in [parts.auth, parts.credentials].into_iter().flatten() {
+                secrets_in(part.get(), Part::Credentials, &mut out);
+            }
+            if let Some(request) = parts.request {
+                secrets_in(request.get(), Part::Request, &mut out);
+            }
+        }
+        Self(out)
+    }
+
+    /// `text` with every one of these secrets replaced by `[redacted]`.
+    pub fn redact(&self, text: &str) -> String {
+        redact_all(text, self.0.iter().map(|s| s.as_str()))
+    }
+}
+
+/// Which part of an envelope a piece of JSON is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// `auth` or `credentials`: every string in it is a secret.
+    Credentials,
+    /// `request`: only the fields of a refresh request are.
+    Request,
+}
+
+/// Appends the secrets in `json`, one part of an envelope.
+fn secrets_in(json: &str, part: Part, out: &mut Vec<Zeroizing<String>>) {
+    fn collect(value: &Value, out: &mut Vec<Zeroizing<String>>) {
+        match value {
+            Value::String(s) if s.len() >= MIN_SECRET_LEN => out.push(Zeroizing::new(s.clone())),
+            Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
+            Value::Object(map) => map.values().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    // The parsed copies cannot be zeroized (serde_json::Value); they live only for this
+    // function.
+    match part {
+        Part::Credentials => {
+            if let Ok(value) = serde_json::from_str::<Value>(json) {
+                collect(&value, out);
+            }
+        }
+        Part::Request => {
+            if let Ok(request) = serde_json::from_str::<RequestSecrets>(json) {
+                for value in [
+                    request.refresh_token,
+                    request.client_secret,
+                    request.access_token,
+                    request.password,
+                ]
+                .iter()
+                .flatten()
+                {
+                    collect(value, out);
+                }
+            }
+        }
+    }
+}
+
+/// `text` with each of `secrets` replaced by `[redacted]`, longest first (a secret containing
+/// another is replaced whole).
+fn redact_all<'a>(text: &str, secrets: impl Iterator<Item = &'a str>) -> String {
+    let mut secrets: Vec<&str> = secrets.filter(|s| text.contains(s)).collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_string();
+    for secret in secrets {
+        out = out.replace(secret, "[redacted]");
+    }
+    out
+}
+
+/// One remembered part of an envelope, as its JSON text; compared and hashed by that text.
+#[derive(Clone)]
+struct Remembered {
+    json: Arc<Zeroizing<String>>,
+    part: Part,
+}
+
+impl PartialEq for Remembered {
+    fn eq(&self, other: &Self) -> bool {
+        self.json.as_str() == other.json.as_str()
+    }
+}
+
+impl Eq for Remembered {}
+
+impl std::hash::Hash for Remembered {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.json.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Remembered {
+    fn borrow(&self) -> &str {
+        self.json.as_str()
+    }
+}
+
+#[derive(Default)]
+struct Recent {
+    known: HashSet<Remembered>,
+    /// Oldest first, to forget the oldest when full.
+    order: VecDeque<Remembered>,
+}
+
+/// The secrets of a connector's recent calls, to redact from what it writes outside any one
+/// call's answer (a native plugin's log callbacks, its worker's stderr). Bounded: the oldest
+/// are forgotten (and zeroized) first.
+///
+/// Each call costs a scan of its envelope and a set lookup: the secret-bearing parts are kept
+/// as JSON text and parsed only when there is something to redact, which is rare, while calls
+/// are not (and mostly repeat the same tenants' parts).
+#[derive(Default)]
+pub struct RecentSecrets {
+    recent: Mutex<Recent>,
+}
+
+impl std::fmt::Debug for RecentSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecentSecrets")
+    }
+}
+
+impl RecentSecrets {
+    /// Remembers the secrets of a call of `capability` about to run with `envelope`. Only a
+    /// refresh through the connector (`refresh_access_token`) has secrets in its request.
+    pub fn remember(&self, capability: &str, envelope: &[u8]) {
+        let Ok(parts) = serde_json::from_slice::<SecretParts<'_>>(envelope) else {
+            return;
+        };
+        let request = parts
+            .request
+            .filter(|_| capability == "refresh_access_token");
+        let found = [
+            (parts.auth, Part::Credentials),
+            (parts.credentials, Part::Credentials),
+            (request, Part::Request),
+        ];
+        let mut recent = self.lock();
+        for (json, part) in found {
+            let Some(json) = json.map(RawValue::get) else {
+                continue;
+            };
+            // `null`, `{}`, `[]`: nothing in it.
+            if json.len() < MIN_SECRET_LEN || recent.known.contains(json) {
+                continue;
+            }
+            if recent.order.len() >= REMEMBERED {
+                if let Some(oldest) = recent.order.pop_front() {
+                    recent.known.remove(&oldest);
+                }
+            }
+            let remembered = Remembered {
+                json: Arc::new(Zeroizing::new(json.to_owned())),
+                part,
+            };
+            recent.known.insert(remembered.clone());
+            recent.order.push_back(remembered);
+        }
+    }
+
+    /// `text` with every remembered secret replaced by `[redacted]`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut secrets = Vec::new();
+        for remembered in &self.lock().order {
+            secrets_in(&remembered.json, remembered.part, &mut secrets);
+        }
+        redact_all(text, secrets.iter().map(|s| s.as_str()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
+        // A panic while holding this lock leaves a consistent set (each step is one insert or
+        // remove): keep using it rather than stop redacting.
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_secrets_of_auth_credentials_and_a_refresh_request_are_redacted() {
+        let envelope = br#"{"request":{"refresh_token":"RT-canary-1","client_secret":"CS-canary-4","count":3,"note":"visible-text"},
+            "settings":{"domain":"example.test"},
+            "auth":{"oauth":{"access_token":"AT-canary-2"}},
+            "credentials":[{"id":"c1","basic":{"username":"admin","password":"PW-canary-3"}}]}"#;
+        let text = "got AT-canary-2, RT-canary-1, CS-canary-4 and PW-canary-3 for admin at example.test: visible-text";
+        assert_eq!(
+            Secrets::of_envelope(envelope).redact(text),
+            "got [redacted], [redacted], [redacted] and [redacted] for admin at example.test: visible-text"
+        );
+    }
+
+    #[test]
+    fn text_without_secrets_and_envelopes_that_are_not_json_are_left_alone() {
+        assert_eq!(
+            Secrets::of_envelope(b"not json").redact("no secrets here"),
+            "no secrets here"
+        );
+        let envelope = br#"{"auth":{"oauth":{"access_token":"abcdef"}}}"#;
+        assert_eq!(
+            Secrets::of_envelope(envelope).redact("nothing to hide"),
+            "nothing to hide"
+        );
+    }
+
+    #[test]
+    fn a_secret_containing_another_is_replaced_whole() {
+        let envelope = br#"{"auth":{"a":"secret-1","b":"secret-12345"}}"#;
+        assert_eq!(
+            Secrets::of_envelope(envelope).redact("x secret-12345 y secret-1 z"),
+            "x [redacted] y [redacted] z"
+        );
+    }
+
+    #[test]
+    fn recent_secrets_cover_earlier_calls_and_forget_the_oldest_when_full() {
+        let recent = RecentSecrets::default();
+        let envelope = |token: &str| {
+            format!(r#"{{"auth":{{"oauth":{{"access_token":"{token}"}}}}}}"#).into_bytes()
+        };
+        recent.remember("validate_credentials", &envelope("first-token"));
+        recent.remember("validate_credentials", &envelope("second-token"));
+        recent.remember("validate_credentials", &envelope("first-token"));
+        assert_eq!(
+            recent.redact("plugin said first-token then second-token"),
+            "plugin said [redacted] then [redacted]"
+        );
+        // A refresh through the connector: its request's secret fields, not its other strings;
+        // another capability's request is not a secret.
+        recent.remember(
+            "refresh_access_token",
+            br#"{"request":{"credential_id":"oauth-main","refresh_token":"refresh-canary"}}"#,
+        );
+        recent.remember(
+            "list_accounts",
+            br#"{"request":{"filter":"visible-filter","password":"not-a-tenant-secret"}}"#,
+        );
+        assert_eq!(
+            recent.redact("oauth-main refresh-canary visible-filter not-a-tenant-secret"),
+            "oauth-main [redacted] visible-filter not-a-tenant-secret"
+        );
+        for i in 0..REMEMBERED {
+            recent.remember(
+                "validate_credentials",
+                &envelope(&format!("later-token-{i}")),
+            );
+        }
+        assert_eq!(
+            recent.redact("first-token later-token-0 later-token-1023"),
+            "first-token [redacted] [redacted]",
+            "the oldest secret is forgotten once {REMEMBERED} newer ones are remembered"
+        );
+    }
+}
