@@ -148,8 +148,8 @@ impl PluginLog {
 
     /// A line the worker wrote on stderr.
     fn stderr(&self, line: &str) {
-        let line: String = line.chars().take(2000).collect();
-        let line = self.secrets.redact(&line);
+        // Redacted before it is cut short: a secret across the cut would leave a piece behind.
+        let line: String = self.secrets.redact(line).chars().take(2000).collect();
         tracing::debug!(app_id = %self.app_id, "worker stderr: {line}");
     }
 }

@@ -922,6 +922,17 @@ mod tests {
         (script, issued)
     }
 
+    /// A seed holding access token AT-0 (and refresh token RT-0) that expires `secs` from
+    /// when it is seeded.
+    fn held_for(secs: u64) -> impl FnOnce() -> Seed {
+        move || Seed {
+            access_token: Some(Zeroizing::new("AT-0".into())),
+            expires_at: Some(SystemTime::now() + Duration::from_secs(secs)),
+            refresh_token: Some(Zeroizing::new("RT-0".into())),
+            ..Seed::default()
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rejected_tokens_refresh_once_and_a_caller_behind_gets_the_newer_token() {
         let (script, issued) = rotating_server(Duration::from_millis(30));
@@ -929,13 +940,7 @@ mod tests {
         let (persist, persisted) = recorder();
         let broker = Arc::new(broker(persist, fast()));
         // A token the broker thinks is good for an hour, which the app refuses.
-        let valid = || Seed {
-            access_token: Some(Zeroizing::new("AT-0".into())),
-            expires_at: Some(SystemTime::now() + Duration::from_secs(3600)),
-            refresh_token: Some(Zeroizing::new("RT-0".into())),
-            ..Seed::default()
-        };
-        let first = ask(&broker, "t", &url, GrantKind::RefreshToken, valid)
+        let first = ask(&broker, "t", &url, GrantKind::RefreshToken, held_for(3600))
             .await
             .unwrap();
         assert_eq!(first.token.as_str(), "AT-0");
@@ -975,13 +980,7 @@ mod tests {
                 ..fast()
             },
         );
-        let short = || Seed {
-            access_token: Some(Zeroizing::new("AT-0".into())),
-            expires_at: Some(SystemTime::now() + Duration::from_secs(1)),
-            refresh_token: Some(Zeroizing::new("RT-0".into())),
-            ..Seed::default()
-        };
-        let held = ask(&broker, "t", &url, GrantKind::RefreshToken, short)
+        let held = ask(&broker, "t", &url, GrantKind::RefreshToken, held_for(1))
             .await
             .unwrap();
         assert_eq!(held.token.as_str(), "AT-0");
