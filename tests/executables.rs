@@ -617,3 +617,40 @@ async fn a_connector_printing_its_secrets_on_stderr_does_not_leak_them_into_the_
     assert!(!logs.contains(&canary), "a secret reached the log");
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cut_of_a_logged_stderr_tail_leaves_no_piece_of_a_secret() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "careless");
+    // 40 bytes kept: the connector prints its token then 30 dashes, so the tail's cut falls
+    // 10 bytes before the token's end.
+    let agent = TestAgent::start(&dirs, &format!("{CONFIG}stderr_log_bytes = 40\n")).await;
+    let canary = format!("Qz{}xKwVbJqPmZrTyHgF", std::process::id());
+    agent.put_tenant("t", json!({"app_id": "careless", "credentials": [{"id": "oauth", "oauth": {"access_token": canary}}]})).await;
+    let (status, body) = agent
+        .call(
+            "careless",
+            "leak",
+            json!({"tenant_id": "t", "request": {"pad": 30}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let logs = captured_logs();
+    let tail_line = logs
+        .lines()
+        .find(|l| l.contains("stderr tail") && l.contains(&"-".repeat(30)))
+        .unwrap_or_else(|| panic!("the stderr tail is logged: {logs}"));
+    assert!(
+        tail_line.contains("[redacted]"),
+        "the token the cut splits is redacted whole: {tail_line}"
+    );
+    for piece in canary.as_bytes().windows(6) {
+        let piece = std::str::from_utf8(piece).unwrap();
+        assert!(
+            !logs.contains(piece),
+            "{piece:?}, a piece of the token, reached the log"
+        );
+    }
+    agent.shutdown().await;
+}

@@ -499,11 +499,17 @@ impl Dispatcher {
             )
         })?;
         let config = self.config.get();
+        let stderr_log = StderrLog {
+            secrets: Secrets::of_envelope(envelope),
+            keep: config.calls.stderr_log_bytes,
+        };
         let limits = ExecLimits {
             timeout,
             kill_grace: config.calls.kill_grace,
             max_output_bytes: config.calls.max_output_bytes,
-            stderr_keep: config.calls.stderr_log_bytes,
+            // A secret the capture's cut splits is caught whole in the margin, redacted, and
+            // only then cut (`StderrLog::render`).
+            stderr_keep: stderr_log.keep.saturating_add(stderr_log.secrets.longest()),
             spool_dir: self.scratch.path().to_path_buf(),
         };
         let args = [
@@ -515,12 +521,11 @@ impl Dispatcher {
         drop(input);
         let output = output.map_err(|e| exec_error(app_id, e))?;
         if output.stdout.in_memory() {
-            return classify_output(app_id, output, envelope);
+            return classify_output(app_id, output, &stderr_log);
         }
         // A large answer: the streaming JSON check reads it from disk, off the async threads.
         let app_id = app_id.to_string();
-        let envelope = Zeroizing::new(envelope.to_vec());
-        tokio::task::spawn_blocking(move || classify_output(&app_id, output, &envelope))
+        tokio::task::spawn_blocking(move || classify_output(&app_id, output, &stderr_log))
             .await
             .map_err(|e| CallError::new(ErrorCode::Internal, format!("output check failed: {e}")))?
     }
@@ -765,6 +770,22 @@ fn exec_error(app_id: &str, e: ExecError) -> CallError {
     }
 }
 
+/// How an executable's stderr tail reaches the log.
+struct StderrLog {
+    /// The call's secrets: a connector may print its input on stderr.
+    secrets: Secrets,
+    /// How much of the tail is logged (`calls.stderr_log_bytes`).
+    keep: usize,
+}
+
+impl StderrLog {
+    /// The captured tail, redacted, then cut to `keep` bytes, trimmed.
+    fn render(&self, captured: &str) -> String {
+        let tail = self.secrets.redact_tail(captured, self.keep);
+        tail.trim().to_string()
+    }
+}
+
 /// One JSON document on stdout is the answer, whatever the exit code (connector-py exits 0 on
 /// its own errors, and a non-zero exit with a valid document still carries the connector's
 /// words). Log lines before the document are tolerated; anything else is `bad_output`, or
@@ -772,24 +793,18 @@ fn exec_error(app_id: &str, e: ExecError) -> CallError {
 fn classify_output(
     app_id: &str,
     output: exec::ProcessOutput,
-    envelope: &[u8],
+    stderr_log: &StderrLog,
 ) -> Result<ResultBody, CallError> {
     let status = exec::describe_status(&output.status);
+    let tail = stderr_log.render(&output.stderr_tail);
     if !output.status.success() {
-        // A connector may print its input on stderr; its secrets must not reach the log.
-        let tail = Secrets::of_envelope(envelope).redact(output.stderr_tail.trim());
-        let tail = tail.as_str();
         tracing::warn!(
             app_id,
             "connector {status}; stderr tail: {}",
-            if tail.is_empty() { "(empty)" } else { tail }
+            if tail.is_empty() { "(empty)" } else { &tail }
         );
-    } else if !output.stderr_tail.trim().is_empty() {
-        tracing::debug!(
-            app_id,
-            "connector stderr tail: {}",
-            Secrets::of_envelope(envelope).redact(output.stderr_tail.trim())
-        );
+    } else if !tail.is_empty() {
+        tracing::debug!(app_id, "connector stderr tail: {tail}");
     }
     let stdout = output.stdout;
     let parse_error = match stdout.is_one_json_document() {
@@ -851,12 +866,16 @@ mod tests {
         exec::ProcessOutput {
             stdout: ResultBody::from(stdout.as_bytes().to_vec()),
             status: crate::platform::exit_status(code),
-            stderr_tail: String::new(),
+            stderr_tail: Default::default(),
         }
     }
 
     fn classify(output: exec::ProcessOutput) -> Result<Bytes, CallError> {
-        match classify_output("a", output, b"{}")? {
+        let stderr_log = StderrLog {
+            secrets: Secrets::default(),
+            keep: 64,
+        };
+        match classify_output("a", output, &stderr_log)? {
             ResultBody::Memory(bytes) => Ok(bytes),
             ResultBody::Spooled(_) => unreachable!("small outputs stay in memory"),
         }

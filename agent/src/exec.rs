@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 use crate::output::{ResultBody, Spool};
 use crate::platform::{self, DirBuilderExt, OpenOptionsExt, OsErrorKind, ProcessGroup};
@@ -97,8 +98,9 @@ pub struct ProcessOutput {
     pub stdout: ResultBody,
     /// How it ended.
     pub status: ExitStatus,
-    /// The last bytes of its stderr, lossily decoded.
-    pub stderr_tail: String,
+    /// The last bytes of its stderr, lossily decoded; zeroized, as a connector may print its
+    /// secrets there.
+    pub stderr_tail: Zeroizing<String>,
 }
 
 /// Why a process did not produce an output.
@@ -218,7 +220,7 @@ pub async fn run(
     };
     let stderr_tail = match tokio::time::timeout(DRAIN_AFTER_EXIT, stderr_task).await {
         Ok(Ok(tail)) => tail,
-        _ => String::new(),
+        _ => Zeroizing::default(),
     };
     Ok(ProcessOutput {
         stdout,
@@ -299,22 +301,26 @@ async fn read_capped(
 }
 
 /// Drains a stream, keeping only its last `keep` bytes.
-async fn read_tail(mut reader: impl AsyncRead + Unpin, keep: usize) -> String {
-    let mut tail: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 16 * 1024];
+async fn read_tail(mut reader: impl AsyncRead + Unpin, keep: usize) -> Zeroizing<String> {
+    const CHUNK: usize = 16 * 1024;
+    // Sized so it never reallocates: a reallocation would leave an unzeroized copy behind.
+    let mut tail = Zeroizing::new(Vec::with_capacity(
+        keep.saturating_mul(2).saturating_add(CHUNK),
+    ));
+    let mut chunk = Zeroizing::new(vec![0u8; CHUNK]);
     while let Ok(n) = reader.read(&mut chunk).await {
         if n == 0 {
             break;
         }
         tail.extend_from_slice(&chunk[..n]);
         if tail.len() > keep.saturating_mul(2) {
-            tail.drain(..tail.len() - keep);
+            let excess = tail.len() - keep;
+            tail.drain(..excess);
         }
     }
-    if tail.len() > keep {
-        tail.drain(..tail.len() - keep);
-    }
-    String::from_utf8_lossy(&tail).into_owned()
+    let excess = tail.len().saturating_sub(keep);
+    tail.drain(..excess);
+    Zeroizing::new(String::from_utf8_lossy(&tail).into_owned())
 }
 
 /// Whether a process is running. A zombie counts as dead: it runs nothing and holds nothing
@@ -448,7 +454,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"{\"ok\":1}\n");
-        assert_eq!(out.stderr_tail, "oops\n");
+        assert_eq!(out.stderr_tail.as_str(), "oops\n");
         assert_eq!(describe_status(&out.status), "exited with code 3");
     }
 

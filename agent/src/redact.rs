@@ -75,7 +75,18 @@ impl Secrets {
 
     /// `text` with every one of these secrets replaced by `[redacted]`.
     pub fn redact(&self, text: &str) -> String {
-        redact_all(text, self.0.iter().map(|s| s.as_str()))
+        self.redact_tail(text, usize::MAX)
+    }
+
+    /// The last `keep` bytes of `text`, redacted (see [`redact_tail`]).
+    pub fn redact_tail(&self, text: &str, keep: usize) -> String {
+        redact_tail(text, self.0.iter().map(|s| s.as_str()), keep)
+    }
+
+    /// The length of the longest secret: a tail captured with this much more than it keeps
+    /// holds the whole of any secret its cut would split.
+    pub fn longest(&self) -> usize {
+        self.0.iter().map(|s| s.len()).max().unwrap_or(0)
     }
 }
 
@@ -124,15 +135,41 @@ fn secrets_in(json: &str, part: Part, out: &mut Vec<Zeroizing<String>>) {
     }
 }
 
-/// `text` with each of `secrets` replaced by `[redacted]`, longest first (a secret containing
-/// another is replaced whole).
-fn redact_all<'a>(text: &str, secrets: impl Iterator<Item = &'a str>) -> String {
-    let mut secrets: Vec<&str> = secrets.filter(|s| text.contains(s)).collect();
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut out = text.to_string();
+/// The end of `text`, at most `keep` bytes of it plus the whole of a secret the cut would split,
+/// with each of `secrets` replaced by `[redacted]`. The secrets are found in all of `text`
+/// before it is cut, so a cut never leaves a piece of one behind; where two overlap (a secret
+/// containing another) the pair is replaced whole.
+fn redact_tail<'a>(text: &str, secrets: impl Iterator<Item = &'a str>, keep: usize) -> String {
+    let mut found: Vec<(usize, usize)> = Vec::new();
     for secret in secrets {
-        out = out.replace(secret, "[redacted]");
+        found.extend(text.match_indices(secret).map(|(at, s)| (at, at + s.len())));
     }
+    found.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(found.len());
+    for (start, end) in found {
+        match merged.last_mut() {
+            Some(last) if start < last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    let mut cut = text.len().saturating_sub(keep);
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    if let Some(&(start, _)) = merged
+        .iter()
+        .find(|(start, end)| *start < cut && cut < *end)
+    {
+        cut = start;
+    }
+    let mut out = String::with_capacity(text.len() - cut);
+    let mut at = cut;
+    for (start, end) in merged.into_iter().filter(|(_, end)| *end > cut) {
+        out.push_str(&text[at..start]);
+        out.push_str("[redacted]");
+        at = end;
+    }
+    out.push_str(&text[at..]);
     out
 }
 
@@ -232,7 +269,7 @@ impl RecentSecrets {
         for remembered in &self.lock().order {
             secrets_in(&remembered.json, remembered.part, &mut secrets);
         }
-        redact_all(text, secrets.iter().map(|s| s.as_str()))
+        redact_tail(text, secrets.iter().map(|s| s.as_str()), usize::MAX)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
@@ -280,6 +317,45 @@ mod tests {
         assert_eq!(
             Secrets::of_envelope(envelope).redact("x secret-12345 y secret-1 z"),
             "x [redacted] y [redacted] z"
+        );
+    }
+
+    #[test]
+    fn a_cut_never_leaves_a_piece_of_a_secret_behind() {
+        let envelope = br#"{"auth":{"oauth":{"access_token":"token-0123456789"}}}"#;
+        let secrets = Secrets::of_envelope(envelope);
+        assert_eq!(secrets.longest(), "token-0123456789".len());
+        // A cut inside a secret moves back to its start, and it is redacted whole.
+        assert_eq!(
+            secrets.redact_tail("head token-0123456789 tail", 10),
+            "[redacted] tail"
+        );
+        assert_eq!(
+            secrets.redact_tail("head token-0123456789 tail", 5),
+            " tail"
+        );
+        // A stream captured with `longest()` bytes more than it keeps: its capture cut
+        // splits a secret, and the piece at the front is never in what is kept.
+        let stream = "line one token-0123456789\n".repeat(5);
+        for keep in 0..stream.len() {
+            let capture_from = stream.len().saturating_sub(keep + secrets.longest());
+            let tail = secrets.redact_tail(&stream[capture_from..], keep);
+            for piece in "token-0123456789".as_bytes().windows(4) {
+                let piece = std::str::from_utf8(piece).unwrap();
+                assert!(
+                    !tail.contains(piece),
+                    "{piece:?} left in {tail:?} (keep {keep})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_secrets_are_replaced_as_one() {
+        let envelope = br#"{"auth":{"a":"abc-123-def","b":"def-456-ghi"}}"#;
+        assert_eq!(
+            Secrets::of_envelope(envelope).redact("x abc-123-def-456-ghi y"),
+            "x [redacted] y"
         );
     }
 

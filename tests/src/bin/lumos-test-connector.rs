@@ -254,6 +254,16 @@ fn main() -> ExitCode {
         }
         "leak" => {
             eprintln!("debug dump of my input: {input}");
+            // `request.pad`: the tenant's token alone, then that many bytes, so a test can put
+            // the cut of the agent's stderr tail inside the token.
+            if let Some(pad) = input.pointer("/request/pad").and_then(Value::as_u64) {
+                let token = input
+                    .pointer("/auth/oauth/access_token")
+                    .or_else(|| input.pointer("/credentials/0/oauth/access_token"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                eprint!("{token}{}", "-".repeat(pad as usize));
+            }
             return ExitCode::from(1);
         }
         "close_stdout" => {
