@@ -23,7 +23,7 @@ use crate::oauth::managed::{PreparedCredentials, SecretValue};
 use crate::oauth::{TokenError, Tokens};
 use crate::output::ResultBody;
 use crate::plugins::{info::is_capability_name, PluginRegistry, Runner};
-use crate::redact::Secrets;
+use crate::redact::{SecretSpans, Secrets};
 use crate::tenants::{SecretJson, TenantStore};
 
 /// What a caller sends with a call: any of the Lumos envelope's parts. Settings overlay the
@@ -94,8 +94,15 @@ pub struct Dispatcher {
 
 /// The envelope of one call, and the managed credentials it carries (for a reactive refresh).
 struct Envelope<'a> {
-    bytes: Zeroizing<Vec<u8>>,
+    rendered: Rendered,
     managed: Option<Managed<'a>>,
+}
+
+/// An envelope document, and where its secrets are in it (for the redaction of what the
+/// connector logs).
+struct Rendered {
+    bytes: Zeroizing<Vec<u8>>,
+    secrets: SecretSpans,
 }
 
 struct Managed<'a> {
@@ -262,7 +269,7 @@ impl Dispatcher {
                     app_id,
                     capability,
                     &runnable.runner,
-                    &envelope.bytes,
+                    &envelope.rendered,
                     timeout,
                     &call_token,
                 )
@@ -280,12 +287,12 @@ impl Dispatcher {
                 capability,
                 "the app refused the access token; refreshing it and running the call once more"
             );
-            let bytes = self.refresh_after_rejection(managed).await?;
+            let rendered = self.refresh_after_rejection(managed).await?;
             self.run(
                 app_id,
                 capability,
                 &runnable.runner,
-                &bytes,
+                &rendered,
                 timeout,
                 &call_token,
             )
@@ -304,7 +311,7 @@ impl Dispatcher {
         app_id: &str,
         capability: &str,
         runner: &Runner,
-        envelope: &[u8],
+        envelope: &Rendered,
         timeout: Duration,
         call_token: &CancellationToken,
     ) -> Result<ResultBody, CallError> {
@@ -317,11 +324,23 @@ impl Dispatcher {
             }
             // Native connectors get the envelope in memory (over a private pipe to a worker).
             Runner::Worker(worker) => worker
-                .call(capability, envelope, timeout, call_token)
+                .call(
+                    capability,
+                    &envelope.bytes,
+                    &envelope.secrets,
+                    timeout,
+                    call_token,
+                )
                 .await
                 .map(ResultBody::from),
             Runner::InProcess(native) => native
-                .call(capability, envelope, timeout, call_token)
+                .call(
+                    capability,
+                    &envelope.bytes,
+                    &envelope.secrets,
+                    timeout,
+                    call_token,
+                )
                 .await
                 .map(ResultBody::from),
         }
@@ -332,7 +351,7 @@ impl Dispatcher {
     async fn refresh_after_rejection(
         &self,
         managed: &mut Managed<'_>,
-    ) -> Result<Zeroizing<Vec<u8>>, CallError> {
+    ) -> Result<Rendered, CallError> {
         for i in 0..managed.prepared.managed.len() {
             let credential = &managed.prepared.managed[i];
             let grant = self.grant_for(credential);
@@ -488,19 +507,22 @@ impl Dispatcher {
         capability: &str,
         program: &std::path::Path,
         env: &crate::exec::ProcessEnv,
-        envelope: &[u8],
+        envelope: &Rendered,
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<ResultBody, CallError> {
-        let input = self.scratch.write_secret_file(envelope).map_err(|e| {
-            CallError::new(
-                ErrorCode::Internal,
-                format!("cannot write the call input file: {e}"),
-            )
-        })?;
+        let input = self
+            .scratch
+            .write_secret_file(&envelope.bytes)
+            .map_err(|e| {
+                CallError::new(
+                    ErrorCode::Internal,
+                    format!("cannot write the call input file: {e}"),
+                )
+            })?;
         let config = self.config.get();
         let stderr_log = StderrLog {
-            secrets: Secrets::of_envelope(envelope),
+            secrets: Secrets::of_envelope(&envelope.bytes, &envelope.secrets),
             keep: config.calls.stderr_log_bytes,
         };
         let limits = ExecLimits {
@@ -581,7 +603,7 @@ impl Dispatcher {
         };
         let Some(mut prepared) = prepared else {
             return Ok(Envelope {
-                bytes: render_envelope(&parts, auth, credentials),
+                rendered: render_envelope(&parts, auth, credentials),
                 managed: None,
             });
         };
@@ -627,7 +649,7 @@ impl Dispatcher {
         }
         let (auth, credentials) = prepared.render();
         Ok(Envelope {
-            bytes: render_envelope(&parts, auth.as_ref(), credentials.as_ref()),
+            rendered: render_envelope(&parts, auth.as_ref(), credentials.as_ref()),
             managed: Some(Managed {
                 prepared,
                 used,
@@ -642,7 +664,7 @@ fn render_envelope(
     parts: &EnvelopeParts<'_>,
     auth: Option<&SecretJson>,
     credentials: Option<&SecretJson>,
-) -> Zeroizing<Vec<u8>> {
+) -> Rendered {
     let (request, page) = (parts.request, parts.page);
     let mut out = Zeroizing::new(Vec::with_capacity(
         request.len()
@@ -652,26 +674,31 @@ fn render_envelope(
             + credentials.map_or(0, |c| c.expose().len())
             + 128,
     ));
-    out.extend_from_slice(b"{\"request\":");
-    out.extend_from_slice(request.as_bytes());
-    out.extend_from_slice(b",\"settings\":");
-    out.extend_from_slice(parts.settings.as_bytes());
-    if let Some(auth) = auth {
-        out.extend_from_slice(b",\"auth\":");
-        out.extend_from_slice(auth.expose().as_bytes());
-    }
-    if let Some(credentials) = credentials {
-        out.extend_from_slice(b",\"credentials\":");
-        out.extend_from_slice(credentials.expose().as_bytes());
-    }
-    out.extend_from_slice(b",\"page\":");
-    out.extend_from_slice(page.as_bytes());
+    // Appends `"key":value` and answers where the value is.
+    let field = |out: &mut Vec<u8>, key: &[u8], value: &str| {
+        out.extend_from_slice(key);
+        let start = out.len();
+        out.extend_from_slice(value.as_bytes());
+        start..out.len()
+    };
+    let mut secrets = SecretSpans {
+        request: Some(field(&mut out, b"{\"request\":", request)),
+        ..SecretSpans::default()
+    };
+    field(&mut out, b",\"settings\":", &parts.settings);
+    secrets.auth = auth.map(|auth| field(&mut out, b",\"auth\":", auth.expose()));
+    secrets.credentials =
+        credentials.map(|credentials| field(&mut out, b",\"credentials\":", credentials.expose()));
+    field(&mut out, b",\"page\":", page);
     out.extend_from_slice(if parts.include_raw_data {
         b",\"include_raw_data\":true}"
     } else {
         b",\"include_raw_data\":false}"
     });
-    out
+    Rendered {
+        bytes: out,
+        secrets,
+    }
 }
 
 /// A broker failure as the call's error: re-consent is the caller's to fix; the rest is
@@ -878,6 +905,48 @@ mod tests {
         match classify_output("a", output, &stderr_log)? {
             ResultBody::Memory(bytes) => Ok(bytes),
             ResultBody::Spooled(_) => unreachable!("small outputs stay in memory"),
+        }
+    }
+
+    #[test]
+    fn a_rendered_envelope_knows_where_its_secrets_are() {
+        let parts = EnvelopeParts {
+            settings: r#"{"domain":"example.test"}"#.into(),
+            request: r#"{"refresh_token":"RT-canary"}"#,
+            page: "null",
+            include_raw_data: true,
+        };
+        let auth =
+            SecretJson::from_value(&serde_json::json!({"oauth": {"access_token": "AT-canary"}}));
+        let credentials = SecretJson::from_value(
+            &serde_json::json!([{"id": "c", "basic": {"password": "PW-canary"}}]),
+        );
+        for (auth, credentials) in [
+            (Some(&auth), Some(&credentials)),
+            (Some(&auth), None),
+            (None, Some(&credentials)),
+            (None, None),
+        ] {
+            let rendered = render_envelope(&parts, auth, credentials);
+            // The spans it records are the ones a parser finds in the document.
+            assert_eq!(rendered.secrets, SecretSpans::find(&rendered.bytes));
+            assert_eq!(
+                rendered.secrets.auth.is_some(),
+                auth.is_some(),
+                "{:?}",
+                rendered.secrets
+            );
+            let text = Secrets::of_envelope(&rendered.bytes, &rendered.secrets)
+                .redact("AT-canary PW-canary RT-canary example.test");
+            assert_eq!(
+                text.matches("[redacted]").count(),
+                1 + usize::from(auth.is_some()) + usize::from(credentials.is_some()),
+                "{text}"
+            );
+            assert!(
+                text.ends_with("example.test"),
+                "settings are no secret: {text}"
+            );
         }
     }
 

@@ -7,6 +7,7 @@
 //! belong to no one call (so the [`RecentSecrets`] of the connector's recent calls).
 
 use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
@@ -23,15 +24,65 @@ const REMEMBERED: usize = 1024;
 /// only garble the log.
 const MIN_SECRET_LEN: usize = 6;
 
-/// The parts of an envelope that hold secrets; everything else is skipped unparsed.
-#[derive(Deserialize)]
-struct SecretParts<'a> {
-    #[serde(borrow, default)]
-    auth: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    credentials: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    request: Option<&'a RawValue>,
+/// Where an envelope's secret-bearing parts are: the byte ranges of its `auth`, `credentials`
+/// and `request` values. The dispatcher records them as it renders an envelope, so finding a
+/// call's secrets never means parsing its envelope again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretSpans {
+    /// The `auth` value.
+    pub auth: Option<Range<usize>>,
+    /// The `credentials` value.
+    pub credentials: Option<Range<usize>>,
+    /// The `request` value (secret only in a refresh request).
+    pub request: Option<Range<usize>>,
+}
+
+impl SecretSpans {
+    /// The spans of an envelope someone else rendered, by parsing it (none if it is not a JSON
+    /// object).
+    pub fn find(envelope: &[u8]) -> Self {
+        /// The parts that hold secrets; everything else is skipped unparsed.
+        #[derive(Deserialize)]
+        struct Parts<'a> {
+            #[serde(borrow, default)]
+            auth: Option<&'a RawValue>,
+            #[serde(borrow, default)]
+            credentials: Option<&'a RawValue>,
+            #[serde(borrow, default)]
+            request: Option<&'a RawValue>,
+        }
+        let Ok(parts) = serde_json::from_slice::<Parts<'_>>(envelope) else {
+            return Self::default();
+        };
+        // The raw values borrow from `envelope`: their offsets are where they start in it.
+        let span = |raw: Option<&RawValue>| {
+            raw.map(|raw| {
+                let start = raw.get().as_ptr() as usize - envelope.as_ptr() as usize;
+                start..start + raw.get().len()
+            })
+        };
+        Self {
+            auth: span(parts.auth),
+            credentials: span(parts.credentials),
+            request: span(parts.request),
+        }
+    }
+
+    /// The secret-bearing parts of `envelope` these spans name, with what kind each is.
+    fn parts<'e>(&self, envelope: &'e [u8]) -> impl Iterator<Item = (&'e [u8], Part)> + use<'e> {
+        let part = |span: &Option<Range<usize>>, kind| {
+            span.clone()
+                .and_then(|span| envelope.get(span))
+                .map(|json| (json, kind))
+        };
+        [
+            part(&self.auth, Part::Credentials),
+            part(&self.credentials, Part::Credentials),
+            part(&self.request, Part::Request),
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// The secret fields of a `refresh_access_token` request (the agent's own refresh through a
@@ -59,16 +110,11 @@ impl std::fmt::Debug for Secrets {
 }
 
 impl Secrets {
-    /// The secrets in `envelope` (a Lumos envelope as JSON); none if it is not one.
-    pub fn of_envelope(envelope: &[u8]) -> Self {
+    /// The secrets in the parts of `envelope` that `spans` name.
+    pub fn of_envelope(envelope: &[u8], spans: &SecretSpans) -> Self {
         let mut out = Vec::new();
-        if let Ok(parts) = serde_json::from_slice::<SecretParts<'_>>(envelope) {
-            for part in [parts.auth, parts.credentials].into_iter().flatten() {
-                secrets_in(part.get(), Part::Credentials, &mut out);
-            }
-            if let Some(request) = parts.request {
-                secrets_in(request.get(), Part::Request, &mut out);
-            }
+        for (json, part) in spans.parts(envelope) {
+            secrets_in(json, part, &mut out);
         }
         Self(out)
     }
@@ -100,7 +146,7 @@ enum Part {
 }
 
 /// Appends the secrets in `json`, one part of an envelope.
-fn secrets_in(json: &str, part: Part, out: &mut Vec<Zeroizing<String>>) {
+fn secrets_in(json: &[u8], part: Part, out: &mut Vec<Zeroizing<String>>) {
     fn collect(value: &Value, out: &mut Vec<Zeroizing<String>>) {
         match value {
             Value::String(s) if s.len() >= MIN_SECRET_LEN => out.push(Zeroizing::new(s.clone())),
@@ -113,12 +159,12 @@ fn secrets_in(json: &str, part: Part, out: &mut Vec<Zeroizing<String>>) {
     // function.
     match part {
         Part::Credentials => {
-            if let Ok(value) = serde_json::from_str::<Value>(json) {
+            if let Ok(value) = serde_json::from_slice::<Value>(json) {
                 collect(&value, out);
             }
         }
         Part::Request => {
-            if let Ok(request) = serde_json::from_str::<RequestSecrets>(json) {
+            if let Ok(request) = serde_json::from_slice::<RequestSecrets>(json) {
                 for value in [
                     request.refresh_token,
                     request.client_secret,
@@ -176,13 +222,13 @@ fn redact_tail<'a>(text: &str, secrets: impl Iterator<Item = &'a str>, keep: usi
 /// One remembered part of an envelope, as its JSON text; compared and hashed by that text.
 #[derive(Clone)]
 struct Remembered {
-    json: Arc<Zeroizing<String>>,
+    json: Arc<Zeroizing<Vec<u8>>>,
     part: Part,
 }
 
 impl PartialEq for Remembered {
     fn eq(&self, other: &Self) -> bool {
-        self.json.as_str() == other.json.as_str()
+        self.json.as_slice() == other.json.as_slice()
     }
 }
 
@@ -190,13 +236,13 @@ impl Eq for Remembered {}
 
 impl std::hash::Hash for Remembered {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.json.as_str().hash(state);
+        self.json.as_slice().hash(state);
     }
 }
 
-impl std::borrow::Borrow<str> for Remembered {
-    fn borrow(&self) -> &str {
-        self.json.as_str()
+impl std::borrow::Borrow<[u8]> for Remembered {
+    fn borrow(&self) -> &[u8] {
+        self.json.as_slice()
     }
 }
 
@@ -226,27 +272,18 @@ impl std::fmt::Debug for RecentSecrets {
 }
 
 impl RecentSecrets {
-    /// Remembers the secrets of a call of `capability` about to run with `envelope`. Only a
-    /// refresh through the connector (`refresh_access_token`) has secrets in its request.
-    pub fn remember(&self, capability: &str, envelope: &[u8]) {
-        let Ok(parts) = serde_json::from_slice::<SecretParts<'_>>(envelope) else {
-            return;
-        };
-        let request = parts
-            .request
-            .filter(|_| capability == "refresh_access_token");
-        let found = [
-            (parts.auth, Part::Credentials),
-            (parts.credentials, Part::Credentials),
-            (request, Part::Request),
-        ];
+    /// Remembers the secrets of a call of `capability` about to run with `envelope`, whose
+    /// secret-bearing parts `spans` names. Only a refresh through the connector
+    /// (`refresh_access_token`) has secrets in its request.
+    pub fn remember(&self, capability: &str, envelope: &[u8], spans: &SecretSpans) {
+        let refresh = capability == "refresh_access_token";
         let mut recent = self.lock();
-        for (json, part) in found {
-            let Some(json) = json.map(RawValue::get) else {
-                continue;
-            };
+        for (json, part) in spans.parts(envelope) {
             // `null`, `{}`, `[]`: nothing in it.
-            if json.len() < MIN_SECRET_LEN || recent.known.contains(json) {
+            if (part == Part::Request && !refresh)
+                || json.len() < MIN_SECRET_LEN
+                || recent.known.contains(json)
+            {
                 continue;
             }
             if recent.order.len() >= REMEMBERED {
@@ -255,7 +292,7 @@ impl RecentSecrets {
                 }
             }
             let remembered = Remembered {
-                json: Arc::new(Zeroizing::new(json.to_owned())),
+                json: Arc::new(Zeroizing::new(json.to_vec())),
                 part,
             };
             recent.known.insert(remembered.clone());
@@ -285,6 +322,26 @@ impl RecentSecrets {
 mod tests {
     use super::*;
 
+    /// The secrets of an envelope, found by parsing it.
+    fn secrets_of(envelope: &[u8]) -> Secrets {
+        Secrets::of_envelope(envelope, &SecretSpans::find(envelope))
+    }
+
+    fn remember(recent: &RecentSecrets, capability: &str, envelope: &[u8]) {
+        recent.remember(capability, envelope, &SecretSpans::find(envelope));
+    }
+
+    #[test]
+    fn spans_found_by_parsing_name_the_secret_parts() {
+        let envelope = br#"{"request":{"n":1}, "auth" : {"a":"b"},"credentials":[],"page":null}"#;
+        let spans = SecretSpans::find(envelope);
+        let text = |span: Option<Range<usize>>| span.map(|s| &envelope[s]);
+        assert_eq!(text(spans.auth.clone()), Some(&br#"{"a":"b"}"#[..]));
+        assert_eq!(text(spans.credentials.clone()), Some(&b"[]"[..]));
+        assert_eq!(text(spans.request.clone()), Some(&br#"{"n":1}"#[..]));
+        assert_eq!(SecretSpans::find(b"not json"), SecretSpans::default());
+    }
+
     #[test]
     fn the_secrets_of_auth_credentials_and_a_refresh_request_are_redacted() {
         let envelope = br#"{"request":{"refresh_token":"RT-canary-1","client_secret":"CS-canary-4","count":3,"note":"visible-text"},
@@ -293,7 +350,7 @@ mod tests {
             "credentials":[{"id":"c1","basic":{"username":"admin","password":"PW-canary-3"}}]}"#;
         let text = "got AT-canary-2, RT-canary-1, CS-canary-4 and PW-canary-3 for admin at example.test: visible-text";
         assert_eq!(
-            Secrets::of_envelope(envelope).redact(text),
+            secrets_of(envelope).redact(text),
             "got [redacted], [redacted], [redacted] and [redacted] for admin at example.test: visible-text"
         );
     }
@@ -301,12 +358,12 @@ mod tests {
     #[test]
     fn text_without_secrets_and_envelopes_that_are_not_json_are_left_alone() {
         assert_eq!(
-            Secrets::of_envelope(b"not json").redact("no secrets here"),
+            secrets_of(b"not json").redact("no secrets here"),
             "no secrets here"
         );
         let envelope = br#"{"auth":{"oauth":{"access_token":"abcdef"}}}"#;
         assert_eq!(
-            Secrets::of_envelope(envelope).redact("nothing to hide"),
+            secrets_of(envelope).redact("nothing to hide"),
             "nothing to hide"
         );
     }
@@ -315,7 +372,7 @@ mod tests {
     fn a_secret_containing_another_is_replaced_whole() {
         let envelope = br#"{"auth":{"a":"secret-1","b":"secret-12345"}}"#;
         assert_eq!(
-            Secrets::of_envelope(envelope).redact("x secret-12345 y secret-1 z"),
+            secrets_of(envelope).redact("x secret-12345 y secret-1 z"),
             "x [redacted] y [redacted] z"
         );
     }
@@ -323,7 +380,7 @@ mod tests {
     #[test]
     fn a_cut_never_leaves_a_piece_of_a_secret_behind() {
         let envelope = br#"{"auth":{"oauth":{"access_token":"token-0123456789"}}}"#;
-        let secrets = Secrets::of_envelope(envelope);
+        let secrets = secrets_of(envelope);
         assert_eq!(secrets.longest(), "token-0123456789".len());
         // A cut inside a secret moves back to its start, and it is redacted whole.
         assert_eq!(
@@ -354,7 +411,7 @@ mod tests {
     fn overlapping_secrets_are_replaced_as_one() {
         let envelope = br#"{"auth":{"a":"abc-123-def","b":"def-456-ghi"}}"#;
         assert_eq!(
-            Secrets::of_envelope(envelope).redact("x abc-123-def-456-ghi y"),
+            secrets_of(envelope).redact("x abc-123-def-456-ghi y"),
             "x [redacted] y"
         );
     }
@@ -365,20 +422,22 @@ mod tests {
         let envelope = |token: &str| {
             format!(r#"{{"auth":{{"oauth":{{"access_token":"{token}"}}}}}}"#).into_bytes()
         };
-        recent.remember("validate_credentials", &envelope("first-token"));
-        recent.remember("validate_credentials", &envelope("second-token"));
-        recent.remember("validate_credentials", &envelope("first-token"));
+        remember(&recent, "validate_credentials", &envelope("first-token"));
+        remember(&recent, "validate_credentials", &envelope("second-token"));
+        remember(&recent, "validate_credentials", &envelope("first-token"));
         assert_eq!(
             recent.redact("plugin said first-token then second-token"),
             "plugin said [redacted] then [redacted]"
         );
         // A refresh through the connector: its request's secret fields, not its other strings;
         // another capability's request is not a secret.
-        recent.remember(
+        remember(
+            &recent,
             "refresh_access_token",
             br#"{"request":{"credential_id":"oauth-main","refresh_token":"refresh-canary"}}"#,
         );
-        recent.remember(
+        remember(
+            &recent,
             "list_accounts",
             br#"{"request":{"filter":"visible-filter","password":"not-a-tenant-secret"}}"#,
         );
@@ -387,7 +446,8 @@ mod tests {
             "oauth-main [redacted] visible-filter not-a-tenant-secret"
         );
         for i in 0..REMEMBERED {
-            recent.remember(
+            remember(
+                &recent,
                 "validate_credentials",
                 &envelope(&format!("later-token-{i}")),
             );

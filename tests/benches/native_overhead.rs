@@ -15,11 +15,15 @@ use std::time::{Duration, Instant};
 
 use lumos_agent::exec::ProcessEnv;
 use lumos_agent::native::{InProcessConnector, WorkerConnector, WorkerSettings};
+use lumos_agent::redact::SecretSpans;
 use lumos_agent_integration::native_lib;
 use tokio_util::sync::CancellationToken;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_lumos-plugin-host");
 const INPUT: &[u8] = br#"{"request":{},"settings":{},"auth":{"oauth":{"access_token":"bench-token"}},"page":null,"include_raw_data":false}"#;
+/// Where INPUT's secrets are, as the dispatcher would have recorded them when rendering it.
+static SECRETS: std::sync::LazyLock<SecretSpans> =
+    std::sync::LazyLock::new(|| SecretSpans::find(INPUT));
 
 /// What the example cdylib does per call, called directly.
 fn direct(input: &[u8]) -> Vec<u8> {
@@ -101,14 +105,14 @@ fn main() {
         let timeout = Duration::from_secs(10);
 
         // The three paths give the same answer.
-        assert_eq!(&inproc.call("validate_credentials", INPUT, timeout, never()).await.unwrap()[..], &expected[..]);
-        assert_eq!(&worker.call("validate_credentials", INPUT, timeout, never()).await.unwrap()[..], &expected[..]);
+        assert_eq!(&inproc.call("validate_credentials", INPUT, &SECRETS, timeout, never()).await.unwrap()[..], &expected[..]);
+        assert_eq!(&worker.call("validate_credentials", INPUT, &SECRETS, timeout, never()).await.unwrap()[..], &expected[..]);
 
         // Warm up every path (allocator, caches, the worker's pipes) before measuring.
         for _ in 0..2_000 {
             std::hint::black_box(direct(INPUT));
-            inproc.call("validate_credentials", INPUT, timeout, never()).await.unwrap();
-            worker.call("validate_credentials", INPUT, timeout, never()).await.unwrap();
+            inproc.call("validate_credentials", INPUT, &SECRETS, timeout, never()).await.unwrap();
+            worker.call("validate_credentials", INPUT, &SECRETS, timeout, never()).await.unwrap();
         }
         println!("native call cost, example cdylib validate_credentials, {calls} calls per row");
         for concurrency in [1usize, 16] {
@@ -122,7 +126,7 @@ fn main() {
                 measure(calls, concurrency, Arc::new(move || {
                     let c = c.clone();
                     async move {
-                        std::hint::black_box(c.call("validate_credentials", INPUT, timeout, never()).await.unwrap());
+                        std::hint::black_box(c.call("validate_credentials", INPUT, &SECRETS, timeout, never()).await.unwrap());
                     }
                 }))
                 .await
@@ -132,7 +136,7 @@ fn main() {
                 measure(calls, concurrency, Arc::new(move || {
                     let c = c.clone();
                     async move {
-                        std::hint::black_box(c.call("validate_credentials", INPUT, timeout, never()).await.unwrap());
+                        std::hint::black_box(c.call("validate_credentials", INPUT, &SECRETS, timeout, never()).await.unwrap());
                     }
                 }))
                 .await

@@ -34,7 +34,7 @@ use crate::error::{CallError, ErrorCode};
 use crate::exec::ProcessEnv;
 use crate::platform::ProcessGroup;
 use crate::plugins::info::{self, ConnectorInfo};
-use crate::redact::RecentSecrets;
+use crate::redact::{RecentSecrets, SecretSpans};
 
 /// Longest backoff between worker restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -568,18 +568,20 @@ impl WorkerConnector {
         Ok(worker)
     }
 
-    /// Runs one call in the worker.
+    /// Runs one call in the worker. `secrets` says where `input`'s secrets are, for the
+    /// redaction of what the worker logs.
     pub async fn call(
         &self,
         capability: &str,
         input: &[u8],
+        secrets: &SecretSpans,
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<Bytes, CallError> {
         let started = Instant::now();
         let worker = self.worker(timeout).await?;
         let remaining = timeout.saturating_sub(started.elapsed());
-        self.log.secrets.remember(capability, input);
+        self.log.secrets.remember(capability, input, secrets);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = worker.pending.register(id);
         if let Err(e) = worker.send(frame::encode_call(
@@ -685,11 +687,13 @@ impl InProcessConnector {
         Ok((connector, description))
     }
 
-    /// Runs one call in the agent's process.
+    /// Runs one call in the agent's process. `secrets` says where `input`'s secrets are, for the
+    /// redaction of what the plugin logs.
     pub async fn call(
         &self,
         capability: &str,
         input: &[u8],
+        secrets: &SecretSpans,
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<Bytes, CallError> {
@@ -699,7 +703,7 @@ impl InProcessConnector {
                 format!("{} panicked earlier and is poisoned; replace the plugin file or restart the agent", self.app_id),
             ));
         }
-        self.secrets.remember(capability, input);
+        self.secrets.remember(capability, input, secrets);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = self.pending.register(id);
         if !self

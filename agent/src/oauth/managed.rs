@@ -34,6 +34,11 @@ use crate::tenants::{PendingUpdate, SecretJson, Tenant, TenantStore};
 
 /// The block that makes a credential broker-managed.
 pub const BROKER_FIELD: &str = "token_broker";
+
+/// [`BROKER_FIELD`] as a JSON key, to tell cheaply whether a document can hold a managed
+/// credential before parsing it (every call asks).
+const BROKER_KEY: &str = "\"token_broker\"";
+
 /// The credential id of the single-credential `auth` object.
 pub const AUTH_CREDENTIAL_ID: &str = "auth";
 /// Token objects the broker writes a fresh `access_token` into (connector-py's credential
@@ -189,8 +194,8 @@ impl PreparedCredentials {
         auth: Option<&SecretJson>,
         credentials: Option<&SecretJson>,
     ) -> Result<Option<Self>, SpecError> {
-        let marker = format!("\"{BROKER_FIELD}\"");
-        let mentions = |doc: Option<&SecretJson>| doc.is_some_and(|d| d.expose().contains(&marker));
+        let mentions =
+            |doc: Option<&SecretJson>| doc.is_some_and(|d| d.expose().contains(BROKER_KEY));
         if !mentions(auth) && !mentions(credentials) {
             return Ok(None);
         }
@@ -815,6 +820,11 @@ mod tests {
     fn parse(credentials: Value) -> Result<Option<PreparedCredentials>, SpecError> {
         let doc = SecretJson::from_value(&credentials);
         PreparedCredentials::parse("t", "app", &settings(), None, Some(&doc))
+    }
+
+    #[test]
+    fn the_broker_key_is_the_broker_field_quoted() {
+        assert_eq!(BROKER_KEY, format!("\"{BROKER_FIELD}\""));
     }
 
     #[test]
