@@ -315,35 +315,26 @@ impl Dispatcher {
         timeout: Duration,
         call_token: &CancellationToken,
     ) -> Result<ResultBody, CallError> {
-        match runner {
+        let (input, secrets) = (&envelope.bytes[..], &envelope.secrets);
+        let answer = match runner {
             Runner::Executable { program, env } => {
-                self.run_executable(
-                    app_id, capability, program, env, envelope, timeout, call_token,
-                )
-                .await
+                return self
+                    .run_executable(
+                        app_id, capability, program, env, envelope, timeout, call_token,
+                    )
+                    .await;
             }
             // Native connectors get the envelope in memory (over a private pipe to a worker).
-            Runner::Worker(worker) => worker
-                .call(
-                    capability,
-                    &envelope.bytes,
-                    &envelope.secrets,
-                    timeout,
-                    call_token,
-                )
-                .await
-                .map(ResultBody::from),
-            Runner::InProcess(native) => native
-                .call(
-                    capability,
-                    &envelope.bytes,
-                    &envelope.secrets,
-                    timeout,
-                    call_token,
-                )
-                .await
-                .map(ResultBody::from),
-        }
+            Runner::Worker(w) => {
+                w.call(capability, input, secrets, timeout, call_token)
+                    .await
+            }
+            Runner::InProcess(n) => {
+                n.call(capability, input, secrets, timeout, call_token)
+                    .await
+            }
+        };
+        answer.map(ResultBody::from)
     }
 
     /// New access tokens for the managed credentials of a call the app refused, and the
