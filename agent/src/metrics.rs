@@ -1,7 +1,8 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text). Labels are connector ids, capability
 //! names, outcomes and statuses: never tenants, never anything a caller sent.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -53,6 +54,17 @@ pub struct Metrics {
     cloud: Family<StatusLabels, Gauge>,
     tunnel_disconnects: Family<ReasonLabels, Counter>,
     token_refreshes: Family<OutcomeLabels, Counter>,
+    /// The call metrics of each connector's capabilities, by app_id then capability.
+    capability_calls: RwLock<HashMap<String, HashMap<String, CapabilityCalls>>>,
+}
+
+/// One capability's call metrics, looked up in the families once and kept: every call records,
+/// and a family lookup builds its label strings each time.
+#[derive(Debug)]
+struct CapabilityCalls {
+    latency: Histogram,
+    /// A counter per outcome seen so far: `answered` and the few error codes that occurred.
+    outcomes: RwLock<Vec<(&'static str, Counter)>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +147,7 @@ impl Metrics {
             cloud,
             tunnel_disconnects,
             token_refreshes,
+            capability_calls: RwLock::default(),
         }
     }
 
@@ -152,22 +165,56 @@ impl Metrics {
         &self,
         app_id: &str,
         capability: &str,
-        outcome: &str,
+        outcome: &'static str,
         duration: std::time::Duration,
     ) {
-        self.calls
-            .get_or_create(&CallLabels {
-                app_id: app_id.to_string(),
-                capability: capability.to_string(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
-        self.latency
-            .get_or_create(&LatencyLabels {
-                app_id: app_id.to_string(),
-                capability: capability.to_string(),
-            })
-            .observe(duration.as_secs_f64());
+        let record = |calls: &CapabilityCalls| {
+            calls.latency.observe(duration.as_secs_f64());
+            let counted = read(&calls.outcomes)
+                .iter()
+                .find(|(seen, _)| *seen == outcome)
+                .map(|(_, counter)| counter.inc());
+            if counted.is_none() {
+                let mut outcomes = write(&calls.outcomes);
+                // Another call may have added it since the read.
+                if let Some((_, counter)) = outcomes.iter().find(|(seen, _)| *seen == outcome) {
+                    counter.inc();
+                    return;
+                }
+                let counter = self
+                    .calls
+                    .get_or_create(&CallLabels {
+                        app_id: app_id.to_string(),
+                        capability: capability.to_string(),
+                        outcome: outcome.to_string(),
+                    })
+                    .clone();
+                counter.inc();
+                outcomes.push((outcome, counter));
+            }
+        };
+        if let Some(calls) = read(&self.capability_calls)
+            .get(app_id)
+            .and_then(|capabilities| capabilities.get(capability))
+        {
+            return record(calls);
+        }
+        let mut known = write(&self.capability_calls);
+        let calls = known
+            .entry(app_id.to_string())
+            .or_default()
+            .entry(capability.to_string())
+            .or_insert_with(|| CapabilityCalls {
+                latency: self
+                    .latency
+                    .get_or_create(&LatencyLabels {
+                        app_id: app_id.to_string(),
+                        capability: capability.to_string(),
+                    })
+                    .clone(),
+                outcomes: RwLock::default(),
+            });
+        record(calls);
     }
 
     /// A native connector's worker was restarted.
@@ -241,6 +288,17 @@ impl Metrics {
     }
 }
 
+/// A read guard of a lock whose data stays consistent if a holder panicked (each change is one
+/// insert): metrics keep counting rather than stop.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The write guard, as [`read`].
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Counts one running call.
 #[derive(Debug)]
 pub struct InFlight {
@@ -250,5 +308,37 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn calls_are_counted_per_connector_capability_and_outcome() {
+        let metrics = Metrics::new();
+        for (app, capability, outcome) in [
+            ("a", "x", "answered"),
+            ("a", "x", "answered"),
+            ("a", "x", "timeout"),
+            ("a", "y", "answered"),
+            ("b", "x", "answered"),
+        ] {
+            metrics.record_call(app, capability, outcome, Duration::from_millis(3));
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).unwrap();
+        for line in [
+            r#"lumos_agent_calls_total{app_id="a",capability="x",outcome="answered"} 2"#,
+            r#"lumos_agent_calls_total{app_id="a",capability="x",outcome="timeout"} 1"#,
+            r#"lumos_agent_calls_total{app_id="a",capability="y",outcome="answered"} 1"#,
+            r#"lumos_agent_calls_total{app_id="b",capability="x",outcome="answered"} 1"#,
+            r#"lumos_agent_call_duration_seconds_count{app_id="a",capability="x"} 3"#,
+            r#"lumos_agent_call_duration_seconds_count{app_id="b",capability="x"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 }

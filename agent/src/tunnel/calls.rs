@@ -167,10 +167,12 @@ impl CallTable {
             if body.in_memory() {
                 inner.memory_bytes += body.len();
             }
-            let previous = inner.entries.insert(
-                call_id.to_string(),
-                Entry::Done(Arc::new(StoredResult { outcome, body, ran })),
-            );
+            let done = Entry::Done(Arc::new(StoredResult { outcome, body, ran }));
+            // The running entry's key is reused: no new copy of the id.
+            let previous = match inner.entries.get_mut(call_id) {
+                Some(entry) => Some(std::mem::replace(entry, done)),
+                None => inner.entries.insert(call_id.to_string(), done),
+            };
             match previous {
                 Some(Entry::Running(_)) => inner.running -= 1,
                 // A refusal replaced by a newer refusal: its bytes no longer count.
@@ -208,16 +210,14 @@ impl CallTable {
     /// The cloud stored the result: forget it, and remember that the id ran.
     pub fn acknowledge(&self, call_id: &str) -> bool {
         let mut inner = self.lock();
-        let known = match inner.entries.get(call_id) {
-            Some(Entry::Done(result)) => {
-                let result = result.clone();
-                inner.entries.remove(call_id);
+        let known = match inner.entries.remove_entry(call_id) {
+            Some((id, Entry::Done(result))) => {
                 if result.body.in_memory() {
                     inner.memory_bytes = inner.memory_bytes.saturating_sub(result.body.len());
                 }
                 if result.ran {
-                    inner.acked.insert(call_id.to_string());
-                    inner.acked_order.push_back(call_id.to_string());
+                    inner.acked.insert(id.clone());
+                    inner.acked_order.push_back(id);
                     if inner.acked_order.len() > ACKED_MEMORY {
                         if let Some(old) = inner.acked_order.pop_front() {
                             inner.acked.remove(&old);
@@ -226,7 +226,12 @@ impl CallTable {
                 }
                 true
             }
-            _ => false,
+            // An ack for a call still running acknowledges nothing: it stays.
+            Some((id, running)) => {
+                inner.entries.insert(id, running);
+                false
+            }
+            None => false,
         };
         drop(inner);
         self.changed.notify_waiters();
@@ -303,9 +308,15 @@ mod tests {
             table.admit("c1", 4, &root),
             Admission::AlreadyRunning
         ));
+        assert!(
+            !table.acknowledge("c1"),
+            "an ack before the result acknowledges nothing"
+        );
+        assert_eq!(table.running(), 1, "the call still runs");
         table
             .finish("c1", Outcome::Answered, body("{}"), true)
             .await;
+        assert_eq!(table.running(), 0);
         assert_eq!(rx.recv().await.as_deref(), Some("c1"));
         // A replay before the ack re-sends the stored result.
         assert!(matches!(table.admit("c1", 4, &root), Admission::Resent));

@@ -355,8 +355,9 @@ impl Session<'_> {
         }
     }
 
-    async fn on_chunk(&mut self, chunk: pb::CallRequest) {
-        let call_id = chunk.call_id.clone();
+    async fn on_chunk(&mut self, mut chunk: pb::CallRequest) {
+        // The chunk's strings move into the call: no copies.
+        let call_id = std::mem::take(&mut chunk.call_id);
         if call_id.is_empty() {
             tracing::warn!("a CallRequest without call_id was ignored: there is no id to answer");
             return;
@@ -372,13 +373,18 @@ impl Session<'_> {
             None if chunk.seq == 0 => {
                 if self.partials.len() >= self.ctx.cloud.max_concurrent_calls.saturating_mul(2) {
                     return self
-                        .refuse(&call_id, &chunk, busy(self.ctx.cloud.max_concurrent_calls))
+                        .refuse(
+                            &call_id,
+                            &chunk.app_id,
+                            chunk.last,
+                            busy(self.ctx.cloud.max_concurrent_calls),
+                        )
                         .await;
                 }
                 Partial {
-                    app_id: chunk.app_id.clone(),
-                    capability: chunk.capability.clone(),
-                    tenant_id: chunk.tenant_id.clone(),
+                    app_id: std::mem::take(&mut chunk.app_id),
+                    capability: std::mem::take(&mut chunk.capability),
+                    tenant_id: std::mem::take(&mut chunk.tenant_id),
                     deadline_ms: chunk.deadline_ms,
                     next_seq: 1,
                     payload: zeroize::Zeroizing::new(chunk.payload.to_vec()),
@@ -392,7 +398,7 @@ impl Session<'_> {
                         chunk.seq
                     ),
                 );
-                return self.refuse(&call_id, &chunk, err).await;
+                return self.refuse(&call_id, &chunk.app_id, chunk.last, err).await;
             }
             Some(mut partial) => {
                 if chunk.seq != partial.next_seq {
@@ -403,7 +409,9 @@ impl Session<'_> {
                             chunk.seq, partial.next_seq
                         ),
                     );
-                    return self.refuse(&call_id, &chunk, err).await;
+                    return self
+                        .refuse(&call_id, &partial.app_id, chunk.last, err)
+                        .await;
                 }
                 partial.next_seq += 1;
                 partial.payload.extend_from_slice(&chunk.payload);
@@ -415,7 +423,9 @@ impl Session<'_> {
                 ErrorCode::BadRequest,
                 format!("the payload of call {call_id} is over {max_request} bytes (cloud.max_request_bytes)"),
             );
-            return self.refuse(&call_id, &chunk, err).await;
+            return self
+                .refuse(&call_id, &partial.app_id, chunk.last, err)
+                .await;
         }
         if chunk.last {
             self.start(call_id, partial).await;
@@ -426,18 +436,19 @@ impl Session<'_> {
 
     /// Answers a call with an error without running it. The result is stored like any other
     /// (and acknowledged like any other); the call may be sent again and then run.
-    async fn refuse(&mut self, call_id: &str, chunk: &pb::CallRequest, err: CallError) {
+    /// `last`: whether the refused chunk was its call's last (later ones are dropped quietly).
+    async fn refuse(&mut self, call_id: &str, app_id: &str, last: bool, err: CallError) {
         tracing::warn!(
             call_id,
             code = err.code.as_str(),
             "call refused: {}",
             err.message
         );
-        if !chunk.last {
+        if !last {
             self.refused.insert(call_id.to_string());
         }
         self.partials.remove(call_id);
-        let app_id = (!chunk.app_id.is_empty()).then_some(chunk.app_id.as_str());
+        let app_id = (!app_id.is_empty()).then_some(app_id);
         store_refusal(&self.ctx.parts.table, call_id, app_id, &err).await;
     }
 
