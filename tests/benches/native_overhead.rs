@@ -27,8 +27,8 @@ static SECRETS: std::sync::LazyLock<SecretSpans> =
 
 /// What the example cdylib does per call, called directly.
 fn direct(input: &[u8]) -> Vec<u8> {
-    let value: serde_json::Value = serde_json::from_slice(input).unwrap();
-    let answer = lumos_example_connector::handle("validate_credentials", &value).unwrap();
+    let input = lumos_example_connector::parse_input(input).unwrap();
+    let answer = lumos_example_connector::handle("validate_credentials", &input).unwrap();
     answer.to_string().into_bytes()
 }
 

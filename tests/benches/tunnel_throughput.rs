@@ -155,8 +155,7 @@ async fn bare_responder(cloud: &FakeCloud, reply: Reply) {
                     let data = match &reply {
                         Reply::Canned(bytes) => bytes.clone(),
                         Reply::Connector => {
-                            let input: serde_json::Value =
-                                serde_json::from_slice(&req.payload).unwrap();
+                            let input = lumos_example_connector::parse_input(&req.payload).unwrap();
                             let answer =
                                 lumos_example_connector::handle("validate_credentials", &input)
                                     .unwrap();

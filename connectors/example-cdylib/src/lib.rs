@@ -26,15 +26,9 @@ impl Connector for ExampleConnector {
     }
 
     fn call(&self, call: CallRequest, done: Completion) {
-        let input: serde_json::Value = match serde_json::from_slice(&call.input) {
-            Ok(v) => v,
-            Err(e) => {
-                return done.error(&lumos_connector_abi::sdk::error_json(&format!(
-                    "input is not JSON: {e}"
-                )));
-            }
-        };
-        match lumos_example_connector::handle(&call.capability, &input) {
+        let answer = lumos_example_connector::parse_input(&call.input)
+            .and_then(|input| lumos_example_connector::handle(&call.capability, &input));
+        match answer {
             Ok(answer) => done.ok(answer.to_string().as_bytes()),
             Err(err) => done.error(err.into_json().to_string().as_bytes()),
         }

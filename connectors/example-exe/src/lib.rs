@@ -9,6 +9,7 @@
 //!   `page.size` (default 100) and the opaque `page.token` it hands out.
 #![forbid(unsafe_code)]
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -65,11 +66,42 @@ pub fn run(args: &[String]) -> Result<Value, ConnectorError> {
         return Ok(info());
     }
     let input = read_input(&args[1..])?;
-    handle(command, &input)
+    handle(command, &parse_input(input.as_bytes())?)
+}
+
+/// The parts of a Lumos envelope this connector reads. The others (`settings`,
+/// `include_raw_data`) are skipped by the parser, not built into a document nobody reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Input {
+    /// The capability's arguments.
+    pub request: Value,
+    /// The page asked for (`{"token", "size"}`), or null.
+    pub page: Value,
+    /// The single credential, if the app has one.
+    pub auth: Value,
+    /// The credentials, if the app has several.
+    pub credentials: Value,
+}
+
+/// Parses an envelope, a JSON object.
+pub fn parse_input(json: &[u8]) -> Result<Input, ConnectorError> {
+    let bad = |why: String| {
+        ConnectorError::new(
+            "bad_request",
+            "read_input",
+            format!("input is not a JSON envelope: {why}"),
+        )
+    };
+    // serde would also take an array, as the fields in order.
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        return Err(bad("expected a JSON object".into()));
+    }
+    serde_json::from_slice(json).map_err(|e| bad(e.to_string()))
 }
 
 /// Runs one capability on a parsed envelope.
-pub fn handle(capability: &str, input: &Value) -> Result<Value, ConnectorError> {
+pub fn handle(capability: &str, input: &Input) -> Result<Value, ConnectorError> {
     match capability {
         "validate_credentials" => validate_credentials(input),
         "list_accounts" => list_accounts(input),
@@ -81,8 +113,9 @@ pub fn handle(capability: &str, input: &Value) -> Result<Value, ConnectorError> 
     }
 }
 
-fn read_input(args: &[String]) -> Result<Value, ConnectorError> {
-    let text = match args {
+/// The envelope's text, from `--json` or `--json-file`.
+fn read_input(args: &[String]) -> Result<String, ConnectorError> {
+    Ok(match args {
         [flag, value, ..] if flag == "--json" => value.clone(),
         [flag, path, ..] if flag == "--json-file" => {
             std::fs::read_to_string(path).map_err(|e| {
@@ -100,13 +133,6 @@ fn read_input(args: &[String]) -> Result<Value, ConnectorError> {
                 "expected --json JSON or --json-file PATH",
             ))
         }
-    };
-    serde_json::from_str(&text).map_err(|e| {
-        ConnectorError::new(
-            "bad_request",
-            "read_input",
-            format!("input is not JSON: {e}"),
-        )
     })
 }
 
@@ -134,25 +160,25 @@ pub fn info() -> Value {
     })
 }
 
+/// The value at `path` in `value` (`Value::pointer` parses its path and allocates each step).
+fn at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v Value> {
+    path.iter().try_fold(value, |v, key| v.get(key))
+}
+
 /// The first OAuth access token, from `auth` (single-credential) or `credentials` (multi).
-fn access_token(input: &Value) -> Option<&str> {
-    let from_auth = input
-        .pointer("/auth/oauth/access_token")
-        .or_else(|| input.pointer("/auth/access_token"));
+fn access_token(input: &Input) -> Option<&str> {
+    let from_auth =
+        at(&input.auth, &["oauth", "access_token"]).or_else(|| at(&input.auth, &["access_token"]));
     let from_credentials = || {
-        input
-            .get("credentials")?
-            .as_array()?
-            .iter()
-            .find_map(|cred| {
-                cred.pointer("/oauth/access_token")
-                    .or_else(|| cred.pointer("/oauth_client_credentials/access_token"))
-            })
+        input.credentials.as_array()?.iter().find_map(|cred| {
+            at(cred, &["oauth", "access_token"])
+                .or_else(|| at(cred, &["oauth_client_credentials", "access_token"]))
+        })
     };
     from_auth.or_else(from_credentials).and_then(Value::as_str)
 }
 
-fn validate_credentials(input: &Value) -> Result<Value, ConnectorError> {
+fn validate_credentials(input: &Input) -> Result<Value, ConnectorError> {
     let token = access_token(input).ok_or_else(|| {
         ConnectorError::new(
             "missing_credentials",
@@ -168,17 +194,19 @@ fn validate_credentials(input: &Value) -> Result<Value, ConnectorError> {
     }))
 }
 
-fn list_accounts(input: &Value) -> Result<Value, ConnectorError> {
+fn list_accounts(input: &Input) -> Result<Value, ConnectorError> {
     let count = input
-        .pointer("/request/count")
+        .request
+        .get("count")
         .and_then(Value::as_u64)
         .unwrap_or(10);
     let size = input
-        .pointer("/page/size")
+        .page
+        .get("size")
         .and_then(Value::as_u64)
         .unwrap_or(100)
         .max(1);
-    let start: u64 = match input.pointer("/page/token").and_then(Value::as_str) {
+    let start: u64 = match input.page.get("token").and_then(Value::as_str) {
         None => 0,
         Some(token) => token
             .strip_prefix("offset:")

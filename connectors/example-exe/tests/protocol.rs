@@ -52,6 +52,20 @@ fn validate_credentials_reports_the_token_hash_from_auth_or_credentials() {
         missing["error"]["error_code"],
         "lumos_example.missing_credentials"
     );
+    // A whole envelope: the parts it does not read are skipped, whatever they hold.
+    let full = run(&[
+        "validate_credentials",
+        "--json",
+        r#"{"request": {}, "settings": {"deep": [{"x": [1, 2, {"y": null}]}]}, "auth": {"access_token": "abc"}, "page": null, "include_raw_data": true}"#,
+    ]);
+    assert_eq!(full["response"]["unique_tenant_id"], *expected);
+    for bad in ["[1, 2]", "not json", r#"{"auth": "#] {
+        let out = run(&["validate_credentials", "--json", bad]);
+        assert_eq!(
+            out["error"]["error_code"], "lumos_example.bad_request",
+            "{bad}: {out}"
+        );
+    }
 }
 
 #[test]
