@@ -48,7 +48,8 @@ pub struct ExecLimits {
     pub kill_grace: Duration,
     /// Largest stdout accepted.
     pub max_output_bytes: u64,
-    /// How much stderr is kept (the tail) for the log.
+    /// How much of the end of stderr is captured. The dispatcher asks for more than it logs
+    /// (`calls.stderr_log_bytes` plus the longest secret), so it can redact before it cuts.
     pub stderr_keep: usize,
     /// Where stdout beyond [`crate::output::SPOOL_THRESHOLD`] is spooled.
     pub spool_dir: PathBuf,
