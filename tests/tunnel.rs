@@ -541,6 +541,54 @@ async fn shutdown_announces_draining_finishes_in_flight_calls_and_flushes_result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_run_again() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let config = cloud_config(
+        &dirs,
+        &cloud.endpoint(),
+        &FakeCloudOptions::default().token,
+        "",
+    )
+    .replace("drain_grace_secs = 30", "drain_grace_secs = 1");
+    let outbox = dirs.state().join("outbox");
+    let kept_files = || std::fs::read_dir(&outbox).unwrap().count();
+    let count = dirs.root.path().join("runs");
+    // One result small enough for memory, one large enough to be spooled.
+    let small = json!({"request": {"bytes": 1000, "count_file": count}});
+    let large = json!({"request": {"bytes": 3 << 20, "count_file": count}});
+
+    let agent = TestAgent::start(&dirs, &config).await;
+    let mut s = cloud.next_session(WAIT).await;
+    s.call("small", "tester", "big", "", &small);
+    s.call("large", "tester", "big", "", &large);
+    let first_small = s.result("small", WAIT).await.unwrap();
+    let first_large = s.result("large", WAIT).await.unwrap();
+    assert_eq!(first_large.json()["n"], 3 << 20);
+    // The cloud never acknowledges them (it went down before storing them, say): the drain
+    // waits for the acks until its grace runs out, and the agent stops with them undelivered.
+    assert_eq!(agent.shutdown().await, Stopped::GraceExpired);
+    assert_eq!(kept_files(), 2, "both results are kept on disk");
+    assert!(captured_logs().contains("sent again after the next start"));
+
+    // The next start sends them on its first stream, whole, and a call the cloud sends again
+    // gets its stored result instead of running again.
+    let agent = TestAgent::start(&dirs, &config).await;
+    assert_eq!(kept_files(), 0, "taken back, the files are removed");
+    let mut s2 = cloud.next_session(WAIT).await;
+    assert_eq!(s2.result("small", WAIT).await.unwrap(), first_small);
+    assert_eq!(s2.result("large", WAIT).await.unwrap(), first_large);
+    s2.call("large", "tester", "big", "", &large);
+    assert_eq!(s2.result("large", WAIT).await.unwrap(), first_large);
+    assert_eq!(count_lines(&count), 2, "each call ran exactly once");
+    s2.ack("small");
+    s2.ack("large");
+    assert_eq!(agent.shutdown().await, Stopped::Drained);
+    assert_eq!(kept_files(), 0, "nothing is left to keep");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_verifies_the_cloud_certificate_and_trusts_an_extra_ca() {
     let (cert, key) = self_signed_cert();
     let cloud = FakeCloud::start_tls(FakeCloudOptions::default(), &cert, &key).await;

@@ -101,6 +101,9 @@ pub struct RunningAgent {
     failed: CancellationToken,
     failed_task: Arc<std::sync::Mutex<Option<&'static str>>>,
     tracker: TaskTracker,
+    /// The tunnel's calls and outbox: what is unacknowledged at the end is kept on disk.
+    calls: Arc<crate::tunnel::calls::CallTable>,
+    outbox_dir: PathBuf,
     cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
     /// The `[cloud]` settings in force; a reload that changes them replaces the tunnel.
     cloud_settings: tokio::sync::watch::Sender<Option<crate::config::CloudConfig>>,
@@ -206,19 +209,22 @@ impl RunningAgent {
         };
         metrics.set_cloud_status(initial.as_str());
         let cloud_status = Arc::new(tokio::sync::watch::Sender::new(initial));
+        let calls = Arc::new(crate::tunnel::calls::CallTable::new(
+            state.calls(),
+            config
+                .cloud
+                .as_ref()
+                .map_or(crate::config::DEFAULT_OUTBOX_MEMORY_BYTES, |c| {
+                    c.outbox_memory_bytes
+                }),
+        ));
+        // Results the cloud had not acknowledged when the last run stopped go out first.
+        crate::tunnel::outbox::restore(&calls, &state.outbox());
         let tunnel_parts = crate::tunnel::TunnelParts {
             state: state.clone(),
             dispatcher: dispatcher.clone(),
             registry: registry.clone(),
-            table: Arc::new(crate::tunnel::calls::CallTable::new(
-                state.calls(),
-                config
-                    .cloud
-                    .as_ref()
-                    .map_or(crate::config::DEFAULT_OUTBOX_MEMORY_BYTES, |c| {
-                        c.outbox_memory_bytes
-                    }),
-            )),
+            table: calls.clone(),
             draining: draining.clone(),
             abort: abort.clone(),
             tracker: tracker.clone(),
@@ -263,6 +269,8 @@ impl RunningAgent {
             failed: CancellationToken::new(),
             failed_task: Arc::default(),
             tracker: tracker.clone(),
+            calls,
+            outbox_dir: state.outbox(),
         };
         agent.supervise(
             "api",
@@ -433,7 +441,22 @@ impl RunningAgent {
 
     /// Runs until [`Control::Shutdown`] or [`Control::Quit`] (or a supervised task fails), then
     /// drains within `config.calls.drain_grace`. A second stop request during the drain quits.
-    pub async fn run(self, mut control: mpsc::Receiver<Control>) -> Result<Stopped, TaskFailed> {
+    /// However it stops, the results the cloud has not acknowledged are kept on disk for the
+    /// next start ([`crate::tunnel::outbox`]).
+    pub async fn run(self, control: mpsc::Receiver<Control>) -> Result<Stopped, TaskFailed> {
+        let calls = self.calls.clone();
+        let dir = self.outbox_dir.clone();
+        let stopped = self.serve(control).await;
+        // Every call has finished or been cancelled by now, so the table no longer changes.
+        let kept =
+            tokio::task::spawn_blocking(move || crate::tunnel::outbox::save(&calls, &dir)).await;
+        if let Err(e) = kept {
+            tracing::error!(error = %e, "keeping the unacknowledged results failed; they are lost");
+        }
+        stopped
+    }
+
+    async fn serve(self, mut control: mpsc::Receiver<Control>) -> Result<Stopped, TaskFailed> {
         let notifier_stop = self.draining.child_token();
         tokio::spawn(crate::service::run_notifier(
             self.registry.clone(),

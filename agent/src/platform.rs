@@ -56,6 +56,21 @@ pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     }
 }
 
+/// Makes a rename or a new file in `dir` durable (after the file's own `sync_all`). On Windows
+/// a folder cannot be opened as a file (that needs `FILE_FLAG_BACKUP_SEMANTICS`), and NTFS
+/// journals the rename itself, so there is nothing to do.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(windows)]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
 /// The permission bits of a file, `None` where the platform has none.
 pub fn mode_of(meta: &std::fs::Metadata) -> Option<u32> {
     #[cfg(unix)]

@@ -9,6 +9,8 @@
 //!   store/<sha256>/<name>       private copies of plugin executables and libraries, run from here
 //!   work/<plugin>/              each connector's private working folder (HOME, TMPDIR)
 //!   calls/                0700  call input files (0600), deleted after each call
+//!   outbox/               0700  results the cloud had not acknowledged when the agent stopped
+//!                               (0600), read back and removed at the next start
 //!   logs/connectors/            connector-py log files (LUMOS_LOG_DIRECTORY)
 //! ```
 
@@ -36,6 +38,7 @@ impl StatePaths {
             &self.bundles(),
             &self.work(),
             &self.calls(),
+            &self.outbox(),
             &self.connector_logs(),
         ] {
             fs::DirBuilder::new()
@@ -43,7 +46,7 @@ impl StatePaths {
                 .mode(0o700)
                 .create(dir)?;
         }
-        for private in [&self.root, &self.calls()] {
+        for private in [&self.root, &self.calls(), &self.outbox()] {
             platform::set_mode(private, 0o700)?;
         }
         Ok(())
@@ -114,6 +117,11 @@ impl StatePaths {
         self.root.join("calls")
     }
 
+    /// Results kept across a restart (`tunnel::outbox`).
+    pub fn outbox(&self) -> PathBuf {
+        self.root.join("outbox")
+    }
+
     /// Connector log files.
     pub fn connector_logs(&self) -> PathBuf {
         self.root.join("logs").join("connectors")
@@ -124,6 +132,15 @@ impl StatePaths {
 /// fsync of the folder. A crash leaves the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
+    write_atomic_with(path, mode, |file| file.write_all(contents))
+}
+
+/// [`write_atomic`] for contents written by `write` (streamed, however large).
+pub fn write_atomic_with(
+    path: &Path,
+    mode: u32,
+    write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("path has no parent folder"))?;
@@ -142,10 +159,11 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        file.write_all(contents)?;
+        write(&mut file)?;
         file.sync_all()?;
+        drop(file);
         fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        platform::sync_dir(dir)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

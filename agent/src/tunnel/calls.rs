@@ -271,6 +271,52 @@ impl CallTable {
         rx
     }
 
+    /// The results of calls that ran and wait for an acknowledgement, for keeping them across
+    /// a restart. Refusals (busy, draining) are left out: the cloud sends those calls again.
+    pub fn undelivered(&self) -> Vec<(String, Arc<StoredResult>)> {
+        self.lock()
+            .entries
+            .iter()
+            .filter_map(|(id, entry)| match entry {
+                Entry::Done(result) if result.ran => Some((id.clone(), result.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether `bytes` more of results fit in the memory budget.
+    pub fn memory_room(&self, bytes: u64) -> bool {
+        self.lock().memory_bytes.saturating_add(bytes) <= self.memory_budget.load(Ordering::Relaxed)
+    }
+
+    /// Where results over the memory budget are spilled.
+    pub fn spill_dir(&self) -> &std::path::Path {
+        &self.spill_dir
+    }
+
+    /// Takes back a result of a call that ran in an earlier run of the agent: it is sent on the
+    /// next stream like any other, and the call is not run again. Ignored (false) when the id
+    /// is already known.
+    pub fn restore(&self, call_id: String, outcome: Outcome, body: ResultBody) -> bool {
+        let mut inner = self.lock();
+        if inner.entries.contains_key(&call_id) || inner.acked.contains(&call_id) {
+            return false;
+        }
+        if body.in_memory() {
+            inner.memory_bytes += body.len();
+        }
+        if let Some(sender) = &inner.sender {
+            let _ = sender.send(call_id.clone());
+        }
+        let result = StoredResult {
+            outcome,
+            body,
+            ran: true,
+        };
+        inner.entries.insert(call_id, Entry::Done(Arc::new(result)));
+        true
+    }
+
     /// Calls running now.
     pub fn running(&self) -> usize {
         self.lock().running

@@ -4,12 +4,14 @@
 //!
 //! - [`transport`]: TCP, HTTP CONNECT proxy, TLS.
 //! - [`calls`]: running calls, the outbox of unacknowledged results, replay protection.
+//! - [`outbox`]: the outbox kept on disk from a stop to the next start.
 //! - `session`: one stream, from Hello to its end.
 //!
 //! **Only this module knows the protocol's types** (`lumos_agent_proto`); the rest of the
 //! agent speaks in dispatcher calls and inventories.
 
 pub mod calls;
+pub mod outbox;
 mod session;
 pub mod transport;
 
