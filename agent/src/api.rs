@@ -334,7 +334,7 @@ async fn call(
     // A dropped request (client gone) drops this future, and with it the call's processes.
     match state
         .dispatcher
-        .call(request, &state.abort.child_token())
+        .call(&request, &state.abort.child_token())
         .await
     {
         Ok(answer) => {

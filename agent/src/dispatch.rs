@@ -155,7 +155,7 @@ impl Dispatcher {
     /// Runs one call. `cancel` stops it (and kills its processes) early.
     pub async fn call(
         &self,
-        req: CallRequest,
+        req: &CallRequest,
         cancel: &CancellationToken,
     ) -> Result<CallAnswer, CallError> {
         let started = Instant::now();
@@ -287,7 +287,8 @@ impl Dispatcher {
                 capability,
                 "the app refused the access token; refreshing it and running the call once more"
             );
-            let rendered = self.refresh_after_rejection(managed).await?;
+            // Boxed: rare, and large.
+            let rendered = Box::pin(self.refresh_after_rejection(managed)).await?;
             self.run(
                 app_id,
                 capability,
@@ -317,17 +318,18 @@ impl Dispatcher {
     ) -> Result<ResultBody, CallError> {
         let (input, secrets) = (&envelope.bytes[..], &envelope.secrets);
         let answer = match runner {
+            // The executable and worker paths are boxed: their futures are large, and every
+            // call's future (an in-process one too) would otherwise carry their size, moved
+            // at each step. A process spawn or a pipe round trip dwarfs the allocation.
             Runner::Executable { program, env } => {
-                return self
-                    .run_executable(
-                        app_id, capability, program, env, envelope, timeout, call_token,
-                    )
-                    .await;
+                return Box::pin(self.run_executable(
+                    app_id, capability, program, env, envelope, timeout, call_token,
+                ))
+                .await;
             }
             // Native connectors get the envelope in memory (over a private pipe to a worker).
             Runner::Worker(w) => {
-                w.call(capability, input, secrets, timeout, call_token)
-                    .await
+                Box::pin(w.call(capability, input, secrets, timeout, call_token)).await
             }
             Runner::InProcess(n) => {
                 n.call(capability, input, secrets, timeout, call_token)

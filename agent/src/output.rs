@@ -129,6 +129,23 @@ impl ResultBody {
         spool.finish().await
     }
 
+    /// [`spill`](Self::spill) without a runtime, for small bodies: on failure the body comes
+    /// back with the error.
+    pub fn spill_blocking(self, dir: &Path) -> Result<Self, (Self, io::Error)> {
+        use std::io::Write;
+        let Self::Memory(bytes) = &self else {
+            return Ok(self);
+        };
+        let written = tempfile::tempfile_in(dir).and_then(|mut file| {
+            file.write_all(bytes)?;
+            Ok(file)
+        });
+        match written {
+            Ok(file) => Ok(Self::from_file(file, bytes.len() as u64)),
+            Err(e) => Err((self, e)),
+        }
+    }
+
     /// A blocking reader over the body, for streaming parsers.
     pub fn reader(&self) -> Box<dyn Read + Send> {
         match self {

@@ -144,14 +144,11 @@ impl CallTable {
     /// Stores a call's result (spilling it to disk when memory is over budget) and queues it
     /// on the current stream.
     pub async fn finish(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
-        let over_budget = body.in_memory() && {
-            let inner = self.lock();
-            inner.memory_bytes.saturating_add(body.len())
-                > self.memory_budget.load(Ordering::Relaxed)
-        };
-        let body = if over_budget {
+        let body = if self.over_budget(&body) {
             let len = body.len();
-            match body.clone().spill(&self.spill_dir).await {
+            // Boxed: the spill's future is large and rare, and every call's future would
+            // otherwise carry its size.
+            match Box::pin(body.clone().spill(&self.spill_dir)).await {
                 Ok(spooled) => spooled,
                 Err(e) => {
                     // Keeping it in memory loses nothing; the budget is a soft limit.
@@ -162,6 +159,18 @@ impl CallTable {
         } else {
             body
         };
+        self.store(call_id, outcome, body, ran);
+    }
+
+    fn over_budget(&self, body: &ResultBody) -> bool {
+        body.in_memory() && {
+            let inner = self.lock();
+            inner.memory_bytes.saturating_add(body.len())
+                > self.memory_budget.load(Ordering::Relaxed)
+        }
+    }
+
+    fn store(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
         {
             let mut inner = self.lock();
             if body.in_memory() {
@@ -191,7 +200,11 @@ impl CallTable {
     /// Stores an error answer for a call that is not run (busy, draining, malformed). Refused
     /// when the id runs, ran or was acknowledged: that call's own result stands. Returns
     /// whether it was stored.
-    pub async fn refuse(&self, call_id: &str, body: ResultBody) -> bool {
+    ///
+    /// Not async, so that the session handles its messages without a future of its own per
+    /// message: over the memory budget the refusal (an error document of a few hundred bytes)
+    /// is written to its spill file in place.
+    pub fn refuse(&self, call_id: &str, body: ResultBody) -> bool {
         let may = {
             let inner = self.lock();
             !inner.acked.contains(call_id)
@@ -202,7 +215,18 @@ impl CallTable {
                 }
         };
         if may {
-            self.finish(call_id, Outcome::AgentError, body, false).await;
+            let body = if self.over_budget(&body) {
+                match body.spill_blocking(&self.spill_dir) {
+                    Ok(spooled) => spooled,
+                    Err((body, e)) => {
+                        tracing::warn!(call_id, error = %e, "cannot spill a refusal to the state folder; keeping it in memory");
+                        body
+                    }
+                }
+            } else {
+                body
+            };
+            self.store(call_id, Outcome::AgentError, body, false);
         }
         may
     }
@@ -394,6 +418,11 @@ mod tests {
             .await;
         // Over the 4-byte budget: spilled to an (unlinked) file, not counted in memory.
         assert!(!table.result("b").unwrap().body.in_memory());
+        // A refusal too, stored without a runtime.
+        assert!(table.refuse("c", body("{busy}")));
+        let refusal = table.result("c").unwrap();
+        assert!(!refusal.body.in_memory());
+        assert_eq!(&refusal.body.to_bytes().await.unwrap()[..], b"{busy}");
         assert_eq!(table.memory_bytes(), 0);
         assert!(table.cancel("a"));
         assert!(token.is_cancelled());
@@ -411,19 +440,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let table = CallTable::new(dir.path().to_path_buf(), 1 << 20);
         let root = CancellationToken::new();
-        assert!(table.refuse("r", body("{busy}")).await);
-        assert!(table.refuse("r", body("{bad}")).await);
+        assert!(table.refuse("r", body("{busy}")));
+        assert!(table.refuse("r", body("{bad}")));
         assert_eq!(
             table.memory_bytes(),
             5,
             "the first refusal's bytes were released"
         );
         assert!(matches!(table.admit("r", 4, &root), Admission::Run(_)));
-        assert!(!table.refuse("r", body("{x}")).await, "running");
+        assert!(!table.refuse("r", body("{x}")), "running");
         table.finish("r", Outcome::Answered, body("{}"), true).await;
-        assert!(!table.refuse("r", body("{x}")).await, "ran");
+        assert!(!table.refuse("r", body("{x}")), "ran");
         assert!(table.acknowledge("r"));
-        assert!(!table.refuse("r", body("{x}")).await, "acknowledged");
+        assert!(!table.refuse("r", body("{x}")), "acknowledged");
         assert_eq!(table.memory_bytes(), 0);
     }
 }

@@ -208,7 +208,7 @@ pub async fn run(
                     match received {
                         Ok(Some(msg)) => {
                             last_heard = Instant::now();
-                            session.handle(msg).await;
+                            session.handle(msg);
                         }
                         Ok(None) => break Some("the cloud closed the stream".to_string()),
                         Err(status) => break Some(format!("the stream failed: {}", describe_status(&status))),
@@ -311,9 +311,11 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn handle(&mut self, msg: CloudMessage) {
+    /// Not async, nor anything it calls: a future per message would be kilobytes moved for
+    /// every call, and nothing here needs to wait.
+    fn handle(&mut self, msg: CloudMessage) {
         match msg.message {
-            Some(cloud_message::Message::CallRequest(chunk)) => self.on_chunk(chunk).await,
+            Some(cloud_message::Message::CallRequest(chunk)) => self.on_chunk(chunk),
             Some(cloud_message::Message::ResultAck(ack)) => {
                 if self.ctx.parts.table.acknowledge(&ack.call_id) {
                     return;
@@ -355,7 +357,7 @@ impl Session<'_> {
         }
     }
 
-    async fn on_chunk(&mut self, mut chunk: pb::CallRequest) {
+    fn on_chunk(&mut self, mut chunk: pb::CallRequest) {
         // The chunk's strings move into the call: no copies.
         let call_id = std::mem::take(&mut chunk.call_id);
         if call_id.is_empty() {
@@ -372,14 +374,12 @@ impl Session<'_> {
         let partial = match self.partials.remove(&call_id) {
             None if chunk.seq == 0 => {
                 if self.partials.len() >= self.ctx.cloud.max_concurrent_calls.saturating_mul(2) {
-                    return self
-                        .refuse(
-                            &call_id,
-                            &chunk.app_id,
-                            chunk.last,
-                            busy(self.ctx.cloud.max_concurrent_calls),
-                        )
-                        .await;
+                    return self.refuse(
+                        &call_id,
+                        &chunk.app_id,
+                        chunk.last,
+                        busy(self.ctx.cloud.max_concurrent_calls),
+                    );
                 }
                 Partial {
                     app_id: std::mem::take(&mut chunk.app_id),
@@ -398,7 +398,7 @@ impl Session<'_> {
                         chunk.seq
                     ),
                 );
-                return self.refuse(&call_id, &chunk.app_id, chunk.last, err).await;
+                return self.refuse(&call_id, &chunk.app_id, chunk.last, err);
             }
             Some(mut partial) => {
                 if chunk.seq != partial.next_seq {
@@ -409,9 +409,7 @@ impl Session<'_> {
                             chunk.seq, partial.next_seq
                         ),
                     );
-                    return self
-                        .refuse(&call_id, &partial.app_id, chunk.last, err)
-                        .await;
+                    return self.refuse(&call_id, &partial.app_id, chunk.last, err);
                 }
                 partial.next_seq += 1;
                 partial.payload.extend_from_slice(&chunk.payload);
@@ -423,12 +421,10 @@ impl Session<'_> {
                 ErrorCode::BadRequest,
                 format!("the payload of call {call_id} is over {max_request} bytes (cloud.max_request_bytes)"),
             );
-            return self
-                .refuse(&call_id, &partial.app_id, chunk.last, err)
-                .await;
+            return self.refuse(&call_id, &partial.app_id, chunk.last, err);
         }
         if chunk.last {
-            self.start(call_id, partial).await;
+            self.start(call_id, partial);
         } else {
             self.partials.insert(call_id, partial);
         }
@@ -437,7 +433,7 @@ impl Session<'_> {
     /// Answers a call with an error without running it. The result is stored like any other
     /// (and acknowledged like any other); the call may be sent again and then run.
     /// `last`: whether the refused chunk was its call's last (later ones are dropped quietly).
-    async fn refuse(&mut self, call_id: &str, app_id: &str, last: bool, err: CallError) {
+    fn refuse(&mut self, call_id: &str, app_id: &str, last: bool, err: CallError) {
         tracing::warn!(
             call_id,
             code = err.code.as_str(),
@@ -449,10 +445,10 @@ impl Session<'_> {
         }
         self.partials.remove(call_id);
         let app_id = (!app_id.is_empty()).then_some(app_id);
-        store_refusal(&self.ctx.parts.table, call_id, app_id, &err).await;
+        store_refusal(&self.ctx.parts.table, call_id, app_id, &err);
     }
 
-    async fn start(&mut self, call_id: String, partial: Partial) {
+    fn start(&mut self, call_id: String, partial: Partial) {
         let ctx = self.ctx;
         let app_id = Some(partial.app_id.as_str()).filter(|a| !a.is_empty());
         if ctx.parts.draining.is_cancelled() {
@@ -460,7 +456,7 @@ impl Session<'_> {
                 ErrorCode::ShuttingDown,
                 "this agent is shutting down and takes no new calls; send it to another agent of the cluster",
             );
-            return store_refusal(&ctx.parts.table, &call_id, app_id, &err).await;
+            return store_refusal(&ctx.parts.table, &call_id, app_id, &err);
         }
         let token = match ctx.parts.table.admit(
             &call_id,
@@ -503,23 +499,21 @@ impl Session<'_> {
                     app_id,
                     &busy(ctx.cloud.max_concurrent_calls),
                 )
-                .await
             }
         };
         let dispatcher = ctx.parts.dispatcher.clone();
         let table = ctx.parts.table.clone();
         let call = Box::pin(async move {
-            let app_id = partial.app_id.clone();
             let (outcome, body) = match parse_call(partial) {
-                Err(err) => (
+                Err((err, app_id)) => (
                     Outcome::AgentError,
                     ResultBody::from(err.to_json_bytes(Some(&app_id))),
                 ),
-                Ok(request) => match dispatcher.call(request, &token).await {
+                Ok(request) => match dispatcher.call(&request, &token).await {
                     Ok(answer) => (Outcome::Answered, answer.json),
                     Err(err) => (
                         Outcome::AgentError,
-                        ResultBody::from(err.to_json_bytes(Some(&app_id))),
+                        ResultBody::from(err.to_json_bytes(Some(&request.app_id))),
                     ),
                 },
             };
@@ -577,17 +571,27 @@ fn busy(limit: usize) -> CallError {
     err
 }
 
-async fn store_refusal(table: &CallTable, call_id: &str, app_id: Option<&str>, err: &CallError) {
-    if !table
-        .refuse(call_id, ResultBody::from(err.to_json_bytes(app_id)))
-        .await
-    {
+fn store_refusal(table: &CallTable, call_id: &str, app_id: Option<&str>, err: &CallError) {
+    if !table.refuse(call_id, ResultBody::from(err.to_json_bytes(app_id))) {
         tracing::debug!(call_id, "not refused: this id has its own result");
     }
 }
 
-/// The dispatcher's request from an assembled CallRequest.
-fn parse_call(partial: Partial) -> Result<CallRequest, CallError> {
+/// The dispatcher's request from an assembled CallRequest; an error comes with the call's
+/// `app_id` (for its error document).
+fn parse_call(mut partial: Partial) -> Result<CallRequest, (CallError, String)> {
+    match envelope_of(&mut partial) {
+        Ok(body) => Ok(CallRequest {
+            app_id: partial.app_id,
+            capability: partial.capability,
+            body,
+            deadline: (partial.deadline_ms > 0).then(|| Duration::from_millis(partial.deadline_ms)),
+        }),
+        Err(err) => Err((err, partial.app_id)),
+    }
+}
+
+fn envelope_of(partial: &mut Partial) -> Result<CallBody, CallError> {
     if partial.app_id.is_empty() || partial.capability.is_empty() {
         return Err(CallError::new(
             ErrorCode::BadRequest,
@@ -605,7 +609,7 @@ fn parse_call(partial: Partial) -> Result<CallRequest, CallError> {
         })?
     };
     // The payload (it may hold credentials) is zeroized now that it is parsed.
-    drop(partial.payload);
+    drop(std::mem::take(&mut partial.payload));
     if !partial.tenant_id.is_empty() {
         match &body.tenant_id {
             Some(inner) if inner != &partial.tenant_id => {
@@ -614,15 +618,10 @@ fn parse_call(partial: Partial) -> Result<CallRequest, CallError> {
                     "the payload's tenant_id differs from the call's",
                 ))
             }
-            _ => body.tenant_id = Some(partial.tenant_id),
+            _ => body.tenant_id = Some(std::mem::take(&mut partial.tenant_id)),
         }
     }
-    Ok(CallRequest {
-        app_id: partial.app_id,
-        capability: partial.capability,
-        body,
-        deadline: (partial.deadline_ms > 0).then(|| Duration::from_millis(partial.deadline_ms)),
-    })
+    Ok(body)
 }
 
 /// What the agent sends on one stream, produced as tonic asks for it: control messages first,
