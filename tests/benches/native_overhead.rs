@@ -29,7 +29,7 @@ static SECRETS: std::sync::LazyLock<SecretSpans> =
 fn direct(input: &[u8]) -> Vec<u8> {
     let input = lumos_example_connector::parse_input(input).unwrap();
     let answer = lumos_example_connector::handle("validate_credentials", &input).unwrap();
-    answer.to_string().into_bytes()
+    lumos_example_connector::to_bytes(&answer)
 }
 
 /// One token for every call: allocating one per call would be measured as ABI cost.

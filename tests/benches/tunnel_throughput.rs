@@ -159,7 +159,7 @@ async fn bare_responder(cloud: &FakeCloud, reply: Reply) {
                             let answer =
                                 lumos_example_connector::handle("validate_credentials", &input)
                                     .unwrap();
-                            bytes::Bytes::from(answer.to_string())
+                            bytes::Bytes::from(lumos_example_connector::to_bytes(&answer))
                         }
                     };
                     let result = CallResult {

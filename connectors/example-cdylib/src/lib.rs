@@ -29,8 +29,8 @@ impl Connector for ExampleConnector {
         let answer = lumos_example_connector::parse_input(&call.input)
             .and_then(|input| lumos_example_connector::handle(&call.capability, &input));
         match answer {
-            Ok(answer) => done.ok(answer.to_string().as_bytes()),
-            Err(err) => done.error(err.into_json().to_string().as_bytes()),
+            Ok(answer) => done.ok(&lumos_example_connector::to_bytes(&answer)),
+            Err(err) => done.error(&lumos_example_connector::to_bytes(&err.into_json())),
         }
     }
 }
