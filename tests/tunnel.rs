@@ -733,8 +733,8 @@ async fn a_reload_with_new_cloud_settings_reconnects_and_keeps_unacknowledged_re
         agent.control.send(Control::Reload)
     };
 
-    // Unusable new settings (a CA file with no certificate): reported, and the running tunnel
-    // stays.
+    // Unusable new settings (a CA file with no certificate): the reload is refused with the
+    // file named, and the running tunnel stays.
     let bad_ca = dirs.root.path().join("bad-ca.pem");
     std::fs::write(&bad_ca, "not a certificate").unwrap();
     reload(
@@ -744,7 +744,12 @@ async fn a_reload_with_new_cloud_settings_reconnects_and_keeps_unacknowledged_re
     .await
     .unwrap();
     eventually(WAIT, "the bad settings to be reported", || {
-        captured_logs().contains("keeping the current ones")
+        // The reload error lists each issue on a line of its own.
+        let logs = captured_logs();
+        logs.contains("still running the previous configuration")
+            && logs
+                .lines()
+                .any(|line| line.contains("cloud.ca_file") && line.contains("bad-ca.pem"))
     })
     .await;
     s1.call("still", "tester", "echo", "", &json!({}));

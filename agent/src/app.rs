@@ -185,7 +185,7 @@ impl RunningAgent {
         let draining = CancellationToken::new();
         let tracker = TaskTracker::new();
         let broker = crate::oauth::broker::TokenBroker::new(
-            crate::oauth::TokenClient::new(None, TOKEN_REQUEST_TIMEOUT)
+            crate::oauth::TokenClient::new(config.oauth.ca_file.as_deref(), TOKEN_REQUEST_TIMEOUT)
                 .map_err(StartError::TokenClient)?,
             crate::oauth::broker::BrokerSettings::default(),
             crate::oauth::managed::persist_to(tenants.clone()),
@@ -400,6 +400,7 @@ impl RunningAgent {
             (new.state_dir != old.state_dir, "state_dir"),
             (new.api.listen != old.api.listen, "api.listen"),
             (new.log.format != old.log.format, "log.format"),
+            (new.oauth != old.oauth, "oauth.ca_file"),
             (new.plugins.watch != old.plugins.watch, "plugins.watch"),
             (
                 new.plugins.rescan_interval != old.plugins.rescan_interval,

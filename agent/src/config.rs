@@ -71,6 +71,8 @@ pub struct Config {
     pub connectors: BTreeMap<String, ConnectorOverride>,
     /// The tunnel to the Lumos cloud; `None` is standalone mode (local API only).
     pub cloud: Option<CloudConfig>,
+    /// `[oauth]`: how the token broker reaches authorization servers.
+    pub oauth: OAuthConfig,
 }
 
 /// How an agent prefers to be used within its cluster (`Hello.operation_mode`).
@@ -188,6 +190,14 @@ fn percent_decode(text: &str) -> Option<String> {
         .decode_utf8()
         .ok()
         .map(std::borrow::Cow::into_owned)
+}
+
+/// How the token broker reaches authorization servers (token endpoints).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OAuthConfig {
+    /// Extra CAs (PEM) trusted for token endpoints, besides the web PKI and the system store:
+    /// an in-house authorization server with a private CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The local API.
@@ -494,6 +504,7 @@ const TOP_KEYS: &[&str] = &[
     "log",
     "connectors",
     "cloud",
+    "oauth",
 ];
 
 impl Validator {
@@ -676,6 +687,10 @@ impl Validator {
         };
         let connectors = self.connectors(&mut table);
         let cloud = self.cloud(&mut table, env);
+        let mut oauth = self.section(&mut table, "oauth", &["ca_file"]);
+        let oauth = OAuthConfig {
+            ca_file: self.ca_file(&mut oauth, "oauth.ca_file"),
+        };
 
         if self.issues.is_empty() {
             Ok(Config {
@@ -688,6 +703,7 @@ impl Validator {
                 log,
                 connectors,
                 cloud,
+                oauth,
             })
         } else {
             Err(ConfigError::Invalid(self.issues))
@@ -756,6 +772,23 @@ impl Validator {
             return None;
         }
         Some(PathBuf::from(text))
+    }
+
+    /// A CA file: a path to PEM certificates, read now so that a bad one is reported with the
+    /// rest (and by `check-config`) rather than when the first connection needs it.
+    fn ca_file(&mut self, table: &mut Map<String, Value>, key: &str) -> Option<PathBuf> {
+        let origin = table
+            .get(leaf(key))
+            .and_then(|v| v.origin().map(str::to_owned));
+        let path = absolute(self.path(table, key)?);
+        if let Err(message) = crate::tunnel::transport::read_ca_file(&path) {
+            self.issue(
+                key,
+                origin.as_deref(),
+                format!("cannot use {}: {message}", path.display()),
+            );
+        }
+        Some(path)
     }
 
     fn uint(
@@ -924,7 +957,7 @@ impl Validator {
         let allow_insecure = self
             .boolean(&mut cloud, "cloud.allow_insecure")
             .unwrap_or(false);
-        let ca_file = self.path(&mut cloud, "cloud.ca_file").map(absolute);
+        let ca_file = self.ca_file(&mut cloud, "cloud.ca_file");
         let proxy_setting = self.string(&mut cloud, "cloud.proxy");
         let no_proxy_setting = self.string_list(&mut cloud, "cloud.no_proxy");
         let cluster_id = self
@@ -1210,6 +1243,46 @@ mod tests {
         // Without [cloud]: standalone.
         let (_dir, path) = file("");
         assert!(load_file(&path, &[]).unwrap().cloud.is_none());
+    }
+
+    #[test]
+    fn ca_files_are_read_when_validated_and_bad_ones_reported_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("corp-ca.pem");
+        let issued = rcgen::generate_simple_self_signed(vec!["idp.corp".into()]).unwrap();
+        std::fs::write(&good, issued.cert.pem()).unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let missing = dir.path().join("missing.pem");
+
+        let (_d, path) = file(&format!(
+            "[oauth]\nca_file = {:?}\n",
+            good.display().to_string()
+        ));
+        let config = load_file(&path, &[]).unwrap();
+        assert_eq!(config.oauth.ca_file.as_deref(), Some(good.as_path()));
+        let (_d, path) = file("");
+        assert_eq!(load_file(&path, &[]).unwrap().oauth, OAuthConfig::default());
+
+        let (_d, path) = file(&format!(
+            "[oauth]\nca_file = {:?}\ntypo = 1\n[cloud]\nendpoint = \"https://cloud.example\"\ntoken_file = \"/etc/t\"\nca_file = {:?}\n",
+            junk.display().to_string(),
+            missing.display().to_string()
+        ));
+        let err = load_file(&path, &[]).unwrap_err();
+        let ConfigError::Invalid(issues) = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        let about = |key: &str| {
+            issues
+                .iter()
+                .find(|i| i.key == key)
+                .map(|i| i.message.clone())
+                .unwrap_or_else(|| panic!("no issue for {key}: {issues:?}"))
+        };
+        assert!(about("oauth.ca_file").contains("no PEM certificate"));
+        assert!(about("cloud.ca_file").contains("missing.pem"));
+        assert!(issues.iter().any(|i| i.key.contains("typo")), "{issues:?}");
     }
 
     #[test]

@@ -23,16 +23,48 @@ pub(crate) type Script =
 
 /// A token endpoint on 127.0.0.1 that answers as `script` says and records each request.
 pub(crate) async fn fake_endpoint(script: Script) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    fake_endpoint_with(script, None).await
+}
+
+/// [`fake_endpoint`] over TLS with `issued`'s certificate (for `localhost`), as an in-house
+/// authorization server with a private CA.
+pub(crate) async fn fake_tls_endpoint(
+    script: Script,
+    issued: &rcgen::CertifiedKey<rcgen::KeyPair>,
+) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        issued.signing_key.serialize_der(),
+    ));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![issued.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    fake_endpoint_with(script, Some(acceptor)).await
+}
+
+async fn fake_endpoint_with(
+    script: Script,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (String, Arc<Mutex<Vec<Seen>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
+    let url = match tls {
+        Some(_) => format!("https://localhost:{}/token", addr.port()),
+        None => format!("http://{addr}/token"),
+    };
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (script, log) = (script.clone(), log.clone());
+            let (script, log, tls) = (script.clone(), log.clone(), tls.clone());
             tokio::spawn(async move {
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -64,11 +96,24 @@ pub(crate) async fn fake_endpoint(script: Script) -> (String, Arc<Mutex<Vec<Seen
                             )
                         }
                     });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                            .await;
+                    }
+                    // A client that does not trust the certificate never gets this far.
+                    Some(tls) => {
+                        if let Ok(stream) = tls.accept(tcp).await {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                }
             });
         }
     });
-    (format!("http://{addr}/token"), seen)
+    (url, seen)
 }

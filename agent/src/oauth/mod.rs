@@ -226,14 +226,17 @@ impl fmt::Debug for TokenClient {
 }
 
 impl TokenClient {
-    /// A client trusting the web PKI, the system store and `ca_file`; each request gets
-    /// `timeout` in all.
+    /// A client trusting the web PKI, the system store and `ca_file` (`oauth.ca_file`); each
+    /// request gets `timeout` in all.
     pub fn new(
         ca_file: Option<&std::path::Path>,
         timeout: Duration,
     ) -> Result<Self, crate::tunnel::transport::TransportError> {
         // hyper-rustls sets ALPN itself (and refuses a config that already has one).
-        let tls = crate::tunnel::transport::client_config(ca_file, &[])?;
+        let tls = crate::tunnel::transport::client_config(
+            ca_file.map(|path| ("oauth.ca_file", path)),
+            &[],
+        )?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -703,6 +706,45 @@ mod tests {
         assert_eq!(params["client_id"], "client-1");
         assert_eq!(params["client_secret"], "SECRET-canary");
         assert_eq!(params["scope"], "read write");
+    }
+
+    #[tokio::test]
+    async fn an_in_house_authorization_server_is_trusted_through_oauth_ca_file() {
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (url, seen) =
+            super::fake::fake_tls_endpoint(answer(200, r#"{"access_token": "AT-tls"}"#), &issued)
+                .await;
+        let ep = endpoint(&url, ClientAuth::Post, BodyFormat::Form);
+        // Its CA is in neither the web PKI nor the system store.
+        let err = client()
+            .request(&ep, Grant::RefreshToken("RT-1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TokenError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("certificate"), "{err}");
+        assert!(seen.lock().unwrap().is_empty(), "no request got through");
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("corp-ca.pem");
+        std::fs::write(&ca, issued.cert.pem()).unwrap();
+        let trusting = TokenClient::new(Some(&ca), Duration::from_secs(5)).unwrap();
+        let tokens = trusting
+            .request(&ep, Grant::RefreshToken("RT-1"))
+            .await
+            .unwrap();
+        assert_eq!(tokens.access_token.as_str(), "AT-tls");
+        assert_eq!(form(&seen.lock().unwrap()[0].body)["refresh_token"], "RT-1");
+
+        // A file that is not a CA is an error that names the setting.
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let err = TokenClient::new(Some(&junk), Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("oauth.ca_file") && err.contains("junk.pem"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -26,9 +26,11 @@ use crate::config::{CloudConfig, ProxyUrl};
 /// Why the agent could not reach the cloud.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    /// The trust store could not be built (a bad `cloud.ca_file`).
-    #[error("cannot use cloud.ca_file {path}: {message}")]
+    /// The trust store could not be built (a bad `cloud.ca_file` or `oauth.ca_file`).
+    #[error("cannot use {setting} {path}: {message}")]
     CaFile {
+        /// The setting that names it.
+        setting: &'static str,
         /// The file.
         path: String,
         /// What is wrong.
@@ -91,7 +93,7 @@ impl CloudConnector {
             .unwrap_or(if https { 443 } else { 80 });
         let tls = if https {
             Some(tokio_rustls::TlsConnector::from(Arc::new(client_config(
-                cloud.ca_file.as_deref(),
+                cloud.ca_file.as_deref().map(|path| ("cloud.ca_file", path)),
                 &[b"h2"],
             )?)))
         } else {
@@ -228,10 +230,24 @@ impl Inner {
     }
 }
 
-/// rustls settings: web PKI roots, the system store and `ca_file`, offering `alpn` (the tunnel
-/// asks for HTTP/2; token endpoints leave it to hyper-rustls).
+/// An extra CA file's certificates: PEM, at least one. The error says what is wrong, for a
+/// person (config validation reports it too, so `check-config` catches a bad file).
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("it holds no PEM certificate".into());
+    }
+    Ok(certs)
+}
+
+/// rustls settings: web PKI roots, the system store and `ca_file` (with the name of its
+/// setting, for errors), offering `alpn` (the tunnel asks for HTTP/2; token endpoints leave it
+/// to hyper-rustls).
 pub fn client_config(
-    ca_file: Option<&std::path::Path>,
+    ca_file: Option<(&'static str, &std::path::Path)>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TransportError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -242,21 +258,16 @@ pub fn client_config(
     }
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     tracing::debug!(system_roots = added, "trust store loaded");
-    if let Some(path) = ca_file {
+    if let Some((setting, path)) = ca_file {
         let bad = |message: String| TransportError::CaFile {
+            setting,
             path: path.display().to_string(),
             message,
         };
-        let mut count = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
-            let cert = cert.map_err(|e| bad(e.to_string()))?;
+        for cert in read_ca_file(path).map_err(bad)? {
             roots
                 .add(cert)
                 .map_err(|e| bad(format!("a certificate is not usable as a CA: {e}")))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(bad("it holds no PEM certificate".into()));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
