@@ -335,16 +335,41 @@ struct StoreFile {
 }
 
 /// The agent-held tenants, in memory and on disk.
-#[derive(Debug)]
+///
+/// Readers take the current [`Snapshot`] and never wait for a write to reach the disk: a
+/// writer builds the next snapshot from the current one, makes it durable (encrypt, write,
+/// fsync, rename), and only then swaps it in. So a change is visible only once it is durable
+/// (a rotated refresh token is on disk before the new access token is used), and a token
+/// refresh's fsync does not stall every call that looks a tenant up.
 pub struct TenantStore {
     path: PathBuf,
     key: StoreKey,
-    tenants: RwLock<BTreeMap<String, Arc<Tenant>>>,
-    /// Locked after `tenants` when both are needed.
-    pending: Mutex<Vec<PendingUpdate>>,
+    /// What readers see; replaced whole, never changed in place.
+    current: RwLock<Arc<Snapshot>>,
+    /// Held by the one writer at a time, across its disk write.
+    writer: Mutex<()>,
     /// Bumped on every change of the pending updates: a watcher never misses one, even if it
     /// was busy when it happened.
     pub updates: tokio::sync::watch::Sender<u64>,
+    /// Runs once just before the next disk write (tests: hold a writer there).
+    #[cfg(test)]
+    before_write: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl fmt::Debug for TenantStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantStore")
+            .field("path", &self.path)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tenants and pending updates at one moment.
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    tenants: BTreeMap<String, Arc<Tenant>>,
+    pending: Vec<PendingUpdate>,
 }
 
 /// The tenants and the pending updates, as one transaction sees them.
@@ -378,9 +403,11 @@ impl TenantStore {
         let store = Self {
             path,
             key,
-            tenants: RwLock::new(tenants),
-            pending: Mutex::new(pending),
+            current: RwLock::new(Arc::new(Snapshot { tenants, pending })),
+            writer: Mutex::new(()),
             updates: tokio::sync::watch::Sender::new(0),
+            #[cfg(test)]
+            before_write: Mutex::new(None),
         };
         store.migrate(plaintext)?;
         Ok(store)
@@ -400,13 +427,14 @@ impl TenantStore {
             }
         };
         let (old, _) = parse_store(plaintext, &bytes)?;
-        let mut tenants = self.tenants.write().expect("tenant lock poisoned");
         let count = old.len();
-        for (id, tenant) in old {
-            // A tenant already in the encrypted store is newer than the plaintext copy.
-            tenants.entry(id).or_insert(tenant);
-        }
-        self.persist(&tenants)?;
+        self.write(|next| {
+            for (id, tenant) in old {
+                // A tenant already in the encrypted store is newer than the plaintext copy.
+                next.tenants.entry(id).or_insert(tenant);
+            }
+            (true, ())
+        })?;
         std::fs::remove_file(plaintext).map_err(|source| TenantStoreError::Io {
             path: plaintext.to_path_buf(),
             source,
@@ -415,20 +443,22 @@ impl TenantStore {
         Ok(())
     }
 
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The tenant, if stored.
     pub fn get(&self, tenant_id: &str) -> Option<Arc<Tenant>> {
-        self.tenants
-            .read()
-            .expect("tenant lock poisoned")
-            .get(tenant_id)
-            .cloned()
+        self.snapshot().tenants.get(tenant_id).cloned()
     }
 
     /// Every tenant id with its tenant.
     pub fn list(&self) -> Vec<(String, Arc<Tenant>)> {
-        self.tenants
-            .read()
-            .expect("tenant lock poisoned")
+        self.snapshot()
+            .tenants
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
@@ -437,65 +467,79 @@ impl TenantStore {
     /// Stores (or replaces) a tenant; durable when this returns.
     pub fn put(&self, tenant_id: &str, tenant: Tenant) -> Result<(), TenantStoreError> {
         check_tenant_id(tenant_id)?;
-        let mut tenants = self.tenants.write().expect("tenant lock poisoned");
-        let previous = tenants.insert(tenant_id.to_string(), Arc::new(tenant));
-        if let Err(e) = self.persist(&tenants) {
-            // Keep memory and disk in agreement: the caller was told it failed.
-            match previous {
-                Some(old) => tenants.insert(tenant_id.to_string(), old),
-                None => tenants.remove(tenant_id),
-            };
-            return Err(e);
-        }
-        Ok(())
+        self.write(|next| {
+            next.tenants.insert(tenant_id.to_string(), Arc::new(tenant));
+            (true, ())
+        })
     }
 
     /// Removes a tenant; returns whether it existed.
     pub fn delete(&self, tenant_id: &str) -> Result<bool, TenantStoreError> {
-        let mut tenants = self.tenants.write().expect("tenant lock poisoned");
-        let Some(old) = tenants.remove(tenant_id) else {
-            return Ok(false);
-        };
-        if let Err(e) = self.persist(&tenants) {
-            tenants.insert(tenant_id.to_string(), old);
-            return Err(e);
-        }
-        Ok(true)
+        self.write(|next| {
+            let existed = next.tenants.remove(tenant_id).is_some();
+            (existed, existed)
+        })
     }
 
     /// Changes tenants and pending updates together, durably: `change` returns whether it
-    /// changed anything; if writing fails, memory is put back as it was.
+    /// changed anything. Nothing is visible until it is on disk; if writing fails, nothing
+    /// changed.
     pub fn transact<R>(
         &self,
         change: impl FnOnce(StoreContents<'_>) -> (bool, R),
     ) -> Result<R, TenantStoreError> {
-        let mut tenants = self.tenants.write().expect("tenant lock poisoned");
-        let mut pending = self.pending.lock().expect("pending lock poisoned");
-        let (old_tenants, old_pending) = (tenants.clone(), pending.clone());
-        let (changed, out) = change(StoreContents {
-            tenants: &mut tenants,
-            pending: &mut pending,
-        });
+        let mut changed = false;
+        let out = self.write(|next| {
+            let (did, out) = change(StoreContents {
+                tenants: &mut next.tenants,
+                pending: &mut next.pending,
+            });
+            changed = did;
+            (did, out)
+        })?;
+        if changed {
+            self.updates.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        Ok(out)
+    }
+
+    /// The one way to change the store: `change` edits a copy of the current snapshot and
+    /// says whether it changed anything; a changed copy is written to disk, then made current.
+    fn write<R>(
+        &self,
+        change: impl FnOnce(&mut Snapshot) -> (bool, R),
+    ) -> Result<R, TenantStoreError> {
+        let _writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = Snapshot::clone(&self.snapshot());
+        let (changed, out) = change(&mut next);
         if !changed {
             return Ok(out);
         }
-        if let Err(e) = self.persist_with(&tenants, &pending) {
-            *tenants = old_tenants;
-            *pending = old_pending;
-            return Err(e);
+        #[cfg(test)]
+        if let Some(hook) = self
+            .before_write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            hook();
         }
-        drop(pending);
-        drop(tenants);
-        self.updates.send_modify(|v| *v = v.wrapping_add(1));
+        self.persist(&next)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         Ok(out)
     }
 
     /// The pending update of one credential, if any (there is at most one: a newer one
     /// replaces it).
     pub fn pending_update(&self, tenant_id: &str, credential_id: &str) -> Option<PendingUpdate> {
-        self.pending
-            .lock()
-            .expect("pending lock poisoned")
+        self.snapshot()
+            .pending
             .iter()
             .find(|u| u.tenant_id == tenant_id && u.credential_id == credential_id)
             .cloned()
@@ -503,7 +547,7 @@ impl TenantStore {
 
     /// Every pending credential update.
     pub fn pending_updates(&self) -> Vec<PendingUpdate> {
-        self.pending.lock().expect("pending lock poisoned").clone()
+        self.snapshot().pending.clone()
     }
 
     /// The cloud stored an update: forget it. Returns whether it was pending.
@@ -516,23 +560,15 @@ impl TenantStore {
         })
     }
 
-    fn persist(&self, tenants: &BTreeMap<String, Arc<Tenant>>) -> Result<(), TenantStoreError> {
-        let pending = self.pending.lock().expect("pending lock poisoned");
-        self.persist_with(tenants, &pending)
-    }
-
-    fn persist_with(
-        &self,
-        tenants: &BTreeMap<String, Arc<Tenant>>,
-        pending: &[PendingUpdate],
-    ) -> Result<(), TenantStoreError> {
+    fn persist(&self, snapshot: &Snapshot) -> Result<(), TenantStoreError> {
         let file = StoreFile {
             version: 1,
-            tenants: tenants
+            tenants: snapshot
+                .tenants
                 .iter()
                 .map(|(k, v)| (k.clone(), Tenant::clone(v)))
                 .collect(),
-            pending_updates: pending.to_vec(),
+            pending_updates: snapshot.pending.clone(),
         };
         let bytes = Zeroizing::new(serde_json::to_vec_pretty(&file).map_err(|e| {
             TenantStoreError::Corrupt {
@@ -610,6 +646,12 @@ mod tests {
         }
     }
 
+    /// The single auth of a stored tenant, as text.
+    fn secret_of(store: &TenantStore, tenant_id: &str) -> String {
+        let tenant = store.get(tenant_id).unwrap();
+        tenant.auth.as_ref().unwrap().expose().to_string()
+    }
+
     fn state() -> (tempfile::TempDir, StatePaths) {
         let dir = tempfile::tempdir().unwrap();
         let state = StatePaths::new(dir.path().join("state"));
@@ -650,6 +692,72 @@ mod tests {
         assert!(reopened.delete("t1").unwrap());
         assert!(!reopened.delete("t1").unwrap());
         assert!(store.put("../x", tenant("x")).is_err());
+    }
+
+    #[test]
+    fn readers_never_wait_for_a_write_to_reach_the_disk_and_see_it_once_durable() {
+        let (_dir, state) = state();
+        let store = Arc::new(open(&state).unwrap());
+        store.put("t1", tenant("OLD")).unwrap();
+        // Hold the next writer just before its disk write.
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        *store.before_write.lock().unwrap() = Some(Box::new(move || {
+            entered_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        }));
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || store.put("t1", tenant("NEW")))
+        };
+        entered_rx.recv().unwrap();
+        // Readers are served while the write is under way, on another thread so that a reader
+        // blocked by the writer fails this test instead of hanging it.
+        let (read_tx, read_rx) = std::sync::mpsc::channel();
+        {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let seen = (
+                    secret_of(&store, "t1"),
+                    store.list().len(),
+                    store.pending_updates().len(),
+                );
+                read_tx.send(seen).unwrap();
+            });
+        }
+        let seen = read_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a reader waited for the writer's disk write");
+        assert!(seen.0.contains("OLD"), "not durable yet, so not visible");
+        assert_eq!((seen.1, seen.2), (1, 0));
+        release_tx.send(()).unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(secret_of(&store, "t1").contains("NEW"));
+        assert!(secret_of(&open(&state).unwrap(), "t1").contains("NEW"));
+    }
+
+    #[test]
+    fn a_failed_write_changes_nothing() {
+        let (dir, state) = state();
+        let store = open(&state).unwrap();
+        store.put("t1", tenant("KEPT")).unwrap();
+        // The store's folder becomes a file's path: the next write cannot create its temp file.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&state.root, &moved).unwrap();
+        std::fs::write(&state.root, b"not a folder").unwrap();
+        assert!(store.put("t2", tenant("LOST")).is_err());
+        assert!(store.delete("t1").is_err());
+        let updates = *store.updates.borrow();
+        assert!(store
+            .transact(|c| {
+                c.tenants.clear();
+                (true, ())
+            })
+            .is_err());
+        assert_eq!(*store.updates.borrow(), updates, "no update announced");
+        assert!(store.get("t2").is_none());
+        assert!(secret_of(&store, "t1").contains("KEPT"));
+        assert_eq!(store.list().len(), 1);
     }
 
     #[test]
