@@ -320,24 +320,29 @@ impl Session<'_> {
                 if self.ctx.parts.table.acknowledge(&ack.call_id) {
                     return;
                 }
-                match self
-                    .ctx
-                    .parts
-                    .dispatcher
-                    .tenants()
-                    .acknowledge_update(&ack.call_id)
+                let store = self.ctx.parts.dispatcher.tenants().clone();
+                if !store
+                    .pending_updates()
+                    .iter()
+                    .any(|u| u.update_id == ack.call_id)
                 {
+                    tracing::debug!(call_id = %ack.call_id, "ack for a result this agent does not hold (already acknowledged)");
+                    return;
+                }
+                // Forgetting the update rewrites the tenant store (an fsync): not on the
+                // session's loop, which would stop reading the stream meanwhile.
+                tokio::task::spawn_blocking(move || match store.acknowledge_update(&ack.call_id) {
                     Ok(true) => {
                         tracing::debug!(update_id = %ack.call_id, "the cloud stored a credential update")
                     }
                     Ok(false) => {
-                        tracing::debug!(call_id = %ack.call_id, "ack for a result this agent does not hold (already acknowledged)")
+                        tracing::debug!(update_id = %ack.call_id, "credential update already forgotten")
                     }
                     // Kept, so it is sent again: the cloud stores the same update twice, harmlessly.
                     Err(e) => {
                         tracing::error!(update_id = %ack.call_id, "cannot forget an acknowledged credential update: {e}")
                     }
-                }
+                });
             }
             Some(cloud_message::Message::Cancel(cancel)) => {
                 if self.ctx.parts.table.cancel(&cancel.call_id) {
