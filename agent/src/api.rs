@@ -270,7 +270,12 @@ async fn v1(
             ),
         },
         (&Method::PUT, ["tenants", id]) => put_tenant(state, req, id).await,
-        (&Method::DELETE, ["tenants", id]) => match state.tenants.delete(id) {
+        (&Method::DELETE, ["tenants", id]) => match store_blocking(state, {
+            let id = id.to_string();
+            move |tenants| tenants.delete(&id)
+        })
+        .await
+        {
             Ok(true) => {
                 state.dispatcher.broker().forget_tenant(id);
                 json_response(StatusCode::OK, &json!({"deleted": id}))
@@ -350,6 +355,27 @@ async fn call(
     }
 }
 
+/// A tenant store change, which writes and fsyncs the store: on a blocking thread, not on
+/// the runtime's workers.
+async fn store_blocking<R: Send + 'static>(
+    state: &ApiState,
+    change: impl FnOnce(&crate::tenants::TenantStore) -> Result<R, crate::tenants::TenantStoreError>
+        + Send
+        + 'static,
+) -> Result<R, crate::tenants::TenantStoreError> {
+    let tenants = state.tenants.clone();
+    let path = tenants.path().to_path_buf();
+    tokio::task::spawn_blocking(move || change(&tenants))
+        .await
+        .unwrap_or_else(|e| {
+            // Only a panic in the change ends the task early; the store is left as it was.
+            Err(crate::tenants::TenantStoreError::Io {
+                path,
+                source: std::io::Error::other(format!("the change stopped: {e}")),
+            })
+        })
+}
+
 async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -> ApiResponse {
     let body = match read_body(req).await {
         Ok(bytes) => zeroize::Zeroizing::new(bytes.to_vec()),
@@ -405,7 +431,12 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
         return bad(format!("a managed credential is misconfigured: {e}"));
     }
     let view = tenant.view(tenant_id);
-    match state.tenants.put(tenant_id, tenant) {
+    match store_blocking(state, {
+        let tenant_id = tenant_id.to_string();
+        move |tenants| tenants.put(&tenant_id, tenant)
+    })
+    .await
+    {
         Ok(()) => {
             // New credentials (a re-consent, say): the broker starts over from them.
             state.dispatcher.broker().forget_tenant(tenant_id);

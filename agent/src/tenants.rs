@@ -443,6 +443,11 @@ impl TenantStore {
         Ok(())
     }
 
+    /// The sealed file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn snapshot(&self) -> Arc<Snapshot> {
         self.current
             .read()
