@@ -218,8 +218,17 @@ impl RunningAgent {
                     c.outbox_memory_bytes
                 }),
         ));
-        // Results the cloud had not acknowledged when the last run stopped go out first.
-        crate::tunnel::outbox::restore(&calls, &state.outbox());
+        // Results the cloud had not acknowledged when the last run stopped go out first. Read
+        // (and large ones copied) on a blocking thread.
+        {
+            let (calls, dir) = (calls.clone(), state.outbox());
+            let restored =
+                tokio::task::spawn_blocking(move || crate::tunnel::outbox::restore(&calls, &dir))
+                    .await;
+            if let Err(e) = restored {
+                tracing::error!(error = %e, "reading the kept results of the last run failed; they stay on disk");
+            }
+        }
         let tunnel_parts = crate::tunnel::TunnelParts {
             state: state.clone(),
             dispatcher: dispatcher.clone(),

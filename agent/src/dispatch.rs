@@ -694,8 +694,6 @@ fn render_envelope(
     }
 }
 
-/// A broker failure as the call's error: re-consent is the caller's to fix; the rest is
-/// retryable later.
 /// Whether a run counts against the connector's concurrency limit.
 #[derive(Debug, Clone, Copy)]
 enum Admission {
@@ -705,6 +703,8 @@ enum Admission {
     TokenRefresh,
 }
 
+/// A broker failure as the call's error: re-consent is the caller's to fix; the rest is
+/// retryable later.
 fn token_error(credential_id: &str, e: &TokenError) -> CallError {
     match e {
         TokenError::InvalidGrant { .. } => CallError::new(

@@ -119,19 +119,8 @@ impl ResultBody {
     }
 
     /// This body, moved out of memory into an unlinked file in `dir` (a no-op when spooled).
-    pub async fn spill(self, dir: &Path) -> io::Result<Self> {
-        let Self::Memory(bytes) = self else {
-            return Ok(self);
-        };
-        let mut spool = Spool::new(dir);
-        spool.force_file().await?;
-        spool.write(&bytes).await?;
-        spool.finish().await
-    }
-
-    /// [`spill`](Self::spill) without a runtime, for small bodies: on failure the body comes
-    /// back with the error.
-    pub fn spill_blocking(self, dir: &Path) -> Result<Self, (Self, io::Error)> {
+    /// Blocking: a body may be a megabyte. On failure the body comes back with the error.
+    pub fn spill(self, dir: &Path) -> Result<Self, (Self, io::Error)> {
         use std::io::Write;
         let Self::Memory(bytes) = &self else {
             return Ok(self);

@@ -550,6 +550,14 @@ impl TenantStore {
             .cloned()
     }
 
+    /// Whether the update `update_id` is pending (no copy of its secrets).
+    pub fn has_pending_update(&self, update_id: &str) -> bool {
+        self.snapshot()
+            .pending
+            .iter()
+            .any(|u| u.update_id == update_id)
+    }
+
     /// Every pending credential update.
     pub fn pending_updates(&self) -> Vec<PendingUpdate> {
         self.snapshot().pending.clone()

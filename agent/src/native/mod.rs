@@ -473,8 +473,8 @@ struct Backoff {
 
 /// A native connector served by worker processes.
 pub struct WorkerConnector {
-    app_id: String,
-    /// Shared by its workers, one after another: a late line of an old worker is redacted too.
+    /// Its app_id, and the secrets of its recent calls. Shared by its workers, one after
+    /// another: a late line of an old worker is redacted too.
     log: PluginLog,
     library: PathBuf,
     settings: WorkerSettings,
@@ -486,7 +486,7 @@ pub struct WorkerConnector {
 impl std::fmt::Debug for WorkerConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerConnector")
-            .field("app_id", &self.app_id)
+            .field("app_id", &self.log.app_id)
             .field("library", &self.library)
             .finish_non_exhaustive()
     }
@@ -506,7 +506,6 @@ impl WorkerConnector {
         let first = PluginLog::new(hint);
         let (worker, description) = Worker::start(&first, library, &settings).await?;
         let connector = Self {
-            app_id: description.id.clone(),
             log: PluginLog {
                 app_id: description.id.clone(),
                 secrets: first.secrets,
@@ -545,7 +544,7 @@ impl WorkerConnector {
                 ErrorCode::ConnectorCrashed,
                 format!(
                     "{} is restarting after crashes; retry in {wait:?}",
-                    self.app_id
+                    self.log.app_id
                 ),
             );
             err.retry_after_seconds = Some(wait.as_secs().max(1));
@@ -557,12 +556,12 @@ impl WorkerConnector {
             .map_err(|why| {
                 CallError::new(
                     ErrorCode::ConnectorCrashed,
-                    format!("cannot restart {}: {why}", self.app_id),
+                    format!("cannot restart {}: {why}", self.log.app_id),
                 )
             })?;
         if had_one {
-            self.settings.metrics.worker_restarted(&self.app_id);
-            tracing::info!(app_id = %self.app_id, "native connector worker restarted");
+            self.settings.metrics.worker_restarted(&self.log.app_id);
+            tracing::info!(app_id = %self.log.app_id, "native connector worker restarted");
         }
         *current = Some(worker.clone());
         Ok(worker)
@@ -593,7 +592,7 @@ impl WorkerConnector {
             worker.pending.forget(id);
             return Err(CallError::new(
                 ErrorCode::ConnectorCrashed,
-                format!("{}'s worker is gone: {e}", self.app_id),
+                format!("{}'s worker is gone: {e}", self.log.app_id),
             ));
         }
         let abandon = {
@@ -603,7 +602,8 @@ impl WorkerConnector {
                 let _ = worker.send(frame::encode(frame::CANCEL, &[&id.to_le_bytes()]));
             }
         };
-        let (status, output) = await_reply(&self.app_id, rx, remaining, cancel, abandon).await?;
+        let (status, output) =
+            await_reply(&self.log.app_id, rx, remaining, cancel, abandon).await?;
         if status == status::PANIC {
             // Poisoned: the plugin's state may be corrupt. Replace the worker.
             worker.dead.cancel();
@@ -611,7 +611,7 @@ impl WorkerConnector {
         } else {
             self.backoff.lock().expect("backoff lock poisoned").failures = 0;
         }
-        answer(&self.app_id, status, output)
+        answer(&self.log.app_id, status, output)
     }
 }
 

@@ -145,17 +145,12 @@ impl CallTable {
     /// on the current stream.
     pub async fn finish(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
         let body = if self.over_budget(&body) {
-            let len = body.len();
-            // Boxed: the spill's future is large and rare, and every call's future would
-            // otherwise carry its size.
-            match Box::pin(body.clone().spill(&self.spill_dir)).await {
-                Ok(spooled) => spooled,
-                Err(e) => {
-                    // Keeping it in memory loses nothing; the budget is a soft limit.
-                    tracing::warn!(call_id, bytes = len, error = %e, "cannot spill a result to the state folder; keeping it in memory");
-                    body
-                }
-            }
+            // A result may be a megabyte: written on a blocking thread. (A panic there keeps
+            // the result in memory, from this cheap clone.)
+            let (dir, id, kept) = (self.spill_dir.clone(), call_id.to_string(), body.clone());
+            tokio::task::spawn_blocking(move || spill_or_keep(&dir, &id, body))
+                .await
+                .unwrap_or(kept)
         } else {
             body
         };
@@ -216,13 +211,7 @@ impl CallTable {
         };
         if may {
             let body = if self.over_budget(&body) {
-                match body.spill_blocking(&self.spill_dir) {
-                    Ok(spooled) => spooled,
-                    Err((body, e)) => {
-                        tracing::warn!(call_id, error = %e, "cannot spill a refusal to the state folder; keeping it in memory");
-                        body
-                    }
-                }
+                spill_or_keep(&self.spill_dir, call_id, body)
             } else {
                 body
             };
@@ -356,6 +345,16 @@ impl CallTable {
     pub fn memory_bytes(&self) -> u64 {
         self.lock().memory_bytes
     }
+}
+
+/// `body` moved to a spill file in `dir`, or kept in memory if that fails: keeping it loses
+/// nothing, and the budget is a soft limit. Blocking.
+fn spill_or_keep(dir: &std::path::Path, call_id: &str, body: ResultBody) -> ResultBody {
+    let len = body.len();
+    body.spill(dir).unwrap_or_else(|(body, e)| {
+        tracing::warn!(call_id, bytes = len, error = %e, "cannot spill a result to the state folder; keeping it in memory");
+        body
+    })
 }
 
 #[cfg(test)]

@@ -321,11 +321,7 @@ impl Session<'_> {
                     return;
                 }
                 let store = self.ctx.parts.dispatcher.tenants().clone();
-                if !store
-                    .pending_updates()
-                    .iter()
-                    .any(|u| u.update_id == ack.call_id)
-                {
+                if !store.has_pending_update(&ack.call_id) {
                     tracing::debug!(call_id = %ack.call_id, "ack for a result this agent does not hold (already acknowledged)");
                     return;
                 }
