@@ -158,11 +158,7 @@ impl CallTable {
     }
 
     fn over_budget(&self, body: &ResultBody) -> bool {
-        body.in_memory() && {
-            let inner = self.lock();
-            inner.memory_bytes.saturating_add(body.len())
-                > self.memory_budget.load(Ordering::Relaxed)
-        }
+        body.in_memory() && !self.memory_room(body.len())
     }
 
     fn store(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
