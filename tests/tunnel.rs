@@ -553,7 +553,12 @@ async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_
     )
     .replace("drain_grace_secs = 30", "drain_grace_secs = 1");
     let outbox = dirs.state().join("outbox");
-    let kept_files = || std::fs::read_dir(&outbox).unwrap().count();
+    let kept_files = || {
+        std::fs::read_dir(&outbox)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("result".as_ref()))
+            .count()
+    };
     let count = dirs.root.path().join("runs");
     // One result small enough for memory, one large enough to be spooled.
     let small = json!({"request": {"bytes": 1000, "count_file": count}});
@@ -586,6 +591,118 @@ async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_
     s2.ack("large");
     assert_eq!(agent.shutdown().await, Stopped::Drained);
     assert_eq!(kept_files(), 0, "nothing is left to keep");
+}
+
+/// The real binary, killed with SIGKILL while one call runs and another's result waits for its
+/// ack: nothing is written at a kill, only the call journal (written before calls run) knows.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_never_run_again() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let config = cloud_config(
+        &dirs,
+        &cloud.endpoint(),
+        &FakeCloudOptions::default().token,
+        "",
+    );
+    TestAgent::write_config(&dirs, &dirs.plugins(), &config);
+    let start = || {
+        std::process::Command::new(workspace_bin("lumos-agent"))
+            .arg("--config")
+            .arg(dirs.root.path().join("agent.toml"))
+            .args(["--listen", "127.0.0.1:0", "run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let count = dirs.root.path().join("runs");
+    let echo = json!({"request": {"count_file": count}});
+    let pid_file = dirs.root.path().join("slow.pid");
+    let slow = json!({"request": {"secs": 600, "count_file": count, "pid_file": pid_file}});
+
+    let mut agent = start();
+    let mut s = cloud.next_session(WAIT).await;
+    s.inventory_where(WAIT, |i| ready(i, "tester"))
+        .await
+        .unwrap();
+    s.call("acked", "tester", "echo", "", &echo);
+    assert_eq!(s.result("acked", WAIT).await.unwrap().status, ANSWERED);
+    s.ack("acked");
+    // Read after the ack on the same stream: once its result is here, the ack is written down.
+    s.call("delivered", "tester", "echo", "", &echo);
+    assert_eq!(s.result("delivered", WAIT).await.unwrap().status, ANSWERED);
+    s.call("slow", "tester", "sleep", "", &slow);
+    let slow_pid = pid_in(&pid_file).await;
+    assert_eq!(count_lines(&count), 3);
+
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // The connector's process group outlives a SIGKILLed agent; end it here.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(slow_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+
+    let mut agent = start();
+    let mut s2 = cloud.next_session(WAIT).await;
+    // Both calls whose results the cloud never acknowledged: one finished (its answer was in
+    // the dead process's memory), one still running.
+    for call_id in ["delivered", "slow"] {
+        let result = s2.result(call_id, WAIT).await.unwrap();
+        assert_eq!(result.status, AGENT_ERROR, "{call_id}");
+        let doc = result.json();
+        assert_eq!(doc["error"]["error_code"], "agent.interrupted", "{call_id}");
+        assert_eq!(doc["error"]["error_metadata"]["retryable"], false);
+    }
+    // Sent again, neither runs again: the same answer.
+    s2.inventory_where(WAIT, |i| ready(i, "tester"))
+        .await
+        .unwrap();
+    s2.call("slow", "tester", "sleep", "", &slow);
+    let again = s2.result("slow", WAIT).await.unwrap();
+    assert_eq!(again.json()["error"]["error_code"], "agent.interrupted");
+    assert_eq!(count_lines(&count), 3, "no call ran twice");
+    // A new call runs as usual; once acknowledged, none is owed after a clean stop.
+    s2.call("fresh", "tester", "echo", "", &echo);
+    assert_eq!(s2.result("fresh", WAIT).await.unwrap().status, ANSWERED);
+    for call_id in ["delivered", "slow", "fresh"] {
+        s2.ack(call_id);
+    }
+    s2.call("last", "tester", "echo", "", &echo);
+    s2.result("last", WAIT).await.unwrap();
+    s2.ack("last");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(agent.wait().unwrap().success());
+    let kept = std::fs::read_dir(dirs.state().join("outbox"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("result".as_ref()))
+        .count();
+    assert_eq!(kept, 0, "nothing was owed at the clean stop");
+
+    // And a third start owes the cloud nothing.
+    let mut agent = start();
+    let mut s3 = cloud.next_session(WAIT).await;
+    s3.inventory_where(WAIT, |i| ready(i, "tester"))
+        .await
+        .unwrap();
+    s3.call("probe", "tester", "echo", "", &echo);
+    s3.result("probe", WAIT).await.unwrap();
+    let owed: Vec<String> = s3
+        .take_results()
+        .into_iter()
+        .map(|(id, _)| id)
+        .filter(|id| id != "probe")
+        .collect();
+    assert!(owed.is_empty(), "results sent again: {owed:?}");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -222,9 +222,12 @@ impl RunningAgent {
         // (and large ones copied) on a blocking thread.
         {
             let (calls, dir) = (calls.clone(), state.outbox());
-            let restored =
-                tokio::task::spawn_blocking(move || crate::tunnel::outbox::restore(&calls, &dir))
-                    .await;
+            let restored = tokio::task::spawn_blocking(move || {
+                crate::tunnel::outbox::restore(&calls, &dir);
+                // After the kept results, so that only calls without one are interrupted.
+                crate::tunnel::journal::open(&calls, &dir);
+            })
+            .await;
             if let Err(e) = restored {
                 tracing::error!(error = %e, "reading the kept results of the last run failed; they stay on disk");
             }
@@ -458,8 +461,12 @@ impl RunningAgent {
         let dir = self.outbox_dir.clone();
         let stopped = self.serve(control).await;
         // Every call has finished or been cancelled by now, so the table no longer changes.
-        let kept =
-            tokio::task::spawn_blocking(move || crate::tunnel::outbox::save(&calls, &dir)).await;
+        let kept = tokio::task::spawn_blocking(move || {
+            // The last acks, so that the next start does not count their calls interrupted.
+            calls.flush_journal();
+            crate::tunnel::outbox::save(&calls, &dir)
+        })
+        .await;
         if let Err(e) = kept {
             tracing::error!(error = %e, "keeping the unacknowledged results failed; they are lost");
         }

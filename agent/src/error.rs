@@ -38,6 +38,9 @@ pub enum ErrorCode {
     /// The call's id already ran on this agent and the cloud acknowledged its result; it is
     /// not run twice.
     DuplicateCall,
+    /// The agent stopped without a shutdown (a crash, a kill) while the call ran or before its
+    /// result reached the cloud. Whether it took effect is unknown; it is not run again.
+    Interrupted,
     /// A managed OAuth credential's grant was refused (`invalid_grant`): an admin must
     /// connect it again.
     NeedsReconsent,
@@ -71,6 +74,7 @@ impl ErrorCode {
             Self::Cancelled => "cancelled",
             Self::ShuttingDown => "shutting_down",
             Self::DuplicateCall => "duplicate_call",
+            Self::Interrupted => "interrupted",
             Self::NeedsReconsent => "needs_reconsent",
             Self::TokenRefreshFailed => "token_refresh_failed",
             Self::CredentialMisconfigured => "credential_misconfigured",
@@ -99,6 +103,8 @@ impl ErrorCode {
             Self::ConnectorRejected | Self::Busy | Self::ShuttingDown => 503,
             Self::Timeout => 504,
             Self::Cancelled => 499,
+            // Only ever a tunnel result; an API call dies with the agent's connection.
+            Self::Interrupted => 500,
             Self::DuplicateCall => 409,
             Self::NeedsReconsent => 401,
             Self::TokenRefreshFailed | Self::CredentialMisconfigured => 502,
@@ -126,6 +132,7 @@ impl ErrorCode {
             | Self::Busy
             | Self::ShuttingDown
             | Self::TokenRefreshFailed
+            | Self::Interrupted
             | Self::Internal => "agent",
         }
     }

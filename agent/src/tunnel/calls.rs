@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::journal::{self, CallJournal};
 use crate::output::ResultBody;
 
 /// How many acknowledged call ids are remembered, to refuse a replay of an old call.
@@ -68,6 +69,9 @@ pub struct CallTable {
     pub changed: Notify,
     spill_dir: PathBuf,
     memory_budget: AtomicU64,
+    /// The journal file, once [`journal::open`] has read the last run's. Locked only to write
+    /// (by the session, once per burst of messages), never while `inner` is held.
+    journal: Mutex<Option<CallJournal>>,
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +83,8 @@ struct Inner {
     memory_bytes: u64,
     /// The current stream's queue of results to send.
     sender: Option<mpsc::UnboundedSender<String>>,
+    /// Journal records not written yet; `None` until the journal is open.
+    journal_records: Option<Vec<u8>>,
 }
 
 impl CallTable {
@@ -90,6 +96,7 @@ impl CallTable {
             changed: Notify::new(),
             spill_dir,
             memory_budget: AtomicU64::new(memory_budget),
+            journal: Mutex::default(),
         }
     }
 
@@ -138,6 +145,9 @@ impl CallTable {
             .entries
             .insert(call_id.to_string(), Entry::Running(token.clone()));
         inner.running += 1;
+        if let Some(records) = inner.journal_records.as_mut() {
+            journal::record(records, journal::STARTED, call_id);
+        }
         Admission::Run(token)
     }
 
@@ -225,6 +235,9 @@ impl CallTable {
                     inner.memory_bytes = inner.memory_bytes.saturating_sub(result.body.len());
                 }
                 if result.ran {
+                    if let Some(records) = inner.journal_records.as_mut() {
+                        journal::record(records, journal::ACKNOWLEDGED, &id);
+                    }
                     inner.acked.insert(id.clone());
                     inner.acked_order.push_back(id);
                     if inner.acked_order.len() > ACKED_MEMORY {
@@ -324,6 +337,67 @@ impl CallTable {
         };
         inner.entries.insert(call_id, Entry::Done(Arc::new(result)));
         true
+    }
+
+    /// Starts recording calls in `journal` (see [`journal::open`]).
+    pub fn keep_journal(&self, journal: CallJournal) {
+        *self.journal_lock() = Some(journal);
+        self.lock().journal_records.get_or_insert_with(Vec::new);
+    }
+
+    /// The ids the journal must hold: calls running, and calls that ran whose result is not
+    /// acknowledged.
+    pub fn journal_ids(&self) -> Vec<String> {
+        Self::journal_ids_in(&self.lock())
+    }
+
+    fn journal_ids_in(inner: &Inner) -> Vec<String> {
+        inner
+            .entries
+            .iter()
+            .filter_map(|(id, entry)| match entry {
+                Entry::Running(_) => Some(id.clone()),
+                Entry::Done(result) if result.ran => Some(id.clone()),
+                Entry::Done(_) => None,
+            })
+            .collect()
+    }
+
+    /// Writes the journal records taken since the last write (the calls admitted and the
+    /// acks taken). Called before admitted calls start, so that a crash cannot forget a call
+    /// that ran. A failure is logged (once until writes work again) and the calls run anyway:
+    /// a full disk must not stop the agent serving; until the journal can be written, a crash
+    /// may let the cloud run a call twice.
+    pub fn flush_journal(&self) {
+        let mut guard = self.journal_lock();
+        let Some(journal) = guard.as_mut() else {
+            return;
+        };
+        let written = if journal.needs_rewrite() {
+            let ids = {
+                let mut inner = self.lock();
+                if let Some(records) = inner.journal_records.as_mut() {
+                    // The rewrite covers them: it is taken from the table as it is now.
+                    records.clear();
+                }
+                Self::journal_ids_in(&inner)
+            };
+            journal.rewrite(&ids)
+        } else {
+            match self.lock().journal_records.as_mut() {
+                Some(records) if !records.is_empty() => std::mem::swap(records, &mut journal.spare),
+                _ => return,
+            }
+            journal.append()
+        };
+        journal.report(written);
+    }
+
+    fn journal_lock(&self) -> std::sync::MutexGuard<'_, Option<CallJournal>> {
+        // A panic while writing leaves nothing half-changed in memory: keep going.
+        self.journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Calls running now.

@@ -5,12 +5,14 @@
 //! - [`transport`]: TCP, HTTP CONNECT proxy, TLS.
 //! - [`calls`]: running calls, the outbox of unacknowledged results, replay protection.
 //! - [`outbox`]: the outbox kept on disk from a stop to the next start.
+//! - [`journal`]: the calls started and unacknowledged, on disk as they start, for a crash.
 //! - `session`: one stream, from Hello to its end.
 //!
 //! **Only this module knows the protocol's types** (`lumos_agent_proto`); the rest of the
 //! agent speaks in dispatcher calls and inventories.
 
 pub mod calls;
+pub mod journal;
 pub mod outbox;
 mod session;
 pub mod transport;

@@ -15,9 +15,10 @@
 //! copied to an unlinked spool file like any large result). A file that cannot be read is
 //! renamed `*.unreadable` and left for the admin; the cloud times its call out.
 //!
-//! Not covered: a crash (`kill -9`, power loss) loses the results held at that moment, since
-//! only a stop writes this folder. Writing every result to disk as it finishes would cost an
-//! fsync per call.
+//! Only a stop writes these files: writing every result as it finishes would cost an fsync
+//! per call. A crash (`kill -9`) loses the results held at that moment; the call journal
+//! ([`super::journal`]) makes sure those calls are answered `agent.interrupted` after the next
+//! start rather than forgotten or run again.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};

@@ -534,6 +534,8 @@ impl Session<'_> {
     /// for each call that has to wait. Fewer tasks and wake-ups per call than a task each, and
     /// still spread over the runtime's workers.
     fn start_batch(&mut self) {
+        // The burst's calls are on disk before any of them runs (and its acks with them).
+        self.ctx.parts.table.flush_journal();
         let calls = std::mem::take(self.batch_mut());
         if calls.is_empty() {
             return;

@@ -1,0 +1,406 @@
+//! The call journal: which calls this agent started whose result the cloud has not
+//! acknowledged, written down before they run. A crash (`kill -9`, the OOM killer, a plugin
+//! bringing down the process) loses the results held in memory, since only a stop writes them
+//! to [`super::outbox`]. Without this record, the next start would know nothing of those
+//! calls, and the cloud, sending one again, would have it run twice.
+//!
+//! At the next start every call the journal shows started and unacknowledged, whose result was
+//! not kept by a stop, gets an `agent.interrupted` result instead: sent to the cloud on the
+//! first stream like any kept result, and given again if the cloud sends the call again. The
+//! call is never run again by this agent; whether it took effect is for the cloud (or a
+//! person) to find out.
+//!
+//! `<state>/outbox/calls.journal`, mode 0600, one line per record, the call id in hex (call
+//! ids come from the cloud and may hold any character):
+//!
+//! ```text
+//! S <hex call id>    the call was admitted to run
+//! A <hex call id>    the cloud acknowledged its result
+//! ```
+//!
+//! The call table adds records in memory as it admits calls and takes acks; the session writes
+//! them with one `write` per burst of messages read, before the burst's calls start. No fsync:
+//! the records survive the process dying, which is what this is for; after a power loss the
+//! last records may be missing. When the file passes [`COMPACT_AT`], or after a failed write
+//! (which may have left a torn line), it is rewritten whole from the table: one `S` line per
+//! call still running or unacknowledged.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::calls::{CallTable, Outcome};
+use crate::error::{CallError, ErrorCode};
+use crate::output::ResultBody;
+
+/// The journal's file name in the outbox folder.
+pub const FILE_NAME: &str = "calls.journal";
+/// Size past which the journal is rewritten from the table: about 55 000 calls' records.
+pub const COMPACT_AT: u64 = 8 << 20;
+
+/// A call admitted to run.
+pub(super) const STARTED: u8 = b'S';
+/// A result the cloud acknowledged.
+pub(super) const ACKNOWLEDGED: u8 = b'A';
+
+/// Appends `kind <hex call_id>\n` to `buf`.
+pub(super) fn record(buf: &mut Vec<u8>, kind: u8, call_id: &str) {
+    let hex_start = buf.len() + 2;
+    buf.extend_from_slice(&[kind, b' ']);
+    buf.resize(hex_start + 2 * call_id.len(), 0);
+    // The slice is exactly twice the id's length, which is all encode_to_slice asks.
+    let _ = hex::encode_to_slice(call_id.as_bytes(), &mut buf[hex_start..]);
+    buf.push(b'\n');
+}
+
+/// The open journal file. Owned by the [`CallTable`], which decides what is written.
+#[derive(Debug)]
+pub struct CallJournal {
+    path: PathBuf,
+    file: Option<fs::File>,
+    written: u64,
+    /// A write failed, so the file may end in a torn record: the next write rewrites it whole.
+    rewrite: bool,
+    /// Writes fail (logged once until they work again).
+    failing: bool,
+    /// Records taken from the table, written, then cleared (the buffer is reused).
+    pub(super) spare: Vec<u8>,
+}
+
+impl CallJournal {
+    /// Whether the next write must rewrite the file from the table.
+    pub(super) fn needs_rewrite(&self) -> bool {
+        self.rewrite || self.written >= COMPACT_AT
+    }
+
+    /// Appends the records in `spare`, and clears it. After a failure the next write is a
+    /// rewrite.
+    pub(super) fn append(&mut self) -> io::Result<()> {
+        let result = match self.file.as_mut() {
+            Some(file) => file.write_all(&self.spare),
+            None => Err(io::Error::other("the journal is not open")),
+        };
+        match &result {
+            Ok(()) => self.written += self.spare.len() as u64,
+            Err(_) => self.rewrite = true,
+        }
+        self.spare.clear();
+        result
+    }
+
+    /// Logs a failed write once, and the first success after failures.
+    pub(super) fn report(&mut self, written: io::Result<()>) {
+        match written {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!(file = %self.path.display(), "the call journal is written again");
+            }
+            Ok(()) => {}
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::error!(file = %self.path.display(), error = %e, "cannot write the call journal; calls still run, but until it can be written a crash may let the cloud run a call twice");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Replaces the file with one `S` record per id, atomically, and reopens it for appends.
+    pub(super) fn rewrite(&mut self, ids: &[String]) -> io::Result<()> {
+        self.spare.clear();
+        self.rewrite = true;
+        // Closed first: on Windows an open file may not be replaced.
+        self.file = None;
+        let mut text = Vec::with_capacity(ids.iter().map(|id| 3 + 2 * id.len()).sum());
+        for id in ids {
+            record(&mut text, STARTED, id);
+        }
+        crate::state::write_atomic(&self.path, &text, 0o600)?;
+        self.file = Some(fs::OpenOptions::new().append(true).open(&self.path)?);
+        self.written = text.len() as u64;
+        self.rewrite = false;
+        Ok(())
+    }
+}
+
+/// What [`open`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Calls that were running, or whose result was lost, when the last run died: each now
+    /// has an `agent.interrupted` result.
+    pub interrupted: usize,
+    /// Lines that were not records (a torn last line after a power loss).
+    pub torn: usize,
+}
+
+/// Reads the journal the last run left in `dir`, gives every call it started and never saw
+/// acknowledged, and that has no result in `table` already (from [`super::outbox::restore`],
+/// which runs first), an `agent.interrupted` result; then starts a new journal from the table
+/// and hands it to the table. Blocking.
+pub fn open(table: &CallTable, dir: &Path) -> Recovered {
+    let path = dir.join(FILE_NAME);
+    let mut recovered = Recovered::default();
+    match fs::read(&path) {
+        Ok(text) => {
+            let (started, torn) = unacknowledged(&text);
+            recovered.torn = torn;
+            for call_id in started {
+                if table.restore(call_id, Outcome::AgentError, interrupted()) {
+                    recovered.interrupted += 1;
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let aside = PathBuf::from(format!("{}.unreadable", path.display()));
+            let _ = fs::rename(&path, &aside);
+            tracing::error!(file = %path.display(), error = %e, "cannot read the call journal of the last run: calls it was running when it stopped may run again if the cloud sends them again");
+        }
+    }
+    if recovered.torn > 0 {
+        tracing::warn!(
+            lines = recovered.torn,
+            file = %path.display(),
+            "the call journal ends in a torn record (a power loss?); it was skipped"
+        );
+    }
+    if recovered.interrupted > 0 {
+        tracing::warn!(
+            calls = recovered.interrupted,
+            "the last run of the agent ended without a stop (a crash or a kill) while calls ran or waited for the cloud's acknowledgement: each gets an agent.interrupted result and is not run again"
+        );
+    }
+    let mut journal = CallJournal {
+        path,
+        file: None,
+        written: 0,
+        rewrite: true,
+        failing: false,
+        spare: Vec::new(),
+    };
+    let written = journal.rewrite(&table.journal_ids());
+    journal.report(written);
+    table.keep_journal(journal);
+    recovered
+}
+
+/// The ids a journal shows started and not acknowledged, and how many lines were not records.
+fn unacknowledged(text: &[u8]) -> (Vec<String>, usize) {
+    let mut started = HashSet::new();
+    let mut order = Vec::new();
+    let mut torn = 0;
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        // A record is whole only with its newline: a torn last one may still look like hex.
+        let parsed = match line.strip_suffix(b"\n").unwrap_or_default() {
+            [kind @ (STARTED | ACKNOWLEDGED), b' ', id @ ..] => hex::decode(id)
+                .ok()
+                .and_then(|id| String::from_utf8(id).ok())
+                .filter(|id| !id.is_empty())
+                .map(|id| (*kind, id)),
+            _ => None,
+        };
+        match parsed {
+            Some((STARTED, id)) => {
+                if started.insert(id.clone()) {
+                    order.push(id);
+                }
+            }
+            Some((_, id)) => {
+                started.remove(&id);
+            }
+            None => torn += 1,
+        }
+    }
+    // In the order they started, so the log and the cloud see them in a sensible order.
+    order.retain(|id| started.contains(id));
+    (order, torn)
+}
+
+/// The result of a call the last run started and never finished delivering.
+fn interrupted() -> ResultBody {
+    let err = CallError::new(
+        ErrorCode::Interrupted,
+        "the agent stopped without a shutdown (a crash, a kill or a power loss) while this call ran or before its result reached the cloud; whether it took effect is unknown, and this agent does not run it again",
+    );
+    ResultBody::from(err.to_json_bytes(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    use crate::tunnel::calls::Admission;
+
+    fn body(text: &'static str) -> ResultBody {
+        ResultBody::from(text.as_bytes().to_vec())
+    }
+
+    async fn text_of(result: &crate::tunnel::calls::StoredResult) -> serde_json::Value {
+        serde_json::from_slice(&result.body.to_bytes().await.unwrap()).unwrap()
+    }
+
+    /// A run that dies: calls admitted, some finished, one acknowledged, one refused; the
+    /// table is dropped without a stop (no outbox save).
+    #[tokio::test]
+    async fn after_a_crash_the_calls_started_and_unacknowledged_are_interrupted_not_run_again() {
+        let spill = tempfile::tempdir().unwrap();
+        let outbox = tempfile::tempdir().unwrap();
+        let root = CancellationToken::new();
+        let odd_id = "a\nS 00\n ünï";
+        {
+            let table = CallTable::new(spill.path().to_path_buf(), 1 << 20);
+            assert_eq!(open(&table, outbox.path()), Recovered::default());
+            for id in ["running", "finished", "acked", odd_id] {
+                assert!(matches!(table.admit(id, 16, &root), Admission::Run(_)));
+            }
+            assert!(matches!(table.admit("busy", 4, &root), Admission::Busy));
+            assert!(table.refuse("busy", body("{\"busy\":1}")));
+            table.flush_journal();
+            for id in ["finished", "acked", odd_id] {
+                table.finish(id, Outcome::Answered, body("{}"), true).await;
+            }
+            assert!(table.acknowledge("acked"));
+            table.flush_journal();
+            // An ack recorded in memory but never written: lost with the crash.
+            assert!(table.acknowledge(odd_id));
+        }
+
+        let after = CallTable::new(spill.path().to_path_buf(), 1 << 20);
+        let mut rx = after.attach();
+        let recovered = open(&after, outbox.path());
+        assert_eq!(
+            recovered,
+            Recovered {
+                interrupted: 3,
+                torn: 0
+            }
+        );
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            sent.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(
+            sent,
+            ["running", "finished", odd_id],
+            "in the order they started"
+        );
+        let result = after.result("running").unwrap();
+        assert_eq!(result.outcome, Outcome::AgentError);
+        let doc = text_of(&result).await;
+        assert_eq!(doc["error"]["error_code"], "agent.interrupted");
+        assert_eq!(doc["error"]["error_metadata"]["retryable"], false);
+        // Sent again, none runs: the interrupted result is given again.
+        assert!(matches!(
+            after.admit("running", 16, &root),
+            Admission::Resent
+        ));
+        assert!(matches!(
+            after.admit("finished", 16, &root),
+            Admission::Resent
+        ));
+        // Acknowledged, refused (never ran) and unknown calls run normally.
+        for id in ["acked", "busy", "new"] {
+            assert!(
+                matches!(after.admit(id, 16, &root), Admission::Run(_)),
+                "{id}"
+            );
+        }
+        assert!(after.result("acked").is_none());
+    }
+
+    #[tokio::test]
+    async fn results_kept_by_a_stop_stand_and_the_new_journal_carries_what_is_unacknowledged() {
+        let spill = tempfile::tempdir().unwrap();
+        let outbox = tempfile::tempdir().unwrap();
+        let root = CancellationToken::new();
+        {
+            let table = CallTable::new(spill.path().to_path_buf(), 1 << 20);
+            open(&table, outbox.path());
+            for id in ["kept", "lost"] {
+                assert!(matches!(table.admit(id, 16, &root), Admission::Run(_)));
+            }
+            table.flush_journal();
+            table
+                .finish("kept", Outcome::Answered, body("{\"answer\":1}"), true)
+                .await;
+            // A stop kept "kept"; "lost" never finished.
+            assert_eq!(super::super::outbox::save(&table, outbox.path()).results, 1);
+        }
+        // Start 2: the kept result is back as it was, "lost" is interrupted; this run then
+        // dies too, before anything is acknowledged.
+        {
+            let table = CallTable::new(spill.path().to_path_buf(), 1 << 20);
+            super::super::outbox::restore(&table, outbox.path());
+            assert_eq!(open(&table, outbox.path()).interrupted, 1);
+            assert_eq!(
+                text_of(&table.result("kept").unwrap()).await,
+                serde_json::json!({"answer": 1})
+            );
+        }
+        // Start 3: both are still owed to the cloud, from the journal alone (no outbox file
+        // was written by the crashed run; "kept" is now interrupted too: its result was only
+        // in that run's memory).
+        let table = CallTable::new(spill.path().to_path_buf(), 1 << 20);
+        super::super::outbox::restore(&table, outbox.path());
+        assert_eq!(open(&table, outbox.path()).interrupted, 2);
+        assert!(table.acknowledge("kept"));
+        assert!(table.acknowledge("lost"));
+        table.flush_journal();
+        drop(table);
+        let table = CallTable::new(spill.path().to_path_buf(), 1 << 20);
+        assert_eq!(open(&table, outbox.path()), Recovered::default());
+    }
+
+    #[test]
+    fn a_torn_or_foreign_line_is_skipped_and_the_rest_read() {
+        let mut text = Vec::new();
+        record(&mut text, STARTED, "one");
+        record(&mut text, STARTED, "two");
+        record(&mut text, ACKNOWLEDGED, "one");
+        text.extend_from_slice(b"X 00\nS zz\nS \n");
+        // A torn last record, whose hex would still decode ("th").
+        text.extend_from_slice(b"S 7468");
+        assert_eq!(unacknowledged(&text), (vec!["two".to_string()], 4));
+    }
+
+    #[tokio::test]
+    async fn a_large_journal_is_rewritten_from_the_table() {
+        let spill = tempfile::tempdir().unwrap();
+        let outbox = tempfile::tempdir().unwrap();
+        let root = CancellationToken::new();
+        let table = CallTable::new(spill.path().to_path_buf(), 1 << 30);
+        open(&table, outbox.path());
+        let path = outbox.path().join(FILE_NAME);
+        // Enough acknowledged calls to pass COMPACT_AT, with one left unacknowledged.
+        let id_len = 60;
+        let per_call = 2 * (3 + 2 * id_len) as u64;
+        let calls = COMPACT_AT / per_call + 10;
+        assert!(matches!(table.admit("open", 16, &root), Admission::Run(_)));
+        for n in 0..calls {
+            let id = format!("{n:0id_len$}");
+            assert!(matches!(table.admit(&id, 16, &root), Admission::Run(_)));
+            table.finish(&id, Outcome::Answered, body("{}"), true).await;
+            assert!(table.acknowledge(&id));
+            if n % 1000 == 0 {
+                table.flush_journal();
+            }
+        }
+        table.flush_journal();
+        let before = fs::metadata(&path).unwrap().len();
+        assert!(before >= COMPACT_AT, "{before}");
+        // The next write is a rewrite: one record.
+        table.flush_journal();
+        let text = fs::read(&path).unwrap();
+        assert_eq!(unacknowledged(&text), (vec!["open".to_string()], 0));
+        assert_eq!(text.len(), 3 + 2 * "open".len());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+}
