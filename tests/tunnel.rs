@@ -594,7 +594,8 @@ async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_
 }
 
 /// The real binary, killed with SIGKILL while one call runs and another's result waits for its
-/// ack: nothing is written at a kill, only the call journal (written before calls run) knows.
+/// ack: nothing is written at a kill, only the call journal (written before calls run) knows
+/// about them, and about the call acknowledged before.
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_never_run_again() {
@@ -664,6 +665,10 @@ async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_
     s2.call("slow", "tester", "sleep", "", &slow);
     let again = s2.result("slow", WAIT).await.unwrap();
     assert_eq!(again.json()["error"]["error_code"], "agent.interrupted");
+    // The acknowledged call is refused, as it was before the kill.
+    s2.call("acked", "tester", "echo", "", &echo);
+    let replay = s2.result("acked", WAIT).await.unwrap();
+    assert_eq!(replay.json()["error"]["error_code"], "agent.duplicate_call");
     assert_eq!(count_lines(&count), 3, "no call ran twice");
     // A new call runs as usual; once acknowledged, none is owed after a clean stop.
     s2.call("fresh", "tester", "echo", "", &echo);

@@ -13,11 +13,14 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::journal::{self, CallJournal};
+use super::journal::{self, CallJournal, JournalIds};
 use crate::output::ResultBody;
 
 /// How many acknowledged call ids are remembered, to refuse a replay of an old call.
 const ACKED_MEMORY: usize = 100_000;
+/// How many of the latest acknowledged ids the call journal carries over a restart (about
+/// 1.2 MB of records with 60-character ids).
+pub(super) const ACKED_KEPT: usize = 10_000;
 
 /// How a call ended, as the agent reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +88,21 @@ struct Inner {
     sender: Option<mpsc::UnboundedSender<String>>,
     /// Journal records not written yet; `None` until the journal is open.
     journal_records: Option<Vec<u8>>,
+}
+
+impl Inner {
+    /// Remembers that `id` ran and was acknowledged, forgetting the oldest past the limit.
+    fn remember_acked(&mut self, id: String) {
+        if !self.acked.insert(id.clone()) {
+            return;
+        }
+        self.acked_order.push_back(id);
+        if self.acked_order.len() > ACKED_MEMORY {
+            if let Some(old) = self.acked_order.pop_front() {
+                self.acked.remove(&old);
+            }
+        }
+    }
 }
 
 impl CallTable {
@@ -238,13 +256,7 @@ impl CallTable {
                     if let Some(records) = inner.journal_records.as_mut() {
                         journal::record(records, journal::ACKNOWLEDGED, &id);
                     }
-                    inner.acked.insert(id.clone());
-                    inner.acked_order.push_back(id);
-                    if inner.acked_order.len() > ACKED_MEMORY {
-                        if let Some(old) = inner.acked_order.pop_front() {
-                            inner.acked.remove(&old);
-                        }
-                    }
+                    inner.remember_acked(id);
                 }
                 true
             }
@@ -345,14 +357,14 @@ impl CallTable {
         self.lock().journal_records.get_or_insert_with(Vec::new);
     }
 
-    /// The ids the journal must hold: calls running, and calls that ran whose result is not
-    /// acknowledged.
-    pub fn journal_ids(&self) -> Vec<String> {
+    /// What a rewritten journal holds: the calls running and the calls that ran whose result
+    /// is not acknowledged, and the latest [`ACKED_KEPT`] acknowledged ids.
+    pub fn journal_ids(&self) -> JournalIds {
         Self::journal_ids_in(&self.lock())
     }
 
-    fn journal_ids_in(inner: &Inner) -> Vec<String> {
-        inner
+    fn journal_ids_in(inner: &Inner) -> JournalIds {
+        let open = inner
             .entries
             .iter()
             .filter_map(|(id, entry)| match entry {
@@ -360,7 +372,19 @@ impl CallTable {
                 Entry::Done(result) if result.ran => Some(id.clone()),
                 Entry::Done(_) => None,
             })
-            .collect()
+            .collect();
+        let skip = inner.acked_order.len().saturating_sub(ACKED_KEPT);
+        let acknowledged = inner.acked_order.iter().skip(skip).cloned().collect();
+        JournalIds { open, acknowledged }
+    }
+
+    /// Takes back ids that ran and were acknowledged in an earlier run of the agent (from its
+    /// journal): a replay of one is refused, as within one run.
+    pub fn remember_acknowledged(&self, ids: Vec<String>) {
+        let mut inner = self.lock();
+        for id in ids {
+            inner.remember_acked(id);
+        }
     }
 
     /// Writes the journal records taken since the last write (the calls admitted and the

@@ -18,12 +18,15 @@
 //! A <hex call id>    the cloud acknowledged its result
 //! ```
 //!
+//! The acknowledged ids come back too, so a replay of a recent call (the latest 10 000 are
+//! carried over a rewrite) is refused with `agent.duplicate_call` after a restart as before it.
+//!
 //! The call table adds records in memory as it admits calls and takes acks; the session writes
 //! them with one `write` per burst of messages read, before the burst's calls start. No fsync:
 //! the records survive the process dying, which is what this is for; after a power loss the
 //! last records may be missing. When the file passes [`COMPACT_AT`], or after a failed write
 //! (which may have left a torn line), it is rewritten whole from the table: one `S` line per
-//! call still running or unacknowledged.
+//! call still running or unacknowledged, one `A` line per acknowledged id it carries.
 
 use std::collections::HashSet;
 use std::fs;
@@ -105,14 +108,18 @@ impl CallJournal {
         }
     }
 
-    /// Replaces the file with one `S` record per id, atomically, and reopens it for appends.
-    pub(super) fn rewrite(&mut self, ids: &[String]) -> io::Result<()> {
+    /// Replaces the file with the records of `ids`, atomically, and reopens it for appends.
+    pub(super) fn rewrite(&mut self, ids: &JournalIds) -> io::Result<()> {
         self.spare.clear();
         self.rewrite = true;
         // Closed first: on Windows an open file may not be replaced.
         self.file = None;
-        let mut text = Vec::with_capacity(ids.iter().map(|id| 3 + 2 * id.len()).sum());
-        for id in ids {
+        let all = || ids.open.iter().chain(&ids.acknowledged);
+        let mut text = Vec::with_capacity(all().map(|id| 3 + 2 * id.len()).sum());
+        for id in &ids.acknowledged {
+            record(&mut text, ACKNOWLEDGED, id);
+        }
+        for id in &ids.open {
             record(&mut text, STARTED, id);
         }
         crate::state::write_atomic(&self.path, &text, 0o600)?;
@@ -121,6 +128,15 @@ impl CallJournal {
         self.rewrite = false;
         Ok(())
     }
+}
+
+/// What a journal holds, or must hold.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct JournalIds {
+    /// Calls started and not acknowledged, in the order they started.
+    pub open: Vec<String>,
+    /// Calls acknowledged, oldest first.
+    pub acknowledged: Vec<String>,
 }
 
 /// What [`open`] found.
@@ -142,9 +158,10 @@ pub fn open(table: &CallTable, dir: &Path) -> Recovered {
     let mut recovered = Recovered::default();
     match fs::read(&path) {
         Ok(text) => {
-            let (started, torn) = unacknowledged(&text);
+            let (ids, torn) = read(&text);
             recovered.torn = torn;
-            for call_id in started {
+            table.remember_acknowledged(ids.acknowledged);
+            for call_id in ids.open {
                 if table.restore(call_id, Outcome::AgentError, interrupted()) {
                     recovered.interrupted += 1;
                 }
@@ -184,10 +201,11 @@ pub fn open(table: &CallTable, dir: &Path) -> Recovered {
     recovered
 }
 
-/// The ids a journal shows started and not acknowledged, and how many lines were not records.
-fn unacknowledged(text: &[u8]) -> (Vec<String>, usize) {
-    let mut started = HashSet::new();
-    let mut order = Vec::new();
+/// What a journal's records say, and how many lines were not records. The last record of an
+/// id decides.
+fn read(text: &[u8]) -> (JournalIds, usize) {
+    let (mut started, mut acked) = (HashSet::new(), HashSet::new());
+    let (mut order, mut acked_order) = (Vec::new(), Vec::new());
     let mut torn = 0;
     for line in text.split_inclusive(|&b| b == b'\n') {
         // A record is whole only with its newline: a torn last one may still look like hex.
@@ -201,19 +219,28 @@ fn unacknowledged(text: &[u8]) -> (Vec<String>, usize) {
         };
         match parsed {
             Some((STARTED, id)) => {
+                acked.remove(&id);
                 if started.insert(id.clone()) {
                     order.push(id);
                 }
             }
             Some((_, id)) => {
                 started.remove(&id);
+                if acked.insert(id.clone()) {
+                    acked_order.push(id);
+                }
             }
             None => torn += 1,
         }
     }
-    // In the order they started, so the log and the cloud see them in a sensible order.
+    // In the order they came, so the log and the cloud see them in a sensible order.
     order.retain(|id| started.contains(id));
-    (order, torn)
+    acked_order.retain(|id| acked.contains(id));
+    let ids = JournalIds {
+        open: order,
+        acknowledged: acked_order,
+    };
+    (ids, torn)
 }
 
 /// The result of a call the last run started and never finished delivering.
@@ -230,7 +257,7 @@ mod tests {
     use super::*;
     use tokio_util::sync::CancellationToken;
 
-    use crate::tunnel::calls::Admission;
+    use crate::tunnel::calls::{Admission, ACKED_KEPT};
 
     fn body(text: &'static str) -> ResultBody {
         ResultBody::from(text.as_bytes().to_vec())
@@ -299,14 +326,18 @@ mod tests {
             after.admit("finished", 16, &root),
             Admission::Resent
         ));
-        // Acknowledged, refused (never ran) and unknown calls run normally.
-        for id in ["acked", "busy", "new"] {
+        // An acknowledged call is still refused, as before the crash.
+        assert!(matches!(
+            after.admit("acked", 16, &root),
+            Admission::Acknowledged
+        ));
+        // A refused call (it never ran) and an unknown one run.
+        for id in ["busy", "new"] {
             assert!(
                 matches!(after.admit(id, 16, &root), Admission::Run(_)),
                 "{id}"
             );
         }
-        assert!(after.result("acked").is_none());
     }
 
     #[tokio::test]
@@ -359,9 +390,17 @@ mod tests {
         record(&mut text, STARTED, "two");
         record(&mut text, ACKNOWLEDGED, "one");
         text.extend_from_slice(b"X 00\nS zz\nS \n");
-        // A torn last record, whose hex would still decode ("th").
+        // A torn record, whose hex would still decode ("th"), glued to the next one.
         text.extend_from_slice(b"S 7468");
-        assert_eq!(unacknowledged(&text), (vec!["two".to_string()], 4));
+        record(&mut text, STARTED, "three");
+        record(&mut text, ACKNOWLEDGED, "three");
+        record(&mut text, STARTED, "three");
+        let ids = JournalIds {
+            open: vec!["two".into(), "three".into()],
+            acknowledged: vec!["one".into()],
+        };
+        // The torn record is not the last line here: records after it still count.
+        assert_eq!(read(&text), (ids, 4));
     }
 
     #[tokio::test]
@@ -389,11 +428,20 @@ mod tests {
         table.flush_journal();
         let before = fs::metadata(&path).unwrap().len();
         assert!(before >= COMPACT_AT, "{before}");
-        // The next write is a rewrite: one record.
+        // The next write is a rewrite: the open call and the latest acknowledged ones.
         table.flush_journal();
         let text = fs::read(&path).unwrap();
-        assert_eq!(unacknowledged(&text), (vec!["open".to_string()], 0));
-        assert_eq!(text.len(), 3 + 2 * "open".len());
+        let (ids, torn) = read(&text);
+        assert_eq!((ids.open, torn), (vec!["open".to_string()], 0));
+        let latest: Vec<String> = (calls - ACKED_KEPT as u64..calls)
+            .map(|n| format!("{n:0id_len$}"))
+            .collect();
+        assert_eq!(ids.acknowledged, latest);
+        let record_len = |id_len| 3 + 2 * id_len;
+        assert_eq!(
+            text.len(),
+            record_len("open".len()) + ACKED_KEPT * record_len(id_len)
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
