@@ -108,7 +108,10 @@ impl CallJournal {
         }
     }
 
-    /// Replaces the file with the records of `ids`, atomically, and reopens it for appends.
+    /// Replaces the file with the records of `ids`, atomically (a new file renamed over it),
+    /// and keeps the new one open for appends. Not fsynced, like the appends: this runs on the
+    /// session's loop every few tens of thousands of calls, and what it guards against is the
+    /// process dying, after which the kernel still writes the file out.
     pub(super) fn rewrite(&mut self, ids: &JournalIds) -> io::Result<()> {
         self.spare.clear();
         self.rewrite = true;
@@ -122,8 +125,16 @@ impl CallJournal {
         for id in &ids.open {
             record(&mut text, STARTED, id);
         }
-        crate::state::write_atomic(&self.path, &text, 0o600)?;
-        self.file = Some(fs::OpenOptions::new().append(true).open(&self.path)?);
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        // Named like the outbox's other temporary files, which a start removes if a crash
+        // left one. Created 0600.
+        let mut new = tempfile::Builder::new()
+            .prefix(".calls.journal.")
+            .suffix(".tmp")
+            .tempfile_in(dir)?;
+        new.write_all(&text)?;
+        // Its cursor is at the end: later writes append.
+        self.file = Some(new.persist(&self.path).map_err(|e| e.error)?);
         self.written = text.len() as u64;
         self.rewrite = false;
         Ok(())
