@@ -238,6 +238,20 @@ impl PreparedCredentials {
                         field: format!("{path}.id"),
                         problem: "a managed credential needs its id".into(),
                     })?;
+                // The id keys the token cache, the single-flight refresh and the updates sent
+                // to the cloud: two credentials under one id would overwrite each other's
+                // tokens.
+                if managed
+                    .iter()
+                    .any(|m: &ManagedCredential| m.key.credential_id == id)
+                {
+                    return Err(SpecError {
+                        field: format!("{path}.id"),
+                        problem: format!(
+                            "another managed credential of this tenant has the id {id:?} (the `auth` object counts as \"{AUTH_CREDENTIAL_ID}\"); give each its own"
+                        ),
+                    });
+                }
                 managed.push(ctx.credential(entry, Part::Credentials(i), id, &path)?);
             }
         }
@@ -917,6 +931,32 @@ mod tests {
         }
         let err = parse(json!([{"oauth": {}, "token_broker": {"client_id": "c"}}])).unwrap_err();
         assert_eq!(err.field, "credentials[0].id");
+    }
+
+    #[test]
+    fn two_managed_credentials_may_not_share_an_id() {
+        let block = json!({"client_id": "c", "token_url": "https://x.example/t"});
+        let err = parse(json!([
+            {"id": "o", "oauth": {}, "token_broker": block},
+            {"id": "p", "oauth": {}, "token_broker": block},
+            {"id": "o", "oauth": {}, "token_broker": block},
+        ]))
+        .unwrap_err();
+        assert_eq!(err.field, "credentials[2].id");
+        assert!(err.problem.contains("\"o\""), "{err}");
+        // The `auth` object's id is "auth".
+        let auth = SecretJson::from_value(&json!({"oauth": {}, "token_broker": block}));
+        let creds =
+            SecretJson::from_value(&json!([{"id": "auth", "oauth": {}, "token_broker": block}]));
+        let err = PreparedCredentials::parse("t", "app", &settings(), Some(&auth), Some(&creds))
+            .unwrap_err();
+        assert_eq!(err.field, "credentials[0].id");
+        // Unmanaged credentials are the connector's business, ids and all.
+        let ok = parse(json!([
+            {"id": "o", "oauth": {}, "token_broker": block},
+            {"id": "o", "basic": {"username": "u", "password": "p"}},
+        ]));
+        assert_eq!(ok.unwrap().unwrap().managed.len(), 1);
     }
 
     #[test]
