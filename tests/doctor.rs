@@ -63,6 +63,10 @@ async fn a_healthy_install_passes_every_check_with_the_certificate_and_clock_sho
         ("config", "agent.toml"),
         ("state folder", "writable, private"),
         ("tenant store", "1 tenant(s), encrypted; key"),
+        (
+            "outbox",
+            "no results kept; the call journal lists 0 call(s)",
+        ),
         ("plugins folder", "only root and the agent's user"),
         ("agent", "running"),
         ("tunnel", "connected"),
@@ -129,6 +133,12 @@ async fn a_broken_install_gets_a_fail_line_for_each_problem_and_a_nonzero_exit()
     let (_, report) = doctor_says(&overrides(&dirs, None)).await;
     let agent_line = line(&report, "WARN", "agent").expect(&report);
     assert!(agent_line.contains("not answering"), "{agent_line}");
+    // A kept result a start could not read back: shown, named, for the admin to look at.
+    let outbox = dirs.state().join("outbox");
+    std::fs::write(outbox.join("0123.result.unreadable"), "garbage").unwrap();
+    let (_, report) = doctor_says(&overrides(&dirs, None)).await;
+    let kept = line(&report, "WARN", "outbox").expect(&report);
+    assert!(kept.contains("0123.result.unreadable"), "{kept}");
     let store = line(&report, "FAIL", "tenant store").expect(&report);
     assert!(store.contains("cannot be decrypted"), "{store}");
     // No key at all in the state folder: doctor cannot see a service-supplied one, and says so.

@@ -102,6 +102,7 @@ pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
     };
     folders(&config, &mut report);
     tenant_store(&config, &mut report);
+    outbox(&config, &mut report);
     agent(&config, &mut report).await;
     match &config.cloud {
         None => report.line(
@@ -280,6 +281,61 @@ fn tenant_store(config: &Config, report: &mut Report<'_>) {
         ),
         Err(e) => report.line(Verdict::Fail, "tenant store", e.to_string()),
     }
+}
+
+/// What the outbox folder holds: results a stop kept for the cloud, files a start could not
+/// read back, and the calls in the call journal.
+fn outbox(config: &Config, report: &mut Report<'_>) {
+    let dir = StatePaths::new(config.state_dir.clone()).outbox();
+    let contents = match crate::tunnel::outbox::contents(&dir) {
+        Ok(contents) => contents,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            report.line(
+                Verdict::Skip,
+                "outbox",
+                "none yet (made at the first start)",
+            );
+            return;
+        }
+        Err(e) => {
+            report.line(Verdict::Fail, "outbox", format!("{}: {e}", dir.display()));
+            return;
+        }
+    };
+    if !contents.unreadable.is_empty() {
+        report.line(
+            Verdict::Warn,
+            "outbox",
+            format!(
+                "{} file(s) in {} could not be read back at a start and were left for inspection: {}; their calls got no result from this agent. Remove them once looked at",
+                contents.unreadable.len(),
+                dir.display(),
+                contents.unreadable.join(", ")
+            ),
+        );
+    }
+    let journal = match crate::tunnel::journal::open_calls(&dir) {
+        Ok(Some(open)) => format!(
+            "the call journal lists {open} call(s) running or awaiting the cloud's acknowledgement"
+        ),
+        Ok(None) => "no call journal yet".to_string(),
+        Err(e) => {
+            report.line(
+                Verdict::Fail,
+                "outbox",
+                format!("the call journal cannot be read: {e}"),
+            );
+            return;
+        }
+    };
+    let kept = match contents.results {
+        0 => "no results kept".to_string(),
+        n => format!(
+            "{n} result(s) ({} bytes) kept by the last stop, sent to the cloud after the next start",
+            contents.bytes
+        ),
+    };
+    report.line(Verdict::Ok, "outbox", format!("{kept}; {journal}"));
 }
 
 /// The running agent, through its local API: its status and each connector's.

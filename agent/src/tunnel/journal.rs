@@ -212,6 +212,16 @@ pub fn open(table: &CallTable, dir: &Path) -> Recovered {
     recovered
 }
 
+/// How many calls the journal in `dir` shows started and not acknowledged (for `doctor`);
+/// `None` without a journal. Blocking.
+pub fn open_calls(dir: &Path) -> io::Result<Option<usize>> {
+    match fs::read(dir.join(FILE_NAME)) {
+        Ok(text) => Ok(Some(read(&text).0.open.len())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// What a journal's records say, and how many lines were not records. The last record of an
 /// id decides.
 fn read(text: &[u8]) -> (JournalIds, usize) {

@@ -70,6 +70,34 @@ pub struct Restored {
     pub unreadable: usize,
 }
 
+/// What the outbox folder holds now, for `doctor`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Contents {
+    /// Results kept by the last stop (taken back, and their files removed, at the next start).
+    pub results: usize,
+    /// Their files' bytes.
+    pub bytes: u64,
+    /// Files a start could not read back, left for inspection (`*.unreadable`).
+    pub unreadable: Vec<String>,
+}
+
+/// Lists `dir` without changing anything. Blocking.
+pub fn contents(dir: &Path) -> io::Result<Contents> {
+    let mut contents = Contents::default();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(SUFFIX) {
+            contents.results += 1;
+            contents.bytes += entry.metadata().map_or(0, |m| m.len());
+        } else if name.ends_with(".unreadable") {
+            contents.unreadable.push(name);
+        }
+    }
+    contents.unreadable.sort();
+    Ok(contents)
+}
+
 /// Writes every unacknowledged result of a call that ran into `dir`. Blocking.
 pub fn save(table: &CallTable, dir: &Path) -> Saved {
     let mut saved = Saved::default();
