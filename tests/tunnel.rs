@@ -26,6 +26,16 @@ async fn agent_for(dirs: &TestDirs, cloud: &FakeCloud, extra: &str) -> TestAgent
     TestAgent::start(dirs, &config).await
 }
 
+/// The test connector installed as `tester`, a fake cloud, and the agent dialling it with
+/// `extra` config.
+async fn tester_and_cloud(extra: &str) -> (TestDirs, FakeCloud, TestAgent) {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(&dirs, &cloud, extra).await;
+    (dirs, cloud, agent)
+}
+
 fn ready(inv: &lumos_agent_proto::v1::Inventory, app_id: &str) -> bool {
     inv.connectors
         .iter()
@@ -172,10 +182,7 @@ async fn a_connector_dropped_into_the_folder_shows_up_in_the_cloud_inventory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_dropped_mid_result_delivers_it_whole_after_reconnect_and_runs_it_once() {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
-    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let agent = agent_for(&dirs, &cloud, "").await;
+    let (dirs, cloud, agent) = tester_and_cloud("").await;
     let count = dirs.root.path().join("runs");
     let payload = json!({"request": {"bytes": 8 << 20, "count_file": count}});
 
@@ -283,10 +290,7 @@ async fn pid_in(path: &Path) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_kills_the_process_group_and_stray_cancels_are_harmless() {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
-    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let agent = agent_for(&dirs, &cloud, "").await;
+    let (dirs, cloud, agent) = tester_and_cloud("").await;
     let mut s = cloud.next_session(WAIT).await;
     let pid_file = dirs.root.path().join("sleeper.pid");
     s.call(
@@ -325,10 +329,7 @@ async fn cancel_kills_the_process_group_and_stray_cancels_are_harmless() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_the_limit_get_a_retryable_busy() {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
-    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let agent = agent_for(&dirs, &cloud, "max_concurrent_calls = 2").await;
+    let (dirs, cloud, agent) = tester_and_cloud("max_concurrent_calls = 2").await;
     let mut s = cloud.next_session(WAIT).await;
     let mut pids = Vec::new();
     for i in 0..2 {
@@ -367,10 +368,7 @@ async fn calls_over_the_limit_get_a_retryable_busy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_and_payloads_get_an_error_for_that_call_and_nothing_else() {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
-    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let agent = agent_for(&dirs, &cloud, "").await;
+    let (_dirs, cloud, agent) = tester_and_cloud("").await;
     let mut s = cloud.next_session(WAIT).await;
     let code = |r: &AssembledResult| {
         r.json()["error"]["error_code"]
@@ -496,10 +494,7 @@ async fn a_refused_token_is_not_retried_in_a_tight_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_announces_draining_finishes_in_flight_calls_and_flushes_results() {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
-    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let agent = agent_for(&dirs, &cloud, "").await;
+    let (dirs, cloud, agent) = tester_and_cloud("").await;
     let mut s = cloud.next_session(WAIT).await;
     let pid_file = dirs.root.path().join("s.pid");
     s.call(
