@@ -16,14 +16,26 @@ const WAIT: Duration = Duration::from_secs(60);
 const ANSWERED: i32 = 1;
 const AGENT_ERROR: i32 = 2;
 
-async fn agent_for(dirs: &TestDirs, cloud: &FakeCloud, extra: &str) -> TestAgent {
-    let config = cloud_config(
+/// The agent's config for dialling `cloud` with its default token, and `extra`.
+fn config_for(dirs: &TestDirs, cloud: &FakeCloud, extra: &str) -> String {
+    cloud_config(
         dirs,
         &cloud.endpoint(),
         &FakeCloudOptions::default().token,
         extra,
-    );
-    TestAgent::start(dirs, &config).await
+    )
+}
+
+async fn agent_for(dirs: &TestDirs, cloud: &FakeCloud, extra: &str) -> TestAgent {
+    TestAgent::start(dirs, &config_for(dirs, cloud, extra)).await
+}
+
+/// Results a stop kept on disk for the next start.
+fn kept_results(dirs: &TestDirs) -> usize {
+    std::fs::read_dir(dirs.state().join("outbox"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("result".as_ref()))
+        .count()
 }
 
 /// The test connector installed as `tester`, a fake cloud, and the agent dialling it with
@@ -478,13 +490,7 @@ async fn a_refused_token_is_not_retried_in_a_tight_loop() {
         ..FakeCloudOptions::default()
     })
     .await;
-    let config = cloud_config(
-        &dirs,
-        &denied.endpoint(),
-        &FakeCloudOptions::default().token,
-        "backoff_max_secs = 3600",
-    );
-    let agent = TestAgent::start(&dirs, &config).await;
+    let agent = agent_for(&dirs, &denied, "backoff_max_secs = 3600").await;
     eventually(WAIT, "a first attempt", || denied.attempts() >= 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(denied.attempts(), 1);
@@ -540,20 +546,9 @@ async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_
     let dirs = TestDirs::new();
     install_plugin(&dirs.plugins(), &test_connector(), "tester");
     let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let config = cloud_config(
-        &dirs,
-        &cloud.endpoint(),
-        &FakeCloudOptions::default().token,
-        "",
-    )
-    .replace("drain_grace_secs = 30", "drain_grace_secs = 1");
-    let outbox = dirs.state().join("outbox");
-    let kept_files = || {
-        std::fs::read_dir(&outbox)
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().extension() == Some("result".as_ref()))
-            .count()
-    };
+    let config =
+        config_for(&dirs, &cloud, "").replace("drain_grace_secs = 30", "drain_grace_secs = 1");
+    let kept_files = || kept_results(&dirs);
     let count = dirs.root.path().join("runs");
     // One result small enough for memory, one large enough to be spooled.
     let small = json!({"request": {"bytes": 1000, "count_file": count}});
@@ -597,13 +592,7 @@ async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_
     let dirs = TestDirs::new();
     install_plugin(&dirs.plugins(), &test_connector(), "tester");
     let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let config = cloud_config(
-        &dirs,
-        &cloud.endpoint(),
-        &FakeCloudOptions::default().token,
-        "",
-    );
-    TestAgent::write_config(&dirs, &dirs.plugins(), &config);
+    TestAgent::write_config(&dirs, &dirs.plugins(), &config_for(&dirs, &cloud, ""));
     let start = || {
         std::process::Command::new(workspace_bin("lumos-agent"))
             .arg("--config")
@@ -680,11 +669,7 @@ async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_
     )
     .unwrap();
     assert!(agent.wait().unwrap().success());
-    let kept = std::fs::read_dir(dirs.state().join("outbox"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension() == Some("result".as_ref()))
-        .count();
-    assert_eq!(kept, 0, "nothing was owed at the clean stop");
+    assert_eq!(kept_results(&dirs), 0, "nothing was owed at the clean stop");
 
     // And a third start owes the cloud nothing.
     let mut agent = start();
@@ -803,13 +788,8 @@ async fn the_tunnel_goes_through_an_http_connect_proxy_with_basic_auth() {
     let (proxy, seen) = connect_proxy(expected).await;
     let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
     let dirs = TestDirs::new();
-    let config = cloud_config(
-        &dirs,
-        &cloud.endpoint(),
-        &FakeCloudOptions::default().token,
-        &format!("proxy = \"http://agent:p%40ss%3Aw%2Frd@{proxy}\""),
-    );
-    let agent = TestAgent::start(&dirs, &config).await;
+    let proxy_setting = format!("proxy = \"http://agent:p%40ss%3Aw%2Frd@{proxy}\"");
+    let agent = agent_for(&dirs, &cloud, &proxy_setting).await;
     let mut s = cloud.next_session(WAIT).await;
     s.inventory_where(WAIT, |_| true)
         .await
