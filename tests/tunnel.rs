@@ -561,6 +561,15 @@ async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_
     let first_small = s.result("small", WAIT).await.unwrap();
     let first_large = s.result("large", WAIT).await.unwrap();
     assert_eq!(first_large.json()["n"], 3 << 20);
+    // The admin sees them waiting: two results, only the small one in memory (the large one is
+    // spooled to disk as the connector writes it).
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("lumos_agent_outbox_results 2\n"),
+        "{metrics}"
+    );
+    let in_memory = format!("lumos_agent_outbox_memory_bytes {}\n", first_small.len);
+    assert!(metrics.contains(&in_memory), "{metrics}");
     // The cloud never acknowledges them (it went down before storing them, say): the drain
     // waits for the acks until its grace runs out, and the agent stops with them undelivered.
     assert_eq!(agent.shutdown().await, Stopped::GraceExpired);

@@ -52,6 +52,8 @@ pub struct ApiState {
     pub draining: CancellationToken,
     /// Where the tunnel to the cloud stands.
     pub cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
+    /// The tunnel's calls and unacknowledged results (for the outbox gauges).
+    pub calls: Arc<crate::tunnel::calls::CallTable>,
 }
 
 /// Response bodies: small ones whole, call results streamed (they may be spooled on disk).
@@ -131,7 +133,9 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
         // Open like the health checks (the API listens on loopback): metrics hold connector ids
         // and counts, never tenants or secrets.
         (&Method::GET, ["metrics"]) => {
-            let body = state.metrics.render(&state.registry.snapshot());
+            let (calls, metrics) = (&state.calls, &state.metrics);
+            metrics.set_outbox(calls.unacknowledged(), calls.memory_bytes());
+            let body = metrics.render(&state.registry.snapshot());
             let mut resp = Response::new(full(Bytes::from(body)));
             resp.headers_mut().insert(
                 CONTENT_TYPE,

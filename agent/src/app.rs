@@ -265,6 +265,7 @@ impl RunningAgent {
             abort: abort.clone(),
             draining: draining.clone(),
             cloud: cloud_status.subscribe(),
+            calls: calls.clone(),
         });
         let agent = Self {
             cloud: cloud_status.subscribe(),

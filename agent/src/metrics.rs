@@ -54,6 +54,8 @@ pub struct Metrics {
     cloud: Family<StatusLabels, Gauge>,
     tunnel_disconnects: Family<ReasonLabels, Counter>,
     token_refreshes: Family<OutcomeLabels, Counter>,
+    outbox_results: Gauge,
+    outbox_memory: Gauge,
     /// The call metrics of each connector's capabilities, by app_id then capability.
     capability_calls: RwLock<HashMap<String, HashMap<String, CapabilityCalls>>>,
 }
@@ -136,6 +138,18 @@ impl Metrics {
             "OAuth token refreshes by the token broker, by outcome (ok, invalid_grant, config, rate_limited, unavailable)",
             token_refreshes.clone(),
         );
+        let outbox_results = Gauge::default();
+        registry.register(
+            "outbox_results",
+            "Results of tunnel calls waiting for the cloud's acknowledgement (a growing number: the cloud is not taking them)",
+            outbox_results.clone(),
+        );
+        let outbox_memory = Gauge::default();
+        registry.register(
+            "outbox_memory_bytes",
+            "Bytes of those results held in memory (the rest are spilled to the state folder; see cloud.outbox_memory_bytes)",
+            outbox_memory.clone(),
+        );
         Self {
             registry,
             calls,
@@ -147,6 +161,8 @@ impl Metrics {
             cloud,
             tunnel_disconnects,
             token_refreshes,
+            outbox_results,
+            outbox_memory,
             capability_calls: RwLock::default(),
         }
     }
@@ -253,6 +269,15 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+
+    /// The tunnel's outbox now: results waiting for an acknowledgement, and their bytes in
+    /// memory. Set at scrape time.
+    pub fn set_outbox(&self, results: usize, memory_bytes: u64) {
+        self.outbox_results
+            .set(i64::try_from(results).unwrap_or(i64::MAX));
+        self.outbox_memory
+            .set(i64::try_from(memory_bytes).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text, with inventory gauges taken from `inventory` now.
