@@ -145,7 +145,8 @@ impl CallJournal {
 /// What a journal holds, or must hold.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct JournalIds {
-    /// Calls started and not acknowledged, in the order they started.
+    /// Calls started and not acknowledged, in the order the journal lists them (the order they
+    /// started, since the last rewrite).
     pub open: Vec<String>,
     /// Calls acknowledged, oldest first.
     pub acknowledged: Vec<String>,
