@@ -307,7 +307,7 @@ fn outbox(config: &Config, report: &mut Report<'_>) {
             Verdict::Warn,
             "outbox",
             format!(
-                "{} file(s) in {} could not be read back at a start and were left for inspection: {}; their calls got no result from this agent. Remove them once looked at",
+                "{} file(s) in {} could not be read at a start and were left for inspection: {}; what they held was not used (a kept result was not sent, a call journal's calls were not answered). Remove them once looked at",
                 contents.unreadable.len(),
                 dir.display(),
                 contents.unreadable.join(", ")

@@ -34,6 +34,8 @@ const FORMAT_VERSION: &str = "1";
 const SUFFIX: &str = ".result";
 /// The header line is short; anything longer is not one of these files.
 const MAX_HEADER: u64 = 128;
+/// Appended to the name of a file a start could not read, which is left for the admin.
+const UNREADABLE: &str = ".unreadable";
 /// Call ids are short; a longer one is a corrupt length.
 const MAX_CALL_ID: usize = 64 * 1024;
 
@@ -90,7 +92,7 @@ pub fn contents(dir: &Path) -> io::Result<Contents> {
         if name.ends_with(SUFFIX) {
             contents.results += 1;
             contents.bytes += entry.metadata().map_or(0, |m| m.len());
-        } else if name.ends_with(".unreadable") {
+        } else if name.ends_with(UNREADABLE) {
             contents.unreadable.push(name);
         }
     }
@@ -172,8 +174,7 @@ pub fn restore(table: &CallTable, dir: &Path) -> Restored {
             }
             Err(e) => {
                 restored.unreadable += 1;
-                let aside = PathBuf::from(format!("{}.unreadable", path.display()));
-                let _ = fs::rename(&path, &aside);
+                let aside = set_aside(&path);
                 tracing::error!(file = %aside.display(), "a result kept by the last run {e}; left for inspection, and the cloud times its call out");
             }
         }
@@ -186,6 +187,16 @@ pub fn restore(table: &CallTable, dir: &Path) -> Restored {
         );
     }
     restored
+}
+
+/// Renames a file a start could not read to `<name>.unreadable` (best effort: it is read
+/// again at the next start otherwise), where `doctor` lists it. Returns the new path.
+pub(super) fn set_aside(path: &Path) -> PathBuf {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(UNREADABLE);
+    let aside = PathBuf::from(aside);
+    let _ = fs::rename(path, &aside);
+    aside
 }
 
 /// A kept result's file name: its call id's digest, so any id is a safe name.
