@@ -542,6 +542,41 @@ async fn shutdown_announces_draining_finishes_in_flight_calls_and_flushes_result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_still_running_when_the_grace_runs_out_is_cancelled_and_its_processes_killed() {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let config =
+        config_for(&dirs, &cloud, "").replace("drain_grace_secs = 30", "drain_grace_secs = 1");
+    let agent = TestAgent::start(&dirs, &config).await;
+    let mut s = cloud.next_session(WAIT).await;
+    let pid_file = dirs.root.path().join("stuck.pid");
+    s.call(
+        "stuck",
+        "tester",
+        "sleep",
+        "",
+        &json!({"request": {"secs": 3600, "pid_file": pid_file}}),
+    );
+    let pid = pid_in(&pid_file).await;
+    assert_eq!(agent.shutdown().await, Stopped::GraceExpired);
+    eventually(WAIT, "the stuck connector to be killed", || {
+        !process_alive(pid)
+    })
+    .await;
+    assert_eq!(kept_results(&dirs), 1, "its result is kept for the cloud");
+
+    // The next start tells the cloud the call was cancelled; it does not run it again.
+    let agent = TestAgent::start(&dirs, &config).await;
+    let mut s2 = cloud.next_session(WAIT).await;
+    let result = s2.result("stuck", WAIT).await.unwrap();
+    assert_eq!(result.status, AGENT_ERROR);
+    assert_eq!(result.json()["error"]["error_code"], "agent.cancelled");
+    s2.ack("stuck");
+    assert_eq!(agent.shutdown().await, Stopped::Drained);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_run_again() {
     let dirs = TestDirs::new();
     install_plugin(&dirs.plugins(), &test_connector(), "tester");

@@ -538,6 +538,8 @@ impl RunningAgent {
     async fn quit(&self) {
         self.draining.cancel();
         self.abort.cancel();
+        // The tunnel's calls have tokens of their own (see `CallTable::admit`).
+        self.calls.cancel_all();
         self.tracker.close();
         // Cancelled calls kill their process groups synchronously; this only waits for the
         // tasks to notice.

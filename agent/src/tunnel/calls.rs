@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, Notify};
@@ -41,7 +41,35 @@ pub struct StoredResult {
     /// Whether the connector ran. A call refused before running (busy, draining) may be sent
     /// again by the cloud and then runs.
     pub ran: bool,
+    /// Set when the table lets go of this result (acknowledged, or a refusal replaced): a copy
+    /// still in a stream's queue is then not sent.
+    withdrawn: AtomicBool,
 }
+
+impl StoredResult {
+    fn new(outcome: Outcome, body: ResultBody, ran: bool) -> Arc<Self> {
+        Arc::new(Self {
+            outcome,
+            body,
+            ran,
+            withdrawn: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the table let go of this result since it was queued: not to be sent.
+    pub fn withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::Acquire)
+    }
+
+    fn withdraw(&self) {
+        self.withdrawn.store(true, Ordering::Release);
+    }
+}
+
+/// A result queued for a stream, with its call id. The result travels with its id so that the
+/// stream need not look it up in the table (a lock per result); [`StoredResult::withdrawn`]
+/// says whether it is still to be sent.
+pub type Queued = (String, Arc<StoredResult>);
 
 #[derive(Debug)]
 enum Entry {
@@ -85,9 +113,11 @@ struct Inner {
     acked_order: VecDeque<String>,
     memory_bytes: u64,
     /// The current stream's queue of results to send.
-    sender: Option<mpsc::UnboundedSender<String>>,
+    sender: Option<mpsc::UnboundedSender<Queued>>,
     /// Journal records not written yet; `None` until the journal is open.
     journal_records: Option<Vec<u8>>,
+    /// The agent quit: every call was cancelled, and a call admitted now starts cancelled.
+    aborted: bool,
 }
 
 impl Inner {
@@ -129,12 +159,7 @@ impl CallTable {
     }
 
     /// Decides what to do with a request for `call_id`; `Run` registers it as running.
-    pub fn admit(
-        &self,
-        call_id: &str,
-        max_running: usize,
-        parent: &CancellationToken,
-    ) -> Admission {
+    pub fn admit(&self, call_id: &str, max_running: usize) -> Admission {
         let mut inner = self.lock();
         if inner.acked.contains(call_id) {
             return Admission::Acknowledged;
@@ -143,7 +168,7 @@ impl CallTable {
             Some(Entry::Running(_)) => return Admission::AlreadyRunning,
             Some(Entry::Done(result)) if result.ran => {
                 if let Some(sender) = &inner.sender {
-                    let _ = sender.send(call_id.to_string());
+                    let _ = sender.send((call_id.to_string(), result.clone()));
                 }
                 return Admission::Resent;
             }
@@ -154,11 +179,18 @@ impl CallTable {
             return Admission::Busy;
         }
         if let Some(Entry::Done(old)) = inner.entries.remove(call_id) {
+            old.withdraw();
             if old.body.in_memory() {
                 inner.memory_bytes = inner.memory_bytes.saturating_sub(old.body.len());
             }
         }
-        let token = parent.child_token();
+        // A token of its own, not a child of the agent's: a child token locks its parent's
+        // list of children when made and when dropped, a lock every call of every worker
+        // would share. `cancel_all` reaches the running calls instead.
+        let token = CancellationToken::new();
+        if inner.aborted {
+            token.cancel();
+        }
         inner
             .entries
             .insert(call_id.to_string(), Entry::Running(token.clone()));
@@ -172,30 +204,41 @@ impl CallTable {
     /// Stores a call's result (spilling it to disk when memory is over budget) and queues it
     /// on the current stream.
     pub async fn finish(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
-        let body = if self.over_budget(&body) {
-            // A result may be a megabyte: written on a blocking thread. (A panic there keeps
-            // the result in memory, from this cheap clone.)
-            let (dir, id, kept) = (self.spill_dir.clone(), call_id.to_string(), body.clone());
-            tokio::task::spawn_blocking(move || spill_or_keep(&dir, &id, body))
-                .await
-                .unwrap_or(kept)
-        } else {
-            body
+        // Within the budget (the usual case) it is stored under the one lock that checks.
+        let Err(body) = self.store(call_id, outcome, body, ran, Room::Check) else {
+            return;
         };
-        self.store(call_id, outcome, body, ran);
+        // A result may be a megabyte: written on a blocking thread. (A panic there keeps the
+        // result in memory, from this cheap clone.)
+        let (dir, id, kept) = (self.spill_dir.clone(), call_id.to_string(), body.clone());
+        let body = tokio::task::spawn_blocking(move || spill_or_keep(&dir, &id, body))
+            .await
+            .unwrap_or(kept);
+        let _ = self.store(call_id, outcome, body, ran, Room::Take);
     }
 
-    fn over_budget(&self, body: &ResultBody) -> bool {
-        body.in_memory() && !self.memory_room(body.len())
-    }
-
-    fn store(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
+    /// Stores a result and queues it on the current stream; with [`Room::Check`], a result in
+    /// memory that would take the results held in memory over the budget is handed back
+    /// instead, to be spilled.
+    fn store(
+        &self,
+        call_id: &str,
+        outcome: Outcome,
+        body: ResultBody,
+        ran: bool,
+        room: Room,
+    ) -> Result<(), ResultBody> {
         {
             let mut inner = self.lock();
             if body.in_memory() {
-                inner.memory_bytes += body.len();
+                let held = inner.memory_bytes.saturating_add(body.len());
+                if room == Room::Check && held > self.memory_budget.load(Ordering::Relaxed) {
+                    return Err(body);
+                }
+                inner.memory_bytes = held;
             }
-            let done = Entry::Done(Arc::new(StoredResult { outcome, body, ran }));
+            let result = StoredResult::new(outcome, body, ran);
+            let done = Entry::Done(result.clone());
             // The running entry's key is reused: no new copy of the id.
             let previous = match inner.entries.get_mut(call_id) {
                 Some(entry) => Some(std::mem::replace(entry, done)),
@@ -203,17 +246,22 @@ impl CallTable {
             };
             match previous {
                 Some(Entry::Running(_)) => inner.running -= 1,
-                // A refusal replaced by a newer refusal: its bytes no longer count.
-                Some(Entry::Done(old)) if old.body.in_memory() => {
-                    inner.memory_bytes = inner.memory_bytes.saturating_sub(old.body.len());
+                // A refusal replaced by a newer refusal: its bytes no longer count, and a
+                // queued copy is not sent.
+                Some(Entry::Done(old)) => {
+                    old.withdraw();
+                    if old.body.in_memory() {
+                        inner.memory_bytes = inner.memory_bytes.saturating_sub(old.body.len());
+                    }
                 }
-                _ => {}
+                None => {}
             }
             if let Some(sender) = &inner.sender {
-                let _ = sender.send(call_id.to_string());
+                let _ = sender.send((call_id.to_string(), result));
             }
         }
         self.changed.notify_waiters();
+        Ok(())
     }
 
     /// Stores an error answer for a call that is not run (busy, draining, malformed). Refused
@@ -234,12 +282,10 @@ impl CallTable {
                 }
         };
         if may {
-            let body = if self.over_budget(&body) {
-                spill_or_keep(&self.spill_dir, call_id, body)
-            } else {
-                body
-            };
-            self.store(call_id, Outcome::AgentError, body, false);
+            if let Err(body) = self.store(call_id, Outcome::AgentError, body, false, Room::Check) {
+                let body = spill_or_keep(&self.spill_dir, call_id, body);
+                let _ = self.store(call_id, Outcome::AgentError, body, false, Room::Take);
+            }
         }
         may
     }
@@ -249,6 +295,7 @@ impl CallTable {
         let mut inner = self.lock();
         let known = match inner.entries.remove_entry(call_id) {
             Some((id, Entry::Done(result))) => {
+                result.withdraw();
                 if result.body.in_memory() {
                     inner.memory_bytes = inner.memory_bytes.saturating_sub(result.body.len());
                 }
@@ -283,6 +330,17 @@ impl CallTable {
         }
     }
 
+    /// Cancels every running call, and every call admitted from now on (the agent quits).
+    pub fn cancel_all(&self) {
+        let mut inner = self.lock();
+        inner.aborted = true;
+        for entry in inner.entries.values() {
+            if let Entry::Running(token) = entry {
+                token.cancel();
+            }
+        }
+    }
+
     /// A stored result, if the call finished and is not acknowledged yet.
     pub fn result(&self, call_id: &str) -> Option<Arc<StoredResult>> {
         match self.lock().entries.get(call_id) {
@@ -293,12 +351,12 @@ impl CallTable {
 
     /// Makes a new stream the receiver of results: every unacknowledged one is queued at
     /// once, oldest first is not guaranteed; later ones as they finish.
-    pub fn attach(&self) -> mpsc::UnboundedReceiver<String> {
+    pub fn attach(&self) -> mpsc::UnboundedReceiver<Queued> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut inner = self.lock();
         for (id, entry) in &inner.entries {
-            if matches!(entry, Entry::Done(_)) {
-                let _ = tx.send(id.clone());
+            if let Entry::Done(result) = entry {
+                let _ = tx.send((id.clone(), result.clone()));
             }
         }
         inner.sender = Some(tx);
@@ -339,15 +397,11 @@ impl CallTable {
         if body.in_memory() {
             inner.memory_bytes += body.len();
         }
+        let result = StoredResult::new(outcome, body, true);
         if let Some(sender) = &inner.sender {
-            let _ = sender.send(call_id.clone());
+            let _ = sender.send((call_id.clone(), result.clone()));
         }
-        let result = StoredResult {
-            outcome,
-            body,
-            ran: true,
-        };
-        inner.entries.insert(call_id, Entry::Done(Arc::new(result)));
+        inner.entries.insert(call_id, Entry::Done(result));
         true
     }
 
@@ -441,6 +495,15 @@ impl CallTable {
     }
 }
 
+/// Whether [`CallTable::store`] checks the memory budget.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Hand a result in memory back when it does not fit.
+    Check,
+    /// Store it whatever it takes (spilled already, or failed to spill).
+    Take,
+}
+
 /// `body` moved to a spill file in `dir`, or kept in memory if that fails: keeping it loses
 /// nothing, and the budget is a soft limit. Blocking.
 fn spill_or_keep(dir: &std::path::Path, call_id: &str, body: ResultBody) -> ResultBody {
@@ -464,13 +527,9 @@ mod tests {
     async fn a_call_runs_once_and_its_result_waits_for_the_ack() {
         let dir = tempfile::tempdir().unwrap();
         let table = CallTable::new(dir.path().to_path_buf(), 1 << 20);
-        let root = CancellationToken::new();
         let mut rx = table.attach();
-        assert!(matches!(table.admit("c1", 4, &root), Admission::Run(_)));
-        assert!(matches!(
-            table.admit("c1", 4, &root),
-            Admission::AlreadyRunning
-        ));
+        assert!(matches!(table.admit("c1", 4), Admission::Run(_)));
+        assert!(matches!(table.admit("c1", 4), Admission::AlreadyRunning));
         assert!(
             !table.acknowledge("c1"),
             "an ack before the result acknowledges nothing"
@@ -480,19 +539,22 @@ mod tests {
             .finish("c1", Outcome::Answered, body("{}"), true)
             .await;
         assert_eq!(table.running(), 0);
-        assert_eq!(rx.recv().await.as_deref(), Some("c1"));
+        assert_eq!(rx.recv().await.map(|(id, _)| id).as_deref(), Some("c1"));
         // A replay before the ack re-sends the stored result.
-        assert!(matches!(table.admit("c1", 4, &root), Admission::Resent));
-        assert_eq!(rx.recv().await.as_deref(), Some("c1"));
+        assert!(matches!(table.admit("c1", 4), Admission::Resent));
+        assert_eq!(rx.recv().await.map(|(id, _)| id).as_deref(), Some("c1"));
         // A new stream gets it again.
         let mut rx2 = table.attach();
-        assert_eq!(rx2.recv().await.as_deref(), Some("c1"));
+        let (id, queued) = rx2.recv().await.unwrap();
+        assert_eq!(id, "c1");
+        assert!(!queued.withdrawn());
         assert!(table.acknowledge("c1"));
+        assert!(
+            queued.withdrawn(),
+            "a queued copy of an acknowledged result is not sent"
+        );
         assert!(table.result("c1").is_none());
-        assert!(matches!(
-            table.admit("c1", 4, &root),
-            Admission::Acknowledged
-        ));
+        assert!(matches!(table.admit("c1", 4), Admission::Acknowledged));
         assert!(!table.acknowledge("c1"), "a second ack is harmless");
         assert_eq!(table.unacknowledged(), 0);
     }
@@ -501,11 +563,10 @@ mod tests {
     async fn busy_calls_may_run_later_and_results_over_budget_spill() {
         let dir = tempfile::tempdir().unwrap();
         let table = CallTable::new(dir.path().to_path_buf(), 4);
-        let root = CancellationToken::new();
-        let Admission::Run(token) = table.admit("a", 1, &root) else {
+        let Admission::Run(token) = table.admit("a", 1) else {
             panic!("first call must run")
         };
-        assert!(matches!(table.admit("b", 1, &root), Admission::Busy));
+        assert!(matches!(table.admit("b", 1), Admission::Busy));
         table
             .finish("b", Outcome::AgentError, body("{busy}"), false)
             .await;
@@ -524,23 +585,49 @@ mod tests {
             .await;
         assert_eq!(table.memory_bytes(), 2);
         // "b" never ran: a new request for it runs.
-        assert!(matches!(table.admit("b", 1, &root), Admission::Run(_)));
+        assert!(matches!(table.admit("b", 1), Admission::Run(_)));
         assert!(!table.cancel("nonexistent"));
+    }
+
+    #[test]
+    fn cancel_all_stops_every_running_call_and_every_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = CallTable::new(dir.path().to_path_buf(), 1 << 20);
+        let Admission::Run(first) = table.admit("a", 4) else {
+            panic!("a must run")
+        };
+        let Admission::Run(second) = table.admit("b", 4) else {
+            panic!("b must run")
+        };
+        assert!(!first.is_cancelled() && !second.is_cancelled());
+        table.cancel_all();
+        assert!(first.is_cancelled() && second.is_cancelled());
+        let Admission::Run(late) = table.admit("c", 4) else {
+            panic!("c is admitted (the session refuses calls while draining, not the table)")
+        };
+        assert!(
+            late.is_cancelled(),
+            "a call admitted after the quit starts cancelled"
+        );
     }
 
     #[tokio::test]
     async fn a_refusal_never_replaces_a_real_result_and_replacing_one_keeps_the_count() {
         let dir = tempfile::tempdir().unwrap();
         let table = CallTable::new(dir.path().to_path_buf(), 1 << 20);
-        let root = CancellationToken::new();
+        let mut rx = table.attach();
         assert!(table.refuse("r", body("{busy}")));
+        let (_, first) = rx.try_recv().unwrap();
         assert!(table.refuse("r", body("{bad}")));
+        assert!(first.withdrawn(), "a replaced refusal is not sent");
+        let (_, second) = rx.try_recv().unwrap();
         assert_eq!(
             table.memory_bytes(),
             5,
             "the first refusal's bytes were released"
         );
-        assert!(matches!(table.admit("r", 4, &root), Admission::Run(_)));
+        assert!(matches!(table.admit("r", 4), Admission::Run(_)));
+        assert!(second.withdrawn(), "nor one of a call that now runs");
         assert!(!table.refuse("r", body("{x}")), "running");
         table.finish("r", Outcome::Answered, body("{}"), true).await;
         assert!(!table.refuse("r", body("{x}")), "ran");

@@ -277,7 +277,6 @@ fn interrupted() -> ResultBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_util::sync::CancellationToken;
 
     use crate::tunnel::calls::{Admission, ACKED_KEPT};
 
@@ -295,15 +294,14 @@ mod tests {
     async fn after_a_crash_the_calls_started_and_unacknowledged_are_interrupted_not_run_again() {
         let spill = tempfile::tempdir().unwrap();
         let outbox = tempfile::tempdir().unwrap();
-        let root = CancellationToken::new();
         let odd_id = "a\nS 00\n ünï";
         {
             let table = CallTable::new(spill.path().to_path_buf(), 1 << 20);
             assert_eq!(open(&table, outbox.path()), Recovered::default());
             for id in ["running", "finished", "acked", odd_id] {
-                assert!(matches!(table.admit(id, 16, &root), Admission::Run(_)));
+                assert!(matches!(table.admit(id, 16), Admission::Run(_)));
             }
-            assert!(matches!(table.admit("busy", 4, &root), Admission::Busy));
+            assert!(matches!(table.admit("busy", 4), Admission::Busy));
             assert!(table.refuse("busy", body("{\"busy\":1}")));
             table.flush_journal();
             for id in ["finished", "acked", odd_id] {
@@ -327,7 +325,7 @@ mod tests {
         );
         let mut sent = Vec::new();
         for _ in 0..3 {
-            sent.push(rx.recv().await.unwrap());
+            sent.push(rx.recv().await.unwrap().0);
         }
         assert_eq!(
             sent,
@@ -340,25 +338,13 @@ mod tests {
         assert_eq!(doc["error"]["error_code"], "agent.interrupted");
         assert_eq!(doc["error"]["error_metadata"]["retryable"], false);
         // Sent again, none runs: the interrupted result is given again.
-        assert!(matches!(
-            after.admit("running", 16, &root),
-            Admission::Resent
-        ));
-        assert!(matches!(
-            after.admit("finished", 16, &root),
-            Admission::Resent
-        ));
+        assert!(matches!(after.admit("running", 16), Admission::Resent));
+        assert!(matches!(after.admit("finished", 16), Admission::Resent));
         // An acknowledged call is still refused, as before the crash.
-        assert!(matches!(
-            after.admit("acked", 16, &root),
-            Admission::Acknowledged
-        ));
+        assert!(matches!(after.admit("acked", 16), Admission::Acknowledged));
         // A refused call (it never ran) and an unknown one run.
         for id in ["busy", "new"] {
-            assert!(
-                matches!(after.admit(id, 16, &root), Admission::Run(_)),
-                "{id}"
-            );
+            assert!(matches!(after.admit(id, 16), Admission::Run(_)), "{id}");
         }
     }
 
@@ -366,12 +352,11 @@ mod tests {
     async fn results_kept_by_a_stop_stand_and_the_new_journal_carries_what_is_unacknowledged() {
         let spill = tempfile::tempdir().unwrap();
         let outbox = tempfile::tempdir().unwrap();
-        let root = CancellationToken::new();
         {
             let table = CallTable::new(spill.path().to_path_buf(), 1 << 20);
             open(&table, outbox.path());
             for id in ["kept", "lost"] {
-                assert!(matches!(table.admit(id, 16, &root), Admission::Run(_)));
+                assert!(matches!(table.admit(id, 16), Admission::Run(_)));
             }
             table.flush_journal();
             table
@@ -429,7 +414,6 @@ mod tests {
     async fn a_large_journal_is_rewritten_from_the_table() {
         let spill = tempfile::tempdir().unwrap();
         let outbox = tempfile::tempdir().unwrap();
-        let root = CancellationToken::new();
         let table = CallTable::new(spill.path().to_path_buf(), 1 << 30);
         open(&table, outbox.path());
         let path = outbox.path().join(FILE_NAME);
@@ -437,10 +421,10 @@ mod tests {
         let id_len = 60;
         let per_call = 2 * (3 + 2 * id_len) as u64;
         let calls = COMPACT_AT / per_call + 10;
-        assert!(matches!(table.admit("open", 16, &root), Admission::Run(_)));
+        assert!(matches!(table.admit("open", 16), Admission::Run(_)));
         for n in 0..calls {
             let id = format!("{n:0id_len$}");
-            assert!(matches!(table.admit(&id, 16, &root), Admission::Run(_)));
+            assert!(matches!(table.admit(&id, 16), Admission::Run(_)));
             table.finish(&id, Outcome::Answered, body("{}"), true).await;
             assert!(table.acknowledge(&id));
         }

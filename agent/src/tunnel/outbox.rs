@@ -278,16 +278,14 @@ fn read_one(
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use tokio_util::sync::CancellationToken;
 
     use crate::tunnel::calls::Admission;
 
     async fn table_with(spill: &Path, results: &[(&str, Outcome, Vec<u8>, bool)]) -> CallTable {
         let table = CallTable::new(spill.to_path_buf(), 1 << 30);
-        let root = CancellationToken::new();
         for (id, outcome, body, ran) in results {
             if *ran {
-                assert!(matches!(table.admit(id, 16, &root), Admission::Run(_)));
+                assert!(matches!(table.admit(id, 16), Admission::Run(_)));
             }
             table
                 .finish(id, *outcome, ResultBody::from(body.clone()), *ran)
@@ -366,18 +364,14 @@ mod tests {
         // Sent on the next stream, and a call sent again is not run again.
         let mut queued: Vec<String> = Vec::new();
         let mut rx = after.attach();
-        while let Ok(id) = rx.try_recv() {
+        while let Ok((id, _)) = rx.try_recv() {
             queued.push(id);
         }
         queued.sort();
         assert_eq!(queued, [odd_id, "large", "small"]);
-        let root = CancellationToken::new();
-        assert!(matches!(after.admit("small", 16, &root), Admission::Resent));
+        assert!(matches!(after.admit("small", 16), Admission::Resent));
         assert!(after.acknowledge("small"));
-        assert!(matches!(
-            after.admit("small", 16, &root),
-            Admission::Acknowledged
-        ));
+        assert!(matches!(after.admit("small", 16), Admission::Acknowledged));
     }
 
     #[tokio::test]

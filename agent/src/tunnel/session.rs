@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::calls::{Admission, CallTable, Outcome, StoredResult};
+use super::calls::{Admission, CallTable, Outcome, Queued, StoredResult};
 use super::TunnelContext;
 use crate::config::OperationMode;
 use crate::dispatch::{CallBody, CallRequest};
@@ -85,7 +85,6 @@ pub async fn run(
         control: control_rx,
         pending_results: Some(results_rx),
         results: None,
-        table: ctx.parts.table.clone(),
         chunk: DEFAULT_CHUNK,
         current: None,
     };
@@ -462,11 +461,11 @@ impl Session<'_> {
             );
             return store_refusal(&ctx.parts.table, &call_id, app_id, &err);
         }
-        let token = match ctx.parts.table.admit(
-            &call_id,
-            ctx.cloud.max_concurrent_calls,
-            &ctx.parts.abort,
-        ) {
+        let token = match ctx
+            .parts
+            .table
+            .admit(&call_id, ctx.cloud.max_concurrent_calls)
+        {
             Admission::Run(token) => token,
             Admission::AlreadyRunning => {
                 tracing::info!(%call_id, "call already running: its result follows when ready, it is not run twice");
@@ -641,9 +640,8 @@ struct Outbound {
     control: mpsc::Receiver<AgentMessage>,
     /// The result queue and chunk size, once the cloud's Welcome has set them.
     pending_results:
-        Option<tokio::sync::oneshot::Receiver<(mpsc::UnboundedReceiver<String>, usize)>>,
-    results: Option<mpsc::UnboundedReceiver<String>>,
-    table: Arc<CallTable>,
+        Option<tokio::sync::oneshot::Receiver<(mpsc::UnboundedReceiver<Queued>, usize)>>,
+    results: Option<mpsc::UnboundedReceiver<Queued>>,
     chunk: usize,
     current: Option<Sending>,
 }
@@ -690,9 +688,10 @@ impl tokio_stream::Stream for Outbound {
                     return Poll::Pending;
                 };
                 match queue.poll_recv(cx) {
-                    Poll::Ready(Some(call_id)) => {
-                        // Acknowledged meanwhile (a duplicate in the queue): nothing to send.
-                        if let Some(result) = me.table.result(&call_id) {
+                    Poll::Ready(Some((call_id, result))) => {
+                        // Acknowledged or replaced meanwhile (a duplicate in the queue, or a
+                        // refusal of a call sent again): nothing to send.
+                        if !result.withdrawn() {
                             me.current = Some(Sending {
                                 call_id,
                                 result,
