@@ -24,6 +24,7 @@ use crate::oauth::{TokenError, Tokens};
 use crate::output::ResultBody;
 use crate::plugins::{info::is_capability_name, PluginRegistry, Runner};
 use crate::redact::{SecretSpans, Secrets};
+use crate::stop::CallStop;
 use crate::tenants::{SecretJson, TenantStore};
 
 /// What a caller sends with a call: any of the Lumos envelope's parts. Settings overlay the
@@ -256,32 +257,22 @@ impl Dispatcher {
         .fold(runnable.timeout, Duration::min);
         let version = connector.version.clone().unwrap_or_default();
         // The call stops when the caller cancels or when this version's drain grace runs out
-        // (it was replaced or removed); the relay forwards the first into the second's child.
-        let call_token = runnable.drain.child_token();
-        let relay = async {
-            cancel.cancelled().await;
-            call_token.cancel();
-            std::future::pending::<std::convert::Infallible>().await
-        };
-        let run = async {
-            let json = self
-                .run(
-                    app_id,
-                    capability,
-                    &runnable.runner,
-                    &envelope.rendered,
-                    timeout,
-                    &call_token,
-                )
-                .await?;
-            // The app refused the access token (connector-py answers `refreshable` on a 401):
-            // refresh once, single-flight, and run once more.
-            let Some(managed) = envelope.managed.as_mut() else {
-                return Ok(json);
-            };
-            if !is_refreshable(&json) {
-                return Ok(json);
-            }
+        // (it was replaced or removed).
+        let stop = CallStop::new(cancel, &runnable.drain);
+        let runner = &runnable.runner;
+        let mut json = self
+            .run(
+                app_id,
+                capability,
+                runner,
+                &envelope.rendered,
+                timeout,
+                stop,
+            )
+            .await?;
+        // The app refused the access token (connector-py answers `refreshable` on a 401):
+        // refresh once, single-flight, and run once more.
+        if let Some(managed) = envelope.managed.as_mut().filter(|_| is_refreshable(&json)) {
             tracing::info!(
                 app_id,
                 capability,
@@ -289,20 +280,10 @@ impl Dispatcher {
             );
             // Boxed: rare, and large.
             let rendered = Box::pin(self.refresh_after_rejection(managed)).await?;
-            self.run(
-                app_id,
-                capability,
-                &runnable.runner,
-                &rendered,
-                timeout,
-                &call_token,
-            )
-            .await
-        };
-        let json = tokio::select! {
-            result = run => result?,
-            never = relay => match never {},
-        };
+            json = self
+                .run(app_id, capability, runner, &rendered, timeout, stop)
+                .await?;
+        }
         Ok(CallAnswer { json, version })
     }
 
@@ -314,7 +295,7 @@ impl Dispatcher {
         runner: &Runner,
         envelope: &Rendered,
         timeout: Duration,
-        call_token: &CancellationToken,
+        stop: CallStop<'_>,
     ) -> Result<ResultBody, CallError> {
         let (input, secrets) = (&envelope.bytes[..], &envelope.secrets);
         let answer = match runner {
@@ -322,19 +303,14 @@ impl Dispatcher {
             // call's future (an in-process one too) would otherwise carry their size, moved
             // at each step. A process spawn or a pipe round trip dwarfs the allocation.
             Runner::Executable { program, env } => {
-                return Box::pin(self.run_executable(
-                    app_id, capability, program, env, envelope, timeout, call_token,
-                ))
+                return Box::pin(
+                    self.run_executable(app_id, capability, program, env, envelope, timeout, stop),
+                )
                 .await;
             }
             // Native connectors get the envelope in memory (over a private pipe to a worker).
-            Runner::Worker(w) => {
-                Box::pin(w.call(capability, input, secrets, timeout, call_token)).await
-            }
-            Runner::InProcess(n) => {
-                n.call(capability, input, secrets, timeout, call_token)
-                    .await
-            }
+            Runner::Worker(w) => Box::pin(w.call(capability, input, secrets, timeout, stop)).await,
+            Runner::InProcess(n) => n.call(capability, input, secrets, timeout, stop).await,
         };
         answer.map(ResultBody::from)
     }
@@ -502,7 +478,7 @@ impl Dispatcher {
         env: &crate::exec::ProcessEnv,
         envelope: &Rendered,
         timeout: Duration,
-        cancel: &CancellationToken,
+        stop: CallStop<'_>,
     ) -> Result<ResultBody, CallError> {
         let input = self
             .scratch
@@ -532,7 +508,7 @@ impl Dispatcher {
             OsString::from("--json-file"),
             input.path().as_os_str().to_owned(),
         ];
-        let output = exec::run(program, &args, env, &limits, cancel).await;
+        let output = exec::run(program, &args, env, &limits, stop).await;
         drop(input);
         let output = output.map_err(|e| exec_error(app_id, e))?;
         if output.stdout.in_memory() {

@@ -16,11 +16,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::output::{ResultBody, Spool};
 use crate::platform::{self, DirBuilderExt, OpenOptionsExt, OsErrorKind, ProcessGroup};
+use crate::stop::CallStop;
 
 /// Environment variables a connector may inherit from the agent; everything else is dropped
 /// so no secret of the agent's own environment reaches a connector.
@@ -149,7 +149,7 @@ pub async fn run(
     args: &[OsString],
     env: &ProcessEnv,
     limits: &ExecLimits,
-    cancel: &CancellationToken,
+    stop: CallStop<'_>,
 ) -> Result<ProcessOutput, ExecError> {
     let deadline = Instant::now() + limits.timeout;
     let mut child = spawn(program, args, env).await?;
@@ -193,7 +193,7 @@ pub async fn run(
                 stdout_task.abort();
                 return Err(ExecError::Timeout(limits.timeout));
             }
-            () = cancel.cancelled() => {
+            () = stop.stopped() => {
                 guard.0.kill();
                 let _ = child.wait().await;
                 stdout_task.abort();
@@ -426,6 +426,7 @@ impl Drop for SecretFile {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use tokio_util::sync::CancellationToken;
 
     fn limits(timeout_ms: u64) -> ExecLimits {
         ExecLimits {
@@ -451,9 +452,15 @@ mod tests {
     #[tokio::test]
     async fn captures_stdout_and_stderr_tail() {
         let (p, a) = sh("echo '{\"ok\":1}'; echo oops >&2; exit 3");
-        let out = run(&p, &a, &env(), &limits(5000), &CancellationToken::new())
-            .await
-            .unwrap();
+        let out = run(
+            &p,
+            &a,
+            &env(),
+            &limits(5000),
+            CallStop::by(&CancellationToken::new()),
+        )
+        .await
+        .unwrap();
         assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"{\"ok\":1}\n");
         assert_eq!(out.stderr_tail.as_str(), "oops\n");
         assert_eq!(describe_status(&out.status), "exited with code 3");
@@ -464,9 +471,15 @@ mod tests {
     async fn quick_exits_never_lose_output() {
         let (p, a) = sh("echo ok");
         for _ in 0..200 {
-            let out = run(&p, &a, &env(), &limits(10_000), &CancellationToken::new())
-                .await
-                .unwrap();
+            let out = run(
+                &p,
+                &a,
+                &env(),
+                &limits(10_000),
+                CallStop::by(&CancellationToken::new()),
+            )
+            .await
+            .unwrap();
             assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"ok\n");
         }
     }
@@ -475,9 +488,15 @@ mod tests {
     async fn grandchild_holding_the_pipe_does_not_block_the_answer() {
         let (p, a) = sh("sleep 30 & echo done");
         let started = std::time::Instant::now();
-        let out = run(&p, &a, &env(), &limits(20_000), &CancellationToken::new())
-            .await
-            .unwrap();
+        let out = run(
+            &p,
+            &a,
+            &env(),
+            &limits(20_000),
+            CallStop::by(&CancellationToken::new()),
+        )
+        .await
+        .unwrap();
         assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"done\n");
         // Far below the 30 s the grandchild sleeps: the group was killed at the exit.
         assert!(started.elapsed() < Duration::from_secs(15));
@@ -486,9 +505,15 @@ mod tests {
     #[tokio::test]
     async fn deadline_is_a_typed_error() {
         let (p, a) = sh("trap '' TERM; sleep 30");
-        let err = run(&p, &a, &env(), &limits(100), &CancellationToken::new())
-            .await
-            .unwrap_err();
+        let err = run(
+            &p,
+            &a,
+            &env(),
+            &limits(100),
+            CallStop::by(&CancellationToken::new()),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ExecError::Timeout(_)), "{err}");
     }
 
@@ -507,7 +532,13 @@ mod tests {
         l.kill_grace = Duration::from_secs(600);
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let err = runtime
-            .block_on(run(&p, &a, &env(), &l, &CancellationToken::new()))
+            .block_on(run(
+                &p,
+                &a,
+                &env(),
+                &l,
+                CallStop::by(&CancellationToken::new()),
+            ))
             .unwrap_err();
         assert!(matches!(err, ExecError::Timeout(_)), "{err}");
         let text = std::fs::read_to_string(&pids).unwrap();
@@ -529,9 +560,15 @@ mod tests {
     #[tokio::test]
     async fn output_cap_is_enforced() {
         let (p, a) = sh("head -c 5000000 /dev/zero");
-        let err = run(&p, &a, &env(), &limits(10_000), &CancellationToken::new())
-            .await
-            .unwrap_err();
+        let err = run(
+            &p,
+            &a,
+            &env(),
+            &limits(10_000),
+            CallStop::by(&CancellationToken::new()),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ExecError::OutputTooLarge(_)), "{err}");
     }
 
@@ -545,9 +582,15 @@ mod tests {
             e.vars
         );
         let (p, a) = sh("env");
-        let out = run(&p, &a, &e, &limits(5000), &CancellationToken::new())
-            .await
-            .unwrap();
+        let out = run(
+            &p,
+            &a,
+            &e,
+            &limits(5000),
+            CallStop::by(&CancellationToken::new()),
+        )
+        .await
+        .unwrap();
         let text = String::from_utf8(out.stdout.to_bytes().await.unwrap().to_vec()).unwrap();
         assert!(text.contains("LUMOS_LOG_TO_STDOUT=false"));
         assert!(!text.contains("CARGO_PKG_NAME"), "{text}");

@@ -25,6 +25,7 @@ pub mod plugins;
 pub mod redact;
 pub mod service;
 pub mod state;
+pub mod stop;
 pub mod telemetry;
 pub mod tenants;
 pub mod tunnel;

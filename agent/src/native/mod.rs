@@ -30,6 +30,8 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::stop::CallStop;
+
 use crate::error::{CallError, ErrorCode};
 use crate::exec::ProcessEnv;
 use crate::platform::ProcessGroup;
@@ -165,7 +167,7 @@ async fn await_reply(
     app_id: &str,
     mut rx: oneshot::Receiver<Reply>,
     timeout: Duration,
-    cancel: &CancellationToken,
+    stop: CallStop<'_>,
     abandon: impl FnOnce(),
 ) -> Result<(u32, Vec<u8>), CallError> {
     let received = |reply: Option<Reply>| match reply {
@@ -191,7 +193,7 @@ async fn await_reply(
             abandon();
             Err(CallError::new(ErrorCode::Timeout, format!("{app_id} gave no answer within {timeout:?}; the call was cancelled")))
         }
-        () = cancel.cancelled() => {
+        () = stop.stopped() => {
             abandon();
             Err(CallError::new(ErrorCode::Cancelled, "the call was cancelled"))
         }
@@ -575,7 +577,7 @@ impl WorkerConnector {
         input: &[u8],
         secrets: &SecretSpans,
         timeout: Duration,
-        cancel: &CancellationToken,
+        stop: CallStop<'_>,
     ) -> Result<Bytes, CallError> {
         let started = Instant::now();
         let worker = self.worker(timeout).await?;
@@ -602,8 +604,7 @@ impl WorkerConnector {
                 let _ = worker.send(frame::encode(frame::CANCEL, &[&id.to_le_bytes()]));
             }
         };
-        let (status, output) =
-            await_reply(&self.log.app_id, rx, remaining, cancel, abandon).await?;
+        let (status, output) = await_reply(&self.log.app_id, rx, remaining, stop, abandon).await?;
         if status == status::PANIC {
             // Poisoned: the plugin's state may be corrupt. Replace the worker.
             worker.dead.cancel();
@@ -695,7 +696,7 @@ impl InProcessConnector {
         input: &[u8],
         secrets: &SecretSpans,
         timeout: Duration,
-        cancel: &CancellationToken,
+        stop: CallStop<'_>,
     ) -> Result<Bytes, CallError> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(CallError::new(
@@ -716,7 +717,7 @@ impl InProcessConnector {
                 format!("{} refused the call", self.app_id),
             ));
         }
-        let (status, output) = await_reply(&self.app_id, rx, timeout, cancel, || {
+        let (status, output) = await_reply(&self.app_id, rx, timeout, stop, || {
             self.pending.forget(id);
             self.instance.cancel(id);
         })

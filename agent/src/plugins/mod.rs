@@ -654,7 +654,7 @@ impl PluginLoader {
             spool_dir: self.state.calls(),
         };
         let args = [OsString::from("info")];
-        let output = exec::run(program, &args, &env, &limits, &CancellationToken::new()).await.map_err(|e| match e {
+        let output = exec::run(program, &args, &env, &limits, crate::stop::CallStop::by(&CancellationToken::new())).await.map_err(|e| match e {
             exec::ExecError::Spawn { source, .. } if platform::os_error_is(&source, OsErrorKind::NotExecutable) => {
                 "cannot execute: not a program for this machine (truncated file, another architecture, or a script without #!)".to_string()
             }

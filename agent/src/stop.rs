@@ -1,0 +1,81 @@
+//! What stops a call before it ends by itself.
+
+use tokio_util::sync::CancellationToken;
+
+/// A call stops when its caller cancels it (the cloud's `Cancel`, the agent quitting) or when
+/// its connector version's drain grace runs out (the version was replaced or removed),
+/// whichever comes first.
+///
+/// Two borrowed tokens rather than a child token of one: making and dropping a child token
+/// locks its parent's list of children, and a version's drain token is the parent of every
+/// call that version runs, on every worker thread at once.
+#[derive(Debug, Clone, Copy)]
+pub struct CallStop<'a> {
+    caller: &'a CancellationToken,
+    drain: Option<&'a CancellationToken>,
+}
+
+impl<'a> CallStop<'a> {
+    /// Stopped by `caller` or by `drain`.
+    pub fn new(caller: &'a CancellationToken, drain: &'a CancellationToken) -> Self {
+        Self {
+            caller,
+            drain: Some(drain),
+        }
+    }
+
+    /// Stopped by `caller` alone.
+    pub fn by(caller: &'a CancellationToken) -> Self {
+        Self {
+            caller,
+            drain: None,
+        }
+    }
+
+    /// Whether the call is to stop now.
+    pub fn is_stopped(&self) -> bool {
+        self.caller.is_cancelled() || self.drain.is_some_and(CancellationToken::is_cancelled)
+    }
+
+    /// Completes when the call is to stop.
+    pub async fn stopped(self) {
+        match self.drain {
+            Some(drain) => tokio::select! {
+                () = self.caller.cancelled() => {}
+                () = drain.cancelled() => {}
+            },
+            None => self.caller.cancelled().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn either_token_stops_the_call() {
+        for drained in [false, true] {
+            let (caller, drain) = (CancellationToken::new(), CancellationToken::new());
+            let stop = CallStop::new(&caller, &drain);
+            assert!(!stop.is_stopped());
+            let waiting = tokio::spawn({
+                let (caller, drain) = (caller.clone(), drain.clone());
+                async move { CallStop::new(&caller, &drain).stopped().await }
+            });
+            if drained {
+                drain.cancel();
+            } else {
+                caller.cancel();
+            }
+            assert!(stop.is_stopped());
+            waiting.await.unwrap();
+        }
+        let caller = CancellationToken::new();
+        let stop = CallStop::by(&caller);
+        assert!(!stop.is_stopped());
+        caller.cancel();
+        assert!(stop.is_stopped());
+        stop.stopped().await;
+    }
+}
