@@ -549,7 +549,7 @@ async fn a_call_still_running_when_the_grace_runs_out_is_cancelled_and_its_proce
     let config =
         config_for(&dirs, &cloud, "").replace("drain_grace_secs = 30", "drain_grace_secs = 1");
     let agent = TestAgent::start(&dirs, &config).await;
-    let mut s = cloud.next_session(WAIT).await;
+    let s = cloud.next_session(WAIT).await;
     let pid_file = dirs.root.path().join("stuck.pid");
     s.call(
         "stuck",

@@ -428,6 +428,23 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use tokio_util::sync::CancellationToken;
 
+    /// `run` with nothing to stop it early.
+    async fn run_unstopped(
+        program: &Path,
+        args: &[OsString],
+        env: &ProcessEnv,
+        limits: &ExecLimits,
+    ) -> Result<ProcessOutput, ExecError> {
+        run(
+            program,
+            args,
+            env,
+            limits,
+            CallStop::by(&CancellationToken::new()),
+        )
+        .await
+    }
+
     fn limits(timeout_ms: u64) -> ExecLimits {
         ExecLimits {
             timeout: Duration::from_millis(timeout_ms),
@@ -452,15 +469,7 @@ mod tests {
     #[tokio::test]
     async fn captures_stdout_and_stderr_tail() {
         let (p, a) = sh("echo '{\"ok\":1}'; echo oops >&2; exit 3");
-        let out = run(
-            &p,
-            &a,
-            &env(),
-            &limits(5000),
-            CallStop::by(&CancellationToken::new()),
-        )
-        .await
-        .unwrap();
+        let out = run_unstopped(&p, &a, &env(), &limits(5000)).await.unwrap();
         assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"{\"ok\":1}\n");
         assert_eq!(out.stderr_tail.as_str(), "oops\n");
         assert_eq!(describe_status(&out.status), "exited with code 3");
@@ -471,15 +480,9 @@ mod tests {
     async fn quick_exits_never_lose_output() {
         let (p, a) = sh("echo ok");
         for _ in 0..200 {
-            let out = run(
-                &p,
-                &a,
-                &env(),
-                &limits(10_000),
-                CallStop::by(&CancellationToken::new()),
-            )
-            .await
-            .unwrap();
+            let out = run_unstopped(&p, &a, &env(), &limits(10_000))
+                .await
+                .unwrap();
             assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"ok\n");
         }
     }
@@ -488,15 +491,9 @@ mod tests {
     async fn grandchild_holding_the_pipe_does_not_block_the_answer() {
         let (p, a) = sh("sleep 30 & echo done");
         let started = std::time::Instant::now();
-        let out = run(
-            &p,
-            &a,
-            &env(),
-            &limits(20_000),
-            CallStop::by(&CancellationToken::new()),
-        )
-        .await
-        .unwrap();
+        let out = run_unstopped(&p, &a, &env(), &limits(20_000))
+            .await
+            .unwrap();
         assert_eq!(&out.stdout.to_bytes().await.unwrap()[..], b"done\n");
         // Far below the 30 s the grandchild sleeps: the group was killed at the exit.
         assert!(started.elapsed() < Duration::from_secs(15));
@@ -505,15 +502,9 @@ mod tests {
     #[tokio::test]
     async fn deadline_is_a_typed_error() {
         let (p, a) = sh("trap '' TERM; sleep 30");
-        let err = run(
-            &p,
-            &a,
-            &env(),
-            &limits(100),
-            CallStop::by(&CancellationToken::new()),
-        )
-        .await
-        .unwrap_err();
+        let err = run_unstopped(&p, &a, &env(), &limits(100))
+            .await
+            .unwrap_err();
         assert!(matches!(err, ExecError::Timeout(_)), "{err}");
     }
 
@@ -532,13 +523,7 @@ mod tests {
         l.kill_grace = Duration::from_secs(600);
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let err = runtime
-            .block_on(run(
-                &p,
-                &a,
-                &env(),
-                &l,
-                CallStop::by(&CancellationToken::new()),
-            ))
+            .block_on(run_unstopped(&p, &a, &env(), &l))
             .unwrap_err();
         assert!(matches!(err, ExecError::Timeout(_)), "{err}");
         let text = std::fs::read_to_string(&pids).unwrap();
@@ -560,15 +545,9 @@ mod tests {
     #[tokio::test]
     async fn output_cap_is_enforced() {
         let (p, a) = sh("head -c 5000000 /dev/zero");
-        let err = run(
-            &p,
-            &a,
-            &env(),
-            &limits(10_000),
-            CallStop::by(&CancellationToken::new()),
-        )
-        .await
-        .unwrap_err();
+        let err = run_unstopped(&p, &a, &env(), &limits(10_000))
+            .await
+            .unwrap_err();
         assert!(matches!(err, ExecError::OutputTooLarge(_)), "{err}");
     }
 
@@ -582,15 +561,7 @@ mod tests {
             e.vars
         );
         let (p, a) = sh("env");
-        let out = run(
-            &p,
-            &a,
-            &e,
-            &limits(5000),
-            CallStop::by(&CancellationToken::new()),
-        )
-        .await
-        .unwrap();
+        let out = run_unstopped(&p, &a, &e, &limits(5000)).await.unwrap();
         let text = String::from_utf8(out.stdout.to_bytes().await.unwrap().to_vec()).unwrap();
         assert!(text.contains("LUMOS_LOG_TO_STDOUT=false"));
         assert!(!text.contains("CARGO_PKG_NAME"), "{text}");

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use lumos_agent::exec::ProcessEnv;
 use lumos_agent::native::{InProcessConnector, WorkerConnector, WorkerSettings};
 use lumos_agent::redact::SecretSpans;
+use lumos_agent::stop::CallStop;
 use lumos_agent_integration::native_lib;
 use tokio_util::sync::CancellationToken;
 
@@ -33,9 +34,9 @@ fn direct(input: &[u8]) -> Vec<u8> {
 }
 
 /// One token for every call: allocating one per call would be measured as ABI cost.
-fn never() -> &'static CancellationToken {
+fn never() -> CallStop<'static> {
     static NEVER: std::sync::OnceLock<CancellationToken> = std::sync::OnceLock::new();
-    NEVER.get_or_init(CancellationToken::new)
+    CallStop::by(NEVER.get_or_init(CancellationToken::new))
 }
 
 fn p(sorted: &[Duration], q: f64) -> Duration {
