@@ -397,6 +397,45 @@ async fn an_in_process_panic_poisons_the_connector_not_the_agent() {
     agent.shutdown().await;
 }
 
+/// An in-process library that does its work inside `start_call` (the ABI asks it to return at
+/// once) holds up the agent while it runs: the admin is told once which library it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_process_start_call_that_blocks_is_reported_once() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    copy_in(
+        &dirs,
+        &native_lib("liblumos_test_cdylib.so"),
+        "libmisbehave.so",
+    );
+    let agent = TestAgent::start(&dirs, "[connectors.misbehave]\nin_process = true\n").await;
+    let quick = json!({"request": {"ms": 0}});
+    let (status, body) = agent.call("misbehave", "block", quick).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let reports = || {
+        captured_logs()
+            .lines()
+            // Other tests' in-process `misbehave` may be slow too (a panic's backtrace).
+            .filter(|l| l.contains("inside start_call") && l.contains("\"block\""))
+            .count()
+    };
+    assert_eq!(reports(), 0, "a prompt start_call is not reported");
+    for _ in 0..2 {
+        let slow = json!({"request": {"ms": 150}});
+        let (status, body) = agent.call("misbehave", "block", slow).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["response"]["blocked_ms"], 150);
+    }
+    assert_eq!(reports(), 1, "reported once per loaded library");
+    let logs = captured_logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("inside start_call") && l.contains("\"block\""))
+        .unwrap();
+    assert!(line.contains("in_process = false"), "{line}");
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_native_connector_logging_its_secrets_does_not_leak_them_into_the_log() {
     captured_logs();

@@ -640,10 +640,17 @@ impl HostCallbacks for InProcessCallbacks {
     }
 }
 
+/// A `start_call` that takes this long did the call's work before returning, where the ABI
+/// asks it to return at once and complete later. Said once per loaded library: such a call
+/// holds up whatever started it (the tunnel's session among them) for that long.
+const SLOW_START: Duration = Duration::from_millis(100);
+
 /// A vetted native connector loaded into the agent itself.
 #[derive(Debug)]
 pub struct InProcessConnector {
     app_id: String,
+    /// Whether a slow `start_call` was reported already.
+    slow_start_reported: AtomicBool,
     /// The secrets of its recent calls, which its log callbacks are redacted with.
     secrets: Arc<RecentSecrets>,
     instance: Instance,
@@ -679,6 +686,7 @@ impl InProcessConnector {
         let description = parse_hello(hello.to_string().as_bytes())?;
         let connector = Self {
             app_id: description.id.clone(),
+            slow_start_reported: AtomicBool::new(false),
             secrets,
             instance,
             pending,
@@ -686,6 +694,20 @@ impl InProcessConnector {
             poisoned: AtomicBool::new(false),
         };
         Ok((connector, description))
+    }
+
+    /// Tells the admin, once, about a `start_call` that did its work before returning.
+    fn report_slow_start(&self, capability: &str, took: Duration) {
+        if took < SLOW_START || self.slow_start_reported.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(
+            app_id = %self.app_id,
+            capability,
+            took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            "{} spent {took:?} inside start_call: an in-process connector must return from it at once and complete the call from a thread of its own (rule 4 of the C ABI), or every such call holds up the agent (the tunnel to the cloud among it) while it runs; its vendor should fix it, or run it in a worker (in_process = false). Said once per loaded library",
+            self.app_id
+        );
     }
 
     /// Runs one call in the agent's process. `secrets` says where `input`'s secrets are, for the
@@ -707,10 +729,12 @@ impl InProcessConnector {
         self.secrets.remember(capability, input, secrets);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = self.pending.register(id);
-        if !self
+        let started = Instant::now();
+        let accepted = self
             .instance
-            .start_call(id, capability, input, unix_ms(timeout))
-        {
+            .start_call(id, capability, input, unix_ms(timeout));
+        self.report_slow_start(capability, started.elapsed());
+        if !accepted {
             self.pending.forget(id);
             return Err(CallError::new(
                 ErrorCode::Busy,

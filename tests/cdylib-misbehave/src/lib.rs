@@ -8,6 +8,8 @@
 //!   `cancelled` how many cancels arrived.
 //! - `leak`: logs its `auth` and `credentials` (secrets included) through the host's log
 //!   callback, and on stderr too when `request.stderr` is true; then answers.
+//! - `block`: sleeps `request.ms` milliseconds inside `start_call` (against the ABI's rule that
+//!   it returns at once), then answers.
 // deny, not forbid: `export_connector!` generates the entry symbol.
 #![deny(unsafe_code)]
 
@@ -37,7 +39,7 @@ impl Connector for Misbehave {
         serde_json::json!({
             "app_id": "misbehave",
             "version": "1.0.0",
-            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "hanging", "cancelled", "leak"],
+            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "hanging", "cancelled", "leak", "block"],
         })
         .to_string()
     }
@@ -64,6 +66,15 @@ impl Connector for Misbehave {
                     eprintln!("{line}");
                 }
                 done.ok(br#"{"response": {"leaked": true}}"#);
+            }
+            "block" => {
+                let input: serde_json::Value =
+                    serde_json::from_slice(&call.input).unwrap_or_default();
+                let ms = input["request"]["ms"].as_u64().unwrap_or(0);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                done.ok(serde_json::json!({"response": {"blocked_ms": ms}})
+                    .to_string()
+                    .as_bytes());
             }
             "panic" => panic!("misbehave: asked to panic"),
             "panic_in_thread" => {
