@@ -541,6 +541,40 @@ async fn shutdown_announces_draining_finishes_in_flight_calls_and_flushes_result
     assert_eq!(stopped.await.unwrap().unwrap(), Stopped::Drained);
 }
 
+/// Calls that each take long inside an in-process connector's `start_call` (its work done
+/// before returning) still run side by side on a runtime with more workers: the session runs
+/// one itself and shares the rest of the burst out among the other workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_in_process_calls_of_one_burst_run_side_by_side() {
+    let dirs = TestDirs::new();
+    std::fs::copy(
+        native_lib("liblumos_test_cdylib.so"),
+        dirs.plugins().join("libmisbehave.so"),
+    )
+    .unwrap();
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let agent = agent_for(&dirs, &cloud, "[connectors.misbehave]\nin_process = true").await;
+    let mut s = cloud.next_session(WAIT).await;
+    let slow = json!({"request": {"ms": 300}});
+    for i in 0..6 {
+        s.call(&format!("slow-{i}"), "misbehave", "block", "", &slow);
+    }
+    for i in 0..6 {
+        let result = s.result(&format!("slow-{i}"), WAIT).await.unwrap();
+        assert_eq!(result.status, ANSWERED);
+        assert_eq!(result.json()["response"]["blocked_ms"], 300);
+        s.ack(&format!("slow-{i}"));
+    }
+    s.call("most", "misbehave", "most_blocking", "", &json!({}));
+    let most = s.result("most", WAIT).await.unwrap().json()["response"]["most_blocking"].clone();
+    s.ack("most");
+    // Whether the six arrive in one burst or two, the calls after the one the session runs
+    // itself are shared among the other three workers: one task for all of them would make
+    // this 1.
+    assert!(most.as_u64().unwrap() >= 2, "at most {most} ran at once");
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_still_running_when_the_grace_runs_out_is_cancelled_and_its_processes_killed() {
     let dirs = TestDirs::new();

@@ -533,14 +533,15 @@ impl Session<'_> {
 
     /// Starts the calls of the last burst of messages. The session polls them once in place
     /// (an in-process connector's answer is usually ready at once) until it has spent
-    /// [`INLINE_BUDGET`] on them; the rest of the burst goes to one task, which the runtime's
-    /// other workers take. A call that has to wait (a worker, an executable, a slow connector)
-    /// gets a task of its own. Cheap calls thus cost no task and no hop between threads, and
-    /// costly ones still spread over the workers: a task per call, or calls dealt out to a
-    /// task per worker up front, cost a third more CPU per call on the tunnel benchmark
-    /// (wake-ups, and the workers contending for the call table), while running every call
-    /// here leaves the other workers idle while the session works through a burst. The budget
-    /// also bounds how long the session's loop (heartbeats, cancels, acks) waits on a burst.
+    /// [`INLINE_BUDGET`] on them; the rest of the burst is shared out among tasks, one per
+    /// other worker of the runtime, each polling its share once in place. A call that has to
+    /// wait (a worker, an executable, a slow connector) gets a task of its own. Cheap calls
+    /// thus cost no task and no hop between threads, and costly ones still spread over the
+    /// workers: a task per call, or calls dealt out to a task per worker up front, cost a third
+    /// more CPU per call on the tunnel benchmark (wake-ups, and the workers contending for the
+    /// call table), while running every call here leaves the other workers idle while the
+    /// session works through a burst. The budget also bounds how long the session's loop
+    /// (heartbeats, cancels, acks) waits on a burst.
     fn start_batch(&mut self) {
         // The burst's calls are on disk before any of them runs (and its acks with them).
         self.ctx.parts.table.flush_journal();
@@ -555,18 +556,29 @@ impl Session<'_> {
                 break;
             }
         }
-        let rest: Vec<BoxedCall> = calls.collect();
-        if rest.is_empty() {
+        let rest = calls.len();
+        if rest == 0 {
             return;
         }
-        let tracker = self.ctx.parts.tracker.clone();
-        self.ctx.parts.tracker.spawn(async move {
-            for mut call in rest {
-                if futures_util::FutureExt::now_or_never(&mut call).is_none() {
-                    tracker.spawn(call);
+        // With two workers (the benchmark's) one task; with more, calls that each take long
+        // (an in-process connector doing real work in `start_call`) still run side by side.
+        let others = tokio::runtime::Handle::current()
+            .metrics()
+            .num_workers()
+            .saturating_sub(1)
+            .max(1);
+        let share = rest.div_ceil(others);
+        while calls.len() > 0 {
+            let group: Vec<BoxedCall> = calls.by_ref().take(share).collect();
+            let tracker = self.ctx.parts.tracker.clone();
+            self.ctx.parts.tracker.spawn(async move {
+                for mut call in group {
+                    if futures_util::FutureExt::now_or_never(&mut call).is_none() {
+                        tracker.spawn(call);
+                    }
                 }
-            }
-        });
+            });
+        }
     }
 }
 

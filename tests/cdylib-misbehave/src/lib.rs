@@ -9,11 +9,13 @@
 //! - `leak`: logs its `auth` and `credentials` (secrets included) through the host's log
 //!   callback, and on stderr too when `request.stderr` is true; then answers.
 //! - `block`: sleeps `request.ms` milliseconds inside `start_call` (against the ABI's rule that
-//!   it returns at once), then answers.
+//!   it returns at once), then answers; `most_blocking` answers how many `block` calls were
+//!   ever inside `start_call` at the same time.
 // deny, not forbid: `export_connector!` generates the entry symbol.
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use lumos_connector_abi::sdk::{CallRequest, Completion, Connector, Host};
@@ -24,6 +26,9 @@ pub struct Misbehave {
     host: Host,
     hanging: Mutex<HashMap<u64, Completion>>,
     cancels: Mutex<u64>,
+    /// `block` calls inside `start_call` now, and the most there ever were.
+    blocking: AtomicUsize,
+    most_blocking: AtomicUsize,
 }
 
 impl Connector for Misbehave {
@@ -32,6 +37,8 @@ impl Connector for Misbehave {
             host,
             hanging: Mutex::default(),
             cancels: Mutex::default(),
+            blocking: AtomicUsize::new(0),
+            most_blocking: AtomicUsize::new(0),
         }
     }
 
@@ -39,7 +46,7 @@ impl Connector for Misbehave {
         serde_json::json!({
             "app_id": "misbehave",
             "version": "1.0.0",
-            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "hanging", "cancelled", "leak", "block"],
+            "capabilities": ["echo", "panic", "panic_in_thread", "abort", "hang", "hanging", "cancelled", "leak", "block", "most_blocking"],
         })
         .to_string()
     }
@@ -71,8 +78,17 @@ impl Connector for Misbehave {
                 let input: serde_json::Value =
                     serde_json::from_slice(&call.input).unwrap_or_default();
                 let ms = input["request"]["ms"].as_u64().unwrap_or(0);
+                let now = self.blocking.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most_blocking.fetch_max(now, Ordering::SeqCst);
                 std::thread::sleep(std::time::Duration::from_millis(ms));
+                self.blocking.fetch_sub(1, Ordering::SeqCst);
                 done.ok(serde_json::json!({"response": {"blocked_ms": ms}})
+                    .to_string()
+                    .as_bytes());
+            }
+            "most_blocking" => {
+                let n = self.most_blocking.load(Ordering::SeqCst);
+                done.ok(serde_json::json!({"response": {"most_blocking": n}})
                     .to_string()
                     .as_bytes());
             }
