@@ -130,11 +130,7 @@ async fn in_process_loading_is_an_opt_in_from_a_content_addressed_copy() {
 async fn misbehaving_native_connectors_get_typed_errors_and_their_workers_restart() {
     captured_logs();
     let dirs = TestDirs::new();
-    copy_in(
-        &dirs,
-        &native_lib("liblumos_test_cdylib.so"),
-        "libmisbehave.so",
-    );
+    install_misbehave(&dirs.plugins());
     copy_in(
         &dirs,
         &c_test_plugin("libmisbehave_c.so"),
@@ -357,11 +353,7 @@ async fn bad_native_libraries_are_rejected_with_reasons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_process_panic_poisons_the_connector_not_the_agent() {
     let dirs = TestDirs::new();
-    copy_in(
-        &dirs,
-        &native_lib("liblumos_test_cdylib.so"),
-        "libmisbehave.so",
-    );
+    install_misbehave(&dirs.plugins());
     copy_in(
         &dirs,
         Path::new(lumos_example_c::LIBRARY),
@@ -403,11 +395,7 @@ async fn an_in_process_panic_poisons_the_connector_not_the_agent() {
 async fn an_in_process_start_call_that_blocks_is_reported_once() {
     captured_logs();
     let dirs = TestDirs::new();
-    copy_in(
-        &dirs,
-        &native_lib("liblumos_test_cdylib.so"),
-        "libmisbehave.so",
-    );
+    install_misbehave(&dirs.plugins());
     let agent = TestAgent::start(&dirs, "[connectors.misbehave]\nin_process = true\n").await;
     let quick = json!({"request": {"ms": 0}});
     let (status, body) = agent.call("misbehave", "block", quick).await;
@@ -449,11 +437,7 @@ async fn a_native_connector_logging_its_secrets_does_not_leak_them_into_the_log(
         ),
     ] {
         let dirs = TestDirs::new();
-        copy_in(
-            &dirs,
-            &native_lib("liblumos_test_cdylib.so"),
-            "libmisbehave.so",
-        );
+        install_misbehave(&dirs.plugins());
         let agent = TestAgent::start(&dirs, config).await;
         let canary = format!("CANARY-NATIVE-{}-{mode}", std::process::id());
         agent.put_tenant("t", json!({"app_id": "misbehave", "credentials": [{"id": "oauth", "oauth": {"access_token": canary}}]})).await;

@@ -38,11 +38,22 @@ fn kept_results(dirs: &TestDirs) -> usize {
         .count()
 }
 
+/// Folders with the test connector installed as `tester`.
+fn tester_dirs() -> TestDirs {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    dirs
+}
+
+/// `config` with a drain grace of one second instead of thirty.
+fn one_second_grace(config: String) -> String {
+    config.replace("drain_grace_secs = 30", "drain_grace_secs = 1")
+}
+
 /// The test connector installed as `tester`, a fake cloud, and the agent dialling it with
 /// `extra` config.
 async fn tester_and_cloud(extra: &str) -> (TestDirs, FakeCloud, TestAgent) {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let dirs = tester_dirs();
     let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
     let agent = agent_for(&dirs, &cloud, extra).await;
     (dirs, cloud, agent)
@@ -547,11 +558,7 @@ async fn shutdown_announces_draining_finishes_in_flight_calls_and_flushes_result
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_in_process_calls_of_one_burst_run_side_by_side() {
     let dirs = TestDirs::new();
-    std::fs::copy(
-        native_lib("liblumos_test_cdylib.so"),
-        dirs.plugins().join("libmisbehave.so"),
-    )
-    .unwrap();
+    install_misbehave(&dirs.plugins());
     let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
     let agent = agent_for(&dirs, &cloud, "[connectors.misbehave]\nin_process = true").await;
     let mut s = cloud.next_session(WAIT).await;
@@ -577,11 +584,11 @@ async fn slow_in_process_calls_of_one_burst_run_side_by_side() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_still_running_when_the_grace_runs_out_is_cancelled_and_its_processes_killed() {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
-    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let config =
-        config_for(&dirs, &cloud, "").replace("drain_grace_secs = 30", "drain_grace_secs = 1");
+    let (dirs, cloud) = (
+        tester_dirs(),
+        FakeCloud::start(FakeCloudOptions::default()).await,
+    );
+    let config = one_second_grace(config_for(&dirs, &cloud, ""));
     let agent = TestAgent::start(&dirs, &config).await;
     let s = cloud.next_session(WAIT).await;
     let pid_file = dirs.root.path().join("stuck.pid");
@@ -612,11 +619,11 @@ async fn a_call_still_running_when_the_grace_runs_out_is_cancelled_and_its_proce
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_run_again() {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
-    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    let config =
-        config_for(&dirs, &cloud, "").replace("drain_grace_secs = 30", "drain_grace_secs = 1");
+    let (dirs, cloud) = (
+        tester_dirs(),
+        FakeCloud::start(FakeCloudOptions::default()).await,
+    );
+    let config = one_second_grace(config_for(&dirs, &cloud, ""));
     let kept_files = || kept_results(&dirs);
     let count = dirs.root.path().join("runs");
     // One result small enough for memory, one large enough to be spooled.

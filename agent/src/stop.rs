@@ -32,11 +32,6 @@ impl<'a> CallStop<'a> {
         }
     }
 
-    /// Whether the call is to stop now.
-    pub fn is_stopped(&self) -> bool {
-        self.caller.is_cancelled() || self.drain.is_some_and(CancellationToken::is_cancelled)
-    }
-
     /// Completes when the call is to stop.
     pub async fn stopped(self) {
         match self.drain {
@@ -52,30 +47,51 @@ impl<'a> CallStop<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt as _;
 
-    #[tokio::test]
-    async fn either_token_stops_the_call() {
+    fn is_stopped(stop: CallStop<'_>) -> bool {
+        stop.stopped().now_or_never().is_some()
+    }
+
+    #[test]
+    fn either_token_stops_the_call() {
         for drained in [false, true] {
             let (caller, drain) = (CancellationToken::new(), CancellationToken::new());
             let stop = CallStop::new(&caller, &drain);
-            assert!(!stop.is_stopped());
-            let waiting = tokio::spawn({
-                let (caller, drain) = (caller.clone(), drain.clone());
-                async move { CallStop::new(&caller, &drain).stopped().await }
-            });
+            assert!(!is_stopped(stop));
             if drained {
                 drain.cancel();
             } else {
                 caller.cancel();
             }
-            assert!(stop.is_stopped());
-            waiting.await.unwrap();
+            assert!(is_stopped(stop), "drained: {drained}");
         }
         let caller = CancellationToken::new();
         let stop = CallStop::by(&caller);
-        assert!(!stop.is_stopped());
+        assert!(!is_stopped(stop));
         caller.cancel();
-        assert!(stop.is_stopped());
-        stop.stopped().await;
+        assert!(is_stopped(stop));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_call_is_woken_by_either_token() {
+        for drained in [false, true] {
+            let (caller, drain) = (CancellationToken::new(), CancellationToken::new());
+            let waiting = tokio::spawn({
+                let (caller, drain) = (caller.clone(), drain.clone());
+                async move { CallStop::new(&caller, &drain).stopped().await }
+            });
+            tokio::task::yield_now().await;
+            if drained {
+                drain.cancel();
+            } else {
+                caller.cancel();
+            }
+            // A guard against a hang, not a timing: waking takes microseconds.
+            tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+                .await
+                .expect("the waiting call was not woken")
+                .unwrap();
+        }
     }
 }

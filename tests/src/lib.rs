@@ -117,6 +117,16 @@ pub fn install_plugin(dir: &Path, from: &Path, name: &str) -> PathBuf {
     to
 }
 
+/// The misbehaving test library (`tests/cdylib-misbehave`, app_id `misbehave`) installed in
+/// the plugins folder `dir`.
+pub fn install_misbehave(dir: &Path) -> PathBuf {
+    install_plugin(
+        dir,
+        &native_lib("liblumos_test_cdylib.so"),
+        "libmisbehave.so",
+    )
+}
+
 /// Where interop peers are built and cached: `$LUMOS_INTEROP_CACHE`, or
 /// `~/.cache/lumos-agent-interop` (`.ci/run` fills it up front).
 pub fn interop_cache() -> PathBuf {

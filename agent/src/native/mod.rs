@@ -30,13 +30,12 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::stop::CallStop;
-
 use crate::error::{CallError, ErrorCode};
 use crate::exec::ProcessEnv;
 use crate::platform::ProcessGroup;
 use crate::plugins::info::{self, ConnectorInfo};
 use crate::redact::{RecentSecrets, SecretSpans};
+use crate::stop::CallStop;
 
 /// Longest backoff between worker restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

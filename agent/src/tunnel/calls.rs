@@ -121,6 +121,15 @@ struct Inner {
 }
 
 impl Inner {
+    /// Lets go of a stored result (acknowledged, or replaced): its bytes no longer count, and
+    /// a copy still in a stream's queue is not sent.
+    fn release(&mut self, result: &StoredResult) {
+        result.withdraw();
+        if result.body.in_memory() {
+            self.memory_bytes = self.memory_bytes.saturating_sub(result.body.len());
+        }
+    }
+
     /// Remembers that `id` ran and was acknowledged, forgetting the oldest past the limit.
     fn remember_acked(&mut self, id: String) {
         if !self.acked.insert(id.clone()) {
@@ -179,10 +188,7 @@ impl CallTable {
             return Admission::Busy;
         }
         if let Some(Entry::Done(old)) = inner.entries.remove(call_id) {
-            old.withdraw();
-            if old.body.in_memory() {
-                inner.memory_bytes = inner.memory_bytes.saturating_sub(old.body.len());
-            }
+            inner.release(&old);
         }
         // A token of its own, not a child of the agent's: a child token locks its parent's
         // list of children when made and when dropped, a lock every call of every worker
@@ -246,14 +252,8 @@ impl CallTable {
             };
             match previous {
                 Some(Entry::Running(_)) => inner.running -= 1,
-                // A refusal replaced by a newer refusal: its bytes no longer count, and a
-                // queued copy is not sent.
-                Some(Entry::Done(old)) => {
-                    old.withdraw();
-                    if old.body.in_memory() {
-                        inner.memory_bytes = inner.memory_bytes.saturating_sub(old.body.len());
-                    }
-                }
+                // A refusal replaced by a newer refusal.
+                Some(Entry::Done(old)) => inner.release(&old),
                 None => {}
             }
             if let Some(sender) = &inner.sender {
@@ -295,10 +295,7 @@ impl CallTable {
         let mut inner = self.lock();
         let known = match inner.entries.remove_entry(call_id) {
             Some((id, Entry::Done(result))) => {
-                result.withdraw();
-                if result.body.in_memory() {
-                    inner.memory_bytes = inner.memory_bytes.saturating_sub(result.body.len());
-                }
+                inner.release(&result);
                 if result.ran {
                     if let Some(records) = inner.journal_records.as_mut() {
                         journal::record(records, journal::ACKNOWLEDGED, &id);
