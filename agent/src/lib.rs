@@ -5,6 +5,14 @@
 //! `docs/ARCHITECTURE.md` for the map.
 #![forbid(unsafe_code)]
 
+/// The agent's allocator: mimalloc, not the system's. A call through the tunnel makes a few
+/// dozen short-lived allocations on one worker thread and frees some on another; glibc's malloc
+/// spent a fifth of the tunnel benchmark's CPU on them (BENCHMARKS.md, issue 5). Declared here,
+/// not in `main.rs`, so that everything that runs the agent (the daemon, its plugin worker, and
+/// the tests and benchmarks that run it in-process) runs on the allocator it ships with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod api;
 pub mod app;
 pub mod cli;
