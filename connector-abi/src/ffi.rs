@@ -75,11 +75,23 @@ impl Bytes {
     /// `ptr` must point to `len` readable bytes for the duration of this call (the ABI's
     /// borrowing rule), or `len` must be 0.
     pub unsafe fn to_vec(&self) -> Vec<u8> {
+        // SAFETY: the caller's guarantee, for as long as this call.
+        unsafe { self.as_slice() }.to_vec()
+    }
+
+    /// The bytes, borrowed: for reading them inside the call they were handed over in, where a
+    /// copy would be thrown away before it returns.
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` readable bytes, unchanged, for as long as the slice lives
+    /// (under the ABI's borrowing rule: no longer than the call they came with), or `len`
+    /// must be 0.
+    pub unsafe fn as_slice<'a>(&self) -> &'a [u8] {
         if self.ptr.is_null() || self.len == 0 {
-            return Vec::new();
+            return &[];
         }
-        // SAFETY: the caller guarantees `ptr` is valid for `len` bytes right now.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+        // SAFETY: the caller guarantees `ptr` is valid for `len` bytes while the slice lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
 

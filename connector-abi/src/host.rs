@@ -244,10 +244,10 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, message: Bytes) {
         return;
     }
     // SAFETY: the plugin passes back the context we gave it; the message is borrowed for this
-    // call and copied before we return.
-    let (cb, message) = unsafe { (callbacks(ctx), message.to_vec()) };
+    // call, and the callback copies what it keeps before we return.
+    let (cb, message) = unsafe { (callbacks(ctx), message.as_slice()) };
     // No unwinding may cross back into the plugin (ABI rule 6).
-    let _ = catch_unwind(AssertUnwindSafe(|| cb.log(level, &message)));
+    let _ = catch_unwind(AssertUnwindSafe(|| cb.log(level, message)));
 }
 
 unsafe extern "C" fn host_complete(ctx: *mut c_void, call_id: u64, status: u32, output: Bytes) {
@@ -255,6 +255,6 @@ unsafe extern "C" fn host_complete(ctx: *mut c_void, call_id: u64, status: u32, 
         return;
     }
     // SAFETY: as in `host_log`.
-    let (cb, output) = unsafe { (callbacks(ctx), output.to_vec()) };
-    let _ = catch_unwind(AssertUnwindSafe(|| cb.complete(call_id, status, &output)));
+    let (cb, output) = unsafe { (callbacks(ctx), output.as_slice()) };
+    let _ = catch_unwind(AssertUnwindSafe(|| cb.complete(call_id, status, output)));
 }

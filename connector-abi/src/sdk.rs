@@ -228,7 +228,7 @@ unsafe extern "C" fn start_call<T: Connector>(ctx: *mut c_void, call: *const ffi
         let call = &*call;
         CallRequest {
             call_id: call.call_id,
-            capability: String::from_utf8_lossy(&call.capability.to_vec()).into_owned(),
+            capability: String::from_utf8_lossy(call.capability.as_slice()).into_owned(),
             input: call.input.to_vec(),
             deadline: (call.deadline_unix_ms != 0)
                 .then(|| UNIX_EPOCH + Duration::from_millis(call.deadline_unix_ms)),

@@ -3,8 +3,10 @@
 //! result.
 //!
 //! ```text
-//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS] [throughput-only] [in-process-only] [baseline-only] [agent-only] [c64-only]
+//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS] [rounds=N] [throughput-only] [in-process-only] [baseline-only] [agent-only] [c64-only]
 //! ```
+//! At concurrency 64 every subject runs once per round (5 by default), in turn, and a row
+//! gives its median; its ratio to the baseline is the median of the per-round ratios.
 //! - Throughput and p50/p99 latency at concurrency 1 and 64 of `validate_credentials` on the
 //!   Rust cdylib example, in-process and in a worker, through the real agent; the baseline is
 //!   a bare tonic client that answers every CallRequest at once with a CallResult of the same
@@ -191,9 +193,15 @@ fn proc_status_kb(field: &str) -> u64 {
         .unwrap()
 }
 
-fn print_row(name: &str, concurrency: usize, run: &Run, baseline: Option<&Run>) {
-    let ratio = baseline.map_or(String::new(), |b| {
-        format!("  {:.2}× baseline", run.calls_per_sec / b.calls_per_sec)
+/// Prints a row; `ratio`: (median, lowest, highest) over the rounds of calls per second
+/// against the baseline's.
+fn print_row(name: &str, concurrency: usize, run: &Run, ratio: Option<(f64, f64, f64)>) {
+    let ratio = ratio.map_or(String::new(), |(median, low, high)| {
+        if low == high {
+            format!("  {median:.2}× baseline")
+        } else {
+            format!("  {median:.2}× baseline ({low:.2}–{high:.2})")
+        }
     });
     let busy: Vec<String> = run
         .worker_busy
@@ -241,18 +249,58 @@ fn cloud_options() -> FakeCloudOptions {
     }
 }
 
-/// A bare client answering with `reply`, measured at concurrency 1 (unless `c64-only`) and 64.
-async fn measure_bare(reply: Reply, calls: usize) -> (Option<Run>, Run) {
+/// One thing measured: a cloud session `drive` sends calls on, and what keeps it running.
+struct Subject {
+    name: &'static str,
+    app_id: &'static str,
+    session: CloudSession,
+    /// The fake cloud of a bare client (an agent's is in `agent`'s tuple).
+    _cloud: FakeCloud,
+    /// The agent and its folders; `None` for a bare client.
+    agent: Option<(TestAgent, TestDirs)>,
+    /// Its runs at concurrency 64, one per round.
+    c64: Vec<Run>,
+}
+
+/// A bare client answering with `reply`, warmed up.
+async fn bare_subject(name: &'static str, reply: Reply) -> Subject {
     let cloud = FakeCloud::start(cloud_options()).await;
     bare_responder(&cloud, reply).await;
-    let mut s = cloud.next_session(Duration::from_secs(30)).await;
-    drive(&mut s, "x", 200, 8).await;
-    let c1 = if flag("c64-only") {
-        None
-    } else {
-        Some(drive(&mut s, "x", calls / 5, 1).await)
-    };
-    (c1, drive(&mut s, "x", calls, 64).await)
+    let mut session = cloud.next_session(Duration::from_secs(30)).await;
+    drive(&mut session, "x", 200, 8).await;
+    Subject {
+        name,
+        app_id: "x",
+        session,
+        _cloud: cloud,
+        agent: None,
+        c64: Vec::new(),
+    }
+}
+
+/// The real agent with the Rust cdylib example (`extra`: its connector config), warmed up.
+async fn agent_subject(name: &'static str, extra: &str) -> Subject {
+    let dirs = TestDirs::new();
+    install_plugin(
+        &dirs.plugins(),
+        &native_lib("liblumos_example_cdylib.so"),
+        "liblumos_example_cdylib.so",
+    );
+    let (cloud, agent, mut session) = agent_session(&dirs, extra).await;
+    drive(&mut session, "lumos_example_cdylib", 200, 8).await;
+    Subject {
+        name,
+        app_id: "lumos_example_cdylib",
+        session,
+        _cloud: cloud,
+        agent: Some((agent, dirs)),
+        c64: Vec::new(),
+    }
+}
+
+/// The value of a `name=value` option.
+fn option(name: &str) -> Option<usize> {
+    std::env::args().find_map(|a| a.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
 }
 
 fn main() {
@@ -271,64 +319,95 @@ fn main() {
     runtime.block_on(async { tokio::spawn(run(calls)).await.unwrap() });
 }
 
-/// Options (any order, after `--`): a number of calls; `throughput-only` skips the relay,
-/// `in-process-only` the worker runs, `baseline-only` everything after the baselines,
-/// `agent-only` the baselines, `c64-only` the runs at concurrency 1 (the last three for
-/// profiling).
+/// The median of `values` (sorted in place).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Options (any order, after `--`): a number of calls; `rounds=N` (default 5) runs at
+/// concurrency 64; `throughput-only` skips the relay, `in-process-only` the worker runs,
+/// `baseline-only` everything after the baselines, `agent-only` the baselines, `c64-only` the
+/// runs at concurrency 1 (the last three for profiling).
+///
+/// Every subject (the bare client, the reference, the agent in-process and in a worker) is
+/// started first; then each round runs each of them at concurrency 64 in turn. A subject's
+/// ratio is the median of its per-round ratios to the bare client's run of the same round: the
+/// machine's drift (a neighbour on the host, frequency changes) moves both runs of a round
+/// alike, where measuring the baseline once and the agent afterwards caught different moments.
 async fn run(calls: usize) {
+    let rounds = option("rounds").unwrap_or(5).max(1);
     println!(
-        "{calls} calls per run at c=64, {} at c=1; 2 runtime threads",
+        "{calls} calls per run at c=64 ({rounds} rounds, medians), {} at c=1; 2 runtime threads",
         calls / 5
     );
-    let (base1, base64) = if flag("agent-only") {
-        (None, None)
-    } else {
+    let mut subjects = Vec::new();
+    if !flag("agent-only") {
         // The connector's answer, for the baseline to send the same bytes.
         let answer = bytes::Bytes::from(
             json!({"response": {"valid": true, "unique_tenant_id": "0123456789abcdef"}, "page": null, "raw_data": null})
                 .to_string(),
         );
-        let (base1, base64) = measure_bare(Reply::Canned(answer), calls).await;
-        if let Some(base1) = &base1 {
-            print_row("bare tonic responder", 1, base1, None);
-        }
-        print_row("bare tonic responder", 64, &base64, None);
-        let (_, reference) = measure_bare(Reply::Connector, calls).await;
-        print_row("responder + connector", 64, &reference, Some(&base64));
-        (base1, Some(base64))
-    };
-    if flag("baseline-only") {
-        return;
+        subjects.push(bare_subject("bare tonic responder", Reply::Canned(answer)).await);
+        subjects.push(bare_subject("responder + connector", Reply::Connector).await);
     }
-
-    for (name, extra) in [
-        (
-            "agent, in-process",
-            "[connectors.lumos_example_cdylib]\nin_process = true",
-        ),
-        ("agent, worker", ""),
-    ] {
-        if extra.is_empty() && flag("in-process-only") {
-            continue;
-        }
-        let dirs = TestDirs::new();
-        install_plugin(
-            &dirs.plugins(),
-            &native_lib("liblumos_example_cdylib.so"),
-            "liblumos_example_cdylib.so",
+    if !flag("baseline-only") {
+        subjects.push(
+            agent_subject(
+                "agent, in-process",
+                "[connectors.lumos_example_cdylib]\nin_process = true",
+            )
+            .await,
         );
-        let (_cloud, agent, mut s) = agent_session(&dirs, extra).await;
-        drive(&mut s, "lumos_example_cdylib", 200, 8).await;
-        if !flag("c64-only") {
-            let r1 = drive(&mut s, "lumos_example_cdylib", calls / 5, 1).await;
-            print_row(name, 1, &r1, base1.as_ref());
+        if !flag("in-process-only") {
+            subjects.push(agent_subject("agent, worker", "").await);
         }
-        let r64 = drive(&mut s, "lumos_example_cdylib", calls, 64).await;
-        print_row(name, 64, &r64, base64.as_ref());
-        agent.shutdown().await;
+    }
+    let has_baseline = !flag("agent-only");
+
+    if !flag("c64-only") {
+        let mut base1 = None;
+        for (i, subject) in subjects.iter_mut().enumerate() {
+            // The reference row is a c=64 comparison only.
+            if has_baseline && i == 1 {
+                continue;
+            }
+            let run = drive(&mut subject.session, subject.app_id, calls / 5, 1).await;
+            let ratio = base1
+                .as_ref()
+                .map(|b: &Run| run.calls_per_sec / b.calls_per_sec);
+            print_row(subject.name, 1, &run, ratio.map(|r| (r, r, r)));
+            if has_baseline && i == 0 {
+                base1 = Some(run);
+            }
+        }
     }
 
-    if flag("throughput-only") {
+    for _ in 0..rounds {
+        for subject in &mut subjects {
+            let run = drive(&mut subject.session, subject.app_id, calls, 64).await;
+            subject.c64.push(run);
+        }
+    }
+    for (i, subject) in subjects.iter().enumerate() {
+        let ratio = (has_baseline && i > 0).then(|| {
+            let mut ratios: Vec<f64> = (0..rounds)
+                .map(|r| subject.c64[r].calls_per_sec / subjects[0].c64[r].calls_per_sec)
+                .collect();
+            let m = median(&mut ratios);
+            (m, ratios[0], ratios[rounds - 1])
+        });
+        let mut by_rate: Vec<&Run> = subject.c64.iter().collect();
+        by_rate.sort_by(|a, b| a.calls_per_sec.total_cmp(&b.calls_per_sec));
+        print_row(subject.name, 64, by_rate[rounds / 2], ratio);
+    }
+    for subject in subjects {
+        if let Some((agent, _dirs)) = subject.agent {
+            agent.shutdown().await;
+        }
+    }
+
+    if flag("throughput-only") || flag("baseline-only") {
         return;
     }
     // 100 MB relayed: peak RSS growth of this process.
