@@ -77,7 +77,7 @@ pub struct CallAnswer {
     /// The JSON document the connector printed (spooled to disk when large).
     pub json: ResultBody,
     /// The version that answered.
-    pub version: String,
+    pub version: Arc<str>,
 }
 
 /// Runs capability calls.

@@ -69,8 +69,8 @@ pub struct Connector {
     pub reason: Option<String>,
     /// The app_id, when known (from metadata.toml for bundles, from `info` otherwise).
     pub app_id: Option<String>,
-    /// The version, when known.
-    pub version: Option<String>,
+    /// The version, when known. Shared: every call's answer names it.
+    pub version: Option<Arc<str>>,
     /// How to call it; present exactly when `status` is `Ready`.
     pub runnable: Option<Runnable>,
     /// The file's identity when it was loaded: a different one means it changed.
@@ -206,7 +206,7 @@ impl Connector {
     pub fn view(&self, with_info: bool, status: ConnectorStatus) -> ConnectorView {
         ConnectorView {
             app_id: self.app_id.clone(),
-            version: self.version.clone(),
+            version: self.version.as_deref().map(str::to_owned),
             kind: self.kind,
             status,
             reason: self.reason.clone(),
@@ -575,7 +575,7 @@ impl PluginLoader {
                     sha256: Some(sha256),
                     status: ConnectorStatus::Ready,
                     reason: None,
-                    version: Some(info.version.clone()),
+                    version: Some(info.version.as_str().into()),
                     runnable: Some(Runnable {
                         timeout: self.config.get().timeout_for(&app_id),
                         info,

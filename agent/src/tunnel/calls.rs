@@ -6,6 +6,7 @@
 //! never run again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -109,8 +110,7 @@ pub struct CallTable {
 struct Inner {
     entries: HashMap<String, Entry>,
     running: usize,
-    acked: HashSet<String>,
-    acked_order: VecDeque<String>,
+    acked: AckedIds,
     memory_bytes: u64,
     /// The current stream's queue of results to send.
     sender: Option<mpsc::UnboundedSender<Queued>>,
@@ -129,17 +129,50 @@ impl Inner {
             self.memory_bytes = self.memory_bytes.saturating_sub(result.body.len());
         }
     }
+}
 
-    /// Remembers that `id` ran and was acknowledged, forgetting the oldest past the limit.
-    fn remember_acked(&mut self, id: String) {
-        if !self.acked.insert(id.clone()) {
+/// The call ids that ran and were acknowledged, to refuse a replay: the latest
+/// [`ACKED_MEMORY`] as fingerprints, and the latest [`ACKED_KEPT`] themselves, for the journal.
+///
+/// A fingerprint is 128 bits of two SipHash keyed at random per agent run. The ids themselves
+/// (100 000 strings of some 40 bytes scattered over the heap, a copy made at each ack and two
+/// string hashes and comparisons per ack) made the table slower the longer the agent served.
+/// Two ids share a fingerprint with a chance of 2⁻¹²⁸ per pair, and a cloud cannot aim at one
+/// without the keys.
+#[derive(Debug, Default)]
+struct AckedIds {
+    keys: (RandomState, RandomState),
+    fingerprints: HashSet<u128>,
+    /// Oldest first.
+    order: VecDeque<u128>,
+    /// The latest ids, oldest first.
+    latest: VecDeque<String>,
+}
+
+impl AckedIds {
+    fn fingerprint(&self, id: &str) -> u128 {
+        (u128::from(self.keys.0.hash_one(id)) << 64) | u128::from(self.keys.1.hash_one(id))
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.fingerprints.contains(&self.fingerprint(id))
+    }
+
+    /// Remembers `id`, forgetting the oldest past the limits.
+    fn insert(&mut self, id: String) {
+        let fingerprint = self.fingerprint(&id);
+        if !self.fingerprints.insert(fingerprint) {
             return;
         }
-        self.acked_order.push_back(id);
-        if self.acked_order.len() > ACKED_MEMORY {
-            if let Some(old) = self.acked_order.pop_front() {
-                self.acked.remove(&old);
+        self.order.push_back(fingerprint);
+        if self.order.len() > ACKED_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.fingerprints.remove(&old);
             }
+        }
+        self.latest.push_back(id);
+        if self.latest.len() > ACKED_KEPT {
+            self.latest.pop_front();
         }
     }
 }
@@ -300,7 +333,7 @@ impl CallTable {
                     if let Some(records) = inner.journal_records.as_mut() {
                         journal::record(records, journal::ACKNOWLEDGED, &id);
                     }
-                    inner.remember_acked(id);
+                    inner.acked.insert(id);
                 }
                 true
             }
@@ -424,8 +457,7 @@ impl CallTable {
                 Entry::Done(_) => None,
             })
             .collect();
-        let skip = inner.acked_order.len().saturating_sub(ACKED_KEPT);
-        let acknowledged = inner.acked_order.iter().skip(skip).cloned().collect();
+        let acknowledged = inner.acked.latest.iter().cloned().collect();
         JournalIds { open, acknowledged }
     }
 
@@ -434,7 +466,7 @@ impl CallTable {
     pub fn remember_acknowledged(&self, ids: Vec<String>) {
         let mut inner = self.lock();
         for id in ids {
-            inner.remember_acked(id);
+            inner.acked.insert(id);
         }
     }
 
@@ -631,5 +663,24 @@ mod tests {
         assert!(table.acknowledge("r"));
         assert!(!table.refuse("r", body("{x}")), "acknowledged");
         assert_eq!(table.memory_bytes(), 0);
+    }
+
+    #[test]
+    fn acknowledged_ids_are_remembered_up_to_the_limit_and_the_latest_kept_in_order() {
+        let mut acked = AckedIds::default();
+        for i in 0..=ACKED_MEMORY {
+            acked.insert(format!("call-{i}"));
+        }
+        assert!(!acked.contains("call-0"), "the oldest is forgotten");
+        assert!(acked.contains("call-1"));
+        assert!(acked.contains(&format!("call-{ACKED_MEMORY}")));
+        assert!(!acked.contains("never-seen"));
+        assert_eq!(acked.fingerprints.len(), ACKED_MEMORY);
+        // A repeat changes nothing: the journal's list holds each id once.
+        acked.insert(format!("call-{ACKED_MEMORY}"));
+        assert_eq!(acked.latest.len(), ACKED_KEPT);
+        let first_kept = ACKED_MEMORY + 1 - ACKED_KEPT;
+        assert_eq!(acked.latest.front(), Some(&format!("call-{first_kept}")));
+        assert_eq!(acked.latest.back(), Some(&format!("call-{ACKED_MEMORY}")));
     }
 }

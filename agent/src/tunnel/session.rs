@@ -815,7 +815,7 @@ fn inventory_message(inventory: &Inventory) -> AgentMessage {
             let status = inventory.status_of(c);
             pb::Connector {
                 app_id: c.app_id.clone().unwrap_or_default(),
-                version: c.version.clone().unwrap_or_default(),
+                version: c.version.as_deref().unwrap_or_default().to_owned(),
                 kind: match c.kind {
                     Some(ConnectorKind::Bundle) => pb::ConnectorKind::Bundle,
                     Some(ConnectorKind::Executable) => pb::ConnectorKind::Executable,
