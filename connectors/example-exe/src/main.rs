@@ -15,8 +15,8 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let output = match lumos_example_connector::run(&args) {
-        Ok(answer) => answer,
-        Err(err) => lumos_example_connector::Answer::Document(err.into_json()),
+        Ok(value) => value,
+        Err(err) => err.into_json(),
     };
     let mut stdout = std::io::stdout().lock();
     // A closed stdout leaves nobody to tell; the exit code says it.
