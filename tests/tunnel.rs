@@ -45,9 +45,15 @@ fn tester_dirs() -> TestDirs {
     dirs
 }
 
-/// `config` with a drain grace of one second instead of thirty.
-fn one_second_grace(config: String) -> String {
-    config.replace("drain_grace_secs = 30", "drain_grace_secs = 1")
+/// The test connector installed as `tester`, a fake cloud, and the config of an agent dialling
+/// it with a drain grace of one second instead of thirty (for tests that stop it and start it
+/// again).
+async fn tester_cloud_and_short_grace() -> (TestDirs, FakeCloud, String) {
+    let dirs = tester_dirs();
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    let config =
+        config_for(&dirs, &cloud, "").replace("drain_grace_secs = 30", "drain_grace_secs = 1");
+    (dirs, cloud, config)
 }
 
 /// The test connector installed as `tester`, a fake cloud, and the agent dialling it with
@@ -584,11 +590,7 @@ async fn slow_in_process_calls_of_one_burst_run_side_by_side() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_still_running_when_the_grace_runs_out_is_cancelled_and_its_processes_killed() {
-    let (dirs, cloud) = (
-        tester_dirs(),
-        FakeCloud::start(FakeCloudOptions::default()).await,
-    );
-    let config = one_second_grace(config_for(&dirs, &cloud, ""));
+    let (dirs, cloud, config) = tester_cloud_and_short_grace().await;
     let agent = TestAgent::start(&dirs, &config).await;
     let s = cloud.next_session(WAIT).await;
     let pid_file = dirs.root.path().join("stuck.pid");
@@ -619,11 +621,7 @@ async fn a_call_still_running_when_the_grace_runs_out_is_cancelled_and_its_proce
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_run_again() {
-    let (dirs, cloud) = (
-        tester_dirs(),
-        FakeCloud::start(FakeCloudOptions::default()).await,
-    );
-    let config = one_second_grace(config_for(&dirs, &cloud, ""));
+    let (dirs, cloud, config) = tester_cloud_and_short_grace().await;
     let kept_files = || kept_results(&dirs);
     let count = dirs.root.path().join("runs");
     // One result small enough for memory, one large enough to be spooled.

@@ -254,7 +254,7 @@ struct Subject {
     name: &'static str,
     app_id: &'static str,
     session: CloudSession,
-    /// The fake cloud of a bare client (an agent's is in `agent`'s tuple).
+    /// The fake cloud `session` is a stream of.
     _cloud: FakeCloud,
     /// The agent and its folders; `None` for a bare client.
     agent: Option<(TestAgent, TestDirs)>,

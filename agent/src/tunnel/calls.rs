@@ -121,6 +121,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// Queues a stored result on the current stream, if there is one.
+    fn queue(&self, call_id: &str, result: Arc<StoredResult>) {
+        if let Some(sender) = &self.sender {
+            let _ = sender.send((call_id.to_string(), result));
+        }
+    }
+
     /// Lets go of a stored result (acknowledged, or replaced): its bytes no longer count, and
     /// a copy still in a stream's queue is not sent.
     fn release(&mut self, result: &StoredResult) {
@@ -209,9 +216,7 @@ impl CallTable {
         match inner.entries.get(call_id) {
             Some(Entry::Running(_)) => return Admission::AlreadyRunning,
             Some(Entry::Done(result)) if result.ran => {
-                if let Some(sender) = &inner.sender {
-                    let _ = sender.send((call_id.to_string(), result.clone()));
-                }
+                inner.queue(call_id, result.clone());
                 return Admission::Resent;
             }
             // Refused before running: this request may run.
@@ -289,9 +294,7 @@ impl CallTable {
                 Some(Entry::Done(old)) => inner.release(&old),
                 None => {}
             }
-            if let Some(sender) = &inner.sender {
-                let _ = sender.send((call_id.to_string(), result));
-            }
+            inner.queue(call_id, result);
         }
         self.changed.notify_waiters();
         Ok(())
@@ -428,9 +431,7 @@ impl CallTable {
             inner.memory_bytes += body.len();
         }
         let result = StoredResult::new(outcome, body, true);
-        if let Some(sender) = &inner.sender {
-            let _ = sender.send((call_id.clone(), result.clone()));
-        }
+        inner.queue(&call_id, result.clone());
         inner.entries.insert(call_id, Entry::Done(result));
         true
     }
