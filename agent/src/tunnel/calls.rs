@@ -6,7 +6,7 @@
 //! never run again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hasher as _, RandomState};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,11 +17,9 @@ use tokio_util::sync::CancellationToken;
 use super::journal::{self, CallJournal, JournalIds};
 use crate::output::ResultBody;
 
-/// How many acknowledged call ids are remembered, to refuse a replay of an old call.
-const ACKED_MEMORY: usize = 100_000;
-/// How many of the latest acknowledged ids the call journal carries over a restart (about
-/// 1.2 MB of records with 60-character ids).
-pub(super) const ACKED_KEPT: usize = 10_000;
+/// How many acknowledged call ids are remembered, to refuse a replay of an old call, within a
+/// run and over a restart (the call journal carries them: 3.5 MB of records).
+pub(super) const ACKED_MEMORY: usize = 100_000;
 
 /// How a call ended, as the agent reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,36 +136,97 @@ impl Inner {
     }
 }
 
+/// The key of the fingerprints of acknowledged call ids: random at an agent's first start,
+/// kept in the call journal, so that the fingerprints it carries still match after a restart.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct FingerprintKey([u64; 2]);
+
+impl FingerprintKey {
+    /// A new random key.
+    pub(super) fn random() -> Self {
+        let random = || {
+            getrandom::u64().unwrap_or_else(|_| {
+                // No system randomness (it does not happen on a supported system): std's
+                // per-process random hash keys are the next best, and far better than a
+                // fixed key.
+                RandomState::new().hash_one(std::time::SystemTime::now())
+            })
+        };
+        Self([random(), random()])
+    }
+
+    /// The key as 16 bytes (for the journal).
+    pub(super) fn to_bytes(&self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.0[0].to_le_bytes());
+        bytes[8..].copy_from_slice(&self.0[1].to_le_bytes());
+        bytes
+    }
+
+    /// The key written by [`Self::to_bytes`].
+    pub(super) fn from_bytes(bytes: [u8; 16]) -> Self {
+        let half = |range: std::ops::Range<usize>| {
+            u64::from_le_bytes(bytes[range].try_into().unwrap_or_default())
+        };
+        Self([half(0..8), half(8..16)])
+    }
+
+    /// The 128-bit keyed SipHash-1-3 of `id`.
+    pub(super) fn fingerprint(&self, id: &str) -> u128 {
+        use siphasher::sip128::Hasher128 as _;
+        let mut hasher = siphasher::sip128::SipHasher13::new_with_keys(self.0[0], self.0[1]);
+        hasher.write(id.as_bytes());
+        hasher.finish128().as_u128()
+    }
+}
+
+impl std::fmt::Debug for FingerprintKey {
+    // Who knows the key can make ids collide on purpose: it stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FingerprintKey(..)")
+    }
+}
+
 /// The call ids that ran and were acknowledged, to refuse a replay: the latest
-/// [`ACKED_MEMORY`] as fingerprints, and the latest [`ACKED_KEPT`] themselves, for the journal.
+/// [`ACKED_MEMORY`], as fingerprints, which the call journal carries over a restart.
 ///
-/// A fingerprint is 128 bits of two SipHash keyed at random per agent run. The ids themselves
-/// (100 000 strings of some 40 bytes scattered over the heap, a copy made at each ack and two
-/// string hashes and comparisons per ack) made the table slower the longer the agent served.
-/// Two ids share a fingerprint with a chance of 2⁻¹²⁸ per pair, and a cloud cannot aim at one
-/// without the keys.
-#[derive(Debug, Default)]
+/// A fingerprint is a 128-bit SipHash keyed at random per agent (see [`FingerprintKey`]).
+/// The ids themselves (100 000 strings of some 40 bytes scattered over the heap, a copy made
+/// at each ack and two string hashes and comparisons per ack) made the table slower the longer
+/// the agent served, and the journal could carry only a tenth of them. Two ids share a
+/// fingerprint with a chance of 2⁻¹²⁸ per pair, and a cloud cannot aim at one without the
+/// key.
+#[derive(Debug)]
 struct AckedIds {
-    keys: (RandomState, RandomState),
+    key: FingerprintKey,
     fingerprints: HashSet<u128>,
     /// Oldest first.
     order: VecDeque<u128>,
-    /// The latest ids, oldest first.
-    latest: VecDeque<String>,
+}
+
+impl Default for AckedIds {
+    fn default() -> Self {
+        Self {
+            key: FingerprintKey::random(),
+            fingerprints: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
 }
 
 impl AckedIds {
-    fn fingerprint(&self, id: &str) -> u128 {
-        (u128::from(self.keys.0.hash_one(id)) << 64) | u128::from(self.keys.1.hash_one(id))
-    }
-
     fn contains(&self, id: &str) -> bool {
-        self.fingerprints.contains(&self.fingerprint(id))
+        self.fingerprints.contains(&self.key.fingerprint(id))
     }
 
-    /// Remembers `id`, forgetting the oldest past the limits.
-    fn insert(&mut self, id: String) {
-        let fingerprint = self.fingerprint(&id);
+    /// Remembers `id`, forgetting the oldest past the limit; returns its fingerprint.
+    fn insert(&mut self, id: &str) -> u128 {
+        let fingerprint = self.key.fingerprint(id);
+        self.insert_fingerprint(fingerprint);
+        fingerprint
+    }
+
+    fn insert_fingerprint(&mut self, fingerprint: u128) {
         if !self.fingerprints.insert(fingerprint) {
             return;
         }
@@ -176,10 +235,6 @@ impl AckedIds {
             if let Some(old) = self.order.pop_front() {
                 self.fingerprints.remove(&old);
             }
-        }
-        self.latest.push_back(id);
-        if self.latest.len() > ACKED_KEPT {
-            self.latest.pop_front();
         }
     }
 }
@@ -240,7 +295,7 @@ impl CallTable {
             .insert(call_id.to_string(), Entry::Running(token.clone()));
         inner.running += 1;
         if let Some(records) = inner.journal_records.as_mut() {
-            journal::record(records, journal::STARTED, call_id);
+            journal::record_started(records, call_id);
         }
         Admission::Run(token)
     }
@@ -333,10 +388,10 @@ impl CallTable {
             Some((id, Entry::Done(result))) => {
                 inner.release(&result);
                 if result.ran {
+                    let fingerprint = inner.acked.insert(&id);
                     if let Some(records) = inner.journal_records.as_mut() {
-                        journal::record(records, journal::ACKNOWLEDGED, &id);
+                        journal::record_acknowledged(records, fingerprint);
                     }
-                    inner.acked.insert(id);
                 }
                 true
             }
@@ -445,7 +500,7 @@ impl CallTable {
     }
 
     /// What a rewritten journal holds: the calls running and the calls that ran whose result
-    /// is not acknowledged, and the latest [`ACKED_KEPT`] acknowledged ids.
+    /// is not acknowledged, and the fingerprints of the acknowledged ids, with their key.
     pub fn journal_ids(&self) -> JournalIds {
         Self::journal_ids_in(&self.lock())
     }
@@ -460,16 +515,34 @@ impl CallTable {
                 Entry::Done(_) => None,
             })
             .collect();
-        let acknowledged = inner.acked.latest.iter().cloned().collect();
-        JournalIds { open, acknowledged }
+        JournalIds {
+            key: inner.acked.key.clone(),
+            open,
+            acknowledged: inner.acked.order.iter().copied().collect(),
+        }
     }
 
-    /// Takes back ids that ran and were acknowledged in an earlier run of the agent (from its
-    /// journal): a replay of one is refused, as within one run.
-    pub fn remember_acknowledged(&self, ids: Vec<String>) {
+    /// Takes back the ids that ran and were acknowledged in an earlier run of the agent, as
+    /// fingerprints under `key` (from its journal): a replay of one is refused, as within one
+    /// run. Called at start, before any ack of this run (one taken earlier, under another
+    /// key, would be forgotten, with a warning).
+    pub(super) fn remember_acknowledged(&self, key: FingerprintKey, fingerprints: Vec<u128>) {
         let mut inner = self.lock();
-        for id in ids {
-            inner.acked.insert(id);
+        let acked = &mut inner.acked;
+        if acked.key != key {
+            if !acked.order.is_empty() {
+                tracing::warn!(
+                    acknowledged = acked.order.len(),
+                    "acknowledgements taken before the call journal was read are not carried over a restart"
+                );
+            }
+            *acked = AckedIds {
+                key,
+                ..AckedIds::default()
+            };
+        }
+        for fingerprint in fingerprints {
+            acked.insert_fingerprint(fingerprint);
         }
     }
 
@@ -669,10 +742,10 @@ mod tests {
     }
 
     #[test]
-    fn acknowledged_ids_are_remembered_up_to_the_limit_and_the_latest_kept_in_order() {
+    fn acknowledged_ids_are_remembered_up_to_the_limit_oldest_first() {
         let mut acked = AckedIds::default();
         for i in 0..=ACKED_MEMORY {
-            acked.insert(format!("call-{i}"));
+            acked.insert(&format!("call-{i}"));
         }
         assert!(!acked.contains("call-0"), "the oldest is forgotten");
         assert!(acked.contains("call-1"));
@@ -680,10 +753,21 @@ mod tests {
         assert!(!acked.contains("never-seen"));
         assert_eq!(acked.fingerprints.len(), ACKED_MEMORY);
         // A repeat changes nothing: the journal's list holds each id once.
-        acked.insert(format!("call-{ACKED_MEMORY}"));
-        assert_eq!(acked.latest.len(), ACKED_KEPT);
-        let first_kept = ACKED_MEMORY + 1 - ACKED_KEPT;
-        assert_eq!(acked.latest.front(), Some(&format!("call-{first_kept}")));
-        assert_eq!(acked.latest.back(), Some(&format!("call-{ACKED_MEMORY}")));
+        acked.insert(&format!("call-{ACKED_MEMORY}"));
+        assert_eq!(acked.order.len(), ACKED_MEMORY);
+        assert_eq!(acked.order.front(), Some(&acked.key.fingerprint("call-1")));
+        let last = acked.key.fingerprint(&format!("call-{ACKED_MEMORY}"));
+        assert_eq!(acked.order.back(), Some(&last));
+    }
+
+    #[test]
+    fn fingerprints_depend_on_the_key_and_the_key_survives_its_bytes() {
+        let (one, two) = (FingerprintKey::random(), FingerprintKey::random());
+        assert_ne!(one, two);
+        assert_ne!(one.fingerprint("call"), two.fingerprint("call"));
+        assert_ne!(one.fingerprint("call"), one.fingerprint("call "));
+        let again = FingerprintKey::from_bytes(one.to_bytes());
+        assert_eq!(again.fingerprint("call"), one.fingerprint("call"));
+        assert_eq!(format!("{one:?}"), "FingerprintKey(..)");
     }
 }

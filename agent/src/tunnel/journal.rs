@@ -10,30 +10,35 @@
 //! call is never run again by this agent; whether it took effect is for the cloud (or a
 //! person) to find out.
 //!
-//! `<state>/outbox/calls.journal`, mode 0600, one line per record, the call id in hex (call
-//! ids come from the cloud and may hold any character):
+//! `<state>/outbox/calls.journal`, mode 0600, one line per record, in hex (call ids come from
+//! the cloud and may hold any character):
 //!
 //! ```text
-//! S <hex call id>    the call was admitted to run
-//! A <hex call id>    the cloud acknowledged its result
+//! K <hex key>            the key of the fingerprints below (the first line)
+//! S <hex call id>        the call was admitted to run
+//! F <hex fingerprint>    the cloud acknowledged the result of the call with this fingerprint
 //! ```
 //!
-//! The acknowledged ids come back too, so a replay of a recent call (the latest 10 000 are
-//! carried over a rewrite) is refused with `agent.duplicate_call` after a restart as before it.
+//! The acknowledged ids come back too, as the call table keeps them: 128-bit fingerprints,
+//! keyed by a random key the journal keeps (see [`super::calls::FingerprintKey`]), all 100 000
+//! the table remembers. So a replay of a call acknowledged before a restart is refused with
+//! `agent.duplicate_call` as it would have been before it. (Journals of earlier versions wrote
+//! `A <hex call id>` for an acknowledged call and kept only the latest 10 000: they are read,
+//! and rewritten in this form.)
 //!
 //! The call table adds records in memory as it admits calls and takes acks; the session writes
 //! them with one `write` per burst of messages read, before the burst's calls start. No fsync:
 //! the records survive the process dying, which is what this is for; after a power loss the
 //! last records may be missing. When the file passes [`COMPACT_AT`], or after a failed write
 //! (which may have left a torn line), it is rewritten whole from the table: one `S` line per
-//! call still running or unacknowledged, one `A` line per acknowledged id it carries.
+//! call still running or unacknowledged, one `F` line per acknowledged id it remembers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::calls::{CallTable, Outcome};
+use super::calls::{CallTable, FingerprintKey, Outcome};
 use crate::error::{CallError, ErrorCode};
 use crate::output::ResultBody;
 
@@ -43,19 +48,36 @@ pub const FILE_NAME: &str = "calls.journal";
 /// calls, by the length of their ids.
 pub const COMPACT_AT: u64 = 8 << 20;
 
+/// The key of the fingerprints.
+const KEY: u8 = b'K';
 /// A call admitted to run.
-pub(super) const STARTED: u8 = b'S';
-/// A result the cloud acknowledged.
-pub(super) const ACKNOWLEDGED: u8 = b'A';
+const STARTED: u8 = b'S';
+/// A result the cloud acknowledged, by its call's fingerprint.
+const ACKNOWLEDGED: u8 = b'F';
+/// A result the cloud acknowledged, by its call id: written by earlier versions.
+const ACKNOWLEDGED_ID: u8 = b'A';
 
-/// Appends `kind <hex call_id>\n` to `buf`.
-pub(super) fn record(buf: &mut Vec<u8>, kind: u8, call_id: &str) {
+/// The length of a fingerprint's record.
+const FINGERPRINT_RECORD: usize = 3 + 2 * 16;
+
+/// Appends `kind <hex bytes>\n` to `buf`.
+fn record(buf: &mut Vec<u8>, kind: u8, bytes: &[u8]) {
     let hex_start = buf.len() + 2;
     buf.extend_from_slice(&[kind, b' ']);
-    buf.resize(hex_start + 2 * call_id.len(), 0);
-    // The slice is exactly twice the id's length, which is all encode_to_slice asks.
-    let _ = hex::encode_to_slice(call_id.as_bytes(), &mut buf[hex_start..]);
+    buf.resize(hex_start + 2 * bytes.len(), 0);
+    // The slice is exactly twice the bytes' length, which is all encode_to_slice asks.
+    let _ = hex::encode_to_slice(bytes, &mut buf[hex_start..]);
     buf.push(b'\n');
+}
+
+/// Appends the record of a call admitted to run.
+pub(super) fn record_started(buf: &mut Vec<u8>, call_id: &str) {
+    record(buf, STARTED, call_id.as_bytes());
+}
+
+/// Appends the record of an acknowledged call, by its fingerprint.
+pub(super) fn record_acknowledged(buf: &mut Vec<u8>, fingerprint: u128) {
+    record(buf, ACKNOWLEDGED, &fingerprint.to_be_bytes());
 }
 
 /// The open journal file. Owned by the [`CallTable`], which decides what is written.
@@ -118,13 +140,15 @@ impl CallJournal {
         self.rewrite = true;
         // Closed first: on Windows an open file may not be replaced.
         self.file = None;
-        let all = || ids.open.iter().chain(&ids.acknowledged);
-        let mut text = Vec::with_capacity(all().map(|id| 3 + 2 * id.len()).sum());
-        for id in &ids.acknowledged {
-            record(&mut text, ACKNOWLEDGED, id);
+        let open_len: usize = ids.open.iter().map(|id| 3 + 2 * id.len()).sum();
+        let mut text =
+            Vec::with_capacity(FINGERPRINT_RECORD * (1 + ids.acknowledged.len()) + open_len);
+        record(&mut text, KEY, &ids.key.to_bytes());
+        for &fingerprint in &ids.acknowledged {
+            record_acknowledged(&mut text, fingerprint);
         }
         for id in &ids.open {
-            record(&mut text, STARTED, id);
+            record_started(&mut text, id);
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
         // Named like the outbox's other temporary files, which a start removes if a crash
@@ -143,13 +167,15 @@ impl CallJournal {
 }
 
 /// What a journal holds, or must hold.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct JournalIds {
+    /// The key of the fingerprints.
+    pub(super) key: FingerprintKey,
     /// Calls started and not acknowledged, in the order the journal lists them (the order they
     /// started, since the last rewrite).
     pub open: Vec<String>,
-    /// Calls acknowledged, oldest first.
-    pub acknowledged: Vec<String>,
+    /// The fingerprints of the calls acknowledged, oldest first.
+    pub acknowledged: Vec<u128>,
 }
 
 /// What [`open`] found.
@@ -173,7 +199,7 @@ pub fn open(table: &CallTable, dir: &Path) -> Recovered {
         Ok(text) => {
             let (ids, torn) = read(&text);
             recovered.torn = torn;
-            table.remember_acknowledged(ids.acknowledged);
+            table.remember_acknowledged(ids.key, ids.acknowledged);
             for call_id in ids.open {
                 if table.restore(call_id, Outcome::AgentError, interrupted()) {
                     recovered.interrupted += 1;
@@ -224,45 +250,82 @@ pub fn open_calls(dir: &Path) -> io::Result<Option<usize>> {
 }
 
 /// What a journal's records say, and how many lines were not records. The last record of an
-/// id decides.
+/// id decides. A journal without a key (one of an earlier version) gets a new one.
 fn read(text: &[u8]) -> (JournalIds, usize) {
-    let (mut started, mut acked) = (HashSet::new(), HashSet::new());
-    let (mut order, mut acked_order) = (Vec::new(), Vec::new());
+    let mut lines = text.split_inclusive(|&b| b == b'\n').peekable();
     let mut torn = 0;
-    for line in text.split_inclusive(|&b| b == b'\n') {
-        // A record is whole only with its newline: a torn last one may still look like hex.
-        let parsed = match line.strip_suffix(b"\n").unwrap_or_default() {
-            [kind @ (STARTED | ACKNOWLEDGED), b' ', id @ ..] => hex::decode(id)
+    let key = match lines.peek().and_then(|line| parse(line)) {
+        Some((KEY, bytes)) => {
+            lines.next();
+            let key = <[u8; 16]>::try_from(bytes)
                 .ok()
-                .and_then(|id| String::from_utf8(id).ok())
+                .map(FingerprintKey::from_bytes);
+            torn += usize::from(key.is_none());
+            key
+        }
+        _ => None,
+    };
+    let key_found = key.is_some();
+    let key = key.unwrap_or_else(FingerprintKey::random);
+    // By fingerprint: the started calls with their ids, and the acknowledged ones, each with
+    // the order they came in, so the log and the cloud see them in a sensible order.
+    let (mut started, mut acked) = (HashMap::new(), HashSet::new());
+    let (mut started_order, mut acked_order) = (Vec::new(), Vec::new());
+    for line in lines {
+        let fingerprint = match parse(line) {
+            Some((STARTED, id)) => match String::from_utf8(id) {
+                Ok(id) if !id.is_empty() => {
+                    let fingerprint = key.fingerprint(&id);
+                    acked.remove(&fingerprint);
+                    started.insert(fingerprint, id);
+                    started_order.push(fingerprint);
+                    continue;
+                }
+                _ => None,
+            },
+            // Fingerprints under a lost key would match nothing.
+            Some((ACKNOWLEDGED, bytes)) if key_found => {
+                <[u8; 16]>::try_from(bytes).ok().map(u128::from_be_bytes)
+            }
+            Some((ACKNOWLEDGED_ID, id)) => String::from_utf8(id)
+                .ok()
                 .filter(|id| !id.is_empty())
-                .map(|id| (*kind, id)),
+                .map(|id| key.fingerprint(&id)),
             _ => None,
         };
-        match parsed {
-            Some((STARTED, id)) => {
-                acked.remove(&id);
-                if started.insert(id.clone()) {
-                    order.push(id);
-                }
-            }
-            Some((_, id)) => {
-                started.remove(&id);
-                if acked.insert(id.clone()) {
-                    acked_order.push(id);
-                }
+        match fingerprint {
+            Some(fingerprint) => {
+                started.remove(&fingerprint);
+                acked.insert(fingerprint);
+                acked_order.push(fingerprint);
             }
             None => torn += 1,
         }
     }
-    // In the order they came, so the log and the cloud see them in a sensible order.
-    order.retain(|id| started.contains(id));
-    acked_order.retain(|id| acked.contains(id));
+    // Each once, at its first place in the order, if its last record left it there.
+    let open = started_order
+        .into_iter()
+        .filter_map(|fingerprint| started.remove(&fingerprint))
+        .collect();
+    let acknowledged = acked_order
+        .into_iter()
+        .filter(|fingerprint| acked.remove(fingerprint))
+        .collect();
     let ids = JournalIds {
-        open: order,
-        acknowledged: acked_order,
+        key,
+        open,
+        acknowledged,
     };
     (ids, torn)
+}
+
+/// A record's kind and bytes. A record is whole only with its newline: a torn last one may
+/// still look like hex.
+fn parse(line: &[u8]) -> Option<(u8, Vec<u8>)> {
+    match line.strip_suffix(b"\n")? {
+        [kind, b' ', hex @ ..] => Some((*kind, hex::decode(hex).ok()?)),
+        _ => None,
+    }
 }
 
 /// The result of a call the last run started and never finished delivering.
@@ -278,7 +341,7 @@ fn interrupted() -> ResultBody {
 mod tests {
     use super::*;
 
-    use crate::tunnel::calls::{Admission, ACKED_KEPT};
+    use crate::tunnel::calls::{Admission, ACKED_MEMORY};
 
     fn body(text: &'static str) -> ResultBody {
         ResultBody::from(text.as_bytes().to_vec())
@@ -392,26 +455,53 @@ mod tests {
 
     #[test]
     fn a_torn_or_foreign_line_is_skipped_and_the_rest_read() {
+        let key = FingerprintKey::random();
+        let fingerprint = |id: &str| key.fingerprint(id);
         let mut text = Vec::new();
-        record(&mut text, STARTED, "one");
-        record(&mut text, STARTED, "two");
-        record(&mut text, ACKNOWLEDGED, "one");
-        text.extend_from_slice(b"X 00\nS zz\nS \n");
+        record(&mut text, KEY, &key.to_bytes());
+        record_started(&mut text, "one");
+        record_started(&mut text, "two");
+        record_acknowledged(&mut text, fingerprint("one"));
+        text.extend_from_slice(b"X 00\nS zz\nS \nF 00\n");
+        // A second key is not a record.
+        record(&mut text, KEY, &FingerprintKey::random().to_bytes());
         // A torn record, whose hex would still decode ("th"), glued to the next one.
         text.extend_from_slice(b"S 7468");
-        record(&mut text, STARTED, "three");
-        record(&mut text, ACKNOWLEDGED, "three");
-        record(&mut text, STARTED, "three");
+        record_started(&mut text, "three");
+        record_acknowledged(&mut text, fingerprint("three"));
+        record_started(&mut text, "three");
+        // Acknowledged by id, as earlier versions wrote.
+        record_started(&mut text, "four");
+        record(&mut text, ACKNOWLEDGED_ID, b"four");
         let ids = JournalIds {
+            key: key.clone(),
             open: vec!["two".into(), "three".into()],
-            acknowledged: vec!["one".into()],
+            acknowledged: vec![fingerprint("one"), fingerprint("four")],
         };
         // The torn record is not the last line here: records after it still count.
-        assert_eq!(read(&text), (ids, 4));
+        assert_eq!(read(&text), (ids, 6));
+    }
+
+    #[test]
+    fn a_journal_of_an_earlier_version_is_read_with_a_new_key() {
+        let mut text = Vec::new();
+        for id in ["acked", "open", "again"] {
+            record_started(&mut text, id);
+        }
+        for id in ["again", "acked"] {
+            record(&mut text, ACKNOWLEDGED_ID, id.as_bytes());
+        }
+        record_started(&mut text, "again");
+        // Fingerprints without a key match nothing.
+        record_acknowledged(&mut text, 7);
+        let (ids, torn) = read(&text);
+        assert_eq!(torn, 1);
+        assert_eq!(ids.open, ["open", "again"]);
+        assert_eq!(ids.acknowledged, [ids.key.fingerprint("acked")]);
     }
 
     #[tokio::test]
-    async fn a_large_journal_is_rewritten_from_the_table() {
+    async fn a_large_journal_is_rewritten_from_the_table_and_carries_every_acknowledged_id() {
         let spill = tempfile::tempdir().unwrap();
         let outbox = tempfile::tempdir().unwrap();
         let table = CallTable::new(spill.path().to_path_buf(), 1 << 30);
@@ -419,34 +509,42 @@ mod tests {
         let path = outbox.path().join(FILE_NAME);
         // Enough acknowledged calls to pass COMPACT_AT, with one left unacknowledged.
         let id_len = 60;
-        let per_call = 2 * (3 + 2 * id_len) as u64;
+        let per_call = (3 + 2 * id_len + FINGERPRINT_RECORD) as u64;
         let calls = COMPACT_AT / per_call + 10;
+        assert!(calls < ACKED_MEMORY as u64, "the table remembers them all");
         assert!(matches!(table.admit("open", 16), Admission::Run(_)));
+        let id = |n: u64| format!("{n:0id_len$}");
         for n in 0..calls {
-            let id = format!("{n:0id_len$}");
-            assert!(matches!(table.admit(&id, 16), Admission::Run(_)));
-            table.finish(&id, Outcome::Answered, body("{}"), true).await;
-            assert!(table.acknowledge(&id));
+            assert!(matches!(table.admit(&id(n), 16), Admission::Run(_)));
+            table
+                .finish(&id(n), Outcome::Answered, body("{}"), true)
+                .await;
+            assert!(table.acknowledge(&id(n)));
         }
         // One append of all the records (written in several, the journal could pass the limit
         // before the last and be rewritten early).
         table.flush_journal();
         let before = fs::metadata(&path).unwrap().len();
         assert!(before >= COMPACT_AT, "{before}");
-        // The next write is a rewrite: the open call and the latest acknowledged ones.
+        // The next write is a rewrite: the open call and every acknowledged one.
         table.flush_journal();
         let text = fs::read(&path).unwrap();
         let (ids, torn) = read(&text);
-        assert_eq!((ids.open, torn), (vec!["open".to_string()], 0));
-        let latest: Vec<String> = (calls - ACKED_KEPT as u64..calls)
-            .map(|n| format!("{n:0id_len$}"))
-            .collect();
-        assert_eq!(ids.acknowledged, latest);
-        let record_len = |id_len| 3 + 2 * id_len;
+        assert_eq!((&ids.open[..], torn), (&["open".to_string()][..], 0));
+        let acknowledged: Vec<u128> = (0..calls).map(|n| ids.key.fingerprint(&id(n))).collect();
+        assert_eq!(ids.acknowledged, acknowledged);
         assert_eq!(
             text.len(),
-            record_len("open".len()) + ACKED_KEPT * record_len(id_len)
+            FINGERPRINT_RECORD * (1 + calls as usize) + 3 + 2 * "open".len()
         );
+        // After a restart the oldest acknowledged call is still refused, and the open one was
+        // interrupted.
+        drop(table);
+        let after = CallTable::new(spill.path().to_path_buf(), 1 << 30);
+        assert_eq!(open(&after, outbox.path()).interrupted, 1);
+        assert!(matches!(after.admit(&id(0), 16), Admission::Acknowledged));
+        assert!(matches!(after.admit("open", 16), Admission::Resent));
+        assert!(matches!(after.admit("new", 16), Admission::Run(_)));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
