@@ -119,6 +119,17 @@ struct Inner {
 }
 
 impl Inner {
+    /// Whether a refusal may be stored for `call_id`: not when the id runs, ran or was
+    /// acknowledged.
+    fn refusable(&self, call_id: &str) -> bool {
+        !self.acked.contains(call_id)
+            && match self.entries.get(call_id) {
+                Some(Entry::Running(_)) => false,
+                Some(Entry::Done(result)) => !result.ran,
+                None => true,
+            }
+    }
+
     /// Queues a stored result on the current stream, if there is one.
     fn queue(&self, call_id: &str, result: Arc<StoredResult>) {
         if let Some(sender) = &self.sender {
@@ -303,8 +314,9 @@ impl CallTable {
     /// Stores a call's result (spilling it to disk when memory is over budget) and queues it
     /// on the current stream.
     pub async fn finish(&self, call_id: &str, outcome: Outcome, body: ResultBody, ran: bool) {
+        let kind = Stored::Result { outcome, ran };
         // Within the budget (the usual case) it is stored under the one lock that checks.
-        let Err(body) = self.store(call_id, outcome, body, ran, Room::Check) else {
+        let Err(body) = self.store(call_id, kind, body, Room::Check) else {
             return;
         };
         // A result may be a megabyte: written on a blocking thread. (A panic there keeps the
@@ -313,22 +325,26 @@ impl CallTable {
         let body = tokio::task::spawn_blocking(move || spill_or_keep(&dir, &id, body))
             .await
             .unwrap_or(kept);
-        let _ = self.store(call_id, outcome, body, ran, Room::Take);
+        let _ = self.store(call_id, kind, body, Room::Take);
     }
 
-    /// Stores a result and queues it on the current stream; with [`Room::Check`], a result in
-    /// memory that would take the results held in memory over the budget is handed back
-    /// instead, to be spilled.
+    /// Stores a result and queues it on the current stream, and says whether it did: a
+    /// refusal is not stored where the call's own result stands. With [`Room::Check`], a
+    /// result in memory that would take the results held in memory over the budget is handed
+    /// back instead, to be spilled.
     fn store(
         &self,
         call_id: &str,
-        outcome: Outcome,
+        kind: Stored,
         body: ResultBody,
-        ran: bool,
         room: Room,
-    ) -> Result<(), ResultBody> {
+    ) -> Result<bool, ResultBody> {
         {
             let mut inner = self.lock();
+            // Checked under the lock that stores: a call admitted in between keeps its entry.
+            if kind == Stored::Refusal && !inner.refusable(call_id) {
+                return Ok(false);
+            }
             if body.in_memory() {
                 let held = inner.memory_bytes.saturating_add(body.len());
                 if room == Room::Check && held > self.memory_budget.load(Ordering::Relaxed) {
@@ -336,6 +352,10 @@ impl CallTable {
                 }
                 inner.memory_bytes = held;
             }
+            let (outcome, ran) = match kind {
+                Stored::Result { outcome, ran } => (outcome, ran),
+                Stored::Refusal => (Outcome::AgentError, false),
+            };
             let result = StoredResult::new(outcome, body, ran);
             let done = Entry::Done(result.clone());
             // The running entry's key is reused: no new copy of the id.
@@ -352,7 +372,7 @@ impl CallTable {
             inner.queue(call_id, result);
         }
         self.changed.notify_waiters();
-        Ok(())
+        Ok(true)
     }
 
     /// Stores an error answer for a call that is not run (busy, draining, malformed). Refused
@@ -363,22 +383,14 @@ impl CallTable {
     /// message: over the memory budget the refusal (an error document of a few hundred bytes)
     /// is written to its spill file in place.
     pub fn refuse(&self, call_id: &str, body: ResultBody) -> bool {
-        let may = {
-            let inner = self.lock();
-            !inner.acked.contains(call_id)
-                && match inner.entries.get(call_id) {
-                    Some(Entry::Running(_)) => false,
-                    Some(Entry::Done(result)) => !result.ran,
-                    None => true,
-                }
-        };
-        if may {
-            if let Err(body) = self.store(call_id, Outcome::AgentError, body, false, Room::Check) {
+        match self.store(call_id, Stored::Refusal, body, Room::Check) {
+            Ok(stored) => stored,
+            Err(body) => {
                 let body = spill_or_keep(&self.spill_dir, call_id, body);
-                let _ = self.store(call_id, Outcome::AgentError, body, false, Room::Take);
+                self.store(call_id, Stored::Refusal, body, Room::Take)
+                    .unwrap_or(false)
             }
         }
-        may
     }
 
     /// The cloud stored the result: forget it, and remember that the id ran.
@@ -598,6 +610,15 @@ impl CallTable {
     pub fn memory_bytes(&self) -> u64 {
         self.lock().memory_bytes
     }
+}
+
+/// What [`CallTable::store`] stores.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// The result of a call admitted to run (`ran`: it reached its connector).
+    Result { outcome: Outcome, ran: bool },
+    /// An error answer for a call that is not run.
+    Refusal,
 }
 
 /// Whether [`CallTable::store`] checks the memory budget.
