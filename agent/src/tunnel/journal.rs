@@ -44,8 +44,9 @@ use crate::output::ResultBody;
 
 /// The journal's file name in the outbox folder.
 pub const FILE_NAME: &str = "calls.journal";
-/// Size past which the journal is rewritten from the table: the records of 25 000 to 50 000
-/// calls, by the length of their ids.
+/// Size past which the journal is rewritten from the table: once the table remembers its
+/// 100 000 acknowledged ids (a rewrite of 3.5 MB), every 30 000 to 45 000 calls, by the length
+/// of their ids.
 pub const COMPACT_AT: u64 = 8 << 20;
 
 /// The key of the fingerprints.
