@@ -9,6 +9,8 @@ use hyper::StatusCode;
 use lumos_agent_integration::*;
 use serde_json::{json, Value};
 
+const WAIT: Duration = Duration::from_secs(60);
+
 fn c_test_plugin(file_name: &str) -> PathBuf {
     Path::new(env!("LUMOS_TEST_C_PLUGINS")).join(file_name)
 }
@@ -547,4 +549,47 @@ async fn replacing_a_library_retires_its_worker_without_leaking_it() {
         .await;
     assert_eq!(status, StatusCode::OK);
     agent.shutdown().await;
+}
+
+/// The real binary's plugin workers die with it when it is SIGKILLed: nothing of the agent is
+/// left to stop them, so they must notice by themselves (their parent-death signal).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_leaves_no_worker_behind() {
+    let dirs = TestDirs::new();
+    copy_in(
+        &dirs,
+        Path::new(lumos_example_c::LIBRARY),
+        "liblumos_example_c.so",
+    );
+    // No config file: the binary runs its own `plugin-host` for workers.
+    let mut agent = std::process::Command::new(workspace_bin("lumos-agent"))
+        .arg("--plugins-dir")
+        .arg(dirs.plugins())
+        .arg("--state-dir")
+        .arg(dirs.state())
+        .args(["--listen", "127.0.0.1:0", "run"])
+        .env_remove("LUMOS_AGENT_CONFIG")
+        .current_dir(dirs.root.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent_pid = agent.id();
+    eventually(WAIT, "the agent to start a plugin worker", move || {
+        !children_of(agent_pid, "plugin-host").is_empty()
+    })
+    .await;
+    let workers = children_of(agent_pid, "plugin-host");
+    assert!(!workers.is_empty());
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    for pid in workers {
+        eventually(
+            WAIT,
+            &format!("worker {pid} to die with its agent"),
+            move || !process_alive(pid),
+        )
+        .await;
+    }
 }

@@ -666,26 +666,93 @@ async fn results_unacknowledged_at_a_stop_are_sent_after_the_next_start_and_not_
     assert_eq!(kept_files(), 0, "nothing is left to keep");
 }
 
+/// The test connector as `tester` and a fake cloud, for [`start_binary`].
+#[cfg(unix)]
+async fn tester_and_cloud_for_the_binary() -> (TestDirs, FakeCloud) {
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
+    TestAgent::write_config(&dirs, &dirs.plugins(), &config_for(&dirs, &cloud, ""));
+    (dirs, cloud)
+}
+
+/// The real `lumos-agent` binary on the config [`tester_and_cloud_for_the_binary`] wrote.
+#[cfg(unix)]
+fn start_binary(dirs: &TestDirs) -> std::process::Child {
+    std::process::Command::new(workspace_bin("lumos-agent"))
+        .arg("--config")
+        .arg(dirs.root.path().join("agent.toml"))
+        .args(["--listen", "127.0.0.1:0", "run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The real binary's group reaper, killed while a connector runs: the next connector's start
+/// runs a new one with both groups listed, and a SIGKILLed agent leaves neither running.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_group_reaper_is_replaced_and_the_killed_agents_connectors_end() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let (dirs, cloud) = tester_and_cloud_for_the_binary().await;
+    let mut agent = start_binary(&dirs);
+    let agent_pid = agent.id();
+    let reapers = move || children_of(agent_pid, "group-reaper");
+    let mut s = cloud.next_session(WAIT).await;
+    s.inventory_where(WAIT, |i| ready(i, "tester"))
+        .await
+        .unwrap();
+    let first = match reapers()[..] {
+        [one] => one,
+        ref other => panic!("one reaper runs beside the agent, not {other:?}"),
+    };
+
+    let slow = |name: &str| {
+        let pid_file = dirs.root.path().join(format!("{name}.pid"));
+        (
+            pid_file.clone(),
+            json!({"request": {"secs": 600, "pid_file": pid_file}}),
+        )
+    };
+    let (one_file, one) = slow("one");
+    s.call("one", "tester", "sleep", "", &one);
+    let one_pid = pid_in(&one_file).await;
+    kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    eventually(WAIT, "the reaper to die", move || !process_alive(first)).await;
+
+    let (two_file, two) = slow("two");
+    s.call("two", "tester", "sleep", "", &two);
+    let two_pid = pid_in(&two_file).await;
+    let replaced = match reapers()[..] {
+        [one] => one,
+        ref other => panic!("one new reaper, the dead one reaped, not {other:?}"),
+    };
+    assert_ne!(replaced, first);
+
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    for (name, pid) in [("one", one_pid), ("two", two_pid)] {
+        eventually(WAIT, &format!("connector {name} to end"), move || {
+            !process_alive(pid)
+        })
+        .await;
+    }
+    eventually(WAIT, "the new reaper to exit", move || {
+        !process_alive(replaced)
+    })
+    .await;
+}
+
 /// The real binary, killed with SIGKILL while one call runs and another's result waits for its
 /// ack: nothing is written at a kill, only the call journal (written before calls run) knows
 /// about them, and about the call acknowledged before.
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_never_run_again() {
-    let dirs = TestDirs::new();
-    install_plugin(&dirs.plugins(), &test_connector(), "tester");
-    let cloud = FakeCloud::start(FakeCloudOptions::default()).await;
-    TestAgent::write_config(&dirs, &dirs.plugins(), &config_for(&dirs, &cloud, ""));
-    let start = || {
-        std::process::Command::new(workspace_bin("lumos-agent"))
-            .arg("--config")
-            .arg(dirs.root.path().join("agent.toml"))
-            .args(["--listen", "127.0.0.1:0", "run"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let (dirs, cloud) = tester_and_cloud_for_the_binary().await;
+    let start = || start_binary(&dirs);
     let count = dirs.root.path().join("runs");
     let echo = json!({"request": {"count_file": count}});
     let pid_file = dirs.root.path().join("slow.pid");
@@ -708,11 +775,11 @@ async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_
 
     agent.kill().unwrap();
     agent.wait().unwrap();
-    // The connector's process group outlives a SIGKILLed agent; end it here.
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(slow_pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    // The group reaper ends the running connector's process group.
+    eventually(WAIT, "the killed agent's connector to end", move || {
+        !process_alive(slow_pid)
+    })
+    .await;
 
     let mut agent = start();
     let mut s2 = cloud.next_session(WAIT).await;

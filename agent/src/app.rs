@@ -142,6 +142,13 @@ impl RunningAgent {
         if let Err(e) = std::fs::create_dir_all(&config.plugins_dir) {
             tracing::warn!(dir = %config.plugins_dir.display(), error = %e, "cannot create the plugins folder");
         }
+        // Before any connector process starts.
+        match crate::platform::agent_program(&config) {
+            Ok(program) => crate::reaper::start(&program),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot find the agent binary to start the group reaper; if the agent is killed, connector processes it started may keep running")
+            }
+        }
         let registry = Arc::new(PluginRegistry::new());
         let abort = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());

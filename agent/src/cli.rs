@@ -96,6 +96,10 @@ pub enum Command {
         /// The shared library.
         library: PathBuf,
     },
+    /// Internal: end the connector process groups the agent lists on stdin once the agent is
+    /// gone (it closes the pipe), however it went. The agent starts this itself.
+    #[command(hide = true)]
+    GroupReaper,
 }
 
 /// Windows service commands; run them from an elevated prompt.
@@ -177,6 +181,7 @@ pub fn execute(cli: &Cli) -> u8 {
     match &cli.command {
         Command::Run => exit::USAGE,
         Command::PluginHost { library } => crate::native::worker::main(library),
+        Command::GroupReaper => crate::reaper::main(),
         Command::Version => {
             println!("lumos-agent {}", env!("CARGO_PKG_VERSION"));
             exit::OK
@@ -309,7 +314,8 @@ async fn client_command(config: &Config, command: &Command) -> u8 {
         | Command::Doctor
         | Command::Version
         | Command::Service { .. }
-        | Command::PluginHost { .. } => Ok(exit::USAGE),
+        | Command::PluginHost { .. }
+        | Command::GroupReaper => Ok(exit::USAGE),
     };
     result.unwrap_or_else(|e| {
         eprintln!("lumos-agent: {e}");

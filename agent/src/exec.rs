@@ -132,17 +132,6 @@ pub enum ExecError {
     Io(#[from] std::io::Error),
 }
 
-/// Kills the whole process group when dropped. This is what guarantees that a
-/// dropped call future (client disconnect, agent shutdown) leaves no process behind.
-#[derive(Debug)]
-struct GroupGuard(ProcessGroup);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        self.0.kill();
-    }
-}
-
 /// Runs `program args…` under `limits`, returning its stdout.
 pub async fn run(
     program: &Path,
@@ -153,7 +142,8 @@ pub async fn run(
 ) -> Result<ProcessOutput, ExecError> {
     let deadline = Instant::now() + limits.timeout;
     let mut child = spawn(program, args, env).await?;
-    let guard = GroupGuard(ProcessGroup::of(&child));
+    // Killed when dropped: a dropped call future leaves no process behind.
+    let group = ProcessGroup::of(&child);
 
     let stdout = child
         .stdout
@@ -178,7 +168,7 @@ pub async fn run(
             read = &mut stdout_task, if early_stdout.is_none() => match read {
                 Ok(Ok(bytes)) => early_stdout = Some(bytes),
                 failed => {
-                    guard.0.kill();
+                    group.kill();
                     let _ = child.wait().await;
                     return Err(match failed {
                         Ok(Err(ReadError::TooLarge)) => ExecError::OutputTooLarge(limits.max_output_bytes),
@@ -189,12 +179,12 @@ pub async fn run(
                 }
             },
             () = tokio::time::sleep_until(deadline) => {
-                terminate_in_background(child, guard, limits.kill_grace);
+                terminate_in_background(child, group, limits.kill_grace);
                 stdout_task.abort();
                 return Err(ExecError::Timeout(limits.timeout));
             }
             () = stop.stopped() => {
-                guard.0.kill();
+                group.kill();
                 let _ = child.wait().await;
                 stdout_task.abort();
                 return Err(ExecError::Cancelled);
@@ -203,7 +193,7 @@ pub async fn run(
     };
     // The connector exited. Whatever it left running in its group goes now, so that a
     // grandchild holding the pipe cannot keep the read open.
-    guard.0.kill();
+    group.kill();
     let stdout = match early_stdout {
         Some(bytes) => bytes,
         None => match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut stdout_task).await {
@@ -264,16 +254,16 @@ async fn spawn(program: &Path, args: &[OsString], env: &ProcessEnv) -> Result<Ch
 
 /// SIGTERM to the group, SIGKILL after the grace, and reap: off the caller's path so the call's
 /// error is answered at the deadline, not a grace period later.
-fn terminate_in_background(mut child: Child, guard: GroupGuard, grace: Duration) {
-    guard.0.terminate();
-    // The guard moves into the task: if the runtime drops the task (the agent is quitting),
-    // dropping the guard still SIGKILLs the group.
+fn terminate_in_background(mut child: Child, group: ProcessGroup, grace: Duration) {
+    group.terminate();
+    // The group moves into the task: if the runtime drops the task (the agent is quitting),
+    // dropping the group still SIGKILLs it.
     tokio::spawn(async move {
         if tokio::time::timeout(grace, child.wait()).await.is_err() {
-            tracing::warn!(pgid = ?guard.0.id(), "connector ignored SIGTERM; sending SIGKILL");
+            tracing::warn!(pgid = ?group.id(), "connector ignored SIGTERM; sending SIGKILL");
         }
         // Always: the leader may have exited while helpers in its group ignored SIGTERM.
-        guard.0.kill();
+        group.kill();
         let _ = child.wait().await;
     });
 }
@@ -529,7 +519,7 @@ mod tests {
         let text = std::fs::read_to_string(&pids).unwrap();
         let pids: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(pids.len(), 2);
-        // Both ignore SIGTERM and the grace is ten minutes: only the guard can kill them now.
+        // Both ignore SIGTERM and the grace is ten minutes: only dropping their group can kill them now.
         assert!(pids.iter().all(|p| is_process_alive(p.parse().unwrap())));
         drop(runtime);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -30,6 +30,7 @@ pub mod oauth;
 pub mod output;
 pub mod platform;
 pub mod plugins;
+pub mod reaper;
 pub mod redact;
 pub mod service;
 pub mod state;

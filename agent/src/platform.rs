@@ -177,8 +177,23 @@ pub fn hostname() -> String {
     }
 }
 
+/// The agent binary, which the agent runs again as its helpers (plugin workers, the group
+/// reaper): `plugins.worker_program` if set (tests point it at the built binary), else this
+/// executable.
+pub fn agent_program(config: &crate::config::Config) -> std::io::Result<std::path::PathBuf> {
+    match &config.plugins.worker_program {
+        Some(program) => Ok(program.clone()),
+        // /proc/self/exe still works after a package upgrade replaced the file on disk.
+        None if cfg!(target_os = "linux") => Ok("/proc/self/exe".into()),
+        None => std::env::current_exe(),
+    }
+}
+
 /// A connector process and everything it starts: a process group on Unix, a job object on
-/// Windows. Killing it reaches the helpers too, so a deadline or a cancel leaves nothing behind.
+/// Windows. Killing it reaches the helpers too, so a deadline or a cancel leaves nothing behind;
+/// dropping it kills it, so a dropped call future (the cloud went away, the agent quits) does
+/// too. On Unix the group is listed with the [`crate::reaper`] while it lives, which kills it
+/// if the agent is killed first.
 #[derive(Debug)]
 pub struct ProcessGroup {
     #[cfg(unix)]
@@ -205,11 +220,12 @@ impl ProcessGroup {
     pub fn of(child: &tokio::process::Child) -> Self {
         #[cfg(unix)]
         {
+            let pgid = child.id().and_then(|id| i32::try_from(id).ok());
+            if let Some(pgid) = pgid {
+                crate::reaper::watch(pgid);
+            }
             Self {
-                pgid: child
-                    .id()
-                    .and_then(|id| i32::try_from(id).ok())
-                    .map(nix::unistd::Pid::from_raw),
+                pgid: pgid.map(nix::unistd::Pid::from_raw),
             }
         }
         #[cfg(windows)]
@@ -242,7 +258,12 @@ impl ProcessGroup {
     /// Kills every process in the group. Harmless when they are gone.
     pub fn kill(&self) {
         #[cfg(unix)]
-        self.signal(nix::sys::signal::Signal::SIGKILL);
+        {
+            self.signal(nix::sys::signal::Signal::SIGKILL);
+            if let Some(pgid) = self.pgid {
+                crate::reaper::forget(pgid.as_raw());
+            }
+        }
         #[cfg(windows)]
         drop(self.job.lock().expect("job lock poisoned").take());
     }
@@ -265,6 +286,12 @@ impl ProcessGroup {
             // ESRCH (the group is already gone) is the normal case after a clean exit.
             let _ = nix::sys::signal::killpg(pgid, signal);
         }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

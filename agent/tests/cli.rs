@@ -1,5 +1,7 @@
 //! The `lumos-agent` binary as an admin uses it: the README's `--dev` run, `check-config`,
-//! `connectors`, `tenants`, `call`, exit codes and SIGTERM.
+//! `connectors`, `tenants`, `call`, exit codes and SIGTERM, and the group reaper on its own.
+//! What the binary's helpers do when it is killed is in tests/native.rs (plugin workers) and
+//! tests/tunnel.rs (the group reaper).
 // Signals, process trees and the --dev examples (.so files) are the Linux binary's; the
 // Windows build is type-checked in CI.
 #![cfg(unix)]
@@ -257,71 +259,47 @@ impl OutputWithStdin for Command {
     }
 }
 
-/// The plugin workers whose parent is `parent`.
-fn workers_of(parent: u32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rsplit(") ")
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains("plugin-host") {
-            found.push(pid);
-        }
-    }
-    found
-}
-
+/// The group reaper on its own: `+` lists a group, `-` takes it off, garbage and the ids 0 and 1
+/// are ignored, and so is a last line cut off before its newline (`+12` of `+1234` would name
+/// another group); when its stdin closes, every listed group dies and the rest live.
 #[test]
-fn killing_the_agent_leaves_no_worker_behind() {
-    let library = Path::new(AGENT)
-        .parent()
-        .unwrap()
-        .join("liblumos_example_c.so");
-    assert!(
-        library.is_file(),
-        "{} is missing: run `cargo test --workspace`",
-        library.display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::copy(&library, plugins.join("liblumos_example_c.so")).unwrap();
-    let mut child = Command::new(AGENT)
-        .args([
-            "--plugins-dir",
-            plugins.to_str().unwrap(),
-            "--state-dir",
-            dir.path().join("state").to_str().unwrap(),
-        ])
-        .args(["--listen", "127.0.0.1:0", "run"])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+fn group_reaper_kills_the_groups_listed_when_its_input_closes_and_no_others() {
+    use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+    let sleeper = || {
+        Command::new("sleep")
+            .arg("600")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let (mut first, mut second, mut forgotten, mut torn) =
+        (sleeper(), sleeper(), sleeper(), sleeper());
+    let mut reaper = Command::new(AGENT)
+        .arg("group-reaper")
+        .stdin(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut workers = Vec::new();
-    wait_for("the agent to start a plugin worker", || {
-        workers = workers_of(child.id());
-        !workers.is_empty()
-    });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
+    let mut stdin = reaper.stdin.take().unwrap();
+    let (first_id, second_id, forgotten_id, torn_id) =
+        (first.id(), second.id(), forgotten.id(), torn.id());
+    write!(
+        stdin,
+        "+{first_id}\n+{forgotten_id}\n-{forgotten_id}\n+0\n+1\n-x\nnonsense\n\n\
+         +{forgotten_id}\n-{forgotten_id}\n+{second_id}\n+{torn_id}"
     )
     .unwrap();
-    child.wait().unwrap();
-    for pid in workers {
-        wait_for(&format!("worker {pid} to die with its agent"), || {
-            !lumos_agent::exec::is_process_alive(pid)
-        });
+    stdin.flush().unwrap();
+    // Nothing dies before the input closes.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(first.try_wait().unwrap(), None);
+    drop(stdin);
+    assert!(reaper.wait().unwrap().success());
+    for (name, child) in [("first", &mut first), ("second", &mut second)] {
+        assert_eq!(child.wait().unwrap().signal(), Some(9), "{name}");
+    }
+    for (name, child) in [("taken off", &mut forgotten), ("torn line", &mut torn)] {
+        assert_eq!(child.try_wait().unwrap(), None, "{name} lives");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -335,6 +335,31 @@ pub fn process_alive(pid: i32) -> bool {
     lumos_agent::exec::is_process_alive(pid)
 }
 
+/// The processes whose parent is `parent` and whose command line contains `needle` (Linux).
+#[cfg(target_os = "linux")]
+pub fn children_of(parent: u32, needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The name in parentheses may hold spaces and `)`: the fields after its last `)`.
+        let ppid = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 /// The agent's folders, created before it starts so a test can fill the plugins folder.
 #[derive(Debug)]
 pub struct TestDirs {
@@ -396,9 +421,10 @@ impl TestAgent {
             state_dir: None,
             listen: Some("127.0.0.1:0".into()),
         };
-        // Native connectors run in workers: the agent re-executes itself, and in-process that
-        // would be this test binary, so point it at this package's build of the same worker
-        // (`lumos-plugin-host`). agent/tests/cli.rs covers the real binary's `plugin-host`.
+        // Native connectors run in workers and the group reaper beside the agent: the agent
+        // re-executes itself for both, and in-process that would be this test binary, so point
+        // it at this package's build of the same helpers (`lumos-plugin-host`).
+        // agent/tests/cli.rs covers the real binary's `plugin-host` and `group-reaper`.
         let env = [(
             "LUMOS_AGENT_PLUGINS__WORKER_PROGRAM".to_string(),
             workspace_bin("lumos-plugin-host").display().to_string(),

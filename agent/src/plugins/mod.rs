@@ -728,13 +728,8 @@ impl PluginLoader {
     /// `[connectors.<app_id>] in_process = true` it is then loaded into the agent from a
     /// content-addressed copy.
     async fn load_native(&self, path: &Path, name: &str) -> Result<Loaded, String> {
-        let program = match &self.config.get().plugins.worker_program {
-            Some(program) => program.clone(),
-            // /proc/self/exe still works after a package upgrade replaced the file on disk.
-            None if cfg!(target_os = "linux") => PathBuf::from("/proc/self/exe"),
-            None => std::env::current_exe()
-                .map_err(|e| format!("cannot find the agent binary to start a worker: {e}"))?,
-        };
+        let program = crate::platform::agent_program(&self.config.get())
+            .map_err(|e| format!("cannot find the agent binary to start a worker: {e}"))?;
         let settings = WorkerSettings {
             program,
             env: self.connector_env(name)?,
