@@ -462,14 +462,14 @@ async fn a_native_connector_logging_its_secrets_does_not_leak_them_into_the_log(
             }
         };
         eventually(
-            Duration::from_secs(60),
+            WAIT,
             "the plugin's log lines, redacted",
             logged("plugin: leak: my auth is"),
         )
         .await;
         if stderr {
             eventually(
-                Duration::from_secs(60),
+                WAIT,
                 "the worker's stderr lines, redacted",
                 logged("worker stderr: leak: my auth is"),
             )
