@@ -431,7 +431,8 @@ async fn a_native_connector_logging_its_secrets_does_not_leak_them_into_the_log(
     captured_logs();
     for (mode, config, stderr) in [
         ("worker", "", true),
-        // An in-process plugin's stderr is the agent's own; its log callbacks are covered.
+        // An in-process plugin's stderr is the agent's own, captured only by the daemon:
+        // an_in_process_connector_printing_its_secrets_on_stderr_is_logged_redacted.
         (
             "in-process",
             "[connectors.misbehave]\nin_process = true\n",
@@ -592,4 +593,101 @@ async fn killing_the_agent_leaves_no_worker_behind() {
         )
         .await;
     }
+}
+
+/// The real binary with an in-process connector that prints the secrets it is handed on
+/// stderr, which is the agent's own: the agent captures it and logs its lines redacted, and
+/// what the binary writes (its log included) holds no secret.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_process_connector_printing_its_secrets_on_stderr_is_logged_redacted() {
+    let dirs = TestDirs::new();
+    install_misbehave(&dirs.plugins());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dirs.root.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "plugins_dir = {:?}\nstate_dir = {:?}\n[api]\nlisten = \"127.0.0.1:{port}\"\n\
+             [connectors.misbehave]\nin_process = true\n",
+            dirs.plugins().display().to_string(),
+            dirs.state().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let stderr_path = dirs.root.path().join("agent.stderr");
+    let mut agent = std::process::Command::new(workspace_bin("lumos-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let canary = format!("CANARY-IN-PROCESS-STDERR-{}", std::process::id());
+    // Handed over in a file, as the CLI asks of secrets.
+    let body = dirs.root.path().join("call.json");
+    std::fs::write(
+        &body,
+        json!({"request": {"stderr": true}, "auth": {"oauth": {"access_token": canary}}})
+            .to_string(),
+    )
+    .unwrap();
+    let call = {
+        let (config, body) = (config.clone(), body.clone());
+        move || {
+            std::process::Command::new(workspace_bin("lumos-agent"))
+                .arg("--config")
+                .arg(&config)
+                .args(["call", "misbehave", "leak", "--json-file"])
+                .arg(&body)
+                .output()
+                .unwrap()
+        }
+    };
+    eventually(WAIT, "the in-process connector to answer", {
+        let call = call.clone();
+        move || call().status.success()
+    })
+    .await;
+    let answered = call();
+    assert!(answered.status.success(), "{answered:?}");
+    assert!(String::from_utf8_lossy(&answered.stdout).contains("leaked"));
+
+    let written = {
+        let path = stderr_path.clone();
+        move || std::fs::read_to_string(&path).unwrap()
+    };
+    eventually(WAIT, "the connector's stderr lines in the log, redacted", {
+        let written = written.clone();
+        move || {
+            written()
+                .lines()
+                .filter(|l| l.contains("stderr: leak: my auth is") && l.contains("[redacted]"))
+                .count()
+                >= 2
+        }
+    })
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(agent.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{}", written());
+    let written = written();
+    assert!(
+        written.contains("the agent's stderr is read, redacted and logged"),
+        "{written}"
+    );
+    assert!(
+        !written.contains(&canary),
+        "a secret reached stderr:\n{written}"
+    );
 }

@@ -34,6 +34,7 @@ pub mod reaper;
 pub mod redact;
 pub mod service;
 pub mod state;
+pub mod stderr_capture;
 pub mod stop;
 pub mod telemetry;
 pub mod tenants;

@@ -1,6 +1,6 @@
 //! `lumos-agent`: parse the command line, and for `run`: load the config (exit 3 on error),
-//! init logging, start the agent on a runtime, turn signals into `Control`s, drain, exit with a
-//! code that says how it ended. Everything else lives in the library.
+//! init logging, start the agent on a runtime, turn signals into `Control`s, drain, let a
+//! captured stderr log its last lines, exit with a code that says how it ended. Everything else lives in the library.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use lumos_agent::cli::{self, Cli, Command};
-use lumos_agent::{daemon, exit, telemetry};
+use lumos_agent::{daemon, exit, stderr_capture, telemetry};
 use tokio::sync::mpsc;
 
 fn main() -> ExitCode {
@@ -41,5 +41,6 @@ fn main() -> ExitCode {
     });
     // Calls still running were cancelled above; their process groups are already killed.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    stderr_capture::finish(Duration::from_secs(1));
     ExitCode::from(code)
 }

@@ -120,7 +120,11 @@ mod unix {
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            // Not a captured stderr's pipe (crate::stderr_capture): the reaper outlives it.
+            .stderr(match crate::stderr_capture::original() {
+                Some(log) => Stdio::from(log.try_clone()?),
+                None => Stdio::inherit(),
+            })
             .process_group(0)
             .spawn()?;
         let stdin = child

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriter};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -13,10 +13,54 @@ type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 /// Swaps the installed subscriber's filter; set by [`init`].
 static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
 
-/// Installs the global subscriber, writing to stderr. `RUST_LOG`, when set, overrides
-/// `log.level` (for debugging a running install without editing its config).
+/// Installs the daemon's global subscriber, writing to stderr (or, once an in-process connector
+/// made the agent capture its stderr, to what stderr was: see [`crate::stderr_capture`]).
+/// `RUST_LOG`, when set, overrides `log.level` (for debugging a running install without editing
+/// its config).
 pub fn init(log: &LogConfig) {
-    init_with_writer(log, BoxMakeWriter::new(std::io::stderr));
+    crate::stderr_capture::enable();
+    init_with_writer(log, BoxMakeWriter::new(LogDestination));
+}
+
+/// The daemon's log: fd 2, or the copy of it the stderr capture keeps. Never fd 2 once that is
+/// the capture's pipe: each log line would come back to be logged again.
+struct LogDestination;
+
+impl<'a> MakeWriter<'a> for LogDestination {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        crate::stderr_capture::original()
+            .map_or(LogWriter::Stderr(std::io::stderr()), LogWriter::Original)
+    }
+}
+
+enum LogWriter {
+    Stderr(std::io::Stderr),
+    Original(&'static std::fs::File),
+}
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Stderr(w) => w.write(buf),
+            Self::Original(w) => w.write(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Stderr(w) => w.write_all(buf),
+            Self::Original(w) => w.write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Stderr(w) => w.flush(),
+            Self::Original(w) => w.flush(),
+        }
+    }
 }
 
 /// [`init`] with another destination (the Windows service writes to a file: a service has no

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lumos_connector_abi::ffi::{log_level, status};
 use lumos_connector_abi::host::{HostCallbacks, Instance, Library};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,7 @@ use crate::exec::ProcessEnv;
 use crate::platform::ProcessGroup;
 use crate::plugins::info::{self, ConnectorInfo};
 use crate::redact::{RecentSecrets, SecretSpans};
+use crate::stderr_capture::{LineSplitter, LOGGED_CHARS};
 use crate::stop::CallStop;
 
 /// Longest backoff between worker restarts.
@@ -150,7 +151,12 @@ impl PluginLog {
     /// A line the worker wrote on stderr.
     fn stderr(&self, line: &str) {
         // Redacted before it is cut short: a secret across the cut would leave a piece behind.
-        let line: String = self.secrets.redact(line).chars().take(2000).collect();
+        let line: String = self
+            .secrets
+            .redact(line)
+            .chars()
+            .take(LOGGED_CHARS)
+            .collect();
         tracing::debug!(app_id = %self.app_id, "worker stderr: {line}");
     }
 }
@@ -229,12 +235,21 @@ fn answer(app_id: &str, status: u32, output: Vec<u8>) -> Result<Bytes, CallError
     }
 }
 
+/// How a worker's end is known: `dead` is cancelled by its reader when the worker is gone,
+/// `retired` by the agent when it lets the worker go (its connector replaced, removed, or
+/// loaded in-process instead), which makes that end no news.
+#[derive(Debug, Clone, Default)]
+struct WorkerEnd {
+    dead: CancellationToken,
+    retired: CancellationToken,
+}
+
 /// A running worker process.
 struct Worker {
     /// Frames for the worker's stdin; a writer task batches whatever is queued into one write.
     outbox: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     pending: Arc<Pending>,
-    dead: CancellationToken,
+    end: WorkerEnd,
     /// The worker and whatever the plugin started.
     group: Arc<ProcessGroup>,
 }
@@ -314,7 +329,7 @@ impl Worker {
         let worker = Arc::new(Self {
             outbox,
             pending: Arc::new(Pending::default()),
-            dead: CancellationToken::new(),
+            end: WorkerEnd::default(),
             group: group.clone(),
         });
         tokio::spawn(forward_stderr(log.clone(), stderr));
@@ -323,7 +338,7 @@ impl Worker {
         tokio::spawn(read_replies(
             log.clone(),
             worker.pending.clone(),
-            worker.dead.clone(),
+            worker.end.clone(),
             child,
             group,
             stdout,
@@ -349,6 +364,7 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        self.end.retired.cancel();
         self.kill();
     }
 }
@@ -380,11 +396,17 @@ fn parse_hello(payload: &[u8]) -> Result<Description, String> {
     })
 }
 
-async fn forward_stderr(log: PluginLog, stderr: tokio::process::ChildStderr) {
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        log.stderr(&line);
+/// A worker's stderr, line by line into the log: lines are capped (a worker printing without
+/// end costs the agent no more than one line's buffer) and zeroized once logged.
+async fn forward_stderr(log: PluginLog, mut stderr: tokio::process::ChildStderr) {
+    use tokio::io::AsyncReadExt as _;
+    let mut lines = LineSplitter::default();
+    let mut chunk = zeroize::Zeroizing::new(vec![0u8; 4096]);
+    let emit = |line: &[u8], _cut: bool| log.stderr(&String::from_utf8_lossy(line));
+    while let Ok(n @ 1..) = stderr.read(&mut chunk).await {
+        lines.push(&chunk[..n], emit);
     }
+    lines.finish(emit);
 }
 
 /// Writes queued frames to the worker, coalescing everything queued into one write. Ends when
@@ -412,7 +434,7 @@ async fn write_frames(
 async fn read_replies(
     log: PluginLog,
     pending: Arc<Pending>,
-    dead: CancellationToken,
+    end: WorkerEnd,
     mut child: Child,
     group: Arc<ProcessGroup>,
     mut stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
@@ -448,7 +470,7 @@ async fn read_replies(
             Err(e) => break format!("its output broke: {e}"),
         }
     };
-    dead.cancel();
+    end.dead.cancel();
     let _ = child.start_kill();
     // Its process group: whatever the plugin started goes too.
     group.kill();
@@ -461,7 +483,11 @@ async fn read_replies(
     } else {
         format!("{why}; its worker {status}")
     };
-    tracing::warn!(app_id = %log.app_id, "native connector worker stopped: {why}");
+    if end.retired.is_cancelled() {
+        tracing::debug!(app_id = %log.app_id, "native connector worker let go: {why}");
+    } else {
+        tracing::warn!(app_id = %log.app_id, "native connector worker stopped: {why}");
+    }
     pending.fail_all(&why);
 }
 
@@ -522,7 +548,7 @@ impl WorkerConnector {
 
     async fn worker(&self, timeout: Duration) -> Result<Arc<Worker>, CallError> {
         let mut current = self.current.lock().await;
-        if let Some(worker) = current.as_ref().filter(|w| !w.dead.is_cancelled()) {
+        if let Some(worker) = current.as_ref().filter(|w| !w.end.dead.is_cancelled()) {
             return Ok(worker.clone());
         }
         let had_one = current.take().is_some();
@@ -606,7 +632,7 @@ impl WorkerConnector {
         let (status, output) = await_reply(&self.log.app_id, rx, remaining, stop, abandon).await?;
         if status == status::PANIC {
             // Poisoned: the plugin's state may be corrupt. Replace the worker.
-            worker.dead.cancel();
+            worker.end.dead.cancel();
             worker.kill();
         } else {
             self.backoff.lock().expect("backoff lock poisoned").failures = 0;
@@ -669,10 +695,15 @@ impl InProcessConnector {
     /// private store copy): dlopen of a path already loaded returns the old library, so new
     /// bytes must come with a new path.
     pub fn load(library: &Path) -> Result<(Self, Description), String> {
+        // Before the library's code first runs: from then on it shares the agent's stderr.
+        let secrets = Arc::<RecentSecrets>::default();
+        crate::stderr_capture::watch(&secrets);
         let lib = Library::load(library).map_err(|e| e.to_string())?;
         let pending = Arc::new(Pending::default());
-        let log = PluginLog::new(lib.id());
-        let secrets = log.secrets.clone();
+        let log = PluginLog {
+            app_id: lib.id(),
+            secrets: secrets.clone(),
+        };
         let callbacks = Arc::new(InProcessCallbacks {
             log,
             pending: pending.clone(),
