@@ -157,7 +157,8 @@ impl PluginLog {
             .chars()
             .take(LOGGED_CHARS)
             .collect();
-        tracing::debug!(app_id = %self.app_id, "worker stderr: {line}");
+        // At info, as a plugin's last words before a crash land here.
+        tracing::info!(app_id = %self.app_id, "worker stderr: {line}");
     }
 }
 
