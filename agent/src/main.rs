@@ -1,6 +1,7 @@
 //! `lumos-agent`: parse the command line, and for `run`: load the config (exit 3 on error),
 //! init logging, start the agent on a runtime, turn signals into `Control`s, drain, let a
-//! captured stderr log its last lines, exit with a code that says how it ended. Everything else lives in the library.
+//! captured stderr log its last lines, exit with a code that says how it ended. Everything else
+//! lives in the library.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
