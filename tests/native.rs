@@ -484,36 +484,18 @@ async fn a_native_connector_logging_its_secrets_does_not_leak_them_into_the_log(
     }
 }
 
-/// Worker processes of this test process hosting a library under `dir`.
+/// Live worker processes of this test process hosting a library under `dir`.
+#[cfg(target_os = "linux")]
 fn workers_for(dir: &Path) -> Vec<i32> {
-    let needle = dir.to_string_lossy().into_owned();
-    let me = std::process::id().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit(") ")
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .unwrap_or("");
-        let cmdline = String::from_utf8_lossy(
-            &std::fs::read(entry.path().join("cmdline")).unwrap_or_default(),
-        )
-        .into_owned();
-        if ppid == me
-            && cmdline.contains("plugin-host")
-            && cmdline.contains(&needle)
-            && process_alive(pid)
-        {
-            found.push(pid);
-        }
-    }
-    found
+    let me = std::process::id();
+    let under_dir = children_of(me, &dir.to_string_lossy());
+    children_of(me, "plugin-host")
+        .into_iter()
+        .filter(|pid| under_dir.contains(pid) && process_alive(*pid))
+        .collect()
 }
 
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacing_a_library_retires_its_worker_without_leaking_it() {
     let dirs = TestDirs::new();

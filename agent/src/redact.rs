@@ -261,7 +261,7 @@ struct Recent {
     /// Random keys per process, so the table says nothing of the prefixes without them.
     hasher: std::hash::RandomState,
     /// How many secrets are remembered, all parts together.
-    secrets: usize,
+    secret_count: usize,
 }
 
 impl Recent {
@@ -276,7 +276,7 @@ impl Recent {
                 .entry(self.prefix(secret.as_bytes()))
                 .or_default() += 1;
         }
-        self.secrets += remembered.secrets.len();
+        self.secret_count += remembered.secrets.len();
         self.known.insert(remembered.clone());
         self.order.push_back(remembered);
     }
@@ -286,7 +286,7 @@ impl Recent {
             return;
         };
         self.known.remove(&oldest);
-        self.secrets -= oldest.secrets.len();
+        self.secret_count -= oldest.secrets.len();
         for secret in oldest.secrets.iter() {
             let prefix = self.prefix(secret.as_bytes());
             if let Some(count) = self.prefixes.get_mut(&prefix) {
@@ -302,8 +302,8 @@ impl Recent {
     /// searching for each costs less than hashing every window of the line (about 90 ns a
     /// secret against 20 ns a byte for a line of 200 bytes, BENCHMARKS.md): then it says yes.
     fn may_hold_a_secret(&self, text: &str) -> bool {
-        if self.secrets * 4 <= text.len() {
-            return self.secrets > 0;
+        if self.secret_count * 4 <= text.len() {
+            return self.secret_count > 0;
         }
         text.as_bytes()
             .windows(MIN_SECRET_LEN)
