@@ -255,6 +255,15 @@ async fn a_truncated_file_is_rejected_then_loads_when_fixed() {
         e.len() == 1 && e[0]["status"] == "rejected"
     })
     .await;
+    // Named for what it is: its headers say how long the file should be.
+    let reason = agent.entries_for_file("fixme").await[0]["reason"].to_string();
+    assert!(
+        reason.contains(&format!(
+            "cut short: the file is 4096 bytes, but its ELF headers describe at least {} bytes",
+            bytes.len()
+        )),
+        "{reason}"
+    );
 
     install_plugin(&dirs.plugins(), &test_connector(), "fixme");
     until_entries(&agent, "fixme", "the fixed file to load", |e| {

@@ -5,6 +5,7 @@
 //! The registry is a snapshot swapped atomically ([`PluginRegistry::replace`]) so calls never
 //! see a half-updated inventory.
 
+pub mod binary;
 pub mod bundle;
 pub mod info;
 pub mod integrity;
@@ -543,6 +544,13 @@ impl PluginLoader {
             _ => copy.parent().map(Path::to_path_buf),
         };
         let program = copy;
+        // A foreign or cut-short binary, named by its headers before anything runs or maps it
+        // (the loader and the kernel would report it as something else: see `binary`).
+        if matches!(kind, ConnectorKind::Executable | ConnectorKind::Cdylib) {
+            if let Err(problem) = binary::check(&program) {
+                return Connector::rejected(path, Some(kind), Some(sha256), problem.to_string());
+            }
+        }
         let result = match kind {
             ConnectorKind::Bundle => {
                 // Unpacked from the verified copy, which is not needed afterwards.
@@ -623,6 +631,13 @@ impl PluginLoader {
                 started.elapsed()
             );
         }
+        binary::check(&unpacked.program).map_err(|problem| {
+            let program = unpacked
+                .program
+                .strip_prefix(&unpacked.dir)
+                .unwrap_or(&unpacked.program);
+            format!("its program {}: {problem}", program.display())
+        })?;
         let (info, runner, _) = self.load_executable(&unpacked.program, name).await?;
         if info.version != unpacked.version {
             tracing::warn!(

@@ -1,0 +1,595 @@
+//! What a connector binary is built for, read from its headers before it is run or loaded.
+//!
+//! Why: the loader and the kernel report a foreign or cut-short binary in ways that point an
+//! admin elsewhere. glibc's `dlopen` answers "No such file or directory" for a library built
+//! for another architecture; a truncated library crashes the worker that maps it with SIGBUS;
+//! a truncated program dies of SIGSEGV when asked for `info`. Its headers say what is wrong:
+//! which system and machine it was built for, and how long the file should be.
+//!
+//! Only headers are read (through [`ReadCache`], not the whole file), with `object`'s
+//! bounds-checked parsers: the file is untrusted and this runs in the agent itself.
+//! Anything that is not a native binary (a script, a text file) passes: whoever runs or
+//! loads it reports what it is.
+
+use std::fs::File;
+use std::path::Path;
+
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
+use object::read::pe::ImageNtHeaders;
+use object::{elf, pe, Endianness, FileKind, LittleEndian as LE, ReadCache, ReadRef};
+
+/// Why this machine cannot run or load a binary.
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryProblem {
+    #[error("built for {found}, but this agent runs on {host}: use the connector's {host} build")]
+    WrongSystem {
+        found: &'static str,
+        host: &'static str,
+    },
+    #[error("built for {found}, but this machine is {host}: use the connector's {host} build")]
+    WrongArchitecture { found: String, host: &'static str },
+    #[error(
+        "cut short: the file is {len} bytes, but its {format} headers describe at least {needed} \
+         bytes (an interrupted copy or download? copy the whole file again)"
+    )]
+    Truncated {
+        len: u64,
+        needed: u64,
+        format: &'static str,
+    },
+    #[error(
+        "cut short: the file is {len} bytes, too short for its own {format} header (an \
+         interrupted copy or download? copy the whole file again)"
+    )]
+    TruncatedHeader { len: u64, format: &'static str },
+    #[error("not a valid {format} file: {detail}")]
+    Damaged {
+        format: &'static str,
+        detail: String,
+    },
+    #[error("cannot read the file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The executable formats: each is what one system runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Elf,
+    Pe,
+    MachO,
+}
+
+impl Format {
+    /// What an admin calls the system that runs this format (in a "built for …" sentence).
+    fn built_for(self) -> &'static str {
+        match self {
+            Format::Elf => "Linux (an ELF file)",
+            Format::Pe => "Windows (a PE file)",
+            Format::MachO => "macOS (a Mach-O file)",
+        }
+    }
+
+    fn system(self) -> &'static str {
+        match self {
+            Format::Elf => "Linux",
+            Format::Pe => "Windows",
+            Format::MachO => "macOS",
+        }
+    }
+}
+
+/// The system and machine the agent runs on, in the terms of the binary's headers.
+#[derive(Clone, Copy, Debug)]
+struct Host {
+    format: Format,
+    /// `e_machine` (ELF) or `FileHeader.machine` (PE) of this machine; `None` where this
+    /// module does not know it, and then the architecture is not checked.
+    machine: Option<u16>,
+    /// `std::env::consts::ARCH`.
+    arch: &'static str,
+}
+
+impl Host {
+    /// `None` on a system whose format this module does not check.
+    fn current() -> Option<Host> {
+        let arch = std::env::consts::ARCH;
+        if cfg!(windows) {
+            let machine = match arch {
+                "x86_64" => Some(pe::IMAGE_FILE_MACHINE_AMD64),
+                "aarch64" => Some(pe::IMAGE_FILE_MACHINE_ARM64),
+                "x86" => Some(pe::IMAGE_FILE_MACHINE_I386),
+                _ => None,
+            };
+            Some(Host {
+                format: Format::Pe,
+                machine: machine.map(|m| m.0),
+                arch,
+            })
+        } else if cfg!(target_vendor = "apple") {
+            Some(Host {
+                format: Format::MachO,
+                machine: None,
+                arch,
+            })
+        } else if cfg!(target_os = "linux") {
+            let machine = match arch {
+                "x86_64" => Some(elf::EM_X86_64),
+                "aarch64" => Some(elf::EM_AARCH64),
+                "x86" => Some(elf::EM_386),
+                "arm" => Some(elf::EM_ARM),
+                "riscv64" => Some(elf::EM_RISCV),
+                "powerpc64" => Some(elf::EM_PPC64),
+                "s390x" => Some(elf::EM_S390),
+                "loongarch64" => Some(elf::EM_LOONGARCH),
+                _ => None,
+            };
+            Some(Host {
+                format: Format::Elf,
+                machine: machine.map(|m| m.0),
+                arch,
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// Checks that `path`, if it is a native binary, is one this machine can run or load and is
+/// whole. Scripts, text and unknown formats pass.
+pub fn check(path: &Path) -> Result<(), BinaryProblem> {
+    let Some(host) = Host::current() else {
+        return Ok(());
+    };
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    check_data(&ReadCache::new(file), len, host)
+}
+
+fn check_data<'a, R: ReadRef<'a>>(data: R, len: u64, host: Host) -> Result<(), BinaryProblem> {
+    let magic = data.read_bytes_at(0, len.min(4)).unwrap_or(&[]);
+    let kind = match FileKind::parse(data) {
+        Ok(kind) => kind,
+        // The magic of a format, but too short for `FileKind` to tell which class it is.
+        Err(_) if magic == elf::ELFMAG && len < 64 => {
+            return Err(BinaryProblem::TruncatedHeader { len, format: "ELF" })
+        }
+        Err(_) if magic.starts_with(b"MZ") && host.format == Format::Pe => {
+            return Err(pe_header_problem(data, len));
+        }
+        Err(_) => return Ok(()),
+    };
+    let format = match kind {
+        FileKind::Elf32 | FileKind::Elf64 => Format::Elf,
+        FileKind::Pe32 | FileKind::Pe64 => Format::Pe,
+        FileKind::MachO32 | FileKind::MachO64 | FileKind::MachOFat32 | FileKind::MachOFat64 => {
+            Format::MachO
+        }
+        // Archives, COFF objects and the rest: the loader's own error names them.
+        _ => return Ok(()),
+    };
+    if format != host.format {
+        return Err(BinaryProblem::WrongSystem {
+            found: format.built_for(),
+            host: host.format.system(),
+        });
+    }
+    match kind {
+        FileKind::Elf32 => check_elf::<elf::FileHeader32<Endianness>, R>(data, len, host),
+        FileKind::Elf64 => check_elf::<elf::FileHeader64<Endianness>, R>(data, len, host),
+        FileKind::Pe32 => check_pe::<pe::ImageNtHeaders32, R>(data, len, host),
+        FileKind::Pe64 => check_pe::<pe::ImageNtHeaders64, R>(data, len, host),
+        // Mach-O: the macOS loader's errors already name the architectures ("have 'arm64',
+        // need 'x86_64'"), and fat files hold several.
+        _ => Ok(()),
+    }
+}
+
+/// `a + b * c` that saturates: header fields are untrusted.
+fn end_of(offset: u64, count: u64, size: u64) -> u64 {
+    offset.saturating_add(count.saturating_mul(size))
+}
+
+/// `Truncated` if the headers of a file of `len` bytes describe `needed`.
+fn fits(len: u64, needed: u64, format: &'static str) -> Result<(), BinaryProblem> {
+    if needed > len {
+        Err(BinaryProblem::Truncated {
+            len,
+            needed,
+            format,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+fn check_machine(found: u16, host: Host, name: fn(u16) -> String) -> Result<(), BinaryProblem> {
+    match host.machine {
+        Some(expected) if expected != found => Err(BinaryProblem::WrongArchitecture {
+            found: name(found),
+            host: host.arch,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn check_elf<'a, H, R>(data: R, len: u64, host: Host) -> Result<(), BinaryProblem>
+where
+    H: FileHeader<Endian = Endianness>,
+    R: ReadRef<'a>,
+{
+    let damaged = |detail| BinaryProblem::Damaged {
+        format: "ELF",
+        detail,
+    };
+    let header_size = std::mem::size_of::<H>() as u64;
+    if len < header_size {
+        return Err(BinaryProblem::TruncatedHeader { len, format: "ELF" });
+    }
+    let header = H::parse(data).map_err(|e| damaged(e.to_string()))?;
+    let endian = header.endian().map_err(|e| damaged(e.to_string()))?;
+    check_machine(header.e_machine(endian).0, host, elf_machine_name)?;
+
+    let truncated = |needed| fits(len, needed, "ELF");
+    // First the tables as the file header places them (extended counts live in section 0,
+    // which must be in the file to be read).
+    let phoff: u64 = header.e_phoff(endian).into();
+    let shoff: u64 = header.e_shoff(endian).into();
+    let phentsize = u64::from(header.e_phentsize(endian));
+    let shentsize = u64::from(header.e_shentsize(endian));
+    let mut needed = header_size;
+    let (e_phnum, e_shnum) = (header.e_phnum(endian), header.e_shnum(endian));
+    if phoff != 0 && e_phnum != elf::PN_XNUM {
+        needed = needed.max(end_of(phoff, e_phnum.into(), phentsize));
+    }
+    if shoff != 0 {
+        // 0 sections with a table: the count is in section 0.
+        needed = needed.max(end_of(shoff, e_shnum.max(1).into(), shentsize));
+    }
+    truncated(needed)?;
+    let phnum = header
+        .phnum(endian, data)
+        .map_err(|e| damaged(e.to_string()))?;
+    let shnum = header
+        .shnum(endian, data)
+        .map_err(|e| damaged(e.to_string()))?;
+    if phoff != 0 {
+        needed = needed.max(end_of(phoff, phnum.into(), phentsize));
+    }
+    if shoff != 0 {
+        needed = needed.max(end_of(shoff, shnum.into(), shentsize));
+    }
+    truncated(needed)?;
+    // Then what the tables place: every segment's and section's bytes in the file.
+    for segment in header
+        .program_headers(endian, data)
+        .map_err(|e| damaged(e.to_string()))?
+    {
+        if segment.p_type(endian) != elf::PT_NULL {
+            let offset: u64 = segment.p_offset(endian).into();
+            needed = needed.max(end_of(offset, 1, segment.p_filesz(endian).into()));
+        }
+    }
+    for section in header
+        .section_headers(endian, data)
+        .map_err(|e| damaged(e.to_string()))?
+    {
+        let kind = section.sh_type(endian);
+        if kind != elf::SHT_NOBITS && kind != elf::SHT_NULL {
+            let offset: u64 = section.sh_offset(endian).into();
+            needed = needed.max(end_of(offset, 1, section.sh_size(endian).into()));
+        }
+    }
+    truncated(needed)
+}
+
+/// Why a file that starts like a PE file is not one `FileKind` recognises.
+fn pe_header_problem<'a, R: ReadRef<'a>>(data: R, len: u64) -> BinaryProblem {
+    let nt_offset = pe::ImageDosHeader::parse(data)
+        .map(|dos| u64::from(dos.nt_headers_offset()))
+        .unwrap_or(u64::MAX);
+    // `FileKind` reads the NT headers as the 32-bit layout, the shorter one, to find the magic.
+    let nt_headers = std::mem::size_of::<pe::ImageNtHeaders32>() as u64;
+    if end_of(nt_offset, 1, nt_headers) > len {
+        BinaryProblem::TruncatedHeader { len, format: "PE" }
+    } else {
+        BinaryProblem::Damaged {
+            format: "PE",
+            detail: "no valid PE headers after the DOS header".into(),
+        }
+    }
+}
+
+fn check_pe<'a, Pe, R>(data: R, len: u64, host: Host) -> Result<(), BinaryProblem>
+where
+    Pe: ImageNtHeaders,
+    R: ReadRef<'a>,
+{
+    let damaged = |detail| BinaryProblem::Damaged {
+        format: "PE",
+        detail,
+    };
+    let truncated_header = BinaryProblem::TruncatedHeader { len, format: "PE" };
+    let dos = pe::ImageDosHeader::parse(data).map_err(|e| damaged(e.to_string()))?;
+    let mut offset = u64::from(dos.nt_headers_offset());
+    // `FileKind` read the signature and the optional header's magic; what fails now is the
+    // rest of the optional header and the data directories.
+    let (nt, directories) = Pe::parse(data, &mut offset).map_err(|_| truncated_header)?;
+    let file_header = nt.file_header();
+    check_machine(file_header.machine.get(LE).0, host, pe_machine_name)?;
+
+    let sections = u64::from(file_header.number_of_sections.get(LE));
+    let section_header_size = std::mem::size_of::<pe::ImageSectionHeader>() as u64;
+    let mut needed = end_of(offset, sections, section_header_size);
+    needed = needed.max(u64::from(
+        object::read::pe::ImageOptionalHeader::size_of_headers(nt.optional_header()),
+    ));
+    let truncated = |needed| fits(len, needed, "PE");
+    truncated(needed)?;
+    for section in nt
+        .sections(data, offset)
+        .map_err(|e| damaged(e.to_string()))?
+        .iter()
+    {
+        let size = u64::from(section.size_of_raw_data.get(LE));
+        if size > 0 {
+            let start = u64::from(section.pointer_to_raw_data.get(LE));
+            needed = needed.max(end_of(start, 1, size));
+        }
+    }
+    // An Authenticode signature sits after the sections, at a file offset.
+    if let Some(signature) = directories.get(pe::IMAGE_DIRECTORY_ENTRY_SECURITY) {
+        let (start, size) = (
+            u64::from(signature.virtual_address.get(LE)),
+            u64::from(signature.size.get(LE)),
+        );
+        if size > 0 {
+            needed = needed.max(end_of(start, 1, size));
+        }
+    }
+    truncated(needed)
+}
+
+fn elf_machine_name(machine: u16) -> String {
+    let name = match elf::Machine(machine) {
+        elf::EM_X86_64 => "x86_64",
+        elf::EM_AARCH64 => "aarch64",
+        elf::EM_386 => "x86 (32-bit)",
+        elf::EM_ARM => "arm (32-bit)",
+        elf::EM_RISCV => "riscv",
+        elf::EM_PPC64 => "powerpc64",
+        elf::EM_PPC => "powerpc (32-bit)",
+        elf::EM_S390 => "s390x",
+        elf::EM_LOONGARCH => "loongarch64",
+        elf::EM_MIPS => "mips",
+        _ => return format!("ELF machine {machine:#x}"),
+    };
+    name.to_string()
+}
+
+fn pe_machine_name(machine: u16) -> String {
+    let name = match pe::Machine(machine) {
+        pe::IMAGE_FILE_MACHINE_AMD64 => "x86_64",
+        pe::IMAGE_FILE_MACHINE_ARM64 => "aarch64",
+        pe::IMAGE_FILE_MACHINE_ARM64EC => "aarch64 (ARM64EC)",
+        pe::IMAGE_FILE_MACHINE_I386 => "x86 (32-bit)",
+        pe::IMAGE_FILE_MACHINE_ARMNT => "arm (32-bit)",
+        _ => return format!("PE machine {machine:#06x}"),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linux_x86_64() -> Host {
+        Host {
+            format: Format::Elf,
+            machine: Some(elf::EM_X86_64.0),
+            arch: "x86_64",
+        }
+    }
+
+    fn windows_x86_64() -> Host {
+        Host {
+            format: Format::Pe,
+            machine: Some(pe::IMAGE_FILE_MACHINE_AMD64.0),
+            arch: "x86_64",
+        }
+    }
+
+    fn put(bytes: &mut [u8], at: usize, value: &[u8]) {
+        bytes[at..at + value.len()].copy_from_slice(value);
+    }
+
+    /// A 64-bit PE file of 0x400 bytes as a linker lays it out: DOS header, NT headers at
+    /// 0x40, one section header, headers padded to 0x200, one section of 0x200 bytes.
+    fn pe64(machine: u16) -> Vec<u8> {
+        let mut file = vec![0u8; 0x400];
+        put(&mut file, 0, b"MZ");
+        put(&mut file, 0x3c, &0x40u32.to_le_bytes());
+        put(&mut file, 0x40, b"PE\0\0");
+        let coff = 0x44;
+        put(&mut file, coff, &machine.to_le_bytes());
+        put(&mut file, coff + 2, &1u16.to_le_bytes()); // number_of_sections
+        put(&mut file, coff + 16, &240u16.to_le_bytes()); // size_of_optional_header
+        let optional = coff + 20;
+        put(&mut file, optional, &0x20bu16.to_le_bytes()); // PE32+
+        put(&mut file, optional + 60, &0x200u32.to_le_bytes()); // size_of_headers
+        put(&mut file, optional + 108, &16u32.to_le_bytes()); // number_of_rva_and_sizes
+        let section = optional + 240;
+        put(&mut file, section, b".text\0\0\0");
+        put(&mut file, section + 8, &0x10u32.to_le_bytes()); // virtual_size
+        put(&mut file, section + 12, &0x1000u32.to_le_bytes()); // virtual_address
+        put(&mut file, section + 16, &0x200u32.to_le_bytes()); // size_of_raw_data
+        put(&mut file, section + 20, &0x200u32.to_le_bytes()); // pointer_to_raw_data
+        file
+    }
+
+    fn check_bytes(bytes: &[u8], host: Host) -> Result<(), BinaryProblem> {
+        check_data(bytes, bytes.len() as u64, host)
+    }
+
+    #[test]
+    fn a_whole_pe_file_for_this_machine_passes() {
+        check_bytes(&pe64(pe::IMAGE_FILE_MACHINE_AMD64.0), windows_x86_64()).unwrap();
+    }
+
+    #[test]
+    fn a_cut_short_pe_file_names_the_length_its_headers_describe() {
+        let file = pe64(pe::IMAGE_FILE_MACHINE_AMD64.0);
+        // Cut in its section: the section table says it ends at 0x400.
+        match check_bytes(&file[..0x300], windows_x86_64()) {
+            Err(BinaryProblem::Truncated {
+                len,
+                needed,
+                format,
+            }) => {
+                assert_eq!((len, needed, format), (0x300, 0x400, "PE"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Cut in its optional header, and before its NT headers.
+        for cut in [0x80, 0x44] {
+            match check_bytes(&file[..cut], windows_x86_64()) {
+                Err(BinaryProblem::TruncatedHeader { len, format }) => {
+                    assert_eq!((len, format), (cut as u64, "PE"));
+                }
+                other => panic!("cut at {cut:#x}: {other:?}"),
+            }
+        }
+        // A signature placed after the sections is part of the file too.
+        let mut signed = file.clone();
+        put(&mut signed, 0x58 + 112 + 4 * 8, &0x400u32.to_le_bytes());
+        put(&mut signed, 0x58 + 112 + 4 * 8 + 4, &0x100u32.to_le_bytes());
+        match check_bytes(&signed, windows_x86_64()) {
+            Err(BinaryProblem::Truncated { needed, .. }) => assert_eq!(needed, 0x500),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pe_file_for_another_architecture_or_system_is_named() {
+        let arm = pe64(pe::IMAGE_FILE_MACHINE_ARM64.0);
+        let problem = check_bytes(&arm, windows_x86_64()).unwrap_err();
+        assert_eq!(
+            problem.to_string(),
+            "built for aarch64, but this machine is x86_64: use the connector's x86_64 build"
+        );
+        let problem =
+            check_bytes(&pe64(pe::IMAGE_FILE_MACHINE_AMD64.0), linux_x86_64()).unwrap_err();
+        assert_eq!(
+            problem.to_string(),
+            "built for Windows (a PE file), but this agent runs on Linux: use the connector's \
+             Linux build"
+        );
+    }
+
+    #[test]
+    fn scripts_text_and_unknown_formats_pass() {
+        for bytes in [
+            &b"#!/bin/sh\nexec my-connector \"$@\"\n"[..],
+            b"not a library at all",
+            b"",
+            b"MZ",
+        ] {
+            check_bytes(bytes, linux_x86_64()).unwrap();
+        }
+    }
+
+    #[test]
+    fn hostile_header_fields_give_a_reason_not_a_panic() {
+        // An ELF header whose tables lie at the end of the address space.
+        let mut header = vec![0u8; 64];
+        put(&mut header, 0, &[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+        put(&mut header, 18, &elf::EM_X86_64.0.to_le_bytes());
+        put(&mut header, 20, &1u32.to_le_bytes()); // e_version
+        put(&mut header, 32, &u64::MAX.to_le_bytes()); // e_phoff
+        put(&mut header, 40, &(u64::MAX - 8).to_le_bytes()); // e_shoff
+        put(&mut header, 54, &56u16.to_le_bytes()); // e_phentsize
+        put(&mut header, 56, &0xfffeu16.to_le_bytes()); // e_phnum
+        put(&mut header, 58, &64u16.to_le_bytes()); // e_shentsize
+        put(&mut header, 60, &0xffffu16.to_le_bytes()); // e_shnum
+        match check_bytes(&header, linux_x86_64()) {
+            Err(BinaryProblem::Truncated { needed, .. }) => assert_eq!(needed, u64::MAX),
+            other => panic!("{other:?}"),
+        }
+        // The same in a PE file: a section past the end of any file.
+        let mut file = pe64(pe::IMAGE_FILE_MACHINE_AMD64.0);
+        put(&mut file, 0x58 + 240 + 16, &u32::MAX.to_le_bytes());
+        put(&mut file, 0x58 + 240 + 20, &u32::MAX.to_le_bytes());
+        match check_bytes(&file, windows_x86_64()) {
+            Err(BinaryProblem::Truncated { needed, .. }) => {
+                assert_eq!(needed, 2 * u64::from(u32::MAX));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// This test's own executable: a real ELF file, its section table at its very end.
+    #[cfg(target_os = "linux")]
+    mod elf_files {
+        use super::*;
+
+        fn this_executable() -> (std::path::PathBuf, Vec<u8>, u64) {
+            let path = std::env::current_exe().unwrap();
+            let len = std::fs::metadata(&path).unwrap().len();
+            let mut head = vec![0u8; 4096];
+            std::io::Read::read_exact(&mut File::open(&path).unwrap(), &mut head).unwrap();
+            (path, head, len)
+        }
+
+        #[test]
+        fn this_machines_own_executable_passes() {
+            let (path, _, _) = this_executable();
+            check(&path).unwrap();
+        }
+
+        #[test]
+        fn a_cut_short_elf_file_names_the_length_its_headers_describe() {
+            let (_, head, len) = this_executable();
+            let host = Host::current().unwrap();
+            match check_bytes(&head, host) {
+                Err(BinaryProblem::Truncated {
+                    len: cut,
+                    needed,
+                    format,
+                }) => assert_eq!((cut, needed, format), (4096, len, "ELF")),
+                other => panic!("{other:?}"),
+            }
+            for cut in [40, 16, 4] {
+                match check_bytes(&head[..cut], host) {
+                    Err(BinaryProblem::TruncatedHeader { len, format }) => {
+                        assert_eq!((len, format), (cut as u64, "ELF"));
+                    }
+                    other => panic!("cut at {cut}: {other:?}"),
+                }
+            }
+        }
+
+        #[test]
+        fn an_elf_file_for_another_architecture_or_system_is_named() {
+            let (_, mut head, _) = this_executable();
+            let host = Host::current().unwrap();
+            let (other, name) = if host.machine == Some(elf::EM_AARCH64.0) {
+                (elf::EM_X86_64, "x86_64")
+            } else {
+                (elf::EM_AARCH64, "aarch64")
+            };
+            put(&mut head, 18, &other.0.to_le_bytes());
+            match check_bytes(&head, host) {
+                Err(BinaryProblem::WrongArchitecture { found, host: arch }) => {
+                    assert_eq!((found.as_str(), arch), (name, std::env::consts::ARCH));
+                }
+                problem => panic!("{problem:?}"),
+            }
+            let problem = check_bytes(&head, windows_x86_64()).unwrap_err();
+            assert!(
+                problem
+                    .to_string()
+                    .starts_with("built for Linux (an ELF file), but this agent runs on Windows"),
+                "{problem}"
+            );
+        }
+    }
+}
