@@ -142,7 +142,9 @@ async fn add_replace_and_remove_while_calls_run_lose_no_call() {
     versioned_connector(&plugins, "app-v3", "app", "3.0.0");
     until_serves(&agent, "app", "3.0.0").await;
     until_entries(&agent, "app", "2.0.0 to be superseded", |e| {
-        e.len() == 1 && e[0]["status"] == "superseded"
+        e.len() == 1
+            && e[0]["status"] == "superseded"
+            && e[0]["reason"] == "app-v3 serves a higher version, 3.0.0"
     })
     .await;
 

@@ -486,6 +486,9 @@ async fn the_highest_version_of_an_app_serves() {
     install_plugin(&dirs.plugins(), &test_connector(), "multi@1.9.0");
     install_plugin(&dirs.plugins(), &test_connector(), "multi@1.10.0");
     install_plugin(&dirs.plugins(), &test_connector(), "multi@1.2.0");
+    // The serving version again under another name (a copy an admin forgot): of equal
+    // versions, the file whose name sorts last serves.
+    versioned_connector(&dirs.plugins(), "multi-copy", "multi", "1.10.0");
     let agent = TestAgent::start(&dirs, "").await;
     let (status, body) = agent
         .request(Method::GET, "/v1/connectors/multi", None)
@@ -493,6 +496,35 @@ async fn the_highest_version_of_an_app_serves() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["version"], "1.10.0");
     assert_eq!(body["info"]["app_id"], "multi");
+    assert!(
+        body["path"].as_str().unwrap().ends_with("/multi@1.10.0"),
+        "{body}"
+    );
+    assert_eq!(body["reason"], Value::Null);
+    // Each row that does not serve names the file that does, so the admin knows which to
+    // remove.
+    for (file, why) in [
+        (
+            "multi@1.9.0",
+            "multi@1.10.0 serves a higher version, 1.10.0",
+        ),
+        (
+            "multi@1.2.0",
+            "multi@1.10.0 serves a higher version, 1.10.0",
+        ),
+        (
+            "multi-copy",
+            "the same version, 1.10.0, is also in multi@1.10.0, which serves: remove one of \
+             the two files",
+        ),
+    ] {
+        let row = agent.connector_by_file(file).await;
+        assert_eq!(
+            (&row["status"], &row["reason"]),
+            (&json!("superseded"), &json!(why)),
+            "{file}"
+        );
+    }
     agent.shutdown().await;
 }
 

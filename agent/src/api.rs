@@ -239,16 +239,15 @@ async fn v1(
         (&Method::GET, ["connectors", app_id]) => {
             let inventory = state.registry.snapshot();
             match inventory.resolve(app_id) {
-                Ok(c) => json_response(StatusCode::OK, &c.view(true, inventory.status_of(&c))),
+                Ok(c) => json_response(StatusCode::OK, &inventory.view(&c, true)),
                 Err(e) => match inventory
                     .connectors
                     .iter()
                     .find(|c| c.app_id.as_deref() == Some(*app_id))
                 {
-                    Some(rejected) => json_response(
-                        StatusCode::OK,
-                        &rejected.view(true, inventory.status_of(rejected)),
-                    ),
+                    Some(rejected) => {
+                        json_response(StatusCode::OK, &inventory.view(rejected, true))
+                    }
                     None => agent_error(&e, Some(app_id), status_of(&e)),
                 },
             }

@@ -435,7 +435,12 @@ async fn agent(config: &Config, report: &mut Report<'_>) {
             Some("superseded") => report.line(
                 Verdict::Skip,
                 "connector",
-                format!("{name} {version} ({file}): superseded by a newer version"),
+                format!(
+                    "{name} {version} ({file}): superseded: {}",
+                    row["reason"]
+                        .as_str()
+                        .unwrap_or("another file serves this app_id")
+                ),
             ),
             _ => report.line(
                 Verdict::Fail,

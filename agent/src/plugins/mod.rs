@@ -203,14 +203,20 @@ impl Connector {
             .unwrap_or_default()
     }
 
-    /// The API's view of this connector.
-    pub fn view(&self, with_info: bool, status: ConnectorStatus) -> ConnectorView {
+    /// The API's view of this connector, with its status and reason as its inventory sees
+    /// them ([`Inventory::view`]).
+    fn view(
+        &self,
+        with_info: bool,
+        status: ConnectorStatus,
+        reason: Option<String>,
+    ) -> ConnectorView {
         ConnectorView {
             app_id: self.app_id.clone(),
             version: self.version.as_deref().map(str::to_owned),
             kind: self.kind,
             status,
-            reason: self.reason.clone(),
+            reason,
             path: self.path.display().to_string(),
             sha256: self.sha256.clone(),
             capabilities: self
@@ -236,9 +242,9 @@ pub struct ConnectorView {
     pub version: Option<String>,
     /// bundle, executable or cdylib.
     pub kind: Option<ConnectorKind>,
-    /// ready or rejected.
+    /// ready, superseded or rejected.
     pub status: ConnectorStatus,
-    /// Why it was rejected.
+    /// Why it was rejected, or which file serves in place of a superseded one.
     pub reason: Option<String>,
     /// The file in the plugins folder.
     pub path: String,
@@ -287,6 +293,8 @@ impl Inventory {
         ))
     }
 
+    /// The ready record of `app_id` with the highest version; of equal versions, the last in
+    /// path order (`max_by` keeps the last maximum), so the choice does not depend on load order.
     fn serving(&self, app_id: &str) -> Option<&Arc<Connector>> {
         self.connectors
             .iter()
@@ -307,11 +315,45 @@ impl Inventory {
         }
     }
 
+    /// Why a record does not serve, for a person: a rejected record's own reason, or for a
+    /// superseded one the file that serves in its place (without it, an admin who sees two
+    /// rows of one app_id cannot tell which file to remove).
+    pub fn reason_of(&self, connector: &Arc<Connector>) -> Option<String> {
+        if connector.reason.is_some() {
+            return connector.reason.clone();
+        }
+        let app_id = connector.app_id.as_deref()?;
+        let best = self.serving(app_id)?;
+        if connector.status != ConnectorStatus::Ready || Arc::ptr_eq(best, connector) {
+            return None;
+        }
+        let version = best.version.as_deref().unwrap_or("?");
+        Some(if best.version == connector.version {
+            // Ties go to the file whose name sorts last (`serving`).
+            format!(
+                "the same version, {version}, is also in {}, which serves: remove one of the \
+                 two files",
+                best.file_name()
+            )
+        } else {
+            format!("{} serves a higher version, {version}", best.file_name())
+        })
+    }
+
+    /// A record as the API shows it.
+    pub fn view(&self, connector: &Arc<Connector>, with_info: bool) -> ConnectorView {
+        connector.view(
+            with_info,
+            self.status_of(connector),
+            self.reason_of(connector),
+        )
+    }
+
     /// Every record as the API shows it.
     pub fn views(&self) -> Vec<ConnectorView> {
         self.connectors
             .iter()
-            .map(|c| c.view(false, self.status_of(c)))
+            .map(|c| self.view(c, false))
             .collect()
     }
 

@@ -828,7 +828,7 @@ fn inventory_message(inventory: &Inventory) -> AgentMessage {
                     ConnectorStatus::Superseded => pb::ConnectorStatus::Superseded,
                     ConnectorStatus::Rejected => pb::ConnectorStatus::Rejected,
                 } as i32,
-                reason: c.reason.clone().unwrap_or_default(),
+                reason: inventory.reason_of(c).unwrap_or_default(),
                 info: c
                     .runnable
                     .as_ref()
