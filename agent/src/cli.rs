@@ -367,7 +367,7 @@ async fn connectors(
     }
     let rows = value.as_array().cloned().unwrap_or_default();
     println!(
-        "{:<28} {:<10} {:<11} {:<9} DETAIL",
+        "{:<28} {:<10} {:<11} {:<10} DETAIL",
         "APP_ID", "VERSION", "KIND", "STATUS"
     );
     for row in rows {
@@ -393,7 +393,7 @@ async fn connectors(
                 .unwrap_or_default(),
         };
         println!(
-            "{:<28} {:<10} {:<11} {:<9} {detail}",
+            "{:<28} {:<10} {:<11} {:<10} {detail}",
             name,
             row["version"].as_str().unwrap_or("-"),
             row["kind"].as_str().unwrap_or("-"),
