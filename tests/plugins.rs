@@ -366,6 +366,14 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
     );
     write_script(&p, "hanging-info", "#!/bin/sh\nsleep 600\n");
     write_script(&p, "no-shebang", "echo hi\n");
+    // A script saved with Windows line endings, and one whose interpreter is not installed:
+    // `execve` says "No such file or directory" of both.
+    write_script(&p, "crlf-script", "#!/bin/sh\r\necho hi\r\n");
+    write_script(
+        &p,
+        "no-interpreter",
+        "#!/opt/no-such-venv/bin/python3\nprint(1)\n",
+    );
     write_script(
         &p,
         "error-info",
@@ -401,7 +409,16 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
         ("garbage-info", "did not print a JSON document"),
         ("failing-info", "ImportError"),
         ("hanging-info", "no answer within"),
-        ("no-shebang", "not a program for this machine"),
+        (
+            "no-shebang",
+            "not a program for this machine (a script needs a #! line",
+        ),
+        ("crlf-script", "its #! line ends in a carriage return"),
+        (
+            "no-interpreter",
+            "its #! line names the interpreter /opt/no-such-venv/bin/python3, which is not on \
+             this machine",
+        ),
         ("error-info", "missing config"),
         (
             "foreign-arch",

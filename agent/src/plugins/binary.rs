@@ -6,10 +6,14 @@
 //! a truncated program dies of SIGSEGV when asked for `info`. Its headers say what is wrong:
 //! which system and machine it was built for, and how long the file should be.
 //!
+//! A script's header is its `#!` line: for an interpreter that is missing, or that a file
+//! saved with Windows line endings names with a trailing carriage return, `execve` answers
+//! "No such file or directory" of a file that is plainly there.
+//!
 //! Only headers are read (through [`ReadCache`], not the whole file), with `object`'s
 //! bounds-checked parsers: the file is untrusted and this runs in the agent itself.
-//! Anything that is not a native binary (a script, a text file) passes: whoever runs or
-//! loads it reports what it is.
+//! Anything else (a text file, an unknown format) passes: whoever runs or loads it reports
+//! what it is.
 
 use std::fs::File;
 use std::path::Path;
@@ -47,6 +51,18 @@ pub enum BinaryProblem {
         format: &'static str,
         detail: String,
     },
+    #[error(
+        "its #! line ends in a carriage return: the file has Windows (CRLF) line endings, so the \
+         system looks for an interpreter whose name ends in \\r (convert it: `dos2unix <file>`)"
+    )]
+    WindowsLineEndings,
+    #[error(
+        "its #! line names the interpreter {interpreter}, which is not on this machine (install \
+         it, or correct the #! line)"
+    )]
+    MissingInterpreter { interpreter: String },
+    #[error("its #! line names no interpreter (a script starts with one such as #!/bin/sh)")]
+    NoInterpreter,
     #[error("cannot read the file: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -134,15 +150,56 @@ impl Host {
     }
 }
 
+/// How much of a script's first line the check reads: Linux reads 256 bytes of it since 5.1
+/// (127 before), longer lines are cut there.
+const SHEBANG_MAX: u64 = 256;
+
 /// Checks that `path`, if it is a native binary, is one this machine can run or load and is
-/// whole. Scripts, text and unknown formats pass.
+/// whole, and (on Unix) that a script's `#!` line names an interpreter that is there. Text and
+/// unknown formats pass.
 pub fn check(path: &Path) -> Result<(), BinaryProblem> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let data = ReadCache::new(file);
+    if cfg!(unix) {
+        let head = (&data)
+            .read_bytes_at(0, len.min(SHEBANG_MAX))
+            .unwrap_or(&[]);
+        if head.starts_with(b"#!") {
+            return check_shebang(head, |interpreter| interpreter.exists());
+        }
+    }
     let Some(host) = Host::current() else {
         return Ok(());
     };
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
-    check_data(&ReadCache::new(file), len, host)
+    check_data(&data, len, host)
+}
+
+/// A script's `#!` line, parsed as the kernel does (the interpreter runs to the first blank,
+/// what follows is one argument; see the module's doc for why).
+fn check_shebang(head: &[u8], exists: impl Fn(&Path) -> bool) -> Result<(), BinaryProblem> {
+    let line = head[2..].split(|&b| b == b'\n').next().unwrap_or_default();
+    if line.ends_with(b"\r") {
+        return Err(BinaryProblem::WindowsLineEndings);
+    }
+    let line = line.trim_ascii_start();
+    let interpreter = line
+        .split(|&b| b == b' ' || b == b'\t')
+        .next()
+        .unwrap_or_default();
+    if interpreter.is_empty() {
+        return Err(BinaryProblem::NoInterpreter);
+    }
+    // A relative interpreter is looked up from the working directory, which the connector's
+    // runner sets; a name that is not UTF-8 is left to `execve`.
+    match std::str::from_utf8(interpreter) {
+        Ok(name) if name.starts_with('/') && !exists(Path::new(name)) => {
+            Err(BinaryProblem::MissingInterpreter {
+                interpreter: name.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 fn check_data<'a, R: ReadRef<'a>>(data: R, len: u64, host: Host) -> Result<(), BinaryProblem> {
@@ -486,14 +543,48 @@ mod tests {
     }
 
     #[test]
-    fn scripts_text_and_unknown_formats_pass() {
-        for bytes in [
-            &b"#!/bin/sh\nexec my-connector \"$@\"\n"[..],
-            b"not a library at all",
-            b"",
-            b"MZ",
-        ] {
+    fn text_and_unknown_formats_pass() {
+        for bytes in [&b"not a library at all"[..], b"", b"MZ"] {
             check_bytes(bytes, linux_x86_64()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_scripts_interpreter_must_be_there_and_named_without_a_carriage_return() {
+        let on_this_machine = |path: &Path| path == Path::new("/bin/sh");
+        for good in [
+            &b"#!/bin/sh\nexec my-connector \"$@\"\n"[..],
+            b"#! /bin/sh -e\n",
+            b"#!\t/bin/sh",
+            // Looked up from the working directory, and through PATH by env: not checked here.
+            b"#!./run\n",
+        ] {
+            check_shebang(good, on_this_machine).unwrap();
+        }
+        let problem = check_shebang(b"#!/bin/sh\r\necho hi\r\n", on_this_machine).unwrap_err();
+        assert!(
+            matches!(problem, BinaryProblem::WindowsLineEndings),
+            "{problem:?}"
+        );
+        assert!(problem.to_string().contains("dos2unix"), "{problem}");
+        // With an argument, the argument carries the \r (`env` would look for `python3\r`).
+        let problem = check_shebang(b"#!/bin/sh python3\r\n", on_this_machine).unwrap_err();
+        assert!(
+            matches!(problem, BinaryProblem::WindowsLineEndings),
+            "{problem:?}"
+        );
+        let problem = check_shebang(b"#!/opt/venv/bin/python3 -u\n", on_this_machine).unwrap_err();
+        assert_eq!(
+            problem.to_string(),
+            "its #! line names the interpreter /opt/venv/bin/python3, which is not on this \
+             machine (install it, or correct the #! line)"
+        );
+        for empty in [&b"#!\n"[..], b"#!   \n", b"#!"] {
+            let problem = check_shebang(empty, on_this_machine).unwrap_err();
+            assert!(
+                matches!(problem, BinaryProblem::NoInterpreter),
+                "{problem:?}"
+            );
         }
     }
 

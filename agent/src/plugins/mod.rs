@@ -713,7 +713,7 @@ impl PluginLoader {
         let args = [OsString::from("info")];
         let output = exec::run(program, &args, &env, &limits, crate::stop::CallStop::by(&CancellationToken::new())).await.map_err(|e| match e {
             exec::ExecError::Spawn { source, .. } if platform::os_error_is(&source, OsErrorKind::NotExecutable) => {
-                "cannot execute: not a program for this machine (truncated file, another architecture, or a script without #!)".to_string()
+                "cannot execute: not a program for this machine (a script needs a #! line naming its interpreter, such as #!/bin/sh)".to_string()
             }
             exec::ExecError::Spawn { source, .. } => format!("cannot execute: {source}"),
             exec::ExecError::Timeout(t) => format!("`info` gave no answer within {t:?} (plugins.info_timeout_secs)"),
