@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lumos_agent_integration::fake_cloud::{FakeCloud, FakeCloudOptions};
-use lumos_agent_proto::v1::agent_message;
+use lumos_agent_proto::v1::{agent_message, ConnectorStatus};
 use tokio::io::AsyncBufReadExt;
 
 const USAGE: &str = "usage: lumos-fake-cloud [--listen ADDR] [--token-file PATH] [--heartbeat-ms N] [--chunk-bytes N]";
@@ -131,7 +131,12 @@ async fn main() -> std::process::ExitCode {
                             Some(inv) => {
                                 println!("inventory revision {}:", inv.revision);
                                 for c in inv.connectors {
-                                    println!("  {:<30} {:<28} {:<8} status={} {}", c.file_name, c.app_id, c.version, c.status, c.reason);
+                                    let status = ConnectorStatus::try_from(c.status).map_or_else(
+                                        |_| format!("status {}", c.status),
+                                        |s| s.as_str_name().trim_start_matches("CONNECTOR_STATUS_").to_lowercase(),
+                                    );
+                                    let row = format!("  {:<30} {:<28} {:<8} {status:<10} {}", c.file_name, c.app_id, c.version, c.reason);
+                                    println!("{}", row.trim_end());
                                 }
                             }
                             None => println!("no inventory received yet"),
