@@ -86,11 +86,16 @@ fn good_bundle_entries() -> Vec<Entry<'static>> {
 }
 
 fn zip_bundle(path: &Path) {
+    zip_bundle_with_program(path, "main");
+}
+
+/// A zip bundle whose program is named `program` (`main.exe` in one made on Windows).
+fn zip_bundle_with_program(path: &Path, program: &str) {
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
     let exec = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
     let plain = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
-    zip.start_file("main", exec).unwrap();
+    zip.start_file(program, exec).unwrap();
     zip.write_all(&example_bytes()).unwrap();
     zip.start_file("metadata.toml", plain).unwrap();
     zip.write_all(b"[connector]\napp_id = \"example_zip\"\nversion = \"0.1.0\"\n")
@@ -264,6 +269,8 @@ async fn hostile_and_broken_bundles_are_rejected_with_reasons() {
     let bytes = std::fs::read(&good).unwrap();
     std::fs::write(p.join("truncated-1.tar.gz"), &bytes[..bytes.len() / 2]).unwrap();
     std::fs::write(p.join("notzip-1.zip"), b"PK but not really").unwrap();
+    // compile-on-prem run on Windows: a .zip whose program is `main.exe`.
+    zip_bundle_with_program(&p.join("example_zip-0.1.0.zip"), "main.exe");
     std::fs::copy(&good, p.join("example_on_prem-0.1.0.tar.gz")).unwrap();
 
     let agent = TestAgent::start(&dirs, "").await;
@@ -289,6 +296,11 @@ async fn hostile_and_broken_bundles_are_rejected_with_reasons() {
         ("corrupt-1.tar.gz", "not a valid tar.gz"),
         ("truncated-1.tar.gz", "not a valid tar.gz"),
         ("notzip-1.zip", "not a valid zip"),
+        (
+            "example_zip-0.1.0.zip",
+            "bundle has no `main` executable at its top level; it holds `main.exe`, so it was \
+             built on Windows",
+        ),
     ];
     for (file, needle) in expect {
         let entry = agent.connector_by_file(file).await;

@@ -110,9 +110,14 @@ pub enum BundleError {
     /// `metadata.toml` missing or wrong.
     #[error("{0}; a bundle made by `connector compile-on-prem` has metadata.toml with [connector] app_id and version")]
     BadMetadata(String),
-    /// No `main` executable.
-    #[error("bundle has no `{0}` executable at its top level")]
-    NoProgram(&'static str),
+    /// No `main` executable (`main.exe` on Windows); `other_system` is set when the bundle
+    /// holds the other system's program instead: compile-on-prem builds for the system it
+    /// runs on.
+    #[error("bundle has no `{name}` executable at its top level{}", other_system.unwrap_or_default())]
+    NoProgram {
+        name: &'static str,
+        other_system: Option<&'static str>,
+    },
     /// Disk trouble in the state folder.
     #[error("cannot unpack into the state folder: {0}")]
     Io(#[from] std::io::Error),
@@ -164,11 +169,28 @@ pub fn unpack(
 
 fn finish(dir: PathBuf, freshly_unpacked: bool) -> Result<UnpackedBundle, BundleError> {
     let (app_id, version) = read_metadata(&dir)?;
-    let name = if cfg!(windows) { "main.exe" } else { "main" };
+    let (name, other_name, other_system) = if cfg!(windows) {
+        (
+            "main.exe",
+            "main",
+            "; it holds `main`, so it was built on Linux or macOS: run `connector \
+             compile-on-prem` on Windows for a bundle this agent can run (a .zip)",
+        )
+    } else {
+        (
+            "main",
+            "main.exe",
+            "; it holds `main.exe`, so it was built on Windows: run `connector compile-on-prem` \
+             on Linux for a bundle this agent can run (a .tar.gz)",
+        )
+    };
+    let is_file = |path: &Path| fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file());
     let program = dir.join(name);
-    match fs::symlink_metadata(&program) {
-        Ok(meta) if meta.is_file() => {}
-        _ => return Err(BundleError::NoProgram(name)),
+    if !is_file(&program) {
+        return Err(BundleError::NoProgram {
+            name,
+            other_system: is_file(&dir.join(other_name)).then_some(other_system),
+        });
     }
     Ok(UnpackedBundle {
         dir,
