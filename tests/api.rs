@@ -223,6 +223,53 @@ async fn bad_requests_get_clear_errors() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Auth and credentials in shapes no connector reads are refused when stored, naming the
+    // shape; a token_broker block out of place (its secrets would reach the connector) too.
+    let broker = json!({"token_url": "https://idp.example/token", "client_id": "c",
+                        "client_secret": "CANARY-CLIENT-SECRET", "refresh_token": "CANARY-RT"});
+    for (tenant, needle) in [
+        (
+            json!({"app_id": "x", "credentials": {"credentials": [{"id": "c1", "oauth": {}}]}}),
+            "\"credentials\" must be a list of credential objects, like [{\"id\": …, \
+             \"oauth\": {\"access_token\": …}}], not an object that holds one",
+        ),
+        (
+            json!({"app_id": "x", "credentials": ["c1"]}),
+            "\"credentials\" must be a list of credential objects",
+        ),
+        (
+            json!({"app_id": "x", "auth": [{"oauth": {"access_token": "t"}}]}),
+            "\"auth\" must be one credential object",
+        ),
+        (
+            json!({"app_id": "x", "credentials": [
+                {"id": "c1", "oauth": {"access_token": "t", "token_broker": broker}}]}),
+            "credentials[0].oauth.token_broker: a token_broker block belongs beside a \
+             credential's token object",
+        ),
+    ] {
+        let (status, body) = agent
+            .request(Method::PUT, "/v1/tenants/shapes", Some(tenant.clone()))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{tenant}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{tenant}: {message}");
+        assert!(!message.contains("CANARY"), "{message}");
+    }
+    let (status, _) = agent.request(Method::GET, "/v1/tenants/shapes", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing was stored");
+    // The same sent with a call: refused before the connector runs (it would answer 200 with
+    // the token it was given).
+    let (status, body) = agent
+        .call(
+            "lumos_example",
+            "validate_credentials",
+            json!({"credentials": [{"id": "c1", "oauth": {"access_token": "t", "token_broker": broker}}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["error_code"], "agent.bad_request", "{body}");
+    assert!(!body.to_string().contains("CANARY"), "{body}");
 
     let (status, _) = agent.request(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -415,6 +415,24 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
         v.filter(|v| !v.is_null())
             .map(|v| SecretJson::from_value(&v))
     };
+    // The shapes connectors expect (design §2): stored any other way, every call would hand
+    // the connector something it cannot read, and an admin would learn of it only then.
+    use crate::oauth::managed::{SHAPE_OF_AUTH, SHAPE_OF_CREDENTIALS};
+    match doc.get("auth") {
+        None | Some(Value::Null | Value::Object(_)) => {}
+        Some(_) => return bad(format!("\"auth\" {SHAPE_OF_AUTH}")),
+    }
+    match doc.get("credentials") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) if items.iter().all(Value::is_object) => {}
+        Some(Value::Object(map)) if map.contains_key("credentials") => {
+            return bad(format!(
+                "\"credentials\" {SHAPE_OF_CREDENTIALS}, not an object that holds one (the \
+                 CLI's --credentials-file takes the list itself)"
+            ))
+        }
+        Some(_) => return bad(format!("\"credentials\" {SHAPE_OF_CREDENTIALS}")),
+    }
     let auth = secret(doc.remove("auth"));
     let credentials = secret(doc.remove("credentials"));
     let tenant = Tenant {

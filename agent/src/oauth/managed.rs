@@ -71,6 +71,90 @@ fn wipe(value: &mut Value) {
     }
 }
 
+/// The path below `value` of a `token_broker` key at any depth (`.oauth.token_broker`), built
+/// only when one is found. Depth is bounded by serde_json's recursion limit.
+fn find_broker_key(value: &Value) -> Option<String> {
+    match value {
+        Value::Object(map) => map.iter().find_map(|(key, value)| {
+            if key == BROKER_FIELD {
+                Some(format!(".{key}"))
+            } else {
+                find_broker_key(value).map(|rest| format!(".{key}{rest}"))
+            }
+        }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| find_broker_key(item).map(|rest| format!("[{i}]{rest}"))),
+        _ => None,
+    }
+}
+
+/// Refuses a `token_broker` block anywhere but where the broker looks for one: at the top of
+/// `auth`, or of an item of `credentials`. Why: anywhere else the broker would not manage it,
+/// and the connector would receive its client secret and refresh token.
+fn check_broker_placement(
+    auth: Option<&Value>,
+    credentials: Option<&Value>,
+) -> Result<(), SpecError> {
+    let misplaced = |field: String| SpecError {
+        field,
+        problem: "a token_broker block belongs beside a credential's token object, at the top \
+                  of `auth` or of an item of `credentials`; here the agent would not manage it \
+                  and the connector would receive its secrets"
+            .into(),
+    };
+    // Within one credential: the block itself is in place, any other is not. The path below
+    // the credential of the first misplaced one.
+    let misplaced_in = |entry: &Value| -> Option<String> {
+        match entry {
+            Value::Object(map) => {
+                map.iter()
+                    .filter(|(key, _)| *key != BROKER_FIELD)
+                    .find_map(|(key, value)| {
+                        find_broker_key(value).map(|rest| format!(".{key}{rest}"))
+                    })
+            }
+            other => find_broker_key(other),
+        }
+    };
+    if let Some(auth) = auth {
+        if !auth.is_object() && find_broker_key(auth).is_some() {
+            return Err(SpecError {
+                field: "auth".into(),
+                problem: SHAPE_OF_AUTH.into(),
+            });
+        }
+        if let Some(rest) = misplaced_in(auth) {
+            return Err(misplaced(format!("auth{rest}")));
+        }
+    }
+    match credentials {
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(rest) = misplaced_in(item) {
+                    return Err(misplaced(format!("credentials[{i}]{rest}")));
+                }
+            }
+        }
+        Some(other) if find_broker_key(other).is_some() => {
+            return Err(SpecError {
+                field: "credentials".into(),
+                problem: SHAPE_OF_CREDENTIALS.into(),
+            })
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What `auth` must be (design §2), for error messages.
+pub const SHAPE_OF_AUTH: &str =
+    "must be one credential object, like {\"oauth\": {\"access_token\": …}}";
+/// What `credentials` must be (design §2), for error messages.
+pub const SHAPE_OF_CREDENTIALS: &str =
+    "must be a list of credential objects, like [{\"id\": …, \"oauth\": {\"access_token\": …}}]";
+
 /// Where a credential sits in the envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
@@ -213,6 +297,10 @@ impl PreparedCredentials {
             };
         let auth = parse(auth, "auth")?;
         let credentials = parse(credentials, "credentials")?;
+        check_broker_placement(
+            auth.as_ref().map(|a| &a.0),
+            credentials.as_ref().map(|c| &c.0),
+        )?;
         let ctx = SpecContext {
             tenant_id,
             app_id,
@@ -834,6 +922,50 @@ mod tests {
     fn parse(credentials: Value) -> Result<Option<PreparedCredentials>, SpecError> {
         let doc = SecretJson::from_value(&credentials);
         PreparedCredentials::parse("t", "app", &settings(), None, Some(&doc))
+    }
+
+    #[test]
+    fn a_token_broker_block_out_of_place_is_refused_by_its_path() {
+        let block = json!({"token_url": "https://idp.example/token", "client_id": "c",
+                           "client_secret": "CANARY-SECRET", "refresh_token": "CANARY-RT"});
+        let field = |auth: Option<Value>, credentials: Option<Value>| {
+            let auth = auth.map(|a| SecretJson::from_value(&a));
+            let credentials = credentials.map(|c| SecretJson::from_value(&c));
+            let Err(error) = PreparedCredentials::parse(
+                "t",
+                "app",
+                &settings(),
+                auth.as_ref(),
+                credentials.as_ref(),
+            ) else {
+                panic!("accepted");
+            };
+            assert!(!error.to_string().contains("CANARY"), "{error}");
+            error.field
+        };
+        // Inside the token object, deeper still, and in an `auth` object's token object.
+        let inside = json!([{"id": "o", "oauth": {"access_token": "x", "token_broker": block}}]);
+        assert_eq!(
+            field(None, Some(inside)),
+            "credentials[0].oauth.token_broker"
+        );
+        let deeper = json!([{"id": "p"}, {"id": "o", "extra": [{"token_broker": block}]}]);
+        assert_eq!(
+            field(None, Some(deeper)),
+            "credentials[1].extra[0].token_broker"
+        );
+        let in_auth = json!({"oauth": {"token_broker": block}});
+        assert_eq!(field(Some(in_auth), None), "auth.oauth.token_broker");
+        // The documents themselves in the wrong shape.
+        let wrapped = json!({"credentials": [{"id": "o", "oauth": {}, "token_broker": block}]});
+        assert_eq!(field(None, Some(wrapped)), "credentials");
+        let listed = json!([{"oauth": {}, "token_broker": block}]);
+        assert_eq!(field(Some(listed), None), "auth");
+        // In place it is managed, and a value that merely reads "token_broker" is no block.
+        let in_place = json!([{"id": "o", "oauth": {}, "token_broker": block}]);
+        assert_eq!(parse(in_place).unwrap().unwrap().managed.len(), 1);
+        let named = json!([{"id": "o", "basic": {"username": "token_broker"}}]);
+        assert_eq!(parse(named).unwrap().unwrap().managed.len(), 0);
     }
 
     #[test]
