@@ -94,59 +94,77 @@ impl Format {
     }
 }
 
-/// The system and machine the agent runs on, in the terms of the binary's headers.
+/// What becomes of the file: run as a program of its own, or loaded into a process of the
+/// agent's binary (a worker, or the agent itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    /// A program (an executable, a bundle's `main`): the system may also run it in a
+    /// compatibility mode (32-bit x86 on x86_64, 32-bit arm on aarch64, x86_64 on Windows on
+    /// arm64), so those pass.
+    Run,
+    /// A library: only this process's own architecture loads.
+    Load,
+}
+
+/// The system and machines the agent runs on, in the terms of the binary's headers.
 #[derive(Clone, Copy, Debug)]
 struct Host {
     format: Format,
-    /// `e_machine` (ELF) or `FileHeader.machine` (PE) of this machine; `None` where this
-    /// module does not know it, and then the architecture is not checked.
-    machine: Option<u16>,
+    /// The `e_machine` (ELF) or `FileHeader.machine` (PE) values a file may have for its use,
+    /// this process's own first; empty where this module does not know them, and then the
+    /// architecture is not checked.
+    machines: &'static [u16],
     /// `std::env::consts::ARCH`.
     arch: &'static str,
 }
 
 impl Host {
     /// `None` on a system whose format this module does not check.
-    fn current() -> Option<Host> {
+    fn current(use_: Use) -> Option<Host> {
         let arch = std::env::consts::ARCH;
-        if cfg!(windows) {
-            let machine = match arch {
-                "x86_64" => Some(pe::IMAGE_FILE_MACHINE_AMD64),
-                "aarch64" => Some(pe::IMAGE_FILE_MACHINE_ARM64),
-                "x86" => Some(pe::IMAGE_FILE_MACHINE_I386),
-                _ => None,
+        let run = use_ == Use::Run;
+        let (format, machines): (Format, &'static [u16]) = if cfg!(windows) {
+            const AMD64: u16 = pe::IMAGE_FILE_MACHINE_AMD64.0;
+            const ARM64: u16 = pe::IMAGE_FILE_MACHINE_ARM64.0;
+            const I386: u16 = pe::IMAGE_FILE_MACHINE_I386.0;
+            let machines: &'static [u16] = match (arch, run) {
+                ("x86_64", true) => &[AMD64, I386],
+                ("x86_64", false) => &[AMD64],
+                ("aarch64", true) => &[ARM64, AMD64, I386],
+                ("aarch64", false) => &[ARM64],
+                ("x86", _) => &[I386],
+                _ => &[],
             };
-            Some(Host {
-                format: Format::Pe,
-                machine: machine.map(|m| m.0),
-                arch,
-            })
+            (Format::Pe, machines)
         } else if cfg!(target_vendor = "apple") {
-            Some(Host {
-                format: Format::MachO,
-                machine: None,
-                arch,
-            })
+            (Format::MachO, &[])
         } else if cfg!(target_os = "linux") {
-            let machine = match arch {
-                "x86_64" => Some(elf::EM_X86_64),
-                "aarch64" => Some(elf::EM_AARCH64),
-                "x86" => Some(elf::EM_386),
-                "arm" => Some(elf::EM_ARM),
-                "riscv64" => Some(elf::EM_RISCV),
-                "powerpc64" => Some(elf::EM_PPC64),
-                "s390x" => Some(elf::EM_S390),
-                "loongarch64" => Some(elf::EM_LOONGARCH),
-                _ => None,
+            const X86_64: u16 = elf::EM_X86_64.0;
+            const I386: u16 = elf::EM_386.0;
+            const AARCH64: u16 = elf::EM_AARCH64.0;
+            const ARM: u16 = elf::EM_ARM.0;
+            let machines: &'static [u16] = match (arch, run) {
+                ("x86_64", true) => &[X86_64, I386],
+                ("x86_64", false) => &[X86_64],
+                ("aarch64", true) => &[AARCH64, ARM],
+                ("aarch64", false) => &[AARCH64],
+                ("x86", _) => &[I386],
+                ("arm", _) => &[ARM],
+                ("riscv64", _) => &[elf::EM_RISCV.0],
+                ("powerpc64", _) => &[elf::EM_PPC64.0],
+                ("s390x", _) => &[elf::EM_S390.0],
+                ("loongarch64", _) => &[elf::EM_LOONGARCH.0],
+                _ => &[],
             };
-            Some(Host {
-                format: Format::Elf,
-                machine: machine.map(|m| m.0),
-                arch,
-            })
+            (Format::Elf, machines)
         } else {
-            None
-        }
+            return None;
+        };
+        Some(Host {
+            format,
+            machines,
+            arch,
+        })
     }
 }
 
@@ -157,7 +175,7 @@ const SHEBANG_MAX: u64 = 256;
 /// Checks that `path`, if it is a native binary, is one this machine can run or load and is
 /// whole, and (on Unix) that a script's `#!` line names an interpreter that is there. Text and
 /// unknown formats pass.
-pub fn check(path: &Path) -> Result<(), BinaryProblem> {
+pub fn check(path: &Path, use_: Use) -> Result<(), BinaryProblem> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let data = ReadCache::new(file);
@@ -169,7 +187,7 @@ pub fn check(path: &Path) -> Result<(), BinaryProblem> {
             return check_shebang(head, |interpreter| interpreter.exists());
         }
     }
-    let Some(host) = Host::current() else {
+    let Some(host) = Host::current(use_) else {
         return Ok(());
     };
     check_data(&data, len, host)
@@ -260,12 +278,13 @@ fn fits(len: u64, needed: u64, format: &'static str) -> Result<(), BinaryProblem
 }
 
 fn check_machine(found: u16, host: Host, name: fn(u16) -> String) -> Result<(), BinaryProblem> {
-    match host.machine {
-        Some(expected) if expected != found => Err(BinaryProblem::WrongArchitecture {
+    if host.machines.is_empty() || host.machines.contains(&found) {
+        Ok(())
+    } else {
+        Err(BinaryProblem::WrongArchitecture {
             found: name(found),
             host: host.arch,
-        }),
-        _ => Ok(()),
+        })
     }
 }
 
@@ -442,7 +461,7 @@ mod tests {
     fn linux_x86_64() -> Host {
         Host {
             format: Format::Elf,
-            machine: Some(elf::EM_X86_64.0),
+            machines: &[elf::EM_X86_64.0],
             arch: "x86_64",
         }
     }
@@ -450,8 +469,36 @@ mod tests {
     fn windows_x86_64() -> Host {
         Host {
             format: Format::Pe,
-            machine: Some(pe::IMAGE_FILE_MACHINE_AMD64.0),
+            machines: &[pe::IMAGE_FILE_MACHINE_AMD64.0],
             arch: "x86_64",
+        }
+    }
+
+    #[test]
+    fn a_program_the_system_runs_in_a_compatibility_mode_passes_but_not_as_a_library() {
+        // 32-bit x86 on x86_64 Linux: an ELF32 header with EM_386.
+        let mut elf32 = vec![0u8; 52];
+        put(&mut elf32, 0, &[0x7f, b'E', b'L', b'F', 1, 1, 1]);
+        put(&mut elf32, 18, &elf::EM_386.0.to_le_bytes());
+        put(&mut elf32, 20, &1u32.to_le_bytes()); // e_version
+        put(&mut elf32, 40, &52u16.to_le_bytes()); // e_ehsize
+        let linux = |use_| match use_ {
+            Use::Run => Host {
+                machines: &[elf::EM_X86_64.0, elf::EM_386.0],
+                ..linux_x86_64()
+            },
+            Use::Load => linux_x86_64(),
+        };
+        check_bytes(&elf32, linux(Use::Run)).unwrap();
+        let problem = check_bytes(&elf32, linux(Use::Load)).unwrap_err();
+        assert_eq!(
+            problem.to_string(),
+            "built for x86 (32-bit), but this machine is x86_64: use the connector's x86_64 build"
+        );
+        // The same rule as this machine applies it.
+        if let (Some(run), Some(load)) = (Host::current(Use::Run), Host::current(Use::Load)) {
+            assert!(load.machines.iter().all(|m| run.machines.contains(m)));
+            assert_eq!(run.machines.first(), load.machines.first());
         }
     }
 
@@ -633,13 +680,14 @@ mod tests {
         #[test]
         fn this_machines_own_executable_passes() {
             let (path, _, _) = this_executable();
-            check(&path).unwrap();
+            check(&path, Use::Run).unwrap();
+            check(&path, Use::Load).unwrap();
         }
 
         #[test]
         fn a_cut_short_elf_file_names_the_length_its_headers_describe() {
             let (_, head, len) = this_executable();
-            let host = Host::current().unwrap();
+            let host = Host::current(Use::Run).unwrap();
             match check_bytes(&head, host) {
                 Err(BinaryProblem::Truncated {
                     len: cut,
@@ -661,8 +709,8 @@ mod tests {
         #[test]
         fn an_elf_file_for_another_architecture_or_system_is_named() {
             let (_, mut head, _) = this_executable();
-            let host = Host::current().unwrap();
-            let (other, name) = if host.machine == Some(elf::EM_AARCH64.0) {
+            let host = Host::current(Use::Run).unwrap();
+            let (other, name) = if host.machines.first() == Some(&elf::EM_AARCH64.0) {
                 (elf::EM_X86_64, "x86_64")
             } else {
                 (elf::EM_AARCH64, "aarch64")

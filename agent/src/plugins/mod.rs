@@ -588,8 +588,13 @@ impl PluginLoader {
         let program = copy;
         // A foreign or cut-short binary, named by its headers before anything runs or maps it
         // (the loader and the kernel would report it as something else: see `binary`).
-        if matches!(kind, ConnectorKind::Executable | ConnectorKind::Cdylib) {
-            if let Err(problem) = binary::check(&program) {
+        let use_ = match kind {
+            ConnectorKind::Executable => Some(binary::Use::Run),
+            ConnectorKind::Cdylib => Some(binary::Use::Load),
+            ConnectorKind::Bundle => None,
+        };
+        if let Some(use_) = use_ {
+            if let Err(problem) = binary::check(&program, use_) {
                 return Connector::rejected(path, Some(kind), Some(sha256), problem.to_string());
             }
         }
@@ -673,7 +678,7 @@ impl PluginLoader {
                 started.elapsed()
             );
         }
-        binary::check(&unpacked.program).map_err(|problem| {
+        binary::check(&unpacked.program, binary::Use::Run).map_err(|problem| {
             let program = unpacked
                 .program
                 .strip_prefix(&unpacked.dir)
