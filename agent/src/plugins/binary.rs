@@ -172,14 +172,15 @@ impl Host {
 /// (127 before), longer lines are cut there.
 const SHEBANG_MAX: u64 = 256;
 
-/// Checks that `path`, if it is a native binary, is one this machine can run or load and is
-/// whole, and (on Unix) that a script's `#!` line names an interpreter that is there. Text and
-/// unknown formats pass.
+/// Checks that `path`, if it is a native binary, is one this machine can run or load (`use_`)
+/// and is whole, and (on Unix) that a program that is a script names an interpreter that is
+/// there. Text and unknown formats pass.
 pub fn check(path: &Path, use_: Use) -> Result<(), BinaryProblem> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let data = ReadCache::new(file);
-    if cfg!(unix) {
+    // A library is no script, whatever its first bytes: the loader names what it is.
+    if cfg!(unix) && use_ == Use::Run {
         let head = (&data)
             .read_bytes_at(0, len.min(SHEBANG_MAX))
             .unwrap_or(&[]);
