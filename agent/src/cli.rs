@@ -264,6 +264,18 @@ fn check_config(cli: &Cli) -> u8 {
                 "  calls        timeout {:?}, {} at once per connector",
                 cfg.calls.timeout, cfg.calls.max_concurrency
             );
+            match &cfg.cloud {
+                None => println!("  cloud        none (standalone: the local API only)"),
+                Some(cloud) => {
+                    println!("  cloud        {}", cloud.endpoint);
+                    // Not a config error: the file may be provisioned after the config, and
+                    // the tunnel reads it again on every attempt. But the admin who runs this
+                    // wants to know now, not from the log after the start.
+                    if let Err(e) = crate::tunnel::read_token(&cloud.token_file) {
+                        println!("  warning: {e}; until then the agent does not connect");
+                    }
+                }
+            }
             if !cfg.plugins_dir.is_dir() {
                 println!(
                     "  note: the plugins folder does not exist yet; the agent creates it at start"

@@ -89,6 +89,50 @@ fn check_config_reports_every_error_with_key_and_file() {
 }
 
 #[test]
+fn check_config_warns_of_an_agent_token_file_the_tunnel_would_refuse() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("agent.token");
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        format!("[cloud]\nendpoint = \"https://cloud.example\"\ntoken_file = {token:?}\n"),
+    )
+    .unwrap();
+    let check = || {
+        let out = agent(
+            dir.path(),
+            &["--dev", "--config", file.to_str().unwrap(), "check-config"],
+        );
+        // A valid config still: the file may be provisioned after it.
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let warning = |stdout: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains("warning:"))
+            .map(str::to_owned)
+    };
+    let stdout = check();
+    assert!(
+        stdout.contains("cloud        https://cloud.example/"),
+        "{stdout}"
+    );
+    let missing = warning(&stdout).unwrap_or_else(|| panic!("no warning in:\n{stdout}"));
+    assert!(missing.contains(token.to_str().unwrap()), "{missing}");
+    std::fs::write(&token, "SECRET-AGENT-TOKEN\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let stdout = check();
+    let readable = warning(&stdout).unwrap_or_else(|| panic!("no warning in:\n{stdout}"));
+    assert!(readable.contains("readable by other users"), "{readable}");
+    assert!(!stdout.contains("SECRET-AGENT-TOKEN"), "{stdout}");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let stdout = check();
+    assert_eq!(warning(&stdout), None, "{stdout}");
+}
+
+#[test]
 fn cli_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().to_string();
