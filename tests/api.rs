@@ -271,6 +271,38 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(body["error"]["error_code"], "agent.bad_request", "{body}");
     assert!(!body.to_string().contains("CANARY"), "{body}");
 
+    // A tenant that is not stored, named by a call that brings no credentials of its own (a
+    // typo, most likely): refused before the connector runs without credentials.
+    let (status, body) = agent
+        .call(
+            "lumos_example",
+            "validate_credentials",
+            json!({"tenant_id": "acme-typo"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(
+        body["error"]["error_code"], "agent.unknown_tenant",
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no tenant \"acme-typo\" is stored here"),
+        "{body}"
+    );
+    // With its own credentials, as the cloud sends them, the tenant need not be stored.
+    let (status, body) = agent
+        .call(
+            "lumos_example",
+            "validate_credentials",
+            json!({"tenant_id": "acme-typo", "auth": {"oauth": {"access_token": "AT"}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["response"]["unique_tenant_id"], token_hash("AT"));
+
     let (status, _) = agent.request(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     agent.shutdown().await;

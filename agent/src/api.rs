@@ -333,6 +333,21 @@ async fn call(
             }
         }
     };
+    // A tenant a local caller names is one stored here, unless the call brings credentials
+    // of its own (as the cloud's do): otherwise a mistyped id ran the connector with no
+    // credentials at all, and its error did not say why.
+    if let Some(id) = body.tenant_id.as_deref() {
+        if body.auth.is_none() && body.credentials.is_none() && state.tenants.get(id).is_none() {
+            let err = CallError::new(
+                ErrorCode::UnknownTenant,
+                format!(
+                    "no tenant {id:?} is stored here, and the call brings no auth or \
+                     credentials of its own (`lumos-agent tenants list` shows the stored ones)"
+                ),
+            );
+            return agent_error(&err, Some(app_id), status_of(&err));
+        }
+    }
     let request = CallRequest {
         app_id: app_id.to_string(),
         capability: capability.to_string(),
