@@ -86,14 +86,18 @@ fn good_bundle_entries() -> Vec<Entry<'static>> {
 }
 
 fn zip_bundle(path: &Path) {
-    zip_bundle_with_program(path, "main");
+    zip_bundle_with_program(path, "main", Some(0o755));
 }
 
-/// A zip bundle whose program is named `program` (`main.exe` in one made on Windows).
-fn zip_bundle_with_program(path: &Path, program: &str) {
+/// A zip bundle whose program is named `program` (`main.exe` in one made on Windows), with
+/// `mode` as its Unix mode (`None`: what a zip made on Windows records, no mode at all).
+fn zip_bundle_with_program(path: &Path, program: &str, mode: Option<u32>) {
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
-    let exec = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+    let exec = match mode {
+        Some(mode) => zip::write::SimpleFileOptions::default().unix_permissions(mode),
+        None => zip::write::SimpleFileOptions::default(),
+    };
     let plain = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
     zip.start_file(program, exec).unwrap();
     zip.write_all(&example_bytes()).unwrap();
@@ -185,6 +189,42 @@ async fn bundles_unpack_privately_and_answer() {
     agent.shutdown().await;
 }
 
+/// `main` without an executable bit: a zip repacked by a tool that records no Unix modes (as
+/// on Windows), and a tar.gz that says 0644. `main` is the program whatever the archive says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundles_main_runs_whatever_mode_the_archive_gives_it() {
+    let dirs = TestDirs::new();
+    let no_mode = dirs.root.path().join("no-mode.zip");
+    zip_bundle_with_program(&no_mode, "main", None);
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(&no_mode).unwrap()).unwrap();
+    let mode = archive.by_name("main").unwrap().unix_mode();
+    assert_eq!(
+        mode.unwrap_or(0) & 0o111,
+        0,
+        "the archive does not make main executable"
+    );
+    std::fs::rename(&no_mode, dirs.plugins().join("example_zip-0.1.0.zip")).unwrap();
+    let mut entries = good_bundle_entries();
+    entries[0] = Entry::File("main", example_bytes(), 0o644);
+    tar_gz(
+        &dirs.plugins().join("example_on_prem-0.1.0.tar.gz"),
+        entries,
+    );
+    let agent = TestAgent::start(&dirs, "").await;
+    for (file, app_id) in [
+        ("example_zip-0.1.0.zip", "example_zip"),
+        ("example_on_prem-0.1.0.tar.gz", "example_on_prem"),
+    ] {
+        let entry = agent.connector_by_file(file).await;
+        assert_eq!(entry["status"], "ready", "{entry}");
+        let (status, body) = agent
+            .call(app_id, "list_accounts", json!({"request": {"count": 1}}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{file}: {body}");
+    }
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_and_broken_bundles_are_rejected_with_reasons() {
     let dirs = TestDirs::new();
@@ -270,7 +310,7 @@ async fn hostile_and_broken_bundles_are_rejected_with_reasons() {
     std::fs::write(p.join("truncated-1.tar.gz"), &bytes[..bytes.len() / 2]).unwrap();
     std::fs::write(p.join("notzip-1.zip"), b"PK but not really").unwrap();
     // compile-on-prem run on Windows: a .zip whose program is `main.exe`.
-    zip_bundle_with_program(&p.join("example_zip-0.1.0.zip"), "main.exe");
+    zip_bundle_with_program(&p.join("example_zip-0.1.0.zip"), "main.exe", Some(0o755));
     std::fs::copy(&good, p.join("example_on_prem-0.1.0.tar.gz")).unwrap();
 
     let agent = TestAgent::start(&dirs, "").await;

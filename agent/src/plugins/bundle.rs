@@ -167,19 +167,23 @@ pub fn unpack(
     finish(dest, true)
 }
 
+/// A bundle's program as compile-on-prem names it on Unix, and on Windows.
+const UNIX_PROGRAM: &str = "main";
+const WINDOWS_PROGRAM: &str = "main.exe";
+
 fn finish(dir: PathBuf, freshly_unpacked: bool) -> Result<UnpackedBundle, BundleError> {
     let (app_id, version) = read_metadata(&dir)?;
     let (name, other_name, other_system) = if cfg!(windows) {
         (
-            "main.exe",
-            "main",
+            WINDOWS_PROGRAM,
+            UNIX_PROGRAM,
             "; it holds `main`, so it was built on Linux or macOS: run `connector \
              compile-on-prem` on Windows for a bundle this agent can run (a .zip)",
         )
     } else {
         (
-            "main",
-            "main.exe",
+            UNIX_PROGRAM,
+            WINDOWS_PROGRAM,
             "; it holds `main.exe`, so it was built on Windows: run `connector compile-on-prem` \
              on Linux for a bundle this agent can run (a .tar.gz)",
         )
@@ -192,6 +196,7 @@ fn finish(dir: PathBuf, freshly_unpacked: bool) -> Result<UnpackedBundle, Bundle
             other_system: is_file(&dir.join(other_name)).then_some(other_system),
         });
     }
+    make_executable(&program)?;
     Ok(UnpackedBundle {
         dir,
         app_id,
@@ -199,6 +204,24 @@ fn finish(dir: PathBuf, freshly_unpacked: bool) -> Result<UnpackedBundle, Bundle
         program,
         freshly_unpacked,
     })
+}
+
+/// `main` is the bundle's program by definition, so it is made executable whatever the
+/// archive said: a zip made on Windows, or repacked by a tool that drops Unix modes, records
+/// none, and its `main` failed with "Permission denied". Also on a folder unpacked before.
+#[cfg(unix)]
+fn make_executable(program: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(program)?.permissions().mode();
+    if mode & 0o100 == 0 {
+        fs::set_permissions(program, fs::Permissions::from_mode((mode | 0o100) & 0o7777))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn make_executable(_program: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 fn read_metadata(dir: &Path) -> Result<(String, String), BundleError> {
