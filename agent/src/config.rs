@@ -510,7 +510,12 @@ const TOP_KEYS: &[&str] = &[
 impl Validator {
     fn issue(&mut self, key: &str, origin: Option<&str>, message: impl Into<String>) {
         let origin = match (origin, &self.file) {
-            (Some(o), _) if o == "the environment" || o == "the command line" => o.to_string(),
+            // The variable as the admin set it: the key is what `config` made of its name.
+            (Some("the environment"), _) => format!(
+                "the environment (LUMOS_AGENT_{})",
+                key.to_uppercase().replace('.', "__")
+            ),
+            (Some(o @ "the command line"), _) => o.to_string(),
             (Some(_), Some(file)) => file.clone(),
             (Some(o), None) => o.to_string(),
             (None, _) => self.fallback.to_string(),
@@ -1331,8 +1336,9 @@ mod tests {
         )];
         let err = load_file(&path, &env).unwrap_err();
         assert!(
-            err.to_string()
-                .contains("the environment: `calls.max_concurrency`"),
+            err.to_string().contains(
+                "the environment (LUMOS_AGENT_CALLS__MAX_CONCURRENCY): `calls.max_concurrency`"
+            ),
             "{err}"
         );
     }
