@@ -55,6 +55,19 @@ pub enum StartError {
         /// The OS's words.
         source: std::io::Error,
     },
+    /// Another agent runs with the same state folder.
+    #[error(
+        "another lumos-agent{} is running with the state folder {path}: stop it first (`systemctl \
+         stop lumos-agent`, or the service), or give this one a state folder of its own \
+         (--state-dir)",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    StateInUse {
+        /// The folder.
+        path: PathBuf,
+        /// The other agent's process id, where the system tells it.
+        holder: Option<u32>,
+    },
     /// The tenant store cannot be opened.
     #[error(transparent)]
     Tenants(#[from] TenantStoreError),
@@ -107,6 +120,8 @@ pub struct RunningAgent {
     cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
     /// The `[cloud]` settings in force; a reload that changes them replaces the tunnel.
     cloud_settings: tokio::sync::watch::Sender<Option<crate::config::CloudConfig>>,
+    /// The state folder is this agent's until it is dropped.
+    _state_lock: crate::platform::ExclusiveLock,
 }
 
 impl std::fmt::Debug for RunningAgent {
@@ -130,6 +145,15 @@ impl RunningAgent {
             source,
         };
         state.prepare().map_err(state_err)?;
+        // Before anything in the folder is read or written.
+        let state_lock =
+            state
+                .lock()
+                .map_err(state_err)?
+                .map_err(|holder| StartError::StateInUse {
+                    path: config.state_dir.clone(),
+                    holder,
+                })?;
         let token = ensure_admin_token(&state.admin_token()).map_err(state_err)?;
         let scratch = ScratchDir::create(state.calls()).map_err(state_err)?;
         let store_key = crate::tenants::StoreKey::load_or_create(&state)?;
@@ -277,6 +301,7 @@ impl RunningAgent {
         let agent = Self {
             cloud: cloud_status.subscribe(),
             cloud_settings,
+            _state_lock: state_lock,
             api_addr,
             registry,
             tenants,

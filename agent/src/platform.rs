@@ -71,6 +71,64 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// A file held exclusively by this process for as long as the value lives, and never longer
+/// than the process: the system lets go of it when the process ends, however it ends (`flock`
+/// on Unix; on Windows, the file opened with no sharing).
+#[derive(Debug)]
+pub struct ExclusiveLock {
+    #[cfg(unix)]
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    #[cfg(windows)]
+    _file: std::fs::File,
+}
+
+/// Takes [`ExclusiveLock`] on `path` (created 0600 if missing) without waiting, and writes this
+/// process's id into it; `Ok(Err(holder))` when another process holds it, with the id that
+/// process wrote (Unix; Windows lets no one else read the file).
+pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, Option<u32>>> {
+    use std::io::{Seek, Write};
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    options.mode(0o600);
+    #[cfg(unix)]
+    {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::io::Read;
+        let file = options.open(path)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                let holder = file
+                    .read_to_string(&mut text)
+                    .ok()
+                    .and_then(|_| text.trim().parse().ok());
+                return Ok(Err(holder));
+            }
+            Err((_, errno)) => return Err(errno.into()),
+        };
+        lock.set_len(0)?;
+        lock.rewind()?;
+        writeln!(lock, "{}", std::process::id())?;
+        Ok(Ok(ExclusiveLock { _lock: lock }))
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::fs::OpenOptionsExt as _;
+        /// ERROR_SHARING_VIOLATION: another process has the file open.
+        const SHARING_VIOLATION: i32 = 32;
+        let mut file = match options.share_mode(0).open(path) {
+            Ok(file) => file,
+            Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) => return Ok(Err(None)),
+            Err(e) => return Err(e),
+        };
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(Ok(ExclusiveLock { _file: file }))
+    }
+}
+
 /// The permission bits of a file, `None` where the platform has none.
 pub fn mode_of(meta: &std::fs::Metadata) -> Option<u32> {
     #[cfg(unix)]
@@ -305,5 +363,25 @@ pub fn exit_status(code: i32) -> std::process::ExitStatus {
     #[cfg(windows)]
     {
         std::os::windows::process::ExitStatusExt::from_raw(code as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exclusive_lock_is_refused_while_held_and_free_once_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.lock");
+        let held = try_lock_exclusive(&path).unwrap().unwrap();
+        // A second holder, even in the same process, is refused; on Unix it learns the pid.
+        let refused = try_lock_exclusive(&path).unwrap().unwrap_err();
+        if cfg!(unix) {
+            assert_eq!(refused, Some(std::process::id()));
+        }
+        drop(held);
+        let again = try_lock_exclusive(&path).unwrap();
+        assert!(again.is_ok(), "free once the holder is dropped");
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <state_dir>/            0700
+//!   agent.lock            0600  held by the running agent (its pid inside): one agent per folder
 //!   admin.token           0600  bearer token for the local API (written at first start)
 //!   tenants.enc           0600  agent-held tenants (settings and credentials), encrypted
 //!   tenants.key           0600  the tenant store's key (unless the service manager gives one)
@@ -55,6 +56,19 @@ impl StatePaths {
     /// This install's stable identity for the cloud (`Hello.agent_id`).
     pub fn agent_id(&self) -> PathBuf {
         self.root.join("agent-id")
+    }
+
+    /// The lock the running agent holds (see [`StatePaths::lock`]).
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("agent.lock")
+    }
+
+    /// Takes the folder for this process alone, or names the process that has it. Why: two
+    /// agents on one folder would each read back the other's unacknowledged results, mark the
+    /// other's running calls interrupted, and overwrite each other's tenant store, losing a
+    /// rotated refresh token; and would both dial the cloud as the same agent.
+    pub fn lock(&self) -> std::io::Result<Result<platform::ExclusiveLock, Option<u32>>> {
+        platform::try_lock_exclusive(&self.lock_file())
     }
 
     /// The local API's admin bearer token.

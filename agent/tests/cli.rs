@@ -303,6 +303,75 @@ impl OutputWithStdin for Command {
     }
 }
 
+/// One agent per state folder: a second is refused, naming the first's pid, before it touches
+/// the folder; once the first is gone, even by SIGKILL, the folder is free again.
+#[test]
+fn a_second_agent_on_the_same_state_folder_is_refused_until_the_first_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, plugins) = (dir.path().join("state"), dir.path().join("plugins"));
+    let run = || {
+        let listen = format!("127.0.0.1:{}", free_port());
+        Command::new(AGENT)
+            .args(["--state-dir", state.to_str().unwrap()])
+            .args(["--plugins-dir", plugins.to_str().unwrap()])
+            .args(["--listen", &listen, "run"])
+            .current_dir(dir.path())
+            .env_remove("LUMOS_AGENT_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let holder = || {
+        std::fs::read_to_string(state.join("agent.lock"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+    };
+    let mut first = run();
+    wait_for("the first agent to hold the folder", || {
+        holder() == Some(first.id())
+    });
+    let token = std::fs::read(state.join("admin.token")).unwrap();
+
+    // Waited for with a deadline: a regression would leave it running, not hang the test.
+    let mut second = run();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            second.kill().unwrap();
+            first.kill().unwrap();
+            panic!("a second agent ran on the state folder of the first");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    let expected = format!(
+        "another lumos-agent (pid {}) is running with the state folder {}",
+        first.id(),
+        state.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert_eq!(first.try_wait().unwrap(), None, "the first agent runs on");
+    assert_eq!(holder(), Some(first.id()));
+    assert_eq!(std::fs::read(state.join("admin.token")).unwrap(), token);
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut third = run();
+    wait_for(
+        "an agent started after a SIGKILL to hold the folder",
+        || holder() == Some(third.id()),
+    );
+    assert_eq!(third.try_wait().unwrap(), None);
+    third.kill().unwrap();
+    third.wait().unwrap();
+}
+
 /// The group reaper on its own: `+` lists a group, `-` takes it off, garbage and the ids 0 and 1
 /// are ignored, and so is a last line cut off before its newline (`+12` of `+1234` would name
 /// another group); when its stdin closes, every listed group dies and the rest live.
