@@ -120,8 +120,9 @@ pub struct RunningAgent {
     cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
     /// The `[cloud]` settings in force; a reload that changes them replaces the tunnel.
     cloud_settings: tokio::sync::watch::Sender<Option<crate::config::CloudConfig>>,
-    /// The state folder is this agent's until it is dropped.
-    _state_lock: crate::platform::ExclusiveLock,
+    /// The state folder is this agent's until it is dropped (`None` on a filesystem without
+    /// locks).
+    _state_lock: Option<crate::platform::ExclusiveLock>,
 }
 
 impl std::fmt::Debug for RunningAgent {
@@ -146,14 +147,24 @@ impl RunningAgent {
         };
         state.prepare().map_err(state_err)?;
         // Before anything in the folder is read or written.
-        let state_lock =
-            state
-                .lock()
-                .map_err(state_err)?
-                .map_err(|holder| StartError::StateInUse {
+        let state_lock = match state.lock() {
+            Ok(Ok(lock)) => Some(lock),
+            Ok(Err(holder)) => {
+                return Err(StartError::StateInUse {
                     path: config.state_dir.clone(),
                     holder,
-                })?;
+                })
+            }
+            // Not a reason to refuse to start, only to say what is no longer guarded.
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::warn!(
+                    dir = %config.state_dir.display(),
+                    "cannot lock the state folder: {e}; make sure no other agent uses it"
+                );
+                None
+            }
+            Err(e) => return Err(state_err(e)),
+        };
         let token = ensure_admin_token(&state.admin_token()).map_err(state_err)?;
         let scratch = ScratchDir::create(state.calls()).map_err(state_err)?;
         let store_key = crate::tenants::StoreKey::load_or_create(&state)?;

@@ -84,7 +84,8 @@ pub struct ExclusiveLock {
 
 /// Takes [`ExclusiveLock`] on `path` (created 0600 if missing) without waiting, and writes this
 /// process's id into it; `Ok(Err(holder))` when another process holds it, with the id that
-/// process wrote (Unix; Windows lets no one else read the file).
+/// process wrote (Unix; Windows lets no one else read the file). An error of kind
+/// `Unsupported` when the filesystem has no locks.
 pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, Option<u32>>> {
     use std::io::{Seek, Write};
     let mut options = std::fs::OpenOptions::new();
@@ -104,6 +105,13 @@ pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, 
                     .ok()
                     .and_then(|_| text.trim().parse().ok());
                 return Ok(Err(holder));
+            }
+            // NFS without a lock manager, and the like: the caller decides what that means.
+            Err((_, errno @ (nix::errno::Errno::ENOLCK | nix::errno::Errno::EOPNOTSUPP))) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    format!("the filesystem does not support file locks ({errno})"),
+                ))
             }
             Err((_, errno)) => return Err(errno.into()),
         };
