@@ -242,11 +242,31 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
             .stdin(Stdio::piped())
             .output_with_stdin(br#"{"oauth": {"access_token": "cli-token"}}"#);
         assert!(put.status.success(), "{}", text(&put.stderr));
+        assert!(
+            !text(&put.stdout).contains("note:"),
+            "{}",
+            text(&put.stdout)
+        );
         let out = cli(&["call", app, "validate_credentials", "--tenant", &tenant]);
         assert_eq!(out.status.code(), Some(0), "{app}: {}", text(&out.stderr));
         let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(answer["response"]["unique_tenant_id"], *expected, "{app}");
     }
+
+    // A tenant for an app_id no connector has is stored (its connector may come later), with
+    // a note: a typo shows now, not at the first call.
+    let put = Command::new(AGENT)
+        .args(["--dev", "--listen", &listen, "tenants", "put", "t-typo"])
+        .args(["--app-id", "lumos_exmaple", "--auth-file", "-"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .output_with_stdin(br#"{"oauth": {"access_token": "cli-token"}}"#);
+    assert!(put.status.success(), "{}", text(&put.stderr));
+    let stdout = text(&put.stdout);
+    assert!(
+        stdout.contains("note: no connector with app_id \"lumos_exmaple\" is loaded"),
+        "{stdout}"
+    );
 
     let tenants = text(&cli(&["tenants", "list"]).stdout);
     assert!(
