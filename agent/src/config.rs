@@ -576,6 +576,15 @@ impl Validator {
         );
         let mut log = self.section(&mut table, "log", &["level", "format"]);
 
+        let origin_of = |table: &Map<String, Value>, flag: &Option<PathBuf>, key: &str| {
+            if flag.is_some() {
+                Some("the command line".to_string())
+            } else {
+                table.get(key).and_then(|v| v.origin().map(str::to_owned))
+            }
+        };
+        let state_origin = origin_of(&table, &cli.state_dir, "state_dir");
+        let plugins_origin = origin_of(&table, &cli.plugins_dir, "plugins_dir");
         let state_dir = cli
             .state_dir
             .clone()
@@ -586,6 +595,8 @@ impl Validator {
             .clone()
             .or_else(|| self.path(&mut table, "plugins_dir"))
             .unwrap_or_else(|| state_dir.join("plugins"));
+        self.folder("state_dir", &state_dir, state_origin.as_deref());
+        self.folder("plugins_dir", &plugins_dir, plugins_origin.as_deref());
 
         let listen_text = match &cli.listen {
             Some(text) => Some((text.clone(), Some("the command line".to_string()))),
@@ -777,6 +788,19 @@ impl Validator {
             return None;
         }
         Some(PathBuf::from(text))
+    }
+
+    /// A folder the agent creates when it is missing: something else at its path is reported
+    /// now, not logged after the start (where an agent with a file for its plugins folder ran
+    /// with no connectors at all).
+    fn folder(&mut self, key: &str, path: &std::path::Path, origin: Option<&str>) {
+        if std::fs::metadata(path).is_ok_and(|meta| !meta.is_dir()) {
+            self.issue(
+                key,
+                origin,
+                format!("{} exists and is not a folder", path.display()),
+            );
+        }
     }
 
     /// A CA file: a path to PEM certificates, read now so that a bad one is reported with the
@@ -1190,6 +1214,46 @@ mod tests {
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, contents).unwrap();
         (dir, path)
+    }
+
+    #[test]
+    fn a_file_where_a_folder_goes_is_reported_with_its_origin() {
+        let (dir, path) = file("");
+        let not_a_folder = dir.path().join("plugins");
+        std::fs::write(&not_a_folder, "").unwrap();
+        let toml = format!(
+            "plugins_dir = {not_a_folder:?}\nstate_dir = {:?}\n",
+            dir.path().join("state")
+        );
+        std::fs::write(&path, toml).unwrap();
+        let ConfigError::Invalid(issues) = load_file(&path, &[]).unwrap_err() else {
+            panic!("not a validation error");
+        };
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "plugins_dir");
+        assert_eq!(issues[0].origin, path.display().to_string());
+        assert!(issues[0].message.contains("exists and is not a folder"));
+        // From the command line, and the state folder too.
+        let issues = match load_with_env(
+            &Overrides {
+                config_file: Some(path.clone()),
+                state_dir: Some(not_a_folder.clone()),
+                plugins_dir: Some(dir.path().join("elsewhere")),
+                ..Default::default()
+            },
+            &[],
+        ) {
+            Err(ConfigError::Invalid(issues)) => issues,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(
+            (issues[0].key.as_str(), issues[0].origin.as_str()),
+            ("state_dir", "the command line")
+        );
+        // A missing folder is no error: the agent creates it.
+        std::fs::remove_file(&not_a_folder).unwrap();
+        load_file(&path, &[]).unwrap();
     }
 
     #[test]
