@@ -418,6 +418,7 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
     );
     write_script(&p, "hanging-info", "#!/bin/sh\nsleep 600\n");
     write_script(&p, "no-shebang", "echo hi\n");
+    write_script(&p, "empty", "");
     // A script saved with Windows line endings, and one whose interpreter is not installed:
     // `execve` says "No such file or directory" of both.
     write_script(&p, "crlf-script", "#!/bin/sh\r\necho hi\r\n");
@@ -466,6 +467,7 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
             "not a program for this machine (a script needs a #! line",
         ),
         ("crlf-script", "its #! line ends in a carriage return"),
+        ("empty", "the file is empty"),
         (
             "no-interpreter",
             "its #! line names the interpreter /opt/no-such-venv/bin/python3, which is not on \

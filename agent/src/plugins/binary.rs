@@ -51,6 +51,8 @@ pub enum BinaryProblem {
         format: &'static str,
         detail: String,
     },
+    #[error("the file is empty (an interrupted copy or download? copy the whole file again)")]
+    Empty,
     #[error(
         "its #! line ends in a carriage return: the file has Windows (CRLF) line endings, so the \
          system looks for an interpreter whose name ends in \\r (convert it: `dos2unix <file>`)"
@@ -178,6 +180,10 @@ const SHEBANG_MAX: u64 = 256;
 pub fn check(path: &Path, use_: Use) -> Result<(), BinaryProblem> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
+    if len == 0 {
+        // Else "not a program for this machine (… #! …)", or the loader's "file too short".
+        return Err(BinaryProblem::Empty);
+    }
     let data = ReadCache::new(file);
     // A library is no script, whatever its first bytes: the loader names what it is.
     if cfg!(unix) && use_ == Use::Run {
@@ -588,6 +594,15 @@ mod tests {
             "built for Windows (a PE file), but this agent runs on Linux: use the connector's \
              Linux build"
         );
+    }
+
+    #[test]
+    fn an_empty_file_is_named_empty_for_either_use() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        for use_ in [Use::Run, Use::Load] {
+            let problem = check(file.path(), use_).unwrap_err();
+            assert!(matches!(problem, BinaryProblem::Empty), "{problem:?}");
+        }
     }
 
     #[test]
