@@ -25,46 +25,76 @@ use object::{elf, pe, Endianness, FileKind, LittleEndian as LE, ReadCache, ReadR
 /// Why this machine cannot run or load a binary.
 #[derive(Debug, thiserror::Error)]
 pub enum BinaryProblem {
+    /// Another system's format (a PE file on Linux, say).
     #[error("built for {found}, but this agent runs on {host}: use the connector's {host} build")]
     WrongSystem {
+        /// The system the file is for, with its format.
         found: &'static str,
+        /// The system the agent runs on.
         host: &'static str,
     },
+    /// This system's format, another machine (aarch64 on x86_64, say).
     #[error("built for {found}, but this machine is {host}: use the connector's {host} build")]
-    WrongArchitecture { found: String, host: &'static str },
+    WrongArchitecture {
+        /// The machine the file is for.
+        found: String,
+        /// `std::env::consts::ARCH`.
+        host: &'static str,
+    },
+    /// Shorter than its headers say it is.
     #[error(
         "cut short: the file is {len} bytes, but its {format} headers describe at least {needed} \
          bytes (an interrupted copy or download? copy the whole file again)"
     )]
     Truncated {
+        /// The file's length.
         len: u64,
+        /// The least length its headers describe.
         needed: u64,
+        /// ELF or PE.
         format: &'static str,
     },
+    /// Too short to hold the header its first bytes begin.
     #[error(
         "cut short: the file is {len} bytes, too short for its own {format} header (an \
          interrupted copy or download? copy the whole file again)"
     )]
-    TruncatedHeader { len: u64, format: &'static str },
+    TruncatedHeader {
+        /// The file's length.
+        len: u64,
+        /// ELF or PE.
+        format: &'static str,
+    },
+    /// Headers the parser cannot read.
     #[error("not a valid {format} file: {detail}")]
     Damaged {
+        /// ELF or PE.
         format: &'static str,
+        /// The parser's words.
         detail: String,
     },
+    /// Zero bytes.
     #[error("the file is empty (an interrupted copy or download? copy the whole file again)")]
     Empty,
+    /// A script's `#!` line ends in `\r`.
     #[error(
         "its #! line ends in a carriage return: the file has Windows (CRLF) line endings, so the \
          system looks for an interpreter whose name ends in \\r (convert it: `dos2unix <file>`)"
     )]
     WindowsLineEndings,
+    /// A script whose `#!` interpreter (an absolute path) is not there.
     #[error(
         "its #! line names the interpreter {interpreter}, which is not on this machine (install \
          it, or correct the #! line)"
     )]
-    MissingInterpreter { interpreter: String },
+    MissingInterpreter {
+        /// The path the `#!` line names.
+        interpreter: String,
+    },
+    /// A `#!` line with nothing after it.
     #[error("its #! line names no interpreter (a script starts with one such as #!/bin/sh)")]
     NoInterpreter,
+    /// The file could not be read.
     #[error("cannot read the file: {0}")]
     Io(#[from] std::io::Error),
 }
