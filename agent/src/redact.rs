@@ -125,7 +125,7 @@ impl Secrets {
         self.redact_tail(text, usize::MAX)
     }
 
-    /// The last `keep` bytes of `text`, redacted (see [`redact_tail`]).
+    /// The last `keep` bytes of `text`, redacted (see the free function `redact_tail`).
     pub fn redact_tail(&self, text: &str, keep: usize) -> String {
         redact_tail(text, self.0.iter().map(|s| s.as_str()), keep)
     }

@@ -336,7 +336,7 @@ struct StoreFile {
 
 /// The agent-held tenants, in memory and on disk.
 ///
-/// Readers take the current [`Snapshot`] and never wait for a write to reach the disk: a
+/// Readers take the current `Snapshot` and never wait for a write to reach the disk: a
 /// writer builds the next snapshot from the current one, makes it durable (encrypt, write,
 /// fsync, rename), and only then swaps it in. So a change is visible only once it is durable
 /// (a rotated refresh token is on disk before the new access token is used), and a token

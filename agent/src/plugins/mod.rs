@@ -2,7 +2,7 @@
 //!
 //! Every file in the folder becomes one [`Connector`] record, `ready` or `rejected` with a reason
 //! a person can act on; nothing a plugin file contains can stop the agent from starting.
-//! The registry is a snapshot swapped atomically ([`PluginRegistry::replace`]) so calls never
+//! The registry is a snapshot swapped atomically ([`PluginRegistry::replace_shared`]) so calls never
 //! see a half-updated inventory.
 
 pub mod binary;

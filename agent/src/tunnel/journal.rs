@@ -20,7 +20,7 @@
 //! ```
 //!
 //! The acknowledged ids come back too, as the call table keeps them: 128-bit fingerprints,
-//! keyed by a random key the journal keeps (see [`super::calls::FingerprintKey`]), all 100 000
+//! keyed by a random key the journal keeps (see `calls::FingerprintKey`), all 100 000
 //! the table remembers. So a replay of a call acknowledged before a restart is refused with
 //! `agent.duplicate_call` as it would have been before it. (Journals of earlier versions wrote
 //! `A <hex call id>` for an acknowledged call and kept only the latest 10 000: they are read,
