@@ -315,7 +315,7 @@ pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 /// Writes a connector script into `dir` as `file_name` (copy, then rename) that runs the test
-/// connector as `app_id` `version` (its app_id and version come from its argv[0]).
+/// connector as `app_id` `version` (its app_id and version come from its `argv[0]`).
 pub fn versioned_connector(dir: &Path, file_name: &str, app_id: &str, version: &str) -> PathBuf {
     let body = format!(
         "#!/bin/bash\nexec -a '{app_id}@{version}' '{}' \"$@\"\n",
@@ -324,7 +324,7 @@ pub fn versioned_connector(dir: &Path, file_name: &str, app_id: &str, version: &
     write_script(dir, file_name, &body)
 }
 
-/// sha256(token)[:16], the `unique_tenant_id` the example and interop connectors report.
+/// `sha256(token)[:16]`, the `unique_tenant_id` the example and interop connectors report.
 pub fn token_hash(token: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(token.as_bytes()))[..16].to_string()
