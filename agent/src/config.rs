@@ -576,12 +576,9 @@ impl Validator {
         );
         let mut log = self.section(&mut table, "log", &["level", "format"]);
 
-        let origin_of = |table: &Map<String, Value>, flag: &Option<PathBuf>, key: &str| {
-            if flag.is_some() {
-                Some("the command line".to_string())
-            } else {
-                table.get(key).and_then(|v| v.origin().map(str::to_owned))
-            }
+        let origin_of = |table: &Map<String, Value>, flag: &Option<PathBuf>, key: &str| match flag {
+            Some(_) => Some("the command line".to_string()),
+            None => origin_in(table, key),
         };
         let state_origin = origin_of(&table, &cli.state_dir, "state_dir");
         let plugins_origin = origin_of(&table, &cli.plugins_dir, "plugins_dir");
@@ -806,9 +803,7 @@ impl Validator {
     /// A CA file: a path to PEM certificates, read now so that a bad one is reported with the
     /// rest (and by `check-config`) rather than when the first connection needs it.
     fn ca_file(&mut self, table: &mut Map<String, Value>, key: &str) -> Option<PathBuf> {
-        let origin = table
-            .get(leaf(key))
-            .and_then(|v| v.origin().map(str::to_owned));
+        let origin = origin_in(table, key);
         let path = absolute(self.path(table, key)?);
         if let Err(message) = crate::tunnel::transport::read_ca_file(&path) {
             self.issue(
@@ -1163,6 +1158,13 @@ impl Validator {
 
 fn leaf(key: &str) -> &str {
     key.rsplit('.').next().unwrap_or(key)
+}
+
+/// Where the value of `key` in its section's `table` came from, before it is taken out.
+fn origin_in(table: &Map<String, Value>, key: &str) -> Option<String> {
+    table
+        .get(leaf(key))
+        .and_then(|v| v.origin().map(str::to_owned))
 }
 
 fn to_usize(n: u64) -> usize {

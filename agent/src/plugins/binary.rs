@@ -514,10 +514,7 @@ mod tests {
     #[test]
     fn a_program_the_system_runs_in_a_compatibility_mode_passes_but_not_as_a_library() {
         // 32-bit x86 on x86_64 Linux: an ELF32 header with EM_386.
-        let mut elf32 = vec![0u8; 52];
-        put(&mut elf32, 0, &[0x7f, b'E', b'L', b'F', 1, 1, 1]);
-        put(&mut elf32, 18, &elf::EM_386.0.to_le_bytes());
-        put(&mut elf32, 20, &1u32.to_le_bytes()); // e_version
+        let mut elf32 = elf_header(elf::ELFCLASS32, elf::EM_386, 52);
         put(&mut elf32, 40, &52u16.to_le_bytes()); // e_ehsize
         let linux = |use_| match use_ {
             Use::Run => Host {
@@ -541,6 +538,17 @@ mod tests {
 
     fn put(bytes: &mut [u8], at: usize, value: &[u8]) {
         bytes[at..at + value.len()].copy_from_slice(value);
+    }
+
+    /// `len` bytes starting with a little-endian ELF identification of `class`, `machine` and
+    /// version 1; every other field zero.
+    fn elf_header(class: elf::FileClass, machine: elf::Machine, len: usize) -> Vec<u8> {
+        let mut header = vec![0u8; len];
+        put(&mut header, 0, &elf::ELFMAG);
+        put(&mut header, 4, &[class.0, elf::ELFDATA2LSB.0, 1]); // EI_VERSION: current
+        put(&mut header, 18, &machine.0.to_le_bytes());
+        put(&mut header, 20, &1u32.to_le_bytes()); // e_version
+        header
     }
 
     /// A 64-bit PE file of 0x400 bytes as a linker lays it out: DOS header, NT headers at
@@ -684,10 +692,7 @@ mod tests {
     #[test]
     fn hostile_header_fields_give_a_reason_not_a_panic() {
         // An ELF header whose tables lie at the end of the address space.
-        let mut header = vec![0u8; 64];
-        put(&mut header, 0, &[0x7f, b'E', b'L', b'F', 2, 1, 1]);
-        put(&mut header, 18, &elf::EM_X86_64.0.to_le_bytes());
-        put(&mut header, 20, &1u32.to_le_bytes()); // e_version
+        let mut header = elf_header(elf::ELFCLASS64, elf::EM_X86_64, 64);
         put(&mut header, 32, &u64::MAX.to_le_bytes()); // e_phoff
         put(&mut header, 40, &(u64::MAX - 8).to_le_bytes()); // e_shoff
         put(&mut header, 54, &56u16.to_le_bytes()); // e_phentsize

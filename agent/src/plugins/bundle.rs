@@ -7,7 +7,7 @@
 //! Unpacking goes to a temporary folder that is renamed into place only when complete, so a
 //! crash never leaves a half-unpacked bundle that looks ready.
 
-use crate::platform::{DirBuilderExt, OpenOptionsExt};
+use crate::platform::{self, DirBuilderExt, OpenOptionsExt};
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
@@ -188,15 +188,25 @@ fn finish(dir: PathBuf, freshly_unpacked: bool) -> Result<UnpackedBundle, Bundle
              on Linux for a bundle this agent can run (a .tar.gz)",
         )
     };
-    let is_file = |path: &Path| fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file());
+    let file_meta = |path: &Path| {
+        fs::symlink_metadata(path)
+            .ok()
+            .filter(|meta| meta.is_file())
+    };
     let program = dir.join(name);
-    if !is_file(&program) {
+    let Some(meta) = file_meta(&program) else {
         return Err(BundleError::NoProgram {
             name,
-            other_system: is_file(&dir.join(other_name)).then_some(other_system),
+            other_system: file_meta(&dir.join(other_name)).map(|_| other_system),
         });
+    };
+    // `main` is the bundle's program by definition, so it is made executable whatever the
+    // archive said: a zip made on Windows, or repacked by a tool that drops Unix modes,
+    // records none, and its `main` failed with "Permission denied". Also on a folder unpacked
+    // by an earlier version. (No modes on Windows: `mode_of` is `None`.)
+    if let Some(mode) = platform::mode_of(&meta).filter(|mode| mode & 0o100 == 0) {
+        platform::set_mode(&program, (mode | 0o100) & 0o7777)?;
     }
-    make_executable(&program)?;
     Ok(UnpackedBundle {
         dir,
         app_id,
@@ -204,24 +214,6 @@ fn finish(dir: PathBuf, freshly_unpacked: bool) -> Result<UnpackedBundle, Bundle
         program,
         freshly_unpacked,
     })
-}
-
-/// `main` is the bundle's program by definition, so it is made executable whatever the
-/// archive said: a zip made on Windows, or repacked by a tool that drops Unix modes, records
-/// none, and its `main` failed with "Permission denied". Also on a folder unpacked before.
-#[cfg(unix)]
-fn make_executable(program: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = fs::metadata(program)?.permissions().mode();
-    if mode & 0o100 == 0 {
-        fs::set_permissions(program, fs::Permissions::from_mode((mode | 0o100) & 0o7777))?;
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn make_executable(_program: &Path) -> std::io::Result<()> {
-    Ok(())
 }
 
 fn read_metadata(dir: &Path) -> Result<(String, String), BundleError> {

@@ -2,8 +2,8 @@
 //!
 //! Every file in the folder becomes one [`Connector`] record, `ready` or `rejected` with a reason
 //! a person can act on; nothing a plugin file contains can stop the agent from starting.
-//! The registry is a snapshot swapped atomically ([`PluginRegistry::replace_shared`]) so calls never
-//! see a half-updated inventory.
+//! The registry is a snapshot swapped atomically ([`PluginRegistry::replace_shared`]) so calls
+//! never see a half-updated inventory.
 
 pub mod binary;
 pub mod bundle;
