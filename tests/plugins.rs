@@ -447,6 +447,24 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
     let foreign_path = p.join("foreign-arch");
     std::fs::write(&foreign_path, &foreign).unwrap();
     std::fs::set_permissions(&foreign_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // One built against musl (as on Alpine): its program loader is not on this machine, and
+    // `execve` would say "No such file or directory". Its loader's name patched in place.
+    let glibc_loader = if cfg!(target_arch = "aarch64") {
+        "/lib/ld-linux-aarch64.so.1"
+    } else {
+        "/lib64/ld-linux-x86-64.so.2"
+    };
+    let musl_loader = format!("/lib/ld-musl-{}.so.1", std::env::consts::ARCH);
+    let mut musl = elf.clone();
+    let at = musl
+        .windows(glibc_loader.len() + 1)
+        .position(|w| w == format!("{glibc_loader}\0").as_bytes())
+        .expect("the example executable names the glibc loader");
+    musl[at..at + glibc_loader.len()].fill(0);
+    musl[at..at + musl_loader.len()].copy_from_slice(musl_loader.as_bytes());
+    let musl_path = p.join("musl-build");
+    std::fs::write(&musl_path, &musl).unwrap();
+    std::fs::set_permissions(&musl_path, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::symlink(p.join("loop-b"), p.join("loop-a")).unwrap();
     std::os::unix::fs::symlink(p.join("loop-a"), p.join("loop-b")).unwrap();
     std::os::unix::fs::symlink(p.join("nowhere"), p.join("dangling")).unwrap();
@@ -457,6 +475,10 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
     std::fs::write(p.join(".hidden"), b"x").unwrap();
 
     let agent = TestAgent::start(&dirs, "[plugins]\ninfo_timeout_secs = 2\n").await;
+    let musl_reason = format!(
+        "needs the program loader {musl_loader}, which is not on this machine (the program was \
+         built for a Linux with the musl C library, such as Alpine)"
+    );
     let expect = [
         ("plain-file", "not executable"),
         ("garbage-info", "did not print a JSON document"),
@@ -482,6 +504,7 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
                 "built for aarch64, but this machine is x86_64"
             },
         ),
+        ("musl-build", musl_reason.as_str()),
         ("loop-a", "symlink loop"),
         ("dangling", "dangling symlink"),
         ("a-folder", "a folder, not a connector"),

@@ -8,7 +8,10 @@
 //!
 //! A script's header is its `#!` line: for an interpreter that is missing, or that a file
 //! saved with Windows line endings names with a trailing carriage return, `execve` answers
-//! "No such file or directory" of a file that is plainly there.
+//! "No such file or directory" of a file that is plainly there. It says the same of a program
+//! whose program loader (the ELF interpreter a dynamically linked program names) is missing:
+//! a build for a musl-based Linux such as Alpine, or a 32-bit program without the 32-bit C
+//! library.
 //!
 //! Only headers are read (through [`ReadCache`], not the whole file), with `object`'s
 //! bounds-checked parsers: the file is untrusted and this runs in the agent itself.
@@ -91,6 +94,18 @@ pub enum BinaryProblem {
         /// The path the `#!` line names.
         interpreter: String,
     },
+    /// A dynamically linked program whose program loader (its ELF interpreter, an absolute
+    /// path) is not on this machine: `execve` answers "No such file or directory".
+    #[error(
+        "needs the program loader {loader}, which is not on this machine{hint}: use a build for \
+         this system (a statically linked build runs on any Linux)"
+    )]
+    MissingLoader {
+        /// The loader the program names.
+        loader: String,
+        /// Why it may be missing, where the loader's name says (with a leading " (").
+        hint: &'static str,
+    },
     /// A `#!` line with nothing after it.
     #[error("its #! line names no interpreter (a script starts with one such as #!/bin/sh)")]
     NoInterpreter,
@@ -148,6 +163,9 @@ struct Host {
     machines: &'static [u16],
     /// `std::env::consts::ARCH`.
     arch: &'static str,
+    /// For a program (not a library) on Linux: whether a path exists, to check that its
+    /// program loader is there.
+    loader_exists: Option<fn(&Path) -> bool>,
 }
 
 impl Host {
@@ -192,10 +210,13 @@ impl Host {
         } else {
             return None;
         };
+        let loader_exists: Option<fn(&Path) -> bool> =
+            (run && format == Format::Elf).then_some(|path: &Path| path.exists());
         Some(Host {
             format,
             machines,
             arch,
+            loader_exists,
         })
     }
 }
@@ -373,10 +394,10 @@ where
     }
     truncated(needed)?;
     // Then what the tables place: every segment's and section's bytes in the file.
-    for segment in header
+    let segments = header
         .program_headers(endian, data)
-        .map_err(|e| damaged(e.to_string()))?
-    {
+        .map_err(|e| damaged(e.to_string()))?;
+    for segment in segments {
         if segment.p_type(endian) != elf::PT_NULL {
             let offset: u64 = segment.p_offset(endian).into();
             needed = needed.max(end_of(offset, 1, segment.p_filesz(endian).into()));
@@ -392,7 +413,38 @@ where
             needed = needed.max(end_of(offset, 1, section.sh_size(endian).into()));
         }
     }
-    truncated(needed)
+    truncated(needed)?;
+    let Some(exists) = host.loader_exists else {
+        return Ok(());
+    };
+    for segment in segments {
+        let interpreter = segment
+            .interpreter(endian, data)
+            .map_err(|e| damaged(e.to_string()))?;
+        if let Some(loader) = interpreter.and_then(|name| std::str::from_utf8(name).ok()) {
+            // A relative loader is looked up from the working directory: left to `execve`.
+            if loader.starts_with('/') && !exists(Path::new(loader)) {
+                return Err(BinaryProblem::MissingLoader {
+                    loader: loader.to_string(),
+                    hint: loader_hint(loader, header.is_class_64()),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a missing loader's name tells of the program (a clause for [`BinaryProblem::MissingLoader`]).
+fn loader_hint(loader: &str, class_64: bool) -> &'static str {
+    if loader.contains("musl") {
+        " (the program was built for a Linux with the musl C library, such as Alpine)"
+    } else if !class_64 && cfg!(target_pointer_width = "64") {
+        " (a 32-bit program: install the system's 32-bit C library, or use a 64-bit build)"
+    } else if loader.starts_with("/nix/") {
+        " (the program was built for NixOS)"
+    } else {
+        ""
+    }
 }
 
 /// Why a file that starts like a PE file is not one `FileKind` recognises.
@@ -500,6 +552,7 @@ mod tests {
             format: Format::Elf,
             machines: &[elf::EM_X86_64.0],
             arch: "x86_64",
+            loader_exists: None,
         }
     }
 
@@ -508,6 +561,7 @@ mod tests {
             format: Format::Pe,
             machines: &[pe::IMAGE_FILE_MACHINE_AMD64.0],
             arch: "x86_64",
+            loader_exists: None,
         }
     }
 
@@ -635,6 +689,21 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_loaders_name_says_what_the_program_was_built_for() {
+        assert!(loader_hint("/lib/ld-musl-x86_64.so.1", true).contains("musl"));
+        assert!(
+            loader_hint("/nix/store/abc-glibc/lib/ld-linux-x86-64.so.2", true).contains("NixOS")
+        );
+        assert_eq!(loader_hint("/lib64/ld-linux-x86-64.so.2", true), "");
+        let thirty_two = loader_hint("/lib/ld-linux.so.2", false);
+        if cfg!(target_pointer_width = "64") {
+            assert!(thirty_two.contains("32-bit"), "{thirty_two}");
+        } else {
+            assert_eq!(thirty_two, "");
+        }
+    }
+
+    #[test]
     fn an_empty_file_is_named_empty_for_either_use() {
         let file = tempfile::NamedTempFile::new().unwrap();
         for use_ in [Use::Run, Use::Load] {
@@ -755,6 +824,63 @@ mod tests {
                     other => panic!("cut at {cut}: {other:?}"),
                 }
             }
+        }
+
+        /// Where this test's executable names its program loader (`PT_INTERP`).
+        fn loader_bytes(file: &[u8]) -> std::ops::Range<usize> {
+            let header = elf::FileHeader64::<Endianness>::parse(file).unwrap();
+            let endian = header.endian().unwrap();
+            let segment = header
+                .program_headers(endian, file)
+                .unwrap()
+                .iter()
+                .find(|s| s.p_type(endian) == elf::PT_INTERP)
+                .expect("the test executable is dynamically linked");
+            let start = usize::try_from(segment.p_offset(endian)).unwrap();
+            start..start + usize::try_from(segment.p_filesz(endian)).unwrap()
+        }
+
+        #[test]
+        fn a_program_whose_loader_is_missing_is_named_but_not_a_library() {
+            let (path, _, _) = this_executable();
+            let mut file = std::fs::read(path).unwrap();
+            let host = Host::current(Use::Run).unwrap();
+            assert!(host.loader_exists.is_some());
+            // Its own loader is there.
+            check_bytes(&file, host).unwrap();
+            // As a program built against musl names it (padded with NULs as a linker pads).
+            let musl = format!("/lib/ld-musl-{}.so.1", std::env::consts::ARCH);
+            let at = loader_bytes(&file);
+            assert!(musl.len() < at.len(), "{at:?}");
+            file[at.clone()].fill(0);
+            put(&mut file, at.start, musl.as_bytes());
+            match check_bytes(&file, host) {
+                Err(problem @ BinaryProblem::MissingLoader { .. }) => assert_eq!(
+                    problem.to_string(),
+                    format!(
+                        "needs the program loader {musl}, which is not on this machine (the \
+                         program was built for a Linux with the musl C library, such as \
+                         Alpine): use a build for this system (a statically linked build runs \
+                         on any Linux)"
+                    )
+                ),
+                other => panic!("{other:?}"),
+            }
+            // A library's interpreter is not run.
+            check_bytes(&file, Host::current(Use::Load).unwrap()).unwrap();
+            // A loader that is there passes, whatever its name.
+            let everywhere = Host {
+                loader_exists: Some(|_| true),
+                ..host
+            };
+            check_bytes(&file, everywhere).unwrap();
+            // An interpreter segment without its terminating NUL is a damaged file.
+            file[at.clone()].fill(b'x');
+            assert!(
+                matches!(check_bytes(&file, host), Err(BinaryProblem::Damaged { .. })),
+                "{:?}",
+                check_bytes(&file, host)
+            );
         }
 
         #[test]
