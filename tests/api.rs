@@ -49,6 +49,145 @@ async fn every_v1_route_needs_the_bearer_token() {
     agent.shutdown().await;
 }
 
+/// Roles over HTTP: the login's answer, what each role may do per route, a reload that takes a
+/// user's role away, and logins that are not JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_role_decides_each_route_and_a_reload_ends_a_demoted_users_session() {
+    let dirs = TestDirs::new();
+    let hash = |pw: &str| lumos_agent::auth::hash_password(pw.as_bytes()).unwrap();
+    let (admin_hash, viewer_hash) = (hash("ann-pw"), hash("vic-pw"));
+    let users = |ann_role: &str| {
+        format!(
+            "[api]\ntoken_ttl_secs = 120\n\
+             [api.users.ann]\npassword_hash = \"{admin_hash}\"\nrole = \"{ann_role}\"\n\
+             [api.users.vic]\npassword_hash = \"{viewer_hash}\"\nrole = \"viewer\"\n"
+        )
+    };
+    let agent = TestAgent::start(&dirs, &users("admin")).await;
+    let login = |user: &str, password: &str| {
+        agent.request_with(
+            Method::POST,
+            "/v1/auth/token",
+            Some(json!({"username": user, "password": password})),
+            None,
+        )
+    };
+    let json_of = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).unwrap();
+
+    let (status, body) = login("ann", "ann-pw").await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let answer = json_of(&body);
+    assert_eq!(answer["role"], "admin");
+    assert_eq!(answer["token_type"], "Bearer");
+    assert_eq!(answer["expires_in"], 120);
+    let ann = answer["token"].as_str().unwrap().to_string();
+    let (_, body) = login("vic", "vic-pw").await;
+    let vic = json_of(&body)["token"].as_str().unwrap().to_string();
+
+    let (status, body) = agent
+        .request_with(Method::GET, "/v1/auth/whoami", None, Some(&vic))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json_of(&body)["role"], "viewer");
+    let tenant = json!({"app_id": "x", "settings": {}});
+    for (token, method, path, body, expected) in [
+        (&vic, Method::GET, "/v1/tenants", None, StatusCode::OK),
+        (&vic, Method::GET, "/v1/status", None, StatusCode::OK),
+        (
+            &vic,
+            Method::PUT,
+            "/v1/tenants/t",
+            Some(tenant.clone()),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            &vic,
+            Method::DELETE,
+            "/v1/tenants/t",
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            &vic,
+            Method::POST,
+            "/v1/connectors/x/y",
+            Some(json!({})),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            &ann,
+            Method::PUT,
+            "/v1/tenants/t",
+            Some(tenant.clone()),
+            StatusCode::OK,
+        ),
+        (&ann, Method::DELETE, "/v1/tenants/t", None, StatusCode::OK),
+    ] {
+        let (status, answer) = agent
+            .request_with(method.clone(), path, body, Some(token))
+            .await;
+        assert_eq!(
+            status,
+            expected,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        if status == StatusCode::FORBIDDEN {
+            assert_eq!(json_of(&answer)["error"]["error_code"], "agent.forbidden");
+        }
+    }
+
+    // Logins that are not the expected JSON are refused as such, and say nothing of users.
+    for body in [
+        json!("ann"),
+        json!({"username": "ann"}),
+        json!({"username": "ann", "password": "ann-pw", "otp": 1}),
+    ] {
+        let (status, answer) = agent
+            .request_with(Method::POST, "/v1/auth/token", Some(body.clone()), None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(!String::from_utf8_lossy(&answer).contains("ann-pw"));
+    }
+    let (status, answer) = login("ann", "wrong").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        json_of(&answer)["error"]["error_code"],
+        "agent.unauthenticated"
+    );
+
+    // Ann becomes a viewer: her admin session ends at the reload, not at its expiry.
+    TestAgent::write_config(&dirs, &dirs.plugins(), &users("viewer"));
+    agent
+        .control
+        .send(lumos_agent::app::Control::Reload)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, answer) = agent
+            .request_with(Method::GET, "/v1/status", None, Some(&ann))
+            .await;
+        if status == StatusCode::UNAUTHORIZED {
+            assert!(String::from_utf8_lossy(&answer).contains("unknown bearer token"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reload never ended ann's session"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (_, body) = login("ann", "ann-pw").await;
+    assert_eq!(json_of(&body)["role"], "viewer");
+    // Vic's session outlives the reload: nothing about him changed.
+    let (status, _) = agent
+        .request_with(Method::GET, "/v1/status", None, Some(&vic))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connectors_list_and_detail() {
     let dirs = TestDirs::new();

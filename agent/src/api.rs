@@ -1,8 +1,9 @@
 //! The local HTTP API (design §6): health, connectors, calls and tenants.
 //!
-//! `/healthz` and `/readyz` are open; every `/v1` route needs `Authorization: Bearer <token>`,
-//! compared in constant time. Errors are JSON in the Lumos error shape with an HTTP status that
-//! matches the agent error code.
+//! `/healthz`, `/readyz`, `/metrics` and the login (`POST /v1/auth/token`) are open; every other
+//! `/v1` route needs `Authorization: Bearer <token>` ([`crate::auth`]) of a role that allows it
+//! (viewer: read; operator: also calls; admin: also tenants' writes). Errors are JSON in the
+//! Lumos error shape with an HTTP status that matches the agent error code.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,12 +18,11 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{ApiAuth, LoginError, Principal, Role};
 use crate::dispatch::{CallBody, CallRequest, Dispatcher};
 use crate::error::{CallError, ErrorCode};
 use crate::plugins::PluginRegistry;
@@ -44,8 +44,8 @@ pub struct ApiState {
     pub registry: Arc<PluginRegistry>,
     /// The agent-held tenants.
     pub tenants: Arc<TenantStore>,
-    /// sha256 of the admin token: comparing digests keeps the comparison length-independent.
-    pub token_digest: [u8; 32],
+    /// Who may do what: the admin token, users, sessions.
+    pub auth: Arc<ApiAuth>,
     /// Cancelled when the agent quits at once: in-flight calls stop.
     pub abort: CancellationToken,
     /// Cancelled when the agent drains: new calls are refused.
@@ -159,11 +159,23 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                 )
             }
         }
+        (&Method::POST, ["v1", "auth", "token"]) => login(state, req, peer).await,
         (_, ["v1", ..]) => {
-            if authorized(state, &req) {
-                v1(state, req, &method, &segments[1..]).await
-            } else {
-                unauthorized()
+            let header = req
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            match state.auth.check(header) {
+                Err(denied) => unauthorized(&denied.to_string()),
+                Ok(principal) => {
+                    let rest = &segments[1..];
+                    let needed = role_needed(&method, rest);
+                    if principal.role < needed {
+                        forbidden(&principal, needed, &method, &path)
+                    } else {
+                        v1(state, req, &method, rest, &principal).await
+                    }
+                }
             }
         }
         _ => agent_error(
@@ -176,31 +188,93 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
     response
 }
 
-fn authorized(state: &ApiState, req: &Request<Incoming>) -> bool {
-    let presented = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    presented.is_some_and(|token| {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        bool::from(digest.ct_eq(&state.token_digest))
-    })
+/// The least role a `/v1` route needs: reading takes a viewer, a call an operator, changing
+/// tenants an admin. Unknown routes take a viewer (their 404 is no secret).
+fn role_needed(method: &Method, rest: &[&str]) -> Role {
+    match (method, rest) {
+        (&Method::POST, ["connectors", _, _]) => Role::Operator,
+        (&Method::PUT | &Method::DELETE, ["tenants", ..]) => Role::Admin,
+        _ => Role::Viewer,
+    }
 }
 
-fn unauthorized() -> ApiResponse {
-    let err = CallError::new(
-        ErrorCode::BadRequest,
-        "missing or wrong bearer token (see <state_dir>/admin.token)",
-    );
+fn unauthorized(message: &str) -> ApiResponse {
+    let err = CallError::new(ErrorCode::Unauthenticated, message);
     let mut resp = agent_error(&err, None, StatusCode::UNAUTHORIZED);
     resp.headers_mut()
         .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
+}
+
+fn forbidden(principal: &Principal, needed: Role, method: &Method, path: &str) -> ApiResponse {
+    tracing::info!(user = %principal.user, role = principal.role.as_str(), %method, %path, "API request refused: role too low");
+    let err = CallError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "{method} {path} needs the {} role; {} has the {} role",
+            needed.as_str(),
+            principal.user,
+            principal.role.as_str()
+        ),
+    );
+    agent_error(&err, None, StatusCode::FORBIDDEN)
+}
+
+/// `POST /v1/auth/token` with `{"username", "password"}`: a bearer token of the user's role.
+async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> ApiResponse {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Login {
+        username: String,
+        password: String,
+    }
+    let body = match read_body(req).await {
+        Ok(bytes) => zeroize::Zeroizing::new(bytes.to_vec()),
+        Err(resp) => return resp,
+    };
+    let (username, password) = match serde_json::from_slice::<Login>(&body) {
+        // Moved, not copied, into its zeroizing wrapper.
+        Ok(login) => (login.username, zeroize::Zeroizing::new(login.password)),
+        Err(e) => {
+            // serde's words name fields and types, never the values.
+            let err = CallError::new(
+                ErrorCode::BadRequest,
+                format!("expected {{\"username\": \"…\", \"password\": \"…\"}}: {e}"),
+            );
+            return agent_error(&err, None, StatusCode::BAD_REQUEST);
+        }
+    };
+    match state.auth.login(&username, password.as_bytes()).await {
+        Ok(issued) => {
+            tracing::info!(user = %username, role = issued.role.as_str(), %peer, "API login");
+            let expires_at = issued
+                .expires_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "token": issued.token.as_str(),
+                    "token_type": "Bearer",
+                    "role": issued.role.as_str(),
+                    "expires_in": issued.expires_in.as_secs(),
+                    "expires_at": expires_at,
+                }),
+            )
+        }
+        Err(LoginError::WrongCredentials) => {
+            tracing::warn!(user = %username, %peer, "API login refused: wrong user name or password");
+            unauthorized(&LoginError::WrongCredentials.to_string())
+        }
+        Err(e @ LoginError::Unavailable { .. }) => {
+            tracing::error!(%peer, "API login failed: {e}");
+            agent_error(
+                &CallError::new(ErrorCode::Internal, e.to_string()),
+                None,
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
+        }
+    }
 }
 
 async fn v1(
@@ -208,8 +282,31 @@ async fn v1(
     req: Request<Incoming>,
     method: &Method,
     rest: &[&str],
+    principal: &Principal,
 ) -> ApiResponse {
     match (method, rest) {
+        (&Method::GET, ["auth", "whoami"]) => json_response(
+            StatusCode::OK,
+            &json!({
+                "user": principal.user,
+                "role": principal.role.as_str(),
+                "expires_at": principal.expires_at.map(|t| t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())),
+            }),
+        ),
+        (&Method::DELETE, ["auth", "token"]) => {
+            if state.auth.logout(principal) {
+                tracing::info!(user = %principal.user, "API logout");
+                json_response(StatusCode::OK, &json!({"logged_out": principal.user}))
+            } else {
+                let err = CallError::new(
+                    ErrorCode::BadRequest,
+                    "the admin token has no session to end (it is the file <state_dir>/admin.token)",
+                );
+                agent_error(&err, None, StatusCode::BAD_REQUEST)
+            }
+        }
         (&Method::GET, ["status"]) => {
             let inventory = state.registry.snapshot();
             let rejected = inventory

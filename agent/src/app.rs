@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -106,6 +105,8 @@ pub struct RunningAgent {
     pub tenants: Arc<TenantStore>,
     /// The file holding the admin bearer token.
     pub admin_token_path: PathBuf,
+    /// The local API's users and sessions (a reload replaces the users).
+    api_auth: Arc<crate::auth::ApiAuth>,
     config: Arc<SharedConfig>,
     config_source: Option<ConfigSource>,
     reconciler: Arc<Reconciler>,
@@ -298,12 +299,13 @@ impl RunningAgent {
             )?),
         };
         let cloud_settings = tokio::sync::watch::Sender::new(config.cloud.clone());
+        let api_auth = Arc::new(crate::auth::ApiAuth::new(&token, &config.api));
         let api_state = Arc::new(ApiState {
             dispatcher,
             metrics,
             registry: registry.clone(),
             tenants: tenants.clone(),
-            token_digest: Sha256::digest(token.as_bytes()).into(),
+            auth: api_auth.clone(),
             abort: abort.clone(),
             draining: draining.clone(),
             cloud: cloud_status.subscribe(),
@@ -317,6 +319,7 @@ impl RunningAgent {
             registry,
             tenants,
             admin_token_path: state.admin_token(),
+            api_auth,
             config: shared,
             config_source: None,
             reconciler: reconciler.clone(),
@@ -467,6 +470,11 @@ impl RunningAgent {
                 needs_restart.push(key);
             }
         }
+        if new.api.users != old.api.users || new.api.token_ttl != old.api.token_ttl {
+            // Sessions of users removed or given another role end now.
+            self.api_auth.configure(&new.api);
+            applied.push("api.users and api.token_ttl_secs");
+        }
         if new.cloud != old.cloud {
             // The tunnel supervisor reconnects with them; results not yet acknowledged are
             // kept and sent on the new stream.
@@ -477,6 +485,8 @@ impl RunningAgent {
         // Settings that need a restart keep their running values, so what is in force stays
         // what is running.
         kept.log.level = new.log.level;
+        kept.api.users = new.api.users;
+        kept.api.token_ttl = new.api.token_ttl;
         kept.plugins_dir = new.plugins_dir;
         kept.calls = new.calls;
         kept.connectors = new.connectors;

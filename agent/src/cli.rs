@@ -33,6 +33,15 @@ pub struct Cli {
     /// Local API address (overrides `api.listen`).
     #[arg(long, global = true, value_name = "ADDR")]
     pub listen: Option<String>,
+    /// The API token the client commands send. Default: the one `lumos-agent login` saved for
+    /// this agent's address, else <state_dir>/admin.token.
+    #[arg(
+        long,
+        global = true,
+        env = "LUMOS_AGENT_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub token_file: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -80,6 +89,24 @@ pub enum Command {
         /// put, list or delete.
         #[command(subcommand)]
         action: TenantsCommand,
+    },
+    /// Log in to the agent's API as a user of `[api.users]`; the token is saved (0600) for the
+    /// other commands until it expires.
+    Login {
+        /// The user name.
+        #[arg(long)]
+        user: String,
+        /// Read the password from a file (`-` for stdin) instead of asking for it.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// End the session of the saved login token and remove it.
+    Logout,
+    /// Print an Argon2 hash of a password for `[api.users.<name>] password_hash`.
+    HashPassword {
+        /// Read the password from a file (`-` for stdin) instead of asking for it twice.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
     },
     /// Manage the Windows service (on Linux, the systemd unit does this: see README).
     Service {
@@ -187,6 +214,7 @@ pub fn execute(cli: &Cli) -> u8 {
             exit::OK
         }
         Command::CheckConfig => check_config(cli),
+        Command::HashPassword { password_file } => hash_password(password_file.as_deref()),
         Command::Doctor => block_on(crate::doctor::run(
             &cli.overrides(),
             &mut std::io::stdout().lock(),
@@ -197,7 +225,7 @@ pub fn execute(cli: &Cli) -> u8 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            block_on(client_command(&config, command))
+            block_on(client_command(cli, &config, command))
         }
     }
 }
@@ -260,6 +288,19 @@ fn check_config(cli: &Cli) -> u8 {
             println!("  plugins_dir  {}", cfg.plugins_dir.display());
             println!("  state_dir    {}", cfg.state_dir.display());
             println!("  api.listen   {}", cfg.api.listen);
+            if !cfg.api.users.is_empty() {
+                let users: Vec<String> = cfg
+                    .api
+                    .users
+                    .iter()
+                    .map(|(name, user)| format!("{name} ({})", user.role.as_str()))
+                    .collect();
+                println!(
+                    "  api.users    {}; tokens valid {:?}",
+                    users.join(", "),
+                    cfg.api.token_ttl
+                );
+            }
             println!(
                 "  calls        timeout {:?}, {} at once per connector",
                 cfg.calls.timeout, cfg.calls.max_concurrency
@@ -290,8 +331,220 @@ fn check_config(cli: &Cli) -> u8 {
     }
 }
 
-async fn client_command(config: &Config, command: &Command) -> u8 {
-    let token_file = StatePaths::new(config.state_dir.clone()).admin_token();
+/// Where `login` saves the token for the agent at `listen` (one per address, so that logins
+/// to two agents do not replace each other).
+fn saved_token_path(listen: std::net::SocketAddr) -> Option<PathBuf> {
+    let dirs = directories::ProjectDirs::from("com", "Lumos", "lumos-agent")?;
+    let address = listen.to_string().replace([':', '[', ']'], "_");
+    Some(dirs.config_dir().join(format!("api-token-{address}")))
+}
+
+/// The token file the client commands use: `--token-file`, else a saved login, else the
+/// agent's admin token.
+fn token_file_for(cli: &Cli, config: &Config) -> PathBuf {
+    if let Some(path) = &cli.token_file {
+        return path.clone();
+    }
+    saved_token_path(config.api.listen)
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| StatePaths::new(config.state_dir.clone()).admin_token())
+}
+
+/// A password from `file` (`-`: stdin; its first line), or asked for on the terminal
+/// (`confirm`: twice).
+fn read_password(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<String>, String> {
+    match file {
+        Some(path) => {
+            let text =
+                read_input(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let line = text.lines().next().unwrap_or_default();
+            Ok(Zeroizing::new(line.to_string()))
+        }
+        None => {
+            let first = Zeroizing::new(rpassword::prompt_password("Password: ").map_err(|e| {
+                format!("cannot read a password from the terminal ({e}); use --password-file")
+            })?);
+            if confirm {
+                let again = Zeroizing::new(
+                    rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?,
+                );
+                if *again != *first {
+                    return Err("the two passwords differ".into());
+                }
+            }
+            Ok(first)
+        }
+    }
+}
+
+fn hash_password(file: Option<&Path>) -> u8 {
+    let password = match read_password(file, true) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lumos-agent: {e}");
+            return exit::USAGE;
+        }
+    };
+    if password.is_empty() {
+        eprintln!("lumos-agent: the password is empty");
+        return exit::USAGE;
+    }
+    match crate::auth::hash_password(password.as_bytes()) {
+        Ok(hash) => {
+            println!("{hash}");
+            eprintln!("put it in the agent's config:\n  [api.users.<name>]\n  password_hash = \"{hash}\"\n  role = \"viewer\"    # or operator, admin");
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("lumos-agent: cannot hash the password: {e}");
+            exit::INTERNAL
+        }
+    }
+}
+
+async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Path>) -> u8 {
+    let Some(path) = cli
+        .token_file
+        .clone()
+        .or_else(|| saved_token_path(config.api.listen))
+    else {
+        eprintln!("lumos-agent: no home folder to save the token in; give --token-file");
+        return exit::USAGE;
+    };
+    let password = match read_password(password_file, false) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lumos-agent: {e}");
+            return exit::USAGE;
+        }
+    };
+    let client = ApiClient::anonymous(config.api.listen);
+    let body = Zeroizing::new(
+        serde_json::to_vec(&serde_json::json!({"username": user, "password": password.as_str()}))
+            .unwrap_or_default(),
+    );
+    let (status, answer) = match client
+        .send(Method::POST, "/v1/auth/token", Some(body.to_vec()))
+        .await
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("lumos-agent: {e}");
+            return exit::UNREACHABLE;
+        }
+    };
+    let answer = Zeroizing::new(answer.to_vec());
+    if !status.is_success() {
+        eprintln!("lumos-agent: login refused: {}", error_message(&answer));
+        return if status == StatusCode::UNAUTHORIZED {
+            exit::UNAUTHORIZED
+        } else {
+            exit::CALL_ERROR
+        };
+    }
+    let doc: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+    let Some(token) = doc["token"].as_str() else {
+        eprintln!("lumos-agent: the agent's answer holds no token");
+        return exit::CALL_ERROR;
+    };
+    if let Some(parent) = path.parent() {
+        let created = {
+            use crate::platform::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+        };
+        if let Err(e) = created {
+            eprintln!("lumos-agent: cannot create {}: {e}", parent.display());
+            return exit::STARTUP;
+        }
+    }
+    let token = Zeroizing::new(format!("{token}\n"));
+    if let Err(e) = crate::state::write_atomic(&path, token.as_bytes(), 0o600) {
+        eprintln!(
+            "lumos-agent: cannot save the token in {}: {e}",
+            path.display()
+        );
+        return exit::STARTUP;
+    }
+    let until = doc["expires_at"]
+        .as_u64()
+        .map(|secs| {
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        })
+        .unwrap_or_default();
+    println!(
+        "logged in to {} as {user} ({}) until {until}; token saved in {}",
+        client.base(),
+        doc["role"].as_str().unwrap_or("?"),
+        path.display()
+    );
+    exit::OK
+}
+
+async fn logout(cli: &Cli, config: &Config) -> u8 {
+    let Some(path) = cli
+        .token_file
+        .clone()
+        .or_else(|| saved_token_path(config.api.listen))
+        .filter(|p| p.exists())
+    else {
+        eprintln!(
+            "lumos-agent: no saved login for {} (nothing to do)",
+            config.api.listen
+        );
+        return exit::OK;
+    };
+    let ended = match ApiClient::new(config.api.listen, &path) {
+        Ok(client) => match client.send(Method::DELETE, "/v1/auth/token", None).await {
+            Ok((status, _)) if status.is_success() => "session ended",
+            // Expired or unknown already: nothing left to end on the agent.
+            Ok((StatusCode::UNAUTHORIZED, _)) => "session had already ended",
+            Ok((_, body)) => {
+                eprintln!("lumos-agent: {}", error_message(&body));
+                return exit::CALL_ERROR;
+            }
+            Err(e) => {
+                eprintln!("lumos-agent: {e}; the token file is kept");
+                return exit::UNREACHABLE;
+            }
+        },
+        Err(e) => {
+            eprintln!("lumos-agent: {e}");
+            return exit::USAGE;
+        }
+    };
+    if let Err(e) = std::fs::remove_file(&path) {
+        eprintln!("lumos-agent: cannot remove {}: {e}", path.display());
+        return exit::STARTUP;
+    }
+    println!("logged out: {ended}; removed {}", path.display());
+    exit::OK
+}
+
+/// The message of an API error body (the Lumos error shape), or the body as text.
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+}
+
+async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
+    match command {
+        Command::Login {
+            user,
+            password_file,
+        } => return login(cli, config, user, password_file.as_deref()).await,
+        Command::Logout => return logout(cli, config).await,
+        _ => {}
+    }
+    let token_file = token_file_for(cli, config);
     let client = match ApiClient::new(config.api.listen, &token_file) {
         Ok(c) => c,
         Err(e) => {
@@ -326,6 +579,9 @@ async fn client_command(config: &Config, command: &Command) -> u8 {
         | Command::Doctor
         | Command::Version
         | Command::Service { .. }
+        | Command::Login { .. }
+        | Command::Logout
+        | Command::HashPassword { .. }
         | Command::PluginHost { .. }
         | Command::GroupReaper => Ok(exit::USAGE),
     };
@@ -338,19 +594,19 @@ async fn client_command(config: &Config, command: &Command) -> u8 {
 /// Maps an API answer to an exit code, printing errors.
 fn check_status(status: StatusCode, body: &[u8]) -> Option<u8> {
     if status == StatusCode::UNAUTHORIZED {
-        eprintln!("lumos-agent: the agent refused the API token (is this the same state folder as the running agent?)");
+        eprintln!(
+            "lumos-agent: the agent refused the API token: {} (a token from `lumos-agent login`, \
+             --token-file, or <state_dir>/admin.token of the same state folder as the running agent)",
+            error_message(body)
+        );
+        return Some(exit::UNAUTHORIZED);
+    }
+    if status == StatusCode::FORBIDDEN {
+        eprintln!("lumos-agent: not allowed: {}", error_message(body));
         return Some(exit::UNAUTHORIZED);
     }
     if !status.is_success() {
-        let message = serde_json::from_slice::<Value>(body)
-            .ok()
-            .and_then(|v| {
-                v.pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
-        eprintln!("lumos-agent: {status}: {message}");
+        eprintln!("lumos-agent: {status}: {}", error_message(body));
         return Some(exit::CALL_ERROR);
     }
     None
@@ -466,7 +722,7 @@ async fn call(
             Some(payload),
         )
         .await?;
-    if status == StatusCode::UNAUTHORIZED {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Ok(check_status(status, &answer).unwrap_or(exit::UNAUTHORIZED));
     }
     // The answer is printed verbatim whatever it is: it is the connector's (or the agent's) JSON.

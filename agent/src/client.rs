@@ -34,17 +34,44 @@ pub enum ClientError {
 }
 
 /// A client of one agent's API.
-#[derive(Debug)]
 pub struct ApiClient {
     base: String,
-    token: Zeroizing<String>,
+    /// `None` for a client that only logs in.
+    token: Option<Zeroizing<String>>,
     client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ApiClient {
     /// A client for the agent listening on `listen` (an unspecified address means loopback),
     /// authenticated with the token in `token_file`.
     pub fn new(listen: SocketAddr, token_file: &Path) -> Result<Self, ClientError> {
+        let token = std::fs::read_to_string(token_file).map_err(|source| ClientError::Token {
+            path: token_file.display().to_string(),
+            source,
+        })?;
+        let token = Zeroizing::new(token.trim().to_string());
+        Ok(Self::with_token(listen, Some(token)))
+    }
+
+    /// A client without a token: for `POST /v1/auth/token` and the open routes.
+    pub fn anonymous(listen: SocketAddr) -> Self {
+        Self::with_token(listen, None)
+    }
+
+    /// The API's base URL (`http://127.0.0.1:7878`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn with_token(listen: SocketAddr, token: Option<Zeroizing<String>>) -> Self {
         let mut addr = listen;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr.ip() {
@@ -53,17 +80,12 @@ impl ApiClient {
             });
         }
         let base = format!("http://{addr}");
-        let token = std::fs::read_to_string(token_file).map_err(|source| ClientError::Token {
-            path: token_file.display().to_string(),
-            source,
-        })?;
-        let token = Zeroizing::new(token.trim().to_string());
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Ok(Self {
+        Self {
             base,
             token,
             client,
-        })
+        }
     }
 
     /// Sends a request; returns the status and the whole body.
@@ -78,10 +100,10 @@ impl ApiClient {
             url: self.base.clone(),
             detail,
         };
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(&url)
-            .header("authorization", format!("Bearer {}", self.token.as_str()));
+        let mut builder = Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.token {
+            builder = builder.header("authorization", format!("Bearer {}", token.as_str()));
+        }
         if body.is_some() {
             builder = builder.header("content-type", "application/json");
         }

@@ -205,6 +205,30 @@ pub struct OAuthConfig {
 pub struct ApiConfig {
     /// Address to listen on; loopback by default.
     pub listen: SocketAddr,
+    /// How long a token issued at a login (`POST /v1/auth/token`) is valid.
+    pub token_ttl: Duration,
+    /// The built-in auth provider's users (`[api.users.<name>]`), by lower-case name.
+    pub users: BTreeMap<String, ApiUser>,
+}
+
+/// A user of the built-in auth provider.
+#[derive(Clone, PartialEq)]
+pub struct ApiUser {
+    /// An Argon2 hash in PHC form (`$argon2id$v=19$m=…`), as `lumos-agent hash-password`
+    /// prints it.
+    pub password_hash: String,
+    /// What the user may do.
+    pub role: crate::auth::Role,
+}
+
+impl std::fmt::Debug for ApiUser {
+    // The hash is not the password, but an offline guess needs nothing else: not in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiUser")
+            .field("password_hash", &"<redacted>")
+            .field("role", &self.role)
+            .finish()
+    }
 }
 
 /// Capability call limits.
@@ -543,7 +567,7 @@ impl Validator {
                 );
             }
         }
-        let mut api = self.section(&mut table, "api", &["listen"]);
+        let mut api = self.section(&mut table, "api", &["listen", "token_ttl_secs", "users"]);
         let mut calls = self.section(
             &mut table,
             "calls",
@@ -613,6 +637,12 @@ impl Validator {
                 }
             },
         };
+
+        let token_ttl = Duration::from_secs(
+            self.uint(&mut api, "api.token_ttl_secs", 1, 30 * 86_400)
+                .unwrap_or(3600),
+        );
+        let users = self.api_users(&mut api);
 
         let calls = CallsConfig {
             timeout: Duration::from_secs(
@@ -710,7 +740,11 @@ impl Validator {
                 origin,
                 plugins_dir: absolute(plugins_dir),
                 state_dir: absolute(state_dir),
-                api: ApiConfig { listen },
+                api: ApiConfig {
+                    listen,
+                    token_ttl,
+                    users,
+                },
                 calls,
                 plugins,
                 log,
@@ -1111,6 +1145,107 @@ impl Validator {
         })
     }
 
+    /// `[api.users.<name>]`: each with an Argon2 `password_hash` and a `role`.
+    fn api_users(&mut self, api: &mut Map<String, Value>) -> BTreeMap<String, ApiUser> {
+        let mut out = BTreeMap::new();
+        let Some(value) = api.remove("users") else {
+            return out;
+        };
+        let ValueKind::Table(all) = value.kind else {
+            self.issue(
+                "api.users",
+                value.origin(),
+                "expected tables like [api.users.<name>] with password_hash and role",
+            );
+            return out;
+        };
+        let users = self.named_tables(
+            all,
+            "api.users",
+            "[api.users.<name>] with password_hash and role",
+            &["password_hash", "role"],
+        );
+        for (name, origin, mut sub) in users {
+            let prefix = format!("api.users.{name}");
+            let hash = match self.string(&mut sub, &format!("{prefix}.password_hash")) {
+                None => {
+                    self.issue(
+                        &format!("{prefix}.password_hash"),
+                        origin.as_deref(),
+                        "missing: every user needs one (make it with `lumos-agent hash-password`)",
+                    );
+                    None
+                }
+                Some((hash, from)) => match crate::auth::check_password_hash(&hash) {
+                    Ok(()) => Some(hash),
+                    Err(why) => {
+                        self.issue(&format!("{prefix}.password_hash"), from.as_deref(), why);
+                        None
+                    }
+                },
+            };
+            let role_key = format!("{prefix}.role");
+            let role = match self.choice(&mut sub, &role_key, crate::auth::Role::NAMES) {
+                Some(role) => crate::auth::Role::parse(&role),
+                None => {
+                    if !self.issues.iter().any(|i| i.key == role_key) {
+                        self.issue(
+                            &role_key,
+                            origin.as_deref(),
+                            format!("missing: one of {}", crate::auth::Role::NAMES.join(", ")),
+                        );
+                    }
+                    None
+                }
+            };
+            if let (Some(password_hash), Some(role)) = (hash, role) {
+                out.insert(
+                    name.to_lowercase(),
+                    ApiUser {
+                        password_hash,
+                        role,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// The tables `[<section>.<name>]` of `all`, each with its origin, their unknown keys
+    /// reported (`like`: what one looks like, for a value that is not a table).
+    fn named_tables(
+        &mut self,
+        all: Map<String, Value>,
+        section: &str,
+        like: &str,
+        known: &[&str],
+    ) -> Vec<(String, Option<String>, Map<String, Value>)> {
+        let mut out = Vec::new();
+        for (name, value) in all {
+            let origin = value.origin().map(str::to_owned);
+            let prefix = format!("{section}.{name}");
+            let ValueKind::Table(sub) = value.kind else {
+                self.issue(
+                    &prefix,
+                    origin.as_deref(),
+                    format!("expected a table like {like}"),
+                );
+                continue;
+            };
+            for (key, v) in &sub {
+                if !known.contains(&key.as_str()) {
+                    self.issue(
+                        &format!("{prefix}.{key}"),
+                        v.origin(),
+                        format!("unknown key; known keys are {}", known.join(", ")),
+                    );
+                }
+            }
+            out.push((name, origin, sub));
+        }
+        out
+    }
+
     fn connectors(
         &mut self,
         table: &mut Map<String, Value>,
@@ -1119,26 +1254,14 @@ impl Validator {
         let all = self.section(table, "connectors", &[]);
         // `section` reported every app_id as unknown; they are free-form here, so undo that.
         self.issues.retain(|i| !i.key.starts_with("connectors."));
-        for (app_id, value) in all {
-            let origin = value.origin().map(str::to_owned);
+        let tables = self.named_tables(
+            all,
+            "connectors",
+            "[connectors.<app_id>]",
+            &["max_concurrency", "timeout_secs", "in_process"],
+        );
+        for (app_id, _, mut sub) in tables {
             let prefix = format!("connectors.{app_id}");
-            let ValueKind::Table(mut sub) = value.kind else {
-                self.issue(
-                    &prefix,
-                    origin.as_deref(),
-                    "expected a table like [connectors.<app_id>]",
-                );
-                continue;
-            };
-            for (key, v) in &sub {
-                if !["max_concurrency", "timeout_secs", "in_process"].contains(&key.as_str()) {
-                    self.issue(
-                        &format!("{prefix}.{key}"),
-                        v.origin(),
-                        "unknown key; known keys are max_concurrency, timeout_secs, in_process",
-                    );
-                }
-            }
             let over = ConnectorOverride {
                 max_concurrency: self
                     .uint(&mut sub, &format!("{prefix}.max_concurrency"), 1, 10_000)
@@ -1381,6 +1504,48 @@ mod tests {
             issues.iter().all(|i| i.origin.contains("agent.toml")),
             "{issues:?}"
         );
+    }
+
+    #[test]
+    fn api_users_need_an_argon2_hash_and_a_role_and_every_problem_is_reported() {
+        let good = crate::auth::hash_password(b"pw").unwrap();
+        let (_dir, path) = file(&format!(
+            "[api]\ntoken_ttl_secs = 900\n\
+             [api.users.Alice]\npassword_hash = \"{good}\"\nrole = \"operator\"\n"
+        ));
+        let cfg = load_file(&path, &[]).unwrap();
+        assert_eq!(cfg.api.token_ttl, Duration::from_secs(900));
+        let alice = &cfg.api.users["alice"];
+        assert_eq!(alice.role, crate::auth::Role::Operator);
+        assert!(!format!("{alice:?}").contains(&good), "{alice:?}");
+
+        let (_dir, path) = file(&format!(
+            "[api]\ntoken_ttl_secs = 0\n\
+             [api.users.plain]\npassword_hash = \"hunter2\"\nrole = \"viewer\"\n\
+             [api.users.norole]\npassword_hash = \"{good}\"\n\
+             [api.users.badrole]\npassword_hash = \"{good}\"\nrole = \"root\"\n\
+             [api.users.nohash]\nrole = \"admin\"\nemail = \"x\"\n"
+        ));
+        let ConfigError::Invalid(issues) = load_file(&path, &[]).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        for key in [
+            "api.token_ttl_secs",
+            "api.users.plain.password_hash",
+            "api.users.norole.role",
+            "api.users.badrole.role",
+            "api.users.nohash.password_hash",
+            "api.users.nohash.email",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {issues:?}");
+        }
+        let plain = issues
+            .iter()
+            .find(|i| i.key == "api.users.plain.password_hash")
+            .unwrap();
+        assert!(plain.message.contains("hash-password"), "{plain:?}");
+        assert!(!format!("{issues:?}").contains("hunter2"), "{issues:?}");
     }
 
     #[test]

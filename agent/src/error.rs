@@ -52,6 +52,11 @@ pub enum ErrorCode {
     /// unsupported request format) or the credential lacks what a refresh needs. The message
     /// names the setting.
     CredentialMisconfigured,
+    /// A local API request without a valid bearer token (missing, unknown or expired), or a
+    /// login with a wrong user name or password.
+    Unauthenticated,
+    /// A local API request the caller's role does not allow.
+    Forbidden,
     /// A bug or an I/O failure inside the agent.
     Internal,
 }
@@ -78,6 +83,8 @@ impl ErrorCode {
             Self::NeedsReconsent => "needs_reconsent",
             Self::TokenRefreshFailed => "token_refresh_failed",
             Self::CredentialMisconfigured => "credential_misconfigured",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
             Self::Internal => "internal",
         }
     }
@@ -106,7 +113,8 @@ impl ErrorCode {
             // Only ever a tunnel result; an API call dies with the agent's connection.
             Self::Interrupted => 500,
             Self::DuplicateCall => 409,
-            Self::NeedsReconsent => 401,
+            Self::NeedsReconsent | Self::Unauthenticated => 401,
+            Self::Forbidden => 403,
             Self::TokenRefreshFailed | Self::CredentialMisconfigured => 502,
             Self::Internal => 500,
         }
@@ -122,6 +130,8 @@ impl ErrorCode {
             | Self::UnknownTenant
             | Self::DuplicateCall
             | Self::NeedsReconsent
+            | Self::Unauthenticated
+            | Self::Forbidden
             | Self::CredentialMisconfigured
             | Self::Cancelled => "caller",
             Self::ConnectorCrashed

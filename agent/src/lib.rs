@@ -15,6 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -295,6 +295,203 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
     assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
 
     // SIGTERM drains and exits 0.
+    let log = stop_cleanly(&mut child);
+    assert!(log.contains("loaded lumos_example"), "{log}");
+}
+
+/// The local API's users (design §6): `hash-password` makes the config's hash, `login` saves
+/// a token of the user's role that the other commands then send, the role decides what they
+/// may do, and `logout` ends the session.
+#[test]
+fn users_log_in_from_the_cli_and_their_role_decides_what_they_may_do() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(example_built(), plugins.join("example")).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("agent.toml");
+    // Every command as an admin's shell runs it: its own home, the agent's config.
+    let run = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut command = Command::new(AGENT);
+        command
+            .args(["--config", config.to_str().unwrap(), "--listen", &listen])
+            .args(args)
+            .current_dir(dir.path())
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("LUMOS_AGENT_CONFIG")
+            .env_remove("LUMOS_AGENT_TOKEN_FILE")
+            .stdin(Stdio::piped());
+        command.output_with_stdin(stdin.unwrap_or_default())
+    };
+    let hash_of = |password: &[u8]| {
+        let out = run(&["hash-password", "--password-file", "-"], Some(password));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let (viewer, operator) = (hash_of(b"vic-pw\n"), hash_of(b"olga-pw\n"));
+    assert!(viewer.starts_with("$argon2id$"), "{viewer}");
+    std::fs::write(
+        &config,
+        format!(
+            "plugins_dir = {plugins:?}\nstate_dir = {:?}\n[plugins]\nstrict_permissions = false\n\
+             [api.users.vic]\npassword_hash = \"{viewer}\"\nrole = \"viewer\"\n\
+             [api.users.olga]\npassword_hash = \"{operator}\"\nrole = \"operator\"\n",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(AGENT)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "run",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The admin token (no login saved) serves until then.
+    wait_for("the example connector to be ready", || {
+        text(&run(&["connectors"], None).stdout).contains("ready")
+    });
+
+    let wrong = run(
+        &["login", "--user", "vic", "--password-file", "-"],
+        Some(b"nope\n"),
+    );
+    let unknown = run(
+        &["login", "--user", "eve", "--password-file", "-"],
+        Some(b"nope\n"),
+    );
+    for out in [&wrong, &unknown] {
+        assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stderr),
+            "lumos-agent: login refused: wrong user name or password\n"
+        );
+    }
+
+    let out = run(
+        &["login", "--user", "vic", "--password-file", "-"],
+        Some(b"vic-pw\n"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "logged in to http://{listen} as vic (viewer) until "
+        )),
+        "{said}"
+    );
+    let saved = home
+        .join(".config/lumos-agent")
+        .join(format!("api-token-{}", listen.replace(':', "_")));
+    assert!(said.contains(saved.to_str().unwrap()), "{said}");
+    let mode = std::fs::metadata(&saved).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A viewer reads, and may not call.
+    let out = run(&["connectors"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&["call", "lumos_example", "validate_credentials"], None);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "POST /v1/connectors/lumos_example/validate_credentials needs the operator role; vic \
+             has the viewer role"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["logout"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let put_tenant = || {
+        run(
+            &[
+                "tenants",
+                "put",
+                "t1",
+                "--app-id",
+                "lumos_example",
+                "--auth-file",
+                "-",
+            ],
+            Some(br#"{"oauth": {"access_token": "x"}}"#),
+        )
+    };
+    assert!(
+        text(&out.stdout).starts_with("logged out: session ended"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(!saved.exists());
+
+    // An operator calls, and may not store a tenant; its token ends when it is logged out.
+    let password_file = dir.path().join("olga.pw");
+    std::fs::write(&password_file, "olga-pw\n").unwrap();
+    let out = run(
+        &[
+            "login",
+            "--user",
+            "olga",
+            "--password-file",
+            password_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = std::fs::read_to_string(&saved).unwrap();
+    let out = run(
+        &[
+            "call",
+            "lumos_example",
+            "validate_credentials",
+            "--json",
+            r#"{"auth": {"oauth": {"access_token": "t"}}}"#,
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = put_tenant();
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("needs the admin role; olga has the operator role"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(run(&["logout"], None).status.success());
+    let kept = dir.path().join("kept-token");
+    std::fs::write(&kept, token).unwrap();
+    let out = run(
+        &["--token-file", kept.to_str().unwrap(), "connectors"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("unknown bearer token"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The admin token, as before, may do everything.
+    let out = put_tenant();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let log = stop_cleanly(&mut child);
+    // Who logged in is in the log; no password or token is.
+    assert!(log.contains("API login"), "{log}");
+    for secret in ["vic-pw", "olga-pw", "lat_"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
+
+/// SIGTERM, which drains: the agent must exit 0. Its log (stderr).
+fn stop_cleanly(child: &mut std::process::Child) -> String {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -304,7 +501,7 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
     let mut log = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
     assert_eq!(status.code(), Some(0), "{log}");
-    assert!(log.contains("loaded lumos_example"), "{log}");
+    log
 }
 
 trait OutputWithStdin {

@@ -1,0 +1,581 @@
+//! Who may use the local API (design §6): roles, the bearer tokens that carry them, and the
+//! auth provider that checks a user's password before a token is issued.
+//!
+//! Two kinds of bearer token are accepted:
+//! - the agent's own admin token (`<state_dir>/admin.token`, 0600): role `admin`, no expiry.
+//!   Whoever can read that file can already read the agent's state, so it grants nothing more.
+//! - a session token from `POST /v1/auth/token`, after the [`AuthProvider`] accepted the user's
+//!   password: the user's role, valid for `api.token_ttl_secs`. Only its SHA-256 is kept, in
+//!   memory: a restart ends every session.
+//!
+//! A wrong password and an unknown user cost the same: an unknown user's password is checked
+//! against a decoy hash with the same parameters, so the answer's timing does not tell which
+//! user names exist. Password checks (Argon2, memory-hard) run on the blocking pool, at most
+//! [`MAX_PASSWORD_CHECKS`] at a time, so a flood of logins cannot exhaust memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use futures_util::future::BoxFuture;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::config::{ApiConfig, ApiUser};
+
+/// Password checks that may run at once (each Argon2 check holds its memory cost, 19 MiB by
+/// default).
+pub const MAX_PASSWORD_CHECKS: usize = 4;
+
+/// What a user may do. Each role may do what the ones below it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Read: status, connectors, tenants (never their secrets).
+    Viewer,
+    /// Also run capability calls.
+    Operator,
+    /// Also store and delete tenants.
+    Admin,
+}
+
+impl Role {
+    /// The names `[api.users.<name>] role` takes.
+    pub const NAMES: &'static [&'static str] = &["admin", "operator", "viewer"];
+
+    /// A role by its name (`admin`, `operator`, `viewer`).
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+
+    /// The role's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+/// Why a login was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The same answer for an unknown user and a wrong password.
+    #[error("wrong user name or password")]
+    WrongCredentials,
+    /// The provider could not check the password at all.
+    #[error("the {provider} auth provider cannot check passwords now: {detail}")]
+    Unavailable {
+        /// The provider's name.
+        provider: &'static str,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// Why a request's bearer token was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Denied {
+    /// No `Authorization: Bearer` header.
+    #[error(
+        "no bearer token: send `Authorization: Bearer <token>` (a token from `POST \
+         /v1/auth/token`, `lumos-agent login`, or <state_dir>/admin.token)"
+    )]
+    Missing,
+    /// A token this agent did not issue, or one revoked by a logout, a restart or a change of
+    /// the user in the config.
+    #[error(
+        "unknown bearer token (sessions end at a logout, a restart of the agent, or a change of \
+         the user in the config): log in again"
+    )]
+    Unknown,
+    /// A session token past its `api.token_ttl_secs`.
+    #[error("the bearer token has expired: log in again (`lumos-agent login`)")]
+    Expired,
+}
+
+/// Checks a user's password and says what the user may do (design §6: pluggable; the agent
+/// has a built-in provider with users in the config).
+pub trait AuthProvider: Send + Sync + std::fmt::Debug {
+    /// Its name, for messages and logs.
+    fn name(&self) -> &'static str;
+    /// The user's role if `password` is theirs.
+    fn authenticate<'a>(
+        &'a self,
+        user: &'a str,
+        password: &'a [u8],
+    ) -> BoxFuture<'a, Result<Role, LoginError>>;
+}
+
+/// The built-in provider: `[api.users.<name>]` with Argon2 password hashes.
+pub struct BuiltinUsers {
+    users: BTreeMap<String, ApiUser>,
+    /// Checked for an unknown user, so that it costs what a known one does: a hash of a random
+    /// password with `hash_password`'s parameters (or, should the OS have no randomness, a
+    /// user's hash: an unknown user is refused whatever the check says).
+    decoy: Option<Arc<str>>,
+    /// Argon2 checks made, counted for tests: a refusal that skipped the check would show.
+    checks: AtomicU64,
+}
+
+impl std::fmt::Debug for BuiltinUsers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let users: BTreeMap<&str, &str> = self
+            .users
+            .iter()
+            .map(|(name, user)| (name.as_str(), user.role.as_str()))
+            .collect();
+        f.debug_struct("BuiltinUsers")
+            .field("users", &users)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BuiltinUsers {
+    /// The users of the config (names already lower case).
+    pub fn new(users: BTreeMap<String, ApiUser>) -> Self {
+        let mut random = Zeroizing::new([0u8; 32]);
+        let decoy = getrandom::fill(random.as_mut())
+            .ok()
+            .and_then(|()| hash_password(random.as_ref()).ok())
+            .or_else(|| users.values().next().map(|u| u.password_hash.clone()))
+            .map(Arc::from);
+        Self {
+            users,
+            decoy,
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    /// How many passwords were checked against a hash (the users' or the decoy).
+    pub fn password_checks(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+}
+
+impl AuthProvider for BuiltinUsers {
+    fn name(&self) -> &'static str {
+        "built-in"
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        user: &'a str,
+        password: &'a [u8],
+    ) -> BoxFuture<'a, Result<Role, LoginError>> {
+        Box::pin(async move {
+            let found = self.users.get(&user.to_lowercase());
+            let (hash, role): (Arc<str>, Option<Role>) = match (found, &self.decoy) {
+                (Some(u), _) => (Arc::from(u.password_hash.as_str()), Some(u.role)),
+                (None, Some(decoy)) => (decoy.clone(), None),
+                // No users at all: no name to tell apart.
+                (None, None) => return Err(LoginError::WrongCredentials),
+            };
+            let password = Zeroizing::new(password.to_vec());
+            self.checks.fetch_add(1, Ordering::Relaxed);
+            let matched = tokio::task::spawn_blocking(move || verify(&hash, &password))
+                .await
+                .map_err(|e| LoginError::Unavailable {
+                    provider: "built-in",
+                    detail: format!("the password check failed: {e}"),
+                })?;
+            match (matched, role) {
+                (true, Some(role)) => Ok(role),
+                _ => Err(LoginError::WrongCredentials),
+            }
+        })
+    }
+}
+
+fn verify(hash: &str, password: &[u8]) -> bool {
+    PasswordHash::new(hash)
+        .is_ok_and(|parsed| Argon2::default().verify_password(password, &parsed).is_ok())
+}
+
+/// An Argon2id hash of `password` in PHC form, with a fresh random salt and the `argon2`
+/// crate's default parameters (OWASP's: 19 MiB, 2 passes, 1 lane).
+pub fn hash_password(password: &[u8]) -> Result<String, String> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| format!("no randomness for a salt: {e}"))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    Argon2::default()
+        .hash_password(password, &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `hash` is a usable Argon2 hash in PHC form; the reason if not (for `check-config`).
+pub fn check_password_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| {
+        format!("not a password hash in PHC form ({e}); make one with `lumos-agent hash-password`")
+    })?;
+    let algorithm = parsed.algorithm.as_str();
+    if !["argon2id", "argon2i", "argon2d"].contains(&algorithm) {
+        return Err(format!(
+            "a {algorithm} hash: only Argon2 hashes are accepted; make one with `lumos-agent \
+             hash-password`"
+        ));
+    }
+    argon2::Params::try_from(&parsed)
+        .map_err(|e| format!("Argon2 parameters that cannot be used ({e})"))?;
+    if parsed.hash.is_none() {
+        return Err("a PHC string without its hash part".into());
+    }
+    Ok(())
+}
+
+/// Who made a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The user, or `admin.token` for the agent's own token.
+    pub user: String,
+    /// What they may do.
+    pub role: Role,
+    /// When the token expires; `None` for the admin token.
+    pub expires_at: Option<SystemTime>,
+    /// The session's key (the token's SHA-256), for a logout; `None` for the admin token.
+    session: Option<[u8; 32]>,
+}
+
+/// A token issued at a login.
+pub struct Issued {
+    /// The bearer token: shown once, to the caller.
+    pub token: Zeroizing<String>,
+    /// The user's role.
+    pub role: Role,
+    /// Its lifetime.
+    pub expires_in: Duration,
+    /// When it expires.
+    pub expires_at: SystemTime,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("token", &"<redacted>")
+            .field("role", &self.role)
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Session {
+    user: String,
+    role: Role,
+    expires: Instant,
+    expires_at: SystemTime,
+}
+
+/// The local API's authentication: the admin token, the provider, and the live sessions.
+pub struct ApiAuth {
+    /// SHA-256 of the admin token: comparing digests keeps the comparison length-independent.
+    admin_digest: [u8; 32],
+    provider: RwLock<Arc<BuiltinUsers>>,
+    ttl: RwLock<Duration>,
+    /// Sessions by the SHA-256 of their token.
+    sessions: Mutex<HashMap<[u8; 32], Session>>,
+    checks: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Debug for ApiAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiAuth")
+            .field("provider", &self.provider())
+            .field("sessions", &self.lock_sessions().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiAuth {
+    /// Authentication with the agent's admin token and the config's users.
+    pub fn new(admin_token: &str, config: &ApiConfig) -> Self {
+        Self {
+            admin_digest: Sha256::digest(admin_token.as_bytes()).into(),
+            provider: RwLock::new(Arc::new(BuiltinUsers::new(config.users.clone()))),
+            ttl: RwLock::new(config.token_ttl),
+            sessions: Mutex::default(),
+            checks: tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS),
+        }
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The provider that checks passwords.
+    pub fn provider(&self) -> Arc<BuiltinUsers> {
+        self.provider
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A reloaded config: new users and lifetime. The sessions of a user who is gone or whose
+    /// role changed end now; the others keep their expiry.
+    pub fn configure(&self, config: &ApiConfig) {
+        // Made first (the decoy's hash takes a moment); swapped in under the sessions' lock,
+        // as `login` checks it, so that no session of the old users' roles outlives this.
+        let provider = Arc::new(BuiltinUsers::new(config.users.clone()));
+        let mut sessions = self.lock_sessions();
+        *self.ttl.write().unwrap_or_else(PoisonError::into_inner) = config.token_ttl;
+        *self
+            .provider
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = provider;
+        let users = &config.users;
+        sessions.retain(|_, s| users.get(&s.user).is_some_and(|u| u.role == s.role));
+    }
+
+    /// The request's principal from its `Authorization` header value (`Bearer <token>`).
+    pub fn check(&self, authorization: Option<&str>) -> Result<Principal, Denied> {
+        let token = authorization
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(Denied::Missing)?;
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if bool::from(digest.ct_eq(&self.admin_digest)) {
+            return Ok(Principal {
+                user: "admin.token".into(),
+                role: Role::Admin,
+                expires_at: None,
+                session: None,
+            });
+        }
+        let mut sessions = self.lock_sessions();
+        let session = sessions.get(&digest).ok_or(Denied::Unknown)?;
+        if Instant::now() >= session.expires {
+            sessions.remove(&digest);
+            return Err(Denied::Expired);
+        }
+        Ok(Principal {
+            user: session.user.clone(),
+            role: session.role,
+            expires_at: Some(session.expires_at),
+            session: Some(digest),
+        })
+    }
+
+    /// Checks the password with the provider and issues a token for the user's role.
+    pub async fn login(&self, user: &str, password: &[u8]) -> Result<Issued, LoginError> {
+        let mut provider = self.provider();
+        loop {
+            let role = {
+                // Closed never; a permit only bounds how many checks run at once.
+                let _permit = self
+                    .checks
+                    .acquire()
+                    .await
+                    .map_err(|e| LoginError::Unavailable {
+                        provider: provider.name(),
+                        detail: e.to_string(),
+                    })?;
+                provider.authenticate(user, password).await?
+            };
+            let mut random = Zeroizing::new([0u8; 32]);
+            getrandom::fill(random.as_mut()).map_err(|e| LoginError::Unavailable {
+                provider: provider.name(),
+                detail: format!("no randomness for a token: {e}"),
+            })?;
+            let token = Zeroizing::new(format!("lat_{}", hex::encode(random.as_ref())));
+            // Under the sessions' lock, which a reload holds while it replaces the users and
+            // weeds the sessions: either this session is weeded or the check was the new users'.
+            let mut sessions = self.lock_sessions();
+            let current = self.provider();
+            if !Arc::ptr_eq(&current, &provider) {
+                // A reload replaced the users meanwhile: the role may be another, or none.
+                drop(sessions);
+                provider = current;
+                continue;
+            }
+            let ttl = *self.ttl.read().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let expires_at = SystemTime::now() + ttl;
+            // Ended sessions go as new ones come: the map holds at most a lifetime of logins.
+            sessions.retain(|_, s| s.expires > now);
+            sessions.insert(
+                Sha256::digest(token.as_bytes()).into(),
+                Session {
+                    user: user.to_lowercase(),
+                    role,
+                    expires: now + ttl,
+                    expires_at,
+                },
+            );
+            return Ok(Issued {
+                token,
+                role,
+                expires_in: ttl,
+                expires_at,
+            });
+        }
+    }
+
+    /// Ends the principal's session; `false` for the admin token, which has none.
+    pub fn logout(&self, principal: &Principal) -> bool {
+        principal
+            .session
+            .is_some_and(|key| self.lock_sessions().remove(&key).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(users: &[(&str, &str, Role)], ttl: Duration) -> ApiConfig {
+        ApiConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            token_ttl: ttl,
+            users: users
+                .iter()
+                .map(|(name, password, role)| {
+                    let user = ApiUser {
+                        password_hash: hash_password(password.as_bytes()).unwrap(),
+                        role: *role,
+                    };
+                    ((*name).to_string(), user)
+                })
+                .collect(),
+        }
+    }
+
+    fn bearer(token: &str) -> String {
+        format!("Bearer {token}")
+    }
+
+    #[test]
+    fn hashes_are_salted_argon2id_and_the_checker_names_what_else_it_gets() {
+        let a = hash_password(b"correct horse").unwrap();
+        let b = hash_password(b"correct horse").unwrap();
+        assert!(a.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{a}");
+        assert_ne!(a, b, "a fresh salt each time");
+        check_password_hash(&a).unwrap();
+        assert!(verify(&a, b"correct horse"));
+        assert!(!verify(&a, b"correct horsf"));
+        let bcrypt = "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW";
+        assert!(check_password_hash(bcrypt)
+            .unwrap_err()
+            .contains("hash-password"));
+        let sha = "$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        assert!(check_password_hash(sha)
+            .unwrap_err()
+            .starts_with("a pbkdf2-sha256 hash"));
+        assert!(check_password_hash("hunter2")
+            .unwrap_err()
+            .starts_with("not a password hash in PHC form"));
+    }
+
+    #[tokio::test]
+    async fn a_login_issues_a_token_of_the_users_role_and_the_admin_token_stays_admin() {
+        let auth = ApiAuth::new(
+            "the-admin-token",
+            &config(
+                &[("alice", "pw-a", Role::Operator)],
+                Duration::from_secs(60),
+            ),
+        );
+        let admin = auth.check(Some("Bearer the-admin-token")).unwrap();
+        assert_eq!((admin.role, admin.expires_at), (Role::Admin, None));
+        assert!(!auth.logout(&admin));
+
+        // User names are not case-sensitive (the config's keys are lower-cased).
+        let issued = auth.login("Alice", b"pw-a").await.unwrap();
+        assert_eq!(issued.role, Role::Operator);
+        assert!(issued.token.starts_with("lat_"));
+        assert!(!format!("{issued:?}").contains(issued.token.as_str()));
+        let who = auth.check(Some(&bearer(&issued.token))).unwrap();
+        assert_eq!((who.user.as_str(), who.role), ("alice", Role::Operator));
+
+        assert_eq!(auth.check(None), Err(Denied::Missing));
+        assert_eq!(auth.check(Some("Basic abc")), Err(Denied::Missing));
+        assert_eq!(auth.check(Some("Bearer lat_0000")), Err(Denied::Unknown));
+        assert!(auth.logout(&who));
+        assert_eq!(
+            auth.check(Some(&bearer(&issued.token))),
+            Err(Denied::Unknown)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_costs_a_password_check_like_a_wrong_password() {
+        let auth = ApiAuth::new(
+            "admin",
+            &config(&[("alice", "pw-a", Role::Viewer)], Duration::from_secs(60)),
+        );
+        let provider = auth.provider();
+        let before = provider.password_checks();
+        let wrong = auth.login("alice", b"nope").await.unwrap_err();
+        let unknown = auth.login("mallory", b"nope").await.unwrap_err();
+        // One Argon2 check each, and the same words.
+        assert_eq!(provider.password_checks() - before, 2);
+        assert_eq!(wrong.to_string(), unknown.to_string());
+        assert_eq!(wrong.to_string(), "wrong user name or password");
+        // A decoy accepts nobody, even with its own password unknown to the test.
+        assert!(matches!(
+            auth.login("mallory", b"").await,
+            Err(LoginError::WrongCredentials)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_expire_after_their_lifetime() {
+        let auth = ApiAuth::new(
+            "admin",
+            &config(&[("bob", "pw-b", Role::Viewer)], Duration::from_secs(600)),
+        );
+        let issued = auth.login("bob", b"pw-b").await.unwrap();
+        assert_eq!(issued.expires_in, Duration::from_secs(600));
+        let header = bearer(&issued.token);
+        tokio::time::advance(Duration::from_secs(599)).await;
+        assert_eq!(auth.check(Some(&header)).unwrap().role, Role::Viewer);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(auth.check(Some(&header)), Err(Denied::Expired));
+        // Gone once seen expired.
+        assert_eq!(auth.check(Some(&header)), Err(Denied::Unknown));
+    }
+
+    #[tokio::test]
+    async fn a_reload_ends_the_sessions_of_users_removed_or_given_another_role() {
+        let ttl = Duration::from_secs(600);
+        let auth = ApiAuth::new(
+            "admin",
+            &config(
+                &[
+                    ("keep", "k", Role::Viewer),
+                    ("demote", "d", Role::Admin),
+                    ("remove", "r", Role::Operator),
+                ],
+                ttl,
+            ),
+        );
+        let mut tokens = Vec::new();
+        for (user, password) in [("keep", "k"), ("demote", "d"), ("remove", "r")] {
+            tokens.push(bearer(
+                &auth.login(user, password.as_bytes()).await.unwrap().token,
+            ));
+        }
+        let mut reloaded = config(&[("demote", "d", Role::Viewer)], ttl);
+        let kept = auth.provider().users["keep"].clone();
+        reloaded.users.insert("keep".into(), kept);
+        auth.configure(&reloaded);
+        assert_eq!(auth.check(Some(&tokens[0])).unwrap().user, "keep");
+        assert_eq!(auth.check(Some(&tokens[1])), Err(Denied::Unknown));
+        assert_eq!(auth.check(Some(&tokens[2])), Err(Denied::Unknown));
+        assert!(auth.login("remove", b"r").await.is_err());
+        assert_eq!(auth.login("demote", b"d").await.unwrap().role, Role::Viewer);
+    }
+}
