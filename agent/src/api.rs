@@ -266,6 +266,14 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
             tracing::warn!(user = %username, %peer, "API login refused: wrong user name or password");
             unauthorized(&LoginError::WrongCredentials.to_string())
         }
+        Err(e @ LoginError::NoRole { .. }) => {
+            tracing::warn!(user = %username, %peer, "API login refused: {e}");
+            agent_error(
+                &CallError::new(ErrorCode::Forbidden, e.to_string()),
+                None,
+                StatusCode::FORBIDDEN,
+            )
+        }
         Err(e @ LoginError::Unavailable { .. }) => {
             tracing::error!(%peer, "API login failed: {e}");
             agent_error(

@@ -470,10 +470,14 @@ impl RunningAgent {
                 needs_restart.push(key);
             }
         }
-        if new.api.users != old.api.users || new.api.token_ttl != old.api.token_ttl {
-            // Sessions of users removed or given another role end now.
+        if new.api.users != old.api.users
+            || new.api.token_ttl != old.api.token_ttl
+            || new.api.ldap != old.api.ldap
+        {
+            // Sessions of users removed or given another role (or of a changed directory's
+            // users) end now.
             self.api_auth.configure(&new.api);
-            applied.push("api.users and api.token_ttl_secs");
+            applied.push("api.users, api.ldap and api.token_ttl_secs");
         }
         if new.cloud != old.cloud {
             // The tunnel supervisor reconnects with them; results not yet acknowledged are
@@ -487,6 +491,7 @@ impl RunningAgent {
         kept.log.level = new.log.level;
         kept.api.users = new.api.users;
         kept.api.token_ttl = new.api.token_ttl;
+        kept.api.ldap = new.api.ldap;
         kept.plugins_dir = new.plugins_dir;
         kept.calls = new.calls;
         kept.connectors = new.connectors;

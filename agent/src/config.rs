@@ -209,6 +209,49 @@ pub struct ApiConfig {
     pub token_ttl: Duration,
     /// The built-in auth provider's users (`[api.users.<name>]`), by lower-case name.
     pub users: BTreeMap<String, ApiUser>,
+    /// The LDAP auth provider (`[api.ldap]`), for user names not in `users`.
+    pub ldap: Option<LdapConfig>,
+}
+
+/// A directory that checks the passwords of users not in `[api.users]`, and gives them the
+/// role of the groups they are in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LdapConfig {
+    /// `ldaps://host:636` or `ldap://host:389`.
+    pub url: String,
+    /// Upgrade an `ldap://` connection with StartTLS.
+    pub starttls: bool,
+    /// Extra CAs (PEM) trusted for the directory's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Permits `ldap://` without StartTLS: passwords cross the network in the clear.
+    pub allow_insecure: bool,
+    /// How a user's entry is found.
+    pub users: LdapUsers,
+    /// Where the groups are searched.
+    pub group_base: String,
+    /// The groups a user is in: `{dn}` is the user's DN.
+    pub group_filter: String,
+    /// The groups (DNs, normalised by [`crate::auth::ldap::normalize_dn`]) that give each role.
+    pub role_groups: Vec<(crate::auth::Role, Vec<String>)>,
+    /// Connecting and each operation.
+    pub timeout: Duration,
+}
+
+/// How the LDAP provider finds a user's DN.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LdapUsers {
+    /// `user_dn`: a template with `{user}`, bound to directly.
+    Template(String),
+    /// `user_base` and `user_filter` (`{user}`), searched anonymously or as `bind_dn` with the
+    /// password in `bind_password_file`.
+    Search {
+        /// Where to search.
+        base: String,
+        /// The filter, with `{user}`.
+        filter: String,
+        /// The service account searching, and its password file.
+        bind: Option<(String, PathBuf)>,
+    },
 }
 
 /// A user of the built-in auth provider.
@@ -567,7 +610,11 @@ impl Validator {
                 );
             }
         }
-        let mut api = self.section(&mut table, "api", &["listen", "token_ttl_secs", "users"]);
+        let mut api = self.section(
+            &mut table,
+            "api",
+            &["listen", "token_ttl_secs", "users", "ldap"],
+        );
         let mut calls = self.section(
             &mut table,
             "calls",
@@ -643,6 +690,7 @@ impl Validator {
                 .unwrap_or(3600),
         );
         let users = self.api_users(&mut api);
+        let ldap = self.ldap(&mut api);
 
         let calls = CallsConfig {
             timeout: Duration::from_secs(
@@ -744,6 +792,7 @@ impl Validator {
                     listen,
                     token_ttl,
                     users,
+                    ldap,
                 },
                 calls,
                 plugins,
@@ -1142,6 +1191,210 @@ impl Validator {
             backoff_max,
             outbox_memory_bytes,
             max_request_bytes,
+        })
+    }
+
+    /// `[api.ldap]`.
+    fn ldap(&mut self, api: &mut Map<String, Value>) -> Option<LdapConfig> {
+        let value = api.remove("ldap")?;
+        let origin = value.origin().map(str::to_owned);
+        let mut wrapper = Map::new();
+        wrapper.insert("ldap".to_string(), value);
+        let issues_before = self.issues.len();
+        let mut t = self.section(
+            &mut wrapper,
+            "ldap",
+            &[
+                "url",
+                "starttls",
+                "ca_file",
+                "allow_insecure",
+                "user_dn",
+                "user_base",
+                "user_filter",
+                "bind_dn",
+                "bind_password_file",
+                "group_base",
+                "group_filter",
+                "admin_groups",
+                "operator_groups",
+                "viewer_groups",
+                "timeout_secs",
+            ],
+        );
+        // `section` named the keys `ldap.*`: they are `api.ldap.*`.
+        for issue in &mut self.issues[issues_before..] {
+            issue.key = format!("api.{}", issue.key);
+        }
+        let required = |v: &mut Self, t: &mut Map<String, Value>, key: &str| -> Option<String> {
+            let present = t.contains_key(leaf(key));
+            match v.string(t, key) {
+                Some((text, _)) if !text.trim().is_empty() => Some(text),
+                Some((_, from)) => {
+                    v.issue(key, from.as_deref(), "must not be empty");
+                    None
+                }
+                None => {
+                    if !present {
+                        v.issue(key, origin.as_deref(), "missing: [api.ldap] needs it");
+                    }
+                    None
+                }
+            }
+        };
+        let url_origin = origin_in(&t, "url");
+        let url = required(self, &mut t, "api.ldap.url");
+        let starttls = self.boolean(&mut t, "api.ldap.starttls").unwrap_or(false);
+        let allow_insecure = self
+            .boolean(&mut t, "api.ldap.allow_insecure")
+            .unwrap_or(false);
+        if let Some(url) = &url {
+            let lower = url.to_ascii_lowercase();
+            if lower.starts_with("ldap://") {
+                if !starttls && !allow_insecure {
+                    self.issue(
+                        "api.ldap.url",
+                        url_origin.as_deref(),
+                        "ldap:// without StartTLS sends passwords in the clear: use ldaps://, \
+                         set starttls = true, or allow_insecure = true (a test directory only)",
+                    );
+                }
+            } else if lower.starts_with("ldaps://") {
+                if starttls {
+                    self.issue(
+                        "api.ldap.starttls",
+                        url_origin.as_deref(),
+                        "ldaps:// is TLS already; StartTLS is for ldap://",
+                    );
+                }
+            } else {
+                self.issue(
+                    "api.ldap.url",
+                    url_origin.as_deref(),
+                    format!("{url:?} is not an ldap:// or ldaps:// URL"),
+                );
+            }
+        }
+        let ca_file = self.ca_file(&mut t, "api.ldap.ca_file");
+        let template_origin = origin_in(&t, "user_dn");
+        let template = self.string(&mut t, "api.ldap.user_dn").map(|(s, _)| s);
+        let base = self.string(&mut t, "api.ldap.user_base").map(|(s, _)| s);
+        let filter = self
+            .string(&mut t, "api.ldap.user_filter")
+            .map_or_else(|| "(uid={user})".to_string(), |(s, _)| s);
+        let bind_dn = self.string(&mut t, "api.ldap.bind_dn").map(|(s, _)| s);
+        let bind_password_file = self
+            .path(&mut t, "api.ldap.bind_password_file")
+            .map(absolute);
+        let users = match (template, base) {
+            (Some(template), None) => {
+                if !template.contains("{user}") {
+                    self.issue(
+                        "api.ldap.user_dn",
+                        template_origin.as_deref(),
+                        "must contain {user}, e.g. \"uid={user},ou=people,dc=example,dc=com\"",
+                    );
+                }
+                if bind_dn.is_some() || bind_password_file.is_some() {
+                    self.issue(
+                        "api.ldap.bind_dn",
+                        template_origin.as_deref(),
+                        "a service account searches for users (user_base); with user_dn the \
+                         user binds directly: set one of user_dn and user_base",
+                    );
+                }
+                Some(LdapUsers::Template(template))
+            }
+            (None, Some(base)) => {
+                if !filter.contains("{user}") {
+                    self.issue(
+                        "api.ldap.user_filter",
+                        origin.as_deref(),
+                        "must contain {user}, e.g. \"(sAMAccountName={user})\"",
+                    );
+                }
+                let bind = match (bind_dn, bind_password_file) {
+                    (Some(dn), Some(file)) => Some((dn, file)),
+                    (None, None) => None,
+                    _ => {
+                        self.issue(
+                            "api.ldap.bind_password_file",
+                            origin.as_deref(),
+                            "bind_dn and bind_password_file go together",
+                        );
+                        None
+                    }
+                };
+                Some(LdapUsers::Search { base, filter, bind })
+            }
+            (Some(_), Some(_)) => {
+                self.issue(
+                    "api.ldap.user_dn",
+                    template_origin.as_deref(),
+                    "set one of user_dn (bind directly) and user_base (search)",
+                );
+                None
+            }
+            (None, None) => {
+                self.issue(
+                    "api.ldap.user_dn",
+                    origin.as_deref(),
+                    "missing: set user_dn (\"uid={user},ou=people,…\") or user_base",
+                );
+                None
+            }
+        };
+        let group_base = required(self, &mut t, "api.ldap.group_base");
+        let group_filter = self.string(&mut t, "api.ldap.group_filter").map_or_else(
+            || "(|(member={dn})(uniqueMember={dn}))".to_string(),
+            |(s, _)| s,
+        );
+        if !group_filter.contains("{dn}") {
+            self.issue(
+                "api.ldap.group_filter",
+                origin.as_deref(),
+                "must contain {dn}, e.g. \"(member={dn})\"",
+            );
+        }
+        let mut role_groups = Vec::new();
+        for (role, key) in [
+            (crate::auth::Role::Admin, "api.ldap.admin_groups"),
+            (crate::auth::Role::Operator, "api.ldap.operator_groups"),
+            (crate::auth::Role::Viewer, "api.ldap.viewer_groups"),
+        ] {
+            let groups = self.string_list(&mut t, key).unwrap_or_default();
+            if !groups.is_empty() {
+                role_groups.push((
+                    role,
+                    groups
+                        .iter()
+                        .map(|g| crate::auth::ldap::normalize_dn(g))
+                        .collect(),
+                ));
+            }
+        }
+        if role_groups.is_empty() {
+            self.issue(
+                "api.ldap.admin_groups",
+                origin.as_deref(),
+                "no role groups: set admin_groups, operator_groups or viewer_groups (lists of \
+                 group DNs), or no directory user gets a role",
+            );
+        }
+        let timeout = Duration::from_secs(
+            self.uint(&mut t, "api.ldap.timeout_secs", 1, 300)
+                .unwrap_or(10),
+        );
+        Some(LdapConfig {
+            url: url?,
+            starttls,
+            ca_file,
+            allow_insecure,
+            users: users?,
+            group_base: group_base?,
+            group_filter,
+            role_groups,
+            timeout,
         })
     }
 
@@ -1546,6 +1799,54 @@ mod tests {
             .unwrap();
         assert!(plain.message.contains("hash-password"), "{plain:?}");
         assert!(!format!("{issues:?}").contains("hunter2"), "{issues:?}");
+    }
+
+    #[test]
+    fn an_ldap_directory_needs_tls_a_way_to_find_users_and_role_groups() {
+        let (_dir, path) = file(
+            "[api.ldap]\nurl = \"ldaps://ldap.example.com\"\n\
+             user_base = \"ou=people,dc=example,dc=com\"\nuser_filter = \"(sAMAccountName={user})\"\n\
+             bind_dn = \"cn=svc,dc=example,dc=com\"\nbind_password_file = \"/etc/lumos-agent/ldap-pw\"\n\
+             group_base = \"ou=groups,dc=example,dc=com\"\n\
+             operator_groups = [\"CN=Lumos Ops, OU=Groups,DC=example,DC=com\"]\n",
+        );
+        let cfg = load_file(&path, &[]).unwrap();
+        let ldap = cfg.api.ldap.unwrap();
+        assert_eq!(
+            ldap.role_groups,
+            vec![(
+                crate::auth::Role::Operator,
+                vec!["cn=lumos ops,ou=groups,dc=example,dc=com".to_string()]
+            )]
+        );
+        assert!(matches!(
+            ldap.users,
+            LdapUsers::Search { bind: Some(_), .. }
+        ));
+        assert_eq!(ldap.group_filter, "(|(member={dn})(uniqueMember={dn}))");
+
+        let (_dir, path) = file(
+            "[api.ldap]\nurl = \"ldap://ldap.example.com\"\n\
+             user_dn = \"uid=someone,ou=people\"\nbind_dn = \"cn=svc\"\n\
+             group_filter = \"(member=x)\"\nsurname = 1\n",
+        );
+        let ConfigError::Invalid(issues) = load_file(&path, &[]).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        for key in [
+            "api.ldap.url",
+            "api.ldap.user_dn",
+            "api.ldap.bind_dn",
+            "api.ldap.group_base",
+            "api.ldap.group_filter",
+            "api.ldap.admin_groups",
+            "api.ldap.surname",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {issues:?}");
+        }
+        let url = issues.iter().find(|i| i.key == "api.ldap.url").unwrap();
+        assert!(url.message.contains("in the clear"), "{url:?}");
     }
 
     #[test]

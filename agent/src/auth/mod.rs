@@ -1,5 +1,6 @@
 //! Who may use the local API (design §6): roles, the bearer tokens that carry them, and the
-//! auth provider that checks a user's password before a token is issued.
+//! auth providers that check a user's password before a token is issued: the built-in users
+//! of `[api.users]`, and a directory (`[api.ldap]`, [`ldap`]) for every other name.
 //!
 //! Two kinds of bearer token are accepted:
 //! - the agent's own admin token (`<state_dir>/admin.token`, 0600): role `admin`, no expiry.
@@ -26,7 +27,9 @@ use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::config::{ApiConfig, ApiUser};
+use crate::config::{ApiConfig, ApiUser, LdapConfig};
+
+pub mod ldap;
 
 /// Password checks that may run at once (each Argon2 check holds its memory cost, 19 MiB by
 /// default).
@@ -80,6 +83,15 @@ pub enum LoginError {
         provider: &'static str,
         /// What failed.
         detail: String,
+    },
+    /// The password is right, but the user is in none of the groups that give a role.
+    #[error(
+        "{user} is in none of the directory groups that give a role on this agent \
+         (api.ldap.admin_groups, operator_groups, viewer_groups)"
+    )]
+    NoRole {
+        /// The user.
+        user: String,
     },
 }
 
@@ -202,6 +214,86 @@ fn verify(hash: &str, password: &[u8]) -> bool {
         .is_ok_and(|parsed| Argon2::default().verify_password(password, &parsed).is_ok())
 }
 
+/// Where a session's user was found: a reload ends the sessions whose source changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Builtin,
+    Ldap,
+}
+
+/// The providers of one configuration: a name in `[api.users]` is the built-in provider's,
+/// any other the directory's (if `[api.ldap]` is set).
+#[derive(Debug)]
+pub struct UserDirectory {
+    builtin: BuiltinUsers,
+    /// The directory, or why it cannot be used (its TLS settings).
+    ldap: Option<(LdapConfig, Result<ldap::LdapDirectory, String>)>,
+}
+
+impl UserDirectory {
+    /// The providers `config` describes.
+    pub fn new(config: &ApiConfig) -> Self {
+        let ldap = config.ldap.clone().map(|settings| {
+            let directory = ldap::LdapDirectory::new(settings.clone());
+            if let Err(e) = &directory {
+                tracing::error!("the LDAP auth provider cannot be used: {e}");
+            }
+            (settings, directory)
+        });
+        Self {
+            builtin: BuiltinUsers::new(config.users.clone()),
+            ldap,
+        }
+    }
+
+    /// How many passwords the built-in provider checked against a hash.
+    pub fn password_checks(&self) -> u64 {
+        self.builtin.password_checks()
+    }
+
+    fn source_of(&self, user: &str) -> Source {
+        if self.ldap.is_none() || self.builtin.users.contains_key(&user.to_lowercase()) {
+            Source::Builtin
+        } else {
+            Source::Ldap
+        }
+    }
+
+    fn ldap_config(&self) -> Option<&LdapConfig> {
+        self.ldap.as_ref().map(|(config, _)| config)
+    }
+}
+
+impl AuthProvider for UserDirectory {
+    fn name(&self) -> &'static str {
+        if self.ldap.is_some() {
+            "built-in and LDAP"
+        } else {
+            "built-in"
+        }
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        user: &'a str,
+        password: &'a [u8],
+    ) -> BoxFuture<'a, Result<Role, LoginError>> {
+        match (&self.ldap, self.source_of(user)) {
+            (Some((_, Ok(directory))), Source::Ldap) => directory.authenticate(user, password),
+            (Some((_, Err(why))), Source::Ldap) => {
+                let why = why.clone();
+                Box::pin(async move {
+                    Err(LoginError::Unavailable {
+                        provider: "LDAP",
+                        detail: why,
+                    })
+                })
+            }
+            _ => self.builtin.authenticate(user, password),
+        }
+    }
+}
+
 /// An Argon2id hash of `password` in PHC form, with a fresh random salt and the `argon2`
 /// crate's default parameters (OWASP's: 19 MiB, 2 passes, 1 lane).
 pub fn hash_password(password: &[u8]) -> Result<String, String> {
@@ -271,6 +363,7 @@ impl std::fmt::Debug for Issued {
 
 struct Session {
     user: String,
+    source: Source,
     role: Role,
     expires: Instant,
     expires_at: SystemTime,
@@ -280,7 +373,7 @@ struct Session {
 pub struct ApiAuth {
     /// SHA-256 of the admin token: comparing digests keeps the comparison length-independent.
     admin_digest: [u8; 32],
-    provider: RwLock<Arc<BuiltinUsers>>,
+    provider: RwLock<Arc<UserDirectory>>,
     ttl: RwLock<Duration>,
     /// Sessions by the SHA-256 of their token.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
@@ -301,7 +394,7 @@ impl ApiAuth {
     pub fn new(admin_token: &str, config: &ApiConfig) -> Self {
         Self {
             admin_digest: Sha256::digest(admin_token.as_bytes()).into(),
-            provider: RwLock::new(Arc::new(BuiltinUsers::new(config.users.clone()))),
+            provider: RwLock::new(Arc::new(UserDirectory::new(config))),
             ttl: RwLock::new(config.token_ttl),
             sessions: Mutex::default(),
             checks: tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS),
@@ -313,7 +406,7 @@ impl ApiAuth {
     }
 
     /// The provider that checks passwords.
-    pub fn provider(&self) -> Arc<BuiltinUsers> {
+    pub fn provider(&self) -> Arc<UserDirectory> {
         self.provider
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -325,7 +418,8 @@ impl ApiAuth {
     pub fn configure(&self, config: &ApiConfig) {
         // Made first (the decoy's hash takes a moment); swapped in under the sessions' lock,
         // as `login` checks it, so that no session of the old users' roles outlives this.
-        let provider = Arc::new(BuiltinUsers::new(config.users.clone()));
+        let provider = Arc::new(UserDirectory::new(config));
+        let same_directory = self.provider().ldap_config() == config.ldap.as_ref();
         let mut sessions = self.lock_sessions();
         *self.ttl.write().unwrap_or_else(PoisonError::into_inner) = config.token_ttl;
         *self
@@ -333,7 +427,12 @@ impl ApiAuth {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = provider;
         let users = &config.users;
-        sessions.retain(|_, s| users.get(&s.user).is_some_and(|u| u.role == s.role));
+        sessions.retain(|_, s| match s.source {
+            // A directory user keeps their session while the directory's settings stay, and
+            // no built-in user of the same name appeared.
+            Source::Ldap => same_directory && !users.contains_key(&s.user),
+            Source::Builtin => users.get(&s.user).is_some_and(|u| u.role == s.role),
+        });
     }
 
     /// The request's principal from its `Authorization` header value (`Bearer <token>`).
@@ -373,6 +472,7 @@ impl ApiAuth {
     pub async fn login(&self, user: &str, password: &[u8]) -> Result<Issued, LoginError> {
         let mut provider = self.provider();
         loop {
+            let source = provider.source_of(user);
             let role = {
                 // Closed never; a permit only bounds how many checks run at once.
                 let _permit = self
@@ -410,6 +510,7 @@ impl ApiAuth {
                 Sha256::digest(token.as_bytes()).into(),
                 Session {
                     user: user.to_lowercase(),
+                    source,
                     role,
                     expires: now + ttl,
                     expires_at,
@@ -440,6 +541,7 @@ mod tests {
         ApiConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             token_ttl: ttl,
+            ldap: None,
             users: users
                 .iter()
                 .map(|(name, password, role)| {
@@ -569,7 +671,7 @@ mod tests {
             ));
         }
         let mut reloaded = config(&[("demote", "d", Role::Viewer)], ttl);
-        let kept = auth.provider().users["keep"].clone();
+        let kept = auth.provider().builtin.users["keep"].clone();
         reloaded.users.insert("keep".into(), kept);
         auth.configure(&reloaded);
         assert_eq!(auth.check(Some(&tokens[0])).unwrap().user, "keep");
