@@ -155,6 +155,25 @@ async fn a_users_role_decides_each_route_and_a_reload_ends_a_demoted_users_sessi
         json_of(&answer)["error"]["error_code"],
         "agent.unauthenticated"
     );
+    // A guesser is slowed down: after 5 failures the name waits, right password or not.
+    for _ in 0..5 {
+        assert_eq!(login("vic", "guess").await.0, StatusCode::UNAUTHORIZED);
+    }
+    let (status, answer) = login("vic", "vic-pw").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let answer = json_of(&answer);
+    assert_eq!(
+        answer["error"]["error_metadata"]["retry_after_seconds"], 1,
+        "{answer}"
+    );
+    let metrics = agent.metrics_text().await;
+    for line in [
+        "lumos_agent_api_logins_total{outcome=\"ok\"} 2",
+        "lumos_agent_api_logins_total{outcome=\"wrong_credentials\"} 6",
+        "lumos_agent_api_logins_total{outcome=\"throttled\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
 
     // Ann becomes a viewer: her admin session ends at the reload, not at its expiry.
     TestAgent::write_config(&dirs, &dirs.plugins(), &users("viewer"));

@@ -244,7 +244,11 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
             return agent_error(&err, None, StatusCode::BAD_REQUEST);
         }
     };
-    match state.auth.login(&username, password.as_bytes()).await {
+    let outcome = state.auth.login(&username, password.as_bytes()).await;
+    state
+        .metrics
+        .api_login(outcome.as_ref().map_or_else(LoginError::outcome, |_| "ok"));
+    match outcome {
         Ok(issued) => {
             tracing::info!(user = %username, role = issued.role.as_str(), %peer, "API login");
             let expires_at = issued
@@ -265,6 +269,12 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
         Err(LoginError::WrongCredentials) => {
             tracing::warn!(user = %username, %peer, "API login refused: wrong user name or password");
             unauthorized(&LoginError::WrongCredentials.to_string())
+        }
+        Err(e @ LoginError::Throttled { retry_after }) => {
+            tracing::warn!(user = %username, %peer, "API login refused: {e}");
+            let mut err = CallError::new(ErrorCode::Unauthenticated, e.to_string());
+            err.retry_after_seconds = Some(retry_after.as_secs_f64().ceil() as u64);
+            agent_error(&err, None, StatusCode::TOO_MANY_REQUESTS)
         }
         Err(e @ LoginError::NoRole { .. }) => {
             tracing::warn!(user = %username, %peer, "API login refused: {e}");

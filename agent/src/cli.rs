@@ -436,7 +436,10 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
     let answer = Zeroizing::new(answer.to_vec());
     if !status.is_success() {
         eprintln!("lumos-agent: login refused: {}", error_message(&answer));
-        return if status == StatusCode::UNAUTHORIZED {
+        return if status == StatusCode::UNAUTHORIZED
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::FORBIDDEN
+        {
             exit::UNAUTHORIZED
         } else {
             exit::CALL_ERROR

@@ -54,6 +54,7 @@ pub struct Metrics {
     cloud: Family<StatusLabels, Gauge>,
     tunnel_disconnects: Family<ReasonLabels, Counter>,
     token_refreshes: Family<OutcomeLabels, Counter>,
+    api_logins: Family<OutcomeLabels, Counter>,
     outbox_results: Gauge,
     outbox_memory: Gauge,
     /// The call metrics of each connector's capabilities, by app_id then capability.
@@ -138,6 +139,12 @@ impl Metrics {
             "OAuth token refreshes by the token broker, by outcome (ok, invalid_grant, config, rate_limited, unavailable)",
             token_refreshes.clone(),
         );
+        let api_logins = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "api_logins",
+            "Logins to the local API, by outcome (ok, wrong_credentials, no_role, throttled, unavailable): many wrong_credentials or throttled mean someone is guessing",
+            api_logins.clone(),
+        );
         let outbox_results = Gauge::default();
         registry.register(
             "outbox_results",
@@ -161,6 +168,7 @@ impl Metrics {
             cloud,
             tunnel_disconnects,
             token_refreshes,
+            api_logins,
             outbox_results,
             outbox_memory,
             capability_calls: RwLock::default(),
@@ -265,6 +273,15 @@ impl Metrics {
     /// Counts a token refresh by outcome (`ok` or the failure class).
     pub fn token_refreshed(&self, outcome: &'static str) {
         self.token_refreshes
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a login to the local API by outcome.
+    pub fn api_login(&self, outcome: &'static str) {
+        self.api_logins
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.to_string(),
             })

@@ -30,6 +30,7 @@ use zeroize::Zeroizing;
 use crate::config::{ApiConfig, ApiUser, LdapConfig};
 
 pub mod ldap;
+pub mod throttle;
 
 /// Password checks that may run at once (each Argon2 check holds its memory cost, 19 MiB by
 /// default).
@@ -93,6 +94,27 @@ pub enum LoginError {
         /// The user.
         user: String,
     },
+    /// Too many failed logins of this name lately ([`throttle`]); not tried.
+    #[error(
+        "too many failed logins for this user name; retry in {} s",
+        retry_after.as_secs_f64().ceil()
+    )]
+    Throttled {
+        /// How long until a login of this name is tried again.
+        retry_after: Duration,
+    },
+}
+
+impl LoginError {
+    /// The outcome's name in `lumos_agent_api_logins_total{outcome}`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            LoginError::WrongCredentials => "wrong_credentials",
+            LoginError::Unavailable { .. } => "unavailable",
+            LoginError::NoRole { .. } => "no_role",
+            LoginError::Throttled { .. } => "throttled",
+        }
+    }
 }
 
 /// Why a request's bearer token was refused.
@@ -378,6 +400,7 @@ pub struct ApiAuth {
     /// Sessions by the SHA-256 of their token.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     checks: tokio::sync::Semaphore,
+    throttle: throttle::LoginThrottle,
 }
 
 impl std::fmt::Debug for ApiAuth {
@@ -398,6 +421,7 @@ impl ApiAuth {
             ttl: RwLock::new(config.token_ttl),
             sessions: Mutex::default(),
             checks: tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS),
+            throttle: throttle::LoginThrottle::default(),
         }
     }
 
@@ -470,6 +494,21 @@ impl ApiAuth {
 
     /// Checks the password with the provider and issues a token for the user's role.
     pub async fn login(&self, user: &str, password: &[u8]) -> Result<Issued, LoginError> {
+        let name = user.to_lowercase();
+        if let Some(retry_after) = self.throttle.wait(&name) {
+            return Err(LoginError::Throttled { retry_after });
+        }
+        let result = self.check_and_issue(user, password).await;
+        match &result {
+            Ok(_) => self.throttle.succeeded(&name),
+            Err(LoginError::WrongCredentials) => self.throttle.failed(&name),
+            // The password was right (no role), or nothing was checked.
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn check_and_issue(&self, user: &str, password: &[u8]) -> Result<Issued, LoginError> {
         let mut provider = self.provider();
         loop {
             let source = provider.source_of(user);
@@ -631,6 +670,45 @@ mod tests {
             auth.login("mallory", b"").await,
             Err(LoginError::WrongCredentials)
         ));
+    }
+
+    #[tokio::test]
+    async fn failed_logins_shut_the_name_out_before_its_password_is_checked() {
+        let auth = ApiAuth::new(
+            "admin",
+            &config(&[("olga", "pw-o", Role::Viewer)], Duration::from_secs(60)),
+        );
+        let provider = auth.provider();
+        for _ in 0..throttle::FREE_FAILURES {
+            assert!(matches!(
+                auth.login("olga", b"guess").await,
+                Err(LoginError::WrongCredentials)
+            ));
+        }
+        let checks = provider.password_checks();
+        // Even the right password waits now, and costs no check; so does an unknown name's
+        // guess once it failed as often (nothing tells the two apart).
+        let refused = auth.login("OLGA", b"pw-o").await.unwrap_err();
+        assert!(matches!(refused, LoginError::Throttled { .. }), "{refused}");
+        assert_eq!(
+            refused.to_string(),
+            "too many failed logins for this user name; retry in 1 s"
+        );
+        assert_eq!(provider.password_checks(), checks);
+        for _ in 0..=throttle::FREE_FAILURES {
+            let _ = auth.login("mallory", b"guess").await;
+        }
+        assert!(matches!(
+            auth.login("mallory", b"guess").await,
+            Err(LoginError::Throttled { .. })
+        ));
+        // Another user is not held back.
+        assert!(auth.login("ann", b"x").await.is_err());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            auth.login("olga", b"pw-o").await.unwrap().role,
+            Role::Viewer
+        );
     }
 
     #[tokio::test(start_paused = true)]
