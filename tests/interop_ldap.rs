@@ -181,6 +181,25 @@ async fn expect(agent: &TestAgent, cases: &[(&str, &str, StatusCode, &str)]) {
     }
 }
 
+async fn doctor_report(dirs: &TestDirs, agent: &TestAgent) -> String {
+    let overrides = lumos_agent::config::Overrides {
+        config_file: Some(dirs.root.path().join("agent.toml")),
+        listen: Some(agent.api_addr.to_string()),
+        ..lumos_agent::config::Overrides::default()
+    };
+    let mut out = Vec::new();
+    lumos_agent::doctor::run(&overrides, &mut out).await;
+    String::from_utf8(out).unwrap()
+}
+
+fn directory_line(report: &str) -> String {
+    report
+        .lines()
+        .find(|l| l.contains(" directory "))
+        .unwrap_or_else(|| panic!("no directory line in:\n{report}"))
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_users_bind_with_their_password_and_their_groups_give_the_role() {
     let slapd = Slapd::start();
@@ -233,6 +252,17 @@ async fn directory_users_bind_with_their_password_and_their_groups_give_the_role
             .unwrap()
             .contains("nobody is in none of the directory groups"),
         "{answer}"
+    );
+
+    // `doctor` checks the path: TLS settings, the service account, the two bases.
+    let report = doctor_report(&dirs, &agent).await;
+    let line = directory_line(&report);
+    assert!(
+        line.starts_with("ok ")
+            && line.contains(&format!(
+                "bound as cn=lumos-svc,{BASE}; user_base and group_base readable"
+            )),
+        "{report}"
     );
 
     // A directory user's token works like a built-in one's.
@@ -313,6 +343,12 @@ async fn directory_users_bind_with_their_password_and_their_groups_give_the_role
     );
     // The built-in users still log in.
     expect(&agent, &[("local", "local-pw", ok, "viewer")]).await;
+    let report = doctor_report(&dirs, &agent).await;
+    let line = directory_line(&report);
+    assert!(
+        line.starts_with("FAIL") && line.contains("cannot connect to ldap://127.0.0.1"),
+        "{report}"
+    );
     agent.shutdown().await;
     // No password reached the log.
     let logs = captured_logs();

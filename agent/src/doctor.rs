@@ -104,6 +104,7 @@ pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
     tenant_store(&config, &mut report);
     outbox(&config, &mut report);
     agent(&config, &mut report).await;
+    api_users(&config, &mut report).await;
     match &config.cloud {
         None => report.line(
             Verdict::Skip,
@@ -451,6 +452,47 @@ async fn agent(config: &Config, report: &mut Report<'_>) {
                 ),
             ),
         }
+    }
+}
+
+/// Who may log in to the local API, and whether the directory answers.
+async fn api_users(config: &Config, report: &mut Report<'_>) {
+    let users = &config.api.users;
+    let listed = if users.is_empty() {
+        "no [api.users]".to_string()
+    } else {
+        let names: Vec<String> = users
+            .iter()
+            .map(|(name, user)| format!("{name} ({})", user.role.as_str()))
+            .collect();
+        names.join(", ")
+    };
+    let Some(settings) = &config.api.ldap else {
+        report.line(
+            Verdict::Ok,
+            "api users",
+            format!("{listed}; no [api.ldap]; the admin token always works"),
+        );
+        return;
+    };
+    report.line(
+        Verdict::Ok,
+        "api users",
+        format!("{listed}; others from [api.ldap]"),
+    );
+    let probe = match crate::auth::ldap::LdapDirectory::new(settings.clone()) {
+        Ok(directory) => directory.probe().await,
+        Err(e) => Err(e),
+    };
+    match probe {
+        Ok(found) => report.line(Verdict::Ok, "directory", found),
+        Err(e) => report.line(
+            Verdict::Fail,
+            "directory",
+            format!(
+                "{e}; directory users cannot log in (built-in users and the admin token still can)"
+            ),
+        ),
     }
 }
 

@@ -145,6 +145,49 @@ impl LdapDirectory {
         }
     }
 
+    /// For `doctor`: connects (with TLS as configured) and, where there is a service account,
+    /// binds as it and reads `user_base` and `group_base`. What it found, or what failed.
+    pub async fn probe(&self) -> Result<String, String> {
+        let describe = |e: LoginError| match e {
+            LoginError::Unavailable { detail, .. } => detail,
+            other => other.to_string(),
+        };
+        let run = async {
+            let mut ldap = self.connect().await.map_err(describe)?;
+            let LdapUsers::Search { base, bind, .. } = &self.config.users else {
+                let _ = ldap.unbind().await;
+                return Ok(format!(
+                    "{} answers; users bind by user_dn, and read their own groups",
+                    self.config.url
+                ));
+            };
+            self.bind_service(&mut ldap).await.map_err(describe)?;
+            for (key, dn) in [("user_base", base), ("group_base", &self.config.group_base)] {
+                ldap.with_timeout(self.config.timeout)
+                    .search(dn, Scope::Base, "(objectClass=*)", vec!["1.1"])
+                    .await
+                    .and_then(ldap3::SearchResult::success)
+                    .map_err(|e| format!("cannot read api.ldap.{key} {dn}: {e}"))?;
+            }
+            let _ = ldap.unbind().await;
+            let who = bind
+                .as_ref()
+                .map_or("anonymously".to_string(), |(dn, _)| format!("as {dn}"));
+            Ok(format!(
+                "{} answers; bound {who}; user_base and group_base readable",
+                self.config.url
+            ))
+        };
+        match tokio::time::timeout(self.config.timeout * 4, run).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "{} did not answer within {:?}",
+                self.config.url,
+                self.config.timeout * 4
+            )),
+        }
+    }
+
     async fn login(&self, user: &str, password: &[u8]) -> Result<Role, LoginError> {
         // An empty password would be an anonymous bind, which succeeds.
         if user.is_empty() || password.is_empty() {
