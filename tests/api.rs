@@ -142,6 +142,8 @@ async fn a_users_role_decides_each_route_and_a_reload_ends_a_demoted_users_sessi
         json!("ann"),
         json!({"username": "ann"}),
         json!({"username": "ann", "password": "ann-pw", "otp": 1}),
+        // Names are remembered per failure (the throttle): never a long one.
+        json!({"username": "a".repeat(257), "password": "ann-pw"}),
     ] {
         let (status, answer) = agent
             .request_with(Method::POST, "/v1/auth/token", Some(body.clone()), None)
@@ -149,6 +151,11 @@ async fn a_users_role_decides_each_route_and_a_reload_ends_a_demoted_users_sessi
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert!(!String::from_utf8_lossy(&answer).contains("ann-pw"));
     }
+    let huge = json!({"username": "ann", "password": "p".repeat(65 << 10)});
+    let (status, _) = agent
+        .request_with(Method::POST, "/v1/auth/token", Some(huge), None)
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     let (status, answer) = login("ann", "wrong").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(

@@ -30,6 +30,8 @@ use crate::tenants::{SecretJson, Tenant, TenantStore};
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 16 << 20;
+/// Largest login body accepted: a name and a password.
+const MAX_LOGIN_BYTES: usize = 64 << 10;
 /// Header carrying the inventory revision on `GET /v1/connectors`.
 pub const REVISION_HEADER: &str = "x-lumos-inventory-revision";
 
@@ -228,7 +230,7 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
         username: String,
         password: String,
     }
-    let body = match read_body(req).await {
+    let body = match read_body_up_to(req, MAX_LOGIN_BYTES).await {
         Ok(bytes) => zeroize::Zeroizing::new(bytes.to_vec()),
         Err(resp) => return resp,
     };
@@ -244,13 +246,26 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
             return agent_error(&err, None, StatusCode::BAD_REQUEST);
         }
     };
+    if username.len() > crate::auth::MAX_USER_NAME_BYTES {
+        let err = CallError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "the user name is over {} bytes",
+                crate::auth::MAX_USER_NAME_BYTES
+            ),
+        );
+        return agent_error(&err, None, StatusCode::BAD_REQUEST);
+    }
+    // As typed, but escaped (no forged log lines): a name is no secret, though a password
+    // typed into its field would be, which no log can tell apart.
+    let shown = format!("{username:?}");
     let outcome = state.auth.login(&username, password.as_bytes()).await;
     state
         .metrics
         .api_login(outcome.as_ref().map_or_else(LoginError::outcome, |_| "ok"));
     match outcome {
         Ok(issued) => {
-            tracing::info!(user = %username, role = issued.role.as_str(), %peer, "API login");
+            tracing::info!(user = %shown, role = issued.role.as_str(), %peer, "API login");
             let expires_at = issued
                 .expires_at
                 .duration_since(std::time::UNIX_EPOCH)
@@ -267,17 +282,17 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
             )
         }
         Err(LoginError::WrongCredentials) => {
-            tracing::warn!(user = %username, %peer, "API login refused: wrong user name or password");
+            tracing::warn!(user = %shown, %peer, "API login refused: wrong user name or password");
             unauthorized(&LoginError::WrongCredentials.to_string())
         }
         Err(e @ LoginError::Throttled { retry_after }) => {
-            tracing::warn!(user = %username, %peer, "API login refused: {e}");
+            tracing::warn!(user = %shown, %peer, "API login refused: {e}");
             let mut err = CallError::new(ErrorCode::Unauthenticated, e.to_string());
             err.retry_after_seconds = Some(retry_after.as_secs_f64().ceil() as u64);
             agent_error(&err, None, StatusCode::TOO_MANY_REQUESTS)
         }
         Err(e @ LoginError::NoRole { .. }) => {
-            tracing::warn!(user = %username, %peer, "API login refused: {e}");
+            tracing::warn!(user = %shown, %peer, "API login refused: {e}");
             agent_error(
                 &CallError::new(ErrorCode::Forbidden, e.to_string()),
                 None,
@@ -622,10 +637,11 @@ fn tenant_view(state: &ApiState, tenant_id: &str, tenant: &Tenant) -> Value {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiResponse> {
-    match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
+    read_body_up_to(req, MAX_BODY_BYTES).await
+}
+
+async fn read_body_up_to(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiResponse> {
+    match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => {
             let too_large = e
@@ -634,7 +650,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiResponse> {
             let (status, message) = if too_large {
                 (
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body over {MAX_BODY_BYTES} bytes"),
+                    format!("request body over {limit} bytes"),
                 )
             } else {
                 (

@@ -131,7 +131,7 @@ impl LdapDirectory {
                     .map_err(|e| unavailable(format!("searching {base} for {filter}: {e}")))?;
                 if entries.len() > 1 {
                     tracing::warn!(
-                        user,
+                        user = ?user,
                         matches = entries.len(),
                         "LDAP login refused: api.ldap.user_filter matches more than one entry"
                     );

@@ -32,6 +32,9 @@ use crate::config::{ApiConfig, ApiUser, LdapConfig};
 pub mod ldap;
 pub mod throttle;
 
+/// Longest user name accepted at a login (a longer one is refused before anything else).
+pub const MAX_USER_NAME_BYTES: usize = 256;
+
 /// Password checks that may run at once (each Argon2 check holds its memory cost, 19 MiB by
 /// default).
 pub const MAX_PASSWORD_CHECKS: usize = 4;
@@ -494,6 +497,10 @@ impl ApiAuth {
 
     /// Checks the password with the provider and issues a token for the user's role.
     pub async fn login(&self, user: &str, password: &[u8]) -> Result<Issued, LoginError> {
+        // Names are kept per failure (the throttle): never an unbounded one.
+        if user.len() > MAX_USER_NAME_BYTES {
+            return Err(LoginError::WrongCredentials);
+        }
         let name = user.to_lowercase();
         if let Some(retry_after) = self.throttle.wait(&name) {
             return Err(LoginError::Throttled { retry_after });
