@@ -46,6 +46,21 @@ async fn every_v1_route_needs_the_bearer_token() {
     // Nothing was created by the refused PUT.
     let (_, tenants) = agent.request(Method::GET, "/v1/tenants", None).await;
     assert_eq!(tenants, json!([]));
+    // Without [api.users] or [api.ldap] a login says what to configure.
+    let (status, body) = agent
+        .request_with(
+            Method::POST,
+            "/v1/auth/token",
+            Some(json!({"username": "ann", "password": "pw"})),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        String::from_utf8_lossy(&body).contains("this agent has no users to log in as"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     agent.shutdown().await;
 }
 

@@ -281,6 +281,7 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
                 }),
             )
         }
+        Err(e @ LoginError::NoUsers) => unauthorized(&e.to_string()),
         Err(LoginError::WrongCredentials) => {
             tracing::warn!(user = %shown, %peer, "API login refused: wrong user name or password");
             unauthorized(&LoginError::WrongCredentials.to_string())

@@ -97,6 +97,13 @@ pub enum LoginError {
         /// The user.
         user: String,
     },
+    /// No user can log in: the config lists none and names no directory. Saying so tells a
+    /// guesser nothing worth knowing, and an admin what to do.
+    #[error(
+        "this agent has no users to log in as: add [api.users.<name>] (or [api.ldap]) to its \
+         config; the admin token (<state_dir>/admin.token) works without"
+    )]
+    NoUsers,
     /// Too many failed logins of this name lately ([`throttle`]); not tried.
     #[error(
         "too many failed logins for this user name; retry in {} s",
@@ -116,6 +123,7 @@ impl LoginError {
             LoginError::Unavailable { .. } => "unavailable",
             LoginError::NoRole { .. } => "no_role",
             LoginError::Throttled { .. } => "throttled",
+            LoginError::NoUsers => "no_users",
         }
     }
 }
@@ -303,6 +311,9 @@ impl AuthProvider for UserDirectory {
         user: &'a str,
         password: &'a [u8],
     ) -> BoxFuture<'a, Result<Role, LoginError>> {
+        if self.ldap.is_none() && self.builtin.users.is_empty() {
+            return Box::pin(async { Err(LoginError::NoUsers) });
+        }
         match (&self.ldap, self.source_of(user)) {
             (Some((_, Ok(directory))), Source::Ldap) => directory.authenticate(user, password),
             (Some((_, Err(why))), Source::Ldap) => {
