@@ -189,11 +189,17 @@ impl std::fmt::Debug for BuiltinUsers {
 impl BuiltinUsers {
     /// The users of the config (names already lower case).
     pub fn new(users: BTreeMap<String, ApiUser>) -> Self {
-        let mut random = Zeroizing::new([0u8; 32]);
-        let decoy = getrandom::fill(random.as_mut())
-            .ok()
-            .and_then(|()| hash_password(random.as_ref()).ok())
-            .or_else(|| users.values().next().map(|u| u.password_hash.clone()))
+        // Without users there is no name to tell apart, and no hash to make (it takes a
+        // moment, at every start and reload).
+        let decoy = (!users.is_empty())
+            .then(|| {
+                let mut random = Zeroizing::new([0u8; 32]);
+                getrandom::fill(random.as_mut())
+                    .ok()
+                    .and_then(|()| hash_password(random.as_ref()).ok())
+                    .or_else(|| users.values().next().map(|u| u.password_hash.clone()))
+            })
+            .flatten()
             .map(Arc::from);
         Self {
             users,
