@@ -185,3 +185,25 @@ fn agent_put_and_swap_key(dirs: &TestDirs) {
         .unwrap();
     std::fs::write(state.tenants_key(), "ab".repeat(32)).unwrap();
 }
+
+/// Users who log in from other machines would send their passwords over plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_an_api_beyond_loopback_are_warned_of_passwords_in_the_clear() {
+    let dirs = TestDirs::new();
+    let hash = lumos_agent::auth::hash_password(b"pw").unwrap();
+    TestAgent::write_config(
+        &dirs,
+        &dirs.plugins(),
+        &format!(
+            "[api]\nlisten = \"0.0.0.0:9\"\n[api.users.olga]\npassword_hash = \"{hash}\"\nrole = \"viewer\"\n"
+        ),
+    );
+    let (_, report) = doctor_says(&overrides(&dirs, None)).await;
+    let users = line(&report, "ok", "api users").expect(&report);
+    assert!(users.contains("olga (viewer)"), "{users}");
+    let warning = line(&report, "WARN", "api users").expect(&report);
+    assert!(
+        warning.contains("0.0.0.0:9 without TLS") && warning.contains("in the clear"),
+        "{warning}"
+    );
+}

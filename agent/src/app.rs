@@ -222,7 +222,7 @@ impl RunningAgent {
             source,
         })?;
         if !api_addr.ip().is_loopback() {
-            tracing::warn!(%api_addr, "the local API listens beyond loopback; anyone who can reach it needs only the bearer token");
+            tracing::warn!(%api_addr, "the local API listens beyond loopback, without TLS: anyone who can reach it needs only a bearer token, and tokens and login passwords cross the network in the clear");
         }
 
         let draining = CancellationToken::new();

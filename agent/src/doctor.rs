@@ -467,6 +467,18 @@ async fn api_users(config: &Config, report: &mut Report<'_>) {
             .collect();
         names.join(", ")
     };
+    let logins = !users.is_empty() || config.api.ldap.is_some();
+    if logins && !config.api.listen.ip().is_loopback() {
+        report.line(
+            Verdict::Warn,
+            "api users",
+            format!(
+                "the API listens on {} without TLS: logins from other machines send passwords \
+                 in the clear (keep api.listen on loopback, or put a TLS proxy in front)",
+                config.api.listen
+            ),
+        );
+    }
     let Some(settings) = &config.api.ldap else {
         report.line(
             Verdict::Ok,
