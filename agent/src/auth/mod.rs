@@ -696,7 +696,8 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
+    // The clock is paused: the waits are exact, however slow the password checks are.
+    #[tokio::test(start_paused = true)]
     async fn failed_logins_shut_the_name_out_before_its_password_is_checked() {
         let auth = ApiAuth::new(
             "admin",
