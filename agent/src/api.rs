@@ -246,16 +246,6 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
             return agent_error(&err, None, StatusCode::BAD_REQUEST);
         }
     };
-    if username.len() > crate::auth::MAX_USER_NAME_BYTES {
-        let err = CallError::new(
-            ErrorCode::BadRequest,
-            format!(
-                "the user name is over {} bytes",
-                crate::auth::MAX_USER_NAME_BYTES
-            ),
-        );
-        return agent_error(&err, None, StatusCode::BAD_REQUEST);
-    }
     // As typed, but escaped (no forged log lines): a name is no secret, though a password
     // typed into its field would be, which no log can tell apart.
     let shown = format!("{username:?}");
@@ -263,52 +253,52 @@ async fn login(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> Ap
     state
         .metrics
         .api_login(outcome.as_ref().map_or_else(LoginError::outcome, |_| "ok"));
-    match outcome {
+    let e = match outcome {
         Ok(issued) => {
             tracing::info!(user = %shown, role = issued.role.as_str(), %peer, "API login");
-            let expires_at = issued
-                .expires_at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            json_response(
+            return json_response(
                 StatusCode::OK,
                 &json!({
                     "token": issued.token.as_str(),
                     "token_type": "Bearer",
                     "role": issued.role.as_str(),
                     "expires_in": issued.expires_in.as_secs(),
-                    "expires_at": expires_at,
+                    "expires_at": unix_secs(issued.expires_at),
                 }),
-            )
+            );
         }
-        Err(e @ LoginError::NoUsers) => unauthorized(&e.to_string()),
-        Err(LoginError::WrongCredentials) => {
-            tracing::warn!(user = %shown, %peer, "API login refused: wrong user name or password");
-            unauthorized(&LoginError::WrongCredentials.to_string())
+        Err(e) => e,
+    };
+    // The error's words may hold what was typed (a directory's answer, a name): escaped too.
+    let said = format!("{:?}", e.to_string());
+    let (code, status) = match &e {
+        LoginError::WrongCredentials | LoginError::NoUsers => {
+            (ErrorCode::Unauthenticated, StatusCode::UNAUTHORIZED)
         }
-        Err(e @ LoginError::Throttled { retry_after }) => {
-            tracing::warn!(user = %shown, %peer, "API login refused: {e}");
-            let mut err = CallError::new(ErrorCode::Unauthenticated, e.to_string());
-            err.retry_after_seconds = Some(retry_after.as_secs_f64().ceil() as u64);
-            agent_error(&err, None, StatusCode::TOO_MANY_REQUESTS)
-        }
-        Err(e @ LoginError::NoRole { .. }) => {
-            tracing::warn!(user = %shown, %peer, "API login refused: {e}");
-            agent_error(
-                &CallError::new(ErrorCode::Forbidden, e.to_string()),
-                None,
-                StatusCode::FORBIDDEN,
-            )
-        }
-        Err(e @ LoginError::Unavailable { .. }) => {
-            tracing::error!(%peer, "API login failed: {e}");
-            agent_error(
-                &CallError::new(ErrorCode::Internal, e.to_string()),
-                None,
-                StatusCode::SERVICE_UNAVAILABLE,
-            )
-        }
+        LoginError::Throttled { .. } => (ErrorCode::Unauthenticated, StatusCode::TOO_MANY_REQUESTS),
+        LoginError::NoRole { .. } => (ErrorCode::Forbidden, StatusCode::FORBIDDEN),
+        LoginError::NameTooLong => (ErrorCode::BadRequest, StatusCode::BAD_REQUEST),
+        LoginError::Unavailable { .. } => (ErrorCode::Internal, StatusCode::SERVICE_UNAVAILABLE),
+    };
+    if matches!(e, LoginError::Unavailable { .. }) {
+        tracing::error!(user = %shown, %peer, error = %said, "API login failed");
+    } else {
+        tracing::warn!(user = %shown, %peer, reason = %said, "API login refused");
     }
+    let mut err = CallError::new(code, e.to_string());
+    if let LoginError::Throttled { retry_after } = e {
+        err.retry_after_seconds = Some(retry_after.as_secs_f64().ceil() as u64);
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        return unauthorized(&err.message);
+    }
+    agent_error(&err, None, status)
+}
+
+/// Seconds since the Unix epoch, as the API's `expires_at` fields give times.
+fn unix_secs(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 async fn v1(
@@ -324,9 +314,7 @@ async fn v1(
             &json!({
                 "user": principal.user,
                 "role": principal.role.as_str(),
-                "expires_at": principal.expires_at.map(|t| t
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())),
+                "expires_at": principal.expires_at.map(unix_secs),
             }),
         ),
         (&Method::DELETE, ["auth", "token"]) => {

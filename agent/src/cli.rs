@@ -339,14 +339,19 @@ fn saved_token_path(listen: std::net::SocketAddr) -> Option<PathBuf> {
     Some(dirs.config_dir().join(format!("api-token-{address}")))
 }
 
+/// Where `login` saves its token and `logout` finds it: `--token-file`, else the file for
+/// this agent's address.
+fn login_token_path(cli: &Cli, config: &Config) -> Option<PathBuf> {
+    cli.token_file
+        .clone()
+        .or_else(|| saved_token_path(config.api.listen))
+}
+
 /// The token file the client commands use: `--token-file`, else a saved login, else the
 /// agent's admin token.
 fn token_file_for(cli: &Cli, config: &Config) -> PathBuf {
-    if let Some(path) = &cli.token_file {
-        return path.clone();
-    }
-    saved_token_path(config.api.listen)
-        .filter(|path| path.exists())
+    login_token_path(cli, config)
+        .filter(|path| cli.token_file.is_some() || path.exists())
         .unwrap_or_else(|| StatePaths::new(config.state_dir.clone()).admin_token())
 }
 
@@ -403,11 +408,7 @@ fn hash_password(file: Option<&Path>) -> u8 {
 }
 
 async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Path>) -> u8 {
-    let Some(path) = cli
-        .token_file
-        .clone()
-        .or_else(|| saved_token_path(config.api.listen))
-    else {
+    let Some(path) = login_token_path(cli, config) else {
         eprintln!("lumos-agent: no home folder to save the token in; give --token-file");
         return exit::USAGE;
     };
@@ -418,13 +419,21 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
             return exit::USAGE;
         }
     };
+    #[derive(serde::Serialize)]
+    struct Login<'a> {
+        username: &'a str,
+        password: &'a str,
+    }
     let client = ApiClient::anonymous(config.api.listen);
-    let body = Zeroizing::new(
-        serde_json::to_vec(&serde_json::json!({"username": user, "password": password.as_str()}))
-            .unwrap_or_default(),
-    );
+    // One copy of the password, the request body, which hyper owns once sent (and cannot be
+    // zeroized there).
+    let body = serde_json::to_vec(&Login {
+        username: user,
+        password: password.as_str(),
+    })
+    .unwrap_or_default();
     let (status, answer) = match client
-        .send(Method::POST, "/v1/auth/token", Some(body.to_vec()))
+        .send(Method::POST, "/v1/auth/token", Some(body))
         .await
     {
         Ok(pair) => pair,
@@ -487,12 +496,7 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
 }
 
 async fn logout(cli: &Cli, config: &Config) -> u8 {
-    let Some(path) = cli
-        .token_file
-        .clone()
-        .or_else(|| saved_token_path(config.api.listen))
-        .filter(|p| p.exists())
-    else {
+    let Some(path) = login_token_path(cli, config).filter(|p| p.exists()) else {
         eprintln!(
             "lumos-agent: no saved login for {} (nothing to do)",
             config.api.listen

@@ -807,13 +807,15 @@ impl Validator {
     }
 
     /// Takes a sub-table, reporting unknown keys in it.
+    /// The table `name` (a dotted key: its last part is looked up in `table`), its unknown keys
+    /// reported under `name`.
     fn section(
         &mut self,
         table: &mut Map<String, Value>,
         name: &str,
         known: &[&str],
     ) -> Map<String, Value> {
-        let Some(value) = table.remove(name) else {
+        let Some(value) = table.remove(leaf(name)) else {
             return Map::new();
         };
         let origin = value.origin().map(str::to_owned);
@@ -1196,14 +1198,10 @@ impl Validator {
 
     /// `[api.ldap]`.
     fn ldap(&mut self, api: &mut Map<String, Value>) -> Option<LdapConfig> {
-        let value = api.remove("ldap")?;
-        let origin = value.origin().map(str::to_owned);
-        let mut wrapper = Map::new();
-        wrapper.insert("ldap".to_string(), value);
-        let issues_before = self.issues.len();
+        let origin = api.get("ldap")?.origin().map(str::to_owned);
         let mut t = self.section(
-            &mut wrapper,
-            "ldap",
+            api,
+            "api.ldap",
             &[
                 "url",
                 "starttls",
@@ -1222,10 +1220,6 @@ impl Validator {
                 "timeout_secs",
             ],
         );
-        // `section` named the keys `ldap.*`: they are `api.ldap.*`.
-        for issue in &mut self.issues[issues_before..] {
-            issue.key = format!("api.{}", issue.key);
-        }
         let required = |v: &mut Self, t: &mut Map<String, Value>, key: &str| -> Option<String> {
             let present = t.contains_key(leaf(key));
             match v.string(t, key) {
@@ -1438,10 +1432,12 @@ impl Validator {
                 },
             };
             let role_key = format!("{prefix}.role");
+            let has_role = sub.contains_key("role");
             let role = match self.choice(&mut sub, &role_key, crate::auth::Role::NAMES) {
                 Some(role) => crate::auth::Role::parse(&role),
                 None => {
-                    if !self.issues.iter().any(|i| i.key == role_key) {
+                    // (A role that is there but not one of them is reported by `choice`.)
+                    if !has_role {
                         self.issue(
                             &role_key,
                             origin.as_deref(),

@@ -492,11 +492,10 @@ async fn api_users(config: &Config, report: &mut Report<'_>) {
         "api users",
         format!("{listed}; others from [api.ldap]"),
     );
-    let probe = match crate::auth::ldap::LdapDirectory::new(settings.clone()) {
-        Ok(directory) => directory.probe().await,
-        Err(e) => Err(e),
-    };
-    match probe {
+    match crate::auth::ldap::LdapDirectory::new(settings.clone())
+        .probe()
+        .await
+    {
         Ok(found) => report.line(Verdict::Ok, "directory", found),
         Err(e) => report.line(
             Verdict::Fail,

@@ -142,7 +142,7 @@ impl Metrics {
         let api_logins = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "api_logins",
-            "Logins to the local API, by outcome (ok, wrong_credentials, no_role, throttled, unavailable, no_users): many wrong_credentials or throttled mean someone is guessing",
+            "Logins to the local API, by outcome (ok, wrong_credentials, no_role, throttled, unavailable, no_users, bad_request): many wrong_credentials or throttled mean someone is guessing",
             api_logins.clone(),
         );
         let outbox_results = Gauge::default();

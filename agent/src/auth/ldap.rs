@@ -38,8 +38,9 @@ pub fn normalize_dn(dn: &str) -> String {
 #[derive(Clone)]
 pub struct LdapDirectory {
     config: LdapConfig,
-    /// TLS settings (trust store with `ca_file`), made once.
-    tls: Arc<rustls::ClientConfig>,
+    /// TLS settings (trust store with `ca_file`), made once; or why they cannot be made, which
+    /// every login and `doctor` then report.
+    tls: Result<Arc<rustls::ClientConfig>, String>,
 }
 
 impl std::fmt::Debug for LdapDirectory {
@@ -59,24 +60,33 @@ fn unavailable(detail: impl std::fmt::Display) -> LoginError {
 }
 
 impl LdapDirectory {
-    /// The provider for `config`; fails if its `ca_file` cannot be used.
-    pub fn new(config: LdapConfig) -> Result<Self, String> {
+    /// The provider for `config`. A `ca_file` that cannot be used is logged now and makes every
+    /// directory login fail with its reason.
+    pub fn new(config: LdapConfig) -> Self {
         let ca = config
             .ca_file
             .as_deref()
             .map(|path| ("api.ldap.ca_file", path));
-        let tls = crate::tunnel::transport::client_config(ca, &[]).map_err(|e| e.to_string())?;
-        Ok(Self {
-            config,
-            tls: Arc::new(tls),
-        })
+        let tls = crate::tunnel::transport::client_config(ca, &[])
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        if let Err(e) = &tls {
+            tracing::error!("the LDAP auth provider cannot be used: {e}");
+        }
+        Self { config, tls }
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &LdapConfig {
+        &self.config
     }
 
     async fn connect(&self) -> Result<Ldap, LoginError> {
+        let tls = self.tls.clone().map_err(unavailable)?;
         let settings = LdapConnSettings::new()
             .set_conn_timeout(self.config.timeout)
             .set_starttls(self.config.starttls)
-            .set_config(self.tls.clone());
+            .set_config(tls);
         let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &self.config.url)
             .await
             .map_err(|e| unavailable(format!("cannot connect to {}: {e}", self.config.url)))?;
@@ -85,25 +95,40 @@ impl LdapDirectory {
         Ok(ldap)
     }
 
-    /// Binds as the service account, if there is one.
-    async fn bind_service(&self, ldap: &mut Ldap) -> Result<(), LoginError> {
+    /// The service account and its password (read from its file now: it may be rotated),
+    /// if there is one.
+    async fn service_account(&self) -> Result<Option<ServiceAccount<'_>>, LoginError> {
         let LdapUsers::Search {
             bind: Some((dn, file)),
             ..
         } = &self.config.users
         else {
-            return Ok(());
+            return Ok(None);
         };
-        let password = std::fs::read_to_string(file).map_err(|e| {
+        let password = tokio::fs::read_to_string(file).await.map_err(|e| {
             unavailable(format!(
                 "cannot read api.ldap.bind_password_file {}: {e}",
                 file.display()
             ))
         })?;
-        let password = Zeroizing::new(password);
+        let mut password = Zeroizing::new(password);
+        let kept = password.trim_end_matches(['\r', '\n']).len();
+        password.truncate(kept);
+        Ok(Some(ServiceAccount { dn, password }))
+    }
+
+    /// Binds as the service account, if there is one.
+    async fn bind_service(
+        &self,
+        ldap: &mut Ldap,
+        account: Option<&ServiceAccount<'_>>,
+    ) -> Result<(), LoginError> {
+        let Some(ServiceAccount { dn, password }) = account else {
+            return Ok(());
+        };
         let result = ldap
             .with_timeout(self.config.timeout)
-            .simple_bind(dn, password.trim_end_matches(['\r', '\n']))
+            .simple_bind(dn, password)
             .await
             .map_err(unavailable)?;
         if result.rc != 0 {
@@ -117,11 +142,16 @@ impl LdapDirectory {
 
     /// The user's DN: from the template, or the one entry the search finds (`None`: no such
     /// user, or more than one).
-    async fn user_dn(&self, ldap: &mut Ldap, user: &str) -> Result<Option<String>, LoginError> {
+    async fn user_dn(
+        &self,
+        ldap: &mut Ldap,
+        account: Option<&ServiceAccount<'_>>,
+        user: &str,
+    ) -> Result<Option<String>, LoginError> {
         match &self.config.users {
             LdapUsers::Template(template) => Ok(Some(template.replace("{user}", &dn_escape(user)))),
             LdapUsers::Search { base, filter, .. } => {
-                self.bind_service(ldap).await?;
+                self.bind_service(ldap, account).await?;
                 let filter = filter.replace("{user}", &ldap_escape(user));
                 let (entries, _) = ldap
                     .with_timeout(self.config.timeout)
@@ -161,7 +191,10 @@ impl LdapDirectory {
                     self.config.url
                 ));
             };
-            self.bind_service(&mut ldap).await.map_err(describe)?;
+            let account = self.service_account().await.map_err(describe)?;
+            self.bind_service(&mut ldap, account.as_ref())
+                .await
+                .map_err(describe)?;
             for (key, dn) in [("user_base", base), ("group_base", &self.config.group_base)] {
                 ldap.with_timeout(self.config.timeout)
                     .search(dn, Scope::Base, "(objectClass=*)", vec!["1.1"])
@@ -196,8 +229,9 @@ impl LdapDirectory {
         let Ok(password) = std::str::from_utf8(password) else {
             return Err(LoginError::WrongCredentials);
         };
+        let account = self.service_account().await?;
         let mut ldap = self.connect().await?;
-        let Some(dn) = self.user_dn(&mut ldap, user).await? else {
+        let Some(dn) = self.user_dn(&mut ldap, account.as_ref(), user).await? else {
             return Err(LoginError::WrongCredentials);
         };
         let bound = ldap
@@ -212,14 +246,8 @@ impl LdapDirectory {
         }
         // Groups are read as the service account where there is one (a user may not be
         // allowed to read them).
-        let reader = match &self.config.users {
-            LdapUsers::Search {
-                bind: Some((service, _)),
-                ..
-            } => service.clone(),
-            _ => dn.clone(),
-        };
-        self.bind_service(&mut ldap).await?;
+        let reader = account.as_ref().map_or(dn.as_str(), |a| a.dn).to_string();
+        self.bind_service(&mut ldap, account.as_ref()).await?;
         let base = &self.config.group_base;
         let filter = self.config.group_filter.replace("{dn}", &ldap_escape(&dn));
         let (entries, _) = ldap
@@ -251,6 +279,12 @@ impl LdapDirectory {
     }
 }
 
+/// The account that searches for users and reads their groups.
+struct ServiceAccount<'a> {
+    dn: &'a str,
+    password: Zeroizing<String>,
+}
+
 impl AuthProvider for LdapDirectory {
     fn name(&self) -> &'static str {
         "LDAP"
@@ -267,11 +301,16 @@ impl AuthProvider for LdapDirectory {
             // and a directory's bad answer must be a refused login, not a lost API connection.
             let directory = self.clone();
             let (user, password) = (user.to_string(), Zeroizing::new(password.to_vec()));
-            let task = tokio::spawn(async move { directory.login(&user, &password).await });
-            match tokio::time::timeout(deadline, task).await {
-                Err(_) => Err(unavailable(format!(
-                    "no answer within {deadline:?} (4 × api.ldap.timeout_secs)"
-                ))),
+            let mut task = tokio::spawn(async move { directory.login(&user, &password).await });
+            match tokio::time::timeout(deadline, &mut task).await {
+                Err(_) => {
+                    // Not left running: the caller's permit (one of the few password checks at
+                    // once) ends here, and so must the login.
+                    task.abort();
+                    Err(unavailable(format!(
+                        "no answer within {deadline:?} (4 × api.ldap.timeout_secs)"
+                    )))
+                }
                 Ok(Err(e)) => Err(unavailable(format!(
                     "the directory's answer broke the client: {e}"
                 ))),

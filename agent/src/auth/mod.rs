@@ -97,6 +97,10 @@ pub enum LoginError {
         /// The user.
         user: String,
     },
+    /// A user name longer than [`MAX_USER_NAME_BYTES`]: refused before anything else, as the
+    /// throttle keeps the names that failed.
+    #[error("the user name is over {MAX_USER_NAME_BYTES} bytes")]
+    NameTooLong,
     /// No user can log in: the config lists none and names no directory. Saying so tells a
     /// guesser nothing worth knowing, and an admin what to do.
     #[error(
@@ -124,6 +128,7 @@ impl LoginError {
             LoginError::NoRole { .. } => "no_role",
             LoginError::Throttled { .. } => "throttled",
             LoginError::NoUsers => "no_users",
+            LoginError::NameTooLong => "bad_request",
         }
     }
 }
@@ -260,28 +265,24 @@ enum Source {
     Ldap,
 }
 
-/// The providers of one configuration: a name in `[api.users]` is the built-in provider's,
-/// any other the directory's (if `[api.ldap]` is set).
+/// The providers of one configuration, and the lifetime of the tokens issued after them: a
+/// name in `[api.users]` is the built-in provider's, any other the directory's (if
+/// `[api.ldap]` is set). A reload swaps in a whole new one.
 #[derive(Debug)]
 pub struct UserDirectory {
     builtin: BuiltinUsers,
-    /// The directory, or why it cannot be used (its TLS settings).
-    ldap: Option<(LdapConfig, Result<ldap::LdapDirectory, String>)>,
+    ldap: Option<ldap::LdapDirectory>,
+    /// `api.token_ttl_secs`.
+    ttl: Duration,
 }
 
 impl UserDirectory {
     /// The providers `config` describes.
     pub fn new(config: &ApiConfig) -> Self {
-        let ldap = config.ldap.clone().map(|settings| {
-            let directory = ldap::LdapDirectory::new(settings.clone());
-            if let Err(e) = &directory {
-                tracing::error!("the LDAP auth provider cannot be used: {e}");
-            }
-            (settings, directory)
-        });
         Self {
             builtin: BuiltinUsers::new(config.users.clone()),
-            ldap,
+            ldap: config.ldap.clone().map(ldap::LdapDirectory::new),
+            ttl: config.token_ttl,
         }
     }
 
@@ -299,7 +300,7 @@ impl UserDirectory {
     }
 
     fn ldap_config(&self) -> Option<&LdapConfig> {
-        self.ldap.as_ref().map(|(config, _)| config)
+        self.ldap.as_ref().map(ldap::LdapDirectory::config)
     }
 }
 
@@ -321,16 +322,7 @@ impl AuthProvider for UserDirectory {
             return Box::pin(async { Err(LoginError::NoUsers) });
         }
         match (&self.ldap, self.source_of(user)) {
-            (Some((_, Ok(directory))), Source::Ldap) => directory.authenticate(user, password),
-            (Some((_, Err(why))), Source::Ldap) => {
-                let why = why.clone();
-                Box::pin(async move {
-                    Err(LoginError::Unavailable {
-                        provider: "LDAP",
-                        detail: why,
-                    })
-                })
-            }
+            (Some(directory), Source::Ldap) => directory.authenticate(user, password),
             _ => self.builtin.authenticate(user, password),
         }
     }
@@ -416,7 +408,6 @@ pub struct ApiAuth {
     /// SHA-256 of the admin token: comparing digests keeps the comparison length-independent.
     admin_digest: [u8; 32],
     provider: RwLock<Arc<UserDirectory>>,
-    ttl: RwLock<Duration>,
     /// Sessions by the SHA-256 of their token.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     checks: tokio::sync::Semaphore,
@@ -438,7 +429,6 @@ impl ApiAuth {
         Self {
             admin_digest: Sha256::digest(admin_token.as_bytes()).into(),
             provider: RwLock::new(Arc::new(UserDirectory::new(config))),
-            ttl: RwLock::new(config.token_ttl),
             sessions: Mutex::default(),
             checks: tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS),
             throttle: throttle::LoginThrottle::default(),
@@ -465,7 +455,6 @@ impl ApiAuth {
         let provider = Arc::new(UserDirectory::new(config));
         let same_directory = self.provider().ldap_config() == config.ldap.as_ref();
         let mut sessions = self.lock_sessions();
-        *self.ttl.write().unwrap_or_else(PoisonError::into_inner) = config.token_ttl;
         *self
             .provider
             .write()
@@ -514,9 +503,8 @@ impl ApiAuth {
 
     /// Checks the password with the provider and issues a token for the user's role.
     pub async fn login(&self, user: &str, password: &[u8]) -> Result<Issued, LoginError> {
-        // Names are kept per failure (the throttle): never an unbounded one.
         if user.len() > MAX_USER_NAME_BYTES {
-            return Err(LoginError::WrongCredentials);
+            return Err(LoginError::NameTooLong);
         }
         let name = user.to_lowercase();
         if let Some(retry_after) = self.throttle.wait(&name) {
@@ -564,7 +552,7 @@ impl ApiAuth {
                 provider = current;
                 continue;
             }
-            let ttl = *self.ttl.read().unwrap_or_else(PoisonError::into_inner);
+            let ttl = provider.ttl;
             let now = Instant::now();
             let expires_at = SystemTime::now() + ttl;
             // Ended sessions go as new ones come: the map holds at most a lifetime of logins.

@@ -849,7 +849,8 @@ mod tests {
             // Its own loader is there.
             check_bytes(&file, host).unwrap();
             // As a program built against musl names it (padded with NULs as a linker pads).
-            let musl = format!("/lib/ld-musl-{}.so.1", std::env::consts::ARCH);
+            // In a folder no machine has: a machine with musl installed has the real one.
+            let musl = format!("/no/ld-musl-{}.so.1", std::env::consts::ARCH);
             let at = loader_bytes(&file);
             assert!(musl.len() < at.len(), "{at:?}");
             file[at.clone()].fill(0);
