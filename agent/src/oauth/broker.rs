@@ -244,6 +244,18 @@ impl CredentialState {
             && !self.known.contains(&fingerprint(refresh_token))
     }
 
+    /// Adds fingerprints older than the ones it knows (oldest first), within the bound.
+    fn remember_before(&mut self, older: Vec<[u8; 32]>) {
+        let mut known: Vec<[u8; 32]> = older
+            .into_iter()
+            .filter(|print| !self.known.contains(print))
+            .collect();
+        known.append(&mut self.known);
+        let excess = known.len().saturating_sub(KNOWN_REFRESH_TOKENS);
+        known.drain(..excess);
+        self.known = known;
+    }
+
     fn remember(&mut self, refresh_token: &str) {
         let print = fingerprint(refresh_token);
         if !self.known.contains(&print) {
@@ -508,7 +520,12 @@ impl TokenBroker {
                     // for the old grant is discarded when it ends.
                     tracing::info!(tenant_id = %key.tenant_id, credential = %key.credential_id, "a new grant was presented for the credential; using it");
                     let generation = s.generation + 1;
+                    let held = std::mem::take(&mut s.known);
                     *s = CredentialState::seeded(seed(), generation);
+                    // The tokens it held before stay known: a caller still presenting one is
+                    // behind, not bringing yet another grant (which would re-seed again, and
+                    // discard a refresh in flight, each time old and new callers alternate).
+                    s.remember_before(held);
                 }
             }
             return state;
@@ -665,6 +682,15 @@ async fn finish(
     }
     match outcome {
         Ok(tokens) => {
+            // Known before the store shows it: a call that reads the new refresh token from
+            // the store before this state holds it is behind, not bringing a new grant (which
+            // would re-seed the credential under the refresh that is finishing).
+            if let Some(new) = &tokens.refresh_token {
+                job.state
+                    .lock()
+                    .expect("credential state poisoned")
+                    .remember(new);
+            }
             // Durable before used: a crash after this point finds the new refresh token.
             if let Err(e) =
                 (job.persist)(&job.key, &tokens, job.used.as_deref().map(String::as_str)).await
@@ -1032,6 +1058,76 @@ mod tests {
             "AT-8",
             "the new grant was used, not the old one"
         );
+    }
+
+    /// Agent-held credentials are presented from the tenant store with each call, so calls
+    /// holding the store from before a rotation and calls holding it from after arrive mixed.
+    /// Neither may re-seed the credential: the old token is behind, the new one already known
+    /// (even while it is being stored), so no second request reuses a rotated token and no
+    /// refresh in flight is discarded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_presenting_the_old_and_the_new_refresh_token_mixed_never_reseed() {
+        let (script, issued) = rotating_server(Duration::ZERO);
+        let (url, _seen) = fake_endpoint(script).await;
+        // The store is slow: callers arrive while the new tokens are being stored.
+        let (entered, mut storing) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let persist: Persist = Arc::new(move |_key, _tokens, _replaced| {
+            let _ = entered.send(());
+            let mut released = released.clone();
+            async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok(())
+            }
+            .boxed()
+        });
+        let broker = Arc::new(broker(persist, fast()));
+        let k = key("t", &url);
+        let ep = endpoint(&url);
+        let call = |presented: &'static str, access: &'static str, expired: bool| {
+            let (broker, k, ep) = (broker.clone(), k.clone(), ep.clone());
+            tokio::spawn(async move {
+                broker
+                    .token_presented(&k, &ep, &GrantKind::RefreshToken, Some(presented), || {
+                        let age = Duration::from_secs(3600);
+                        Seed {
+                            access_token: Some(Zeroizing::new(access.into())),
+                            expires_at: Some(if expired {
+                                SystemTime::now() - Duration::from_secs(1)
+                            } else {
+                                SystemTime::now() + age
+                            }),
+                            refresh_token: Some(Zeroizing::new(presented.into())),
+                            ..Seed::default()
+                        }
+                    })
+                    .await
+                    .map(|t| t.token.to_string())
+            })
+        };
+        let first = call("RT-0", "AT-0", true);
+        storing.recv().await.unwrap();
+        // While RT-1 is being stored: one caller already reads it from the store, one still
+        // the old RT-0.
+        let new_reader = call("RT-1", "AT-1", false);
+        let old_reader = call("RT-0", "AT-0", true);
+        release.send(true).unwrap();
+        for caller in [first, new_reader, old_reader] {
+            assert_eq!(caller.await.unwrap().unwrap(), "AT-1");
+        }
+        // And after it, in any order.
+        for (presented, access, expired) in [("RT-0", "AT-0", true), ("RT-1", "AT-1", false)] {
+            assert_eq!(
+                call(presented, access, expired).await.unwrap().unwrap(),
+                "AT-1"
+            );
+        }
+        assert_eq!(
+            issued.load(Ordering::SeqCst),
+            1,
+            "one request, RT-0 never reused"
+        );
+        assert_eq!(broker.counts.get("ok"), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
