@@ -194,14 +194,11 @@ impl std::fmt::Debug for BuiltinUsers {
 impl BuiltinUsers {
     /// The users of the config (names already lower case).
     pub fn new(users: BTreeMap<String, ApiUser>) -> Self {
-        // Without users there is no name to tell apart, and no hash to make (it takes a
-        // moment, at every start and reload).
+        // Without users there is no name to tell apart.
         let decoy = (!users.is_empty())
             .then(|| {
-                let mut random = Zeroizing::new([0u8; 32]);
-                getrandom::fill(random.as_mut())
+                decoy_hash()
                     .ok()
-                    .and_then(|()| hash_password(random.as_ref()).ok())
                     .or_else(|| users.values().next().map(|u| u.password_hash.clone()))
             })
             .flatten()
@@ -340,6 +337,27 @@ pub fn hash_password(password: &[u8]) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A hash in `hash_password`'s form (algorithm, version, parameters, salt and output length)
+/// that no password matches: its salt and output are random. Checking a password against it
+/// costs what checking a real hash does, and making it costs nothing, where hashing a random
+/// password would take an Argon2 run (tens of milliseconds) at every start and reload.
+fn decoy_hash() -> Result<String, String> {
+    let params = argon2::Params::default();
+    let mut random = [0u8; 16 + argon2::Params::DEFAULT_OUTPUT_LEN];
+    getrandom::fill(&mut random).map_err(|e| format!("no randomness for a decoy: {e}"))?;
+    let (salt, output) = random.split_at(16);
+    let salt = SaltString::encode_b64(salt).map_err(|e| e.to_string())?;
+    let hash = PasswordHash {
+        algorithm: argon2::Algorithm::Argon2id.ident(),
+        version: Some(argon2::Version::V0x13.into()),
+        params: argon2::password_hash::ParamsString::try_from(&params)
+            .map_err(|e| e.to_string())?,
+        salt: Some(salt.as_salt()),
+        hash: Some(argon2::password_hash::Output::new(output).map_err(|e| e.to_string())?),
+    };
+    Ok(hash.to_string())
+}
+
 /// Whether `hash` is a usable Argon2 hash in PHC form; the reason if not (for `check-config`).
 pub fn check_password_hash(hash: &str) -> Result<(), String> {
     let parsed = PasswordHash::new(hash).map_err(|e| {
@@ -450,8 +468,8 @@ impl ApiAuth {
     /// A reloaded config: new users and lifetime. The sessions of a user who is gone or whose
     /// role changed end now; the others keep their expiry.
     pub fn configure(&self, config: &ApiConfig) {
-        // Made first (the decoy's hash takes a moment); swapped in under the sessions' lock,
-        // as `login` checks it, so that no session of the old users' roles outlives this.
+        // Swapped in under the sessions' lock, as `login` checks it, so that no session of the
+        // old users' roles outlives this.
         let provider = Arc::new(UserDirectory::new(config));
         let same_directory = self.provider().ldap_config() == config.ldap.as_ref();
         let mut sessions = self.lock_sessions();
@@ -682,6 +700,32 @@ mod tests {
             auth.login("mallory", b"").await,
             Err(LoginError::WrongCredentials)
         ));
+    }
+
+    #[test]
+    fn the_decoy_hash_has_the_form_and_cost_of_a_real_one_and_matches_nothing() {
+        let real = hash_password(b"a password").unwrap();
+        let decoy = decoy_hash().unwrap();
+        let (real, decoy_parsed) = (
+            PasswordHash::new(&real).unwrap(),
+            PasswordHash::new(&decoy).unwrap(),
+        );
+        assert_eq!(decoy_parsed.algorithm, real.algorithm);
+        assert_eq!(decoy_parsed.version, real.version);
+        assert_eq!(decoy_parsed.params, real.params);
+        assert_eq!(
+            decoy_parsed.salt.map(|s| s.len()),
+            real.salt.map(|s| s.len())
+        );
+        assert_eq!(
+            decoy_parsed.hash.map(|h| h.len()),
+            real.hash.map(|h| h.len())
+        );
+        assert!(check_password_hash(&decoy).is_ok());
+        assert!(!verify(&decoy, b""));
+        assert!(!verify(&decoy, b"a password"));
+        // Random each time: two agents (or reloads) share no decoy.
+        assert_ne!(decoy, decoy_hash().unwrap());
     }
 
     // The clock is paused: the waits are exact, however slow the password checks are.
