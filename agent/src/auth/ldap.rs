@@ -332,6 +332,37 @@ mod tests {
         );
     }
 
+    /// A `ca_file` that `check-config` accepted but that cannot be used when the provider is
+    /// made (replaced or emptied since): every directory login says why, and nothing connects.
+    #[tokio::test]
+    async fn an_unusable_ca_file_makes_every_login_unavailable_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ldap-ca.pem");
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let directory = LdapDirectory::new(LdapConfig {
+            // Nothing listens there; a connection attempt would fail with another reason.
+            url: "ldaps://127.0.0.1:1".into(),
+            starttls: false,
+            ca_file: Some(ca),
+            allow_insecure: false,
+            users: LdapUsers::Template("uid={user},ou=people,dc=example,dc=org".into()),
+            group_base: "ou=groups,dc=example,dc=org".into(),
+            group_filter: "(member={dn})".into(),
+            role_groups: vec![],
+            timeout: std::time::Duration::from_secs(5),
+        });
+        for user in ["alice", "bob"] {
+            match directory.authenticate(user, b"a password").await {
+                Err(LoginError::Unavailable { provider, detail }) => {
+                    assert_eq!(provider, "LDAP");
+                    assert!(detail.contains("api.ldap.ca_file"), "{detail}");
+                    assert!(!detail.contains("cannot connect"), "{detail}");
+                }
+                other => panic!("expected the directory to be unavailable, got {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn what_a_user_types_is_escaped_where_it_goes() {
         // RFC 4515 in a filter, RFC 4514 in a DN: no wildcard, no added clause, no added RDN.
