@@ -191,24 +191,17 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
     }
 
     // Secrets go in by stdin, never argv.
-    let mut put = Command::new(AGENT)
-        .args([
-            "--dev",
-            "--listen",
-            &listen,
-            "tenants",
-            "put",
-            "t1",
-            "--app-id",
-            "lumos_example",
-            "--auth-file",
-            "-",
-        ])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .output_with_stdin(br#"{"oauth": {"access_token": "cli-token"}}"#);
-    assert!(put.status.success(), "{}", text(&put.stderr));
-    put.stdout.clear();
+    let put_tenant = |tenant: &str, app_id: &str| {
+        let put = Command::new(AGENT)
+            .args(["--dev", "--listen", &listen, "tenants", "put", tenant])
+            .args(["--app-id", app_id, "--auth-file", "-"])
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .output_with_stdin(br#"{"oauth": {"access_token": "cli-token"}}"#);
+        assert!(put.status.success(), "{}", text(&put.stderr));
+        text(&put.stdout)
+    };
+    put_tenant("t1", "lumos_example");
 
     let out = cli(&[
         "call",
@@ -225,28 +218,8 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
     // The native examples answer the same way, through their worker processes.
     for app in ["lumos_example_cdylib", "lumos_example_c"] {
         let tenant = format!("t-{app}");
-        let put = Command::new(AGENT)
-            .args([
-                "--dev",
-                "--listen",
-                &listen,
-                "tenants",
-                "put",
-                &tenant,
-                "--app-id",
-                app,
-                "--auth-file",
-                "-",
-            ])
-            .current_dir(dir.path())
-            .stdin(Stdio::piped())
-            .output_with_stdin(br#"{"oauth": {"access_token": "cli-token"}}"#);
-        assert!(put.status.success(), "{}", text(&put.stderr));
-        assert!(
-            !text(&put.stdout).contains("note:"),
-            "{}",
-            text(&put.stdout)
-        );
+        let stdout = put_tenant(&tenant, app);
+        assert!(!stdout.contains("note:"), "{stdout}");
         let out = cli(&["call", app, "validate_credentials", "--tenant", &tenant]);
         assert_eq!(out.status.code(), Some(0), "{app}: {}", text(&out.stderr));
         let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -255,14 +228,7 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
 
     // A tenant for an app_id no connector has is stored (its connector may come later), with
     // a note: a typo shows now, not at the first call.
-    let put = Command::new(AGENT)
-        .args(["--dev", "--listen", &listen, "tenants", "put", "t-typo"])
-        .args(["--app-id", "lumos_exmaple", "--auth-file", "-"])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .output_with_stdin(br#"{"oauth": {"access_token": "cli-token"}}"#);
-    assert!(put.status.success(), "{}", text(&put.stderr));
-    let stdout = text(&put.stdout);
+    let stdout = put_tenant("t-typo", "lumos_exmaple");
     assert!(
         stdout.contains("note: no connector with app_id \"lumos_exmaple\" is loaded"),
         "{stdout}"
