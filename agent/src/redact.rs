@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher as _;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
@@ -16,9 +17,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-/// How many distinct secret-bearing envelope parts a connector's [`RecentSecrets`] keeps: well
-/// above the calls one connector runs at once, so a secret of a call in flight is never
-/// forgotten.
+/// How many distinct secret-bearing envelope parts a connector's [`RecentSecrets`] keeps. The
+/// parts of calls still running are never forgotten, whatever their age (see [`InUse`]): with
+/// more than this many in use, it holds more.
 const REMEMBERED: usize = 1024;
 
 /// Strings shorter than this are labels ("oauth", "Bearer"), not secrets; redacting them would
@@ -227,6 +228,10 @@ fn redact_tail<'a>(text: &str, secrets: impl Iterator<Item = &'a str>, keep: usi
 struct Remembered {
     json: Arc<Zeroizing<Vec<u8>>>,
     secrets: Arc<[Zeroizing<String>]>,
+    /// How many running calls use this part (their [`InUse`]): it is not forgotten while one
+    /// does. Raised under the [`Recent`] lock, lowered without it: a count read as 0 under the
+    /// lock stays 0 until the lock is released.
+    in_use: Arc<AtomicUsize>,
 }
 
 impl PartialEq for Remembered {
@@ -281,11 +286,26 @@ impl Recent {
         self.order.push_back(remembered);
     }
 
-    fn forget_oldest(&mut self) {
-        let Some(oldest) = self.order.pop_front() else {
-            return;
-        };
-        self.known.remove(&oldest);
+    /// Forgets the oldest parts no running call uses until there is room for one more. Parts
+    /// in use go to the back: a call that runs for hours while thousands of other tenants'
+    /// calls come and go still has its secrets redacted from what the connector logs for it.
+    fn make_room(&mut self) {
+        let mut kept = 0;
+        while self.order.len() >= REMEMBERED && kept < self.order.len() {
+            let Some(oldest) = self.order.pop_front() else {
+                return;
+            };
+            if oldest.in_use.load(Ordering::Acquire) > 0 {
+                self.order.push_back(oldest);
+                kept += 1;
+            } else {
+                self.forget(&oldest);
+            }
+        }
+    }
+
+    fn forget(&mut self, oldest: &Remembered) {
+        self.known.remove(oldest);
         self.secret_count -= oldest.secrets.len();
         for secret in oldest.secrets.iter() {
             let prefix = self.prefix(secret.as_bytes());
@@ -311,6 +331,23 @@ impl Recent {
     }
 }
 
+/// The parts of a running call's envelope, which its connector's [`RecentSecrets`] keeps until
+/// this is dropped (when the call has returned).
+#[must_use = "the call's secrets are kept only while this lives"]
+#[derive(Debug, Default)]
+pub struct InUse {
+    /// One per part an envelope can have (auth, credentials, request).
+    parts: [Option<Arc<AtomicUsize>>; 3],
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        for count in self.parts.iter().flatten() {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// The secrets of a connector's recent calls, to redact from what it writes outside any one
 /// call's answer (a native plugin's log callbacks, its worker's stderr). Bounded: the oldest
 /// are forgotten (and zeroized) first.
@@ -331,29 +368,37 @@ impl std::fmt::Debug for RecentSecrets {
 
 impl RecentSecrets {
     /// Remembers the secrets of a call of `capability` about to run with `envelope`, whose
-    /// secret-bearing parts `spans` names. Only a refresh through the connector
-    /// (`refresh_access_token`) has secrets in its request.
-    pub fn remember(&self, capability: &str, envelope: &[u8], spans: &SecretSpans) {
+    /// secret-bearing parts `spans` names, and keeps them while the call holds the answer.
+    /// Only a refresh through the connector (`refresh_access_token`) has secrets in its
+    /// request.
+    pub fn remember(&self, capability: &str, envelope: &[u8], spans: &SecretSpans) -> InUse {
         let refresh = capability == "refresh_access_token";
+        let mut in_use = InUse::default();
         let mut recent = self.lock();
-        for (json, part) in spans.parts(envelope) {
+        for ((json, part), slot) in spans.parts(envelope).zip(&mut in_use.parts) {
             // `null`, `{}`, `[]`: nothing in it.
-            if (part == Part::Request && !refresh)
-                || json.len() < MIN_SECRET_LEN
-                || recent.known.contains(json)
-            {
+            if (part == Part::Request && !refresh) || json.len() < MIN_SECRET_LEN {
                 continue;
             }
-            if recent.order.len() >= REMEMBERED {
-                recent.forget_oldest();
-            }
-            let mut secrets = Vec::new();
-            secrets_in(json, part, &mut secrets);
-            recent.add(Remembered {
-                json: Arc::new(Zeroizing::new(json.to_vec())),
-                secrets: secrets.into(),
-            });
+            let count = match recent.known.get(json) {
+                Some(known) => known.in_use.clone(),
+                None => {
+                    recent.make_room();
+                    let mut secrets = Vec::new();
+                    secrets_in(json, part, &mut secrets);
+                    let count = Arc::new(AtomicUsize::new(0));
+                    recent.add(Remembered {
+                        json: Arc::new(Zeroizing::new(json.to_vec())),
+                        secrets: secrets.into(),
+                        in_use: count.clone(),
+                    });
+                    count
+                }
+            };
+            count.fetch_add(1, Ordering::AcqRel);
+            *slot = Some(count);
         }
+        in_use
     }
 
     /// `text` with every remembered secret replaced by `[redacted]`.
@@ -394,8 +439,9 @@ mod tests {
         Secrets::of_envelope(envelope, &SecretSpans::find(envelope))
     }
 
+    /// Remembers the secrets of a call that ends at once.
     fn remember(recent: &RecentSecrets, capability: &str, envelope: &[u8]) {
-        recent.remember(capability, envelope, &SecretSpans::find(envelope));
+        drop(recent.remember(capability, envelope, &SecretSpans::find(envelope)));
     }
 
     #[test]
@@ -524,6 +570,42 @@ mod tests {
             "first-token [redacted] [redacted]",
             "the oldest secret is forgotten once {REMEMBERED} newer ones are remembered"
         );
+    }
+
+    #[test]
+    fn a_running_calls_secrets_are_kept_however_many_calls_come_and_go_meanwhile() {
+        let recent = RecentSecrets::default();
+        let envelope = |token: &str| {
+            format!(r#"{{"auth":{{"oauth":{{"access_token":"{token}"}}}}}}"#).into_bytes()
+        };
+        let running = |token: &str| {
+            let envelope = envelope(token);
+            recent.remember("list_accounts", &envelope, &SecretSpans::find(&envelope))
+        };
+        let long_call = running("long-call-token");
+        // A part first seen by an ended call, then used by one still running, is kept too.
+        remember(&recent, "c", &envelope("shared-token"));
+        let second_call = running("shared-token");
+        for i in 0..2 * REMEMBERED {
+            remember(&recent, "c", &envelope(&format!("filler-{i:05}")));
+        }
+        assert_eq!(
+            recent.redact("long-call-token shared-token filler-00000 filler-02047"),
+            "[redacted] [redacted] filler-00000 [redacted]",
+            "the running calls' secrets outlive {} newer parts; the others are bounded",
+            2 * REMEMBERED
+        );
+        assert_eq!(recent.lock().order.len(), REMEMBERED);
+        // Ended, they are forgotten in their turn like any other.
+        drop((long_call, second_call));
+        for i in 0..REMEMBERED {
+            remember(&recent, "c", &envelope(&format!("later-{i:05}")));
+        }
+        assert_eq!(
+            recent.redact("long-call-token shared-token later-01023"),
+            "long-call-token shared-token [redacted]"
+        );
+        assert_eq!(recent.lock().order.len(), REMEMBERED);
     }
 
     #[test]

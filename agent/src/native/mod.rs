@@ -608,7 +608,8 @@ impl WorkerConnector {
         let started = Instant::now();
         let worker = self.worker(timeout).await?;
         let remaining = timeout.saturating_sub(started.elapsed());
-        self.log.secrets.remember(capability, input, secrets);
+        // Kept until this call returns: what the worker logs for it meanwhile is redacted.
+        let _in_use = self.log.secrets.remember(capability, input, secrets);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = worker.pending.register(id);
         if let Err(e) = worker.send(frame::encode_call(
@@ -757,7 +758,8 @@ impl InProcessConnector {
                 format!("{} panicked earlier and is poisoned; replace the plugin file or restart the agent", self.app_id),
             ));
         }
-        self.secrets.remember(capability, input, secrets);
+        // Kept until this call returns: what the plugin logs for it meanwhile is redacted.
+        let _in_use = self.secrets.remember(capability, input, secrets);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = self.pending.register(id);
         let started = Instant::now();
