@@ -809,6 +809,24 @@ impl Validator {
     /// Takes a sub-table, reporting unknown keys in it.
     /// The table `name` (a dotted key: its last part is looked up in `table`), its unknown keys
     /// reported under `name`.
+    /// Where a table came from, for a key missing from it. The config crate records where
+    /// values came from, not tables: a table's is its first value's, or, for an empty one
+    /// (which only a file can hold), the file's. Else the key would be blamed on the
+    /// built-in defaults, which hold no table a key can be missing from.
+    fn table_origin(&self, table: &Map<String, Value>) -> Option<String> {
+        fn first_leaf(value: &Value) -> Option<&str> {
+            match &value.kind {
+                ValueKind::Table(t) => t.values().find_map(first_leaf),
+                _ => value.origin(),
+            }
+        }
+        table
+            .values()
+            .find_map(first_leaf)
+            .map(str::to_owned)
+            .or_else(|| self.file.clone())
+    }
+
     fn section(
         &mut self,
         table: &mut Map<String, Value>,
@@ -1198,7 +1216,10 @@ impl Validator {
 
     /// `[api.ldap]`.
     fn ldap(&mut self, api: &mut Map<String, Value>) -> Option<LdapConfig> {
-        let origin = api.get("ldap")?.origin().map(str::to_owned);
+        let origin = match &api.get("ldap")?.kind {
+            ValueKind::Table(t) => self.table_origin(t),
+            _ => None,
+        };
         let mut t = self.section(
             api,
             "api.ldap",
@@ -1490,6 +1511,7 @@ impl Validator {
                     );
                 }
             }
+            let origin = origin.or_else(|| self.table_origin(&sub));
             out.push((name, origin, sub));
         }
         out
@@ -1795,6 +1817,45 @@ mod tests {
             .unwrap();
         assert!(plain.message.contains("hash-password"), "{plain:?}");
         assert!(!format!("{issues:?}").contains("hunter2"), "{issues:?}");
+    }
+
+    /// The config crate keeps no origin for a table: a key missing from one the file
+    /// declares is still blamed on the file, not on the built-in defaults.
+    #[test]
+    fn a_key_missing_from_a_table_of_the_file_names_the_file() {
+        let (_dir, path) = file(
+            "[api.users.nohash]\nrole = \"admin\"\n\
+             [api.users.empty]\n\
+             [api.ldap]\ngroup_base = \"ou=groups,dc=example,dc=com\"\n",
+        );
+        let ConfigError::Invalid(issues) = load_file(&path, &[]).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let file = path.display().to_string();
+        for key in [
+            "api.users.nohash.password_hash",
+            "api.users.empty.password_hash",
+            "api.users.empty.role",
+            "api.ldap.url",
+            "api.ldap.user_dn",
+        ] {
+            let issue = issues
+                .iter()
+                .find(|i| i.key == key)
+                .unwrap_or_else(|| panic!("{key} missing from {issues:?}"));
+            assert_eq!(issue.origin, file, "{issue:?}");
+        }
+        // Set in the environment, the missing key is named as the variable to set.
+        let env = [(
+            "LUMOS_AGENT_API__LDAP__GROUP_BASE".to_string(),
+            "ou=groups".to_string(),
+        )];
+        let ConfigError::Invalid(issues) = load_with_env(&Overrides::default(), &env).unwrap_err()
+        else {
+            panic!("expected Invalid")
+        };
+        let url = issues.iter().find(|i| i.key == "api.ldap.url").unwrap();
+        assert_eq!(url.origin, "the environment (LUMOS_AGENT_API__LDAP__URL)");
     }
 
     #[test]
