@@ -1581,13 +1581,15 @@ fn describe(kind: &ValueKind) -> String {
 }
 
 /// Relative paths are taken from the working directory at start, once, so a later `chdir`
-/// cannot move them.
+/// cannot move them. (`./plugins` becomes `<cwd>/plugins`, not `<cwd>/./plugins`: collecting the components
+/// drops the `.`, which only names the same folder; a `..` stays, as a symlink can make it
+/// mean something else than the folder above.)
 fn absolute(path: PathBuf) -> PathBuf {
     if path.is_absolute() {
         return path;
     }
     std::env::current_dir()
-        .map(|cwd| cwd.join(&path))
+        .map(|cwd| cwd.join(&path).components().collect())
         .unwrap_or(path)
 }
 
@@ -1817,6 +1819,16 @@ mod tests {
             .unwrap();
         assert!(plain.message.contains("hash-password"), "{plain:?}");
         assert!(!format!("{issues:?}").contains("hunter2"), "{issues:?}");
+    }
+
+    #[test]
+    fn relative_paths_are_made_absolute_without_a_dot_in_the_middle() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(absolute("./plugins".into()), cwd.join("plugins"));
+        assert_eq!(absolute("state/./x/".into()), cwd.join("state/x"));
+        // `..` is left alone: through a symlink it need not be the folder above.
+        assert_eq!(absolute("link/../x".into()), cwd.join("link/../x"));
+        assert_eq!(absolute("/etc/./x".into()), PathBuf::from("/etc/./x"));
     }
 
     /// The config crate keeps no origin for a table: a key missing from one the file
