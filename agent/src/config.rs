@@ -605,7 +605,7 @@ impl Validator {
             if !TOP_KEYS.contains(&key.as_str()) {
                 self.issue(
                     key,
-                    value.origin(),
+                    origin_of(value),
                     format!("unknown key; known keys are {}", TOP_KEYS.join(", ")),
                 );
             }
@@ -809,20 +809,13 @@ impl Validator {
     /// Takes a sub-table, reporting unknown keys in it.
     /// The table `name` (a dotted key: its last part is looked up in `table`), its unknown keys
     /// reported under `name`.
-    /// Where a table came from, for a key missing from it. The config crate records where
-    /// values came from, not tables: a table's is its first value's, or, for an empty one
-    /// (which only a file can hold), the file's. Else the key would be blamed on the
+    /// Where a table came from, for a key missing from it: its values' origin, or, for an
+    /// empty one (which only a file can hold), the file's. Else the key would be blamed on the
     /// built-in defaults, which hold no table a key can be missing from.
     fn table_origin(&self, table: &Map<String, Value>) -> Option<String> {
-        fn first_leaf(value: &Value) -> Option<&str> {
-            match &value.kind {
-                ValueKind::Table(t) => t.values().find_map(first_leaf),
-                _ => value.origin(),
-            }
-        }
         table
             .values()
-            .find_map(first_leaf)
+            .find_map(origin_of)
             .map(str::to_owned)
             .or_else(|| self.file.clone())
     }
@@ -836,14 +829,14 @@ impl Validator {
         let Some(value) = table.remove(leaf(name)) else {
             return Map::new();
         };
-        let origin = value.origin().map(str::to_owned);
+        let origin = origin_of(&value).map(str::to_owned);
         match value.kind {
             ValueKind::Table(sub) => {
                 for (key, v) in &sub {
                     if !known.contains(&key.as_str()) {
                         self.issue(
                             &format!("{name}.{key}"),
-                            v.origin(),
+                            origin_of(v),
                             format!("unknown key; known keys are {}", known.join(", ")),
                         );
                     }
@@ -867,7 +860,7 @@ impl Validator {
         key: &str,
     ) -> Option<(String, Option<String>)> {
         let value = table.remove(leaf(key))?;
-        let origin = value.origin().map(str::to_owned);
+        let origin = origin_of(&value).map(str::to_owned);
         match value.kind {
             ValueKind::String(s) => Some((s, origin)),
             other => {
@@ -926,7 +919,7 @@ impl Validator {
         max: u64,
     ) -> Option<u64> {
         let value = table.remove(leaf(key))?;
-        let origin = value.origin().map(str::to_owned);
+        let origin = origin_of(&value).map(str::to_owned);
         let parsed = match &value.kind {
             ValueKind::I64(n) => u64::try_from(*n).ok(),
             ValueKind::U64(n) => Some(*n),
@@ -959,7 +952,7 @@ impl Validator {
 
     fn boolean(&mut self, table: &mut Map<String, Value>, key: &str) -> Option<bool> {
         let value = table.remove(leaf(key))?;
-        let origin = value.origin().map(str::to_owned);
+        let origin = origin_of(&value).map(str::to_owned);
         match &value.kind {
             ValueKind::Boolean(b) => Some(*b),
             // Environment variables arrive as strings.
@@ -1019,7 +1012,7 @@ impl Validator {
 
     fn string_list(&mut self, table: &mut Map<String, Value>, key: &str) -> Option<Vec<String>> {
         let value = table.remove(leaf(key))?;
-        let origin = value.origin().map(str::to_owned);
+        let origin = origin_of(&value).map(str::to_owned);
         match value.kind {
             ValueKind::Array(items) => {
                 let mut out = Vec::new();
@@ -1492,7 +1485,7 @@ impl Validator {
     ) -> Vec<(String, Option<String>, Map<String, Value>)> {
         let mut out = Vec::new();
         for (name, value) in all {
-            let origin = value.origin().map(str::to_owned);
+            let origin = origin_of(&value).map(str::to_owned);
             let prefix = format!("{section}.{name}");
             let ValueKind::Table(sub) = value.kind else {
                 self.issue(
@@ -1506,7 +1499,7 @@ impl Validator {
                 if !known.contains(&key.as_str()) {
                     self.issue(
                         &format!("{prefix}.{key}"),
-                        v.origin(),
+                        origin_of(v),
                         format!("unknown key; known keys are {}", known.join(", ")),
                     );
                 }
@@ -1550,6 +1543,16 @@ impl Validator {
     }
 }
 
+/// Where a value came from. The config crate records it for values, not for tables: a
+/// table's is that of its first value that has one (`[cloud.proxy]` where a string was
+/// expected is then blamed on the file that has it, not on the built-in defaults).
+fn origin_of(value: &Value) -> Option<&str> {
+    match &value.kind {
+        ValueKind::Table(t) => value.origin().or_else(|| t.values().find_map(origin_of)),
+        _ => value.origin(),
+    }
+}
+
 fn leaf(key: &str) -> &str {
     key.rsplit('.').next().unwrap_or(key)
 }
@@ -1558,7 +1561,7 @@ fn leaf(key: &str) -> &str {
 fn origin_in(table: &Map<String, Value>, key: &str) -> Option<String> {
     table
         .get(leaf(key))
-        .and_then(|v| v.origin().map(str::to_owned))
+        .and_then(|v| origin_of(v).map(str::to_owned))
 }
 
 fn to_usize(n: u64) -> usize {
@@ -1832,13 +1835,15 @@ mod tests {
     }
 
     /// The config crate keeps no origin for a table: a key missing from one the file
-    /// declares is still blamed on the file, not on the built-in defaults.
+    /// declares, or a table where a value belongs, is still blamed on the file, not on the
+    /// built-in defaults.
     #[test]
     fn a_key_missing_from_a_table_of_the_file_names_the_file() {
         let (_dir, path) = file(
             "[api.users.nohash]\nrole = \"admin\"\n\
              [api.users.empty]\n\
-             [api.ldap]\ngroup_base = \"ou=groups,dc=example,dc=com\"\n",
+             [api.ldap]\ngroup_base = \"ou=groups,dc=example,dc=com\"\n\
+             [cloud.proxy]\nurl = \"http://proxy:3128\"\n",
         );
         let ConfigError::Invalid(issues) = load_file(&path, &[]).unwrap_err() else {
             panic!("expected Invalid")
@@ -1850,6 +1855,8 @@ mod tests {
             "api.users.empty.role",
             "api.ldap.url",
             "api.ldap.user_dn",
+            // A table where a string belongs.
+            "cloud.proxy",
         ] {
             let issue = issues
                 .iter()
