@@ -14,6 +14,46 @@ use crate::config::{self, Config, ConfigError, Overrides};
 use crate::exit;
 use crate::state::StatePaths;
 
+/// `println!` for the commands' output, which must not panic when the output cannot be
+/// written (Rust ignores SIGPIPE, so `println!` panics where a C program would quietly die):
+/// see [`write_out`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        write_out(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` for messages to the admin: a closed or broken stderr loses them, and nothing
+/// else (`eprintln!` would panic).
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// Writes a line of a command's output. When whoever reads it has gone (`lumos-agent
+/// connectors | head -1`), the command ends there, quietly and with success, as a program
+/// that SIGPIPE kills would; when it cannot be written for another reason (a full disk), the
+/// command says so and ends with [`exit::OUTPUT`]. Either way the process exits at once: the
+/// rest of the output has nowhere to go.
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(exit::OK.into()),
+        Err(e) => {
+            tell!("lumos-agent: cannot write the output: {e}");
+            std::process::exit(exit::OUTPUT.into())
+        }
+    }
+}
+
 /// lumos-agent: hosts Lumos connectors on-prem and serves capability calls.
 #[derive(Debug, Parser)]
 #[command(name = "lumos-agent", version, about, long_about = None)]
@@ -195,9 +235,9 @@ impl Cli {
 /// Loads the configuration, printing every problem on failure.
 pub fn load_config(cli: &Cli) -> Result<Config, u8> {
     config::load(&cli.overrides()).map_err(|e| {
-        eprintln!("lumos-agent: {e}");
+        tell!("lumos-agent: {e}");
         if matches!(e, ConfigError::Invalid(_)) {
-            eprintln!("(run `lumos-agent check-config` after fixing to verify)");
+            tell!("(run `lumos-agent check-config` after fixing to verify)");
         }
         exit::CONFIG
     })
@@ -210,7 +250,7 @@ pub fn execute(cli: &Cli) -> u8 {
         Command::PluginHost { library } => crate::native::worker::main(library),
         Command::GroupReaper => crate::reaper::main(),
         Command::Version => {
-            println!("lumos-agent {}", env!("CARGO_PKG_VERSION"));
+            say!("lumos-agent {}", env!("CARGO_PKG_VERSION"));
             exit::OK
         }
         Command::CheckConfig => check_config(cli),
@@ -238,7 +278,7 @@ fn block_on(work: impl std::future::Future<Output = u8>) -> u8 {
     {
         Ok(runtime) => runtime.block_on(work),
         Err(e) => {
-            eprintln!("lumos-agent: cannot start a runtime: {e}");
+            tell!("lumos-agent: cannot start a runtime: {e}");
             exit::STARTUP
         }
     }
@@ -263,12 +303,12 @@ fn service(cli: &Cli, action: ServiceCommand) -> u8 {
     match result {
         Ok(()) => {
             if !matches!(action, ServiceCommand::Run) {
-                println!("service {}: {done}", winservice::SERVICE_NAME);
+                say!("service {}: {done}", winservice::SERVICE_NAME);
             }
             exit::OK
         }
         Err(e) => {
-            eprintln!("lumos-agent: {e}");
+            tell!("lumos-agent: {e}");
             exit::STARTUP
         }
     }
@@ -277,17 +317,17 @@ fn service(cli: &Cli, action: ServiceCommand) -> u8 {
 #[cfg(not(windows))]
 fn service(_cli: &Cli, action: ServiceCommand) -> u8 {
     let _ = action;
-    eprintln!("lumos-agent: `service` manages the Windows service; on Linux the systemd unit runs the agent (`systemctl enable --now lumos-agent`, see README)");
+    tell!("lumos-agent: `service` manages the Windows service; on Linux the systemd unit runs the agent (`systemctl enable --now lumos-agent`, see README)");
     exit::USAGE
 }
 
 fn check_config(cli: &Cli) -> u8 {
     match config::load(&cli.overrides()) {
         Ok(cfg) => {
-            println!("config OK ({})", cfg.origin);
-            println!("  plugins_dir  {}", cfg.plugins_dir.display());
-            println!("  state_dir    {}", cfg.state_dir.display());
-            println!("  api.listen   {}", cfg.api.listen);
+            say!("config OK ({})", cfg.origin);
+            say!("  plugins_dir  {}", cfg.plugins_dir.display());
+            say!("  state_dir    {}", cfg.state_dir.display());
+            say!("  api.listen   {}", cfg.api.listen);
             if !cfg.api.users.is_empty() {
                 let users: Vec<String> = cfg
                     .api
@@ -295,37 +335,38 @@ fn check_config(cli: &Cli) -> u8 {
                     .iter()
                     .map(|(name, user)| format!("{name} ({})", user.role.as_str()))
                     .collect();
-                println!(
+                say!(
                     "  api.users    {}; tokens valid {:?}",
                     users.join(", "),
                     cfg.api.token_ttl
                 );
             }
-            println!(
+            say!(
                 "  calls        timeout {:?}, {} at once per connector",
-                cfg.calls.timeout, cfg.calls.max_concurrency
+                cfg.calls.timeout,
+                cfg.calls.max_concurrency
             );
             match &cfg.cloud {
-                None => println!("  cloud        none (standalone: the local API only)"),
+                None => say!("  cloud        none (standalone: the local API only)"),
                 Some(cloud) => {
-                    println!("  cloud        {}", cloud.endpoint);
+                    say!("  cloud        {}", cloud.endpoint);
                     // Not a config error: the file may be provisioned after the config, and
                     // the tunnel reads it again on every attempt. But the admin who runs this
                     // wants to know now, not from the log after the start.
                     if let Err(e) = crate::tunnel::read_token(&cloud.token_file) {
-                        println!("  warning: {e}; until then the agent does not connect");
+                        say!("  warning: {e}; until then the agent does not connect");
                     }
                 }
             }
             if !cfg.plugins_dir.is_dir() {
-                println!(
+                say!(
                     "  note: the plugins folder does not exist yet; the agent creates it at start"
                 );
             }
             exit::OK
         }
         Err(e) => {
-            eprintln!("lumos-agent: {e}");
+            tell!("lumos-agent: {e}");
             exit::CONFIG
         }
     }
@@ -386,22 +427,22 @@ fn hash_password(file: Option<&Path>) -> u8 {
     let password = match read_password(file, true) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("lumos-agent: {e}");
+            tell!("lumos-agent: {e}");
             return exit::USAGE;
         }
     };
     if password.is_empty() {
-        eprintln!("lumos-agent: the password is empty");
+        tell!("lumos-agent: the password is empty");
         return exit::USAGE;
     }
     match crate::auth::hash_password(password.as_bytes()) {
         Ok(hash) => {
-            println!("{hash}");
-            eprintln!("put it in the agent's config:\n  [api.users.<name>]\n  password_hash = \"{hash}\"\n  role = \"viewer\"    # or operator, admin");
+            say!("{hash}");
+            tell!("put it in the agent's config:\n  [api.users.<name>]\n  password_hash = \"{hash}\"\n  role = \"viewer\"    # or operator, admin");
             exit::OK
         }
         Err(e) => {
-            eprintln!("lumos-agent: cannot hash the password: {e}");
+            tell!("lumos-agent: cannot hash the password: {e}");
             exit::INTERNAL
         }
     }
@@ -409,13 +450,13 @@ fn hash_password(file: Option<&Path>) -> u8 {
 
 async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Path>) -> u8 {
     let Some(path) = login_token_path(cli, config) else {
-        eprintln!("lumos-agent: no home folder to save the token in; give --token-file");
+        tell!("lumos-agent: no home folder to save the token in; give --token-file");
         return exit::USAGE;
     };
     let password = match read_password(password_file, false) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("lumos-agent: {e}");
+            tell!("lumos-agent: {e}");
             return exit::USAGE;
         }
     };
@@ -438,13 +479,13 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
     {
         Ok(pair) => pair,
         Err(e) => {
-            eprintln!("lumos-agent: {e}");
+            tell!("lumos-agent: {e}");
             return exit::UNREACHABLE;
         }
     };
     let answer = Zeroizing::new(answer.to_vec());
     if !status.is_success() {
-        eprintln!("lumos-agent: login refused: {}", error_message(&answer));
+        tell!("lumos-agent: login refused: {}", error_message(&answer));
         return if status == StatusCode::UNAUTHORIZED
             || status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::FORBIDDEN
@@ -456,7 +497,7 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
     }
     let doc: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
     let Some(token) = doc["token"].as_str() else {
-        eprintln!("lumos-agent: the agent's answer holds no token");
+        tell!("lumos-agent: the agent's answer holds no token");
         return exit::CALL_ERROR;
     };
     if let Some(parent) = path.parent() {
@@ -468,13 +509,13 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
                 .create(parent)
         };
         if let Err(e) = created {
-            eprintln!("lumos-agent: cannot create {}: {e}", parent.display());
+            tell!("lumos-agent: cannot create {}: {e}", parent.display());
             return exit::STARTUP;
         }
     }
     let token = Zeroizing::new(format!("{token}\n"));
     if let Err(e) = crate::state::write_atomic(&path, token.as_bytes(), 0o600) {
-        eprintln!(
+        tell!(
             "lumos-agent: cannot save the token in {}: {e}",
             path.display()
         );
@@ -486,7 +527,7 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
             httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
         })
         .unwrap_or_default();
-    println!(
+    say!(
         "logged in to {} as {user} ({}) until {until}; token saved in {}",
         client.base(),
         doc["role"].as_str().unwrap_or("?"),
@@ -497,7 +538,7 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
 
 async fn logout(cli: &Cli, config: &Config) -> u8 {
     let Some(path) = login_token_path(cli, config).filter(|p| p.exists()) else {
-        eprintln!(
+        tell!(
             "lumos-agent: no saved login for {} (nothing to do)",
             config.api.listen
         );
@@ -509,24 +550,24 @@ async fn logout(cli: &Cli, config: &Config) -> u8 {
             // Expired or unknown already: nothing left to end on the agent.
             Ok((StatusCode::UNAUTHORIZED, _)) => "session had already ended",
             Ok((_, body)) => {
-                eprintln!("lumos-agent: {}", error_message(&body));
+                tell!("lumos-agent: {}", error_message(&body));
                 return exit::CALL_ERROR;
             }
             Err(e) => {
-                eprintln!("lumos-agent: {e}; the token file is kept");
+                tell!("lumos-agent: {e}; the token file is kept");
                 return exit::UNREACHABLE;
             }
         },
         Err(e) => {
-            eprintln!("lumos-agent: {e}");
+            tell!("lumos-agent: {e}");
             return exit::USAGE;
         }
     };
     if let Err(e) = std::fs::remove_file(&path) {
-        eprintln!("lumos-agent: cannot remove {}: {e}", path.display());
+        tell!("lumos-agent: cannot remove {}: {e}", path.display());
         return exit::STARTUP;
     }
-    println!("logged out: {ended}; removed {}", path.display());
+    say!("logged out: {ended}; removed {}", path.display());
     exit::OK
 }
 
@@ -555,7 +596,7 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
     let client = match ApiClient::new(config.api.listen, &token_file) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("lumos-agent: {e}");
+            tell!("lumos-agent: {e}");
             return exit::UNREACHABLE;
         }
     };
@@ -593,7 +634,7 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         | Command::GroupReaper => Ok(exit::USAGE),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("lumos-agent: {e}");
+        tell!("lumos-agent: {e}");
         exit::UNREACHABLE
     })
 }
@@ -601,7 +642,7 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
 /// Maps an API answer to an exit code, printing errors.
 fn check_status(status: StatusCode, body: &[u8]) -> Option<u8> {
     if status == StatusCode::UNAUTHORIZED {
-        eprintln!(
+        tell!(
             "lumos-agent: the agent refused the API token: {} (a token from `lumos-agent login`, \
              --token-file, or <state_dir>/admin.token of the same state folder as the running agent)",
             error_message(body)
@@ -609,11 +650,11 @@ fn check_status(status: StatusCode, body: &[u8]) -> Option<u8> {
         return Some(exit::UNAUTHORIZED);
     }
     if status == StatusCode::FORBIDDEN {
-        eprintln!("lumos-agent: not allowed: {}", error_message(body));
+        tell!("lumos-agent: not allowed: {}", error_message(body));
         return Some(exit::UNAUTHORIZED);
     }
     if !status.is_success() {
-        eprintln!("lumos-agent: {status}: {}", error_message(body));
+        tell!("lumos-agent: {status}: {}", error_message(body));
         return Some(exit::CALL_ERROR);
     }
     None
@@ -634,16 +675,19 @@ async fn connectors(
     }
     let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if json || app_id.is_some() {
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
         return Ok(exit::OK);
     }
     let rows = value.as_array().cloned().unwrap_or_default();
-    println!(
+    say!(
         "{:<28} {:<10} {:<11} {:<10} DETAIL",
-        "APP_ID", "VERSION", "KIND", "STATUS"
+        "APP_ID",
+        "VERSION",
+        "KIND",
+        "STATUS"
     );
     for row in rows {
         let file = row["path"]
@@ -667,7 +711,7 @@ async fn connectors(
                 })
                 .unwrap_or_default(),
         };
-        println!(
+        say!(
             "{:<28} {:<10} {:<11} {:<10} {detail}",
             name,
             row["version"].as_str().unwrap_or("-"),
@@ -702,7 +746,7 @@ async fn call(
         (None, Some(path)) => match read_input(path) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("lumos-agent: cannot read {}: {e}", path.display());
+                tell!("lumos-agent: cannot read {}: {e}", path.display());
                 return Ok(exit::USAGE);
             }
         },
@@ -711,7 +755,7 @@ async fn call(
     let mut body: Map<String, Value> = match serde_json::from_str(&text) {
         Ok(Value::Object(map)) => map,
         _ => {
-            eprintln!("lumos-agent: the call body must be a JSON object like {{\"request\": {{}}, \"settings\": {{}}}}");
+            tell!("lumos-agent: the call body must be a JSON object like {{\"request\": {{}}, \"settings\": {{}}}}");
             return Ok(exit::USAGE);
         }
     };
@@ -733,7 +777,7 @@ async fn call(
         return Ok(check_status(status, &answer).unwrap_or(exit::UNAUTHORIZED));
     }
     // The answer is printed verbatim whatever it is: it is the connector's (or the agent's) JSON.
-    println!("{}", String::from_utf8_lossy(&answer).trim_end());
+    say!("{}", String::from_utf8_lossy(&answer).trim_end());
     let is_error = !status.is_success()
         || serde_json::from_slice::<Value>(&answer)
             .ok()
@@ -759,7 +803,7 @@ async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, Clie
                         body.insert("settings".into(), v);
                     }
                     _ => {
-                        eprintln!("lumos-agent: --settings must be a JSON object");
+                        tell!("lumos-agent: --settings must be a JSON object");
                         return Ok(exit::USAGE);
                     }
                 }
@@ -769,7 +813,7 @@ async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, Clie
                 let text = match read_input(file) {
                     Ok(t) => t,
                     Err(e) => {
-                        eprintln!("lumos-agent: cannot read {}: {e}", file.display());
+                        tell!("lumos-agent: cannot read {}: {e}", file.display());
                         return Ok(exit::USAGE);
                     }
                 };
@@ -778,7 +822,7 @@ async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, Clie
                         body.insert(key.into(), v);
                     }
                     Err(e) => {
-                        eprintln!("lumos-agent: {} is not JSON: {e}", file.display());
+                        tell!("lumos-agent: {} is not JSON: {e}", file.display());
                         return Ok(exit::USAGE);
                     }
                 }
@@ -794,7 +838,7 @@ async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, Clie
             if let Some(code) = check_status(status, &answer) {
                 return Ok(code);
             }
-            println!("stored tenant {tenant_id} for {app_id}");
+            say!("stored tenant {tenant_id} for {app_id}");
             // Tenants may be stored before their connector is dropped in, so this is no error;
             // but a mistyped app_id would otherwise show only at the first call. Advice only:
             // the tenant is stored, so a failure to ask does not fail the command.
@@ -802,7 +846,7 @@ async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, Clie
                 .send(Method::GET, &format!("/v1/connectors/{app_id}"), None)
                 .await;
             if matches!(asked, Ok((StatusCode::NOT_FOUND, _))) {
-                println!(
+                say!(
                     "note: no connector with app_id {app_id:?} is loaded (yet); calls for this \
                      tenant need one (`lumos-agent connectors` lists them)"
                 );
@@ -816,15 +860,17 @@ async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, Clie
             }
             let value: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
             if *json {
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&value).unwrap_or_default()
                 );
                 return Ok(exit::OK);
             }
-            println!(
+            say!(
                 "{:<24} {:<28} {:<16} SETTINGS",
-                "TENANT", "APP_ID", "SECRETS"
+                "TENANT",
+                "APP_ID",
+                "SECRETS"
             );
             for t in value.as_array().cloned().unwrap_or_default() {
                 let secrets = if !t["auth"].is_null() {
@@ -834,7 +880,7 @@ async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, Clie
                 } else {
                     "-"
                 };
-                println!(
+                say!(
                     "{:<24} {:<28} {:<16} {}",
                     t["tenant_id"].as_str().unwrap_or(""),
                     t["app_id"].as_str().unwrap_or(""),
@@ -851,7 +897,7 @@ async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, Clie
             if let Some(code) = check_status(status, &answer) {
                 return Ok(code);
             }
-            println!("deleted tenant {tenant_id}");
+            say!("deleted tenant {tenant_id}");
             Ok(exit::OK)
         }
     }

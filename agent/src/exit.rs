@@ -18,5 +18,8 @@ pub const UNAUTHORIZED: u8 = 6;
 pub const FORCED_STOP: u8 = 7;
 /// `doctor` found something wrong; every line marked FAIL says what.
 pub const CHECK_FAILED: u8 = 8;
+/// A command's output could not be written (a full disk, say; not a reader that went away,
+/// as in `… | head`, which ends the command quietly with success).
+pub const OUTPUT: u8 = 9;
 /// A supervised task failed (a bug); the agent stopped in order.
 pub const INTERNAL: u8 = 70;

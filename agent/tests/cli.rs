@@ -132,6 +132,47 @@ fn check_config_warns_of_an_agent_token_file_the_tunnel_would_refuse() {
     assert_eq!(warning(&stdout), None, "{stdout}");
 }
 
+/// Output that cannot be written never panics (Rust ignores SIGPIPE, so `println!` would):
+/// a reader that has gone ends the command quietly with success; a full disk is reported.
+#[test]
+fn output_to_a_closed_pipe_or_a_full_disk_ends_the_command_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "state_dir = \"./state\"\nplugins_dir = \"./plugins\"\n",
+    )
+    .unwrap();
+    let check_config = || {
+        let mut command = Command::new(AGENT);
+        command
+            .args(["--config", config.to_str().unwrap(), "check-config"])
+            .current_dir(dir.path())
+            .stderr(Stdio::piped());
+        command
+    };
+    // The pipe's reader is closed before the command writes its first line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = check_config().stdout(writer).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "");
+
+    if Path::new("/dev/full").exists() {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = check_config().stdout(full).output().unwrap();
+        assert_eq!(out.status.code(), Some(9), "{}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("cannot write the output") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn cli_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
