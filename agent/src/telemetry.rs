@@ -73,7 +73,12 @@ pub fn init_with_writer(log: &LogConfig, writer: BoxMakeWriter) {
         .unwrap_or_else(|| EnvFilter::new("info"));
     let base = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        // A line that cannot be written is lost, and nothing else: by default the subscriber
+        // reports the failure with `eprintln!`, which panics when stderr is the broken pipe
+        // that failed (journald restarted, a `| head` in front of the agent), and the agent
+        // would exit on its next log line.
+        .log_internal_errors(false);
     // Human and JSON builders are different types, each with its own reload handle.
     let installed: Result<SetFilter, _> = match log.format {
         LogFormat::Human => {

@@ -173,6 +173,73 @@ fn output_to_a_closed_pipe_or_a_full_disk_ends_the_command_without_a_panic() {
     }
 }
 
+/// The agent outlives its log's reader: when stderr becomes a broken pipe (journald
+/// restarted, `run 2>&1 | head`), log lines are lost and nothing else. (The log subscriber
+/// used to report the failed write with `eprintln!`, whose panic stopped the agent.)
+#[test]
+fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, plugins) = (dir.path().join("state"), dir.path().join("plugins"));
+    std::fs::create_dir_all(&plugins).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let common = [
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--plugins-dir",
+        plugins.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    let (mut log, log_writer) = std::io::pipe().unwrap();
+    let mut child = Command::new(AGENT)
+        .args(common)
+        .arg("run")
+        .current_dir(dir.path())
+        .env_remove("LUMOS_AGENT_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(log_writer)
+        .spawn()
+        .unwrap();
+    // Read until the agent says it is ready, then stop reading.
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready:") {
+        let mut chunk = [0u8; 4096];
+        let n = std::io::Read::read(&mut log, &mut chunk).unwrap();
+        assert!(n > 0, "the agent closed its log: {}", text(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    drop(log);
+
+    // A file it rejects makes it log a warning, into the broken pipe.
+    std::fs::write(plugins.join("not-a-connector.so"), b"not an ELF file").unwrap();
+    let cli = |command: &str| {
+        let mut args = common.to_vec();
+        args.push(command);
+        agent(dir.path(), &args)
+    };
+    wait_for("the rejected file in the inventory", || {
+        let exited = child.try_wait().unwrap();
+        assert_eq!(exited, None, "the agent exited when its log broke");
+        let out = cli("connectors");
+        assert!(
+            out.status.success() || out.status.code() == Some(5),
+            "{}",
+            text(&out.stderr)
+        );
+        text(&out.stdout).contains("not-a-connector.so")
+    });
+    // Still serving after the lost lines, and it stops in order.
+    let out = cli("connectors");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(child.try_wait().unwrap(), None, "the agent exited");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
 #[test]
 fn cli_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
