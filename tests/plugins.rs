@@ -559,6 +559,54 @@ async fn bad_plugin_files_are_rejected_and_the_good_one_serves() {
     agent.shutdown().await;
 }
 
+/// Files that are no connector and could hold the folder up: a FIFO (opening it waits for a
+/// writer, and the scan waited for that load), a socket, a link to a device that never ends,
+/// and a file over `plugins.max_file_bytes` (it would be copied into the state folder whole).
+/// Each is rejected at once, named for what it is, and the connector beside them serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_sockets_devices_and_oversized_files_are_rejected_without_holding_up_the_folder() {
+    let dirs = TestDirs::new();
+    let p = dirs.plugins();
+    install_plugin(&p, &example_connector(), "example");
+    nix::unistd::mkfifo(
+        &p.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(p.join("socket")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", p.join("zeros")).unwrap();
+    // Sparse: 300 MiB long, nothing written. (The limit leaves room for the example
+    // connector's debug build.)
+    std::fs::File::create(p.join("big.so"))
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let agent = TestAgent::start(&dirs, "[plugins]\nmax_file_bytes = 268435456\n").await;
+    for (file, expected) in [
+        ("fifo", "a named pipe (FIFO), not a connector file"),
+        ("socket", "a socket, not a connector file"),
+        ("zeros", "a device, not a connector file"),
+        (
+            "big.so",
+            "the file is 314572800 bytes, over plugins.max_file_bytes (268435456)",
+        ),
+    ] {
+        let entry = agent.connector_by_file(file).await;
+        assert_eq!(entry["status"], "rejected", "{entry}");
+        let why = reason(&entry);
+        assert!(why.contains(expected), "{file}: {why}");
+    }
+    let (status, body) = agent
+        .call(
+            "lumos_example",
+            "list_accounts",
+            json!({"request": {"count": 1}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_starts_when_every_plugin_is_bad() {
     let dirs = TestDirs::new();

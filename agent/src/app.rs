@@ -447,6 +447,7 @@ impl RunningAgent {
         if new.calls != old.calls
             || new.connectors != old.connectors
             || new.plugins.info_timeout != old.plugins.info_timeout
+            || new.plugins.max_file_bytes != old.plugins.max_file_bytes
             || new.plugins.max_bundle_bytes != old.plugins.max_bundle_bytes
             || new.plugins.max_bundle_entries != old.plugins.max_bundle_entries
             || new.plugins.worker_program != old.plugins.worker_program

@@ -300,6 +300,9 @@ pub struct CallsConfig {
 pub struct PluginsConfig {
     /// Deadline of a connector's `info` at load time.
     pub info_timeout: Duration,
+    /// Largest plugin file (a bundle archive, an executable, a library): it is copied into the
+    /// state folder before it is loaded.
+    pub max_file_bytes: u64,
     /// Largest total unpacked size of one bundle.
     pub max_bundle_bytes: u64,
     /// Most entries in one bundle.
@@ -634,6 +637,7 @@ impl Validator {
             "plugins",
             &[
                 "info_timeout_secs",
+                "max_file_bytes",
                 "max_bundle_bytes",
                 "max_bundle_entries",
                 "worker_program",
@@ -730,6 +734,9 @@ impl Validator {
                 self.uint(&mut plugins, "plugins.info_timeout_secs", 1, 3600)
                     .unwrap_or(30),
             ),
+            max_file_bytes: self
+                .uint(&mut plugins, "plugins.max_file_bytes", 1 << 20, u64::MAX)
+                .unwrap_or(1 << 30),
             max_bundle_bytes: self
                 .uint(&mut plugins, "plugins.max_bundle_bytes", 1 << 20, u64::MAX)
                 .unwrap_or(4 << 30),

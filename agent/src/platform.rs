@@ -42,6 +42,47 @@ impl OpenOptionsExt for std::fs::OpenOptions {
     }
 }
 
+/// What a file that is neither a regular file nor a folder is ("a named pipe (FIFO)", "a
+/// device", …), for a message; `None` for those two.
+pub fn not_a_regular_file(meta: &std::fs::Metadata) -> Option<&'static str> {
+    if meta.is_file() || meta.is_dir() {
+        return None;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = meta.file_type();
+        if kind.is_fifo() {
+            return Some("a named pipe (FIFO)");
+        }
+        if kind.is_socket() {
+            return Some("a socket");
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return Some("a device");
+        }
+    }
+    Some("not a regular file")
+}
+
+/// Opens `path` (following links) for reading, if it is a regular file. Checked on the opened
+/// file, so a file replaced since it was looked at cannot slip through; and on Unix opened
+/// without waiting, as opening a FIFO waits for a writer. Reading a FIFO or a device could
+/// wait for ever or never end.
+pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, nix::libc::O_NONBLOCK);
+    let file = open.open(path)?;
+    let meta = file.metadata()?;
+    match not_a_regular_file(&meta) {
+        None if meta.is_dir() => Err(std::io::Error::other("it is a folder")),
+        None => Ok(file),
+        Some(what) => Err(std::io::Error::other(format!("it is {what}"))),
+    }
+}
+
 /// Sets `path`'s permission bits (tightens a folder created earlier with looser ones).
 pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     #[cfg(unix)]
@@ -391,5 +432,28 @@ mod tests {
         drop(held);
         let again = try_lock_exclusive(&path).unwrap();
         assert!(again.is_ok(), "free once the holder is dropped");
+    }
+
+    #[test]
+    fn only_regular_files_are_opened_and_a_fifo_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"bytes").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut open_regular_file(&file).unwrap(), &mut text).unwrap();
+        assert_eq!(text, "bytes");
+        let refusal = |path: &Path| open_regular_file(path).unwrap_err().to_string();
+        assert_eq!(refusal(dir.path()), "it is a folder");
+        #[cfg(unix)]
+        {
+            let fifo = dir.path().join("fifo");
+            nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+            // No writer ever comes: a blocking open would never return.
+            assert_eq!(refusal(&fifo), "it is a named pipe (FIFO)");
+            assert_eq!(refusal(Path::new("/dev/zero")), "it is a device");
+            let link = dir.path().join("link");
+            std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+            assert_eq!(refusal(&link), "it is a device");
+        }
     }
 }

@@ -104,15 +104,31 @@ pub fn read_lock_file(path: &Path) -> Result<HashSet<String>, String> {
     Ok(digests)
 }
 
+/// A signature file holds 64 bytes, raw or as hex with blanks around: anything longer than
+/// this is not one (and is not read further).
+const MAX_SIGNATURE_FILE: u64 = 1024;
+
 /// Checks `<plugin>.sig` against `keys` for the file whose digest is `sha256_hex`.
 pub fn check_signature(plugin: &Path, sha256_hex: &str, keys: &[[u8; 32]]) -> Result<(), String> {
     let sig_path = signature_path(plugin);
-    let raw = std::fs::read(&sig_path).map_err(|_| {
-        format!(
-            "no signature {}: plugins.signing_keys requires every plugin to be signed",
-            sig_path.display()
-        )
+    // Opened as a regular file only (a FIFO there would hold up the load), and read no
+    // further than a signature can be long.
+    let mut raw = Vec::new();
+    let opened = crate::platform::open_regular_file(&sig_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "no signature {}: plugins.signing_keys requires every plugin to be signed",
+                sig_path.display()
+            )
+        } else {
+            format!("cannot read the signature {}: {e}", sig_path.display())
+        }
     })?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(opened, MAX_SIGNATURE_FILE),
+        &mut raw,
+    )
+    .map_err(|e| format!("cannot read the signature {}: {e}", sig_path.display()))?;
     let bytes: Vec<u8> = if raw.len() == 64 {
         raw
     } else {

@@ -532,6 +532,11 @@ impl PluginLoader {
                 "a folder, not a connector: drop the bundle archive (<app_id>-<version>.tar.gz) or an executable file".into(),
             );
         }
+        // Before anything is read: a FIFO would block the read (and the reconcile waiting for
+        // it) until a writer comes, a device (a link to /dev/zero) would never end.
+        if let Some(what) = platform::not_a_regular_file(&meta) {
+            return Connector::rejected(path, None, None, format!("{what}, not a connector file"));
+        }
         let kind = if BundleFormat::from_file_name(&name).is_some() {
             ConnectorKind::Bundle
         } else if is_cdylib_name(&name) {
@@ -543,13 +548,25 @@ impl PluginLoader {
         // same read that hashes them: the bytes hashed are the bytes run, and replacing or
         // breaking the file in the plugins folder cannot touch a version that is serving.
         let config = self.config.get();
+        let max_bytes = config.plugins.max_file_bytes;
+        if meta.len() > max_bytes {
+            return Connector::rejected(
+                path,
+                Some(kind),
+                None,
+                format!(
+                    "the file is {} bytes, over plugins.max_file_bytes ({max_bytes}): not copied or loaded; raise the limit if this connector is really that large",
+                    meta.len()
+                ),
+            );
+        }
         // Who could have written it, before anything of it is read or run.
         if config.plugins.strict_permissions {
             if let Err(reason) = integrity::check_permissions(&path) {
                 return Connector::rejected(path, Some(kind), None, reason);
             }
         }
-        let (sha256, copy) = match store_copy(&path, &self.state.store(), &name).await {
+        let (sha256, copy) = match store_copy(&path, &self.state.store(), &name, max_bytes).await {
             Ok(pair) => pair,
             Err(e) => {
                 return Connector::rejected(
@@ -842,7 +859,16 @@ fn truncate(text: &str, max: usize) -> &str {
 
 /// Copies `path` to `<store>/<sha256>/<name>` (executable, private), hashing the same bytes it
 /// copies. An existing copy of the same content is reused.
-async fn store_copy(path: &Path, store: &Path, name: &str) -> std::io::Result<(String, PathBuf)> {
+/// Copies `path` into the store, hashing what it copies, in one read: the copy that runs is
+/// the bytes hashed. At most `max_bytes` (a file growing past them is refused), and only a
+/// regular file (it may have become a FIFO or a link to a device since it was looked at:
+/// see [`platform::open_regular_file`]).
+async fn store_copy(
+    path: &Path,
+    store: &Path,
+    name: &str,
+    max_bytes: u64,
+) -> std::io::Result<(String, PathBuf)> {
     use crate::platform::{DirBuilderExt, OpenOptionsExt};
     use std::io::Write;
     let (path, store, name) = (path.to_path_buf(), store.to_path_buf(), name.to_string());
@@ -855,7 +881,9 @@ async fn store_copy(path: &Path, store: &Path, name: &str) -> std::io::Result<(S
         getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
         let tmp = store.join(format!(".copy-{}", hex::encode(suffix)));
         let result = (|| {
-            let mut from = std::fs::File::open(&path)?;
+            // One byte over the limit tells a file that grew past it.
+            let mut from = platform::open_regular_file(&path)?.take(max_bytes.saturating_add(1));
+            let mut copied = 0u64;
             let mut to = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -867,6 +895,12 @@ async fn store_copy(path: &Path, store: &Path, name: &str) -> std::io::Result<(S
                 let n = from.read(&mut buf)?;
                 if n == 0 {
                     break;
+                }
+                copied += n as u64;
+                if copied > max_bytes {
+                    return Err(std::io::Error::other(format!(
+                        "it grew over plugins.max_file_bytes ({max_bytes}) while it was read"
+                    )));
                 }
                 hasher.update(&buf[..n]);
                 to.write_all(&buf[..n])?;
