@@ -547,6 +547,15 @@ impl PluginLoader {
         // Executables and libraries run from a private, content-addressed copy made from the
         // same read that hashes them: the bytes hashed are the bytes run, and replacing or
         // breaking the file in the plugins folder cannot touch a version that is serving.
+        // Before it is copied: a stray document or archive in the folder costs no copy.
+        if kind == ConnectorKind::Executable && !platform::is_executable(&meta, &path) {
+            return Connector::rejected(
+                path,
+                Some(kind),
+                None,
+                format!("not executable: `chmod +x {name}` if it is a connector executable, or name a bundle <app_id>-<version>.tar.gz"),
+            );
+        }
         let config = self.config.get();
         let max_bytes = config.plugins.max_file_bytes;
         if meta.len() > max_bytes {
@@ -626,15 +635,7 @@ impl PluginLoader {
                 }
                 loaded
             }
-            ConnectorKind::Executable => {
-                if !platform::is_executable(&meta, &path) {
-                    Err(format!(
-                        "not executable: `chmod +x {name}` if it is a connector executable, or name a bundle <app_id>-<version>.tar.gz"
-                    ))
-                } else {
-                    self.load_executable(&program, &name).await
-                }
-            }
+            ConnectorKind::Executable => self.load_executable(&program, &name).await,
             ConnectorKind::Cdylib => self.load_native(&program, &name).await,
         };
         match result {
