@@ -20,12 +20,12 @@ async fn until_entries(
     file_name: &str,
     what: &str,
     pred: impl Fn(&[Value]) -> bool,
-) {
+) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let entries = agent.entries_for_file(file_name).await;
         if pred(&entries) {
-            return;
+            return entries;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -360,6 +360,39 @@ async fn the_periodic_rescan_catches_what_events_miss() {
     .await;
     versioned_connector(&dirs.plugins(), "late", "late", "1.0.0");
     until_entries(&agent, "late", "the periodic rescan to load it", |e| {
+        e.len() == 1 && e[0]["status"] == "ready"
+    })
+    .await;
+    agent.shutdown().await;
+}
+
+/// A file rejected because the agent's own state folder failed it (there: the store is a
+/// file, where a full disk is the usual cause) is loaded at a later scan once the folder works
+/// again, though the file itself never changed; and its reason says whose fault it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_state_folder_could_not_take_is_loaded_once_it_can() {
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(
+        &dirs,
+        "[plugins]\nwatch = false\nrescan_interval_secs = 1\n",
+    )
+    .await;
+    let store = dirs.state().join("store");
+    let _ = std::fs::remove_dir_all(&store);
+    std::fs::write(&store, b"in the way").unwrap();
+    versioned_connector(&dirs.plugins(), "stuck", "stuck", "1.0.0");
+    let entries = until_entries(&agent, "stuck", "the copy to fail", |e| {
+        e.len() == 1 && e[0]["status"] == "rejected"
+    })
+    .await;
+    let reason = entries[0]["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("cannot copy it into the state folder")
+            && reason.contains("tried again at the next scan"),
+        "{reason}"
+    );
+    std::fs::remove_file(&store).unwrap();
+    until_entries(&agent, "stuck", "a later scan to load it", |e| {
         e.len() == 1 && e[0]["status"] == "ready"
     })
     .await;

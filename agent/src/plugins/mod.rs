@@ -76,6 +76,9 @@ pub struct Connector {
     pub runnable: Option<Runnable>,
     /// The file's identity when it was loaded: a different one means it changed.
     pub fingerprint: Option<Fingerprint>,
+    /// Rejected for a fault of the agent's own (its state folder full, say), not of the file:
+    /// loaded again at the next scan, changed or not.
+    pub retry: bool,
     /// The private folder its bytes run from (store copy or unpacked bundle), removed once
     /// nothing uses it.
     pub private_dir: Option<PathBuf>,
@@ -181,16 +184,26 @@ impl Connector {
         sha256: Option<String>,
         reason: String,
     ) -> Self {
+        Self::rejected_for(path, kind, sha256, reason.into())
+    }
+
+    fn rejected_for(
+        path: PathBuf,
+        kind: Option<ConnectorKind>,
+        sha256: Option<String>,
+        rejection: Rejection,
+    ) -> Self {
         Self {
             path,
             kind,
             sha256,
             status: ConnectorStatus::Rejected,
-            reason: Some(reason),
+            reason: Some(rejection.reason),
             app_id: None,
             version: None,
             runnable: None,
             fingerprint: None,
+            retry: rejection.retry,
             private_dir: None,
         }
     }
@@ -483,7 +496,8 @@ impl PluginLoader {
         // different fingerprint and loads it again.
         let fingerprint = Fingerprint::of(&path);
         let mut connector = self.load_inner(path).await;
-        connector.fingerprint = fingerprint;
+        // No fingerprint for one to retry: the next scan sees it as changed.
+        connector.fingerprint = fingerprint.filter(|_| !connector.retry);
         match (&connector.status, &connector.reason) {
             (ConnectorStatus::Ready | ConnectorStatus::Superseded, _) => tracing::info!(
                 "loaded {} {} ({}, sha256 {}) from {} in {:.1?}",
@@ -577,13 +591,8 @@ impl PluginLoader {
         }
         let (sha256, copy) = match store_copy(&path, &self.state.store(), &name, max_bytes).await {
             Ok(pair) => pair,
-            Err(e) => {
-                return Connector::rejected(
-                    path,
-                    Some(kind),
-                    None,
-                    format!("cannot read the file: {e}"),
-                )
+            Err(failure) => {
+                return Connector::rejected_for(path, Some(kind), None, failure.into());
             }
         };
         // Whether the admin approved these bytes: the digest of the copy that will run.
@@ -635,8 +644,14 @@ impl PluginLoader {
                 }
                 loaded
             }
-            ConnectorKind::Executable => self.load_executable(&program, &name).await,
-            ConnectorKind::Cdylib => self.load_native(&program, &name).await,
+            ConnectorKind::Executable => self
+                .load_executable(&program, &name)
+                .await
+                .map_err(Rejection::from),
+            ConnectorKind::Cdylib => self
+                .load_native(&program, &name)
+                .await
+                .map_err(Rejection::from),
         };
         match result {
             Ok((info, runner, bundle_app_id)) => {
@@ -658,14 +673,20 @@ impl PluginLoader {
                     }),
                     app_id: Some(app_id),
                     fingerprint: None,
+                    retry: false,
                     private_dir,
                 }
             }
-            Err(reason) => Connector::rejected(path, Some(kind), Some(sha256), reason),
+            Err(rejection) => Connector::rejected_for(path, Some(kind), Some(sha256), rejection),
         }
     }
 
-    async fn load_bundle(&self, path: &Path, name: &str, sha256: &str) -> Result<Loaded, String> {
+    async fn load_bundle(
+        &self,
+        path: &Path,
+        name: &str,
+        sha256: &str,
+    ) -> Result<Loaded, Rejection> {
         let format = BundleFormat::from_file_name(name).ok_or("not a bundle name")?;
         let limits = BundleLimits {
             max_bytes: self.config.get().plugins.max_bundle_bytes,
@@ -687,7 +708,11 @@ impl PluginLoader {
         })
         .await
         .map_err(|e| format!("unpacking failed: {e}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Rejection {
+            // The state folder's trouble (a full disk), not the bundle's.
+            retry: matches!(e, bundle::BundleError::Io(_)),
+            reason: e.to_string(),
+        })?;
         if unpacked.freshly_unpacked {
             tracing::info!(
                 "unpacked {name} ({:.1} MiB) into {} in {:.1?}",
@@ -860,6 +885,50 @@ fn truncate(text: &str, max: usize) -> &str {
 
 /// Copies `path` to `<store>/<sha256>/<name>` (executable, private), hashing the same bytes it
 /// copies. An existing copy of the same content is reused.
+/// Why a file was not loaded.
+#[derive(Debug)]
+struct Rejection {
+    /// What to fix, for the inventory.
+    reason: String,
+    /// The agent's own fault (see [`Connector::retry`]).
+    retry: bool,
+}
+
+impl From<String> for Rejection {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            retry: false,
+        }
+    }
+}
+
+impl From<&str> for Rejection {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
+    }
+}
+
+impl From<CopyFailure> for Rejection {
+    fn from(failure: CopyFailure) -> Self {
+        Self {
+            retry: matches!(failure, CopyFailure::Store(_)),
+            reason: failure.to_string(),
+        }
+    }
+}
+
+/// Why a plugin file could not be copied into the store.
+#[derive(Debug, thiserror::Error)]
+enum CopyFailure {
+    /// The plugin file: gone, unreadable, not a regular file, grown past the limit.
+    #[error("cannot read the file: {0}")]
+    File(std::io::Error),
+    /// The agent's own state folder (a full disk, say): nothing is wrong with the file.
+    #[error("cannot copy it into the state folder ({0}); it is tried again at the next scan")]
+    Store(std::io::Error),
+}
+
 /// Copies `path` into the store, hashing what it copies, in one read: the copy that runs is
 /// the bytes hashed. At most `max_bytes` (a file growing past them is refused), and only a
 /// regular file (it may have become a FIFO or a link to a device since it was looked at:
@@ -869,55 +938,60 @@ async fn store_copy(
     store: &Path,
     name: &str,
     max_bytes: u64,
-) -> std::io::Result<(String, PathBuf)> {
+) -> Result<(String, PathBuf), CopyFailure> {
     use crate::platform::{DirBuilderExt, OpenOptionsExt};
     use std::io::Write;
     let (path, store, name) = (path.to_path_buf(), store.to_path_buf(), name.to_string());
-    tokio::task::spawn_blocking(move || {
+    let make_dir = |dir: &Path| {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&store)?;
+            .create(dir)
+            .map_err(CopyFailure::Store)
+    };
+    tokio::task::spawn_blocking(move || {
+        make_dir(&store)?;
         let mut suffix = [0u8; 8];
-        getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
+        getrandom::fill(&mut suffix)
+            .map_err(|e| CopyFailure::Store(std::io::Error::other(e.to_string())))?;
         let tmp = store.join(format!(".copy-{}", hex::encode(suffix)));
         let result = (|| {
             // One byte over the limit tells a file that grew past it.
-            let mut from = platform::open_regular_file(&path)?.take(max_bytes.saturating_add(1));
+            let mut from = platform::open_regular_file(&path)
+                .map_err(CopyFailure::File)?
+                .take(max_bytes.saturating_add(1));
             let mut copied = 0u64;
             let mut to = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o700)
-                .open(&tmp)?;
+                .open(&tmp)
+                .map_err(CopyFailure::Store)?;
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 256 * 1024];
             loop {
-                let n = from.read(&mut buf)?;
+                let n = from.read(&mut buf).map_err(CopyFailure::File)?;
                 if n == 0 {
                     break;
                 }
                 copied += n as u64;
                 if copied > max_bytes {
-                    return Err(std::io::Error::other(format!(
+                    return Err(CopyFailure::File(std::io::Error::other(format!(
                         "it grew over plugins.max_file_bytes ({max_bytes}) while it was read"
-                    )));
+                    ))));
                 }
                 hasher.update(&buf[..n]);
-                to.write_all(&buf[..n])?;
+                to.write_all(&buf[..n]).map_err(CopyFailure::Store)?;
             }
-            to.sync_all()?;
+            to.sync_all().map_err(CopyFailure::Store)?;
             let sha = hex::encode(hasher.finalize());
             let dir = store.join(&sha);
             let copy = dir.join(&name);
             if copy.is_file() {
-                std::fs::remove_file(&tmp)?;
+                std::fs::remove_file(&tmp).map_err(CopyFailure::Store)?;
             } else {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&dir)?;
-                std::fs::rename(&tmp, &copy)?;
+                make_dir(&dir)?;
+                std::fs::rename(&tmp, &copy).map_err(CopyFailure::Store)?;
             }
             Ok((sha, copy))
         })();
@@ -927,7 +1001,7 @@ async fn store_copy(
         result
     })
     .await
-    .map_err(std::io::Error::other)?
+    .map_err(|e| CopyFailure::Store(std::io::Error::other(e)))?
 }
 
 #[cfg(test)]
