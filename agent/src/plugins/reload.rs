@@ -320,6 +320,7 @@ pub struct WatchSettings {
     pub rescan_interval: Duration,
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Signal {
     /// Something may have changed: reconcile after the debounce.
     Hint,
@@ -402,6 +403,27 @@ async fn sleep_until_due(due: Option<Instant>) {
     }
 }
 
+/// What a watcher event asks for, if anything. Events are hints, but not every event is one:
+/// opening or reading a file changes nothing, and the agent itself reads every file it loads,
+/// so such an event would only schedule another scan after each load (and, for a file whose
+/// load is retried at every scan, one scan after another). A write being finished is a change.
+fn signal_for(event: &notify::Event, watched: &std::path::Path) -> Option<Signal> {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    if event.need_rescan() {
+        return Some(Signal::Rescan);
+    }
+    if matches!(event.kind, EventKind::Access(access) if access != AccessKind::Close(AccessMode::Write))
+    {
+        return None;
+    }
+    // Events of the parent folder matter only when they concern the plugins folder.
+    event
+        .paths
+        .iter()
+        .any(|p| p.starts_with(watched))
+        .then_some(Signal::Hint)
+}
+
 fn start_watcher(
     watched: Arc<std::sync::RwLock<PathBuf>>,
     tx: mpsc::UnboundedSender<Signal>,
@@ -409,17 +431,13 @@ fn start_watcher(
     let dir = watched.read().expect("watch lock poisoned").clone();
     let handler = move |event: notify::Result<notify::Event>| {
         let signal = match event {
-            Ok(event) if event.need_rescan() => Signal::Rescan,
-            // Events of the parent folder matter only when they concern the plugins folder.
-            Ok(event)
-                if !event
-                    .paths
-                    .iter()
-                    .any(|p| p.starts_with(&*watched.read().expect("watch lock poisoned"))) =>
-            {
-                return
+            Ok(event) => {
+                let dir = watched.read().expect("watch lock poisoned");
+                match signal_for(&event, &dir) {
+                    Some(signal) => signal,
+                    None => return,
+                }
             }
-            Ok(_) => Signal::Hint,
             Err(e) => {
                 tracing::warn!(error = %e, "plugins folder watcher error; rescanning");
                 Signal::Rescan
@@ -442,4 +460,47 @@ fn start_watcher(
         let _ = watcher.watch(parent, RecursiveMode::NonRecursive);
     }
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, EventKind, Flag, ModifyKind, RemoveKind,
+    };
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn reading_a_file_is_no_change_and_a_finished_write_is() {
+        let dir = std::path::Path::new("/plugins");
+        let signal = |kind, path| signal_for(&event(kind, path), dir);
+        // The agent's own reads of the files it loads schedule nothing.
+        for access in [
+            AccessKind::Open(AccessMode::Any),
+            AccessKind::Open(AccessMode::Read),
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Read,
+        ] {
+            assert_eq!(signal(EventKind::Access(access), "/plugins/x"), None);
+        }
+        for change in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Remove(RemoveKind::File),
+        ] {
+            assert_eq!(signal(change, "/plugins/x"), Some(Signal::Hint));
+        }
+        // The parent's events count only where they concern the folder.
+        assert_eq!(signal(EventKind::Create(CreateKind::File), "/other"), None);
+        assert_eq!(
+            signal(EventKind::Remove(RemoveKind::Folder), "/plugins"),
+            Some(Signal::Hint)
+        );
+        let lost = notify::Event::new(EventKind::Other).set_flag(Flag::Rescan);
+        assert_eq!(signal_for(&lost, dir), Some(Signal::Rescan));
+    }
 }
