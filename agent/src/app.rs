@@ -441,6 +441,8 @@ impl RunningAgent {
             if let Err(e) = std::fs::create_dir_all(&new.plugins_dir) {
                 tracing::warn!(dir = %new.plugins_dir.display(), error = %e, "cannot create the new plugins folder");
             }
+            // The watch loop moves its watch to the new folder when it next looks: now.
+            self.reconciler.follow_up();
             applied.push("plugins_dir");
         }
         // Limits fixed when a connector is loaded: reload every connector under the new ones.

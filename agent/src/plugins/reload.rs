@@ -64,6 +64,10 @@ pub struct Reconciler {
     state: tokio::sync::Mutex<State>,
     /// Set by a config reload that changed limits: the next reconcile reloads every file.
     reload_all: std::sync::atomic::AtomicBool,
+    /// Asks the watch loop for a reconcile after the debounce: files were still being written
+    /// when one looked (whoever ran it: the loop, or a reload), or the folder moved and the
+    /// watch must follow it.
+    follow_up: tokio::sync::Notify,
 }
 
 impl Reconciler {
@@ -81,7 +85,13 @@ impl Reconciler {
             private_roots,
             state: tokio::sync::Mutex::new(State::default()),
             reload_all: std::sync::atomic::AtomicBool::new(false),
+            follow_up: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Has the watch loop look again after the debounce (and re-arm its watch first).
+    pub fn follow_up(&self) {
+        self.follow_up.notify_one();
     }
 
     /// The folder reconciled (the configured one, which a reload may change).
@@ -251,6 +261,10 @@ impl Reconciler {
             );
         }
         self.collect_garbage(&mut state);
+        if outcome.unsettled {
+            // Those files are looked at again once they have been quiet for the debounce.
+            self.follow_up();
+        }
         outcome
     }
 
@@ -360,6 +374,10 @@ pub async fn watch_loop(
                 }
                 false
             }
+            () = reconciler.follow_up.notified() => {
+                due = Some(Instant::now() + settings.debounce);
+                false
+            }
             () = sleep_until_due(due) => true,
                         _ = periodic.tick() => true,
         };
@@ -389,10 +407,7 @@ pub async fn watch_loop(
                 let _ = w.watch(&dir, RecursiveMode::NonRecursive);
             }
         }
-        let outcome = reconciler.reconcile(true).await;
-        if outcome.unsettled {
-            due = Some(Instant::now() + settings.debounce);
-        }
+        reconciler.reconcile(true).await;
     }
 }
 
