@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +33,9 @@ use crate::tenants::{SecretJson, Tenant, TenantStore};
 const MAX_BODY_BYTES: usize = 16 << 20;
 /// Largest login body accepted: a name and a password.
 const MAX_LOGIN_BYTES: usize = 64 << 10;
+/// How long a client may take to send a request's headers. Without a bound, connections that
+/// never finish them (slowloris) each hold a file descriptor for ever.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Header carrying the inventory revision on `GET /v1/connectors`.
 pub const REVISION_HEADER: &str = "x-lumos-inventory-revision";
 
@@ -109,20 +113,59 @@ pub async fn serve(
         let state = state.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // Requests of this connection being answered: at shutdown, a connection with none
+            // is closed at once, whatever it is sending (half a request's headers would
+            // otherwise hold the drain until its grace ran out).
+            let answering = Arc::new(AtomicUsize::new(0));
+            let service = {
+                let answering = answering.clone();
+                service_fn(move |req| {
+                    let state = state.clone();
+                    let answer = Answering::start(&answering);
+                    async move {
+                        let response = handle(&state, req, peer).await;
+                        // Until the body is sent (a result can stream for a while), or dropped.
+                        Ok::<_, Infallible>(response.map(|body| {
+                            body.map_frame(move |frame| {
+                                let _ = &answer;
+                                frame
+                            })
+                            .boxed()
+                        }))
+                    }
+                })
+            };
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 res = conn.as_mut() => if let Err(e) = res { tracing::debug!(error = %e, "API connection ended with an error") },
                 () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    if answering.load(Ordering::Acquire) > 0 {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 }
             }
         });
+    }
+}
+
+/// One request of a connection being answered, from its headers to its response's last byte.
+struct Answering(Arc<AtomicUsize>);
+
+impl Answering {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -240,6 +240,50 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
+/// A client that sends half a request and stops does not hold up the agent's stop: the drain
+/// closes API connections with no request being answered at once. (It held the drain until
+/// its grace ran out, and the agent then exited 7, "calls cancelled", with no call at all.)
+/// Its connection is also closed after 10 s of unfinished headers (not waited for here).
+#[test]
+fn half_a_request_does_not_hold_up_the_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(AGENT)
+        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
+        .args([
+            "--plugins-dir",
+            dir.path().join("plugins").to_str().unwrap(),
+        ])
+        .args(["--listen", &listen, "run"])
+        .current_dir(dir.path())
+        .env_remove("LUMOS_AGENT_CONFIG")
+        // Short, so that the old behaviour fails fast: exit 7 after 2 s.
+        .env("LUMOS_AGENT_CALLS__DRAIN_GRACE_SECS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let health = || {
+        let mut stream = std::net::TcpStream::connect(&listen).ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut answer).ok()?;
+        Some(answer)
+    };
+    wait_for("the API", || health().is_some_and(|a| a.contains("200 OK")));
+    let mut half = std::net::TcpStream::connect(&listen).unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // The agent has the partial request when a full one on another connection is answered
+    // after it (one connection task each; the partial one is accepted first).
+    wait_for("a later request to be answered", || health().is_some());
+    let log = stop_cleanly(&mut child);
+    assert!(log.contains("stopped: every call finished"), "{log}");
+    drop(half);
+}
+
 #[test]
 fn cli_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
