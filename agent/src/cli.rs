@@ -754,7 +754,12 @@ async fn call(
     };
     let mut body: Map<String, Value> = match serde_json::from_str(&text) {
         Ok(Value::Object(map)) => map,
-        _ => {
+        // (serde_json's words give a position, never the text: the body may hold secrets.)
+        Err(e) => {
+            tell!("lumos-agent: the call body is not JSON ({e}); expected an object like {{\"request\": {{}}, \"settings\": {{}}}}");
+            return Ok(exit::USAGE);
+        }
+        Ok(_) => {
             tell!("lumos-agent: the call body must be a JSON object like {{\"request\": {{}}, \"settings\": {{}}}}");
             return Ok(exit::USAGE);
         }

@@ -284,6 +284,46 @@ fn half_a_request_does_not_hold_up_the_stop() {
     drop(half);
 }
 
+/// A call body that is not a JSON object is refused before anything is sent, saying where it
+/// breaks, and never echoing it (it may hold credentials).
+#[test]
+fn a_bad_call_body_is_refused_with_where_it_breaks_and_nothing_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t\n").unwrap();
+    let call = |body: &str| {
+        agent(
+            dir.path(),
+            &[
+                "--listen",
+                "127.0.0.1:1",
+                "--token-file",
+                token.to_str().unwrap(),
+                "call",
+                "x",
+                "y",
+                "--json",
+                body,
+            ],
+        )
+    };
+    let out = call(r#"{"auth": {"oauth": {"access_token": "SECRET-canary"}} oops"#);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("the call body is not JSON (expected `,` or `}` at line 1 column 55)")
+            && !stderr.contains("SECRET-canary"),
+        "{stderr}"
+    );
+    let out = call("[1]");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("the call body must be a JSON object"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn cli_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
