@@ -669,6 +669,28 @@ impl Validator {
             .unwrap_or_else(|| state_dir.join("plugins"));
         self.folder("state_dir", &state_dir, state_origin.as_deref());
         self.folder("plugins_dir", &plugins_dir, plugins_origin.as_deref());
+        // The state folder holds secrets and the agent's own files: as the plugins folder they
+        // would be taken for plugins (and a dropped plugin would sit among them); inside it,
+        // the state folder would be listed as one. (The plugins folder inside the state
+        // folder, the default, is fine.)
+        let resolved = |dir: &std::path::Path| {
+            let dir = absolute(dir.to_path_buf());
+            std::fs::canonicalize(&dir).unwrap_or(dir)
+        };
+        let (state_at, plugins_at) = (resolved(&state_dir), resolved(&plugins_dir));
+        if state_at == plugins_at {
+            self.issue(
+                "plugins_dir",
+                plugins_origin.as_deref(),
+                format!("{} is also the state folder: the agent's own files would be taken for plugins; give the plugins a folder of their own (by default <state_dir>/plugins)", plugins_dir.display()),
+            );
+        } else if state_at.starts_with(&plugins_at) {
+            self.issue(
+                "state_dir",
+                state_origin.as_deref(),
+                format!("{} is inside the plugins folder {}: it would be listed as a plugin; put it elsewhere (the plugins folder may be inside the state folder, not the other way round)", state_dir.display(), plugins_dir.display()),
+            );
+        }
 
         let listen_text = match &cli.listen {
             Some(text) => Some((text.clone(), Some("the command line".to_string()))),
@@ -1829,6 +1851,42 @@ mod tests {
             .unwrap();
         assert!(plain.message.contains("hash-password"), "{plain:?}");
         assert!(!format!("{issues:?}").contains("hunter2"), "{issues:?}");
+    }
+
+    #[test]
+    fn the_state_folder_is_neither_the_plugins_folder_nor_inside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |plugins: &str, state: &str| {
+            let path = dir.path().join("agent.toml");
+            let (plugins, state) = (dir.path().join(plugins), dir.path().join(state));
+            std::fs::write(
+                &path,
+                format!("plugins_dir = {plugins:?}\nstate_dir = {state:?}\n"),
+            )
+            .unwrap();
+            load_file(&path, &[])
+        };
+        let issue = |result: Result<Config, ConfigError>| match result {
+            Err(ConfigError::Invalid(issues)) => issues.into_iter().next().unwrap(),
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        let same = issue(with("one", "one"));
+        assert_eq!(same.key, "plugins_dir");
+        assert!(
+            same.message.contains("is also the state folder"),
+            "{same:?}"
+        );
+        // Also through `.` and a trailing slash.
+        let same = issue(with("one/./", "one"));
+        assert_eq!(same.key, "plugins_dir");
+        let inside = issue(with("p", "p/state"));
+        assert_eq!(inside.key, "state_dir");
+        assert!(
+            inside.message.contains("is inside the plugins folder"),
+            "{inside:?}"
+        );
+        // The default layout: plugins inside the state folder.
+        assert!(with("s/plugins", "s").is_ok());
     }
 
     #[test]
