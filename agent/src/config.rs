@@ -505,10 +505,22 @@ pub fn load_with_env(
     };
     let file = match (&overrides.config_file, overrides.dev) {
         (Some(path), _) => {
-            if !path.is_file() {
+            let problem = match std::fs::metadata(path) {
+                Ok(meta) if meta.is_file() => None,
+                Ok(meta) if meta.is_dir() => {
+                    Some("it is a folder: name the file in it (such as agent.toml)".to_string())
+                }
+                Ok(meta) => Some(match crate::platform::not_a_regular_file(&meta) {
+                    Some(what) if what.starts_with("a ") => format!("it is {what}, not a file"),
+                    _ => "it is not a regular file".to_string(),
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("no such file".into()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(message) = problem {
                 return Err(ConfigError::Unreadable {
                     origin: path.display().to_string(),
-                    message: "no such file".into(),
+                    message,
                 });
             }
             Some(path.clone())
@@ -1851,6 +1863,23 @@ mod tests {
             .unwrap();
         assert!(plain.message.contains("hash-password"), "{plain:?}");
         assert!(!format!("{issues:?}").contains("hunter2"), "{issues:?}");
+    }
+
+    #[test]
+    fn a_config_path_that_is_no_file_says_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let unreadable = |path: &std::path::Path| match load_file(path, &[]) {
+            Err(ConfigError::Unreadable { message, .. }) => message,
+            other => panic!("expected Unreadable, got {other:?}"),
+        };
+        assert!(unreadable(dir.path()).starts_with("it is a folder"));
+        assert_eq!(unreadable(&dir.path().join("missing.toml")), "no such file");
+        #[cfg(unix)]
+        {
+            let fifo = dir.path().join("agent.toml");
+            nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+            assert_eq!(unreadable(&fifo), "it is a named pipe (FIFO), not a file");
+        }
     }
 
     #[test]
