@@ -558,9 +558,6 @@ impl PluginLoader {
         } else {
             ConnectorKind::Executable
         };
-        // Executables and libraries run from a private, content-addressed copy made from the
-        // same read that hashes them: the bytes hashed are the bytes run, and replacing or
-        // breaking the file in the plugins folder cannot touch a version that is serving.
         // Before it is copied: a stray document or archive in the folder costs no copy.
         if kind == ConnectorKind::Executable && !platform::is_executable(&meta, &path) {
             return Connector::rejected(
@@ -589,6 +586,9 @@ impl PluginLoader {
                 return Connector::rejected(path, Some(kind), None, reason);
             }
         }
+        // Executables and libraries run from a private, content-addressed copy made from the
+        // same read that hashes them: the bytes hashed are the bytes run, and replacing or
+        // breaking the file in the plugins folder cannot touch a version that is serving.
         let (sha256, copy) = match store_copy(&path, &self.state.store(), &name, max_bytes).await {
             Ok(pair) => pair,
             Err(failure) => {
@@ -883,8 +883,6 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
-/// Copies `path` to `<store>/<sha256>/<name>` (executable, private), hashing the same bytes it
-/// copies. An existing copy of the same content is reused.
 /// Why a file was not loaded.
 #[derive(Debug)]
 struct Rejection {
@@ -929,10 +927,11 @@ enum CopyFailure {
     Store(std::io::Error),
 }
 
-/// Copies `path` into the store, hashing what it copies, in one read: the copy that runs is
-/// the bytes hashed. At most `max_bytes` (a file growing past them is refused), and only a
-/// regular file (it may have become a FIFO or a link to a device since it was looked at:
-/// see [`platform::open_regular_file`]).
+/// Copies `path` to `<store>/<sha256>/<name>` (executable, private), hashing what it copies in
+/// the same read: the copy that runs is the bytes hashed. An existing copy of the same content
+/// is reused. At most `max_bytes` (a file growing past them is refused), and only a regular
+/// file (it may have become a FIFO or a link to a device since it was looked at: see
+/// [`platform::open_regular_file`]).
 async fn store_copy(
     path: &Path,
     store: &Path,
