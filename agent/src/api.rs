@@ -33,9 +33,13 @@ use crate::tenants::{SecretJson, Tenant, TenantStore};
 const MAX_BODY_BYTES: usize = 16 << 20;
 /// Largest login body accepted: a name and a password.
 const MAX_LOGIN_BYTES: usize = 64 << 10;
-/// How long a client may take to send a request's headers. Without a bound, connections that
-/// never finish them (slowloris) each hold a file descriptor for ever.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client may take to send a request's headers, counted from the end of the last
+/// response on a kept-alive connection (hyper times the wait for the next request the same
+/// way). Without a bound, connections that never finish their headers (slowloris), or sit
+/// idle, each hold a file descriptor for ever. Longer than the intervals scrapers use (10, 15,
+/// 30, 60 s), so that a kept-alive connection is not closed just as the next scrape is sent on
+/// it; the same as nginx's keep-alive default.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
 /// Header carrying the inventory revision on `GET /v1/connectors`.
 pub const REVISION_HEADER: &str = "x-lumos-inventory-revision";
 

@@ -243,7 +243,7 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
 /// A client that sends half a request and stops does not hold up the agent's stop: the drain
 /// closes API connections with no request being answered at once. (It held the drain until
 /// its grace ran out, and the agent then exited 7, "calls cancelled", with no call at all.)
-/// Its connection is also closed after 10 s of unfinished headers (not waited for here).
+/// Its connection is also closed after 75 s of unfinished headers (not waited for here).
 #[test]
 fn half_a_request_does_not_hold_up_the_stop() {
     let dir = tempfile::tempdir().unwrap();
