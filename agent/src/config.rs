@@ -510,10 +510,8 @@ pub fn load_with_env(
                 Ok(meta) if meta.is_dir() => {
                     Some("it is a folder: name the file in it (such as agent.toml)".to_string())
                 }
-                Ok(meta) => Some(match crate::platform::not_a_regular_file(&meta) {
-                    Some(what) if what.starts_with("a ") => format!("it is {what}, not a file"),
-                    _ => "it is not a regular file".to_string(),
-                }),
+                Ok(meta) => crate::platform::not_a_regular_file(&meta)
+                    .map(|what| format!("it is {what}, not a file")),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("no such file".into()),
                 Err(e) => Some(e.to_string()),
             };
@@ -1625,9 +1623,9 @@ fn describe(kind: &ValueKind) -> String {
 }
 
 /// Relative paths are taken from the working directory at start, once, so a later `chdir`
-/// cannot move them. (`./plugins` becomes `<cwd>/plugins`, not `<cwd>/./plugins`: collecting the components
-/// drops the `.`, which only names the same folder; a `..` stays, as a symlink can make it
-/// mean something else than the folder above.)
+/// cannot move them. (`./plugins` becomes `<cwd>/plugins`, not `<cwd>/./plugins`: collecting
+/// the components drops the `.`, which only names the same folder; a `..` stays, as a symlink
+/// can make it mean something else than the folder above.)
 fn absolute(path: PathBuf) -> PathBuf {
     if path.is_absolute() {
         return path;

@@ -43,7 +43,7 @@ impl OpenOptionsExt for std::fs::OpenOptions {
 }
 
 /// What a file that is neither a regular file nor a folder is ("a named pipe (FIFO)", "a
-/// device", …), for a message; `None` for those two.
+/// device", …, else "a special file"), to follow "it is" in a message; `None` for those two.
 pub fn not_a_regular_file(meta: &std::fs::Metadata) -> Option<&'static str> {
     if meta.is_file() || meta.is_dir() {
         return None;
@@ -62,7 +62,7 @@ pub fn not_a_regular_file(meta: &std::fs::Metadata) -> Option<&'static str> {
             return Some("a device");
         }
     }
-    Some("not a regular file")
+    Some("a special file")
 }
 
 /// Opens `path` (following links) for reading, if it is a regular file. Checked on the opened

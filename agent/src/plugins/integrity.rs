@@ -110,6 +110,7 @@ const MAX_SIGNATURE_FILE: u64 = 1024;
 
 /// Checks `<plugin>.sig` against `keys` for the file whose digest is `sha256_hex`.
 pub fn check_signature(plugin: &Path, sha256_hex: &str, keys: &[[u8; 32]]) -> Result<(), String> {
+    use std::io::Read as _;
     let sig_path = signature_path(plugin);
     // Opened as a regular file only (a FIFO there would hold up the load), and read no
     // further than a signature can be long.
@@ -124,11 +125,10 @@ pub fn check_signature(plugin: &Path, sha256_hex: &str, keys: &[[u8; 32]]) -> Re
             format!("cannot read the signature {}: {e}", sig_path.display())
         }
     })?;
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(opened, MAX_SIGNATURE_FILE),
-        &mut raw,
-    )
-    .map_err(|e| format!("cannot read the signature {}: {e}", sig_path.display()))?;
+    opened
+        .take(MAX_SIGNATURE_FILE)
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("cannot read the signature {}: {e}", sig_path.display()))?;
     let bytes: Vec<u8> = if raw.len() == 64 {
         raw
     } else {
