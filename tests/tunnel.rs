@@ -725,6 +725,14 @@ async fn a_killed_group_reaper_is_replaced_and_the_killed_agents_connectors_end(
     let (two_file, two) = slow("two");
     s.call("two", "tester", "sleep", "", &two);
     let two_pid = pid_in(&two_file).await;
+    // The agent starts the new reaper just after it starts the connector, and a connector
+    // may write its pid file before that spawn is done: wait for it rather than look once.
+    eventually(
+        WAIT,
+        "one new reaper, the dead one reaped",
+        move || matches!(reapers()[..], [one] if one != first),
+    )
+    .await;
     let replaced = match reapers()[..] {
         [one] => one,
         ref other => panic!("one new reaper, the dead one reaped, not {other:?}"),
