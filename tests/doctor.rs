@@ -207,3 +207,69 @@ async fn users_on_an_api_beyond_loopback_are_warned_of_passwords_in_the_clear() 
         "{warning}"
     );
 }
+
+/// Output that takes `lines` lines, then fails every write with `kind`, counting the tries.
+struct FailingOutput {
+    lines: usize,
+    kind: std::io::ErrorKind,
+    taken: Vec<u8>,
+    failed_writes: usize,
+}
+
+impl FailingOutput {
+    fn new(lines: usize, kind: std::io::ErrorKind) -> Self {
+        Self {
+            lines,
+            kind,
+            taken: Vec::new(),
+            failed_writes: 0,
+        }
+    }
+}
+
+impl std::io::Write for FailingOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.lines == 0 {
+            self.failed_writes += 1;
+            return Err(self.kind.into());
+        }
+        self.taken.extend_from_slice(buf);
+        self.lines -= buf.iter().filter(|b| **b == b'\n').count().min(self.lines);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A report that cannot be written ends the checks at the first failed line, as every
+/// command's output does: quietly with success when its reader went away (`doctor | head -1`),
+/// with the output exit code when it failed otherwise (a full disk). Not a run of every
+/// remaining check, each line thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_that_cannot_be_written_stops_the_checks() {
+    let dirs = TestDirs::new();
+    TestAgent::write_config(&dirs, &dirs.plugins(), "");
+    // Written whole, the report has many lines and a problem (the agent is not running).
+    let (code, report) = doctor_says(&overrides(&dirs, None)).await;
+    assert!(report.lines().count() > 5, "{report}");
+    assert!(line(&report, "WARN", "agent").is_some(), "{report}");
+    assert_eq!(code, exit::OK, "{report}");
+
+    for (kind, expected) in [
+        (std::io::ErrorKind::BrokenPipe, exit::OK),
+        (std::io::ErrorKind::StorageFull, exit::OUTPUT),
+    ] {
+        let mut out = FailingOutput::new(1, kind);
+        let code = doctor::run(&overrides(&dirs, None), &mut out).await;
+        let taken = String::from_utf8(out.taken).unwrap();
+        assert_eq!(code, expected, "{kind:?}: {taken}");
+        assert!(taken.starts_with("ok    config"), "{kind:?}: {taken}");
+        assert_eq!(taken.lines().count(), 1, "{kind:?}: {taken}");
+        assert_eq!(
+            out.failed_writes, 1,
+            "{kind:?}: tried to write after the failure"
+        );
+    }
+}

@@ -58,6 +58,9 @@ struct Report<'a> {
     out: &'a mut dyn Write,
     failures: usize,
     warnings: usize,
+    /// The first error writing the report. Nothing more is written after it, and no further
+    /// check is started: its verdict would have nowhere to go.
+    lost: Option<std::io::Error>,
 }
 
 impl Report<'_> {
@@ -67,23 +70,45 @@ impl Report<'_> {
             Verdict::Warn => self.warnings += 1,
             Verdict::Ok | Verdict::Skip => {}
         }
-        let _ = writeln!(
-            self.out,
+        self.write(format_args!(
             "{:<5} {:<14} {}",
             verdict.label(),
             topic,
             text.as_ref()
-        );
-        let _ = self.out.flush();
+        ));
+    }
+
+    /// Writes a line at once (an admin watches the slow checks come in), unless an earlier
+    /// write failed.
+    fn write(&mut self, line: std::fmt::Arguments<'_>) {
+        if self.lost.is_some() {
+            return;
+        }
+        let written = self
+            .out
+            .write_fmt(line)
+            .and_then(|()| self.out.write_all(b"\n"))
+            .and_then(|()| self.out.flush());
+        if let Err(e) = written {
+            self.lost = Some(e);
+        }
+    }
+
+    /// Whether the report can no longer be written, so the checks should stop.
+    fn lost(&self) -> bool {
+        self.lost.is_some()
     }
 }
 
-/// Runs every check, printing to `out`; returns the exit code.
+/// Runs every check, printing to `out`; returns the exit code. When `out` cannot be written,
+/// the checks stop there, as every command's output does: quietly with success when its reader
+/// went away (`doctor | head -3`), else with [`exit::OUTPUT`] and the reason on stderr.
 pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
     let mut report = Report {
         out,
         failures: 0,
         warnings: 0,
+        lost: None,
     };
     let config = match config::load(overrides) {
         Ok(config) => {
@@ -100,11 +125,21 @@ pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
             return summary(&mut report);
         }
     };
-    folders(&config, &mut report);
-    tenant_store(&config, &mut report);
-    outbox(&config, &mut report);
-    agent(&config, &mut report).await;
-    api_users(&config, &mut report).await;
+    // Each stage stops the run when its lines could not be written: the network checks can
+    // take seconds, for nobody.
+    macro_rules! stage {
+        ($check:expr) => {
+            $check;
+            if report.lost() {
+                return summary(&mut report);
+            }
+        };
+    }
+    stage!(folders(&config, &mut report));
+    stage!(tenant_store(&config, &mut report));
+    stage!(outbox(&config, &mut report));
+    stage!(agent(&config, &mut report).await);
+    stage!(api_users(&config, &mut report).await);
     match &config.cloud {
         None => report.line(
             Verdict::Skip,
@@ -118,7 +153,21 @@ pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
 
 fn summary(report: &mut Report<'_>) -> u8 {
     let (failures, warnings) = (report.failures, report.warnings);
-    let _ = writeln!(report.out, "\n{failures} problem(s), {warnings} warning(s)");
+    report.write(format_args!(
+        "\n{failures} problem(s), {warnings} warning(s)"
+    ));
+    match &report.lost {
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return exit::OK,
+        Some(e) => {
+            // Best effort: stderr may be gone too, and the exit code says it anyway.
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "lumos-agent: cannot write the output: {e}"
+            );
+            return exit::OUTPUT;
+        }
+        None => {}
+    }
     if failures > 0 {
         exit::CHECK_FAILED
     } else {
