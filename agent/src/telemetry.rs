@@ -18,8 +18,17 @@ static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
 /// `RUST_LOG`, when set, overrides `log.level` (for debugging a running install without editing
 /// its config).
 pub fn init(log: &LogConfig) {
+    // Looked at before the capture may put a pipe on fd 2: the log goes where stderr was.
+    let colour = wants_colour(&std::io::stderr());
     crate::stderr_capture::enable();
-    init_with_writer(log, BoxMakeWriter::new(LogDestination));
+    init_with_writer(log, BoxMakeWriter::new(LogDestination), colour);
+}
+
+/// Colour codes only for a person at a terminal, and not even then with `NO_COLOR` set
+/// (no-color.org). journald and log files keep them as text: `journalctl` showed each line
+/// wrapped in `[2m…[0m`.
+fn wants_colour(log: &impl std::io::IsTerminal) -> bool {
+    log.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The daemon's log: fd 2, or the copy of it the stderr capture keeps. Never fd 2 once that is
@@ -64,8 +73,8 @@ impl std::io::Write for LogWriter {
 }
 
 /// [`init`] with another destination (the Windows service writes to a file: a service has no
-/// console).
-pub fn init_with_writer(log: &LogConfig, writer: BoxMakeWriter) {
+/// console), with or without colour codes in the human format.
+pub fn init_with_writer(log: &LogConfig, writer: BoxMakeWriter, colour: bool) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
@@ -74,6 +83,7 @@ pub fn init_with_writer(log: &LogConfig, writer: BoxMakeWriter) {
     let base = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_ansi(colour)
         // A line that cannot be written is lost, and nothing else: by default the subscriber
         // reports the failure with `eprintln!`, which panics when stderr is the broken pipe
         // that failed (journald restarted, a `| head` in front of the agent), and the agent

@@ -226,6 +226,7 @@ fn serve(overrides: Overrides, control: mpsc::Receiver<Control>, on_ready: impl 
         Ok(file) => crate::telemetry::init_with_writer(
             &config.log,
             tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file)),
+            false,
         ),
         Err(_) => return exit::STARTUP,
     }

@@ -25,6 +25,20 @@ fn agent(cwd: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `lumos-agent run` on a state and a plugins folder of its own under `dir`, its API on
+/// `listen`, its stdout discarded; the caller says where its log (stderr) goes.
+fn agent_run(dir: &Path, listen: &str) -> Command {
+    let mut command = Command::new(AGENT);
+    command
+        .args(["--state-dir", dir.join("state").to_str().unwrap()])
+        .args(["--plugins-dir", dir.join("plugins").to_str().unwrap()])
+        .args(["--listen", listen, "run"])
+        .current_dir(dir)
+        .env_remove("LUMOS_AGENT_CONFIG")
+        .stdout(Stdio::null());
+    command
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -191,12 +205,7 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
         &listen,
     ];
     let (mut log, log_writer) = std::io::pipe().unwrap();
-    let mut child = Command::new(AGENT)
-        .args(common)
-        .arg("run")
-        .current_dir(dir.path())
-        .env_remove("LUMOS_AGENT_CONFIG")
-        .stdout(Stdio::null())
+    let mut child = agent_run(dir.path(), &listen)
         .stderr(log_writer)
         .spawn()
         .unwrap();
@@ -248,18 +257,9 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
 fn half_a_request_does_not_hold_up_the_stop() {
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(AGENT)
-        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
-        .args([
-            "--plugins-dir",
-            dir.path().join("plugins").to_str().unwrap(),
-        ])
-        .args(["--listen", &listen, "run"])
-        .current_dir(dir.path())
-        .env_remove("LUMOS_AGENT_CONFIG")
+    let mut child = agent_run(dir.path(), &listen)
         // Short, so that the old behaviour fails fast: exit 7 after 2 s.
         .env("LUMOS_AGENT_CALLS__DRAIN_GRACE_SECS", "2")
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -282,6 +282,62 @@ fn half_a_request_does_not_hold_up_the_stop() {
     let log = stop_cleanly(&mut child);
     assert!(log.contains("stopped: every call finished"), "{log}");
     drop(half);
+}
+
+/// The log has colour codes for a person at a terminal only. Under systemd it goes to journald
+/// (a socket), which keeps them as text: every line of `journalctl -u lumos-agent` was wrapped
+/// in `ESC[2m…ESC[0m`.
+#[test]
+fn the_log_has_colour_codes_on_a_terminal_only() {
+    let run = |stderr: Stdio, mut log: std::fs::File| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = agent_run(dir.path(), &listen)
+            .env_remove("NO_COLOR")
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        // Read it all: SIGTERM once it is ready, then up to the end (a pty's reader gets EIO
+        // once the agent, the last holder of its other side, is gone).
+        let mut seen = Vec::new();
+        let mut stopping = false;
+        loop {
+            let mut chunk = [0u8; 4096];
+            match std::io::Read::read(&mut log, &mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+            if !stopping && text(&seen).contains("ready:") {
+                stopping = true;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                )
+                .unwrap();
+            }
+        }
+        assert_eq!(child.wait().unwrap().code(), Some(0), "{}", text(&seen));
+        let log = text(&seen);
+        assert!(log.contains("ready:") && log.contains("stopped:"), "{log}");
+        log
+    };
+
+    let (reader, writer) = std::io::pipe().unwrap();
+    let piped = run(
+        writer.into(),
+        std::fs::File::from(std::os::fd::OwnedFd::from(reader)),
+    );
+    assert!(
+        !piped.contains('\x1b'),
+        "colour codes in a piped log:\n{piped}"
+    );
+
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let on_a_terminal = run(pty.slave.into(), std::fs::File::from(pty.master));
+    assert!(
+        on_a_terminal.contains("\x1b["),
+        "no colour on a terminal:\n{on_a_terminal}"
+    );
 }
 
 /// A call body that is not a JSON object is refused before anything is sent, saying where it
