@@ -170,9 +170,10 @@ pub trait AuthProvider: Send + Sync + std::fmt::Debug {
 /// The built-in provider: `[api.users.<name>]` with Argon2 password hashes.
 pub struct BuiltinUsers {
     users: BTreeMap<String, ApiUser>,
-    /// Checked for an unknown user, so that it costs what a known one does: a hash of a random
-    /// password with `hash_password`'s parameters (or, should the OS have no randomness, a
-    /// user's hash: an unknown user is refused whatever the check says).
+    /// Checked for an unknown user, so that it costs what a known one does: a hash that no
+    /// password matches, in the form of the hashes most users have (see [`decoy_model`]); or,
+    /// should the OS have no randomness, a user's hash (an unknown user is refused whatever
+    /// the check says).
     decoy: Option<Arc<str>>,
     /// Argon2 checks made, counted for tests: a refusal that skipped the check would show.
     checks: AtomicU64,
@@ -195,13 +196,8 @@ impl BuiltinUsers {
     /// The users of the config (names already lower case).
     pub fn new(users: BTreeMap<String, ApiUser>) -> Self {
         // Without users there is no name to tell apart.
-        let decoy = (!users.is_empty())
-            .then(|| {
-                decoy_hash()
-                    .ok()
-                    .or_else(|| users.values().next().map(|u| u.password_hash.clone()))
-            })
-            .flatten()
+        let decoy = decoy_model(&users)
+            .map(|model| decoy_like(model).unwrap_or_else(|_| model.to_string()))
             .map(Arc::from);
         Self {
             users,
@@ -337,21 +333,54 @@ pub fn hash_password(password: &[u8]) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// A hash in `hash_password`'s form (algorithm, version, parameters, salt and output length)
-/// that no password matches: its salt and output are random. Checking a password against it
-/// costs what checking a real hash does, and making it costs nothing, where hashing a random
-/// password would take an Argon2 run (tens of milliseconds) at every start and reload.
-fn decoy_hash() -> Result<String, String> {
-    let params = argon2::Params::default();
-    let mut random = [0u8; 16 + argon2::Params::DEFAULT_OUTPUT_LEN];
+/// The hash whose cost the decoy copies: one of the parameter set (algorithm, version, memory,
+/// passes, lanes) that most users' hashes share, so that an unknown name costs what most known
+/// ones do. Not `hash_password`'s parameters: hashes made elsewhere, or before its parameters
+/// change, may cost more or less, and the difference would tell names apart. `None` without
+/// users (there is no name to tell apart).
+fn decoy_model(users: &BTreeMap<String, ApiUser>) -> Option<&str> {
+    let mut sets: HashMap<String, (usize, &str)> = HashMap::new();
+    for user in users.values() {
+        let hash = user.password_hash.as_str();
+        // Unusable hashes are refused by the config's check; one that slipped by is no model.
+        let Ok(parsed) = PasswordHash::new(hash) else {
+            continue;
+        };
+        let set = format!(
+            "{}${:?}${}",
+            parsed.algorithm, parsed.version, parsed.params
+        );
+        sets.entry(set).or_insert((0, hash)).0 += 1;
+    }
+    let most = sets
+        .into_values()
+        .max_by_key(|&(count, hash)| (count, std::cmp::Reverse(hash)));
+    most.map(|(_, hash)| hash)
+        .or_else(|| users.values().next().map(|u| u.password_hash.as_str()))
+}
+
+/// A hash in `model`'s form (algorithm, version, parameters, salt and output lengths) that no
+/// password matches: its salt and output are random. Checking a password against it costs
+/// what checking `model` does, and making it costs nothing, where hashing a random password
+/// would take an Argon2 run (tens of milliseconds) at every start and reload.
+fn decoy_like(model: &str) -> Result<String, String> {
+    let model = PasswordHash::new(model).map_err(|e| e.to_string())?;
+    let mut salt_buf = [0u8; 64];
+    let salt_len = model
+        .salt
+        .and_then(|salt| salt.decode_b64(&mut salt_buf).ok().map(<[u8]>::len))
+        .unwrap_or(16);
+    let output_len = model
+        .hash
+        .map_or(argon2::Params::DEFAULT_OUTPUT_LEN, |output| output.len());
+    let mut random = vec![0u8; salt_len + output_len];
     getrandom::fill(&mut random).map_err(|e| format!("no randomness for a decoy: {e}"))?;
-    let (salt, output) = random.split_at(16);
+    let (salt, output) = random.split_at(salt_len);
     let salt = SaltString::encode_b64(salt).map_err(|e| e.to_string())?;
     let hash = PasswordHash {
-        algorithm: argon2::Algorithm::Argon2id.ident(),
-        version: Some(argon2::Version::V0x13.into()),
-        params: argon2::password_hash::ParamsString::try_from(&params)
-            .map_err(|e| e.to_string())?,
+        algorithm: model.algorithm,
+        version: model.version,
+        params: model.params.clone(),
         salt: Some(salt.as_salt()),
         hash: Some(argon2::password_hash::Output::new(output).map_err(|e| e.to_string())?),
     };
@@ -703,29 +732,73 @@ mod tests {
     }
 
     #[test]
-    fn the_decoy_hash_has_the_form_and_cost_of_a_real_one_and_matches_nothing() {
-        let real = hash_password(b"a password").unwrap();
-        let decoy = decoy_hash().unwrap();
-        let (real, decoy_parsed) = (
-            PasswordHash::new(&real).unwrap(),
-            PasswordHash::new(&decoy).unwrap(),
-        );
-        assert_eq!(decoy_parsed.algorithm, real.algorithm);
-        assert_eq!(decoy_parsed.version, real.version);
-        assert_eq!(decoy_parsed.params, real.params);
-        assert_eq!(
-            decoy_parsed.salt.map(|s| s.len()),
-            real.salt.map(|s| s.len())
-        );
-        assert_eq!(
-            decoy_parsed.hash.map(|h| h.len()),
-            real.hash.map(|h| h.len())
-        );
-        assert!(check_password_hash(&decoy).is_ok());
-        assert!(!verify(&decoy, b""));
-        assert!(!verify(&decoy, b"a password"));
-        // Random each time: two agents (or reloads) share no decoy.
-        assert_ne!(decoy, decoy_hash().unwrap());
+    fn the_decoy_hash_has_the_form_and_cost_of_its_model_and_matches_nothing() {
+        // One made with hash-password, and one made elsewhere with other costs.
+        let light = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon2::Params::new(8192, 3, 1, Some(24)).unwrap(),
+        )
+        .hash_password(
+            b"a password",
+            &SaltString::from_b64("c2FsdHNhbHRzYWx0").unwrap(),
+        )
+        .unwrap()
+        .to_string();
+        for model in [hash_password(b"a password").unwrap(), light] {
+            let decoy = decoy_like(&model).unwrap();
+            let (real, decoy_parsed) = (
+                PasswordHash::new(&model).unwrap(),
+                PasswordHash::new(&decoy).unwrap(),
+            );
+            assert_eq!(decoy_parsed.algorithm, real.algorithm);
+            assert_eq!(decoy_parsed.version, real.version);
+            assert_eq!(decoy_parsed.params, real.params);
+            assert_eq!(
+                decoy_parsed.salt.map(|s| s.len()),
+                real.salt.map(|s| s.len())
+            );
+            assert_eq!(
+                decoy_parsed.hash.map(|h| h.len()),
+                real.hash.map(|h| h.len())
+            );
+            assert!(check_password_hash(&decoy).is_ok());
+            assert!(!verify(&decoy, b""));
+            assert!(!verify(&decoy, b"a password"));
+            // Random each time: two agents (or reloads) share no decoy.
+            assert_ne!(decoy, decoy_like(&model).unwrap());
+        }
+    }
+
+    #[test]
+    fn the_decoy_costs_what_most_users_hashes_cost() {
+        let hash_with = |m_cost: u32| {
+            argon2::Argon2::new(
+                argon2::Algorithm::Argon2id,
+                argon2::Version::V0x13,
+                argon2::Params::new(m_cost, 1, 1, None).unwrap(),
+            )
+            .hash_password(b"pw", &SaltString::from_b64("c2FsdHNhbHRzYWx0").unwrap())
+            .unwrap()
+            .to_string()
+        };
+        let user = |hash: &str| ApiUser {
+            password_hash: hash.to_string(),
+            role: Role::Viewer,
+        };
+        // Two users share a cost the default does not have; the first by name has another.
+        let users: BTreeMap<String, ApiUser> = [
+            ("alice", hash_with(4096)),
+            ("bob", hash_with(8192)),
+            ("carol", hash_with(8192)),
+        ]
+        .into_iter()
+        .map(|(name, hash)| (name.to_string(), user(&hash)))
+        .collect();
+        let decoy = BuiltinUsers::new(users).decoy.unwrap();
+        let params = PasswordHash::new(&decoy).unwrap().params.to_string();
+        assert_eq!(params, "m=8192,t=1,p=1", "{decoy}");
+        assert!(BuiltinUsers::new(BTreeMap::new()).decoy.is_none());
     }
 
     // The clock is paused: the waits are exact, however slow the password checks are.
