@@ -578,3 +578,38 @@ async fn private_copies_of_removed_versions_are_cleaned_up() {
     assert!(agent.connectors().await.is_empty());
     agent.shutdown().await;
 }
+
+/// A stop does not wait for a connector whose `info` is still running: the load is abandoned
+/// (its process killed) and the agent drains at once. (The watcher's scan held the drain until
+/// the `info` answered or timed out, up to `plugins.info_timeout_secs`; past the drain grace
+/// the agent stopped as forced, with no call in flight.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_a_connector_still_loading() {
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(
+        &dirs,
+        &format!("{WATCH_ONLY}info_timeout_secs = 600\n[calls]\ndrain_grace_secs = 3\n"),
+    )
+    .await;
+    let pid_file = dirs.root.path().join("info.pid");
+    write_script(
+        &dirs.plugins(),
+        "slow-info",
+        &format!(
+            "#!/bin/sh\necho $$ > '{}.tmp'\nmv '{0}.tmp' '{0}'\nexec sleep 600\n",
+            pid_file.display()
+        ),
+    );
+    eventually(WAIT, "the connector's info to start", || pid_file.exists()).await;
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(process_alive(pid));
+    assert_eq!(agent.shutdown().await, lumos_agent::app::Stopped::Drained);
+    eventually(WAIT, "the abandoned info to be killed", || {
+        !process_alive(pid)
+    })
+    .await;
+}

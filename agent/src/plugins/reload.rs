@@ -12,6 +12,9 @@
 //!
 //! Calls in flight hold their record, so they finish on the version they started with; its
 //! worker and private files go when the last call does.
+//!
+//! A reconcile commits what it found only after its last load, without waiting in between, so
+//! a stop can drop one in progress and lose nothing: the registry still holds what it held.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,7 +30,7 @@ use super::{is_ignored, Connector, ConnectorStatus, Fingerprint, PluginLoader, P
 use crate::config::SharedConfig;
 
 /// What a plugin file currently contributes to the inventory.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Slot {
     /// Loaded from the file's current content.
     current: Arc<Connector>,
@@ -141,55 +144,72 @@ impl Reconciler {
             }
         };
 
+        // Nothing below changes the state or the registry before the commit at the end, so a
+        // reconcile dropped at an await (the watch loop's, when the agent stops) leaves both as
+        // they were, and its loads are dropped with it (an `info` still running is killed).
         let mut next = BTreeMap::new();
         let mut to_load = Vec::new();
         for path in files {
             let fingerprint = Fingerprint::of(&path);
-            let previous = match state.slots.remove(&path) {
-                Some(slot) if slot.current.fingerprint == fingerprint && !reload_all => {
-                    next.insert(path, slot);
-                    continue;
-                }
-                previous => previous,
-            };
+            let previous = state.slots.get(&path);
+            if let Some(slot) =
+                previous.filter(|s| s.current.fingerprint == fingerprint && !reload_all)
+            {
+                next.insert(path, slot.clone());
+                continue;
+            }
             if wait_for_writes && fingerprint.is_some_and(|f| f.age() < settle) {
                 // Still being written (or just renamed in): look again after the debounce.
                 outcome.unsettled = true;
                 if let Some(slot) = previous {
-                    next.insert(path, slot);
+                    next.insert(path, slot.clone());
                 }
                 continue;
             }
-            to_load.push((path, previous));
+            to_load.push(path);
         }
 
         let mut loads = tokio::task::JoinSet::new();
+        let mut loading = std::collections::HashMap::new();
         let limit = Arc::new(tokio::sync::Semaphore::new(4));
-        for (path, previous) in to_load {
+        for path in to_load {
             let loader = self.loader.clone();
             let limit = limit.clone();
-            loads.spawn(async move {
+            let file = path.clone();
+            let task = loads.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let connector = loader.load(path.clone()).await;
-                (path, previous, connector)
+                loader.load(file).await
             });
+            loading.insert(task.id(), path);
         }
-        while let Some(joined) = loads.join_next().await {
-            let Ok((path, previous, connector)) = joined else {
-                tracing::error!(
-                    "a plugin load task failed; that file is retried at the next reconcile"
-                );
-                outcome.unsettled = true;
-                continue;
+        // Versions the new ones replace: retired at the commit.
+        let mut replaced = Vec::new();
+        while let Some(joined) = loads.join_next_with_id().await {
+            let (path, connector) = match joined {
+                Ok((id, connector)) => (loading.remove(&id), connector),
+                Err(e) => {
+                    tracing::error!(
+                        "a plugin load task failed; that file is retried at the next reconcile"
+                    );
+                    // Whatever served before keeps serving meanwhile.
+                    if let Some(path) = loading.remove(&e.id()) {
+                        if let Some(slot) = state.slots.get(&path) {
+                            next.insert(path, slot.clone());
+                        }
+                    }
+                    outcome.unsettled = true;
+                    continue;
+                }
             };
+            let Some(path) = path else { continue };
             outcome.changed = true;
             let new = Arc::new(connector);
-            let slot = match previous {
+            let slot = match state.slots.get(&path) {
                 Some(old) if new.status == ConnectorStatus::Rejected => {
                     let good = if old.current.status == ConnectorStatus::Rejected {
-                        old.retained
+                        old.retained.clone()
                     } else {
-                        Some(old.current)
+                        Some(old.current.clone())
                     };
                     if let Some(good) = &good {
                         tracing::warn!(
@@ -217,7 +237,7 @@ impl Reconciler {
                             new.file_name()
                         );
                     }
-                    retire(&mut state.retired, old, drain_grace);
+                    replaced.push(old.clone());
                     Slot {
                         current: new,
                         retained: None,
@@ -231,8 +251,15 @@ impl Reconciler {
             next.insert(path, slot);
         }
 
-        let removed = std::mem::take(&mut state.slots);
-        for (_, slot) in removed {
+        // The commit: from here on nothing waits.
+        for slot in replaced {
+            retire(&mut state.retired, slot, drain_grace);
+        }
+        let previous = std::mem::replace(&mut state.slots, next);
+        for (path, slot) in previous {
+            if state.slots.contains_key(&path) {
+                continue;
+            }
             outcome.changed = true;
             let c = slot.retained.as_ref().unwrap_or(&slot.current);
             tracing::info!(
@@ -243,7 +270,6 @@ impl Reconciler {
             );
             retire(&mut state.retired, slot, drain_grace);
         }
-        state.slots = next;
 
         if outcome.changed {
             let records: Vec<Arc<Connector>> = state
@@ -407,7 +433,13 @@ pub async fn watch_loop(
                 let _ = w.watch(&dir, RecursiveMode::NonRecursive);
             }
         }
-        reconciler.reconcile(true).await;
+        // A stop does not wait for a scan: a connector's `info` may take up to
+        // `plugins.info_timeout_secs`, and the drain waits for this task. The reconcile is
+        // dropped whole (see `Reconciler::reconcile`).
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = reconciler.reconcile(true) => {}
+        }
     }
 }
 
