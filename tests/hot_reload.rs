@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::StatusCode;
+use lumos_agent::app::{Control, Stopped};
 use lumos_agent_integration::*;
 use serde_json::{json, Value};
 
@@ -579,37 +580,71 @@ async fn private_copies_of_removed_versions_are_cleaned_up() {
     agent.shutdown().await;
 }
 
-/// A stop does not wait for a connector whose `info` is still running: the load is abandoned
-/// (its process killed) and the agent drains at once. (The watcher's scan held the drain until
-/// the `info` answered or timed out, up to `plugins.info_timeout_secs`; past the drain grace
-/// the agent stopped as forced, with no call in flight.)
+/// A stop does not wait for a connector whose `info` is still running, in a scan of the
+/// watcher's or of a reload's (SIGHUP): the load is abandoned (its process killed) and the
+/// agent drains at once. (The scan held the drain until the `info` answered or timed out, up
+/// to `plugins.info_timeout_secs`; past the drain grace the agent stopped as forced, with no
+/// call in flight.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_does_not_wait_for_a_connector_still_loading() {
-    let dirs = TestDirs::new();
-    let agent = TestAgent::start(
-        &dirs,
-        &format!("{WATCH_ONLY}info_timeout_secs = 600\n[calls]\ndrain_grace_secs = 3\n"),
-    )
-    .await;
-    let pid_file = dirs.root.path().join("info.pid");
-    write_script(
-        &dirs.plugins(),
-        "slow-info",
-        &format!(
-            "#!/bin/sh\necho $$ > '{}.tmp'\nmv '{0}.tmp' '{0}'\nexec sleep 600\n",
-            pid_file.display()
-        ),
-    );
-    eventually(WAIT, "the connector's info to start", || pid_file.exists()).await;
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(process_alive(pid));
-    assert_eq!(agent.shutdown().await, lumos_agent::app::Stopped::Drained);
-    eventually(WAIT, "the abandoned info to be killed", || {
-        !process_alive(pid)
-    })
-    .await;
+    for by_reload in [false, true] {
+        let dirs = TestDirs::new();
+        let pid_file = dirs.root.path().join("info.pid");
+        let gate = dirs.root.path().join("gate");
+        // Its `info` hangs once the gate exists, writing its pid first.
+        let script = format!(
+            "#!/bin/sh\nif [ -e '{}' ]; then\n  echo $$ > '{1}.tmp'\n  mv '{1}.tmp' '{1}'\n  \
+             exec sleep 600\nfi\nexec -a 'slow@1.0.0' '{2}' \"$@\"\n",
+            gate.display(),
+            pid_file.display(),
+            test_connector().display()
+        );
+        let config = |timeout: u32| {
+            format!(
+                "{WATCH_ONLY}info_timeout_secs = 600\n[calls]\ndrain_grace_secs = 3\n\
+                 timeout_secs = {timeout}\n"
+            )
+        };
+        std::fs::write(&gate, "").unwrap();
+        if by_reload {
+            // Loaded at start; a reload with new call limits loads it again, and it hangs.
+            std::fs::remove_file(&gate).unwrap();
+            let path = write_script(&dirs.plugins(), "slow", &script);
+            // Written long ago, so the reload's own scan loads it (not one after the debounce).
+            std::fs::File::open(&path)
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+                .unwrap();
+        }
+        let agent = TestAgent::start(&dirs, &config(60)).await;
+        if by_reload {
+            assert_eq!(agent.entries_for_file("slow").await.len(), 1);
+            std::fs::write(&gate, "").unwrap();
+            TestAgent::write_config(&dirs, &dirs.plugins(), &config(61));
+            agent.control.send(Control::Reload).await.unwrap();
+        } else {
+            write_script(&dirs.plugins(), "slow", &script);
+        }
+        eventually(
+            WAIT,
+            &format!("the info to start (by reload: {by_reload})"),
+            || pid_file.exists(),
+        )
+        .await;
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(process_alive(pid));
+        assert_eq!(
+            agent.shutdown().await,
+            Stopped::Drained,
+            "by reload: {by_reload}"
+        );
+        eventually(WAIT, "the abandoned info to be killed", || {
+            !process_alive(pid)
+        })
+        .await;
+    }
 }

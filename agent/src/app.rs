@@ -32,6 +32,15 @@ pub enum Control {
     Quit,
 }
 
+/// A stop asked for while something else was being done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopRequest {
+    /// [`Control::Shutdown`], or nobody left to ask: drain.
+    Drain,
+    /// [`Control::Quit`].
+    Quit,
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -419,6 +428,27 @@ impl RunningAgent {
         self.rescan().await;
     }
 
+    /// [`Self::reload`], unless a stop comes first: the reload's rescan may wait for
+    /// connectors' `info` up to `plugins.info_timeout_secs`, and a stop does not wait for it
+    /// (the rescan is dropped whole, see [`Reconciler::reconcile`]; the configuration is
+    /// applied before it). Returns the stop, if one came. A reload asked for meanwhile starts
+    /// it again, reading the newest configuration.
+    async fn reload_unless_stopped(
+        &self,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Option<StopRequest> {
+        loop {
+            tokio::select! {
+                () = self.reload() => return None,
+                message = control.recv() => match message {
+                    Some(Control::Reload) => {}
+                    Some(Control::Shutdown) | None => return Some(StopRequest::Drain),
+                    Some(Control::Quit) => return Some(StopRequest::Quit),
+                },
+            }
+        }
+    }
+
     fn apply(&self, new: Config) {
         let old = self.config.get();
         if *old == new {
@@ -548,8 +578,13 @@ impl RunningAgent {
                 message = control.recv() => match message {
                     Some(Control::Reload) => {
                         crate::service::reloading();
-                        self.reload().await;
+                        let interrupted = self.reload_unless_stopped(&mut control).await;
                         crate::service::reloaded();
+                        match interrupted {
+                            None => {}
+                            Some(StopRequest::Drain) => break,
+                            Some(StopRequest::Quit) => { self.quit().await; return Ok(Stopped::Quit); }
+                        }
                     }
                     Some(Control::Shutdown) | None => break,
                     Some(Control::Quit) => { self.quit().await; return Ok(Stopped::Quit); }
