@@ -637,11 +637,11 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
             .parse()
             .unwrap();
         assert!(process_alive(pid));
-        assert_eq!(
-            agent.shutdown().await,
-            Stopped::Drained,
-            "by reload: {by_reload}"
-        );
+        // Not a timing: the old behaviour waited for the 600 s `info` timeout.
+        let stopped = tokio::time::timeout(WAIT, agent.shutdown())
+            .await
+            .unwrap_or_else(|_| panic!("the stop waited for the scan (by reload: {by_reload})"));
+        assert_eq!(stopped, Stopped::Drained, "by reload: {by_reload}");
         eventually(WAIT, "the abandoned info to be killed", || {
             !process_alive(pid)
         })
