@@ -648,3 +648,29 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
         .await;
     }
 }
+
+/// A file dated in the future (copied with its times from a machine whose clock runs ahead,
+/// `tar x` or `cp -p`) loads once it has stopped changing for the debounce, with a warning
+/// that names the skew. (Its modification time made it look still being written until that
+/// time came, an hour here, rescanning the folder every debounce meanwhile.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_dated_in_the_future_loads_once_it_stops_changing() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
+    let path = versioned_connector(&dirs.plugins(), "ahead", "ahead", "1.0.0");
+    std::fs::File::open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    until_entries(&agent, "ahead", "the connector dated ahead to load", |e| {
+        e.len() == 1 && e[0]["status"] == "ready"
+    })
+    .await;
+    let logs = captured_logs();
+    assert!(
+        logs.contains("ahead") && logs.contains("in the future"),
+        "{logs}"
+    );
+    agent.shutdown().await;
+}

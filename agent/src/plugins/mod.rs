@@ -136,12 +136,18 @@ impl Fingerprint {
         })
     }
 
-    /// How long ago the file was last modified (zero if in the future).
-    pub fn age(&self) -> Duration {
+    /// How long ago the file was last modified; or, for a modification time in the future
+    /// (a file copied with its times from a machine whose clock runs ahead), how far ahead.
+    pub fn age(&self) -> Result<Duration, Duration> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
-        Duration::from_nanos(u64::try_from((now - self.mtime_ns).max(0)).unwrap_or(u64::MAX))
+        let nanos = |n: i128| Duration::from_nanos(u64::try_from(n).unwrap_or(u64::MAX));
+        if self.mtime_ns > now {
+            Err(nanos(self.mtime_ns - now))
+        } else {
+            Ok(nanos(now - self.mtime_ns))
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! A reconcile compares each file's [`Fingerprint`] with the record loaded from it:
 //! - unchanged files keep their records (and running workers);
-//! - a file modified less than `debounce` ago is still being written: it waits;
+//! - a file modified less than `debounce` ago is still being written: it waits (one dated in
+//!   the future waits until it has been seen unchanged for the debounce);
 //! - new or changed files are loaded (and health-checked by `info`) *before* they are swapped in;
 //!   a rejected replacement never displaces a good version: the old one keeps serving;
 //! - vanished files are dropped.
@@ -16,8 +17,8 @@
 //! A reconcile commits what it found only after its last load, without waiting in between, so
 //! a stop can drop one in progress and lose nothing: the registry still holds what it held.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -44,6 +45,9 @@ struct State {
     /// Records no longer in the inventory, with their private folders: removed once the last
     /// call using them has finished.
     retired: Vec<(Weak<Connector>, PathBuf)>,
+    /// Files whose modification time is in the future: the fingerprint last seen, and since
+    /// when (this agent's clock). See [`being_written`].
+    dated_ahead: HashMap<PathBuf, (Fingerprint, Instant)>,
 }
 
 /// What a reconcile did.
@@ -112,7 +116,9 @@ impl Reconciler {
     /// Brings the registry in line with the folder. `wait_for_writes = false` (at start) loads
     /// even files modified a moment ago.
     pub async fn reconcile(&self, wait_for_writes: bool) -> Outcome {
-        let mut state = self.state.lock().await;
+        let mut guard = self.state.lock().await;
+        // Through a plain reference, so that its fields can be borrowed apart.
+        let state = &mut *guard;
         let mut outcome = Outcome::default();
         let config = self.config.get();
         let (dir, settle, drain_grace) = (
@@ -149,6 +155,9 @@ impl Reconciler {
         // they were, and its loads are dropped with it (an `info` still running is killed).
         let mut next = BTreeMap::new();
         let mut to_load = Vec::new();
+        state
+            .dated_ahead
+            .retain(|path, _| files.binary_search(path).is_ok());
         for path in files {
             let fingerprint = Fingerprint::of(&path);
             let previous = state.slots.get(&path);
@@ -158,7 +167,10 @@ impl Reconciler {
                 next.insert(path, slot.clone());
                 continue;
             }
-            if wait_for_writes && fingerprint.is_some_and(|f| f.age() < settle) {
+            if wait_for_writes
+                && fingerprint
+                    .is_some_and(|f| being_written(&mut state.dated_ahead, &path, f, settle))
+            {
                 // Still being written (or just renamed in): look again after the debounce.
                 outcome.unsettled = true;
                 if let Some(slot) = previous {
@@ -286,7 +298,7 @@ impl Reconciler {
                 "inventory changed"
             );
         }
-        self.collect_garbage(&mut state);
+        self.collect_garbage(state);
         if outcome.unsettled {
             // Those files are looked at again once they have been quiet for the debounce.
             self.follow_up();
@@ -329,6 +341,42 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Whether the file at `path` may still be being written: modified less than `settle` ago.
+/// A modification time in the future tells nothing of that (the file came with its times from
+/// a machine whose clock runs ahead: `tar x`, `cp -p`), and would hold the file back until that
+/// time came; such a file counts as written once its fingerprint has not changed for `settle`
+/// by this agent's clock. The admin is told once per content.
+fn being_written(
+    dated_ahead: &mut HashMap<PathBuf, (Fingerprint, Instant)>,
+    path: &Path,
+    fingerprint: Fingerprint,
+    settle: Duration,
+) -> bool {
+    let ahead = match fingerprint.age() {
+        Ok(age) => {
+            dated_ahead.remove(path);
+            return age < settle;
+        }
+        Err(ahead) => ahead,
+    };
+    let since = match dated_ahead.get(path) {
+        Some((seen, since)) if *seen == fingerprint => *since,
+        _ => {
+            tracing::warn!(
+                "{}: its modification time is {}s in the future (does this machine's clock \
+                 agree with the one it was copied from?); it is loaded once it has not changed \
+                 for {settle:?}",
+                path.file_name().unwrap_or_default().to_string_lossy(),
+                ahead.as_secs()
+            );
+            let now = Instant::now();
+            dated_ahead.insert(path.to_path_buf(), (fingerprint, now));
+            now
+        }
+    };
+    since.elapsed() < settle
 }
 
 fn retire(retired: &mut Vec<(Weak<Connector>, PathBuf)>, slot: Slot, drain_grace: Duration) {
