@@ -593,7 +593,7 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
         let gate = dirs.root.path().join("gate");
         // Its `info` hangs once the gate exists, writing its pid first.
         let script = format!(
-            "#!/bin/sh\nif [ -e '{}' ]; then\n  echo $$ > '{1}.tmp'\n  mv '{1}.tmp' '{1}'\n  \
+            "#!/bin/bash\nif [ -e '{}' ]; then\n  echo $$ > '{1}.tmp'\n  mv '{1}.tmp' '{1}'\n  \
              exec sleep 600\nfi\nexec -a 'slow@1.0.0' '{2}' \"$@\"\n",
             gate.display(),
             pid_file.display(),
@@ -618,7 +618,9 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
         }
         let agent = TestAgent::start(&dirs, &config(60)).await;
         if by_reload {
-            assert_eq!(agent.entries_for_file("slow").await.len(), 1);
+            let entries = agent.entries_for_file("slow").await;
+            assert_eq!(entries.len(), 1, "{entries:?}");
+            assert_eq!(entries[0]["status"], "ready", "{entries:?}");
             std::fs::write(&gate, "").unwrap();
             TestAgent::write_config(&dirs, &dirs.plugins(), &config(61));
             agent.control.send(Control::Reload).await.unwrap();
@@ -672,5 +674,41 @@ async fn a_file_dated_in_the_future_loads_once_it_stops_changing() {
         logs.contains("ahead") && logs.contains("in the future"),
         "{logs}"
     );
+    agent.shutdown().await;
+}
+
+/// A reload that changes the limits connectors are loaded under loads every connector again,
+/// also one its scan found still being written (here: dated in the future, so that scan's look
+/// waits for the debounce): it is loaded under the new limits once it settles. (The scan after
+/// the debounce found it unchanged and kept it on the old limits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_limits_reaches_a_file_that_was_still_settling() {
+    let dirs = TestDirs::new();
+    let infos_file = dirs.root.path().join("infos");
+    let script = format!(
+        "#!/bin/bash\nif [ \"$1\" = info ]; then echo >> '{}'; fi\nexec -a 'settling@1.0.0' '{}' \"$@\"\n",
+        infos_file.display(),
+        test_connector().display()
+    );
+    let path = write_script(&dirs.plugins(), "settling", &script);
+    std::fs::File::open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    let config = |timeout: u32| format!("{WATCH_ONLY}[calls]\ntimeout_secs = {timeout}\n");
+    let agent = TestAgent::start(&dirs, &config(60)).await;
+    let infos = || std::fs::read_to_string(&infos_file).map_or(0, |t| t.lines().count());
+    assert_eq!(infos(), 1, "loaded at start");
+    TestAgent::write_config(&dirs, &dirs.plugins(), &config(61));
+    agent.control.send(Control::Reload).await.unwrap();
+    eventually(
+        WAIT,
+        "the connector loaded again under the new limits",
+        || infos() == 2,
+    )
+    .await;
+    let entries = agent.entries_for_file("settling").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["status"], "ready", "{entries:?}");
     agent.shutdown().await;
 }

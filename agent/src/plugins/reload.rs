@@ -37,6 +37,10 @@ struct Slot {
     current: Arc<Connector>,
     /// The previous good version, kept serving while `current` is rejected.
     retained: Option<Arc<Connector>>,
+    /// Loaded under limits a reload has changed since: loaded again at the next scan, changed
+    /// or not. (Set when a scan that was to load every file again left this one waiting, as
+    /// still being written: the scan after the debounce would find it unchanged.)
+    stale: bool,
 }
 
 #[derive(Debug, Default)]
@@ -162,7 +166,7 @@ impl Reconciler {
             let fingerprint = Fingerprint::of(&path);
             let previous = state.slots.get(&path);
             if let Some(slot) =
-                previous.filter(|s| s.current.fingerprint == fingerprint && !reload_all)
+                previous.filter(|s| s.current.fingerprint == fingerprint && !reload_all && !s.stale)
             {
                 next.insert(path, slot.clone());
                 continue;
@@ -174,7 +178,10 @@ impl Reconciler {
                 // Still being written (or just renamed in): look again after the debounce.
                 outcome.unsettled = true;
                 if let Some(slot) = previous {
-                    next.insert(path, slot.clone());
+                    let mut slot = slot.clone();
+                    // Its look after the debounce must load it even if it turns out unchanged.
+                    slot.stale |= reload_all;
+                    next.insert(path, slot);
                 }
                 continue;
             }
@@ -234,6 +241,7 @@ impl Reconciler {
                     Slot {
                         current: new,
                         retained: good,
+                        stale: false,
                     }
                 }
                 Some(old) => {
@@ -253,11 +261,13 @@ impl Reconciler {
                     Slot {
                         current: new,
                         retained: None,
+                        stale: false,
                     }
                 }
                 None => Slot {
                     current: new,
                     retained: None,
+                    stale: false,
                 },
             };
             next.insert(path, slot);
