@@ -36,6 +36,14 @@ async fn until_entries(
     }
 }
 
+/// Sets a file's modification time (a copy that kept its times, `tar x` or `cp -p`).
+fn set_mtime(path: &std::path::Path, time: std::time::SystemTime) {
+    std::fs::File::open(path)
+        .unwrap()
+        .set_modified(time)
+        .unwrap();
+}
+
 async fn until_serves(agent: &TestAgent, app_id: &str, version: &str) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -611,10 +619,10 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
             std::fs::remove_file(&gate).unwrap();
             let path = write_script(&dirs.plugins(), "slow", &script);
             // Written long ago, so the reload's own scan loads it (not one after the debounce).
-            std::fs::File::open(&path)
-                .unwrap()
-                .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
-                .unwrap();
+            set_mtime(
+                &path,
+                std::time::SystemTime::now() - Duration::from_secs(3600),
+            );
         }
         let agent = TestAgent::start(&dirs, &config(60)).await;
         if by_reload {
@@ -661,10 +669,10 @@ async fn a_file_dated_in_the_future_loads_once_it_stops_changing() {
     let dirs = TestDirs::new();
     let agent = TestAgent::start(&dirs, WATCH_ONLY).await;
     let path = versioned_connector(&dirs.plugins(), "ahead", "ahead", "1.0.0");
-    std::fs::File::open(&path)
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
-        .unwrap();
+    set_mtime(
+        &path,
+        std::time::SystemTime::now() + Duration::from_secs(3600),
+    );
     until_entries(&agent, "ahead", "the connector dated ahead to load", |e| {
         e.len() == 1 && e[0]["status"] == "ready"
     })
@@ -691,10 +699,10 @@ async fn a_reload_of_limits_reaches_a_file_that_was_still_settling() {
         test_connector().display()
     );
     let path = write_script(&dirs.plugins(), "settling", &script);
-    std::fs::File::open(&path)
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
-        .unwrap();
+    set_mtime(
+        &path,
+        std::time::SystemTime::now() + Duration::from_secs(3600),
+    );
     let config = |timeout: u32| format!("{WATCH_ONLY}[calls]\ntimeout_secs = {timeout}\n");
     let agent = TestAgent::start(&dirs, &config(60)).await;
     let infos = || std::fs::read_to_string(&infos_file).map_or(0, |t| t.lines().count());

@@ -32,7 +32,7 @@ pub enum Control {
     Quit,
 }
 
-/// A stop asked for while something else was being done.
+/// A stop asked for on the control channel, during a reload or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopRequest {
     /// [`Control::Shutdown`], or nobody left to ask: drain.
@@ -575,20 +575,23 @@ impl RunningAgent {
         ));
         loop {
             tokio::select! {
-                message = control.recv() => match message {
-                    Some(Control::Reload) => {
-                        crate::service::reloading();
-                        let interrupted = self.reload_unless_stopped(&mut control).await;
-                        crate::service::reloaded();
-                        match interrupted {
-                            None => {}
-                            Some(StopRequest::Drain) => break,
-                            Some(StopRequest::Quit) => { self.quit().await; return Ok(Stopped::Quit); }
+                message = control.recv() => {
+                    let stop = match message {
+                        Some(Control::Reload) => {
+                            crate::service::reloading();
+                            let interrupted = self.reload_unless_stopped(&mut control).await;
+                            crate::service::reloaded();
+                            interrupted
                         }
+                        Some(Control::Shutdown) | None => Some(StopRequest::Drain),
+                        Some(Control::Quit) => Some(StopRequest::Quit),
+                    };
+                    match stop {
+                        None => {}
+                        Some(StopRequest::Drain) => break,
+                        Some(StopRequest::Quit) => { self.quit().await; return Ok(Stopped::Quit); }
                     }
-                    Some(Control::Shutdown) | None => break,
-                    Some(Control::Quit) => { self.quit().await; return Ok(Stopped::Quit); }
-                },
+                }
                 () = self.failed.cancelled() => {
                     let name = self.failed_task.lock().expect("failure slot poisoned").unwrap_or("unknown");
                     self.quit().await;

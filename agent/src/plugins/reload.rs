@@ -189,7 +189,7 @@ impl Reconciler {
         }
 
         let mut loads = tokio::task::JoinSet::new();
-        let mut loading = std::collections::HashMap::new();
+        let mut loading = HashMap::new();
         let limit = Arc::new(tokio::sync::Semaphore::new(4));
         for path in to_load {
             let loader = self.loader.clone();
@@ -357,7 +357,7 @@ impl Reconciler {
 /// A modification time in the future tells nothing of that (the file came with its times from
 /// a machine whose clock runs ahead: `tar x`, `cp -p`), and would hold the file back until that
 /// time came; such a file counts as written once its fingerprint has not changed for `settle`
-/// by this agent's clock. The admin is told once per content.
+/// by this agent's clock. The admin is told once per content, if it is a second or more ahead.
 fn being_written(
     dated_ahead: &mut HashMap<PathBuf, (Fingerprint, Instant)>,
     path: &Path,
@@ -374,13 +374,16 @@ fn being_written(
     let since = match dated_ahead.get(path) {
         Some((seen, since)) if *seen == fingerprint => *since,
         _ => {
-            tracing::warn!(
-                "{}: its modification time is {}s in the future (does this machine's clock \
+            // A skew under a second (an NFS server's clock, say) is not worth an admin's time.
+            if ahead >= Duration::from_secs(1) {
+                tracing::warn!(
+                    "{}: its modification time is {}s in the future (does this machine's clock \
                  agree with the one it was copied from?); it is loaded once it has not changed \
                  for {settle:?}",
-                path.file_name().unwrap_or_default().to_string_lossy(),
-                ahead.as_secs()
-            );
+                    path.file_name().unwrap_or_default().to_string_lossy(),
+                    ahead.as_secs()
+                );
+            }
             let now = Instant::now();
             dated_ahead.insert(path.to_path_buf(), (fingerprint, now));
             now
