@@ -659,6 +659,99 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
     }
 }
 
+/// A connector whose `info` hangs holds up no other: a file loaded in the same scan and one
+/// added while it hangs are served at once, a new version of the hanging file abandons its
+/// load (the process is killed) and loads, and so does removing such a file. (A scan published
+/// nothing before its last load ended, and the next scan waited for it: up to
+/// `plugins.info_timeout_secs` with no new connector.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_whose_info_hangs_holds_up_no_other() {
+    let dirs = TestDirs::new();
+    let staging = dirs.root.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    // A connector whose `info` writes its pid, then never answers.
+    let hanging = |name: &str| {
+        let pid_file = dirs.root.path().join(format!("{name}.pid"));
+        let script = format!(
+            "#!/bin/bash\necho $$ > '{0}.tmp'\nmv '{0}.tmp' '{0}'\nexec sleep 600\n",
+            pid_file.display()
+        );
+        write_script(&staging, name, &script);
+        pid_file
+    };
+    let pid_of = |pid_file: &std::path::Path| -> i32 {
+        std::fs::read_to_string(pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let ready = |app_id: &'static str| {
+        move |e: &[Value]| e.len() == 1 && e[0]["status"] == "ready" && e[0]["app_id"] == app_id
+    };
+    let agent = TestAgent::start(&dirs, &format!("{WATCH_ONLY}info_timeout_secs = 600\n")).await;
+
+    // Moved in together, so that one scan finds both.
+    let pid_file = hanging("hangs");
+    versioned_connector(&staging, "first", "first", "1.0.0");
+    for name in ["hangs", "first"] {
+        std::fs::rename(staging.join(name), dirs.plugins().join(name)).unwrap();
+    }
+    until_entries(
+        &agent,
+        "first",
+        "the connector beside the hanging one",
+        ready("first"),
+    )
+    .await;
+    eventually(WAIT, "the hanging info to start", || pid_file.exists()).await;
+    let pid = pid_of(&pid_file);
+    assert!(process_alive(pid), "the info still hangs");
+
+    // Added while it hangs: a later scan.
+    versioned_connector(&dirs.plugins(), "second", "second", "1.0.0");
+    until_entries(
+        &agent,
+        "second",
+        "a connector added while one hangs",
+        ready("second"),
+    )
+    .await;
+    assert!(process_alive(pid), "the info still hangs");
+    assert!(agent.entries_for_file("hangs").await.is_empty());
+
+    // A new version of the hanging file replaces its load.
+    versioned_connector(&dirs.plugins(), "hangs", "fixed", "1.0.0");
+    until_entries(
+        &agent,
+        "hangs",
+        "the new version of the hanging file",
+        ready("fixed"),
+    )
+    .await;
+    eventually(WAIT, "the abandoned info to be killed", || {
+        !process_alive(pid)
+    })
+    .await;
+
+    // A hanging file removed: its load is abandoned.
+    let pid_file = hanging("gone");
+    std::fs::rename(staging.join("gone"), dirs.plugins().join("gone")).unwrap();
+    eventually(WAIT, "the second hanging info to start", || {
+        pid_file.exists()
+    })
+    .await;
+    let pid = pid_of(&pid_file);
+    std::fs::remove_file(dirs.plugins().join("gone")).unwrap();
+    eventually(WAIT, "the removed file's info to be killed", || {
+        !process_alive(pid)
+    })
+    .await;
+    assert!(agent.entries_for_file("gone").await.is_empty());
+    assert_eq!(agent.connectors().await.len(), 3, "first, second, fixed");
+    agent.shutdown().await;
+}
+
 /// A file dated in the future (copied with its times from a machine whose clock runs ahead,
 /// `tar x` or `cp -p`) loads once it has stopped changing for the debounce, with a warning
 /// that names the skew. (Its modification time made it look still being written until that

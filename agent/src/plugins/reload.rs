@@ -14,8 +14,13 @@
 //! Calls in flight hold their record, so they finish on the version they started with; its
 //! worker and private files go when the last call does.
 //!
-//! A reconcile commits what it found only after its last load, without waiting in between, so
-//! a stop can drop one in progress and lose nothing: the registry still holds what it held.
+//! Each load is committed (and a new inventory revision published) as soon as it ends, so a
+//! connector whose `info` is slow or hangs holds up no other. Reconciles run side by side (the
+//! watch loop starts the next scan without waiting for the last one's loads): the loads in
+//! progress are registered by file, a scan leaves a file being loaded to its load, and a file
+//! that changes again or goes abandons its load (its `info` is killed). The state is changed
+//! only in short commits, never across a wait, so a reconcile dropped part way (a stop) loses
+//! nothing: what it did not commit, the registry never had.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -52,6 +57,18 @@ struct State {
     /// Files whose modification time is in the future: the fingerprint last seen, and since
     /// when (this agent's clock). See [`being_written`].
     dated_ahead: HashMap<PathBuf, (Fingerprint, Instant)>,
+    /// Loads in progress, by file, whichever reconcile started them.
+    loading: HashMap<PathBuf, Loading>,
+    /// The id of the next load.
+    next_load: u64,
+}
+
+/// A load in progress: which content, and how to abandon it.
+#[derive(Debug)]
+struct Loading {
+    id: u64,
+    fingerprint: Option<Fingerprint>,
+    abort: tokio::task::AbortHandle,
 }
 
 /// What a reconcile did.
@@ -63,7 +80,7 @@ pub struct Outcome {
     pub unsettled: bool,
 }
 
-/// Reconciles the plugins folder with the registry. One reconcile at a time.
+/// Reconciles the plugins folder with the registry.
 #[derive(Debug)]
 pub struct Reconciler {
     loader: PluginLoader,
@@ -72,7 +89,8 @@ pub struct Reconciler {
     config: Arc<SharedConfig>,
     /// Private folders (store copies, unpacked bundles) that garbage collection may remove.
     private_roots: Vec<PathBuf>,
-    state: tokio::sync::Mutex<State>,
+    /// Held only for a moment (a commit), never across a load.
+    state: std::sync::Mutex<State>,
     /// Set by a config reload that changed limits: the next reconcile reloads every file.
     reload_all: std::sync::atomic::AtomicBool,
     /// Asks the watch loop for a reconcile after the debounce: files were still being written
@@ -94,7 +112,7 @@ impl Reconciler {
             registry,
             config,
             private_roots,
-            state: tokio::sync::Mutex::new(State::default()),
+            state: std::sync::Mutex::new(State::default()),
             reload_all: std::sync::atomic::AtomicBool::new(false),
             follow_up: tokio::sync::Notify::new(),
         }
@@ -118,202 +136,218 @@ impl Reconciler {
     }
 
     /// Brings the registry in line with the folder. `wait_for_writes = false` (at start) loads
-    /// even files modified a moment ago.
+    /// even files modified a moment ago. Returns once its own loads have ended; each is
+    /// published as it ends, and reconciles may run side by side (see the module docs).
     pub async fn reconcile(&self, wait_for_writes: bool) -> Outcome {
-        let mut guard = self.state.lock().await;
-        // Through a plain reference, so that its fields can be borrowed apart.
-        let state = &mut *guard;
         let mut outcome = Outcome::default();
-        let config = self.config.get();
-        let (dir, settle, drain_grace) = (
-            config.plugins_dir.clone(),
-            config.plugins.debounce,
-            config.calls.drain_grace,
-        );
-        let reload_all = self
-            .reload_all
-            .swap(false, std::sync::atomic::Ordering::AcqRel);
-        let files = match std::fs::read_dir(&dir) {
-            Ok(entries) => {
-                let mut files: Vec<PathBuf> = entries
+        let mut loads = tokio::task::JoinSet::new();
+        // Ended or dropped (a stop drops a reconcile part way), this reconcile's loads leave the
+        // registry of loads in progress.
+        let mut mine = OwnLoads {
+            state: &self.state,
+            tasks: HashMap::new(),
+        };
+        let drain_grace = {
+            let mut guard = self.lock();
+            // Through a plain reference, so that its fields can be borrowed apart.
+            let state = &mut *guard;
+            // The configuration, and then the folder, are read under the lock: a reconcile that
+            // read them before another's commit would undo it (bring back a file it removed, or
+            // the folder a reload moved away from).
+            let config = self.config.get();
+            let (dir, settle, drain_grace) = (
+                config.plugins_dir.clone(),
+                config.plugins.debounce,
+                config.calls.drain_grace,
+            );
+            let reload_all = self
+                .reload_all
+                .swap(false, std::sync::atomic::Ordering::AcqRel);
+            let listed = std::fs::read_dir(&dir).map(|entries| {
+                let mut files: Vec<(PathBuf, Option<Fingerprint>)> = entries
                     .filter_map(Result::ok)
                     .map(|e| e.path())
                     .filter(|p| {
                         !p.file_name()
                             .is_some_and(|n| is_ignored(&n.to_string_lossy()))
                     })
+                    .map(|p| {
+                        let fingerprint = Fingerprint::of(&p);
+                        (p, fingerprint)
+                    })
                     .collect();
-                files.sort();
+                files.sort_by(|a, b| a.0.cmp(&b.0));
                 files
-            }
-            Err(e) => {
+            });
+            let files = listed.unwrap_or_else(|e| {
                 if !state.slots.is_empty() {
                     tracing::warn!(dir = %dir.display(), error = %e, "the plugins folder is gone; its connectors are removed");
                 }
                 Vec::new()
-            }
-        };
-
-        // Nothing below changes the state or the registry before the commit at the end, so a
-        // reconcile dropped at an await (the watch loop's, when the agent stops) leaves both as
-        // they were, and its loads are dropped with it (an `info` still running is killed).
-        let mut next = BTreeMap::new();
-        let mut to_load = Vec::new();
-        state
-            .dated_ahead
-            .retain(|path, _| files.binary_search(path).is_ok());
-        for path in files {
-            let fingerprint = Fingerprint::of(&path);
-            let previous = state.slots.get(&path);
-            if let Some(slot) =
-                previous.filter(|s| s.current.fingerprint == fingerprint && !reload_all && !s.stale)
-            {
-                next.insert(path, slot.clone());
-                continue;
-            }
-            if wait_for_writes
-                && fingerprint
-                    .is_some_and(|f| being_written(&mut state.dated_ahead, &path, f, settle))
-            {
-                // Still being written (or just renamed in): look again after the debounce.
-                outcome.unsettled = true;
-                if let Some(slot) = previous {
-                    let mut slot = slot.clone();
-                    // Its look after the debounce must load it even if it turns out unchanged.
-                    slot.stale |= reload_all;
-                    next.insert(path, slot);
-                }
-                continue;
-            }
-            to_load.push(path);
-        }
-
-        let mut loads = tokio::task::JoinSet::new();
-        let mut loading = HashMap::new();
-        let limit = Arc::new(tokio::sync::Semaphore::new(4));
-        for path in to_load {
-            let loader = self.loader.clone();
-            let limit = limit.clone();
-            let file = path.clone();
-            let task = loads.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                loader.load(file).await
             });
-            loading.insert(task.id(), path);
-        }
-        // Versions the new ones replace: retired at the commit.
-        let mut replaced = Vec::new();
-        while let Some(joined) = loads.join_next_with_id().await {
-            let (path, connector) = match joined {
-                Ok((id, connector)) => (loading.remove(&id), connector),
-                Err(e) => {
-                    tracing::error!(
-                        "a plugin load task failed; that file is retried at the next reconcile"
-                    );
-                    // Whatever served before keeps serving meanwhile.
-                    if let Some(path) = loading.remove(&e.id()) {
-                        if let Some(slot) = state.slots.get(&path) {
-                            next.insert(path, slot.clone());
-                        }
+            let listed = |path: &Path| files.binary_search_by(|f| f.0.as_path().cmp(path)).is_ok();
+            state.dated_ahead.retain(|path, _| listed(path));
+            state.loading.retain(|path, load| {
+                if !listed(path) {
+                    load.abort.abort();
+                }
+                listed(path)
+            });
+            let gone: Vec<PathBuf> = state
+                .slots
+                .keys()
+                .filter(|path| !listed(path))
+                .cloned()
+                .collect();
+            for path in gone {
+                let Some(slot) = state.slots.remove(&path) else {
+                    continue;
+                };
+                outcome.changed = true;
+                let c = slot.retained.as_ref().unwrap_or(&slot.current);
+                tracing::info!(
+                    "removed {} {} ({})",
+                    c.app_id.as_deref().unwrap_or("?"),
+                    c.version.as_deref().unwrap_or("?"),
+                    slot.current.file_name()
+                );
+                retire(&mut state.retired, slot, drain_grace);
+            }
+
+            // At most this many of this reconcile's loads at a time. Per reconcile, so that
+            // loads that hang (an `info` that never answers) cannot hold up a later one's.
+            let limit = Arc::new(tokio::sync::Semaphore::new(4));
+            for (path, fingerprint) in files {
+                if let Some(load) = state.loading.get(&path) {
+                    if load.fingerprint == fingerprint && !reload_all {
+                        // Another reconcile is loading this content; it publishes it.
+                        continue;
                     }
-                    outcome.unsettled = true;
+                    // Changed again meanwhile (or to be loaded under new limits): that load is
+                    // abandoned, its `info` killed.
+                    load.abort.abort();
+                    state.loading.remove(&path);
+                }
+                let unchanged = state.slots.get(&path).is_some_and(|s| {
+                    s.current.fingerprint == fingerprint && !reload_all && !s.stale
+                });
+                if unchanged {
                     continue;
                 }
-            };
-            let Some(path) = path else { continue };
-            outcome.changed = true;
-            let new = Arc::new(connector);
-            let slot = match state.slots.get(&path) {
-                Some(old) if new.status == ConnectorStatus::Rejected => {
-                    let good = if old.current.status == ConnectorStatus::Rejected {
-                        old.retained.clone()
-                    } else {
-                        Some(old.current.clone())
-                    };
-                    if let Some(good) = &good {
-                        tracing::warn!(
-                            "{}: the new content is rejected; {} {} keeps serving",
-                            new.file_name(),
-                            good.app_id.as_deref().unwrap_or("?"),
-                            good.version.as_deref().unwrap_or("?")
-                        );
+                if wait_for_writes
+                    && fingerprint
+                        .is_some_and(|f| being_written(&mut state.dated_ahead, &path, f, settle))
+                {
+                    // Still being written (or just renamed in): look again after the debounce.
+                    outcome.unsettled = true;
+                    if let Some(slot) = state.slots.get_mut(&path) {
+                        // Its look after the debounce must load it even if it turns out unchanged.
+                        slot.stale |= reload_all;
                     }
-                    Slot {
-                        current: new,
-                        retained: good,
-                        stale: false,
-                    }
+                    continue;
                 }
-                Some(old) => {
-                    let was = old.retained.as_ref().unwrap_or(&old.current);
-                    if was.status == ConnectorStatus::Ready && new.status == ConnectorStatus::Ready
-                    {
-                        tracing::info!(
-                            "replaced {} {} with {} {} ({})",
-                            was.app_id.as_deref().unwrap_or("?"),
-                            was.version.as_deref().unwrap_or("?"),
-                            new.app_id.as_deref().unwrap_or("?"),
-                            new.version.as_deref().unwrap_or("?"),
-                            new.file_name()
-                        );
-                    }
-                    replaced.push(old.clone());
-                    Slot {
-                        current: new,
-                        retained: None,
-                        stale: false,
-                    }
-                }
-                None => Slot {
-                    current: new,
-                    retained: None,
-                    stale: false,
-                },
-            };
-            next.insert(path, slot);
-        }
-
-        // The commit: from here on nothing waits.
-        for slot in replaced {
-            retire(&mut state.retired, slot, drain_grace);
-        }
-        let previous = std::mem::replace(&mut state.slots, next);
-        for (path, slot) in previous {
-            if state.slots.contains_key(&path) {
-                continue;
+                let id = state.next_load;
+                state.next_load += 1;
+                let (loader, limit, file) = (self.loader.clone(), limit.clone(), path.clone());
+                let abort = loads.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    loader.load(file).await
+                });
+                mine.tasks.insert(abort.id(), (path.clone(), id));
+                state.loading.insert(
+                    path,
+                    Loading {
+                        id,
+                        fingerprint,
+                        abort,
+                    },
+                );
             }
-            outcome.changed = true;
-            let c = slot.retained.as_ref().unwrap_or(&slot.current);
-            tracing::info!(
-                "removed {} {} ({})",
-                c.app_id.as_deref().unwrap_or("?"),
-                c.version.as_deref().unwrap_or("?"),
-                slot.current.file_name()
-            );
-            retire(&mut state.retired, slot, drain_grace);
+            if outcome.changed {
+                self.publish(state, !wait_for_writes);
+            }
+            drain_grace
+        };
+
+        while let Some(first) = loads.join_next_with_id().await {
+            // Loads that ended together are published together.
+            let mut ended = vec![first];
+            while let Some(more) = loads.try_join_next_with_id() {
+                ended.push(more);
+            }
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let mut changed = false;
+            for joined in ended {
+                let (task, loaded) = match joined {
+                    Ok((task, connector)) => (task, Ok(connector)),
+                    Err(e) => (e.id(), Err(e)),
+                };
+                let Some((path, id)) = mine.tasks.get(&task) else {
+                    continue;
+                };
+                if state.loading.get(path).is_none_or(|load| load.id != *id) {
+                    // Abandoned: the file changed again or went.
+                    continue;
+                }
+                state.loading.remove(path);
+                match loaded {
+                    Ok(connector) => {
+                        changed = true;
+                        commit(state, path.clone(), connector, drain_grace);
+                    }
+                    Err(_) => {
+                        tracing::error!(
+                            "a plugin load task failed; that file is retried at the next reconcile"
+                        );
+                        // Whatever served before keeps serving meanwhile.
+                        outcome.unsettled = true;
+                    }
+                }
+            }
+            if changed {
+                outcome.changed = true;
+                self.publish(state, !wait_for_writes);
+            }
         }
 
-        if outcome.changed {
-            let records: Vec<Arc<Connector>> = state
-                .slots
-                .values()
-                .flat_map(|s| std::iter::once(s.current.clone()).chain(s.retained.clone()))
-                .collect();
-            let revision = self.registry.replace_shared(records);
-            let inventory = self.registry.snapshot();
-            tracing::info!(
-                revision,
-                ready = inventory.ready_count(),
-                total = inventory.connectors.len(),
-                "inventory changed"
-            );
+        {
+            let mut state = self.lock();
+            // A load in progress may have put its private folder in place without a record
+            // yet: garbage is collected only when none is.
+            if state.loading.is_empty() {
+                self.collect_garbage(&mut state);
+            }
         }
-        self.collect_garbage(state);
         if outcome.unsettled {
             // Those files are looked at again once they have been quiet for the debounce.
             self.follow_up();
         }
         outcome
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Publishes the slots as a new inventory revision. Said at `info` while running; at start
+    /// (`quiet`) the start's summary says it once, not once per load.
+    fn publish(&self, state: &State, quiet: bool) {
+        let records: Vec<Arc<Connector>> = state
+            .slots
+            .values()
+            .flat_map(|s| std::iter::once(s.current.clone()).chain(s.retained.clone()))
+            .collect();
+        let revision = self.registry.replace_shared(records);
+        let inventory = self.registry.snapshot();
+        let (ready, total) = (inventory.ready_count(), inventory.connectors.len());
+        if quiet {
+            tracing::debug!(revision, ready, total, "inventory changed");
+        } else {
+            tracing::info!(revision, ready, total, "inventory changed");
+        }
     }
 
     /// Removes private folders that no record uses any more.
@@ -410,6 +444,81 @@ fn retire(retired: &mut Vec<(Weak<Connector>, PathBuf)>, slot: Slot, drain_grace
     }
 }
 
+/// Puts a connector just loaded from `path` in its slot. A rejected replacement never displaces
+/// a good version: the old one keeps serving beside it.
+fn commit(state: &mut State, path: PathBuf, connector: Connector, drain_grace: Duration) {
+    let new = Arc::new(connector);
+    let slot = match state.slots.remove(&path) {
+        Some(old) if new.status == ConnectorStatus::Rejected => {
+            let good = if old.current.status == ConnectorStatus::Rejected {
+                old.retained
+            } else {
+                Some(old.current)
+            };
+            if let Some(good) = &good {
+                tracing::warn!(
+                    "{}: the new content is rejected; {} {} keeps serving",
+                    new.file_name(),
+                    good.app_id.as_deref().unwrap_or("?"),
+                    good.version.as_deref().unwrap_or("?")
+                );
+            }
+            Slot {
+                current: new,
+                retained: good,
+                stale: false,
+            }
+        }
+        Some(old) => {
+            let was = old.retained.as_ref().unwrap_or(&old.current);
+            if was.status == ConnectorStatus::Ready && new.status == ConnectorStatus::Ready {
+                tracing::info!(
+                    "replaced {} {} with {} {} ({})",
+                    was.app_id.as_deref().unwrap_or("?"),
+                    was.version.as_deref().unwrap_or("?"),
+                    new.app_id.as_deref().unwrap_or("?"),
+                    new.version.as_deref().unwrap_or("?"),
+                    new.file_name()
+                );
+            }
+            retire(&mut state.retired, old, drain_grace);
+            Slot {
+                current: new,
+                retained: None,
+                stale: false,
+            }
+        }
+        None => Slot {
+            current: new,
+            retained: None,
+            stale: false,
+        },
+    };
+    state.slots.insert(path, slot);
+}
+
+/// One reconcile's loads: task → (file, load id). When the reconcile ends or is dropped, those
+/// still registered as in progress leave the registry (a dropped reconcile's tasks are aborted
+/// with its `JoinSet`).
+struct OwnLoads<'a> {
+    state: &'a std::sync::Mutex<State>,
+    tasks: HashMap<tokio::task::Id, (PathBuf, u64)>,
+}
+
+impl Drop for OwnLoads<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (path, id) in self.tasks.values() {
+            if state.loading.get(path).is_some_and(|load| load.id == *id) {
+                state.loading.remove(path);
+            }
+        }
+    }
+}
+
 /// How the watch loop runs.
 #[derive(Debug, Clone, Copy)]
 pub struct WatchSettings {
@@ -450,9 +559,11 @@ pub async fn watch_loop(
     let mut periodic = tokio::time::interval(settings.rescan_interval);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     periodic.reset();
+    let mut scans = futures_util::stream::FuturesUnordered::new();
     loop {
         let run = tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(_) = futures_util::StreamExt::next(&mut scans) => false,
             signal = signals.recv() => {
                 match signal {
                     Some(Signal::Hint) => due = Some(Instant::now() + settings.debounce),
@@ -466,7 +577,7 @@ pub async fn watch_loop(
                 false
             }
             () = sleep_until_due(due) => true,
-                        _ = periodic.tick() => true,
+            _ = periodic.tick() => true,
         };
         if !run {
             continue;
@@ -494,13 +605,10 @@ pub async fn watch_loop(
                 let _ = w.watch(&dir, RecursiveMode::NonRecursive);
             }
         }
-        // A stop does not wait for a scan: a connector's `info` may take up to
-        // `plugins.info_timeout_secs`, and the drain waits for this task. The reconcile is
-        // dropped whole (see `Reconciler::reconcile`).
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = reconciler.reconcile(true) => {}
-        }
+        // Scans run side by side: one whose connector's `info` hangs (up to
+        // `plugins.info_timeout_secs`) holds up neither the next scan nor the stop, which
+        // drops the scans in progress (see `Reconciler::reconcile`).
+        scans.push(reconciler.reconcile(true));
     }
 }
 
