@@ -660,12 +660,13 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
 }
 
 /// A connector whose `info` hangs holds up no other: a file loaded in the same scan and one
-/// added while it hangs are served at once, a new version of the hanging file abandons its
+/// added while it hangs are served at once, the wait is named in a progress line, a new version of the hanging file abandons its
 /// load (the process is killed) and loads, and so does removing such a file. (A scan published
 /// nothing before its last load ended, and the next scan waited for it: up to
 /// `plugins.info_timeout_secs` with no new connector.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connector_whose_info_hangs_holds_up_no_other() {
+    captured_logs();
     let dirs = TestDirs::new();
     let staging = dirs.root.path().join("staging");
     std::fs::create_dir(&staging).unwrap();
@@ -719,6 +720,11 @@ async fn a_connector_whose_info_hangs_holds_up_no_other() {
     .await;
     assert!(process_alive(pid), "the info still hangs");
     assert!(agent.entries_for_file("hangs").await.is_empty());
+    // The admin is told what the wait is for.
+    eventually(WAIT, "a progress line for the hanging load", || {
+        captured_logs().contains("hangs: still loading after")
+    })
+    .await;
 
     // A new version of the hanging file replaces its load.
     versioned_connector(&dirs.plugins(), "hangs", "fixed", "1.0.0");
