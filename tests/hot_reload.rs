@@ -758,6 +758,39 @@ async fn a_connector_whose_info_hangs_holds_up_no_other() {
     agent.shutdown().await;
 }
 
+/// A connector rewritten faster than it loads (its `info` is slow), with reloads (SIGHUP)
+/// among the rewrites, so that scans run side by side and loads are abandoned part way: the
+/// agent ends serving the last version, listed once, and its store keeps only that version's
+/// private copy (an abandoned load's copy is collected too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_faster_than_a_slow_load_end_on_the_last_version() {
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(&dirs, &format!("{WATCH_ONLY}debounce_ms = 20\n")).await;
+    let script = |n: u32| {
+        format!(
+            "#!/bin/bash\nif [ \"$1\" = info ]; then sleep 0.3; fi\nexec -a 'slow@1.0.{n}' '{}' \"$@\"\n",
+            test_connector().display()
+        )
+    };
+    let last = 11;
+    for n in 0..=last {
+        write_script(&dirs.plugins(), "slow", &script(n));
+        if n % 3 == 1 {
+            agent.control.send(Control::Reload).await.unwrap();
+        }
+        // Now shorter, now longer than the debounce and the load.
+        tokio::time::sleep(Duration::from_millis(u64::from(n % 4) * 150 + 10)).await;
+    }
+    until_serves(&agent, "slow", &format!("1.0.{last}")).await;
+    let entries = agent.entries_for_file("slow").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["version"], format!("1.0.{last}"), "{entries:?}");
+    let store = dirs.state().join("store");
+    let copies = || std::fs::read_dir(&store).map_or(0, |d| d.count());
+    eventually(WAIT, "one private copy left in the store", || copies() == 1).await;
+    agent.shutdown().await;
+}
+
 /// A file dated in the future (copied with its times from a machine whose clock runs ahead,
 /// `tar x` or `cp -p`) loads once it has stopped changing for the debounce, with a warning
 /// that names the skew. (Its modification time made it look still being written until that
