@@ -85,6 +85,10 @@ pub enum StartError {
     /// The OAuth token client cannot be set up (the system trust store).
     #[error("cannot set up the OAuth token client: {0}")]
     TokenClient(crate::tunnel::transport::TransportError),
+    /// A stop was asked for while the plugins folder was first scanned (see
+    /// [`RunningAgent::start_until`]): not a failure.
+    #[error("stopped before the agent was ready (while its plugins folder was first scanned)")]
+    Stopped,
     /// The API address cannot be bound.
     #[error("cannot listen on {addr}: {source} (set api.listen or --listen)")]
     Bind {
@@ -148,6 +152,15 @@ impl RunningAgent {
     /// Prepares the state folder, loads every plugin, opens the tenant store and starts the
     /// API. Bad plugins never stop this; only an unusable state folder or address does.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_until(config, &CancellationToken::new()).await
+    }
+
+    /// [`start`](Self::start), but `stop` cancelled while the plugins folder is first scanned
+    /// ends the start with [`StartError::Stopped`]: a connector whose `info` hangs would hold
+    /// a stop (and a Ctrl-C) up to `plugins.info_timeout_secs`. The scan is the one wait that
+    /// long; nothing of the last run's calls or results has been read before it, so dropping it
+    /// loses nothing (its loads are abandoned, their `info` killed).
+    pub async fn start_until(config: Config, stop: &CancellationToken) -> Result<Self, StartError> {
         let shared = SharedConfig::new(config);
         let config = shared.get();
         let state = StatePaths::new(config.state_dir.clone());
@@ -211,7 +224,13 @@ impl RunningAgent {
         ));
         tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
         // At start every file is loaded, however recently it was written.
-        reconciler.reconcile(false).await;
+        tokio::select! {
+            _ = reconciler.reconcile(false) => {}
+            () = stop.cancelled() => {
+                tracing::info!("stop requested while the plugins folder was scanned; not starting");
+                return Err(StartError::Stopped);
+            }
+        }
         let inventory = registry.snapshot();
         tracing::info!(
             revision = inventory.revision,

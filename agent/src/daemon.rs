@@ -4,7 +4,7 @@
 
 use tokio::sync::mpsc;
 
-use crate::app::{stage_dev_connectors, Control, RunningAgent, Stopped};
+use crate::app::{stage_dev_connectors, Control, RunningAgent, StartError, Stopped};
 use crate::config::{Config, Overrides};
 use crate::exit;
 
@@ -13,7 +13,7 @@ use crate::exit;
 pub async fn serve(
     config: Config,
     overrides: Overrides,
-    control: mpsc::Receiver<Control>,
+    control_in: mpsc::Receiver<Control>,
     on_ready: impl FnOnce(),
 ) -> u8 {
     if overrides.dev {
@@ -27,8 +27,30 @@ pub async fn serve(
             Err(e) => tracing::warn!(error = %e, "--dev: cannot stage the example connectors"),
         }
     }
-    let mut agent = match RunningAgent::start(config).await {
+    // Every control goes on to the run as it came; a stop also ends a start still scanning
+    // the plugins folder, which a connector's hanging `info` can make long.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (forward, control) = mpsc::channel(8);
+    tokio::spawn({
+        let stop = stop.clone();
+        let mut control = control_in;
+        async move {
+            while let Some(message) = control.recv().await {
+                if message != Control::Reload {
+                    stop.cancel();
+                }
+                if forward.send(message).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut agent = match RunningAgent::start_until(config, &stop).await {
         Ok(agent) => agent,
+        Err(StartError::Stopped) => {
+            tracing::info!("stopped before the agent was ready");
+            return exit::OK;
+        }
         Err(e) => {
             tracing::error!("cannot start: {e}");
             return exit::STARTUP;

@@ -59,6 +59,26 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `child`'s exit status, waited for up to `timeout`; past it the child is killed and `None`
+/// returned, so that a regression fails the test instead of hanging it.
+fn exited_within(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The example connector, built beside this binary by `cargo test --workspace`.
 fn example_built() -> PathBuf {
     let path = Path::new(AGENT)
@@ -513,6 +533,56 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
     assert!(log.contains("loaded lumos_example"), "{log}");
 }
 
+/// SIGTERM while the first scan of the plugins folder waits for a connector whose `info`
+/// hangs: the agent stops at once, exit 0, and the hanging `info` is killed. (The start
+/// waited for the scan, up to `plugins.info_timeout_secs`, and only then saw the stop; a
+/// second Ctrl-C waited as long.)
+#[test]
+fn a_stop_during_the_first_scan_does_not_wait_for_a_hanging_connector() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let pid_file = dir.path().join("info.pid");
+    let script = plugins.join("hangs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\necho $$ > '{0}.tmp'\nmv '{0}.tmp' '{0}'\nexec sleep 600\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = agent_run(dir.path(), &listen)
+        .env("LUMOS_AGENT_PLUGINS__INFO_TIMEOUT_SECS", "600")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the hanging info to start", || pid_file.exists());
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // Not a timing: without the fix the stop waits for the 600 s `info` deadline.
+    let status = exited_within(&mut child, Duration::from_secs(30))
+        .expect("the stop waited for the plugins scan");
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("stopped before the agent was ready"), "{log}");
+    wait_for("the hanging info to be killed", || {
+        !lumos_agent::exec::is_process_alive(pid)
+    });
+}
+
 /// The local API's users (design §6): `hash-password` makes the config's hash, `login` saves
 /// a token of the user's role that the other commands then send, the role decides what they
 /// may do, and `logout` ends the session.
@@ -759,24 +829,18 @@ fn a_second_agent_on_the_same_state_folder_is_refused_until_the_first_is_gone() 
             .and_then(|text| text.trim().parse::<u32>().ok())
     };
     let mut first = run();
-    wait_for("the first agent to hold the folder", || {
-        holder() == Some(first.id())
-    });
+    // The lock is taken before the admin token is made (atomically, by a rename).
+    wait_for(
+        "the first agent to hold the folder and make its token",
+        || holder() == Some(first.id()) && state.join("admin.token").exists(),
+    );
     let token = std::fs::read(state.join("admin.token")).unwrap();
 
     // Waited for with a deadline: a regression would leave it running, not hang the test.
     let mut second = run();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = second.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            second.kill().unwrap();
-            first.kill().unwrap();
-            panic!("a second agent ran on the state folder of the first");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = exited_within(&mut second, Duration::from_secs(60)) else {
+        first.kill().unwrap();
+        panic!("a second agent ran on the state folder of the first");
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();

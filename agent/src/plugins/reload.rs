@@ -89,7 +89,7 @@ pub struct Reconciler {
     config: Arc<SharedConfig>,
     /// Private folders (store copies, unpacked bundles) that garbage collection may remove.
     private_roots: Vec<PathBuf>,
-    /// Held only for a moment (a commit), never across a load.
+    /// A std mutex: held for a listing of the folder or a commit, never across an await.
     state: std::sync::Mutex<State>,
     /// Set by a config reload that changed limits: the next reconcile reloads every file.
     reload_all: std::sync::atomic::AtomicBool,
