@@ -39,6 +39,8 @@ enum StopRequest {
     Drain,
     /// [`Control::Quit`].
     Quit,
+    /// Not asked for: a supervised task failed (see [`RunningAgent::supervise`]).
+    Failed,
 }
 
 /// How a run ended.
@@ -459,6 +461,8 @@ impl RunningAgent {
         loop {
             tokio::select! {
                 () = self.reload() => return None,
+                // A reload may wait for a connector's `info`: a failure is not left waiting.
+                () = self.failed.cancelled() => return Some(StopRequest::Failed),
                 message = control.recv() => match message {
                     Some(Control::Reload) => {}
                     Some(Control::Shutdown) | None => return Some(StopRequest::Drain),
@@ -609,13 +613,10 @@ impl RunningAgent {
                         None => {}
                         Some(StopRequest::Drain) => break,
                         Some(StopRequest::Quit) => { self.quit().await; return Ok(Stopped::Quit); }
+                        Some(StopRequest::Failed) => return Err(self.fail().await),
                     }
                 }
-                () = self.failed.cancelled() => {
-                    let name = self.failed_task.lock().expect("failure slot poisoned").unwrap_or("unknown");
-                    self.quit().await;
-                    return Err(TaskFailed(name));
-                }
+                () = self.failed.cancelled() => return Err(self.fail().await),
             }
         }
         let grace = self.config.get().calls.drain_grace;
@@ -650,6 +651,17 @@ impl RunningAgent {
             self.quit().await;
         }
         Ok(stopped)
+    }
+
+    /// After a supervised task failed: quits, and names the task.
+    async fn fail(&self) -> TaskFailed {
+        let name = self
+            .failed_task
+            .lock()
+            .expect("failure slot poisoned")
+            .unwrap_or("unknown");
+        self.quit().await;
+        TaskFailed(name)
     }
 
     /// Cancels every call (killing its processes) and waits briefly for that to finish.
@@ -706,4 +718,93 @@ pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
         staged.push(name.clone());
     }
     Ok(staged)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    /// A supervised task that fails while a reload waits for a connector's `info` (up to
+    /// `plugins.info_timeout_secs`) stops the agent at once, naming the task. (The control loop
+    /// noticed only once the reload had ended.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_failing_during_a_reload_stops_the_agent_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        // Rejected at start (no JSON); once the gate exists, its `info` hangs.
+        let (gate, pid_file) = (dir.path().join("gate"), dir.path().join("info.pid"));
+        let script = plugins.join("hangs");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/bash\nif [ -e '{}' ]; then\n  echo $$ > '{1}.tmp'\n  mv '{1}.tmp' '{1}'\n  \
+                 exec sleep 600\nfi\necho no-json\n",
+                gate.display(),
+                pid_file.display()
+            ),
+        )
+        .unwrap();
+        crate::platform::set_mode(&script, 0o755).unwrap();
+        // Written long ago, so that the reload's scan loads it rather than wait for it to settle.
+        std::fs::File::open(&script)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+        let config_file = dir.path().join("agent.toml");
+        let write_config = |call_timeout: u32| {
+            std::fs::write(
+                &config_file,
+                format!(
+                    "plugins_dir = {plugins:?}\nstate_dir = {:?}\n[api]\nlisten = \"127.0.0.1:0\"\n\
+                     [plugins]\nwatch = false\nrescan_interval_secs = 3600\ninfo_timeout_secs = 600\n\
+                     [calls]\ntimeout_secs = {call_timeout}\n",
+                    dir.path().join("state")
+                ),
+            )
+            .unwrap();
+        };
+        write_config(60);
+        let overrides = crate::config::Overrides {
+            config_file: Some(config_file.clone()),
+            dev: false,
+            plugins_dir: None,
+            state_dir: None,
+            listen: None,
+        };
+        let config = crate::config::load_with_env(&overrides, &[]).unwrap();
+        let mut agent = RunningAgent::start(config).await.unwrap();
+        agent.set_config_source(Box::new(move || {
+            crate::config::load_with_env(&overrides, &[])
+        }));
+        let (doom, doomed) = tokio::sync::oneshot::channel::<()>();
+        agent.supervise("doomed", async move {
+            let _ = doomed.await;
+            panic!("a supervised task fails");
+        });
+        let (control, rx) = mpsc::channel(4);
+        let stopped = tokio::spawn(agent.run(rx));
+
+        // New call limits: the reload loads every connector again, and waits for this `info`.
+        std::fs::write(&gate, "").unwrap();
+        write_config(61);
+        control.send(Control::Reload).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !pid_file.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reload's info did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        doom.send(()).unwrap();
+        // Not a timing: before, the run waited for the reload, and so the 600 s `info` deadline.
+        let ended = tokio::time::timeout(Duration::from_secs(20), stopped)
+            .await
+            .expect("the failure waited for the reload")
+            .unwrap();
+        assert_eq!(ended.map_err(|failed| failed.0), Err("doomed"));
+    }
 }
