@@ -592,6 +592,26 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         Command::Logout => return logout(cli, config).await,
         _ => {}
     }
+    // The call body is checked before the token is read: a mistyped body is told as such,
+    // whoever runs the command.
+    let call_payload = match command {
+        Command::Call {
+            tenant,
+            json,
+            json_file,
+            timeout_secs,
+            ..
+        } => match call_body(
+            tenant.as_deref(),
+            json.as_deref(),
+            json_file.as_deref(),
+            *timeout_secs,
+        ) {
+            Ok(payload) => Some(payload),
+            Err(code) => return code,
+        },
+        _ => None,
+    };
     let token_file = token_file_for(cli, config);
     let client = match ApiClient::new(config.api.listen, &token_file) {
         Ok(c) => c,
@@ -603,21 +623,13 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
     let result = match command {
         Command::Connectors { app_id, json } => connectors(&client, app_id.as_deref(), *json).await,
         Command::Call {
-            app_id,
-            capability,
-            tenant,
-            json,
-            json_file,
-            timeout_secs,
+            app_id, capability, ..
         } => {
             call(
                 &client,
                 app_id,
                 capability,
-                tenant.as_deref(),
-                json.as_deref(),
-                json_file.as_deref(),
-                *timeout_secs,
+                call_payload.unwrap_or_default(),
             )
             .await
         }
@@ -732,24 +744,21 @@ fn read_input(path: &Path) -> std::io::Result<Zeroizing<String>> {
     Ok(text)
 }
 
-async fn call(
-    client: &ApiClient,
-    app_id: &str,
-    capability: &str,
+/// The body of a `call`: `--json`, `--json-file` (`-` for stdin) or `{}`, with the tenant and
+/// the timeout put in. A body that is not a JSON object is told (where it breaks, never its
+/// text: it may hold secrets) as the exit code `Err` carries.
+fn call_body(
     tenant: Option<&str>,
     json: Option<&str>,
     json_file: Option<&Path>,
     timeout_secs: Option<u64>,
-) -> Result<u8, ClientError> {
+) -> Result<Zeroizing<Vec<u8>>, u8> {
     let text = match (json, json_file) {
         (Some(text), _) => Zeroizing::new(text.to_string()),
-        (None, Some(path)) => match read_input(path) {
-            Ok(t) => t,
-            Err(e) => {
-                tell!("lumos-agent: cannot read {}: {e}", path.display());
-                return Ok(exit::USAGE);
-            }
-        },
+        (None, Some(path)) => read_input(path).map_err(|e| {
+            tell!("lumos-agent: cannot read {}: {e}", path.display());
+            exit::USAGE
+        })?,
         (None, None) => Zeroizing::new("{}".to_string()),
     };
     let mut body: Map<String, Value> = match serde_json::from_str(&text) {
@@ -757,11 +766,11 @@ async fn call(
         // (serde_json's words give a position, never the text: the body may hold secrets.)
         Err(e) => {
             tell!("lumos-agent: the call body is not JSON ({e}); expected an object like {{\"request\": {{}}, \"settings\": {{}}}}");
-            return Ok(exit::USAGE);
+            return Err(exit::USAGE);
         }
         Ok(_) => {
             tell!("lumos-agent: the call body must be a JSON object like {{\"request\": {{}}, \"settings\": {{}}}}");
-            return Ok(exit::USAGE);
+            return Err(exit::USAGE);
         }
     };
     if let Some(tenant) = tenant {
@@ -770,12 +779,22 @@ async fn call(
     if let Some(secs) = timeout_secs {
         body.insert("timeout_secs".into(), Value::from(secs));
     }
-    let payload = serde_json::to_vec(&body).unwrap_or_default();
+    Ok(Zeroizing::new(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    ))
+}
+
+async fn call(
+    client: &ApiClient,
+    app_id: &str,
+    capability: &str,
+    payload: Zeroizing<Vec<u8>>,
+) -> Result<u8, ClientError> {
     let (status, answer) = client
         .send(
             Method::POST,
             &format!("/v1/connectors/{app_id}/{capability}"),
-            Some(payload),
+            Some(payload.to_vec()),
         )
         .await?;
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {

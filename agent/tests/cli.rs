@@ -360,8 +360,8 @@ fn the_log_has_colour_codes_on_a_terminal_only() {
     );
 }
 
-/// A call body that is not a JSON object is refused before anything is sent, saying where it
-/// breaks, and never echoing it (it may hold credentials).
+/// A call body that is not a JSON object is refused before anything is sent (and before the
+/// token is read), saying where it breaks, and never echoing it (it may hold credentials).
 #[test]
 fn a_bad_call_body_is_refused_with_where_it_breaks_and_nothing_of_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -395,6 +395,15 @@ fn a_bad_call_body_is_refused_with_where_it_breaks_and_nothing_of_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("the call body must be a JSON object"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Checked before the token is read: without one, the body's fault is still the one told.
+    std::fs::remove_file(&token).unwrap();
+    let out = call("{oops");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the call body is not JSON"),
         "{}",
         text(&out.stderr)
     );
