@@ -758,6 +758,37 @@ async fn a_connector_whose_info_hangs_holds_up_no_other() {
     agent.shutdown().await;
 }
 
+/// Four connectors whose `info` hangs, moved in with a fifth: a scan loads four files at a
+/// time, and a load still running after 5 s gives up its place, so the fifth loads while the
+/// four still hang. (It waited for one of them to time out, up to `plugins.info_timeout_secs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectors_hanging_together_give_up_their_places_in_the_scan() {
+    let dirs = TestDirs::new();
+    let staging = dirs.root.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let agent = TestAgent::start(&dirs, &format!("{WATCH_ONLY}info_timeout_secs = 600\n")).await;
+    // Named to sort first: a scan starts its loads in name order.
+    let hanging: Vec<String> = (0..4).map(|i| format!("a-hangs-{i}")).collect();
+    for name in &hanging {
+        write_script(&staging, name, "#!/bin/bash\nexec sleep 600\n");
+    }
+    versioned_connector(&staging, "b-ready", "ready", "1.0.0");
+    for name in hanging.iter().map(String::as_str).chain(["b-ready"]) {
+        std::fs::rename(staging.join(name), dirs.plugins().join(name)).unwrap();
+    }
+    until_entries(&agent, "b-ready", "the fifth connector", |e| {
+        e.len() == 1 && e[0]["status"] == "ready"
+    })
+    .await;
+    for name in &hanging {
+        assert!(
+            agent.entries_for_file(name).await.is_empty(),
+            "{name} still hangs"
+        );
+    }
+    agent.shutdown().await;
+}
+
 /// A connector rewritten faster than it loads (its `info` is slow), with reloads (SIGHUP)
 /// among the rewrites, so that scans run side by side and loads are abandoned part way: the
 /// agent ends serving the last version, listed once, and its store keeps only that version's

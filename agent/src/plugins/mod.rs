@@ -468,8 +468,10 @@ fn is_cdylib_name(name: &str) -> bool {
         || lower.ends_with(".dylib")
 }
 
-/// How often a load still running says so.
-const LOAD_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// A load running this long is slow (an `info` that does not answer, a large bundle): it says
+/// so, and again as often, and gives up its place among a scan's loads (see
+/// [`reload::Reconciler::reconcile`]).
+pub(crate) const SLOW_LOAD: Duration = Duration::from_secs(5);
 
 /// Loads plugin files into [`Connector`] records.
 #[derive(Debug, Clone)]
@@ -513,10 +515,8 @@ impl PluginLoader {
         tokio::pin!(load);
         // A load that takes long (an `info` that does not answer, a large bundle) says so, so
         // that an admin waiting for a connector, or for the agent to start, sees why.
-        let mut progress = tokio::time::interval_at(
-            tokio::time::Instant::now() + LOAD_PROGRESS_EVERY,
-            LOAD_PROGRESS_EVERY,
-        );
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + SLOW_LOAD, SLOW_LOAD);
         let mut connector = loop {
             tokio::select! {
                 connector = &mut load => break connector,

@@ -32,7 +32,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{is_ignored, Connector, ConnectorStatus, Fingerprint, PluginLoader, PluginRegistry};
+use super::{
+    is_ignored, Connector, ConnectorStatus, Fingerprint, PluginLoader, PluginRegistry, SLOW_LOAD,
+};
 use crate::config::SharedConfig;
 
 /// What a plugin file currently contributes to the inventory.
@@ -63,13 +65,28 @@ struct State {
     next_load: u64,
 }
 
-/// A load in progress: which content, and how to abandon it.
+/// A load in progress (or queued by its reconcile): which content, and how to abandon it.
 #[derive(Debug)]
 struct Loading {
     id: u64,
     fingerprint: Option<Fingerprint>,
-    abort: tokio::task::AbortHandle,
+    /// Once started.
+    abort: Option<tokio::task::AbortHandle>,
 }
+
+impl Loading {
+    /// Stops the load (its `info` is killed); its result, if any, is dropped.
+    fn abandon(&self) {
+        if let Some(abort) = &self.abort {
+            abort.abort();
+        }
+    }
+}
+
+/// How many of a reconcile's loads run at a time (a folder of a hundred connectors is not a
+/// hundred `info` processes at once); one running longer than [`SLOW_LOAD`] gives up its
+/// place, so that loads that hang do not hold up the rest.
+const ACTIVE_LOADS: usize = 4;
 
 /// What a reconcile did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -140,13 +157,10 @@ impl Reconciler {
     /// published as it ends, and reconciles may run side by side (see the module docs).
     pub async fn reconcile(&self, wait_for_writes: bool) -> Outcome {
         let mut outcome = Outcome::default();
-        let mut loads = tokio::task::JoinSet::new();
         // Ended or dropped (a stop drops a reconcile part way), this reconcile's loads leave the
-        // registry of loads in progress.
-        let mut mine = OwnLoads {
-            state: &self.state,
-            tasks: HashMap::new(),
-        };
+        // registry of loads in progress (and its `JoinSet` aborts those still running).
+        let mut mine = OwnLoads::new(&self.state);
+        let (slow_tx, mut slow_rx) = mpsc::unbounded_channel();
         let drain_grace = {
             let mut guard = self.lock();
             // Through a plain reference, so that its fields can be borrowed apart.
@@ -189,7 +203,7 @@ impl Reconciler {
             state.dated_ahead.retain(|path, _| listed(path));
             state.loading.retain(|path, load| {
                 if !listed(path) {
-                    load.abort.abort();
+                    load.abandon();
                 }
                 listed(path)
             });
@@ -214,9 +228,6 @@ impl Reconciler {
                 retire(&mut state.retired, slot, drain_grace);
             }
 
-            // At most this many of this reconcile's loads at a time. Per reconcile, so that
-            // loads that hang (an `info` that never answers) cannot hold up a later one's.
-            let limit = Arc::new(tokio::sync::Semaphore::new(4));
             for (path, fingerprint) in files {
                 if let Some(load) = state.loading.get(&path) {
                     if load.fingerprint == fingerprint && !reload_all {
@@ -225,7 +236,7 @@ impl Reconciler {
                     }
                     // Changed again meanwhile (or to be loaded under new limits): that load is
                     // abandoned, its `info` killed.
-                    load.abort.abort();
+                    load.abandon();
                     state.loading.remove(&path);
                 }
                 let unchanged = state.slots.get(&path).is_some_and(|s| {
@@ -248,20 +259,16 @@ impl Reconciler {
                 }
                 let id = state.next_load;
                 state.next_load += 1;
-                let (loader, limit, file) = (self.loader.clone(), limit.clone(), path.clone());
-                let abort = loads.spawn(async move {
-                    let _permit = limit.acquire_owned().await;
-                    loader.load(file).await
-                });
-                mine.tasks.insert(abort.id(), (path.clone(), id));
                 state.loading.insert(
-                    path,
+                    path.clone(),
                     Loading {
                         id,
                         fingerprint,
-                        abort,
+                        abort: None,
                     },
                 );
+                mine.registered.push((path.clone(), id));
+                mine.queue.push_back((path, id));
             }
             if outcome.changed {
                 self.publish(state, !wait_for_writes);
@@ -269,10 +276,28 @@ impl Reconciler {
             drain_grace
         };
 
-        while let Some(first) = loads.join_next_with_id().await {
+        // Loads start in name order, `ACTIVE_LOADS` at a time; each is committed as it ends.
+        self.start_loads(&mut mine, &slow_tx);
+        loop {
+            let first = tokio::select! {
+                joined = mine.loads.join_next_with_id() => match joined {
+                    Some(joined) => joined,
+                    None if mine.queue.is_empty() => break,
+                    None => {
+                        self.start_loads(&mut mine, &slow_tx);
+                        continue;
+                    }
+                },
+                Some(task) = slow_rx.recv() => {
+                    // Still loading after `SLOW_LOAD`: the next one starts beside it.
+                    mine.uncount(task);
+                    self.start_loads(&mut mine, &slow_tx);
+                    continue;
+                }
+            };
             // Loads that ended together are published together.
             let mut ended = vec![first];
-            while let Some(more) = loads.try_join_next_with_id() {
+            while let Some(more) = mine.loads.try_join_next_with_id() {
                 ended.push(more);
             }
             let mut guard = self.lock();
@@ -283,6 +308,7 @@ impl Reconciler {
                     Ok((task, connector)) => (task, Ok(connector)),
                     Err(e) => (e.id(), Err(e)),
                 };
+                mine.uncount(task);
                 let Some((path, id)) = mine.tasks.get(&task) else {
                     continue;
                 };
@@ -309,6 +335,8 @@ impl Reconciler {
                 outcome.changed = true;
                 self.publish(state, !wait_for_writes);
             }
+            drop(guard);
+            self.start_loads(&mut mine, &slow_tx);
         }
 
         {
@@ -324,6 +352,38 @@ impl Reconciler {
             self.follow_up();
         }
         outcome
+    }
+
+    /// Starts queued loads until [`ACTIVE_LOADS`] run (slow ones not counted) or none is left;
+    /// one abandoned before it started is skipped.
+    fn start_loads(&self, mine: &mut OwnLoads<'_>, slow: &mpsc::UnboundedSender<tokio::task::Id>) {
+        if mine.queue.is_empty() || mine.active >= ACTIVE_LOADS {
+            return;
+        }
+        let mut state = self.lock();
+        while mine.active < ACTIVE_LOADS {
+            let Some((path, id)) = mine.queue.pop_front() else {
+                break;
+            };
+            let Some(entry) = state.loading.get_mut(&path).filter(|load| load.id == id) else {
+                continue;
+            };
+            let (loader, file, slow) = (self.loader.clone(), path.clone(), slow.clone());
+            let abort = mine.loads.spawn(async move {
+                let load = loader.load(file);
+                tokio::pin!(load);
+                tokio::select! {
+                    connector = &mut load => return connector,
+                    () = tokio::time::sleep(SLOW_LOAD) => {
+                        let _ = slow.send(tokio::task::id());
+                    }
+                }
+                load.await
+            });
+            mine.tasks.insert(abort.id(), (path, id));
+            entry.abort = Some(abort);
+            mine.active += 1;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -497,12 +557,44 @@ fn commit(state: &mut State, path: PathBuf, connector: Connector, drain_grace: D
     state.slots.insert(path, slot);
 }
 
-/// One reconcile's loads: task → (file, load id). When the reconcile ends or is dropped, those
-/// still registered as in progress leave the registry (a dropped reconcile's tasks are aborted
-/// with its `JoinSet`).
+/// One reconcile's loads: those it registered, those still queued, those running. When the
+/// reconcile ends or is dropped, the ones still registered as in progress leave the registry
+/// (a dropped reconcile's tasks are aborted with its `JoinSet`).
 struct OwnLoads<'a> {
     state: &'a std::sync::Mutex<State>,
+    /// (file, load id) of every load it registered.
+    registered: Vec<(PathBuf, u64)>,
+    /// Registered, not started yet: in name order.
+    queue: std::collections::VecDeque<(PathBuf, u64)>,
+    loads: tokio::task::JoinSet<Connector>,
+    /// Started: task → (file, load id).
     tasks: HashMap<tokio::task::Id, (PathBuf, u64)>,
+    /// Started, and neither ended nor slow yet.
+    active: usize,
+    /// Tasks no longer counted in `active`.
+    uncounted: std::collections::HashSet<tokio::task::Id>,
+}
+
+impl<'a> OwnLoads<'a> {
+    fn new(state: &'a std::sync::Mutex<State>) -> Self {
+        Self {
+            state,
+            registered: Vec::new(),
+            queue: std::collections::VecDeque::new(),
+            loads: tokio::task::JoinSet::new(),
+            tasks: HashMap::new(),
+            active: 0,
+            uncounted: std::collections::HashSet::new(),
+        }
+    }
+
+    /// `task` ended or turned slow: it no longer takes a place (counted once, whichever comes
+    /// first).
+    fn uncount(&mut self, task: tokio::task::Id) {
+        if self.tasks.contains_key(&task) && self.uncounted.insert(task) {
+            self.active = self.active.saturating_sub(1);
+        }
+    }
 }
 
 impl Drop for OwnLoads<'_> {
@@ -511,7 +603,7 @@ impl Drop for OwnLoads<'_> {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (path, id) in self.tasks.values() {
+        for (path, id) in &self.registered {
             if state.loading.get(path).is_some_and(|load| load.id == *id) {
                 state.loading.remove(path);
             }
