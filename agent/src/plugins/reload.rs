@@ -15,7 +15,9 @@
 //! worker and private files go when the last call does.
 //!
 //! Each load is committed (and a new inventory revision published) as soon as it ends, so a
-//! connector whose `info` is slow or hangs holds up no other. Reconciles run side by side (the
+//! connector whose `info` is slow or hangs holds up no other: a reconcile runs
+//! [`ACTIVE_LOADS`] loads at a time, in name order, and one still running after [`SLOW_LOAD`]
+//! gives up its place. Reconciles run side by side (the
 //! watch loop starts the next scan without waiting for the last one's loads): the loads in
 //! progress are registered by file, a scan leaves a file being loaded to its load, and a file
 //! that changes again or goes abandons its load (its `info` is killed). The state is changed
