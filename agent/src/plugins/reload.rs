@@ -16,7 +16,7 @@
 //!
 //! Each load is committed (and a new inventory revision published) as soon as it ends, so a
 //! connector whose `info` is slow or hangs holds up no other: a reconcile runs
-//! [`ACTIVE_LOADS`] loads at a time, in name order, and one still running after [`SLOW_LOAD`]
+//! `ACTIVE_LOADS` loads at a time, in name order, and one still running after `SLOW_LOAD`
 //! gives up its place. Reconciles run side by side (the
 //! watch loop starts the next scan without waiting for the last one's loads): the loads in
 //! progress are registered by file, a scan leaves a file being loaded to its load, and a file
