@@ -36,6 +36,14 @@ async fn until_entries(
     }
 }
 
+/// Script lines that write the shell's pid to `pid_file` (whole, by a rename), then never end.
+fn hang_writing_pid(pid_file: &std::path::Path) -> String {
+    format!(
+        "echo $$ > '{0}.tmp'\nmv '{0}.tmp' '{0}'\nexec sleep 600\n",
+        pid_file.display()
+    )
+}
+
 /// Sets a file's modification time (a copy that kept its times, `tar x` or `cp -p`).
 fn set_mtime(path: &std::path::Path, time: std::time::SystemTime) {
     std::fs::File::open(path)
@@ -601,10 +609,9 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
         let gate = dirs.root.path().join("gate");
         // Its `info` hangs once the gate exists, writing its pid first.
         let script = format!(
-            "#!/bin/bash\nif [ -e '{}' ]; then\n  echo $$ > '{1}.tmp'\n  mv '{1}.tmp' '{1}'\n  \
-             exec sleep 600\nfi\nexec -a 'slow@1.0.0' '{2}' \"$@\"\n",
+            "#!/bin/bash\nif [ -e '{}' ]; then\n{}fi\nexec -a 'slow@1.0.0' '{}' \"$@\"\n",
             gate.display(),
-            pid_file.display(),
+            hang_writing_pid(&pid_file),
             test_connector().display()
         );
         let config = |timeout: u32| {
@@ -673,10 +680,7 @@ async fn a_connector_whose_info_hangs_holds_up_no_other() {
     // A connector whose `info` writes its pid, then never answers.
     let hanging = |name: &str| {
         let pid_file = dirs.root.path().join(format!("{name}.pid"));
-        let script = format!(
-            "#!/bin/bash\necho $$ > '{0}.tmp'\nmv '{0}.tmp' '{0}'\nexec sleep 600\n",
-            pid_file.display()
-        );
+        let script = format!("#!/bin/bash\n{}", hang_writing_pid(&pid_file));
         write_script(&staging, name, &script);
         pid_file
     };

@@ -43,6 +43,17 @@ enum StopRequest {
     Failed,
 }
 
+impl StopRequest {
+    /// The stop a control message asks for, if any (`None` for a reload).
+    fn of(message: Option<Control>) -> Option<Self> {
+        match message {
+            Some(Control::Reload) => None,
+            Some(Control::Shutdown) | None => Some(Self::Drain),
+            Some(Control::Quit) => Some(Self::Quit),
+        }
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -463,10 +474,8 @@ impl RunningAgent {
                 () = self.reload() => return None,
                 // A reload may wait for a connector's `info`: a failure is not left waiting.
                 () = self.failed.cancelled() => return Some(StopRequest::Failed),
-                message = control.recv() => match message {
-                    Some(Control::Reload) => {}
-                    Some(Control::Shutdown) | None => return Some(StopRequest::Drain),
-                    Some(Control::Quit) => return Some(StopRequest::Quit),
+                message = control.recv() => if let Some(stop) = StopRequest::of(message) {
+                    return Some(stop);
                 },
             }
         }
@@ -606,8 +615,7 @@ impl RunningAgent {
                             crate::service::reloaded();
                             interrupted
                         }
-                        Some(Control::Shutdown) | None => Some(StopRequest::Drain),
-                        Some(Control::Quit) => Some(StopRequest::Quit),
+                        other => StopRequest::of(other),
                     };
                     match stop {
                         None => {}

@@ -468,11 +468,6 @@ fn is_cdylib_name(name: &str) -> bool {
         || lower.ends_with(".dylib")
 }
 
-/// A load running this long is slow (an `info` that does not answer, a large bundle): it says
-/// so, and again as often, and gives up its place among a scan's loads (see
-/// [`reload::Reconciler::reconcile`]).
-pub(crate) const SLOW_LOAD: Duration = Duration::from_secs(5);
-
 /// Loads plugin files into [`Connector`] records.
 #[derive(Debug, Clone)]
 pub struct PluginLoader {
@@ -506,28 +501,7 @@ impl PluginLoader {
         // Taken before reading: if the file changes during the load, the next reconcile sees a
         // different fingerprint and loads it again.
         let fingerprint = Fingerprint::of(&path);
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let load = self.load_inner(path);
-        tokio::pin!(load);
-        // A load that takes long (an `info` that does not answer, a large bundle) says so, so
-        // that an admin waiting for a connector, or for the agent to start, sees why.
-        let mut progress =
-            tokio::time::interval_at(tokio::time::Instant::now() + SLOW_LOAD, SLOW_LOAD);
-        let mut connector = loop {
-            tokio::select! {
-                connector = &mut load => break connector,
-                _ = progress.tick() => tracing::info!(
-                    "{name}: still loading after {:.0?} (a connector's `info` has up to \
-                     plugins.info_timeout_secs = {:?} to answer)",
-                    started.elapsed(),
-                    self.config.get().plugins.info_timeout
-                ),
-            }
-        };
+        let mut connector = self.load_inner(path).await;
         // No fingerprint for one to retry: the next scan sees it as changed.
         connector.fingerprint = fingerprint.filter(|_| !connector.retry);
         match (&connector.status, &connector.reason) {

@@ -34,13 +34,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    is_ignored, Connector, ConnectorStatus, Fingerprint, PluginLoader, PluginRegistry, SLOW_LOAD,
-};
+use super::{is_ignored, Connector, ConnectorStatus, Fingerprint, PluginLoader, PluginRegistry};
 use crate::config::SharedConfig;
 
 /// What a plugin file currently contributes to the inventory.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Slot {
     /// Loaded from the file's current content.
     current: Arc<Connector>,
@@ -89,6 +87,11 @@ impl Loading {
 /// hundred `info` processes at once); one running longer than [`SLOW_LOAD`] gives up its
 /// place, so that loads that hang do not hold up the rest.
 const ACTIVE_LOADS: usize = 4;
+
+/// A load running this long is slow (an `info` that does not answer, a large bundle): it says
+/// so in the log, and again as often, so that an admin waiting for a connector (or for the
+/// start) sees why; and it gives up its place among its reconcile's [`ACTIVE_LOADS`].
+const SLOW_LOAD: Duration = Duration::from_secs(5);
 
 /// What a reconcile did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -204,10 +207,11 @@ impl Reconciler {
             let listed = |path: &Path| files.binary_search_by(|f| f.0.as_path().cmp(path)).is_ok();
             state.dated_ahead.retain(|path, _| listed(path));
             state.loading.retain(|path, load| {
-                if !listed(path) {
+                let keep = listed(path);
+                if !keep {
                     load.abandon();
                 }
-                listed(path)
+                keep
             });
             let gone: Vec<PathBuf> = state
                 .slots
@@ -269,7 +273,6 @@ impl Reconciler {
                         abort: None,
                     },
                 );
-                mine.registered.push((path.clone(), id));
                 mine.queue.push_back((path, id));
             }
             if outcome.changed {
@@ -311,7 +314,7 @@ impl Reconciler {
                     Err(e) => (e.id(), Err(e)),
                 };
                 mine.uncount(task);
-                let Some((path, id)) = mine.tasks.get(&task) else {
+                let Some(Started { path, id, .. }) = mine.tasks.get(&task) else {
                     continue;
                 };
                 if state.loading.get(path).is_none_or(|load| load.id != *id) {
@@ -359,32 +362,56 @@ impl Reconciler {
     /// Starts queued loads until [`ACTIVE_LOADS`] run (slow ones not counted) or none is left;
     /// one abandoned before it started is skipped.
     fn start_loads(&self, mine: &mut OwnLoads<'_>, slow: &mpsc::UnboundedSender<tokio::task::Id>) {
-        if mine.queue.is_empty() || mine.active >= ACTIVE_LOADS {
+        if mine.queue.is_empty() || mine.active() >= ACTIVE_LOADS {
             return;
         }
         let mut state = self.lock();
-        while mine.active < ACTIVE_LOADS {
+        while mine.active() < ACTIVE_LOADS {
             let Some((path, id)) = mine.queue.pop_front() else {
                 break;
             };
             let Some(entry) = state.loading.get_mut(&path).filter(|load| load.id == id) else {
                 continue;
             };
-            let (loader, file, slow) = (self.loader.clone(), path.clone(), slow.clone());
+            let (loader, file) = (self.loader.clone(), path.clone());
+            // Told once that this load turned slow.
+            let mut slow = Some(slow.clone());
+            let info_timeout = self.config.get().plugins.info_timeout;
             let abort = mine.loads.spawn(async move {
+                let started = Instant::now();
+                let name = file
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
                 let load = loader.load(file);
                 tokio::pin!(load);
-                tokio::select! {
-                    connector = &mut load => return connector,
-                    () = tokio::time::sleep(SLOW_LOAD) => {
-                        let _ = slow.send(tokio::task::id());
+                let mut ticks = tokio::time::interval_at(started + SLOW_LOAD, SLOW_LOAD);
+                loop {
+                    tokio::select! {
+                        connector = &mut load => return connector,
+                        _ = ticks.tick() => {
+                            tracing::info!(
+                                "{name}: still loading after {:.0?} (a connector's `info` has up \
+                                 to plugins.info_timeout_secs = {info_timeout:?} to answer)",
+                                started.elapsed()
+                            );
+                            if let Some(slow) = slow.take() {
+                                let _ = slow.send(tokio::task::id());
+                            }
+                        }
                     }
                 }
-                load.await
             });
-            mine.tasks.insert(abort.id(), (path, id));
+            mine.tasks.insert(
+                abort.id(),
+                Started {
+                    path,
+                    id,
+                    active: true,
+                },
+            );
             entry.abort = Some(abort);
-            mine.active += 1;
         }
     }
 
@@ -559,42 +586,44 @@ fn commit(state: &mut State, path: PathBuf, connector: Connector, drain_grace: D
     state.slots.insert(path, slot);
 }
 
-/// One reconcile's loads: those it registered, those still queued, those running. When the
-/// reconcile ends or is dropped, the ones still registered as in progress leave the registry
-/// (a dropped reconcile's tasks are aborted with its `JoinSet`).
+/// One reconcile's loads: those still queued, those started. When the reconcile ends or is
+/// dropped, the ones still registered as in progress leave the registry (a dropped
+/// reconcile's tasks are aborted with its `JoinSet`).
 struct OwnLoads<'a> {
     state: &'a std::sync::Mutex<State>,
-    /// (file, load id) of every load it registered.
-    registered: Vec<(PathBuf, u64)>,
-    /// Registered, not started yet: in name order.
+    /// Registered, not started yet: (file, load id), in name order.
     queue: std::collections::VecDeque<(PathBuf, u64)>,
     loads: tokio::task::JoinSet<Connector>,
-    /// Started: task → (file, load id).
-    tasks: HashMap<tokio::task::Id, (PathBuf, u64)>,
-    /// Started, and neither ended nor slow yet.
-    active: usize,
-    /// Tasks no longer counted in `active`.
-    uncounted: std::collections::HashSet<tokio::task::Id>,
+    tasks: HashMap<tokio::task::Id, Started>,
+}
+
+/// A load a reconcile started.
+struct Started {
+    path: PathBuf,
+    id: u64,
+    /// Neither ended nor slow yet: it takes one of the [`ACTIVE_LOADS`] places.
+    active: bool,
 }
 
 impl<'a> OwnLoads<'a> {
     fn new(state: &'a std::sync::Mutex<State>) -> Self {
         Self {
             state,
-            registered: Vec::new(),
             queue: std::collections::VecDeque::new(),
             loads: tokio::task::JoinSet::new(),
             tasks: HashMap::new(),
-            active: 0,
-            uncounted: std::collections::HashSet::new(),
         }
     }
 
-    /// `task` ended or turned slow: it no longer takes a place (counted once, whichever comes
-    /// first).
+    /// Loads taking a place.
+    fn active(&self) -> usize {
+        self.tasks.values().filter(|t| t.active).count()
+    }
+
+    /// `task` ended or turned slow: it no longer takes a place.
     fn uncount(&mut self, task: tokio::task::Id) {
-        if self.tasks.contains_key(&task) && self.uncounted.insert(task) {
-            self.active = self.active.saturating_sub(1);
+        if let Some(started) = self.tasks.get_mut(&task) {
+            started.active = false;
         }
     }
 }
@@ -605,8 +634,9 @@ impl Drop for OwnLoads<'_> {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (path, id) in &self.registered {
-            if state.loading.get(path).is_some_and(|load| load.id == *id) {
+        let started = self.tasks.values().map(|t| (&t.path, t.id));
+        for (path, id) in self.queue.iter().map(|(p, id)| (p, *id)).chain(started) {
+            if state.loading.get(path).is_some_and(|load| load.id == id) {
                 state.loading.remove(path);
             }
         }
