@@ -592,25 +592,41 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         Command::Logout => return logout(cli, config).await,
         _ => {}
     }
-    // The call body is checked before the token is read: a mistyped body is told as such,
-    // whoever runs the command.
-    let call_payload = match command {
+    // What the command sends is checked before the token is read: a mistyped body or file is
+    // told as such, whoever runs the command (and nothing is sent).
+    let body = match command {
         Command::Call {
             tenant,
             json,
             json_file,
             timeout_secs,
             ..
-        } => match call_body(
+        } => call_body(
             tenant.as_deref(),
             json.as_deref(),
             json_file.as_deref(),
             *timeout_secs,
-        ) {
-            Ok(payload) => Some(payload),
-            Err(code) => return code,
-        },
-        _ => None,
+        ),
+        Command::Tenants {
+            action:
+                TenantsCommand::Put {
+                    app_id,
+                    settings,
+                    auth_file,
+                    credentials_file,
+                    ..
+                },
+        } => tenant_body(
+            app_id,
+            settings.as_deref(),
+            auth_file.as_deref(),
+            credentials_file.as_deref(),
+        ),
+        _ => Ok(Zeroizing::default()),
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(code) => return code,
     };
     let token_file = token_file_for(cli, config);
     let client = match ApiClient::new(config.api.listen, &token_file) {
@@ -624,15 +640,12 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         Command::Connectors { app_id, json } => connectors(&client, app_id.as_deref(), *json).await,
         Command::Call {
             app_id, capability, ..
-        } => {
-            call(
-                &client,
-                app_id,
-                capability,
-                call_payload.unwrap_or_default(),
-            )
-            .await
-        }
+        } => call(&client, app_id, capability, body).await,
+        Command::Tenants {
+            action: TenantsCommand::Put {
+                tenant_id, app_id, ..
+            },
+        } => put_tenant(&client, tenant_id, app_id, body).await,
         Command::Tenants { action } => tenants(&client, action).await,
         Command::Run
         | Command::CheckConfig
@@ -810,73 +823,85 @@ async fn call(
     Ok(if is_error { exit::CALL_ERROR } else { exit::OK })
 }
 
+/// The body of `tenants put`: the app_id, `--settings` (a JSON object) and the JSON of
+/// `--auth-file` or `--credentials-file` (`-` for stdin). A fault is told (where a file's JSON
+/// breaks, never its text: it holds secrets) as the exit code `Err` carries.
+fn tenant_body(
+    app_id: &str,
+    settings: Option<&str>,
+    auth_file: Option<&Path>,
+    credentials_file: Option<&Path>,
+) -> Result<Zeroizing<Vec<u8>>, u8> {
+    let mut body = Map::new();
+    body.insert("app_id".into(), Value::String(app_id.to_string()));
+    if let Some(settings) = settings {
+        match serde_json::from_str::<Value>(settings) {
+            Ok(v @ Value::Object(_)) => {
+                body.insert("settings".into(), v);
+            }
+            _ => {
+                tell!("lumos-agent: --settings must be a JSON object");
+                return Err(exit::USAGE);
+            }
+        }
+    }
+    for (key, file) in [("auth", auth_file), ("credentials", credentials_file)] {
+        let Some(file) = file else { continue };
+        let text = read_input(file).map_err(|e| {
+            tell!("lumos-agent: cannot read {}: {e}", file.display());
+            exit::USAGE
+        })?;
+        match serde_json::from_str::<Value>(&text) {
+            Ok(v) => {
+                body.insert(key.into(), v);
+            }
+            Err(e) => {
+                tell!("lumos-agent: {} is not JSON: {e}", file.display());
+                return Err(exit::USAGE);
+            }
+        }
+    }
+    Ok(Zeroizing::new(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    ))
+}
+
+async fn put_tenant(
+    client: &ApiClient,
+    tenant_id: &str,
+    app_id: &str,
+    body: Zeroizing<Vec<u8>>,
+) -> Result<u8, ClientError> {
+    let (status, answer) = client
+        .send(
+            Method::PUT,
+            &format!("/v1/tenants/{tenant_id}"),
+            Some(body.to_vec()),
+        )
+        .await?;
+    if let Some(code) = check_status(status, &answer) {
+        return Ok(code);
+    }
+    say!("stored tenant {tenant_id} for {app_id}");
+    // Tenants may be stored before their connector is dropped in, so this is no error; but a
+    // mistyped app_id would otherwise show only at the first call. Advice only: the tenant is
+    // stored, so a failure to ask does not fail the command.
+    let asked = client
+        .send(Method::GET, &format!("/v1/connectors/{app_id}"), None)
+        .await;
+    if matches!(asked, Ok((StatusCode::NOT_FOUND, _))) {
+        say!(
+            "note: no connector with app_id {app_id:?} is loaded (yet); calls for this tenant \
+             need one (`lumos-agent connectors` lists them)"
+        );
+    }
+    Ok(exit::OK)
+}
+
 async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, ClientError> {
     match action {
-        TenantsCommand::Put {
-            tenant_id,
-            app_id,
-            settings,
-            auth_file,
-            credentials_file,
-        } => {
-            let mut body = Map::new();
-            body.insert("app_id".into(), Value::String(app_id.clone()));
-            if let Some(settings) = settings {
-                match serde_json::from_str::<Value>(settings) {
-                    Ok(v @ Value::Object(_)) => {
-                        body.insert("settings".into(), v);
-                    }
-                    _ => {
-                        tell!("lumos-agent: --settings must be a JSON object");
-                        return Ok(exit::USAGE);
-                    }
-                }
-            }
-            for (key, file) in [("auth", auth_file), ("credentials", credentials_file)] {
-                let Some(file) = file else { continue };
-                let text = match read_input(file) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tell!("lumos-agent: cannot read {}: {e}", file.display());
-                        return Ok(exit::USAGE);
-                    }
-                };
-                match serde_json::from_str::<Value>(&text) {
-                    Ok(v) => {
-                        body.insert(key.into(), v);
-                    }
-                    Err(e) => {
-                        tell!("lumos-agent: {} is not JSON: {e}", file.display());
-                        return Ok(exit::USAGE);
-                    }
-                }
-            }
-            let payload = Zeroizing::new(serde_json::to_vec(&body).unwrap_or_default());
-            let (status, answer) = client
-                .send(
-                    Method::PUT,
-                    &format!("/v1/tenants/{tenant_id}"),
-                    Some(payload.to_vec()),
-                )
-                .await?;
-            if let Some(code) = check_status(status, &answer) {
-                return Ok(code);
-            }
-            say!("stored tenant {tenant_id} for {app_id}");
-            // Tenants may be stored before their connector is dropped in, so this is no error;
-            // but a mistyped app_id would otherwise show only at the first call. Advice only:
-            // the tenant is stored, so a failure to ask does not fail the command.
-            let asked = client
-                .send(Method::GET, &format!("/v1/connectors/{app_id}"), None)
-                .await;
-            if matches!(asked, Ok((StatusCode::NOT_FOUND, _))) {
-                say!(
-                    "note: no connector with app_id {app_id:?} is loaded (yet); calls for this \
-                     tenant need one (`lumos-agent connectors` lists them)"
-                );
-            }
-            Ok(exit::OK)
-        }
+        // Sent by `put_tenant`, with the body checked first.
+        TenantsCommand::Put { .. } => Ok(exit::USAGE),
         TenantsCommand::List { json } => {
             let (status, answer) = client.send(Method::GET, "/v1/tenants", None).await?;
             if let Some(code) = check_status(status, &answer) {

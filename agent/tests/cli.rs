@@ -59,6 +59,42 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A child process killed (and reaped) when dropped, so that a failed assertion leaves no
+/// agent or `sleep` running behind the test.
+struct KilledOnDrop(std::process::Child);
+
+impl std::ops::Deref for KilledOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KilledOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+trait SpawnKilledOnDrop {
+    fn spawn_killed_on_drop(&mut self) -> KilledOnDrop;
+}
+
+impl SpawnKilledOnDrop for Command {
+    fn spawn_killed_on_drop(&mut self) -> KilledOnDrop {
+        KilledOnDrop(self.spawn().unwrap())
+    }
+}
+
 /// `child`'s exit status, waited for up to `timeout`; past it the child is killed and `None`
 /// returned, so that a regression fails the test instead of hanging it.
 fn exited_within(
@@ -227,8 +263,7 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
     let (mut log, log_writer) = std::io::pipe().unwrap();
     let mut child = agent_run(dir.path(), &listen)
         .stderr(log_writer)
-        .spawn()
-        .unwrap();
+        .spawn_killed_on_drop();
     // Read until the agent says it is ready, then stop reading.
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("ready:") {
@@ -281,8 +316,7 @@ fn half_a_request_does_not_hold_up_the_stop() {
         // Short, so that the old behaviour fails fast: exit 7 after 2 s.
         .env("LUMOS_AGENT_CALLS__DRAIN_GRACE_SECS", "2")
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_killed_on_drop();
     let health = || {
         let mut stream = std::net::TcpStream::connect(&listen).ok()?;
         stream
@@ -315,8 +349,7 @@ fn the_log_has_colour_codes_on_a_terminal_only() {
         let mut child = agent_run(dir.path(), &listen)
             .env_remove("NO_COLOR")
             .stderr(stderr)
-            .spawn()
-            .unwrap();
+            .spawn_killed_on_drop();
         // Read it all: SIGTERM once it is ready, then up to the end (a pty's reader gets EIO
         // once the agent, the last holder of its other side, is gone).
         let mut seen = Vec::new();
@@ -409,6 +442,64 @@ fn a_bad_call_body_is_refused_with_where_it_breaks_and_nothing_of_it() {
     );
 }
 
+/// `tenants put` checks its settings and secret files before it reads the token, as `call`
+/// checks its body: a mistyped file is told as such (where its JSON breaks, never its text),
+/// whoever runs the command, and nothing is sent.
+#[test]
+fn a_bad_tenant_is_refused_before_the_token_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_token = dir.path().join("no-such-token");
+    let auth = dir.path().join("auth.json");
+    std::fs::write(&auth, r#"{"oauth": {"access_token": "SECRET-canary"} oops"#).unwrap();
+    let put = |args: &[&str]| {
+        let mut full = vec![
+            "--listen",
+            "127.0.0.1:1",
+            "--token-file",
+            no_token.to_str().unwrap(),
+            "tenants",
+            "put",
+            "t1",
+            "--app-id",
+            "x",
+        ];
+        full.extend_from_slice(args);
+        agent(dir.path(), &full)
+    };
+    let out = put(&["--auth-file", auth.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is not JSON: expected `,` or `}` at line 1 column 45")
+            && !stderr.contains("SECRET-canary"),
+        "{stderr}"
+    );
+    let out = put(&["--settings", "[1]"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--settings must be a JSON object"),
+        "{}",
+        text(&out.stderr)
+    );
+    let missing = dir.path().join("missing.json");
+    let out = put(&["--credentials-file", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("cannot read {}", missing.display())),
+        "{}",
+        text(&out.stderr)
+    );
+    // With good input, the missing token is what is told.
+    std::fs::write(&auth, r#"{"oauth": {"access_token": "a"}}"#).unwrap();
+    let out = put(&["--auth-file", auth.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot read the API token"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn cli_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,8 +535,7 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
         .current_dir(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_killed_on_drop();
     let cli = |args: &[&str]| {
         let mut full = vec!["--dev", "--listen", listen.as_str()];
         full.extend_from_slice(args);
@@ -567,8 +657,7 @@ fn a_stop_during_the_first_scan_does_not_wait_for_a_hanging_connector() {
     let mut child = agent_run(dir.path(), &listen)
         .env("LUMOS_AGENT_PLUGINS__INFO_TIMEOUT_SECS", "600")
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_killed_on_drop();
     wait_for("the hanging info to start", || pid_file.exists());
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
@@ -648,8 +737,7 @@ fn users_log_in_from_the_cli_and_their_role_decides_what_they_may_do() {
         .current_dir(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_killed_on_drop();
     // The admin token (no login saved) serves until then.
     wait_for("the example connector to be ready", || {
         text(&run(&["connectors"], None).stdout).contains("ready")
@@ -829,8 +917,7 @@ fn a_second_agent_on_the_same_state_folder_is_refused_until_the_first_is_gone() 
             .env_remove("LUMOS_AGENT_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .spawn_killed_on_drop()
     };
     let holder = || {
         std::fs::read_to_string(state.join("agent.lock"))
@@ -848,7 +935,6 @@ fn a_second_agent_on_the_same_state_folder_is_refused_until_the_first_is_gone() 
     // Waited for with a deadline: a regression would leave it running, not hang the test.
     let mut second = run();
     let Some(status) = exited_within(&mut second, Duration::from_secs(60)) else {
-        first.kill().unwrap();
         panic!("a second agent ran on the state folder of the first");
     };
     let mut stderr = String::new();
@@ -886,16 +972,14 @@ fn group_reaper_kills_the_groups_listed_when_its_input_closes_and_no_others() {
         Command::new("sleep")
             .arg("600")
             .process_group(0)
-            .spawn()
-            .unwrap()
+            .spawn_killed_on_drop()
     };
     let (mut first, mut second, mut forgotten, mut torn) =
         (sleeper(), sleeper(), sleeper(), sleeper());
     let mut reaper = Command::new(AGENT)
         .arg("group-reaper")
         .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_killed_on_drop();
     let mut stdin = reaper.stdin.take().unwrap();
     let (first_id, second_id, forgotten_id, torn_id) =
         (first.id(), second.id(), forgotten.id(), torn.id());
