@@ -237,8 +237,12 @@ impl RunningAgent {
         ));
         tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
         // At start every file is loaded, however recently it was written.
+        let scan = crate::service::while_busy(reconciler.reconcile(false), || {
+            let loaded = registry.snapshot().connectors.len();
+            crate::service::loading_line("starting", loaded, &reconciler.loading())
+        });
         tokio::select! {
-            _ = reconciler.reconcile(false) => {}
+            _ = scan => {}
             () = stop.cancelled() => {
                 tracing::info!("stop requested while the plugins folder was scanned; not starting");
                 return Err(StartError::Stopped);
@@ -471,7 +475,10 @@ impl RunningAgent {
     ) -> Option<StopRequest> {
         loop {
             tokio::select! {
-                () = self.reload() => return None,
+                () = crate::service::while_busy(self.reload(), || {
+                    let loaded = self.registry.snapshot().connectors.len();
+                    crate::service::loading_line("reloading", loaded, &self.reconciler.loading())
+                }) => return None,
                 // A reload may wait for a connector's `info`: a failure is not left waiting.
                 () = self.failed.cancelled() => return Some(StopRequest::Failed),
                 message = control.recv() => if let Some(stop) = StopRequest::of(message) {
@@ -612,7 +619,13 @@ impl RunningAgent {
                         Some(Control::Reload) => {
                             crate::service::reloading();
                             let interrupted = self.reload_unless_stopped(&mut control).await;
-                            crate::service::reloaded();
+                            // The status line again: a slow reload's "reloading: …" may be
+                            // the last one sent.
+                            crate::service::reloaded(&crate::service::status_line(
+                                &self.registry.snapshot(),
+                                *self.cloud.borrow(),
+                                self.api_addr,
+                            ));
                             interrupted
                         }
                         other => StopRequest::of(other),

@@ -3,11 +3,16 @@
 //! `READY=1` once the plugins are loaded and the API listens; `STATUS=` lines an admin sees in
 //! `systemctl status` ("3 connectors ready, 1 rejected; API on 127.0.0.1:7878"), updated on every
 //! inventory change; `WATCHDOG=1` pings at half the unit's `WatchdogSec`; `RELOADING=1` and
-//! `STOPPING=1` around reloads and drains. Without `NOTIFY_SOCKET` (not under systemd, tests)
-//! every call is a no-op. Connectors never see `NOTIFY_SOCKET`: their environment is scrubbed.
+//! `STOPPING=1` around reloads and drains. A start or reload that waits on slow connectors
+//! says so every few seconds (`EXTEND_TIMEOUT_USEC=` with a `STATUS=` of what it waits for),
+//! and the drain asks for its grace: systemd's `TimeoutStartSec=` (90 s by default) and the
+//! unit's `TimeoutStopSec=` would otherwise kill an agent that is making progress. Without
+//! `NOTIFY_SOCKET` (not under systemd, tests) every call is a no-op. Connectors never see `NOTIFY_SOCKET`: their environment is scrubbed.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +32,9 @@ enum NotifyState<'a> {
     Watchdog,
     Reloading,
     Stopping,
+    /// The service manager waits this much longer for the next message (or for the state to
+    /// end), beyond the unit's start, reload or stop timeout.
+    ExtendTimeout(Duration),
 }
 
 /// Sends `states` over systemd's notify socket. On Windows the service control manager learns
@@ -35,16 +43,28 @@ fn send(states: &[NotifyState<'_>]) {
     #[cfg(unix)]
     {
         use sd_notify::NotifyState as Sd;
+        // sd-notify's own variant takes a u32 of microseconds (71 minutes at most); a drain
+        // grace may be up to a day.
+        let extend = states.iter().find_map(|s| match s {
+            NotifyState::ExtendTimeout(by) => {
+                Some(format!("EXTEND_TIMEOUT_USEC={}", by.as_micros()))
+            }
+            _ => None,
+        });
         let mut sd: Vec<Sd<'_>> = states
             .iter()
-            .map(|s| match s {
-                NotifyState::Ready => Sd::Ready,
-                NotifyState::Status(line) => Sd::Status(line),
-                NotifyState::Watchdog => Sd::Watchdog,
-                NotifyState::Reloading => Sd::Reloading,
-                NotifyState::Stopping => Sd::Stopping,
+            .filter_map(|s| match s {
+                NotifyState::Ready => Some(Sd::Ready),
+                NotifyState::Status(line) => Some(Sd::Status(line)),
+                NotifyState::Watchdog => Some(Sd::Watchdog),
+                NotifyState::Reloading => Some(Sd::Reloading),
+                NotifyState::Stopping => Some(Sd::Stopping),
+                NotifyState::ExtendTimeout(_) => None,
             })
             .collect();
+        if let Some(extend) = &extend {
+            sd.push(Sd::Custom(extend));
+        }
         // systemd wants the monotonic time with RELOADING=1 (Type=notify-reload).
         if states.iter().any(|s| matches!(s, NotifyState::Reloading)) {
             if let Ok(now) = Sd::monotonic_usec_now() {
@@ -145,13 +165,98 @@ pub fn status(line: &str) {
     send(&[NotifyState::Status(line)]);
 }
 
-/// The reload is done.
-pub fn reloaded() {
-    send(&[NotifyState::Ready]);
+/// The reload is done; `status` is the agent's status line now.
+pub fn reloaded(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// The agent is draining and will exit.
-pub fn stopping(in_flight_grace: std::time::Duration) {
+/// How often a start or reload that is still busy tells the service manager so.
+const BUSY_EVERY: Duration = Duration::from_secs(5);
+
+/// How long the service manager is asked to wait for the next word of a busy start or reload:
+/// several of [`BUSY_EVERY`], so that a tick late on a loaded machine is no timeout.
+const BUSY_WINDOW: Duration = Duration::from_secs(30);
+
+/// What a drain is given beyond its grace to keep the unacknowledged results and exit.
+const STOP_MARGIN: Duration = Duration::from_secs(15);
+
+/// Runs `work`, a start-up step or a reload that may wait on connectors (their `info`, up to
+/// `plugins.info_timeout_secs` each). Every 5 s while it runs, the service manager is asked
+/// to wait 30 s more, and shown `status()` ("starting: 2 connectors loaded; loading …"):
+/// `TimeoutStartSec=` bounds how long the agent may take without a word, not how long a folder
+/// of slow connectors takes to load. The work itself always ends: each load has its deadline.
+pub async fn while_busy<T>(work: impl Future<Output = T>, status: impl Fn() -> String) -> T {
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + BUSY_EVERY, BUSY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                let line = status();
+                send(&[NotifyState::ExtendTimeout(BUSY_WINDOW), NotifyState::Status(&line)]);
+            }
+        }
+    }
+}
+
+/// The status line of a start or reload still loading connectors: "starting: 3 connectors
+/// loaded; loading slow.py, big.zip and 2 more".
+pub fn loading_line(doing: &str, loaded: usize, loading: &[String]) -> String {
+    const NAMED: usize = 3;
+    let noun = if loaded == 1 {
+        "connector"
+    } else {
+        "connectors"
+    };
+    let mut line = format!("{doing}: {loaded} {noun} loaded");
+    if let Some((first, rest)) = loading.split_first() {
+        line.push_str("; loading ");
+        line.push_str(first);
+        for name in rest.iter().take(NAMED - 1) {
+            line.push_str(", ");
+            line.push_str(name);
+        }
+        if loading.len() > NAMED {
+            line.push_str(&format!(" and {} more", loading.len() - NAMED));
+        }
+    }
+    line
+}
+
+/// The agent is draining and will exit: the service manager is asked to give it the grace
+/// (which may be longer than the unit's `TimeoutStopSec=`) and a margin.
+pub fn stopping(in_flight_grace: Duration) {
     let status = format!("draining: finishing in-flight calls (up to {in_flight_grace:?})");
-    send(&[NotifyState::Stopping, NotifyState::Status(&status)]);
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status(&status),
+        NotifyState::ExtendTimeout(in_flight_grace.saturating_add(STOP_MARGIN)),
+    ]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loading_line;
+
+    #[test]
+    fn the_loading_line_names_the_first_three_files_and_counts_the_rest() {
+        let names = |n: usize| (1..=n).map(|i| format!("c{i}")).collect::<Vec<_>>();
+        assert_eq!(
+            loading_line("starting", 0, &[]),
+            "starting: 0 connectors loaded"
+        );
+        assert_eq!(
+            loading_line("reloading", 1, &names(1)),
+            "reloading: 1 connector loaded; loading c1"
+        );
+        assert_eq!(
+            loading_line("starting", 2, &names(3)),
+            "starting: 2 connectors loaded; loading c1, c2, c3"
+        );
+        assert_eq!(
+            loading_line("starting", 2, &names(5)),
+            "starting: 2 connectors loaded; loading c1, c2, c3 and 2 more"
+        );
+    }
 }

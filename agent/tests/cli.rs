@@ -13,6 +13,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
+use support::SpawnKilledOnDrop as _;
+
+mod support;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lumos-agent");
 
@@ -56,42 +59,6 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A child process killed (and reaped) when dropped, so that a failed assertion leaves no
-/// agent or `sleep` running behind the test.
-struct KilledOnDrop(std::process::Child);
-
-impl std::ops::Deref for KilledOnDrop {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for KilledOnDrop {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for KilledOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-trait SpawnKilledOnDrop {
-    fn spawn_killed_on_drop(&mut self) -> KilledOnDrop;
-}
-
-impl SpawnKilledOnDrop for Command {
-    fn spawn_killed_on_drop(&mut self) -> KilledOnDrop {
-        KilledOnDrop(self.spawn().unwrap())
     }
 }
 
@@ -638,32 +605,18 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
 /// second Ctrl-C waited as long.)
 #[test]
 fn a_stop_during_the_first_scan_does_not_wait_for_a_hanging_connector() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     let pid_file = dir.path().join("info.pid");
-    let script = plugins.join("hangs");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/bash\necho $$ > '{0}.tmp'\nmv '{0}.tmp' '{0}'\nexec sleep 600\n",
-            pid_file.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    support::hanging_connector(&plugins.join("hangs"), &pid_file);
     let listen = format!("127.0.0.1:{}", free_port());
     let mut child = agent_run(dir.path(), &listen)
         .env("LUMOS_AGENT_PLUGINS__INFO_TIMEOUT_SECS", "600")
         .stderr(Stdio::piped())
         .spawn_killed_on_drop();
     wait_for("the hanging info to start", || pid_file.exists());
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = support::pid_in(&pid_file);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

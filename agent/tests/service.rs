@@ -7,6 +7,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use support::SpawnKilledOnDrop as _;
+
+mod support;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_lumos-agent");
 
 fn receive(socket: &UnixDatagram) -> String {
@@ -15,6 +19,48 @@ fn receive(socket: &UnixDatagram) -> String {
         .recv(&mut buf)
         .expect("a notify message within the timeout");
     String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// A socket for the agent's notify messages, at `path`.
+fn notify_socket(path: &Path) -> UnixDatagram {
+    let socket = UnixDatagram::bind(path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    socket
+}
+
+/// `lumos-agent run` on `plugins` and a state folder in `dir`, notifying `socket_path`.
+fn agent_notifying(dir: &Path, plugins: &Path, socket_path: &Path) -> Command {
+    let mut command = Command::new(AGENT);
+    command
+        .args(["--plugins-dir", plugins.to_str().unwrap()])
+        .args(["--state-dir", dir.join("state").to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "run"])
+        .env("NOTIFY_SOCKET", socket_path)
+        .env_remove("LUMOS_AGENT_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+/// The first message that is not a busy start's "still loading" (a start that takes over
+/// five seconds on a loaded machine sends those before READY=1).
+fn receive_after_start(socket: &UnixDatagram) -> String {
+    loop {
+        let message = receive(socket);
+        if !message.starts_with("STATUS=starting: ") {
+            return message;
+        }
+    }
+}
+
+fn sigterm(child: &std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -30,27 +76,13 @@ fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
     std::fs::write(plugins.join("junk"), b"not a connector").unwrap();
 
     let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut child = Command::new(AGENT)
-        .args([
-            "--plugins-dir",
-            plugins.to_str().unwrap(),
-            "--state-dir",
-            dir.path().join("state").to_str().unwrap(),
-        ])
-        .args(["--listen", "127.0.0.1:0", "run"])
-        .env("NOTIFY_SOCKET", &socket_path)
+    let socket = notify_socket(&socket_path);
+    let mut child = agent_notifying(dir.path(), &plugins, &socket_path)
         .env("WATCHDOG_USEC", "200000")
         .env_remove("WATCHDOG_PID")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_killed_on_drop();
 
-    assert_eq!(receive(&socket), "READY=1\n");
+    assert_eq!(receive_after_start(&socket), "READY=1\n");
     let status = receive(&socket);
     assert!(
         status.starts_with(
@@ -65,19 +97,121 @@ fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
         "the watchdog keeps being pinged"
     );
 
+    // A reload (SIGHUP) says so, and when it is done, says the status line again.
+    let not_watchdog = || loop {
+        let message = receive(&socket);
+        if message != "WATCHDOG=1\n" {
+            return message;
+        }
+    };
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
+    let reloading = not_watchdog();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    let reloaded = not_watchdog();
+    assert!(
+        reloaded.starts_with(
+            "READY=1\nSTATUS=1 connector ready, 1 rejected; standalone (no cloud configured); API on 127.0.0.1:"
+        ),
+        "{reloaded:?}"
+    );
+
+    sigterm(&child);
     let mut stopping = receive(&socket);
     while stopping == "WATCHDOG=1\n" {
         stopping = receive(&socket);
     }
-    assert!(
-        stopping.starts_with("STOPPING=1\nSTATUS=draining"),
-        "{stopping:?}"
+    // The drain's grace (30 s by default) and a margin, which may be beyond the unit's
+    // TimeoutStopSec.
+    assert_eq!(
+        stopping,
+        "STOPPING=1\nSTATUS=draining: finishing in-flight calls (up to 30s)\n\
+         EXTEND_TIMEOUT_USEC=45000000\n"
     );
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// A start (or a reload) that waits on a connector whose `info` does not answer (up to
+/// `plugins.info_timeout_secs`, here ten minutes) asks systemd for more time every few seconds,
+/// saying what it waits for: `TimeoutStartSec=` (90 s by default) would otherwise kill the agent
+/// part way, and `Restart=` start it again into the same wait, forever.
+#[test]
+fn a_start_or_reload_waiting_on_a_slow_connector_asks_for_more_time_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let pid_file = dir.path().join("info.pid");
+    support::hanging_connector(&plugins.join("slow-connector"), &pid_file);
+    let config = dir.path().join("agent.toml");
+    let info_timeout = |secs: u32| {
+        let text = format!("[plugins]\ninfo_timeout_secs = {secs}\n");
+        std::fs::write(dir.path().join(".tmp"), text).unwrap();
+        std::fs::rename(dir.path().join(".tmp"), &config).unwrap();
+    };
+    info_timeout(600);
+
+    let socket_path = dir.path().join("notify.sock");
+    let socket = notify_socket(&socket_path);
+    let mut child = agent_notifying(dir.path(), &plugins, &socket_path)
+        .args(["--config", config.to_str().unwrap()])
+        .spawn_killed_on_drop();
+    let waits_for_the_slow_connector = |doing: &str, loaded: &str| {
+        // Twice: for as long as the load lasts, not once.
+        for _ in 0..2 {
+            assert_eq!(
+                receive(&socket),
+                format!(
+                    "STATUS={doing}: {loaded} loaded; loading slow-connector\n\
+                     EXTEND_TIMEOUT_USEC=30000000\n"
+                )
+            );
+        }
+        // Once the load ends (its `info` killed here: the connector is rejected), so does
+        // the start or reload.
+        let pid = support::pid_in(&pid_file);
+        std::fs::remove_file(&pid_file).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    };
+    waits_for_the_slow_connector("starting", "0 connectors");
+    assert_eq!(receive_after_start(&socket), "READY=1\n");
+    let status = receive(&socket);
+    assert!(
+        status.starts_with("STATUS=0 connectors ready, 1 rejected;"),
+        "{status:?}"
+    );
+
+    // A reload (SIGHUP) whose new `info_timeout_secs` has every connector loaded again.
+    info_timeout(601);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let reloading = receive(&socket);
+    assert!(reloading.starts_with("RELOADING=1\n"), "{reloading:?}");
+    waits_for_the_slow_connector("reloading", "1 connector");
+    // The inventory's new status line may come before or after READY=1, which repeats it.
+    let reloaded = loop {
+        let message = receive(&socket);
+        if message.starts_with("READY=1\n") {
+            break message;
+        }
+    };
+    assert!(
+        reloaded.starts_with("READY=1\nSTATUS=0 connectors ready, 1 rejected;"),
+        "{reloaded:?}"
+    );
+    sigterm(&child);
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
@@ -107,8 +241,7 @@ fn sighup_with_a_bad_config_keeps_running_and_with_a_good_one_applies_the_log_le
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+        .spawn_killed_on_drop();
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let wait_for = |what: &str, needle: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

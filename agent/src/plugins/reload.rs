@@ -157,6 +157,24 @@ impl Reconciler {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// The files being loaded (or waiting for a place), by name, sorted: what a start or a
+    /// reload that takes long is waiting for.
+    pub fn loading(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lock()
+            .loading
+            .keys()
+            .map(|path| {
+                path.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Brings the registry in line with the folder. `wait_for_writes = false` (at start) loads
     /// even files modified a moment ago. Returns once its own loads have ended; each is
     /// published as it ends, and reconciles may run side by side (see the module docs).
