@@ -231,7 +231,9 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
     let mut child = agent_run(dir.path(), &listen)
         .stderr(log_writer)
         .spawn_killed_on_drop();
-    // Read until the agent says it is ready, then stop reading.
+    // Read until the agent says it is ready, then stop reading. (An agent that never gets
+    // ready is killed after a minute, which ends the read.)
+    let deadline = support::KillAfter::new(child.id(), Duration::from_secs(60));
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("ready:") {
         let mut chunk = [0u8; 4096];
@@ -239,6 +241,7 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
         assert!(n > 0, "the agent closed its log: {}", text(&seen));
         seen.extend_from_slice(&chunk[..n]);
     }
+    drop(deadline);
     drop(log);
 
     // A file it rejects makes it log a warning, into the broken pipe.
@@ -287,6 +290,9 @@ fn half_a_request_does_not_hold_up_the_stop() {
     let health = || {
         let mut stream = std::net::TcpStream::connect(&listen).ok()?;
         stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .ok()?;
+        stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .ok()?;
         let mut answer = String::new();
@@ -318,7 +324,10 @@ fn the_log_has_colour_codes_on_a_terminal_only() {
             .stderr(stderr)
             .spawn_killed_on_drop();
         // Read it all: SIGTERM once it is ready, then up to the end (a pty's reader gets EIO
-        // once the agent, the last holder of its other side, is gone).
+        // once the agent, the last holder of its other side, is gone). An agent that neither
+        // gets ready nor stops is killed after a minute: the read ends, and the test fails
+        // instead of hanging.
+        let deadline = support::KillAfter::new(child.id(), Duration::from_secs(60));
         let mut seen = Vec::new();
         let mut stopping = false;
         loop {
@@ -337,6 +346,7 @@ fn the_log_has_colour_codes_on_a_terminal_only() {
             }
         }
         assert_eq!(child.wait().unwrap().code(), Some(0), "{}", text(&seen));
+        drop(deadline);
         let log = text(&seen);
         assert!(log.contains("ready:") && log.contains("stopped:"), "{log}");
         log

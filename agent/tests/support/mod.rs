@@ -1,9 +1,11 @@
 //! What the binary's tests share: children killed when a test fails, and a connector whose
 //! `info` hangs.
 #![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(dead_code, reason = "each test file uses a part of it")]
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// A child process killed (and reaped) when dropped, so that a failed assertion leaves no
 /// agent or `sleep` running behind the test.
@@ -39,6 +41,43 @@ pub trait SpawnKilledOnDrop {
 impl SpawnKilledOnDrop for Command {
     fn spawn_killed_on_drop(&mut self) -> KilledOnDrop {
         KilledOnDrop(self.spawn().unwrap())
+    }
+}
+
+/// Kills a process (SIGKILL) if it is still there after a deadline, unless dropped first: for
+/// a test that blocks on the process's output, so that a process that hangs fails the test
+/// instead of hanging it.
+pub struct KillAfter {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KillAfter {
+    /// Kills `pid` after `deadline`.
+    pub fn new(pid: u32, deadline: Duration) -> Self {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watching = done.clone();
+        std::thread::spawn(move || {
+            let end = Instant::now() + deadline;
+            while Instant::now() < end {
+                if watching.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !watching.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        });
+        Self { done }
+    }
+}
+
+impl Drop for KillAfter {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
