@@ -479,7 +479,7 @@ async fn login(cli: &Cli, config: &Config, user: &str, password_file: Option<&Pa
     {
         Ok(pair) => pair,
         Err(e) => {
-            tell!("lumos-agent: {e}");
+            tell_client_error(config, &e);
             return exit::UNREACHABLE;
         }
     };
@@ -659,9 +659,40 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         | Command::GroupReaper => Ok(exit::USAGE),
     };
     result.unwrap_or_else(|e| {
-        tell!("lumos-agent: {e}");
+        tell_client_error(config, &e);
         exit::UNREACHABLE
     })
+}
+
+/// Tells a client error; for an agent that does not answer, whether one runs on the state
+/// folder at all: the API listens only once the first plugins scan has ended, which slow
+/// connectors can make minutes, and "cannot reach" alone would send the admin to start a
+/// second one.
+fn tell_client_error(config: &Config, e: &ClientError) {
+    tell!("lumos-agent: {e}");
+    if !matches!(e, ClientError::Unreachable { .. }) {
+        return;
+    }
+    let state = StatePaths::new(config.state_dir.clone());
+    let dir = config.state_dir.display();
+    match crate::platform::lock_state(&state.lock_file()) {
+        crate::platform::LockState::Held(holder) => {
+            let pid = holder
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            tell!(
+                "note: an agent{pid} runs on the state folder {dir}: it may still be starting \
+                 (its API listens once its connectors are loaded; its log, or `systemctl status \
+                 lumos-agent`, says which it is loading), or listen elsewhere than api.listen = {}",
+                config.api.listen
+            );
+        }
+        crate::platform::LockState::Free => tell!(
+            "note: no agent runs on the state folder {dir} (`lumos-agent run`, or `systemctl \
+             start lumos-agent`)"
+        ),
+        crate::platform::LockState::Unknown => {}
+    }
 }
 
 /// Maps an API answer to an exit code, printing errors.

@@ -112,6 +112,10 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// ERROR_SHARING_VIOLATION: another process has the file open.
+#[cfg(windows)]
+const SHARING_VIOLATION: i32 = 32;
+
 /// A file held exclusively by this process for as long as the value lives, and never longer
 /// than the process: the system lets go of it when the process ends, however it ends (`flock`
 /// on Unix; on Windows, the file opened with no sharing).
@@ -136,8 +140,21 @@ pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, 
     {
         use nix::fcntl::{Flock, FlockArg};
         use std::io::Read;
-        let file = options.open(path)?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        let mut file = options.open(path)?;
+        // A few tries: the CLI's `lock_state` holds the lock shared for a moment when it
+        // looks, and an agent starting in that moment must not take it for another agent.
+        let mut tries = 0;
+        let taken = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Err((again, nix::errno::Errno::EWOULDBLOCK)) if tries < 5 => {
+                    tries += 1;
+                    file = again;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        };
+        let mut lock = match taken {
             Ok(lock) => lock,
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
                 let mut text = String::new();
@@ -164,8 +181,6 @@ pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, 
     #[cfg(windows)]
     {
         use std::os::windows::fs::OpenOptionsExt as _;
-        /// ERROR_SHARING_VIOLATION: another process has the file open.
-        const SHARING_VIOLATION: i32 = 32;
         let mut file = match options.share_mode(0).open(path) {
             Ok(file) => file,
             Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) => return Ok(Err(None)),
@@ -175,6 +190,52 @@ pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, 
         file.rewind()?;
         writeln!(file, "{}", std::process::id())?;
         Ok(Ok(ExclusiveLock { _file: file }))
+    }
+}
+
+/// Who has an [`ExclusiveLock`]'s file, as [`lock_state`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockState {
+    /// No process holds it (or there is no such file).
+    Free,
+    /// Another process holds it: the id it wrote (Unix; `None` on Windows, which lets no one
+    /// else read the file).
+    Held(Option<u32>),
+    /// It cannot be told (no right to read the file, a filesystem without locks).
+    Unknown,
+}
+
+/// Whether another process holds the [`ExclusiveLock`] on `path`. Takes nothing and writes
+/// nothing: the lock is only tried, shared, and let go at once.
+pub fn lock_state(path: &Path) -> LockState {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return LockState::Free,
+        #[cfg(windows)]
+        Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) => return LockState::Held(None),
+        Err(_) => return LockState::Unknown,
+    };
+    #[cfg(unix)]
+    {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::io::Read;
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            Ok(_unlocked_on_drop) => LockState::Free,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                LockState::Held(
+                    file.read_to_string(&mut text)
+                        .ok()
+                        .and_then(|_| text.trim().parse().ok()),
+                )
+            }
+            Err(_) => LockState::Unknown,
+        }
+    }
+    #[cfg(windows)]
+    {
+        drop(file);
+        LockState::Free
     }
 }
 
@@ -432,6 +493,49 @@ mod tests {
         drop(held);
         let again = try_lock_exclusive(&path).unwrap();
         assert!(again.is_ok(), "free once the holder is dropped");
+    }
+
+    #[test]
+    fn the_lock_state_names_the_holder_and_takes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.lock");
+        assert_eq!(lock_state(&path), LockState::Free, "no file");
+        assert!(!path.exists(), "looking makes no file");
+        let held = try_lock_exclusive(&path).unwrap().unwrap();
+        let holder = if cfg!(unix) {
+            Some(std::process::id())
+        } else {
+            None
+        };
+        assert_eq!(lock_state(&path), LockState::Held(holder));
+        drop(held);
+        assert_eq!(lock_state(&path), LockState::Free);
+        // Looking holds nothing afterwards: the lock is taken at once.
+        let again = try_lock_exclusive(&path).unwrap();
+        assert!(again.is_ok());
+    }
+
+    /// A look at the moment an agent starts does not make it refuse to start: it tries again
+    /// for a moment before it takes the holder for another agent.
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_held_shared_for_a_moment_is_still_taken() {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.lock");
+        std::fs::write(&path, "").unwrap();
+        let looking = Flock::lock(
+            std::fs::File::open(&path).unwrap(),
+            FlockArg::LockSharedNonblock,
+        )
+        .unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(looking);
+        });
+        let taken = try_lock_exclusive(&path).unwrap();
+        release.join().unwrap();
+        assert!(taken.is_ok(), "refused: {taken:?}");
     }
 
     #[test]

@@ -495,10 +495,14 @@ fn cli_without_a_running_agent_says_so() {
         ],
     );
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
     assert!(
-        text(&out.stderr).contains("cannot reach the agent"),
-        "{}",
-        text(&out.stderr)
+        stderr.contains("cannot reach the agent")
+            && stderr.contains(&format!(
+                "note: no agent runs on the state folder {}",
+                state.display()
+            )),
+        "{stderr}"
     );
 }
 
@@ -627,6 +631,28 @@ fn a_stop_during_the_first_scan_does_not_wait_for_a_hanging_connector() {
         .spawn_killed_on_drop();
     wait_for("the hanging info to start", || pid_file.exists());
     let pid = support::pid_in(&pid_file);
+    // Meanwhile the API does not answer yet, and the CLI says why that may be.
+    let state = dir.path().join("state");
+    let out = agent(
+        dir.path(),
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "connectors",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "note: an agent (pid {}) runs on the state folder {}: it may still be starting",
+            child.id(),
+            state.display()
+        )),
+        "{stderr}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
