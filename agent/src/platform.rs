@@ -127,6 +127,10 @@ pub struct ExclusiveLock {
     _file: std::fs::File,
 }
 
+/// How often [`try_lock_exclusive`] tries again, and after how long, before it names a holder.
+const LOCK_TRIES: u32 = 5;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Takes [`ExclusiveLock`] on `path` (created 0600 if missing) without waiting, and writes this
 /// process's id into it; `Ok(Err(holder))` when another process holds it, with the id that
 /// process wrote (Unix; Windows lets no one else read the file). An error of kind
@@ -146,10 +150,10 @@ pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, 
         let mut tries = 0;
         let taken = loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Err((again, nix::errno::Errno::EWOULDBLOCK)) if tries < 5 => {
+                Err((again, nix::errno::Errno::EWOULDBLOCK)) if tries < LOCK_TRIES => {
                     tries += 1;
                     file = again;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(LOCK_RETRY);
                 }
                 other => break other,
             }
@@ -181,10 +185,19 @@ pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, 
     #[cfg(windows)]
     {
         use std::os::windows::fs::OpenOptionsExt as _;
-        let mut file = match options.share_mode(0).open(path) {
-            Ok(file) => file,
-            Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) => return Ok(Err(None)),
-            Err(e) => return Err(e),
+        options.share_mode(0);
+        // A few tries, as on Unix: `lock_state` has the file open for a moment when it looks.
+        let mut tries = 0;
+        let mut file = loop {
+            match options.open(path) {
+                Ok(file) => break file,
+                Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) && tries < LOCK_TRIES => {
+                    tries += 1;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) => return Ok(Err(None)),
+                Err(e) => return Err(e),
+            }
         };
         file.set_len(0)?;
         file.rewind()?;
