@@ -611,8 +611,22 @@ struct ApiClient {
 }
 
 impl ApiClient {
-    /// Waits until the agent on `port` answers `GET /v1/status`.
+    /// Waits until the agent on `port` is ready (`GET /readyz` answers 200: its API listens
+    /// from before its connectors are loaded, and answers `agent.starting` until then).
     async fn connect(port: u16, dirs: &TestDirs) -> Self {
+        let ready = || {
+            use std::io::{Read as _, Write as _};
+            let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return false;
+            };
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+            let mut answer = String::new();
+            stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .is_ok()
+                && stream.read_to_string(&mut answer).is_ok()
+                && answer.starts_with("HTTP/1.1 200")
+        };
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
@@ -629,7 +643,7 @@ impl ApiClient {
                         client: client.clone(),
                     });
                 }
-                api.is_some() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                api.is_some() && ready()
             },
         )
         .await;

@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{ApiAuth, LoginError, Principal, Role};
 use crate::dispatch::{CallBody, CallRequest, Dispatcher};
 use crate::error::{CallError, ErrorCode};
+use crate::plugins::reload::Reconciler;
 use crate::plugins::PluginRegistry;
 use crate::tenants::{SecretJson, Tenant, TenantStore};
 
@@ -64,6 +65,42 @@ pub struct ApiState {
     pub cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
     /// The tunnel's calls and unacknowledged results (for the outbox gauges).
     pub calls: Arc<crate::tunnel::calls::CallTable>,
+    /// Whether the first plugins scan is still running.
+    pub starting: StartProgress,
+}
+
+/// Whether the agent is still at its first plugins scan, and what it is loading. The API
+/// listens from before that scan, so that a health check passes (and a person asking learns
+/// why nothing is listed yet) while slow connectors load: `/healthz` answers, `/readyz` and
+/// the `/v1` routes other than the status and the login answer 503 `agent.starting`.
+#[derive(Debug, Clone)]
+pub struct StartProgress {
+    done: Arc<AtomicBool>,
+    reconciler: Arc<Reconciler>,
+}
+
+impl StartProgress {
+    /// Starting, loading what `reconciler` loads.
+    pub fn new(reconciler: Arc<Reconciler>) -> Self {
+        Self {
+            done: Arc::new(AtomicBool::new(false)),
+            reconciler,
+        }
+    }
+
+    /// The first scan has ended: the API serves everything.
+    pub fn finish(&self) {
+        self.done.store(true, Ordering::Release);
+    }
+
+    /// The files still loading, while the first scan runs; `None` once it has ended.
+    pub fn loading(&self) -> Option<Vec<String>> {
+        if self.done.load(Ordering::Acquire) {
+            None
+        } else {
+            Some(self.reconciler.loading())
+        }
+    }
 }
 
 /// Response bodies: small ones whole, call results streamed (they may be spooled on disk).
@@ -201,6 +238,16 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                     StatusCode::SERVICE_UNAVAILABLE,
                     &json!({"ready": false, "reason": "draining"}),
                 )
+            } else if let Some(loading) = state.starting.loading() {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({
+                        "ready": false,
+                        "reason": "starting",
+                        "connectors_loaded": inventory.connectors.len(),
+                        "loading": loading,
+                    }),
+                )
             } else {
                 json_response(
                     StatusCode::OK,
@@ -221,6 +268,12 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                     let needed = role_needed(&method, rest);
                     if principal.role < needed {
                         forbidden(&principal, needed, &method, &path)
+                    } else if let Some(loading) = state
+                        .starting
+                        .loading()
+                        .filter(|_| !matches!(rest, ["status"] | ["auth", ..]))
+                    {
+                        starting(state, &loading)
                     } else {
                         v1(state, req, &method, rest, &principal).await
                     }
@@ -235,6 +288,17 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
     };
     tracing::debug!(%peer, %method, %path, status = response.status().as_u16(), "API request");
     response
+}
+
+/// `agent.starting`: what the first plugins scan has loaded and is still loading.
+fn starting(state: &ApiState, loading: &[String]) -> ApiResponse {
+    let loaded = state.registry.snapshot().connectors.len();
+    let line = crate::service::loading_line("starting", loaded, loading);
+    let err = CallError::new(
+        ErrorCode::Starting,
+        format!("the agent is {line}; ask again once it is ready (GET /readyz)"),
+    );
+    agent_error(&err, None, StatusCode::SERVICE_UNAVAILABLE)
 }
 
 /// The least role a `/v1` route needs: reading takes a viewer, a call an operator, changing
@@ -391,6 +455,11 @@ async fn v1(
                     "inventory_revision": inventory.revision,
                     "connectors": {"ready": inventory.ready_count(), "rejected": rejected},
                     "cloud": state.cloud.borrow().as_str(),
+                    // While the first plugins scan runs: what it has loaded and is loading.
+                    "starting": state.starting.loading().map(|loading| json!({
+                        "connectors_loaded": inventory.connectors.len(),
+                        "loading": loading,
+                    })),
                 }),
             )
         }

@@ -235,27 +235,6 @@ impl RunningAgent {
             shared.clone(),
             vec![state.store(), state.bundles()],
         ));
-        tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
-        // At start every file is loaded, however recently it was written.
-        let scan = crate::service::while_busy(reconciler.reconcile(false), || {
-            let loaded = registry.snapshot().connectors.len();
-            crate::service::loading_line("starting", loaded, &reconciler.loading())
-        });
-        tokio::select! {
-            _ = scan => {}
-            () = stop.cancelled() => {
-                tracing::info!("stop requested while the plugins folder was scanned; not starting");
-                return Err(StartError::Stopped);
-            }
-        }
-        let inventory = registry.snapshot();
-        tracing::info!(
-            revision = inventory.revision,
-            ready = inventory.ready_count(),
-            total = inventory.connectors.len(),
-            "plugins loaded"
-        );
-
         let listener = TcpListener::bind(config.api.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -306,20 +285,6 @@ impl RunningAgent {
                     c.outbox_memory_bytes
                 }),
         ));
-        // Results the cloud had not acknowledged when the last run stopped go out first. Read
-        // (and large ones copied) on a blocking thread.
-        {
-            let (calls, dir) = (calls.clone(), state.outbox());
-            let restored = tokio::task::spawn_blocking(move || {
-                crate::tunnel::outbox::restore(&calls, &dir);
-                // After the kept results, so that only calls without one are interrupted.
-                crate::tunnel::journal::open(&calls, &dir);
-            })
-            .await;
-            if let Err(e) = restored {
-                tracing::error!(error = %e, "reading the kept results of the last run failed; they stay on disk");
-            }
-        }
         let tunnel_parts = crate::tunnel::TunnelParts {
             state: state.clone(),
             dispatcher: dispatcher.clone(),
@@ -345,6 +310,7 @@ impl RunningAgent {
         };
         let cloud_settings = tokio::sync::watch::Sender::new(config.cloud.clone());
         let api_auth = Arc::new(crate::auth::ApiAuth::new(&token, &config.api));
+        let starting = crate::api::StartProgress::new(reconciler.clone());
         let api_state = Arc::new(ApiState {
             dispatcher,
             metrics,
@@ -355,6 +321,7 @@ impl RunningAgent {
             draining: draining.clone(),
             cloud: cloud_status.subscribe(),
             calls: calls.clone(),
+            starting: starting.clone(),
         });
         let agent = Self {
             cloud: cloud_status.subscribe(),
@@ -376,10 +343,54 @@ impl RunningAgent {
             calls,
             outbox_dir: state.outbox(),
         };
+        // The API serves from before the first scan: `/healthz` answers, and the rest says
+        // what is loading (`agent.starting`) until it has ended.
         agent.supervise(
             "api",
             api::serve(listener, api_state, draining.clone(), tracker.clone()),
         );
+        tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
+
+        tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
+        // At start every file is loaded, however recently it was written.
+        let scan = crate::service::while_busy(reconciler.reconcile(false), || {
+            let loaded = agent.registry.snapshot().connectors.len();
+            crate::service::loading_line("starting", loaded, &reconciler.loading())
+        });
+        tokio::select! {
+            _ = scan => {}
+            () = stop.cancelled() => {
+                tracing::info!("stop requested while the plugins folder was scanned; not starting");
+                // The API's connections close (none holds a call: the API takes none yet).
+                agent.draining.cancel();
+                agent.tracker.close();
+                agent.tracker.wait().await;
+                return Err(StartError::Stopped);
+            }
+        }
+        // Results the cloud had not acknowledged when the last run stopped go out first. Read
+        // (and large ones copied) on a blocking thread.
+        {
+            let (calls, dir) = (agent.calls.clone(), state.outbox());
+            let restored = tokio::task::spawn_blocking(move || {
+                crate::tunnel::outbox::restore(&calls, &dir);
+                // After the kept results, so that only calls without one are interrupted.
+                crate::tunnel::journal::open(&calls, &dir);
+            })
+            .await;
+            if let Err(e) = restored {
+                tracing::error!(error = %e, "reading the kept results of the last run failed; they stay on disk");
+            }
+        }
+        starting.finish();
+        let inventory = agent.registry.snapshot();
+        tracing::info!(
+            revision = inventory.revision,
+            ready = inventory.ready_count(),
+            total = inventory.connectors.len(),
+            "plugins loaded"
+        );
+
         let watch = WatchSettings {
             watch: config.plugins.watch,
             debounce: config.plugins.debounce,
@@ -393,7 +404,6 @@ impl RunningAgent {
             "tunnel",
             crate::tunnel::supervise(tunnel_parts, first_tunnel, agent.cloud_settings.subscribe()),
         );
-        tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
         Ok(agent)
     }
 

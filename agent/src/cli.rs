@@ -665,9 +665,9 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
 }
 
 /// Tells a client error; for an agent that does not answer, whether one runs on the state
-/// folder at all: the API listens only once the first plugins scan has ended, which slow
-/// connectors can make minutes, and "cannot reach" alone would send the admin to start a
-/// second one.
+/// folder at all: "cannot reach" alone would send the admin to start a second one, when the
+/// one running listens elsewhere (another config) or is not listening yet (it binds its API
+/// a moment after it takes the folder).
 fn tell_client_error(config: &Config, e: &ClientError) {
     tell!("lumos-agent: {e}");
     if !matches!(e, ClientError::Unreachable { .. }) {
@@ -681,9 +681,9 @@ fn tell_client_error(config: &Config, e: &ClientError) {
                 .map(|pid| format!(" (pid {pid})"))
                 .unwrap_or_default();
             tell!(
-                "note: an agent{pid} runs on the state folder {dir}: it may still be starting \
-                 (its API listens once its connectors are loaded; its log, or `systemctl status \
-                 lumos-agent`, says which it is loading), or listen elsewhere than api.listen = {}",
+                "note: an agent{pid} runs on the state folder {dir}, but does not answer on \
+                 api.listen = {}: it listens elsewhere (was it started with another config, \
+                 --listen or LUMOS_AGENT_API__LISTEN?), or has only just started",
                 config.api.listen
             );
         }

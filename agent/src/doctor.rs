@@ -450,6 +450,33 @@ async fn agent(config: &Config, report: &mut Report<'_>) {
             ),
         ),
     }
+    if let Some(starting) = status["starting"].as_object() {
+        let loading: Vec<String> = starting
+            .get("loading")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect();
+        let loaded = starting
+            .get("connectors_loaded")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        report.line(
+            Verdict::Warn,
+            "connectors",
+            format!(
+                "{}: check again once it is ready",
+                crate::service::loading_line(
+                    "still starting",
+                    usize::try_from(loaded).unwrap_or(usize::MAX),
+                    &loading
+                )
+            ),
+        );
+        return;
+    }
     let connectors = match get_json(&client, "/v1/connectors").await {
         Ok(Value::Array(rows)) => rows,
         Ok(_) | Err(_) => {

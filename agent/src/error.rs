@@ -35,6 +35,8 @@ pub enum ErrorCode {
     Cancelled,
     /// The agent is draining and takes no new calls.
     ShuttingDown,
+    /// The agent is still loading its connectors at start; ask again shortly.
+    Starting,
     /// The call's id already ran on this agent and the cloud acknowledged its result; it is
     /// not run twice.
     DuplicateCall,
@@ -78,6 +80,7 @@ impl ErrorCode {
             Self::Busy => "busy",
             Self::Cancelled => "cancelled",
             Self::ShuttingDown => "shutting_down",
+            Self::Starting => "starting",
             Self::DuplicateCall => "duplicate_call",
             Self::Interrupted => "interrupted",
             Self::NeedsReconsent => "needs_reconsent",
@@ -97,6 +100,7 @@ impl ErrorCode {
                 | Self::ConnectorCrashed
                 | Self::Busy
                 | Self::ShuttingDown
+                | Self::Starting
                 | Self::TokenRefreshFailed
         )
     }
@@ -107,7 +111,7 @@ impl ErrorCode {
             Self::BadRequest | Self::TenantMismatch => 400,
             Self::UnknownConnector | Self::UnsupportedCapability | Self::UnknownTenant => 404,
             Self::ConnectorCrashed | Self::BadOutput | Self::OutputTooLarge => 502,
-            Self::ConnectorRejected | Self::Busy | Self::ShuttingDown => 503,
+            Self::ConnectorRejected | Self::Busy | Self::ShuttingDown | Self::Starting => 503,
             Self::Timeout => 504,
             Self::Cancelled => 499,
             // Only ever a tunnel result; an API call dies with the agent's connection.
@@ -141,6 +145,7 @@ impl ErrorCode {
             Self::Timeout
             | Self::Busy
             | Self::ShuttingDown
+            | Self::Starting
             | Self::TokenRefreshFailed
             | Self::Interrupted
             | Self::Internal => "agent",

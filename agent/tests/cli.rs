@@ -62,6 +62,23 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The whole HTTP answer (status line, headers, body) of `GET path` on the API at `listen`;
+/// `None` if it cannot be had.
+fn http_get(listen: &str, path: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(listen).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).ok()?;
+    Some(answer)
+}
+
 /// `child`'s exit status, waited for up to `timeout`; past it the child is killed and `None`
 /// returned, so that a regression fails the test instead of hanging it.
 fn exited_within(
@@ -287,25 +304,17 @@ fn half_a_request_does_not_hold_up_the_stop() {
         .env("LUMOS_AGENT_CALLS__DRAIN_GRACE_SECS", "2")
         .stderr(Stdio::piped())
         .spawn_killed_on_drop();
-    let health = || {
-        let mut stream = std::net::TcpStream::connect(&listen).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .ok()?;
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut answer = String::new();
-        std::io::Read::read_to_string(&mut stream, &mut answer).ok()?;
-        Some(answer)
-    };
-    wait_for("the API", || health().is_some_and(|a| a.contains("200 OK")));
+    wait_for("the API", || {
+        http_get(&listen, "/healthz").is_some_and(|a| a.contains("200 OK"))
+    });
     let mut half = std::net::TcpStream::connect(&listen).unwrap();
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
     // The agent has the partial request when a full one on another connection is answered
     // after it (one connection task each; the partial one is accepted first).
-    wait_for("a later request to be answered", || health().is_some());
+    wait_for("a later request to be answered", || {
+        http_get(&listen, "/healthz").is_some()
+    });
     let log = stop_cleanly(&mut child);
     assert!(log.contains("stopped: every call finished"), "{log}");
     drop(half);
@@ -631,23 +640,51 @@ fn a_stop_during_the_first_scan_does_not_wait_for_a_hanging_connector() {
         .spawn_killed_on_drop();
     wait_for("the hanging info to start", || pid_file.exists());
     let pid = support::pid_in(&pid_file);
-    // Meanwhile the API does not answer yet, and the CLI says why that may be.
-    let state = dir.path().join("state");
-    let out = agent(
-        dir.path(),
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "connectors",
-        ],
+    // Meanwhile the API answers: healthy, not ready, and what it is loading.
+    let health = http_get(&listen, "/healthz").unwrap();
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    let ready = http_get(&listen, "/readyz").unwrap();
+    assert!(
+        ready.starts_with("HTTP/1.1 503")
+            && ready.contains(r#""reason":"starting""#)
+            && ready.contains(r#""loading":["hangs"]"#),
+        "{ready}"
     );
+    let state = dir.path().join("state");
+    let cli = |listen: &str, command: &str| {
+        agent(
+            dir.path(),
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--listen",
+                listen,
+                command,
+            ],
+        )
+    };
+    let out = cli(&listen, "connectors");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the agent is starting: 0 connectors loaded; loading hangs"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cli(&listen, "doctor");
+    assert!(
+        text(&out.stdout).contains("still starting: 0 connectors loaded; loading hangs"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Asked on another address, the CLI says an agent runs on the folder, and where to look.
+    let elsewhere = format!("127.0.0.1:{}", free_port());
+    let out = cli(&elsewhere, "connectors");
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     let stderr = text(&out.stderr);
     assert!(
         stderr.contains(&format!(
-            "note: an agent (pid {}) runs on the state folder {}: it may still be starting",
+            "note: an agent (pid {}) runs on the state folder {}, but does not answer on \
+             api.listen = {elsewhere}",
             child.id(),
             state.display()
         )),
