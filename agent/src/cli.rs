@@ -778,10 +778,24 @@ async fn connectors(
     Ok(exit::OK)
 }
 
+/// The text of `path`, or of stdin for `-`. Stdin at a terminal is read to its end too, which
+/// looks like a hang to whoever does not know it: they are told how to end it.
 fn read_input(path: &Path) -> std::io::Result<Zeroizing<String>> {
     let mut text = Zeroizing::new(String::new());
     if path == Path::new("-") {
-        std::io::stdin().read_to_string(&mut text)?;
+        let stdin = std::io::stdin();
+        if std::io::IsTerminal::is_terminal(&stdin) {
+            let end = if cfg!(windows) {
+                "Ctrl-Z, then Enter"
+            } else {
+                "Ctrl-D"
+            };
+            tell!(
+                "lumos-agent: reading from the terminal until {end} on a line of its own (what \
+                 is typed shows: for secrets, prefer a file or a pipe)"
+            );
+        }
+        stdin.lock().read_to_string(&mut text)?;
     } else {
         std::fs::File::open(path)?.read_to_string(&mut text)?;
     }

@@ -486,6 +486,38 @@ fn a_bad_tenant_is_refused_before_the_token_is_read() {
     );
 }
 
+/// A secret read from stdin at a terminal is read to its end: the command says how to end it,
+/// instead of seeming to hang (and then reads what was typed).
+#[test]
+fn reading_from_the_terminal_says_how_to_end_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut terminal = std::fs::File::from(pty.master);
+    let mut child = Command::new(AGENT)
+        .args(["--listen", "127.0.0.1:1", "--token-file"])
+        .arg(dir.path().join("no-such-token"))
+        .args(["tenants", "put", "t1", "--app-id", "x", "--auth-file", "-"])
+        .current_dir(dir.path())
+        .stdin(Stdio::from(pty.slave))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn_killed_on_drop();
+    // Typed, then Ctrl-D on a line of its own.
+    terminal
+        .write_all(b"{\"oauth\": {\"access_token\": \"typed\"}}\n\x04")
+        .unwrap();
+    let status = exited_within(&mut child, Duration::from_secs(30)).expect("it read to the end");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("reading from the terminal until Ctrl-D on a line of its own"),
+        "{stderr}"
+    );
+    // What was typed was read whole and is JSON: the missing token is what stops it.
+    assert_eq!(status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("cannot read the API token"), "{stderr}");
+}
+
 #[test]
 fn cli_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
