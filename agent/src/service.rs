@@ -7,7 +7,8 @@
 //! says so every few seconds (`EXTEND_TIMEOUT_USEC=` with a `STATUS=` of what it waits for),
 //! and the drain asks for its grace: systemd's `TimeoutStartSec=` (90 s by default) and the
 //! unit's `TimeoutStopSec=` would otherwise kill an agent that is making progress. Without
-//! `NOTIFY_SOCKET` (not under systemd, tests) every call is a no-op. Connectors never see `NOTIFY_SOCKET`: their environment is scrubbed.
+//! `NOTIFY_SOCKET` (not under systemd, tests) every call is a no-op. Connectors never see
+//! `NOTIFY_SOCKET`: their environment is scrubbed.
 
 use std::future::Future;
 use std::net::SocketAddr;
