@@ -72,7 +72,8 @@ pub struct ApiState {
 /// Whether the agent is still at its first plugins scan, and what it is loading. The API
 /// listens from before that scan, so that a health check passes (and a person asking learns
 /// why nothing is listed yet) while slow connectors load: `/healthz` answers, `/readyz` and
-/// the `/v1` routes other than the status and the login answer 503 `agent.starting`.
+/// the `/v1` routes other than the status, the tenants and the login answer 503
+/// `agent.starting`.
 #[derive(Debug, Clone)]
 pub struct StartProgress {
     done: Arc<AtomicBool>,
@@ -268,11 +269,11 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                     let needed = role_needed(&method, rest);
                     if principal.role < needed {
                         forbidden(&principal, needed, &method, &path)
-                    } else if let Some(loading) = state
-                        .starting
-                        .loading()
-                        .filter(|_| !matches!(rest, ["status"] | ["auth", ..]))
-                    {
+                    } else if let Some(loading) = state.starting.loading().filter(|_| {
+                        // What does not depend on the connectors serves at once: an install
+                        // script may store its tenants while slow connectors load.
+                        !matches!(rest, ["status"] | ["auth", ..] | ["tenants", ..])
+                    }) {
                         starting(state, &loading)
                     } else {
                         v1(state, req, &method, rest, &principal).await
