@@ -94,13 +94,14 @@ impl StartProgress {
         self.done.store(true, Ordering::Release);
     }
 
+    /// Whether the first scan still runs.
+    pub fn is_starting(&self) -> bool {
+        !self.done.load(Ordering::Acquire)
+    }
+
     /// The files still loading, while the first scan runs; `None` once it has ended.
     pub fn loading(&self) -> Option<Vec<String>> {
-        if self.done.load(Ordering::Acquire) {
-            None
-        } else {
-            Some(self.reconciler.loading())
-        }
+        self.is_starting().then(|| self.reconciler.loading())
     }
 }
 
@@ -269,12 +270,12 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                     let needed = role_needed(&method, rest);
                     if principal.role < needed {
                         forbidden(&principal, needed, &method, &path)
-                    } else if let Some(loading) = state.starting.loading().filter(|_| {
+                    } else if state.starting.is_starting()
                         // What does not depend on the connectors serves at once: an install
                         // script may store its tenants while slow connectors load.
-                        !matches!(rest, ["status"] | ["auth", ..] | ["tenants", ..])
-                    }) {
-                        starting(state, &loading)
+                        && !matches!(rest, ["status"] | ["auth", ..] | ["tenants", ..])
+                    {
+                        starting(state)
                     } else {
                         v1(state, req, &method, rest, &principal).await
                     }
@@ -292,9 +293,8 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
 }
 
 /// `agent.starting`: what the first plugins scan has loaded and is still loading.
-fn starting(state: &ApiState, loading: &[String]) -> ApiResponse {
-    let loaded = state.registry.snapshot().connectors.len();
-    let line = crate::service::loading_line("starting", loaded, loading);
+fn starting(state: &ApiState) -> ApiResponse {
+    let line = state.starting.reconciler.progress("starting");
     let err = CallError::new(
         ErrorCode::Starting,
         format!("the agent is {line}; ask again once it is ready (GET /readyz)"),

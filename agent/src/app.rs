@@ -354,8 +354,7 @@ impl RunningAgent {
         tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
         // At start every file is loaded, however recently it was written.
         let scan = crate::service::while_busy(reconciler.reconcile(false), || {
-            let loaded = agent.registry.snapshot().connectors.len();
-            crate::service::loading_line("starting", loaded, &reconciler.loading())
+            reconciler.progress("starting")
         });
         tokio::select! {
             _ = scan => {}
@@ -486,8 +485,7 @@ impl RunningAgent {
         loop {
             tokio::select! {
                 () = crate::service::while_busy(self.reload(), || {
-                    let loaded = self.registry.snapshot().connectors.len();
-                    crate::service::loading_line("reloading", loaded, &self.reconciler.loading())
+                    self.reconciler.progress("reloading")
                 }) => return None,
                 // A reload may wait for a connector's `info`: a failure is not left waiting.
                 () = self.failed.cancelled() => return Some(StopRequest::Failed),

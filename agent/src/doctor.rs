@@ -468,7 +468,7 @@ async fn agent(config: &Config, report: &mut Report<'_>) {
             "connectors",
             format!(
                 "{}: check again once it is ready",
-                crate::service::loading_line(
+                crate::plugins::reload::progress_line(
                     "still starting",
                     usize::try_from(loaded).unwrap_or(usize::MAX),
                     &loading

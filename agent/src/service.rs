@@ -201,30 +201,6 @@ pub async fn while_busy<T>(work: impl Future<Output = T>, status: impl Fn() -> S
     }
 }
 
-/// The status line of a start or reload still loading connectors: "starting: 3 connectors
-/// loaded; loading slow.py, big.zip and 2 more".
-pub fn loading_line(doing: &str, loaded: usize, loading: &[String]) -> String {
-    const NAMED: usize = 3;
-    let noun = if loaded == 1 {
-        "connector"
-    } else {
-        "connectors"
-    };
-    let mut line = format!("{doing}: {loaded} {noun} loaded");
-    if let Some((first, rest)) = loading.split_first() {
-        line.push_str("; loading ");
-        line.push_str(first);
-        for name in rest.iter().take(NAMED - 1) {
-            line.push_str(", ");
-            line.push_str(name);
-        }
-        if loading.len() > NAMED {
-            line.push_str(&format!(" and {} more", loading.len() - NAMED));
-        }
-    }
-    line
-}
-
 /// The agent is draining and will exit: the service manager is asked to give it the grace
 /// (which may be longer than the unit's `TimeoutStopSec=`) and a margin.
 pub fn stopping(in_flight_grace: Duration) {
@@ -234,30 +210,4 @@ pub fn stopping(in_flight_grace: Duration) {
         NotifyState::Status(&status),
         NotifyState::ExtendTimeout(in_flight_grace.saturating_add(STOP_MARGIN)),
     ]);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::loading_line;
-
-    #[test]
-    fn the_loading_line_names_the_first_three_files_and_counts_the_rest() {
-        let names = |n: usize| (1..=n).map(|i| format!("c{i}")).collect::<Vec<_>>();
-        assert_eq!(
-            loading_line("starting", 0, &[]),
-            "starting: 0 connectors loaded"
-        );
-        assert_eq!(
-            loading_line("reloading", 1, &names(1)),
-            "reloading: 1 connector loaded; loading c1"
-        );
-        assert_eq!(
-            loading_line("starting", 2, &names(3)),
-            "starting: 2 connectors loaded; loading c1, c2, c3"
-        );
-        assert_eq!(
-            loading_line("starting", 2, &names(5)),
-            "starting: 2 connectors loaded; loading c1, c2, c3 and 2 more"
-        );
-    }
 }

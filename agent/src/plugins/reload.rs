@@ -175,6 +175,13 @@ impl Reconciler {
         names
     }
 
+    /// What a start or reload `doing` it is at: "starting: 2 connectors loaded; loading
+    /// slow.py" (see [`progress_line`]).
+    pub fn progress(&self, doing: &str) -> String {
+        let loaded = self.registry.snapshot().connectors.len();
+        progress_line(doing, loaded, &self.loading())
+    }
+
     /// Brings the registry in line with the folder. `wait_for_writes = false` (at start) loads
     /// even files modified a moment ago. Returns once its own loads have ended; each is
     /// published as it ends, and reconciles may run side by side (see the module docs).
@@ -492,6 +499,30 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// The status line of a start or reload still loading connectors: "starting: 3 connectors
+/// loaded; loading slow.py, big.zip and 2 more".
+pub fn progress_line(doing: &str, loaded: usize, loading: &[String]) -> String {
+    const NAMED: usize = 3;
+    let noun = if loaded == 1 {
+        "connector"
+    } else {
+        "connectors"
+    };
+    let mut line = format!("{doing}: {loaded} {noun} loaded");
+    if let Some((first, rest)) = loading.split_first() {
+        line.push_str("; loading ");
+        line.push_str(first);
+        for name in rest.iter().take(NAMED - 1) {
+            line.push_str(", ");
+            line.push_str(name);
+        }
+        if loading.len() > NAMED {
+            line.push_str(&format!(" and {} more", loading.len() - NAMED));
+        }
+    }
+    line
 }
 
 /// Whether the file at `path` may still be being written: modified less than `settle` ago.
@@ -826,6 +857,27 @@ mod tests {
     use notify::event::{
         AccessKind, AccessMode, CreateKind, EventKind, Flag, ModifyKind, RemoveKind,
     };
+
+    #[test]
+    fn the_progress_line_names_the_first_three_files_and_counts_the_rest() {
+        let names = |n: usize| (1..=n).map(|i| format!("c{i}")).collect::<Vec<_>>();
+        assert_eq!(
+            progress_line("starting", 0, &[]),
+            "starting: 0 connectors loaded"
+        );
+        assert_eq!(
+            progress_line("reloading", 1, &names(1)),
+            "reloading: 1 connector loaded; loading c1"
+        );
+        assert_eq!(
+            progress_line("starting", 2, &names(3)),
+            "starting: 2 connectors loaded; loading c1, c2, c3"
+        );
+        assert_eq!(
+            progress_line("starting", 2, &names(5)),
+            "starting: 2 connectors loaded; loading c1, c2, c3 and 2 more"
+        );
+    }
 
     fn event(kind: EventKind, path: &str) -> notify::Event {
         notify::Event::new(kind).add_path(PathBuf::from(path))
