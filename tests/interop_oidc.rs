@@ -517,16 +517,16 @@ async fn killing_the_agent_during_refreshes_never_loses_the_latest_stored_refres
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap().port()
         };
-        let mut child = std::process::Command::new(&agent_bin)
-            .arg("--plugins-dir")
-            .arg(dirs.plugins())
-            .arg("--state-dir")
-            .arg(dirs.state())
-            .args(["--listen", &format!("127.0.0.1:{port}"), "run"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = KilledOnDrop::spawn(
+            std::process::Command::new(&agent_bin)
+                .arg("--plugins-dir")
+                .arg(dirs.plugins())
+                .arg("--state-dir")
+                .arg(dirs.state())
+                .args(["--listen", &format!("127.0.0.1:{port}"), "run"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        );
         let api = ApiClient::connect(port, &dirs).await;
         if needs_tenant {
             let (grant_id, refresh_token) = provider.mint().await;

@@ -554,18 +554,18 @@ async fn killing_the_agent_leaves_no_worker_behind() {
         "liblumos_example_c.so",
     );
     // No config file: the binary runs its own `plugin-host` for workers.
-    let mut agent = std::process::Command::new(workspace_bin("lumos-agent"))
-        .arg("--plugins-dir")
-        .arg(dirs.plugins())
-        .arg("--state-dir")
-        .arg(dirs.state())
-        .args(["--listen", "127.0.0.1:0", "run"])
-        .env_remove("LUMOS_AGENT_CONFIG")
-        .current_dir(dirs.root.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = KilledOnDrop::spawn(
+        std::process::Command::new(workspace_bin("lumos-agent"))
+            .arg("--plugins-dir")
+            .arg(dirs.plugins())
+            .arg("--state-dir")
+            .arg(dirs.state())
+            .args(["--listen", "127.0.0.1:0", "run"])
+            .env_remove("LUMOS_AGENT_CONFIG")
+            .current_dir(dirs.root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
     let agent_pid = agent.id();
     eventually(WAIT, "the agent to start a plugin worker", move || {
         !children_of(agent_pid, "plugin-host").is_empty()
@@ -610,15 +610,15 @@ async fn an_in_process_connector_printing_its_secrets_on_stderr_is_logged_redact
     )
     .unwrap();
     let stderr_path = dirs.root.path().join("agent.stderr");
-    let mut agent = std::process::Command::new(workspace_bin("lumos-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut agent = KilledOnDrop::spawn(
+        std::process::Command::new(workspace_bin("lumos-agent"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap()),
+    );
     let canary = format!("CANARY-IN-PROCESS-STDERR-{}", std::process::id());
     // Handed over in a file, as the CLI asks of secrets.
     let body = dirs.root.path().join("call.json");

@@ -678,15 +678,15 @@ async fn tester_and_cloud_for_the_binary() -> (TestDirs, FakeCloud) {
 
 /// The real `lumos-agent` binary on the config [`tester_and_cloud_for_the_binary`] wrote.
 #[cfg(unix)]
-fn start_binary(dirs: &TestDirs) -> std::process::Child {
-    std::process::Command::new(workspace_bin("lumos-agent"))
-        .arg("--config")
-        .arg(dirs.root.path().join("agent.toml"))
-        .args(["--listen", "127.0.0.1:0", "run"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+fn start_binary(dirs: &TestDirs) -> KilledOnDrop {
+    KilledOnDrop::spawn(
+        std::process::Command::new(workspace_bin("lumos-agent"))
+            .arg("--config")
+            .arg(dirs.root.path().join("agent.toml"))
+            .args(["--listen", "127.0.0.1:0", "run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
 }
 
 /// The real binary's group reaper, killed while a connector runs: the next connector's start

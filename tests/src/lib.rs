@@ -298,6 +298,10 @@ impl Drop for PeerProcess {
     }
 }
 
+#[path = "../../agent/tests/support/killed_on_drop.rs"]
+mod killed_on_drop;
+pub use killed_on_drop::KilledOnDrop;
+
 /// Writes `text` to a file only its owner may read (0600), as token files must be.
 pub fn write_private(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();

@@ -7,31 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// A child process killed (and reaped) when dropped, so that a failed assertion leaves no
-/// agent or `sleep` running behind the test.
-pub struct KilledOnDrop(std::process::Child);
-
-impl std::ops::Deref for KilledOnDrop {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for KilledOnDrop {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for KilledOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
+mod killed_on_drop;
+pub use killed_on_drop::KilledOnDrop;
 
 /// `Command::spawn`, for a [`KilledOnDrop`] child.
 pub trait SpawnKilledOnDrop {
@@ -40,7 +17,7 @@ pub trait SpawnKilledOnDrop {
 
 impl SpawnKilledOnDrop for Command {
     fn spawn_killed_on_drop(&mut self) -> KilledOnDrop {
-        KilledOnDrop(self.spawn().unwrap())
+        KilledOnDrop::spawn(self)
     }
 }
 
