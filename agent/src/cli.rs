@@ -641,12 +641,7 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         Command::Call {
             app_id, capability, ..
         } => call(&client, app_id, capability, body).await,
-        Command::Tenants {
-            action: TenantsCommand::Put {
-                tenant_id, app_id, ..
-            },
-        } => put_tenant(&client, tenant_id, app_id, body).await,
-        Command::Tenants { action } => tenants(&client, action).await,
+        Command::Tenants { action } => tenants(&client, action, body).await,
         Command::Run
         | Command::CheckConfig
         | Command::Doctor
@@ -802,6 +797,15 @@ fn read_input(path: &Path) -> std::io::Result<Zeroizing<String>> {
     Ok(text)
 }
 
+/// [`read_input`] for a command's file argument; a file that cannot be read is told, as the
+/// usage exit code `Err` carries.
+fn read_argument_file(path: &Path) -> Result<Zeroizing<String>, u8> {
+    read_input(path).map_err(|e| {
+        tell!("lumos-agent: cannot read {}: {e}", path.display());
+        exit::USAGE
+    })
+}
+
 /// The body of a `call`: `--json`, `--json-file` (`-` for stdin) or `{}`, with the tenant and
 /// the timeout put in. A body that is not a JSON object is told (where it breaks, never its
 /// text: it may hold secrets) as the exit code `Err` carries.
@@ -813,10 +817,7 @@ fn call_body(
 ) -> Result<Zeroizing<Vec<u8>>, u8> {
     let text = match (json, json_file) {
         (Some(text), _) => Zeroizing::new(text.to_string()),
-        (None, Some(path)) => read_input(path).map_err(|e| {
-            tell!("lumos-agent: cannot read {}: {e}", path.display());
-            exit::USAGE
-        })?,
+        (None, Some(path)) => read_argument_file(path)?,
         (None, None) => Zeroizing::new("{}".to_string()),
     };
     let mut body: Map<String, Value> = match serde_json::from_str(&text) {
@@ -892,10 +893,7 @@ fn tenant_body(
     }
     for (key, file) in [("auth", auth_file), ("credentials", credentials_file)] {
         let Some(file) = file else { continue };
-        let text = read_input(file).map_err(|e| {
-            tell!("lumos-agent: cannot read {}: {e}", file.display());
-            exit::USAGE
-        })?;
+        let text = read_argument_file(file)?;
         match serde_json::from_str::<Value>(&text) {
             Ok(v) => {
                 body.insert(key.into(), v);
@@ -943,10 +941,16 @@ async fn put_tenant(
     Ok(exit::OK)
 }
 
-async fn tenants(client: &ApiClient, action: &TenantsCommand) -> Result<u8, ClientError> {
+/// A tenants command; `put_body` is what `put` sends, checked before the token was read.
+async fn tenants(
+    client: &ApiClient,
+    action: &TenantsCommand,
+    put_body: Zeroizing<Vec<u8>>,
+) -> Result<u8, ClientError> {
     match action {
-        // Sent by `put_tenant`, with the body checked first.
-        TenantsCommand::Put { .. } => Ok(exit::USAGE),
+        TenantsCommand::Put {
+            tenant_id, app_id, ..
+        } => put_tenant(client, tenant_id, app_id, put_body).await,
         TenantsCommand::List { json } => {
             let (status, answer) = client.send(Method::GET, "/v1/tenants", None).await?;
             if let Some(code) = check_status(status, &answer) {

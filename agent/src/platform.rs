@@ -127,16 +127,35 @@ pub struct ExclusiveLock {
     _file: std::fs::File,
 }
 
-/// How often [`try_lock_exclusive`] tries again, and after how long, before it names a holder.
-const LOCK_TRIES: u32 = 5;
+/// How long [`try_lock_exclusive`] tries again before it names a holder: the CLI's
+/// [`lock_state`] holds the lock (shared; on Windows, the file open) for a moment when it
+/// looks, and an agent starting in that moment must not take it for another agent.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long it waits between two tries.
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Takes [`ExclusiveLock`] on `path` (created 0600 if missing) without waiting, and writes this
-/// process's id into it; `Ok(Err(holder))` when another process holds it, with the id that
-/// process wrote (Unix; Windows lets no one else read the file). An error of kind
-/// `Unsupported` when the filesystem has no locks.
+/// Takes [`ExclusiveLock`] on `path` (created 0600 if missing), trying again for a moment (see
+/// [`LOCK_PATIENCE`]), and writes this process's id into it; `Ok(Err(holder))` when another
+/// process holds it, with the id that process wrote (Unix; Windows lets no one else read the
+/// file). An error of kind `Unsupported` when the filesystem has no locks.
 pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, Option<u32>>> {
+    lock_exclusive_within(path, LOCK_PATIENCE)
+}
+
+/// [`try_lock_exclusive`], trying again for up to `patience` while another process holds it.
+fn lock_exclusive_within(
+    path: &Path,
+    patience: std::time::Duration,
+) -> std::io::Result<Result<ExclusiveLock, Option<u32>>> {
     use std::io::{Seek, Write};
+    let started = std::time::Instant::now();
+    let again = || {
+        let wait = started.elapsed() < patience;
+        if wait {
+            std::thread::sleep(LOCK_RETRY);
+        }
+        wait
+    };
     let mut options = std::fs::OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     options.mode(0o600);
@@ -145,16 +164,9 @@ pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, 
         use nix::fcntl::{Flock, FlockArg};
         use std::io::Read;
         let mut file = options.open(path)?;
-        // A few tries: the CLI's `lock_state` holds the lock shared for a moment when it
-        // looks, and an agent starting in that moment must not take it for another agent.
-        let mut tries = 0;
         let taken = loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Err((again, nix::errno::Errno::EWOULDBLOCK)) if tries < LOCK_TRIES => {
-                    tries += 1;
-                    file = again;
-                    std::thread::sleep(LOCK_RETRY);
-                }
+                Err((held, nix::errno::Errno::EWOULDBLOCK)) if again() => file = held,
                 other => break other,
             }
         };
@@ -186,16 +198,14 @@ pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, 
     {
         use std::os::windows::fs::OpenOptionsExt as _;
         options.share_mode(0);
-        // A few tries, as on Unix: `lock_state` has the file open for a moment when it looks.
-        let mut tries = 0;
         let mut file = loop {
             match options.open(path) {
                 Ok(file) => break file,
-                Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) && tries < LOCK_TRIES => {
-                    tries += 1;
-                    std::thread::sleep(LOCK_RETRY);
+                Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) => {
+                    if !again() {
+                        return Ok(Err(None));
+                    }
                 }
-                Err(e) if e.raw_os_error() == Some(SHARING_VIOLATION) => return Ok(Err(None)),
                 Err(e) => return Err(e),
             }
         };
@@ -529,7 +539,8 @@ mod tests {
     }
 
     /// A look at the moment an agent starts does not make it refuse to start: it tries again
-    /// for a moment before it takes the holder for another agent.
+    /// for a moment before it takes the holder for another agent. (Given a minute here, not
+    /// the agent's 100 ms, so that a late thread on a busy machine is no failure.)
     #[cfg(unix)]
     #[test]
     fn a_lock_held_shared_for_a_moment_is_still_taken() {
@@ -546,7 +557,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(30));
             drop(looking);
         });
-        let taken = try_lock_exclusive(&path).unwrap();
+        let taken = lock_exclusive_within(&path, std::time::Duration::from_secs(60)).unwrap();
         release.join().unwrap();
         assert!(taken.is_ok(), "refused: {taken:?}");
     }

@@ -283,11 +283,7 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
     let out = cli("connectors");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(child.try_wait().unwrap(), None, "the agent exited");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    support::signal(&child, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
@@ -347,11 +343,7 @@ fn the_log_has_colour_codes_on_a_terminal_only() {
             }
             if !stopping && text(&seen).contains("ready:") {
                 stopping = true;
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                )
-                .unwrap();
+                support::signal(&child, nix::sys::signal::Signal::SIGTERM);
             }
         }
         assert_eq!(child.wait().unwrap().code(), Some(0), "{}", text(&seen));
@@ -718,11 +710,7 @@ fn a_stop_during_the_first_scan_does_not_wait_for_a_hanging_connector() {
         )),
         "{stderr}"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    support::signal(&child, nix::sys::signal::Signal::SIGTERM);
     // Not a timing: without the fix the stop waits for the 600 s `info` deadline.
     let status = exited_within(&mut child, Duration::from_secs(30))
         .expect("the stop waited for the plugins scan");
@@ -927,11 +915,7 @@ fn users_log_in_from_the_cli_and_their_role_decides_what_they_may_do() {
 
 /// SIGTERM, which drains: the agent must exit 0. Its log (stderr).
 fn stop_cleanly(child: &mut std::process::Child) -> String {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    support::signal(child, nix::sys::signal::Signal::SIGTERM);
     let status = child.wait().unwrap();
     let mut log = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();

@@ -44,24 +44,20 @@ fn agent_notifying(dir: &Path, plugins: &Path, socket_path: &Path) -> Command {
     command
 }
 
-/// The first message that is not a busy start's "still loading" (a start that takes over
-/// five seconds on a loaded machine sends those before READY=1).
-fn receive_after_start(socket: &UnixDatagram) -> String {
+/// The first message that starts with none of `skip`: watchdog pings, and the "still
+/// loading" ticks of a start or reload that takes over five seconds on a loaded machine.
+fn receive_skipping(socket: &UnixDatagram, skip: &[&str]) -> String {
     loop {
         let message = receive(socket);
-        if !message.starts_with("STATUS=starting: ") {
+        if !skip.iter().any(|prefix| message.starts_with(prefix)) {
             return message;
         }
     }
 }
 
-fn sigterm(child: &std::process::Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-}
+const WATCHDOG: &str = "WATCHDOG=1\n";
+const STARTING: &str = "STATUS=starting: ";
+const RELOADING: &str = "STATUS=reloading: ";
 
 #[test]
 fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
@@ -82,7 +78,7 @@ fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
         .env_remove("WATCHDOG_PID")
         .spawn_killed_on_drop();
 
-    assert_eq!(receive_after_start(&socket), "READY=1\n");
+    assert_eq!(receive_skipping(&socket, &[STARTING]), "READY=1\n");
     let status = receive(&socket);
     assert!(
         status.starts_with(
@@ -90,25 +86,16 @@ fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
         ),
         "{status:?}"
     );
-    assert_eq!(receive(&socket), "WATCHDOG=1\n");
+    assert_eq!(receive(&socket), WATCHDOG);
     assert_eq!(
         receive(&socket),
-        "WATCHDOG=1\n",
+        WATCHDOG,
         "the watchdog keeps being pinged"
     );
 
     // A reload (SIGHUP) says so, and when it is done, says the status line again.
-    let not_watchdog = || loop {
-        let message = receive(&socket);
-        if message != "WATCHDOG=1\n" {
-            return message;
-        }
-    };
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    let not_watchdog = || receive_skipping(&socket, &[WATCHDOG, RELOADING]);
+    support::signal(&child, nix::sys::signal::Signal::SIGHUP);
     let reloading = not_watchdog();
     assert!(
         reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
@@ -122,11 +109,8 @@ fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
         "{reloaded:?}"
     );
 
-    sigterm(&child);
-    let mut stopping = receive(&socket);
-    while stopping == "WATCHDOG=1\n" {
-        stopping = receive(&socket);
-    }
+    support::signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let stopping = receive_skipping(&socket, &[WATCHDOG]);
     // The drain's grace (30 s by default) and a margin, which may be beyond the unit's
     // TimeoutStopSec.
     assert_eq!(
@@ -183,7 +167,7 @@ fn a_start_or_reload_waiting_on_a_slow_connector_asks_for_more_time_and_says_why
         .unwrap();
     };
     waits_for_the_slow_connector("starting", "0 connectors");
-    assert_eq!(receive_after_start(&socket), "READY=1\n");
+    assert_eq!(receive_skipping(&socket, &[STARTING]), "READY=1\n");
     let status = receive(&socket);
     assert!(
         status.starts_with("STATUS=0 connectors ready, 1 rejected;"),
@@ -192,11 +176,7 @@ fn a_start_or_reload_waiting_on_a_slow_connector_asks_for_more_time_and_says_why
 
     // A reload (SIGHUP) whose new `info_timeout_secs` has every connector loaded again.
     info_timeout(601);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    support::signal(&child, nix::sys::signal::Signal::SIGHUP);
     let reloading = receive(&socket);
     assert!(reloading.starts_with("RELOADING=1\n"), "{reloading:?}");
     waits_for_the_slow_connector("reloading", "1 connector");
@@ -211,7 +191,7 @@ fn a_start_or_reload_waiting_on_a_slow_connector_asks_for_more_time_and_says_why
         reloaded.starts_with("READY=1\nSTATUS=0 connectors ready, 1 rejected;"),
         "{reloaded:?}"
     );
-    sigterm(&child);
+    support::signal(&child, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 

@@ -21,6 +21,11 @@ impl SpawnKilledOnDrop for Command {
     }
 }
 
+/// Sends `signal` to `child`.
+pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
 /// Kills a process (SIGKILL) if it is still there after a deadline, unless dropped first: for
 /// a test that blocks on the process's output, so that a process that hangs fails the test
 /// instead of hanging it.
