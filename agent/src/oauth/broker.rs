@@ -852,6 +852,16 @@ mod tests {
         }
     }
 
+    /// Whether tenant `t`'s credential at `url` has a refresh in flight.
+    fn in_flight(broker: &TokenBroker, url: &str) -> bool {
+        broker
+            .states
+            .lock()
+            .unwrap()
+            .get(&key("t", url))
+            .is_some_and(|s| s.lock().unwrap().inflight.is_some())
+    }
+
     /// One `token` call for `tenant` at `url`.
     async fn ask(
         broker: &TokenBroker,
@@ -1175,13 +1185,7 @@ mod tests {
         // Abort only once the refresh has started (a fixed sleep would race a busy machine).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let started = broker
-                .states
-                .lock()
-                .unwrap()
-                .get(&key("t", &url))
-                .is_some_and(|s| s.lock().unwrap().inflight.is_some());
-            if started {
+            if in_flight(&broker, &url) {
                 break;
             }
             assert!(
@@ -1191,9 +1195,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         caller.abort();
-        // The refresh completes and is stored although its caller is gone.
+        // The refresh completes and is stored although its caller is gone. Finished means
+        // no longer in flight as well: the tokens are persisted *before* the state takes them,
+        // and a look between the two would expire the seed and then join that refresh.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while persisted.lock().unwrap().is_empty() {
+        while persisted.lock().unwrap().is_empty() || in_flight(&broker, &url) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the refresh never finished"
