@@ -195,6 +195,65 @@ fn a_start_or_reload_waiting_on_a_slow_connector_asks_for_more_time_and_says_why
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
+/// A reload (SIGHUP) while the watch loop's scan is loading a new connector is done only once
+/// that load is: READY=1 said "reloaded" while the connector was still loading, and the new
+/// status line with it came only later (or, for `systemctl reload`, after the command had
+/// returned).
+#[test]
+fn a_reload_is_done_when_a_load_another_scan_started_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = notify_socket(&socket_path);
+    let mut child = agent_notifying(dir.path(), &plugins, &socket_path).spawn_killed_on_drop();
+    assert_eq!(receive_skipping(&socket, &[STARTING]), "READY=1\n");
+    let status = receive(&socket);
+    assert!(
+        status.starts_with("STATUS=0 connectors ready;"),
+        "{status:?}"
+    );
+
+    // Dropped in: the watch loop's scan loads it, and its `info` hangs.
+    let pid_file = dir.path().join("info.pid");
+    let staged = dir.path().join("slow-connector");
+    support::hanging_connector(&staged, &pid_file);
+    std::fs::rename(&staged, plugins.join("slow-connector")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !pid_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watch loop never loaded the new file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    support::signal(&child, nix::sys::signal::Signal::SIGHUP);
+    let reloading = receive(&socket);
+    assert!(reloading.starts_with("RELOADING=1\n"), "{reloading:?}");
+    // The reload waits for that load, and says so.
+    assert_eq!(
+        receive(&socket),
+        "STATUS=reloading: 0 connectors loaded; loading slow-connector\n\
+         EXTEND_TIMEOUT_USEC=30000000\n"
+    );
+    let pid = support::pid_in(&pid_file);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // READY=1 repeats the status line with the connector in it (the inventory's own status
+    // line may come first).
+    let reloaded = receive_skipping(&socket, &[RELOADING, "STATUS="]);
+    assert!(
+        reloaded.starts_with("READY=1\nSTATUS=0 connectors ready, 1 rejected;"),
+        "{reloaded:?}"
+    );
+    support::signal(&child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
 #[test]
 fn sighup_with_a_bad_config_keeps_running_and_with_a_good_one_applies_the_log_level() {
     let dir = tempfile::tempdir().unwrap();

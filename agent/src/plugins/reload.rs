@@ -17,12 +17,12 @@
 //! Each load is committed (and a new inventory revision published) as soon as it ends, so a
 //! connector whose `info` is slow or hangs holds up no other: a reconcile runs
 //! `ACTIVE_LOADS` loads at a time, in name order, and one still running after `SLOW_LOAD`
-//! gives up its place. Reconciles run side by side (the
-//! watch loop starts the next scan without waiting for the last one's loads): the loads in
-//! progress are registered by file, a scan leaves a file being loaded to its load, and a file
-//! that changes again or goes abandons its load (its `info` is killed). The state is changed
-//! only in short commits, never across a wait, so a reconcile dropped part way (a stop) loses
-//! nothing: what it did not commit, the registry never had.
+//! gives up its place. Reconciles run side by side (the watch loop starts the next scan
+//! without waiting for the last one's loads): the loads in progress are registered by file, a
+//! scan leaves a file being loaded to its load (and waits for it), and a file that changes
+//! again or goes abandons its load (its `info` is killed). The state is changed only in short
+//! commits, never across a wait, so a reconcile dropped part way (a stop) loses nothing: what
+//! it did not commit, the registry never had.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -72,9 +72,24 @@ struct Loading {
     fingerprint: Option<Fingerprint>,
     /// Once started.
     abort: Option<tokio::task::AbortHandle>,
+    /// Cancelled when this record goes (the load committed, abandoned or dropped): what a
+    /// reconcile that found the file already being loaded waits for.
+    ended: CancellationToken,
+    _ends_with_me: tokio_util::sync::DropGuard,
 }
 
 impl Loading {
+    fn new(id: u64, fingerprint: Option<Fingerprint>) -> Self {
+        let ended = CancellationToken::new();
+        Self {
+            id,
+            fingerprint,
+            abort: None,
+            _ends_with_me: ended.clone().drop_guard(),
+            ended,
+        }
+    }
+
     /// Stops the load (its `info` is killed); its result, if any, is dropped.
     fn abandon(&self) {
         if let Some(abort) = &self.abort {
@@ -183,13 +198,17 @@ impl Reconciler {
     }
 
     /// Brings the registry in line with the folder. `wait_for_writes = false` (at start) loads
-    /// even files modified a moment ago. Returns once its own loads have ended; each is
-    /// published as it ends, and reconciles may run side by side (see the module docs).
+    /// even files modified a moment ago. Returns once the loads of the files it found changed
+    /// have ended, its own and those another reconcile had started (so a reload is over when
+    /// the folder is loaded); each is published as it ends, and reconciles may run side by
+    /// side (see the module docs).
     pub async fn reconcile(&self, wait_for_writes: bool) -> Outcome {
         let mut outcome = Outcome::default();
         // Ended or dropped (a stop drops a reconcile part way), this reconcile's loads leave the
         // registry of loads in progress (and its `JoinSet` aborts those still running).
         let mut mine = OwnLoads::new(&self.state);
+        // Loads of files it found changed that another reconcile had started already.
+        let mut joined = Vec::new();
         let (slow_tx, mut slow_rx) = mpsc::unbounded_channel();
         let drain_grace = {
             let mut guard = self.lock();
@@ -262,7 +281,9 @@ impl Reconciler {
             for (path, fingerprint) in files {
                 if let Some(load) = state.loading.get(&path) {
                     if load.fingerprint == fingerprint && !reload_all {
-                        // Another reconcile is loading this content; it publishes it.
+                        // Another reconcile is loading this content; it publishes it, and this
+                        // one returns once it has (a reload is done when the folder is loaded).
+                        joined.push(load.ended.clone());
                         continue;
                     }
                     // Changed again meanwhile (or to be loaded under new limits): that load is
@@ -290,14 +311,9 @@ impl Reconciler {
                 }
                 let id = state.next_load;
                 state.next_load += 1;
-                state.loading.insert(
-                    path.clone(),
-                    Loading {
-                        id,
-                        fingerprint,
-                        abort: None,
-                    },
-                );
+                state
+                    .loading
+                    .insert(path.clone(), Loading::new(id, fingerprint));
                 mine.queue.push_back((path, id));
             }
             if outcome.changed {
@@ -333,6 +349,9 @@ impl Reconciler {
             let mut guard = self.lock();
             let state = &mut *guard;
             let mut changed = false;
+            // Their records go after the commit is published: a reconcile waiting on one of
+            // them then finds the registry with it.
+            let mut committed = Vec::new();
             for joined in ended {
                 let (task, loaded) = match joined {
                     Ok((task, connector)) => (task, Ok(connector)),
@@ -346,7 +365,7 @@ impl Reconciler {
                     // Abandoned: the file changed again or went.
                     continue;
                 }
-                state.loading.remove(path);
+                committed.extend(state.loading.remove(path));
                 match loaded {
                     Ok(connector) => {
                         changed = true;
@@ -366,7 +385,11 @@ impl Reconciler {
                 self.publish(state, !wait_for_writes);
             }
             drop(guard);
+            drop(committed);
             self.start_loads(&mut mine, &slow_tx);
+        }
+        for load in joined {
+            load.cancelled().await;
         }
 
         {
