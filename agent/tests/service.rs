@@ -196,9 +196,8 @@ fn a_start_or_reload_waiting_on_a_slow_connector_asks_for_more_time_and_says_why
 }
 
 /// A reload (SIGHUP) while the watch loop's scan is loading a new connector is done only once
-/// that load is: READY=1 said "reloaded" while the connector was still loading, and the new
-/// status line with it came only later (or, for `systemctl reload`, after the command had
-/// returned).
+/// that load is: READY=1 said "reloaded", with the old status line, while the connector was
+/// still loading.
 #[test]
 fn a_reload_is_done_when_a_load_another_scan_started_is() {
     let dir = tempfile::tempdir().unwrap();
