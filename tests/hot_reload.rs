@@ -729,6 +729,17 @@ async fn a_connector_whose_info_hangs_holds_up_no_other() {
         captured_logs().contains("hangs: still loading after")
     })
     .await;
+    let line = captured_logs()
+        .lines()
+        .find(|l| l.contains("hangs: still loading after"))
+        .map(str::to_owned)
+        .unwrap();
+    assert!(
+        line.ends_with(
+            "s (waiting for its `info`, which has up to plugins.info_timeout_secs = 600s to answer)"
+        ),
+        "{line}"
+    );
 
     // A new version of the hanging file replaces its load.
     versioned_connector(&dirs.plugins(), "hangs", "fixed", "1.0.0");

@@ -479,6 +479,61 @@ pub struct PluginLoader {
     metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// What a load is doing: the progress line of one that takes long says it, so that an admin
+/// waiting on a large bundle is not told of `info`'s time limit (which its unpacking is not
+/// under), and one waiting on a hanging `info` is.
+#[derive(Debug, Default)]
+pub struct LoadStage(std::sync::atomic::AtomicU8);
+
+/// The stages of a load, in order (a load may skip some).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Stage {
+    Checking,
+    Copying,
+    Unpacking,
+    Info,
+    Worker,
+    InProcess,
+}
+
+impl LoadStage {
+    fn set(&self, stage: Stage) {
+        self.0
+            .store(stage as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Stage {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Stage::Copying,
+            2 => Stage::Unpacking,
+            3 => Stage::Info,
+            4 => Stage::Worker,
+            5 => Stage::InProcess,
+            _ => Stage::Checking,
+        }
+    }
+
+    /// What the load is doing, for a person waiting on it; `info_timeout` is
+    /// `plugins.info_timeout_secs`, the limit of the stages that run the connector.
+    pub fn describe(&self, info_timeout: Duration) -> String {
+        match self.get() {
+            Stage::Checking => "checking the file".into(),
+            Stage::Copying => "copying it into the state folder and computing its sha256".into(),
+            Stage::Unpacking => "unpacking the bundle".into(),
+            Stage::Info => format!(
+                "waiting for its `info`, which has up to plugins.info_timeout_secs = \
+                 {info_timeout:?} to answer"
+            ),
+            Stage::Worker => format!(
+                "starting its worker, which has up to plugins.info_timeout_secs = \
+                 {info_timeout:?} to load the library and answer"
+            ),
+            Stage::InProcess => "loading the library into the agent".into(),
+        }
+    }
+}
+
 impl PluginLoader {
     /// A loader for `config`'s plugins and state folders.
     pub fn new(
@@ -495,13 +550,14 @@ impl PluginLoader {
         }
     }
 
-    /// Loads one plugin file. Never fails: problems become a rejected record.
-    pub async fn load(&self, path: PathBuf) -> Connector {
+    /// Loads one plugin file, saying in `stage` what it is doing. Never fails: problems become
+    /// a rejected record.
+    pub async fn load(&self, path: PathBuf, stage: &LoadStage) -> Connector {
         let started = Instant::now();
         // Taken before reading: if the file changes during the load, the next reconcile sees a
         // different fingerprint and loads it again.
         let fingerprint = Fingerprint::of(&path);
-        let mut connector = self.load_inner(path).await;
+        let mut connector = self.load_inner(path, stage).await;
         // No fingerprint for one to retry: the next scan sees it as changed.
         connector.fingerprint = fingerprint.filter(|_| !connector.retry);
         match (&connector.status, &connector.reason) {
@@ -525,7 +581,7 @@ impl PluginLoader {
         connector
     }
 
-    async fn load_inner(&self, path: PathBuf) -> Connector {
+    async fn load_inner(&self, path: PathBuf, stage: &LoadStage) -> Connector {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -595,6 +651,7 @@ impl PluginLoader {
         // Executables and libraries run from a private, content-addressed copy made from the
         // same read that hashes them: the bytes hashed are the bytes run, and replacing or
         // breaking the file in the plugins folder cannot touch a version that is serving.
+        stage.set(Stage::Copying);
         let (sha256, copy) = match store_copy(&path, &self.state.store(), &name, max_bytes).await {
             Ok(pair) => pair,
             Err(failure) => {
@@ -642,7 +699,7 @@ impl PluginLoader {
         let result = match kind {
             ConnectorKind::Bundle => {
                 // Unpacked from the verified copy, which is not needed afterwards.
-                let loaded = self.load_bundle(&program, &name, &sha256).await;
+                let loaded = self.load_bundle(&program, &name, &sha256, stage).await;
                 // Only this copy; the folder goes if empty (another name may hold the same bytes).
                 let _ = std::fs::remove_file(&program);
                 if let Some(dir) = program.parent() {
@@ -651,11 +708,11 @@ impl PluginLoader {
                 loaded
             }
             ConnectorKind::Executable => self
-                .load_executable(&program, &name)
+                .load_executable(&program, &name, stage)
                 .await
                 .map_err(Rejection::from),
             ConnectorKind::Cdylib => self
-                .load_native(&program, &name)
+                .load_native(&program, &name, stage)
                 .await
                 .map_err(Rejection::from),
         };
@@ -692,6 +749,7 @@ impl PluginLoader {
         path: &Path,
         name: &str,
         sha256: &str,
+        stage: &LoadStage,
     ) -> Result<Loaded, Rejection> {
         let format = BundleFormat::from_file_name(name).ok_or("not a bundle name")?;
         let limits = BundleLimits {
@@ -709,6 +767,7 @@ impl PluginLoader {
                 size as f64 / (1024.0 * 1024.0)
             );
         }
+        stage.set(Stage::Unpacking);
         let unpacked = tokio::task::spawn_blocking(move || {
             bundle::unpack(&archive, format, &sha, &bundles, limits)
         })
@@ -734,7 +793,7 @@ impl PluginLoader {
                 .unwrap_or(&unpacked.program);
             format!("its program {}: {problem}", program.display())
         })?;
-        let (info, runner, _) = self.load_executable(&unpacked.program, name).await?;
+        let (info, runner, _) = self.load_executable(&unpacked.program, name, stage).await?;
         if info.version != unpacked.version {
             tracing::warn!(
                 "{name}: metadata.toml says version {} but `info` says {}; serving as {}",
@@ -755,7 +814,13 @@ impl PluginLoader {
         Ok((info, runner, Some(unpacked.app_id)))
     }
 
-    async fn load_executable(&self, program: &Path, name: &str) -> Result<Loaded, String> {
+    async fn load_executable(
+        &self,
+        program: &Path,
+        name: &str,
+        stage: &LoadStage,
+    ) -> Result<Loaded, String> {
+        stage.set(Stage::Info);
         let env = self.connector_env(name)?;
         let limits = ExecLimits {
             timeout: self.config.get().plugins.info_timeout,
@@ -838,7 +903,13 @@ impl PluginLoader {
     /// library's initialisers run at load, so never in the agent unless vetted). With
     /// `[connectors.<app_id>] in_process = true` it is then loaded into the agent from a
     /// content-addressed copy.
-    async fn load_native(&self, path: &Path, name: &str) -> Result<Loaded, String> {
+    async fn load_native(
+        &self,
+        path: &Path,
+        name: &str,
+        stage: &LoadStage,
+    ) -> Result<Loaded, String> {
+        stage.set(Stage::Worker);
         let program = crate::platform::agent_program(&self.config.get())
             .map_err(|e| format!("cannot find the agent binary to start a worker: {e}"))?;
         let settings = WorkerSettings {
@@ -855,6 +926,7 @@ impl PluginLoader {
         drop(worker);
         // `path` is already the content-addressed store copy.
         let path = path.to_path_buf();
+        stage.set(Stage::InProcess);
         let (connector, description) =
             tokio::task::spawn_blocking(move || InProcessConnector::load(&path))
                 .await

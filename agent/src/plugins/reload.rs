@@ -432,7 +432,8 @@ impl Reconciler {
                     .unwrap_or_default()
                     .to_string_lossy()
                     .into_owned();
-                let load = loader.load(file);
+                let stage = super::LoadStage::default();
+                let load = loader.load(file, &stage);
                 tokio::pin!(load);
                 let mut ticks = tokio::time::interval_at(started + SLOW_LOAD, SLOW_LOAD);
                 loop {
@@ -440,9 +441,9 @@ impl Reconciler {
                         connector = &mut load => return connector,
                         _ = ticks.tick() => {
                             tracing::info!(
-                                "{name}: still loading after {:.0?} (a connector's `info` has up \
-                                 to plugins.info_timeout_secs = {info_timeout:?} to answer)",
-                                started.elapsed()
+                                "{name}: still loading after {:.0?} ({})",
+                                started.elapsed(),
+                                stage.describe(info_timeout)
                             );
                             if let Some(slow) = slow.take() {
                                 let _ = slow.send(tokio::task::id());
