@@ -16,7 +16,7 @@ use crate::config::{Config, ConfigSource, SharedConfig};
 use crate::dispatch::Dispatcher;
 use crate::exec::ScratchDir;
 use crate::metrics::Metrics;
-use crate::plugins::reload::{watch_loop, Reconciler, WatchSettings};
+use crate::plugins::reload::{watch_loop, Reconciler, Scan, WatchSettings};
 use crate::plugins::{PluginLoader, PluginRegistry};
 use crate::state::{ensure_admin_token, StatePaths};
 use crate::tenants::{TenantStore, TenantStoreError};
@@ -353,7 +353,7 @@ impl RunningAgent {
 
         tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
         // At start every file is loaded, however recently it was written.
-        let scan = crate::service::while_busy(reconciler.reconcile(false), || {
+        let scan = crate::service::while_busy(reconciler.reconcile(Scan::Start), || {
             reconciler.progress("starting")
         });
         tokio::select! {
@@ -437,7 +437,7 @@ impl RunningAgent {
 
     /// Re-reads the plugins folder; returns the new inventory revision.
     pub async fn rescan(&self) -> u64 {
-        self.reconciler.reconcile(true).await;
+        self.reconciler.reconcile(Scan::Reload).await;
         let inventory = self.registry.snapshot();
         tracing::info!(
             revision = inventory.revision,

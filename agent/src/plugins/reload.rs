@@ -19,7 +19,7 @@
 //! `ACTIVE_LOADS` loads at a time, in name order, and one still running after `SLOW_LOAD`
 //! gives up its place. Reconciles run side by side (the watch loop starts the next scan
 //! without waiting for the last one's loads): the loads in progress are registered by file, a
-//! scan leaves a file being loaded to its load (and waits for it), and a file that changes
+//! scan leaves a file being loaded to its load (a reload waits for it), and a file that changes
 //! again or goes abandons its load (its `info` is killed). The state is changed only in short
 //! commits, never across a wait, so a reconcile dropped part way (a stop) loses nothing: what
 //! it did not commit, the registry never had.
@@ -107,6 +107,22 @@ const ACTIVE_LOADS: usize = 4;
 /// so in the log, and again as often, so that an admin waiting for a connector (or for the
 /// start) sees why; and it gives up its place among its reconcile's [`ACTIVE_LOADS`].
 const SLOW_LOAD: Duration = Duration::from_secs(5);
+
+/// What a reconcile is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// The first, at start: files modified a moment ago are loaded too (nothing else is
+    /// running to look again after the debounce).
+    Start,
+    /// The watch loop's: files still being written wait for the debounce. It returns without
+    /// waiting for loads another scan is running (scans that joined a load hanging for up to
+    /// `plugins.info_timeout_secs` would pile up, one per event or timer tick).
+    Watch,
+    /// A reload's (SIGHUP): as the watch loop's, but it returns only once every file it found
+    /// changed is loaded, whichever reconcile loads it, so that a reload is over when the
+    /// folder is loaded.
+    Reload,
+}
 
 /// What a reconcile did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -197,17 +213,17 @@ impl Reconciler {
         progress_line(doing, loaded, &self.loading())
     }
 
-    /// Brings the registry in line with the folder. `wait_for_writes = false` (at start) loads
-    /// even files modified a moment ago. Returns once the loads of the files it found changed
-    /// have ended, its own and those another reconcile had started (so a reload is over when
-    /// the folder is loaded); each is published as it ends, and reconciles may run side by
-    /// side (see the module docs).
-    pub async fn reconcile(&self, wait_for_writes: bool) -> Outcome {
+    /// Brings the registry in line with the folder, as `scan` says. Returns once its own loads
+    /// have ended (and for a [`Scan::Reload`], those of the files it found another reconcile
+    /// loading); each is published as it ends, and reconciles may run side by side (see the
+    /// module docs).
+    pub async fn reconcile(&self, scan: Scan) -> Outcome {
+        let wait_for_writes = scan != Scan::Start;
         let mut outcome = Outcome::default();
         // Ended or dropped (a stop drops a reconcile part way), this reconcile's loads leave the
         // registry of loads in progress (and its `JoinSet` aborts those still running).
         let mut mine = OwnLoads::new(&self.state);
-        // Loads of files it found changed that another reconcile had started already.
+        // A reload's: loads of files it found changed that another reconcile had started.
         let mut joined = Vec::new();
         let (slow_tx, mut slow_rx) = mpsc::unbounded_channel();
         let drain_grace = {
@@ -281,9 +297,11 @@ impl Reconciler {
             for (path, fingerprint) in files {
                 if let Some(load) = state.loading.get(&path) {
                     if load.fingerprint == fingerprint && !reload_all {
-                        // Another reconcile is loading this content; it publishes it, and this
-                        // one returns once it has (a reload is done when the folder is loaded).
-                        joined.push(load.ended.clone());
+                        // Another reconcile is loading this content; it publishes it. A reload
+                        // returns once it has: it is done when the folder is loaded.
+                        if scan == Scan::Reload {
+                            joined.push(load.ended.clone());
+                        }
                         continue;
                     }
                     // Changed again meanwhile (or to be loaded under new limits): that load is
@@ -805,7 +823,7 @@ pub async fn watch_loop(
         // Scans run side by side: one whose connector's `info` hangs (up to
         // `plugins.info_timeout_secs`) holds up neither the next scan nor the stop, which
         // drops the scans in progress (see `Reconciler::reconcile`).
-        scans.push(reconciler.reconcile(true));
+        scans.push(reconciler.reconcile(Scan::Watch));
     }
 }
 
