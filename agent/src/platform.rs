@@ -134,8 +134,9 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100)
 /// How long it waits between two tries.
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Takes [`ExclusiveLock`] on `path` (created 0600 if missing), trying again for a moment (see
-/// [`LOCK_PATIENCE`]), and writes this process's id into it; `Ok(Err(holder))` when another
+/// Takes [`ExclusiveLock`] on `path` (created 0600 if missing), trying again for a moment
+/// (100 ms, so that a look by [`lock_state`], which holds it shared for a moment, is not taken
+/// for another agent), and writes this process's id into it; `Ok(Err(holder))` when another
 /// process holds it, with the id that process wrote (Unix; Windows lets no one else read the
 /// file). An error of kind `Unsupported` when the filesystem has no locks.
 pub fn try_lock_exclusive(path: &Path) -> std::io::Result<Result<ExclusiveLock, Option<u32>>> {
