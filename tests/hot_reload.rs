@@ -804,6 +804,67 @@ async fn connectors_hanging_together_give_up_their_places_in_the_scan() {
     agent.shutdown().await;
 }
 
+/// Seventeen connectors whose `info` hangs, found by one scan (a reload moves the plugins
+/// folder to one that holds them all): sixteen run, the slow ones included, and the
+/// seventeenth starts only once one of them ends. (Every load gave up its place after 5 s, so a
+/// folder of connectors that hang, or each take seconds to start, ran as many processes at
+/// once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_runs_at_most_sixteen_loads_at_once() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    let config = format!("{WATCH_ONLY}info_timeout_secs = 600\n");
+    let agent = TestAgent::start(&dirs, &config).await;
+    let folder = dirs.root.path().join("many-hanging");
+    std::fs::create_dir(&folder).unwrap();
+    // Named to sort in the order they start.
+    let pid_files: Vec<_> = (0..17)
+        .map(|i| {
+            let pid_file = dirs.root.path().join(format!("{i:02}.pid"));
+            let script = format!("#!/bin/bash\n{}", hang_writing_pid(&pid_file));
+            write_script(&folder, &format!("hangs-{i:02}"), &script);
+            pid_file
+        })
+        .collect();
+    TestAgent::write_config(&dirs, &folder, &config);
+    agent.control.send(Control::Reload).await.unwrap();
+
+    eventually(WAIT, "sixteen hanging infos to start", || {
+        pid_files[..16].iter().all(|p| p.exists())
+    })
+    .await;
+    // The last of them has turned slow: without a bound, the seventeenth would start now.
+    eventually(WAIT, "the sixteenth load to turn slow", || {
+        captured_logs().contains("hangs-15: still loading after 5s")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!pid_files[16].exists(), "a seventeenth load ran");
+    // One of them ends: the seventeenth takes its place.
+    let pid_in = |p: &std::path::PathBuf| -> i32 {
+        std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+    };
+    let mut pids: Vec<i32> = pid_files[..16].iter().map(pid_in).collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(WAIT, "the seventeenth info to start", || {
+        pid_files[16].exists()
+    })
+    .await;
+    assert!(pids[1..].iter().all(|pid| process_alive(*pid)));
+    pids[0] = pid_in(&pid_files[16]);
+    agent.shutdown().await;
+    for pid in pids {
+        eventually(WAIT, "the stop to kill the hanging infos", || {
+            !process_alive(pid)
+        })
+        .await;
+    }
+}
+
 /// A connector rewritten faster than it loads (its `info` is slow), with reloads (SIGHUP)
 /// among the rewrites, so that scans run side by side and loads are abandoned part way: the
 /// agent ends serving the last version, listed once, and its store keeps only that version's

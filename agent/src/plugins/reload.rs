@@ -15,14 +15,14 @@
 //! worker and private files go when the last call does.
 //!
 //! Each load is committed (and a new inventory revision published) as soon as it ends, so a
-//! connector whose `info` is slow or hangs holds up no other: a reconcile runs
-//! `ACTIVE_LOADS` loads at a time, in name order, and one still running after `SLOW_LOAD`
-//! gives up its place. Reconciles run side by side (the watch loop starts the next scan
-//! without waiting for the last one's loads): the loads in progress are registered by file, a
-//! scan leaves a file being loaded to its load (a reload waits for it), and a file that changes
-//! again or goes abandons its load (its `info` is killed). The state is changed only in short
-//! commits, never across a wait, so a reconcile dropped part way (a stop) loses nothing: what
-//! it did not commit, the registry never had.
+//! connector whose `info` is slow or hangs holds up no other: a reconcile runs `ACTIVE_LOADS`
+//! loads at a time, in name order, and one still running after `SLOW_LOAD` gives up its place
+//! (up to `MAX_LOADS` running in all). Reconciles run side by side (the watch loop starts the
+//! next scan without waiting for the last one's loads): the loads in progress are registered by
+//! file, a scan leaves a file being loaded to its load (a reload waits for it), and a file that
+//! changes again or goes abandons its load (its `info` is killed). The state is changed only in
+//! short commits, never across a wait, so a reconcile dropped part way (a stop) loses nothing:
+//! what it did not commit, the registry never had.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -102,6 +102,12 @@ impl Loading {
 /// hundred `info` processes at once); one running longer than [`SLOW_LOAD`] gives up its
 /// place, so that loads that hang do not hold up the rest.
 const ACTIVE_LOADS: usize = 4;
+
+/// How many of a reconcile's loads run at a time, slow ones included: a folder of connectors
+/// that all hang, or that each take seconds to start (a PyInstaller one-file program unpacks
+/// itself at every run), is not as many processes at once. The next waits for one to end, at
+/// the latest after `plugins.info_timeout_secs`.
+const MAX_LOADS: usize = 16;
 
 /// A load running this long is slow (an `info` that does not answer, a large bundle): it says
 /// so in the log, and again as often, so that an admin waiting for a connector (or for the
@@ -425,14 +431,16 @@ impl Reconciler {
         outcome
     }
 
-    /// Starts queued loads until [`ACTIVE_LOADS`] run (slow ones not counted) or none is left;
-    /// one abandoned before it started is skipped.
+    /// Starts queued loads until [`ACTIVE_LOADS`] run (slow ones not counted), [`MAX_LOADS`] run
+    /// (slow ones counted) or none is left; one abandoned before it started is skipped.
     fn start_loads(&self, mine: &mut OwnLoads<'_>, slow: &mpsc::UnboundedSender<tokio::task::Id>) {
-        if mine.queue.is_empty() || mine.active() >= ACTIVE_LOADS {
+        let room =
+            |mine: &OwnLoads<'_>| mine.active() < ACTIVE_LOADS && mine.loads.len() < MAX_LOADS;
+        if mine.queue.is_empty() || !room(mine) {
             return;
         }
         let mut state = self.lock();
-        while mine.active() < ACTIVE_LOADS {
+        while room(mine) {
             let Some((path, id)) = mine.queue.pop_front() else {
                 break;
             };
