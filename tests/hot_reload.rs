@@ -840,6 +840,15 @@ async fn a_scan_runs_at_most_sixteen_loads_at_once() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!pid_files[16].exists(), "a seventeenth load ran");
+    // The admin is told why it waits.
+    assert!(
+        captured_logs().contains(
+            "16 connectors are loading and none has finished: 1 more wait for one of them \
+             (each ends at the latest after plugins.info_timeout_secs = 600s)"
+        ),
+        "{}",
+        captured_logs()
+    );
     // One of them ends: the seventeenth takes its place.
     let pid_in = |p: &std::path::PathBuf| -> i32 {
         std::fs::read_to_string(p).unwrap().trim().parse().unwrap()

@@ -437,6 +437,17 @@ impl Reconciler {
         let room =
             |mine: &OwnLoads<'_>| mine.active() < ACTIVE_LOADS && mine.loads.len() < MAX_LOADS;
         if mine.queue.is_empty() || !room(mine) {
+            if !mine.queue.is_empty() && mine.loads.len() >= MAX_LOADS && !mine.told_full {
+                // The loads running each say what holds them; those waiting are named here.
+                mine.told_full = true;
+                tracing::warn!(
+                    "{MAX_LOADS} connectors are loading and none has finished: {} more wait \
+                     for one of them (each ends at the latest after plugins.info_timeout_secs \
+                     = {:?})",
+                    mine.queue.len(),
+                    self.config.get().plugins.info_timeout
+                );
+            }
             return;
         }
         let mut state = self.lock();
@@ -694,6 +705,8 @@ struct OwnLoads<'a> {
     queue: std::collections::VecDeque<(PathBuf, u64)>,
     loads: tokio::task::JoinSet<Connector>,
     tasks: HashMap<tokio::task::Id, Started>,
+    /// The admin was told that loads wait for [`MAX_LOADS`] running ones.
+    told_full: bool,
 }
 
 /// A load a reconcile started.
@@ -711,6 +724,7 @@ impl<'a> OwnLoads<'a> {
             queue: std::collections::VecDeque::new(),
             loads: tokio::task::JoinSet::new(),
             tasks: HashMap::new(),
+            told_full: false,
         }
     }
 
