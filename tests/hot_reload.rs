@@ -829,7 +829,8 @@ async fn a_scan_runs_at_most_sixteen_loads_at_once() {
     TestAgent::write_config(&dirs, &folder, &config);
     agent.control.send(Control::Reload).await.unwrap();
 
-    eventually(WAIT, "sixteen hanging infos to start", || {
+    // Four at first, four more each time the last four turn slow (5 s): about 15 s.
+    eventually(WAIT * 3, "sixteen hanging infos to start", || {
         pid_files[..16].iter().all(|p| p.exists())
     })
     .await;
