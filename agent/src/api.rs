@@ -103,6 +103,11 @@ impl StartProgress {
     pub fn loading(&self) -> Option<Vec<String>> {
         self.is_starting().then(|| self.reconciler.loading())
     }
+
+    /// The loads in progress, at start or later (a file just dropped in), with what each does.
+    pub fn loads(&self) -> Vec<crate::plugins::reload::LoadInProgress> {
+        self.reconciler.loads()
+    }
 }
 
 /// Response bodies: small ones whole, call results streamed (they may be spooled on disk).
@@ -461,6 +466,8 @@ async fn v1(
                         "connectors_loaded": inventory.connectors.len(),
                         "loading": loading,
                     })),
+                    // Files being loaded now (at start or later), not listed as connectors yet.
+                    "loading": state.starting.loads(),
                 }),
             )
         }

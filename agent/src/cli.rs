@@ -770,6 +770,22 @@ async fn connectors(
             row["status"].as_str().unwrap_or("-"),
         );
     }
+    // Files dropped in whose connectors are not listed yet: what each load is doing. (An
+    // agent that cannot say, an older one, lists what it has.)
+    if let Ok((StatusCode::OK, body)) = client.send(Method::GET, "/v1/status", None).await {
+        let status: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        for load in status["loading"].as_array().into_iter().flatten() {
+            say!(
+                "{:<28} {:<10} {:<11} {:<10} {} ({}s)",
+                load["file"].as_str().unwrap_or("?"),
+                "-",
+                "-",
+                "loading",
+                load["doing"].as_str().unwrap_or("?"),
+                load["seconds"].as_u64().unwrap_or(0)
+            );
+        }
+    }
     Ok(exit::OK)
 }
 

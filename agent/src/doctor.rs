@@ -484,7 +484,8 @@ async fn agent(config: &Config, report: &mut Report<'_>) {
             return;
         }
     };
-    if connectors.is_empty() {
+    let loading = status["loading"].as_array().cloned().unwrap_or_default();
+    if connectors.is_empty() && loading.is_empty() {
         report.line(
             Verdict::Warn,
             "connectors",
@@ -528,6 +529,19 @@ async fn agent(config: &Config, report: &mut Report<'_>) {
                 ),
             ),
         }
+    }
+    // Files dropped in whose loads have not ended: not checked yet.
+    for load in loading {
+        report.line(
+            Verdict::Skip,
+            "connector",
+            format!(
+                "{}: still loading ({}, {}s): check again once it is done",
+                load["file"].as_str().unwrap_or("?"),
+                load["doing"].as_str().unwrap_or("?"),
+                load["seconds"].as_u64().unwrap_or(0)
+            ),
+        );
     }
 }
 

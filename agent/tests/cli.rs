@@ -744,6 +744,77 @@ fn a_stop_during_the_first_scan_does_not_wait_for_a_hanging_connector() {
     });
 }
 
+/// A file dropped in whose load takes long (its `info` hangs) is shown while it loads, with
+/// what the load is doing: an admin who does not see the connector listed yet learns why,
+/// from `connectors`, `doctor` and the status. (Nothing said it until the load ended.)
+#[test]
+fn a_connector_still_loading_is_shown_with_what_its_load_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(example_built(), plugins.join("example")).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _child = agent_run(dir.path(), &listen)
+        .env("LUMOS_AGENT_PLUGINS__INFO_TIMEOUT_SECS", "600")
+        .stderr(Stdio::null())
+        .spawn_killed_on_drop();
+    wait_for("the agent to be ready", || {
+        http_get(&listen, "/readyz").is_some_and(|a| a.starts_with("HTTP/1.1 200"))
+    });
+    let pid_file = dir.path().join("info.pid");
+    support::hanging_connector(&dir.path().join("hangs"), &pid_file);
+    std::fs::rename(dir.path().join("hangs"), plugins.join("hangs")).unwrap();
+    wait_for("the hanging info to start", || pid_file.exists());
+
+    let state = dir.path().join("state");
+    let cli = |command: &[&str]| {
+        let mut args = vec!["--state-dir", state.to_str().unwrap(), "--listen", &listen];
+        args.extend_from_slice(command);
+        agent(dir.path(), &args)
+    };
+    let out = cli(&["connectors"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("hangs "))
+        .unwrap_or_else(|| panic!("no row for the file loading:\n{table}"));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(fields[..4], ["hangs", "-", "-", "loading"], "{row}");
+    assert!(row.contains(" waiting for its `info` ("), "{row}");
+    assert!(
+        table.lines().any(|l| l.starts_with("lumos_example ")),
+        "{table}"
+    );
+    let out = cli(&["doctor"]);
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("hangs: still loading (waiting for its `info`, "),
+        "{report}"
+    );
+    let token = std::fs::read_to_string(state.join("admin.token")).unwrap();
+    let mut stream = std::net::TcpStream::connect(&listen).unwrap();
+    write!(
+        stream,
+        "GET /v1/status HTTP/1.0\r\nAuthorization: Bearer {}\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["loading"][0]["file"], "hangs", "{body}");
+    assert_eq!(
+        body["loading"][0]["doing"], "waiting for its `info`",
+        "{body}"
+    );
+    assert_eq!(body["starting"], serde_json::Value::Null, "{body}");
+}
+
 /// The local API's users (design §6): `hash-password` makes the config's hash, `login` saves
 /// a token of the user's role that the other commands then send, the role decides what they
 /// may do, and `logout` ends the session.

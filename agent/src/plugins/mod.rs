@@ -514,22 +514,32 @@ impl LoadStage {
         }
     }
 
-    /// What the load is doing, for a person waiting on it; `info_timeout` is
-    /// `plugins.info_timeout_secs`, the limit of the stages that run the connector.
+    /// What the load is doing, in a few words ("unpacking the bundle").
+    pub fn doing(&self) -> &'static str {
+        match self.get() {
+            Stage::Checking => "checking the file",
+            Stage::Copying => "copying it into the state folder and computing its sha256",
+            Stage::Unpacking => "unpacking the bundle",
+            Stage::Info => "waiting for its `info`",
+            Stage::Worker => "starting its worker",
+            Stage::InProcess => "loading the library into the agent",
+        }
+    }
+
+    /// [`Self::doing`], with the time limit of the stages that run the connector
+    /// (`info_timeout`, `plugins.info_timeout_secs`): for the log of a load that takes long.
     pub fn describe(&self, info_timeout: Duration) -> String {
         match self.get() {
-            Stage::Checking => "checking the file".into(),
-            Stage::Copying => "copying it into the state folder and computing its sha256".into(),
-            Stage::Unpacking => "unpacking the bundle".into(),
             Stage::Info => format!(
-                "waiting for its `info`, which has up to plugins.info_timeout_secs = \
-                 {info_timeout:?} to answer"
+                "{}, which has up to plugins.info_timeout_secs = {info_timeout:?} to answer",
+                self.doing()
             ),
             Stage::Worker => format!(
-                "starting its worker, which has up to plugins.info_timeout_secs = \
-                 {info_timeout:?} to load the library and answer"
+                "{}, which has up to plugins.info_timeout_secs = {info_timeout:?} to load the \
+                 library and answer",
+                self.doing()
             ),
-            Stage::InProcess => "loading the library into the agent".into(),
+            _ => self.doing().into(),
         }
     }
 }

@@ -72,6 +72,9 @@ struct Loading {
     fingerprint: Option<Fingerprint>,
     /// Once started.
     abort: Option<tokio::task::AbortHandle>,
+    /// What the load is doing, and since when it runs (once started).
+    stage: Arc<super::LoadStage>,
+    started: Option<Instant>,
     /// Cancelled when this record goes (the load committed, abandoned or dropped): what a
     /// reconcile that found the file already being loaded waits for.
     ended: CancellationToken,
@@ -85,6 +88,8 @@ impl Loading {
             id,
             fingerprint,
             abort: None,
+            stage: Arc::default(),
+            started: None,
             _ends_with_me: ended.clone().drop_guard(),
             ended,
         }
@@ -113,6 +118,18 @@ const MAX_LOADS: usize = 16;
 /// so in the log, and again as often, so that an admin waiting for a connector (or for the
 /// start) sees why; and it gives up its place among its reconcile's [`ACTIVE_LOADS`].
 const SLOW_LOAD: Duration = Duration::from_secs(5);
+
+/// A load in progress, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoadInProgress {
+    /// The file's name in the plugins folder.
+    pub file: String,
+    /// What the load is doing ("unpacking the bundle"; "waiting for a place among the loads"
+    /// before it starts).
+    pub doing: &'static str,
+    /// How long it has been running, in whole seconds.
+    pub seconds: u64,
+}
 
 /// What a reconcile is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,19 +214,31 @@ impl Reconciler {
     /// The files being loaded (or waiting for a place), by name, sorted: what a start or a
     /// reload that takes long is waiting for.
     pub fn loading(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
+        self.loads().into_iter().map(|load| load.file).collect()
+    }
+
+    /// The loads in progress, by file name, with what each is doing: what an admin who
+    /// dropped a file in, and does not see its connector yet, is waiting for.
+    pub fn loads(&self) -> Vec<LoadInProgress> {
+        let mut loads: Vec<LoadInProgress> = self
             .lock()
             .loading
-            .keys()
-            .map(|path| {
-                path.file_name()
+            .iter()
+            .map(|(path, load)| LoadInProgress {
+                file: path
+                    .file_name()
                     .unwrap_or_default()
                     .to_string_lossy()
-                    .into_owned()
+                    .into_owned(),
+                doing: match load.started {
+                    Some(_) => load.stage.doing(),
+                    None => "waiting for a place among the loads",
+                },
+                seconds: load.started.map_or(0, |at| at.elapsed().as_secs()),
             })
             .collect();
-        names.sort();
-        names
+        loads.sort_by(|a, b| a.file.cmp(&b.file));
+        loads
     }
 
     /// What a start or reload `doing` it is at: "starting: 2 connectors loaded; loading
@@ -462,14 +491,15 @@ impl Reconciler {
             // Told once that this load turned slow.
             let mut slow = Some(slow.clone());
             let info_timeout = self.config.get().plugins.info_timeout;
+            let stage = entry.stage.clone();
+            let started = Instant::now();
+            entry.started = Some(started);
             let abort = mine.loads.spawn(async move {
-                let started = Instant::now();
                 let name = file
                     .file_name()
                     .unwrap_or_default()
                     .to_string_lossy()
                     .into_owned();
-                let stage = super::LoadStage::default();
                 let load = loader.load(file, &stage);
                 tokio::pin!(load);
                 let mut ticks = tokio::time::interval_at(started + SLOW_LOAD, SLOW_LOAD);
