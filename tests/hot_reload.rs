@@ -809,6 +809,7 @@ async fn connectors_hanging_together_give_up_their_places_in_the_scan() {
 /// seventeenth starts only once one of them ends. (Every load gave up its place after 5 s, so a
 /// folder of connectors that hang, or each take seconds to start, ran as many processes at
 /// once.)
+#[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_runs_at_most_sixteen_loads_at_once() {
     captured_logs();
