@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
-use support::SpawnKilledOnDrop as _;
+use support::{wait_for, SpawnKilledOnDrop as _};
 
 mod support;
 
@@ -52,14 +52,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The whole HTTP answer (status line, headers, body) of `GET path` on the API at `listen`;

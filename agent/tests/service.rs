@@ -58,6 +58,8 @@ fn receive_skipping(socket: &UnixDatagram, skip: &[&str]) -> String {
 const WATCHDOG: &str = "WATCHDOG=1\n";
 const STARTING: &str = "STATUS=starting: ";
 const RELOADING: &str = "STATUS=reloading: ";
+/// Any status line: the inventory's, or a start's or reload's tick.
+const STATUS: &str = "STATUS=";
 
 #[test]
 fn notify_messages_arrive_in_order_ready_status_watchdog_then_stopping() {
@@ -158,13 +160,7 @@ fn a_start_or_reload_waiting_on_a_slow_connector_asks_for_more_time_and_says_why
         }
         // Once the load ends (its `info` killed here: the connector is rejected), so does
         // the start or reload.
-        let pid = support::pid_in(&pid_file);
-        std::fs::remove_file(&pid_file).unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        support::end_hanging_info(&pid_file);
     };
     waits_for_the_slow_connector("starting", "0 connectors");
     assert_eq!(receive_skipping(&socket, &[STARTING]), "READY=1\n");
@@ -181,12 +177,7 @@ fn a_start_or_reload_waiting_on_a_slow_connector_asks_for_more_time_and_says_why
     assert!(reloading.starts_with("RELOADING=1\n"), "{reloading:?}");
     waits_for_the_slow_connector("reloading", "1 connector");
     // The inventory's new status line may come before or after READY=1, which repeats it.
-    let reloaded = loop {
-        let message = receive(&socket);
-        if message.starts_with("READY=1\n") {
-            break message;
-        }
-    };
+    let reloaded = receive_skipping(&socket, &[STATUS]);
     assert!(
         reloaded.starts_with("READY=1\nSTATUS=0 connectors ready, 1 rejected;"),
         "{reloaded:?}"
@@ -218,14 +209,7 @@ fn a_reload_is_done_when_a_load_another_scan_started_is() {
     let staged = dir.path().join("slow-connector");
     support::hanging_connector(&staged, &pid_file);
     std::fs::rename(&staged, plugins.join("slow-connector")).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !pid_file.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the watch loop never loaded the new file"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_for("the watch loop to load the new file", || pid_file.exists());
 
     support::signal(&child, nix::sys::signal::Signal::SIGHUP);
     let reloading = receive(&socket);
@@ -236,15 +220,10 @@ fn a_reload_is_done_when_a_load_another_scan_started_is() {
         "STATUS=reloading: 0 connectors loaded; loading slow-connector\n\
          EXTEND_TIMEOUT_USEC=30000000\n"
     );
-    let pid = support::pid_in(&pid_file);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    support::end_hanging_info(&pid_file);
     // READY=1 repeats the status line with the connector in it (the inventory's own status
     // line may come first).
-    let reloaded = receive_skipping(&socket, &[RELOADING, "STATUS="]);
+    let reloaded = receive_skipping(&socket, &[STATUS]);
     assert!(
         reloaded.starts_with("READY=1\nSTATUS=0 connectors ready, 1 rejected;"),
         "{reloaded:?}"

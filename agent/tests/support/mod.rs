@@ -78,6 +78,27 @@ pub fn hanging_connector(path: &Path, pid_file: &Path) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// Ends the `info` of a [`hanging_connector`] (SIGKILL: its load ends, the connector is
+/// rejected); the pid file is removed, so that a later `info` of it can be waited for.
+pub fn end_hanging_info(pid_file: &Path) {
+    let pid = pid_in(pid_file);
+    std::fs::remove_file(pid_file).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+/// Waits for `cond` (polling), failing the test after a minute.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The pid a [`hanging_connector`] wrote.
 pub fn pid_in(pid_file: &Path) -> i32 {
     std::fs::read_to_string(pid_file)
