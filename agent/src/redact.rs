@@ -123,7 +123,7 @@ impl Secrets {
 
     /// `text` with every one of these secrets replaced by `[redacted]`.
     pub fn redact(&self, text: &str) -> String {
-        self.redact_tail(text, usize::MAX)
+        redact(text, self.0.iter().map(|s| s.as_str()))
     }
 
     /// The last `keep` bytes of `text`, redacted (see the free function `redact_tail`).
@@ -183,20 +183,34 @@ fn secrets_in(json: &[u8], part: Part, out: &mut Vec<Zeroizing<String>>) {
     }
 }
 
+/// `text` with every occurrence of each of `secrets` replaced by `[redacted]`; where two overlap
+/// or touch they are replaced as one, so no piece of either is left (see [`redact_tail`]).
+pub fn redact<'a>(text: &str, secrets: impl Iterator<Item = &'a str>) -> String {
+    redact_tail(text, secrets, usize::MAX)
+}
+
 /// The end of `text`, at most `keep` bytes of it plus the whole of a secret the cut would split,
 /// with each of `secrets` replaced by `[redacted]`. The secrets are found in all of `text`
-/// before it is cut, so a cut never leaves a piece of one behind; where two overlap (a secret
-/// containing another) the pair is replaced whole.
+/// before it is cut, so a cut never leaves a piece of one behind; where two overlap or touch (a
+/// secret containing another, or one repeated) they are replaced as one.
 fn redact_tail<'a>(text: &str, secrets: impl Iterator<Item = &'a str>, keep: usize) -> String {
     let mut found: Vec<(usize, usize)> = Vec::new();
-    for secret in secrets {
-        found.extend(text.match_indices(secret).map(|(at, s)| (at, at + s.len())));
+    for secret in secrets.filter(|s| !s.is_empty()) {
+        // Every occurrence, overlapping ones too: in "aaaaaaab" the secret "aaaaaa" is at 0
+        // and at 1, and a search that resumed after the first (as `match_indices` does) would
+        // leave the last "a" of the second in the log.
+        let mut from = 0;
+        while let Some(at) = text[from..].find(secret) {
+            let start = from + at;
+            found.push((start, start + secret.len()));
+            from = start + text[start..].chars().next().map_or(1, char::len_utf8);
+        }
     }
     found.sort_unstable();
     let mut merged: Vec<(usize, usize)> = Vec::with_capacity(found.len());
     for (start, end) in found {
         match merged.last_mut() {
-            Some(last) if start < last.1 => last.1 = last.1.max(end),
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
             _ => merged.push((start, end)),
         }
     }
@@ -417,8 +431,10 @@ impl RecentSecrets {
                 .map(|r| r.secrets.clone())
                 .collect()
         };
-        let secrets = parts.iter().flat_map(|p| p.iter().map(|s| s.as_str()));
-        redact_tail(text, secrets, usize::MAX)
+        redact(
+            text,
+            parts.iter().flat_map(|p| p.iter().map(|s| s.as_str())),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
@@ -442,6 +458,95 @@ mod tests {
     /// Remembers the secrets of a call that ends at once.
     fn remember(recent: &RecentSecrets, capability: &str, envelope: &[u8]) {
         drop(recent.remember(capability, envelope, &SecretSpans::find(envelope)));
+    }
+
+    /// What redaction must give, computed the plain way: every byte of every occurrence of a
+    /// secret (overlapping ones too) is covered; the cut moves up to a character boundary, and
+    /// back to the start of a covered run it would split; each run of covered bytes becomes one
+    /// `[redacted]`.
+    fn redacted_by_model(text: &str, secrets: &[String], keep: usize) -> String {
+        let bytes = text.as_bytes();
+        let mut covered = vec![false; bytes.len()];
+        for secret in secrets.iter().map(String::as_bytes) {
+            for at in 0..bytes.len() {
+                if bytes[at..].starts_with(secret) {
+                    covered[at..at + secret.len()].fill(true);
+                }
+            }
+        }
+        let mut cut = bytes.len().saturating_sub(keep);
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        while cut > 0 && cut < bytes.len() && covered[cut - 1] && covered[cut] {
+            cut -= 1;
+        }
+        let mut out = String::new();
+        let mut at = cut;
+        while at < bytes.len() {
+            let run_end = (at..bytes.len())
+                .find(|&i| covered[i] != covered[at])
+                .unwrap_or(bytes.len());
+            if covered[at] {
+                out.push_str("[redacted]");
+            } else {
+                out.push_str(&text[at..run_end]);
+            }
+            at = run_end;
+        }
+        out
+    }
+
+    /// Text over a small alphabet (so that secrets recur, overlap and repeat themselves, and a
+    /// two-byte character makes cuts land inside one), and secrets: pieces of the text and
+    /// strings over the same alphabet, at least [`MIN_SECRET_LEN`] characters.
+    fn text_and_secrets() -> impl proptest::strategy::Strategy<Value = (String, Vec<String>)> {
+        use proptest::prelude::*;
+        let alphabet = || prop::sample::select(vec!['a', 'b', 'é']);
+        let text = prop::collection::vec(alphabet(), 0..160);
+        let own = prop::collection::vec(prop::collection::vec(alphabet(), 6..12), 0..3);
+        let pieces = prop::collection::vec((any::<prop::sample::Index>(), 6usize..20), 0..3);
+        (text, own, pieces).prop_map(|(text, own, pieces)| {
+            let mut secrets: Vec<String> = own.into_iter().map(String::from_iter).collect();
+            for (start, len) in pieces {
+                if text.len() >= len {
+                    let start = start.index(text.len() - len + 1);
+                    secrets.push(text[start..start + len].iter().collect());
+                }
+            }
+            (text.into_iter().collect(), secrets)
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn redaction_covers_every_occurrence_of_every_secret(
+            (text, secrets) in text_and_secrets(),
+            keep in proptest::prop_oneof![0usize..200, proptest::strategy::Just(usize::MAX)],
+        ) {
+            let got = redact_tail(&text, secrets.iter().map(String::as_str), keep);
+            proptest::prop_assert_eq!(got, redacted_by_model(&text, &secrets, keep));
+        }
+
+        #[test]
+        fn recent_secrets_redact_what_they_remember_whatever_the_line(
+            (text, secrets) in text_and_secrets(),
+            others in 0usize..64,
+        ) {
+            let recent = RecentSecrets::default();
+            // Secrets that are in no line (another alphabet): with many, a line is first
+            // checked for their prefixes rather than searched for each.
+            for i in 0..others {
+                remember(&recent, "c", format!(r#"{{"auth":{{"k":"other-secret-{i}"}}}}"#).as_bytes());
+            }
+            for secret in &secrets {
+                let envelope = serde_json::json!({"auth": {"oauth": {"access_token": secret}}});
+                remember(&recent, "c", envelope.to_string().as_bytes());
+            }
+            proptest::prop_assert_eq!(recent.redact(&text), redacted_by_model(&text, &secrets, usize::MAX));
+        }
     }
 
     #[test]

@@ -597,12 +597,7 @@ pub fn parse_retry_after(value: Option<&str>, now: SystemTime) -> Duration {
 
 /// `text` with every secret replaced, and cut short (an error line, not a document).
 fn scrub(text: &str, secrets: &[Zeroizing<String>]) -> String {
-    let mut out = text.to_string();
-    for secret in secrets {
-        if out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), "[redacted]");
-        }
-    }
+    let mut out = crate::redact::redact(text, secrets.iter().map(|s| s.as_str()));
     if out.len() > 300 {
         let mut end = 300;
         while !out.is_char_boundary(end) {
@@ -938,6 +933,28 @@ mod tests {
         let err = classify(StatusCode::TOO_MANY_REQUESTS, Some("12"), b"", now, &[]).unwrap_err();
         assert!(
             matches!(err, TokenError::RateLimited { retry_after } if retry_after == Duration::from_secs(12))
+        );
+    }
+
+    #[test]
+    fn secrets_that_overlap_in_an_echoed_description_leave_no_piece_behind() {
+        // The client secret's end is the refresh token's start: replacing one secret after
+        // the other left the refresh token's tail ("-refresh") in the error.
+        let secrets = [
+            Zeroizing::new("secret-abc-123".to_string()),
+            Zeroizing::new("abc-123-refresh".to_string()),
+        ];
+        let err = classify(
+            StatusCode::BAD_REQUEST,
+            None,
+            br#"{"error": "invalid_grant", "error_description": "got secret-abc-123-refresh"}"#,
+            SystemTime::now(),
+            &secrets,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the authorization server refused the grant (invalid_grant: got [redacted]): the credential needs re-consent"
         );
     }
 
