@@ -91,6 +91,16 @@ pub enum BundleError {
         /// Its target.
         target: String,
     },
+    /// A symlink that leads nowhere: a loop, or a path through a file.
+    #[error("symlink {path:?} ({target:?}) cannot be followed ({detail}): refusing to unpack")]
+    UnresolvableLink {
+        /// The link.
+        path: String,
+        /// Its target.
+        target: String,
+        /// The system's words.
+        detail: String,
+    },
     /// An entry of a type bundles never contain.
     #[error("entry {path:?} is a {kind}, which bundles may not contain")]
     UnsupportedEntry {
@@ -272,25 +282,6 @@ fn safe_relative(raw: &str) -> Result<PathBuf, BundleError> {
     Ok(out)
 }
 
-/// Refuses to write through a symlink created by an earlier entry (`link -> /etc`, then
-/// `link/passwd`).
-fn check_no_symlink_parents(root: &Path, rel: &Path) -> Result<(), BundleError> {
-    let mut cur = root.to_path_buf();
-    if let Some(parent) = rel.parent() {
-        for part in parent.components() {
-            cur.push(part);
-            if let Ok(meta) = fs::symlink_metadata(&cur) {
-                if meta.file_type().is_symlink() {
-                    return Err(BundleError::UnsafePath {
-                        path: rel.display().to_string(),
-                    });
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Tracks the caps while entries are written.
 struct Budget {
     format: &'static str,
@@ -313,7 +304,14 @@ impl Budget {
 
     /// Copies at most the remaining budget; more is an error, whatever the header claimed.
     /// Read errors mean a broken archive (often one still being copied); write errors are ours.
-    fn copy(&mut self, reader: &mut dyn Read, dest: &Path, mode: u32) -> Result<(), BundleError> {
+    fn copy(
+        &mut self,
+        reader: &mut dyn Read,
+        root: &Path,
+        rel: &Path,
+        mode: u32,
+    ) -> Result<(), BundleError> {
+        let dest = &root.join(rel);
         let create = || {
             fs::OpenOptions::new()
                 .write(true)
@@ -328,7 +326,7 @@ impl Budget {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 if fs::symlink_metadata(dest)?.is_dir() {
                     return Err(BundleError::UnsupportedEntry {
-                        path: dest.display().to_string(),
+                        path: rel.display().to_string(),
                         kind: "file over a folder of the same name",
                     });
                 }
@@ -364,12 +362,32 @@ impl Budget {
     }
 }
 
+/// Creates the folders of `rel` under `root`, one at a time. A link on the way is refused (never
+/// write through one), and so is a file where a folder must be: that is the archive's fault
+/// (`a` a file, then `a/b`), which the state folder's trouble must not be taken for.
 fn make_dirs(root: &Path, rel: &Path) -> Result<(), BundleError> {
-    check_no_symlink_parents(root, &rel.join("x"))?;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(root.join(rel))?;
+    let mut at = root.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        match fs::symlink_metadata(&at) {
+            Ok(meta) if meta.is_symlink() => {
+                return Err(BundleError::UnsafePath {
+                    path: rel.display().to_string(),
+                })
+            }
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(BundleError::UnsupportedEntry {
+                    path: at.strip_prefix(root).unwrap_or(&at).display().to_string(),
+                    kind: "file that a later entry uses as a folder",
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::DirBuilder::new().mode(0o755).create(&at)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
@@ -411,9 +429,8 @@ fn unpack_tar_gz(
             if let Some(parent) = rel.parent() {
                 make_dirs(root, parent)?;
             }
-            check_no_symlink_parents(root, &rel)?;
             let mode = file_mode(entry.header().mode().unwrap_or(0o644));
-            budget.copy(&mut entry, &root.join(&rel), mode)?;
+            budget.copy(&mut entry, root, &rel, mode)?;
         } else if kind.is_symlink() {
             let target = entry
                 .link_name()
@@ -480,9 +497,8 @@ fn unpack_zip(
             if let Some(parent) = rel.parent() {
                 make_dirs(root, parent)?;
             }
-            check_no_symlink_parents(root, &rel)?;
             let mode = file_mode(entry.unix_mode().unwrap_or(0o644));
-            budget.copy(&mut entry, &root.join(&rel), mode)?;
+            budget.copy(&mut entry, root, &rel, mode)?;
         }
     }
     Ok(links)
@@ -512,10 +528,17 @@ fn add_symlink(root: &Path, rel: &Path, raw: &str, target: &str) -> Result<(), B
     if let Some(parent) = rel.parent() {
         make_dirs(root, parent)?;
     }
-    check_no_symlink_parents(root, rel)?;
     let path = root.join(rel);
-    if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
-        fs::remove_file(&path)?;
+    match fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(BundleError::UnsupportedEntry {
+                path: raw.to_string(),
+                kind: "link over a folder of the same name",
+            })
+        }
+        // Tar semantics, as for files: a later entry for the same path wins.
+        Ok(_) => fs::remove_file(&path)?,
+        Err(_) => {}
     }
     crate::platform::symlink(Path::new(target), &path)?;
     Ok(())
@@ -532,12 +555,21 @@ fn check_links_resolve_inside(root: &Path, links: &[PathBuf]) -> Result<(), Bund
             .unwrap_or_default();
         match fs::canonicalize(&link) {
             Ok(real) if real.starts_with(&real_root) => {}
-            // Dangling inside the bundle is harmless; a loop or escape is not.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            _ => {
+            Ok(_) => {
                 return Err(BundleError::EscapingLink {
                     path: rel.display().to_string(),
                     target,
+                })
+            }
+            // A dangling link is left: it leads to nothing to read, and the agent follows no
+            // link of a bundle (its `main` and `metadata.toml` must be regular files).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // A loop (`a -> b`, `b -> a`), or a link through a file.
+            Err(e) => {
+                return Err(BundleError::UnresolvableLink {
+                    path: rel.display().to_string(),
+                    target,
+                    detail: e.to_string(),
                 })
             }
         }
@@ -555,6 +587,217 @@ mod tests {
         assert!(safe_relative("/etc/passwd").is_err());
         assert!(safe_relative("a/../../x").is_err());
         assert_eq!(safe_relative("./a/b").unwrap(), PathBuf::from("a/b"));
+    }
+
+    /// One entry of a generated archive, named and aimed by pieces that include `..`, `.`,
+    /// empty ones and a leading `/`.
+    #[derive(Debug, Clone)]
+    enum Entry {
+        File(String, Vec<u8>),
+        Dir(String),
+        Symlink(String, String),
+        HardLink(String, String),
+    }
+
+    fn path_piece() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        // Mostly plain names, relative: most archives then get past their first entries, and
+        // links that each stay inside but lead out together (`a -> .`, `b -> a/..`), then an
+        // entry written through them, are what must be caught.
+        let part = prop_oneof![
+            8 => prop::sample::select(vec!["a", "b", "c", "main", "metadata.toml", "outside"]),
+            1 => Just(".."),
+            1 => Just("."),
+            1 => Just(""),
+        ];
+        let absolute = prop::bool::weighted(0.05);
+        (absolute, prop::collection::vec(part, 1..4)).prop_map(|(absolute, parts)| {
+            format!("{}{}", if absolute { "/" } else { "" }, parts.join("/"))
+        })
+    }
+
+    fn entry() -> impl proptest::strategy::Strategy<Value = Entry> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (path_piece(), prop::collection::vec(any::<u8>(), 0..8))
+                .prop_map(|(name, data)| Entry::File(name, data)),
+            2 => path_piece().prop_map(Entry::Dir),
+            3 => (path_piece(), path_piece()).prop_map(|(name, to)| Entry::Symlink(name, to)),
+            1 => (path_piece(), path_piece()).prop_map(|(name, to)| Entry::HardLink(name, to)),
+        ]
+    }
+
+    /// A tar.gz of `entries`, names written raw (as a hostile archive would, past the tar
+    /// crate's own checks).
+    fn tar_gz(path: &Path, entries: &[Entry]) {
+        let file = fs::File::create(path).unwrap();
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::fast(),
+        ));
+        for entry in entries {
+            let mut header = tar::Header::new_gnu();
+            let (name, data, link): (&str, &[u8], Option<&str>) = match entry {
+                Entry::File(name, data) => {
+                    header.set_entry_type(tar::EntryType::Regular);
+                    (name, data, None)
+                }
+                Entry::Dir(name) => {
+                    header.set_entry_type(tar::EntryType::Directory);
+                    (name, &[], None)
+                }
+                Entry::Symlink(name, to) => {
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    (name, &[], Some(to))
+                }
+                Entry::HardLink(name, to) => {
+                    header.set_entry_type(tar::EntryType::Link);
+                    (name, &[], Some(to))
+                }
+            };
+            header.set_size(data.len() as u64);
+            header.set_mode(0o755);
+            let gnu = header.as_gnu_mut().unwrap();
+            gnu.name = [0; 100];
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(to) = link {
+                gnu.linkname = [0; 100];
+                gnu.linkname[..to.len()].copy_from_slice(to.as_bytes());
+            }
+            header.set_cksum();
+            builder.append(&header, data).unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap();
+    }
+
+    /// A zip of `entries` (zip has no hard links: those are left out).
+    fn zip(path: &Path, entries: &[Entry]) {
+        use zip::write::SimpleFileOptions;
+        let mut writer = zip::ZipWriter::new(fs::File::create(path).unwrap());
+        let options = SimpleFileOptions::default().unix_permissions(0o755);
+        for entry in entries {
+            // The zip crate refuses some names (a repeated one, for instance): such an entry
+            // is just not in the archive.
+            let _ = match entry {
+                Entry::File(name, data) => writer
+                    .start_file(name.as_str(), options)
+                    .and_then(|()| Ok(writer.write_all(data)?)),
+                Entry::Dir(name) => writer.add_directory(name.as_str(), options),
+                Entry::Symlink(name, to) => writer.add_symlink(name.as_str(), to.as_str(), options),
+                Entry::HardLink(..) => Ok(()),
+            };
+        }
+        writer.finish().unwrap();
+    }
+
+    /// Every path under `dir` with what it is: a file's bytes, a link's target, or a folder.
+    fn listing(dir: &Path) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(next) = todo.pop() {
+            for item in fs::read_dir(&next).unwrap() {
+                let path = item.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let what = if meta.is_symlink() {
+                    format!("link to {}", fs::read_link(&path).unwrap().display())
+                } else if meta.is_dir() {
+                    todo.push(path.clone());
+                    "folder".into()
+                } else {
+                    format!("{:?}", fs::read(&path).unwrap())
+                };
+                out.push((path, what));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// Whatever a bundle holds, unpacking it writes nothing outside the bundles folder and
+        /// leaves no half-unpacked folder behind (a complete one that a later check refused is
+        /// collected as garbage, like any unused copy); an accepted one holds no link that
+        /// leads out.
+        #[test]
+        fn no_archive_writes_outside_its_folder_or_leaves_a_half_unpacked_one(
+            entries in proptest::collection::vec(entry(), 0..12),
+            with_metadata in proptest::prelude::any::<bool>(),
+            is_zip in proptest::prelude::any::<bool>(),
+        ) {
+            static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            /// Removes the case's folder however the case ends.
+            struct Scratch(PathBuf);
+            impl Drop for Scratch {
+                fn drop(&mut self) {
+                    let _ = fs::remove_dir_all(&self.0);
+                }
+            }
+            let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let scratch = Scratch(std::env::temp_dir().join(format!(
+                "lumos-bundle-prop-{}-{case}",
+                std::process::id(),
+            )));
+            let root = scratch.0.clone();
+            // `state/bundles/<hash>` is where the bundle goes; `outside` and `state/outside`
+            // are what a hostile entry would aim at.
+            let bundles = root.join("state/bundles");
+            fs::create_dir_all(&bundles).unwrap();
+            fs::create_dir_all(root.join("outside")).unwrap();
+            fs::write(root.join("outside/main"), b"keep").unwrap();
+            fs::write(root.join("state/outside"), b"keep").unwrap();
+            let mut entries = entries;
+            if with_metadata {
+                entries.insert(0, Entry::File("main".into(), b"#!/bin/sh\n".to_vec()));
+                entries.insert(
+                    0,
+                    Entry::File(
+                        "metadata.toml".into(),
+                        b"[connector]\napp_id = \"x\"\nversion = \"1\"\n".to_vec(),
+                    ),
+                );
+            }
+            let (archive, format) = if is_zip {
+                (root.join("x-1.zip"), BundleFormat::Zip)
+            } else {
+                (root.join("x-1.tar.gz"), BundleFormat::TarGz)
+            };
+            if is_zip { zip(&archive, &entries) } else { tar_gz(&archive, &entries) }
+            let before: Vec<_> = listing(&root)
+                .into_iter()
+                .filter(|(path, _)| !path.starts_with(&bundles))
+                .collect();
+            let limits = BundleLimits { max_bytes: 1 << 20, max_entries: 100 };
+            let outcome = unpack(&archive, format, &"ab".repeat(32), &bundles, limits);
+            let after: Vec<_> = listing(&root)
+                .into_iter()
+                .filter(|(path, _)| !path.starts_with(&bundles))
+                .collect();
+            let in_bundles = listing(&bundles);
+            proptest::prop_assert_eq!(before, after, "outcome: {:?}", outcome);
+            for folder in fs::read_dir(&bundles).unwrap() {
+                let folder = folder.unwrap().path();
+                proptest::prop_assert!(
+                    folder.join(COMPLETE_MARKER).is_file(),
+                    "{} is left half-unpacked ({:?})", folder.display(), outcome
+                );
+            }
+            match outcome {
+                // The disk is healthy here: a refusal is the archive's fault, never taken for
+                // the state folder's (which would have the file tried again at every scan).
+                Err(BundleError::Io(e)) => proptest::prop_assert!(false, "taken for the state folder's trouble: {e}"),
+                Err(_) => {}
+                Ok(bundle) => {
+                    let real = fs::canonicalize(&bundle.dir).ok();
+                    for (path, what) in &in_bundles {
+                        if let (Ok(to), Some(real)) = (fs::canonicalize(path), &real) {
+                            proptest::prop_assert!(to.starts_with(real), "{} ({what}) leads to {}", path.display(), to.display());
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
