@@ -207,6 +207,67 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// What a worker writes is as untrusted as the library it hosts, which shares its
+        /// memory: any bytes give frames, a clean end or an error, and never a frame over the
+        /// limit.
+        #[test]
+        fn any_bytes_from_a_worker_give_frames_or_an_error(
+            // Length prefixes mostly small, then bytes that may or may not match them.
+            pieces in proptest::collection::vec(
+                (0u32..80, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)),
+                0..8,
+            ),
+            max_len in 1u32..64,
+        ) {
+            let stream: Vec<u8> = pieces
+                .iter()
+                .flat_map(|(len, bytes)| len.to_le_bytes().into_iter().chain(bytes.iter().copied()))
+                .collect();
+            // The agent reads a worker's frames with `read_async`; the worker reads the agent's
+            // with `read_blocking`. Both see the same frames and stop at the same place.
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (mut blocking, mut nonblocking) = (stream.as_slice(), stream.as_slice());
+            let mut total = 0;
+            loop {
+                let frame = read_blocking(&mut blocking, max_len);
+                let same = runtime.block_on(read_async(&mut nonblocking, max_len));
+                proptest::prop_assert_eq!(
+                    frame.as_ref().map_err(io::Error::kind),
+                    same.as_ref().map_err(io::Error::kind)
+                );
+                let Ok(Some(frame)) = frame else { break };
+                proptest::prop_assert!(frame.payload.len() < max_len as usize);
+                total += 5 + frame.payload.len();
+                let _ = (decode_call(&frame.payload), decode_complete(&frame.payload));
+                let _ = (decode_cancel(&frame.payload), decode_log(&frame.payload));
+            }
+            proptest::prop_assert!(total <= stream.len());
+        }
+
+        #[test]
+        fn call_and_complete_frames_round_trip(
+            call_id in proptest::prelude::any::<u64>(),
+            deadline in proptest::prelude::any::<u64>(),
+            capability in "\\PC{0,40}",
+            input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+            status in proptest::prelude::any::<u32>(),
+        ) {
+            let bytes = encode_call(call_id, deadline, &capability, &input);
+            let frame = read_blocking(&mut bytes.as_slice(), 1 << 20).unwrap().unwrap();
+            proptest::prop_assert_eq!(frame.kind, CALL);
+            proptest::prop_assert_eq!(
+                decode_call(&frame.payload),
+                Some(CallFrame { call_id, deadline_unix_ms: deadline, capability, input: input.clone() })
+            );
+            let bytes = encode(COMPLETE, &[&call_id.to_le_bytes(), &status.to_le_bytes(), &input]);
+            let frame = read_blocking(&mut bytes.as_slice(), 1 << 20).unwrap().unwrap();
+            proptest::prop_assert_eq!(decode_complete(&frame.payload), Some((call_id, status, &input[..])));
+        }
+    }
+
     #[test]
     fn malformed_frames_are_errors_not_panics() {
         assert!(read_blocking(&mut [0u8, 0, 0, 0].as_slice(), 100).is_err());

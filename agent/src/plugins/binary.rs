@@ -784,6 +784,72 @@ mod tests {
         }
     }
 
+    /// What a check must never say of a file cut short: that it is whole. (A cut before the
+    /// magic leaves a file of no known format, which passes.)
+    fn is_cut_short(problem: &Result<(), BinaryProblem>) -> bool {
+        matches!(
+            problem,
+            Err(BinaryProblem::Truncated { .. } | BinaryProblem::TruncatedHeader { .. })
+        )
+    }
+
+    /// Any host of a format: the properties hold whatever the architecture, and every loader
+    /// named is taken to be there (so a mutated `PT_INTERP` is read, not skipped).
+    fn any_machine(format: Format) -> Host {
+        Host {
+            format,
+            machines: &[],
+            arch: "x86_64",
+            loader_exists: Some(|_| true),
+        }
+    }
+
+    /// Up to 8 bytes set to any value, each in the first `head` bytes or the last `tail`
+    /// (where the headers and the tables they place are), then the file cut anywhere or not.
+    fn mutated(
+        whole: &[u8],
+        head: usize,
+        tail: usize,
+    ) -> impl proptest::strategy::Strategy<Value = Vec<u8>> + '_ {
+        use proptest::prelude::*;
+        let len = whole.len();
+        let at = prop_oneof![0..head.min(len), len.saturating_sub(tail)..len];
+        (
+            prop::collection::vec((at, any::<u8>()), 1..8),
+            prop::option::of(0..len),
+        )
+            .prop_map(move |(changes, cut)| {
+                let mut file = whole.to_vec();
+                for (at, value) in changes {
+                    file[at] = value;
+                }
+                file.truncate(cut.unwrap_or(len));
+                file
+            })
+    }
+
+    /// [`pe64`] for x86_64, made once.
+    fn small_pe() -> &'static [u8] {
+        static FILE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        FILE.get_or_init(|| pe64(pe::IMAGE_FILE_MACHINE_AMD64.0))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn a_pe_file_cut_anywhere_past_its_magic_is_named_cut_short(cut in 4usize..0x400) {
+            let problem = check_bytes(&small_pe()[..cut], any_machine(Format::Pe));
+            proptest::prop_assert!(is_cut_short(&problem), "cut at {cut:#x}: {problem:?}");
+        }
+
+        #[test]
+        fn a_damaged_pe_file_gets_an_answer_not_a_panic(file in mutated(small_pe(), 0x200, 0x200)) {
+            // Any answer will do; a panic, an overflow or an endless loop fails the test.
+            let _ = check_bytes(&file, any_machine(Format::Pe));
+        }
+    }
+
     /// This test's own executable: a real ELF file, its section table at its very end.
     #[cfg(target_os = "linux")]
     mod elf_files {
@@ -823,6 +889,48 @@ mod tests {
                     }
                     other => panic!("cut at {cut}: {other:?}"),
                 }
+            }
+        }
+
+        /// A small real ELF program of this system (`/bin/sh`), whole, with its section table
+        /// at its very end, as a linker lays it out (which the properties below rely on, so it
+        /// is checked here).
+        fn small_program() -> &'static [u8] {
+            static FILE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            FILE.get_or_init(|| {
+                let file = std::fs::read("/bin/sh").expect("/bin/sh is an ELF program on Linux");
+                let header = elf::FileHeader64::<Endianness>::parse(&file[..]).unwrap();
+                let endian = header.endian().unwrap();
+                let table_end = header.e_shoff(endian)
+                    + u64::from(header.e_shnum(endian)) * u64::from(header.e_shentsize(endian));
+                assert_eq!(
+                    table_end,
+                    file.len() as u64,
+                    "/bin/sh ends with its section table"
+                );
+                check_bytes(&file, any_machine(Format::Elf)).unwrap();
+                file
+            })
+        }
+
+        proptest::proptest! {
+            #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+            /// A file being copied into the plugins folder, read before the copy ends.
+            #[test]
+            fn an_elf_file_cut_anywhere_past_its_magic_is_named_cut_short(
+                cut in 4usize..small_program().len(),
+            ) {
+                let problem = check_bytes(&small_program()[..cut], any_machine(Format::Elf));
+                proptest::prop_assert!(is_cut_short(&problem), "cut at {cut}: {problem:?}");
+            }
+
+            #[test]
+            fn a_damaged_elf_file_gets_an_answer_not_a_panic(
+                file in mutated(small_program(), 4096, 4096),
+            ) {
+                // Any answer will do; a panic, an overflow or an endless loop fails the test.
+                let _ = check_bytes(&file, any_machine(Format::Elf));
             }
         }
 

@@ -483,6 +483,105 @@ mod tests {
         assert_eq!(read(&text), (ids, 6));
     }
 
+    /// One line of a journal, for the property below.
+    #[derive(Debug, Clone)]
+    enum Line {
+        Started(usize),
+        Acknowledged(usize),
+        /// By id, as earlier versions wrote.
+        AcknowledgedById(usize),
+        /// A line that is no record: a foreign kind, bad hex, an empty id, a short fingerprint.
+        Foreign(Vec<u8>),
+    }
+
+    fn line() -> impl proptest::strategy::Strategy<Value = Line> {
+        use proptest::prelude::*;
+        let foreign = prop_oneof![
+            prop::collection::vec(
+                any::<u8>().prop_filter("no newline", |b| *b != b'\n'),
+                0..20
+            )
+            .prop_map(|bytes| [&b"?"[..], &bytes, b"\n"].concat()),
+            Just(b"S zz\n".to_vec()),
+            Just(b"S \n".to_vec()),
+            Just(b"F 0011\n".to_vec()),
+        ];
+        prop_oneof![
+            (0..5usize).prop_map(Line::Started),
+            (0..5usize).prop_map(Line::Acknowledged),
+            (0..5usize).prop_map(Line::AcknowledgedById),
+            foreign.prop_map(Line::Foreign),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// Whatever the records and the lines that are not, a call is open after a crash when
+        /// its last record says it started, and acknowledged when its last record says so;
+        /// nothing else is lost or made up. (Each in the order of its first such record.)
+        #[test]
+        fn the_last_record_of_each_call_decides_whatever_lies_between(
+            ids in proptest::collection::hash_set("\\PC{1,12}", 5),
+            lines in proptest::collection::vec(line(), 0..40),
+            torn_tail in proptest::option::of(0..5usize),
+        ) {
+            let ids: Vec<String> = ids.into_iter().collect();
+            let key = FingerprintKey::random();
+            let mut text = Vec::new();
+            record(&mut text, KEY, &key.to_bytes());
+            let mut last: HashMap<usize, bool> = HashMap::new();
+            let (mut first_started, mut first_acked) = (Vec::new(), Vec::new());
+            let mut foreign = 0;
+            for line in &lines {
+                match line {
+                    Line::Started(i) => {
+                        record_started(&mut text, &ids[*i]);
+                        last.insert(*i, true);
+                        if !first_started.contains(i) {
+                            first_started.push(*i);
+                        }
+                    }
+                    Line::Acknowledged(i) | Line::AcknowledgedById(i) => {
+                        if let Line::Acknowledged(_) = line {
+                            record_acknowledged(&mut text, key.fingerprint(&ids[*i]));
+                        } else {
+                            record(&mut text, ACKNOWLEDGED_ID, ids[*i].as_bytes());
+                        }
+                        last.insert(*i, false);
+                        if !first_acked.contains(i) {
+                            first_acked.push(*i);
+                        }
+                    }
+                    Line::Foreign(bytes) => {
+                        text.extend_from_slice(bytes);
+                        foreign += 1;
+                    }
+                }
+            }
+            // A record cut short by the crash, at the very end: not a record.
+            if let Some(i) = torn_tail {
+                record_started(&mut text, &ids[i]);
+                text.pop();
+                foreign += 1;
+            }
+            let (read_ids, torn) = read(&text);
+            let open: Vec<String> = first_started
+                .iter()
+                .filter(|i| last[*i])
+                .map(|i| ids[*i].clone())
+                .collect();
+            let acknowledged: Vec<u128> = first_acked
+                .iter()
+                .filter(|i| !last[*i])
+                .map(|i| key.fingerprint(&ids[*i]))
+                .collect();
+            proptest::prop_assert_eq!(read_ids.open, open);
+            proptest::prop_assert_eq!(read_ids.acknowledged, acknowledged);
+            proptest::prop_assert_eq!(torn, foreign);
+        }
+    }
+
     #[test]
     fn a_journal_of_an_earlier_version_is_read_with_a_new_key() {
         let mut text = Vec::new();
