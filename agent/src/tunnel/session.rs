@@ -348,8 +348,10 @@ impl Session<'_> {
                 } else {
                     tracing::debug!(call_id = %cancel.call_id, "cancel for a call that is not running (finished or unknown): nothing to do");
                 }
-                // A call still being received is dropped too.
+                // A call still being received is dropped too, and one being refused is done
+                // with: its next chunks are a new call.
                 self.partials.remove(&cancel.call_id);
+                self.refused.remove(&cancel.call_id);
             }
             Some(cloud_message::Message::Heartbeat(_)) => {}
             Some(cloud_message::Message::Welcome(_)) => {
@@ -368,10 +370,15 @@ impl Session<'_> {
             return;
         }
         if self.refused.contains(&call_id) {
-            if chunk.last {
-                self.refused.remove(&call_id);
+            // The rest of a refused call is dropped up to its last chunk. A chunk 0 is the call
+            // sent again (the refusal said to): it starts afresh, not dropped with the rest.
+            if chunk.seq != 0 {
+                if chunk.last {
+                    self.refused.remove(&call_id);
+                }
+                return;
             }
-            return;
+            self.refused.remove(&call_id);
         }
         let max_request = self.ctx.cloud.max_request_bytes;
         let partial = match self.partials.remove(&call_id) {
