@@ -353,6 +353,8 @@ async fn cancel_kills_the_process_group_and_stray_cancels_are_harmless() {
     );
     let result = s.result("after", WAIT).await.unwrap();
     assert_eq!(result.json()["response"]["request"]["still"], "serving");
+    // Acknowledged, so the stop has no result to wait the grace for.
+    s.ack("after");
     agent.shutdown().await;
 }
 
@@ -389,6 +391,7 @@ async fn calls_over_the_limit_get_a_retryable_busy() {
         s.result("third", WAIT).await.unwrap().json()["response"]["request"],
         3
     );
+    s.ack("third");
     for pid in pids {
         assert!(!process_alive(pid));
     }
@@ -397,7 +400,9 @@ async fn calls_over_the_limit_get_a_retryable_busy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_and_payloads_get_an_error_for_that_call_and_nothing_else() {
-    let (_dirs, cloud, agent) = tester_and_cloud("").await;
+    // The results are not acknowledged: at the stop the agent waits the grace for the acks.
+    let (dirs, cloud, config) = tester_cloud_and_short_grace().await;
+    let agent = TestAgent::start(&dirs, &config).await;
     let mut s = cloud.next_session(WAIT).await;
     let code = |r: &AssembledResult| {
         r.json()["error"]["error_code"]
@@ -452,6 +457,32 @@ async fn malformed_frames_and_payloads_get_an_error_for_that_call_and_nothing_el
         code(&s.result("late", WAIT).await.unwrap()),
         "agent.bad_request"
     );
+    // Refused at its chunk 1 (no chunk 0), then sent again from chunk 0 as the refusal says,
+    // before (or instead of) the rest of the first attempt: the new attempt runs. Likewise
+    // after a Cancel of the refused call.
+    for (call_id, cancel) in [("again", false), ("cancelled-then-again", true)] {
+        s.send_chunk(chunk(call_id, 1, false));
+        assert_eq!(
+            code(&s.result(call_id, WAIT).await.unwrap()),
+            "agent.bad_request"
+        );
+        s.ack(call_id);
+        if cancel {
+            s.cancel(call_id);
+        }
+        let piece = |seq: u32, last: bool, payload: &'static [u8]| CallRequest {
+            payload: bytes::Bytes::from_static(payload),
+            ..chunk(call_id, seq, last)
+        };
+        s.send_chunk(piece(0, false, br#"{"request": "#));
+        s.send_chunk(piece(1, true, br#""sent again"}"#));
+        let again = s
+            .result(call_id, WAIT)
+            .await
+            .expect("the call sent again is answered");
+        assert_eq!(again.status, ANSWERED, "{}", again.json());
+        assert_eq!(again.json()["response"]["request"], "sent again");
+    }
     // No call_id (nothing to answer), and an empty message: ignored.
     s.send_chunk(chunk("", 0, true));
     s.send_empty();
