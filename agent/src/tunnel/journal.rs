@@ -483,6 +483,112 @@ mod tests {
         assert_eq!(read(&text), (ids, 6));
     }
 
+    /// What happens to the call table of one agent, for the property below.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// The cloud sends call `i`.
+        Send(usize),
+        /// The session writes the journal and starts the calls it admitted.
+        Start,
+        /// Call `i`, if it runs, ends with a result.
+        Finish(usize),
+        /// Call `i` is refused before running (busy, malformed).
+        Refuse(usize),
+        /// The cloud acknowledges call `i`'s result.
+        Ack(usize),
+        /// The agent dies (`kill -9`): what is in memory is lost.
+        Crash,
+        /// The agent stops: running calls end, the unacknowledged results are kept.
+        Stop,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..6usize).prop_map(Step::Send),
+            3 => Just(Step::Start),
+            3 => (0..6usize).prop_map(Step::Finish),
+            1 => (0..6usize).prop_map(Step::Refuse),
+            3 => (0..6usize).prop_map(Step::Ack),
+            1 => Just(Step::Crash),
+            1 => Just(Step::Stop),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// The tunnel's promise: whatever the cloud sends again, and however often the agent
+        /// dies or stops in between, no call runs twice. A call runs when the session starts
+        /// it, which is after its journal record is written; one admitted but not started when
+        /// the agent died never ran, and may run after the restart.
+        #[test]
+        fn no_call_runs_twice_across_crashes_and_stops(
+            steps in proptest::collection::vec(step(), 1..60),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let spill = tempfile::tempdir().unwrap();
+            let outbox = tempfile::tempdir().unwrap();
+            let start = || {
+                let table = CallTable::new(spill.path().to_path_buf(), 1 << 20);
+                crate::tunnel::outbox::restore(&table, outbox.path());
+                open(&table, outbox.path());
+                table
+            };
+            let id = |i: usize| format!("call-{i}");
+            let mut table = start();
+            // Admitted and not yet started; started and not finished; how often each ran.
+            let (mut admitted, mut running) = (Vec::new(), Vec::new());
+            let mut runs = [0usize; 6];
+            for step in steps {
+                match step {
+                    Step::Send(i) => {
+                        if let Admission::Run(_) = table.admit(&id(i), 3) {
+                            admitted.push(i);
+                        }
+                    }
+                    Step::Start => {
+                        table.flush_journal();
+                        for i in admitted.drain(..) {
+                            runs[i] += 1;
+                            running.push(i);
+                        }
+                    }
+                    Step::Finish(i) => {
+                        if let Some(at) = running.iter().position(|r| *r == i) {
+                            running.remove(at);
+                            runtime.block_on(table.finish(&id(i), Outcome::Answered, body("{}"), true));
+                        }
+                    }
+                    Step::Refuse(i) => {
+                        table.refuse(&id(i), body("{\"busy\":1}"));
+                    }
+                    Step::Ack(i) => {
+                        table.acknowledge(&id(i));
+                    }
+                    Step::Crash => {
+                        admitted.clear();
+                        running.clear();
+                        drop(std::mem::replace(&mut table, CallTable::new(spill.path().to_path_buf(), 1 << 20)));
+                        table = start();
+                    }
+                    Step::Stop => {
+                        // A stop takes no new call: what was admitted and not started never runs.
+                        admitted.clear();
+                        for i in running.drain(..) {
+                            runtime.block_on(table.finish(&id(i), Outcome::Answered, body("{}"), true));
+                        }
+                        table.flush_journal();
+                        crate::tunnel::outbox::save(&table, outbox.path());
+                        drop(std::mem::replace(&mut table, CallTable::new(spill.path().to_path_buf(), 1 << 20)));
+                        table = start();
+                    }
+                }
+                proptest::prop_assert!(runs.iter().all(|n| *n <= 1), "runs per call: {:?}", runs);
+            }
+        }
+    }
+
     /// One line of a journal, for the property below.
     #[derive(Debug, Clone)]
     enum Line {
