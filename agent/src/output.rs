@@ -362,6 +362,45 @@ mod tests {
         }
     }
 
+    /// The last non-blank line's range, if a newline comes before it, found the plain way.
+    fn last_line_by_model(text: &[u8]) -> Option<(u64, u64)> {
+        let end = text.iter().rposition(|b| !b.is_ascii_whitespace())? + 1;
+        let start = text[..end].iter().rposition(|b| *b == b'\n')? + 1;
+        Some((start as u64, end as u64))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// The last line of a connector's output (its answer after log lines) is found the
+        /// same in memory and in a file, wherever it falls against the file's read blocks.
+        #[test]
+        fn the_last_line_is_found_wherever_it_falls_against_the_read_blocks(
+            pieces in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        proptest::strategy::Just(0usize),
+                        0usize..4,
+                        READ_BLOCK - 2..READ_BLOCK + 2,
+                    ],
+                    proptest::sample::select(vec![b'x', b' ', b'\n', b'\t']),
+                ),
+                0..6,
+            ),
+        ) {
+            let text: Vec<u8> = pieces
+                .iter()
+                .flat_map(|(len, byte)| std::iter::repeat_n(*byte, *len))
+                .collect();
+            let expected = last_line_by_model(&text);
+            let file = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut &file, &text).unwrap();
+            for body in [ResultBody::from(text.clone()), ResultBody::from_file(file.try_clone().unwrap(), text.len() as u64)] {
+                proptest::prop_assert_eq!(body.last_line().unwrap(), expected);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_single_line_has_no_last_line_before_it() {
         for body in [ResultBody::from(b"  {}\n".to_vec()), spooled(b"{}\n").await] {
