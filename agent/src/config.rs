@@ -1821,6 +1821,74 @@ mod tests {
         );
     }
 
+    /// Bad settings, each with its section and the key it must be reported under.
+    const BAD_SETTINGS: &[(&str, &str, &str)] = &[
+        ("", "plugins_dir = 5", "plugins_dir"),
+        ("", "bogus = 1", "bogus"),
+        ("calls", "timeout_secs = \"soon\"", "calls.timeout_secs"),
+        ("calls", "max_concurrency = 0", "calls.max_concurrency"),
+        ("calls", "kill_grace_secs = 601", "calls.kill_grace_secs"),
+        (
+            "calls",
+            "connector_log_level = \"LOUD\"",
+            "calls.connector_log_level",
+        ),
+        ("calls", "typo = 1", "calls.typo"),
+        ("log", "format = \"xml\"", "log.format"),
+        ("api", "listen = \"nowhere\"", "api.listen"),
+        ("api", "token_ttl_secs = 0", "api.token_ttl_secs"),
+        (
+            "plugins",
+            "info_timeout_secs = 0",
+            "plugins.info_timeout_secs",
+        ),
+        ("plugins", "debounce_ms = 5", "plugins.debounce_ms"),
+        ("plugins", "watch = \"yes\"", "plugins.watch"),
+        ("plugins", "max_file_bytes = 10", "plugins.max_file_bytes"),
+    ];
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// Whichever settings are wrong, each is reported under its own key, and nothing else
+        /// is: one bad setting never hides another, in its section or in any other.
+        #[test]
+        fn whichever_settings_are_wrong_each_is_reported_and_nothing_else(
+            chosen in proptest::sample::subsequence(BAD_SETTINGS, 0..=BAD_SETTINGS.len()),
+        ) {
+            let (dir, path) = file("");
+            let mut sections: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+            for (section, line, _) in &chosen {
+                sections.entry(section).or_default().push(line);
+            }
+            let mut text = format!("state_dir = {:?}\n", dir.path().join("state"));
+            if !chosen.iter().any(|(_, _, key)| *key == "plugins_dir") {
+                text.push_str(&format!("plugins_dir = {:?}\n", dir.path().join("plugins")));
+            }
+            // The top level ("") sorts first: a key after a table header would be in that table.
+            for (section, lines) in &sections {
+                if !section.is_empty() {
+                    text.push_str(&format!("[{section}]\n"));
+                }
+                for line in lines {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+            std::fs::write(&path, &text).unwrap();
+            let mut expected: Vec<&str> = chosen.iter().map(|(_, _, key)| *key).collect();
+            expected.sort_unstable();
+            let mut reported: Vec<String> = match load_file(&path, &[]) {
+                Ok(_) => Vec::new(),
+                Err(ConfigError::Invalid(issues)) => issues.into_iter().map(|i| i.key).collect(),
+                Err(other) => return Err(proptest::test_runner::TestCaseError::fail(format!("{other}"))),
+            };
+            reported.sort_unstable();
+            reported.dedup();
+            proptest::prop_assert_eq!(reported, expected, "config:\n{}", text);
+        }
+    }
+
     #[test]
     fn api_users_need_an_argon2_hash_and_a_role_and_every_problem_is_reported() {
         let good = crate::auth::hash_password(b"pw").unwrap();
