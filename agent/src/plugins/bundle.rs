@@ -14,6 +14,10 @@ use std::path::{Component, Path, PathBuf};
 
 /// Marks a folder as completely unpacked; holds nothing.
 const COMPLETE_MARKER: &str = ".lumos-complete";
+/// The longest name of an entry's path, and the longest path: what file systems take
+/// (Linux's 255-byte names and 4096-byte paths, less room for the state folder's own path).
+const MAX_NAME_BYTES: usize = 255;
+const MAX_PATH_BYTES: usize = 4000;
 /// Largest `metadata.toml` read.
 const MAX_METADATA_BYTES: u64 = 64 * 1024;
 
@@ -269,9 +273,19 @@ fn safe_relative(raw: &str) -> Result<PathBuf, BundleError> {
     if raw.contains('\0') || raw.contains('\\') && cfg!(windows) {
         return Err(unsafe_path());
     }
+    // Longer than file systems allow: the archive's fault, which the state folder's trouble
+    // (ENAMETOOLONG from the file system) must not be taken for.
+    let too_long = || BundleError::UnsupportedEntry {
+        path: raw.to_string(),
+        kind: "name longer than file systems allow (255 bytes a name, 4000 a path)",
+    };
+    if raw.len() > MAX_PATH_BYTES {
+        return Err(too_long());
+    }
     let mut out = PathBuf::new();
     for component in Path::new(raw).components() {
         match component {
+            Component::Normal(part) if part.len() > MAX_NAME_BYTES => return Err(too_long()),
             Component::Normal(part) => out.push(part),
             Component::CurDir => {}
             Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
@@ -489,9 +503,19 @@ fn unpack_zip(
         if entry.is_dir() {
             make_dirs(root, &rel)?;
         } else if entry.is_symlink() {
-            let mut target = String::new();
-            entry.by_ref().take(4096).read_to_string(&mut target)?;
-            add_symlink(root, &rel, &raw, &target)?;
+            // The target is the entry's data: a read error is a broken archive, and a target
+            // that is not UTF-8 is taken as the tar path takes one (lossily), not as the
+            // state folder's trouble.
+            let mut target = Vec::new();
+            entry
+                .by_ref()
+                .take(4096)
+                .read_to_end(&mut target)
+                .map_err(|e| BundleError::Corrupt {
+                    format: "zip",
+                    detail: e.to_string(),
+                })?;
+            add_symlink(root, &rel, &raw, &String::from_utf8_lossy(&target))?;
             links.push(rel);
         } else {
             if let Some(parent) = rel.parent() {
@@ -599,6 +623,13 @@ mod tests {
         HardLink(String, String),
     }
 
+    const LONG_NAME: &str = concat!(
+        "long-name-0123456789012345678901234567890123456789012345678901234567890123456789",
+        "0123456789012345678901234567890123456789012345678901234567890123456789012345678",
+        "0123456789012345678901234567890123456789012345678901234567890123456789012345678",
+        "0123456789012345678901234567890123456789"
+    );
+
     fn path_piece() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         // Mostly plain names, relative: most archives then get past their first entries, and
@@ -609,6 +640,8 @@ mod tests {
             1 => Just(".."),
             1 => Just("."),
             1 => Just(""),
+            // Longer than a file name may be (255 bytes on Linux and Windows file systems).
+            1 => Just(LONG_NAME),
         ];
         let absolute = prop::bool::weighted(0.05);
         (absolute, prop::collection::vec(part, 1..4)).prop_map(|(absolute, parts)| {
@@ -657,12 +690,30 @@ mod tests {
             };
             header.set_size(data.len() as u64);
             header.set_mode(0o755);
+            // A name or target over 100 bytes goes before the entry in a GNU long-name record,
+            // as GNU tar writes it.
+            for (long, kind) in [
+                (Some(name), tar::EntryType::GNULongName),
+                (link, tar::EntryType::GNULongLink),
+            ] {
+                if let Some(long) = long.filter(|l| l.len() > 100) {
+                    let mut record = tar::Header::new_gnu();
+                    record.set_entry_type(kind);
+                    record.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+                    record.set_size(long.len() as u64 + 1);
+                    record.set_cksum();
+                    builder
+                        .append(&record, [long.as_bytes(), b"\0"].concat().as_slice())
+                        .unwrap();
+                }
+            }
             let gnu = header.as_gnu_mut().unwrap();
+            let cut = |text: &str| text.as_bytes()[..text.len().min(100)].to_vec();
             gnu.name = [0; 100];
-            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            gnu.name[..cut(name).len()].copy_from_slice(&cut(name));
             if let Some(to) = link {
                 gnu.linkname = [0; 100];
-                gnu.linkname[..to.len()].copy_from_slice(to.as_bytes());
+                gnu.linkname[..cut(to).len()].copy_from_slice(&cut(to));
             }
             header.set_cksum();
             builder.append(&header, data).unwrap();
