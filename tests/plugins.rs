@@ -277,6 +277,17 @@ async fn hostile_and_broken_bundles_are_rejected_with_reasons() {
         &p.join("hardlink-1.tar.gz"),
         vec![meta(), main(), Entry::HardLink("h", "main")],
     );
+    // A file, then a path through it as if it were a folder: the archive's fault, not the
+    // state folder's (which would be tried again at every scan).
+    tar_gz(
+        &p.join("conflict-1.tar.gz"),
+        vec![
+            meta(),
+            main(),
+            Entry::File("lib", b"x".to_vec(), 0o644),
+            Entry::File("lib/mod.py", b"x".to_vec(), 0o644),
+        ],
+    );
     tar_gz(&p.join("nometa-1.tar.gz"), vec![main()]);
     tar_gz(
         &p.join("badmeta-1.tar.gz"),
@@ -322,6 +333,10 @@ async fn hostile_and_broken_bundles_are_rejected_with_reasons() {
         ("linkcombo-1.tar.gz", "points outside"),
         ("through-1.tar.gz", "escapes the bundle"),
         ("hardlink-1.tar.gz", "hard link"),
+        (
+            "conflict-1.tar.gz",
+            "entry \"lib\" is a file that a later entry uses as a folder",
+        ),
         ("nometa-1.tar.gz", "no metadata.toml"),
         ("badmeta-1.tar.gz", "no [connector] app_id"),
         ("nomain-1.tar.gz", "no `main` executable"),
