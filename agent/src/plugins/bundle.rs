@@ -87,6 +87,17 @@ pub enum BundleError {
         /// The entry as written in the archive.
         path: String,
     },
+    /// An entry under a symlink an earlier entry made (`link -> /etc`, then `link/passwd`):
+    /// never written through.
+    #[error(
+        "entry {path:?} lies under the bundle's symlink {link:?}: refusing to write through a link"
+    )]
+    ThroughLink {
+        /// The entry.
+        path: String,
+        /// The link on its way.
+        link: String,
+    },
     /// A symlink pointing outside the bundle.
     #[error("symlink {path:?} points outside the bundle ({target:?}): refusing to unpack")]
     EscapingLink {
@@ -376,17 +387,19 @@ impl Budget {
     }
 }
 
-/// Creates the folders of `rel` under `root`, one at a time. A link on the way is refused (never
-/// write through one), and so is a file where a folder must be: that is the archive's fault
-/// (`a` a file, then `a/b`), which the state folder's trouble must not be taken for.
-fn make_dirs(root: &Path, rel: &Path) -> Result<(), BundleError> {
+/// Creates the folders of `rel` under `root`, one at a time, for the archive's entry `entry`. A
+/// link on the way is refused (never write through one), and so is a file where a folder must
+/// be: that is the archive's fault (`a` a file, then `a/b`), which the state folder's trouble
+/// must not be taken for.
+fn make_dirs(root: &Path, rel: &Path, entry: &str) -> Result<(), BundleError> {
     let mut at = root.to_path_buf();
     for part in rel.components() {
         at.push(part);
         match fs::symlink_metadata(&at) {
             Ok(meta) if meta.is_symlink() => {
-                return Err(BundleError::UnsafePath {
-                    path: rel.display().to_string(),
+                return Err(BundleError::ThroughLink {
+                    path: entry.to_string(),
+                    link: at.strip_prefix(root).unwrap_or(&at).display().to_string(),
                 })
             }
             Ok(meta) if meta.is_dir() => {}
@@ -438,10 +451,10 @@ fn unpack_tar_gz(
         }
         let kind = entry.header().entry_type();
         if kind.is_dir() {
-            make_dirs(root, &rel)?;
+            make_dirs(root, &rel, &raw)?;
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
             if let Some(parent) = rel.parent() {
-                make_dirs(root, parent)?;
+                make_dirs(root, parent, &raw)?;
             }
             let mode = file_mode(entry.header().mode().unwrap_or(0o644));
             budget.copy(&mut entry, root, &rel, mode)?;
@@ -501,7 +514,7 @@ fn unpack_zip(
             continue;
         }
         if entry.is_dir() {
-            make_dirs(root, &rel)?;
+            make_dirs(root, &rel, &raw)?;
         } else if entry.is_symlink() {
             // The target is the entry's data: a read error is a broken archive, and a target
             // that is not UTF-8 is taken as the tar path takes one (lossily), not as the
@@ -519,7 +532,7 @@ fn unpack_zip(
             links.push(rel);
         } else {
             if let Some(parent) = rel.parent() {
-                make_dirs(root, parent)?;
+                make_dirs(root, parent, &raw)?;
             }
             let mode = file_mode(entry.unix_mode().unwrap_or(0o644));
             budget.copy(&mut entry, root, &rel, mode)?;
@@ -550,7 +563,7 @@ fn add_symlink(root: &Path, rel: &Path, raw: &str, target: &str) -> Result<(), B
         }
     }
     if let Some(parent) = rel.parent() {
-        make_dirs(root, parent)?;
+        make_dirs(root, parent, raw)?;
     }
     let path = root.join(rel);
     match fs::symlink_metadata(&path) {
