@@ -184,7 +184,7 @@ fn secrets_in(json: &[u8], part: Part, out: &mut Vec<Zeroizing<String>>) {
 }
 
 /// `text` with every occurrence of each of `secrets` replaced by `[redacted]`; where two overlap
-/// or touch they are replaced as one, so no piece of either is left (see [`redact_tail`]).
+/// or touch they are replaced as one, so no piece of either is left.
 pub fn redact<'a>(text: &str, secrets: impl Iterator<Item = &'a str>) -> String {
     redact_tail(text, secrets, usize::MAX)
 }
