@@ -306,7 +306,7 @@ pub fn finish(grace: std::time::Duration) {
 
 #[cfg(test)]
 mod tests {
-    use super::{split_lines, MAX_LINE};
+    use super::{split_lines, LineSplitter, MAX_LINE};
 
     fn lines_of(input: &[u8]) -> Vec<(String, bool)> {
         let mut out = Vec::new();
@@ -334,6 +334,56 @@ mod tests {
             out = these;
         }
         out
+    }
+
+    /// The lines a stream must give, found the plain way: split at newlines; a line over the
+    /// cap is cut there (`true`); a last line without newline counts if not empty.
+    fn lines_by_model(input: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        let mut pieces: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
+        let tail = pieces.pop().unwrap_or_default();
+        let line = |l: &[u8]| (l[..l.len().min(MAX_LINE)].to_vec(), l.len() > MAX_LINE);
+        let mut out: Vec<_> = pieces.into_iter().map(line).collect();
+        if !tail.is_empty() {
+            out.push(line(tail));
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// However a connector's stderr arrives (reads of any size), the lines logged are the
+        /// same, lines at and around the cap included.
+        #[test]
+        fn the_lines_are_the_same_whatever_the_reads(
+            segments in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![0usize..3, MAX_LINE - 2..MAX_LINE + 3],
+                    proptest::prelude::any::<bool>(),
+                ),
+                0..6,
+            ),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..12),
+        ) {
+            let mut input = Vec::new();
+            for (len, newline) in &segments {
+                input.extend(std::iter::repeat_n(b'x', *len));
+                if *newline {
+                    input.push(b'\n');
+                }
+            }
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+            at.push(0);
+            at.push(input.len());
+            at.sort_unstable();
+            let mut splitter = LineSplitter::default();
+            let mut got = Vec::new();
+            for window in at.windows(2) {
+                splitter.push(&input[window[0]..window[1]], |line, cut| got.push((line.to_vec(), cut)));
+            }
+            splitter.finish(|line, cut| got.push((line.to_vec(), cut)));
+            proptest::prop_assert!(got == lines_by_model(&input), "{} lines against {}", got.len(), lines_by_model(&input).len());
+        }
     }
 
     #[test]
