@@ -626,237 +626,246 @@ mod tests {
         assert_eq!(safe_relative("./a/b").unwrap(), PathBuf::from("a/b"));
     }
 
-    /// One entry of a generated archive, named and aimed by pieces that include `..`, `.`,
-    /// empty ones and a leading `/`.
-    #[derive(Debug, Clone)]
-    enum Entry {
-        File(String, Vec<u8>),
-        Dir(String),
-        Symlink(String, String),
-        HardLink(String, String),
-    }
+    /// Generated archives (unix: they are full of symlinks, which Windows makes only with a
+    /// privilege).
+    #[cfg(unix)]
+    mod generated {
+        use super::*;
 
-    const LONG_NAME: &str = concat!(
-        "long-name-0123456789012345678901234567890123456789012345678901234567890123456789",
-        "0123456789012345678901234567890123456789012345678901234567890123456789012345678",
-        "0123456789012345678901234567890123456789012345678901234567890123456789012345678",
-        "0123456789012345678901234567890123456789"
-    );
-
-    fn path_piece() -> impl proptest::strategy::Strategy<Value = String> {
-        use proptest::prelude::*;
-        // Mostly plain names, relative: most archives then get past their first entries, and
-        // links that each stay inside but lead out together (`a -> .`, `b -> a/..`), then an
-        // entry written through them, are what must be caught.
-        let part = prop_oneof![
-            8 => prop::sample::select(vec!["a", "b", "c", "main", "metadata.toml", "outside"]),
-            1 => Just(".."),
-            1 => Just("."),
-            1 => Just(""),
-            // Longer than a file name may be (255 bytes on Linux and Windows file systems).
-            1 => Just(LONG_NAME),
-        ];
-        let absolute = prop::bool::weighted(0.05);
-        (absolute, prop::collection::vec(part, 1..4)).prop_map(|(absolute, parts)| {
-            format!("{}{}", if absolute { "/" } else { "" }, parts.join("/"))
-        })
-    }
-
-    fn entry() -> impl proptest::strategy::Strategy<Value = Entry> {
-        use proptest::prelude::*;
-        prop_oneof![
-            3 => (path_piece(), prop::collection::vec(any::<u8>(), 0..8))
-                .prop_map(|(name, data)| Entry::File(name, data)),
-            2 => path_piece().prop_map(Entry::Dir),
-            3 => (path_piece(), path_piece()).prop_map(|(name, to)| Entry::Symlink(name, to)),
-            1 => (path_piece(), path_piece()).prop_map(|(name, to)| Entry::HardLink(name, to)),
-        ]
-    }
-
-    /// A tar.gz of `entries`, names written raw (as a hostile archive would, past the tar
-    /// crate's own checks).
-    fn tar_gz(path: &Path, entries: &[Entry]) {
-        let file = fs::File::create(path).unwrap();
-        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
-            file,
-            flate2::Compression::fast(),
-        ));
-        for entry in entries {
-            let mut header = tar::Header::new_gnu();
-            let (name, data, link): (&str, &[u8], Option<&str>) = match entry {
-                Entry::File(name, data) => {
-                    header.set_entry_type(tar::EntryType::Regular);
-                    (name, data, None)
-                }
-                Entry::Dir(name) => {
-                    header.set_entry_type(tar::EntryType::Directory);
-                    (name, &[], None)
-                }
-                Entry::Symlink(name, to) => {
-                    header.set_entry_type(tar::EntryType::Symlink);
-                    (name, &[], Some(to))
-                }
-                Entry::HardLink(name, to) => {
-                    header.set_entry_type(tar::EntryType::Link);
-                    (name, &[], Some(to))
-                }
-            };
-            header.set_size(data.len() as u64);
-            header.set_mode(0o755);
-            // A name or target over 100 bytes goes before the entry in a GNU long-name record,
-            // as GNU tar writes it.
-            for (long, kind) in [
-                (Some(name), tar::EntryType::GNULongName),
-                (link, tar::EntryType::GNULongLink),
-            ] {
-                if let Some(long) = long.filter(|l| l.len() > 100) {
-                    let mut record = tar::Header::new_gnu();
-                    record.set_entry_type(kind);
-                    record.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
-                    record.set_size(long.len() as u64 + 1);
-                    record.set_cksum();
-                    builder
-                        .append(&record, [long.as_bytes(), b"\0"].concat().as_slice())
-                        .unwrap();
-                }
-            }
-            let gnu = header.as_gnu_mut().unwrap();
-            let cut = |text: &str| text.as_bytes()[..text.len().min(100)].to_vec();
-            gnu.name = [0; 100];
-            gnu.name[..cut(name).len()].copy_from_slice(&cut(name));
-            if let Some(to) = link {
-                gnu.linkname = [0; 100];
-                gnu.linkname[..cut(to).len()].copy_from_slice(&cut(to));
-            }
-            header.set_cksum();
-            builder.append(&header, data).unwrap();
+        /// One entry of a generated archive, named and aimed by pieces that include `..`, `.`,
+        /// empty ones and a leading `/`.
+        #[derive(Debug, Clone)]
+        enum Entry {
+            File(String, Vec<u8>),
+            Dir(String),
+            Symlink(String, String),
+            HardLink(String, String),
         }
-        builder.into_inner().unwrap().finish().unwrap();
-    }
 
-    /// A zip of `entries` (zip has no hard links: those are left out).
-    fn zip(path: &Path, entries: &[Entry]) {
-        use zip::write::SimpleFileOptions;
-        let mut writer = zip::ZipWriter::new(fs::File::create(path).unwrap());
-        let options = SimpleFileOptions::default().unix_permissions(0o755);
-        for entry in entries {
-            // The zip crate refuses some names (a repeated one, for instance): such an entry
-            // is just not in the archive.
-            let _ = match entry {
-                Entry::File(name, data) => writer
-                    .start_file(name.as_str(), options)
-                    .and_then(|()| Ok(writer.write_all(data)?)),
-                Entry::Dir(name) => writer.add_directory(name.as_str(), options),
-                Entry::Symlink(name, to) => writer.add_symlink(name.as_str(), to.as_str(), options),
-                Entry::HardLink(..) => Ok(()),
-            };
+        const LONG_NAME: &str = concat!(
+            "long-name-0123456789012345678901234567890123456789012345678901234567890123456789",
+            "0123456789012345678901234567890123456789012345678901234567890123456789012345678",
+            "0123456789012345678901234567890123456789012345678901234567890123456789012345678",
+            "0123456789012345678901234567890123456789"
+        );
+
+        fn path_piece() -> impl proptest::strategy::Strategy<Value = String> {
+            use proptest::prelude::*;
+            // Mostly plain names, relative: most archives then get past their first entries, and
+            // links that each stay inside but lead out together (`a -> .`, `b -> a/..`), then an
+            // entry written through them, are what must be caught.
+            let part = prop_oneof![
+                8 => prop::sample::select(vec!["a", "b", "c", "main", "metadata.toml", "outside"]),
+                1 => Just(".."),
+                1 => Just("."),
+                1 => Just(""),
+                // Longer than a file name may be (255 bytes on Linux and Windows file systems).
+                1 => Just(LONG_NAME),
+            ];
+            let absolute = prop::bool::weighted(0.05);
+            (absolute, prop::collection::vec(part, 1..4)).prop_map(|(absolute, parts)| {
+                format!("{}{}", if absolute { "/" } else { "" }, parts.join("/"))
+            })
         }
-        writer.finish().unwrap();
-    }
 
-    /// Every path under `dir` with what it is: a file's bytes, a link's target, or a folder.
-    fn listing(dir: &Path) -> Vec<(PathBuf, String)> {
-        let mut out = Vec::new();
-        let mut todo = vec![dir.to_path_buf()];
-        while let Some(next) = todo.pop() {
-            for item in fs::read_dir(&next).unwrap() {
-                let path = item.unwrap().path();
-                let meta = fs::symlink_metadata(&path).unwrap();
-                let what = if meta.is_symlink() {
-                    format!("link to {}", fs::read_link(&path).unwrap().display())
-                } else if meta.is_dir() {
-                    todo.push(path.clone());
-                    "folder".into()
-                } else {
-                    format!("{:?}", fs::read(&path).unwrap())
+        fn entry() -> impl proptest::strategy::Strategy<Value = Entry> {
+            use proptest::prelude::*;
+            prop_oneof![
+                3 => (path_piece(), prop::collection::vec(any::<u8>(), 0..8))
+                    .prop_map(|(name, data)| Entry::File(name, data)),
+                2 => path_piece().prop_map(Entry::Dir),
+                3 => (path_piece(), path_piece()).prop_map(|(name, to)| Entry::Symlink(name, to)),
+                1 => (path_piece(), path_piece()).prop_map(|(name, to)| Entry::HardLink(name, to)),
+            ]
+        }
+
+        /// A tar.gz of `entries`, names written raw (as a hostile archive would, past the tar
+        /// crate's own checks).
+        fn tar_gz(path: &Path, entries: &[Entry]) {
+            let file = fs::File::create(path).unwrap();
+            let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::fast(),
+            ));
+            for entry in entries {
+                let mut header = tar::Header::new_gnu();
+                let (name, data, link): (&str, &[u8], Option<&str>) = match entry {
+                    Entry::File(name, data) => {
+                        header.set_entry_type(tar::EntryType::Regular);
+                        (name, data, None)
+                    }
+                    Entry::Dir(name) => {
+                        header.set_entry_type(tar::EntryType::Directory);
+                        (name, &[], None)
+                    }
+                    Entry::Symlink(name, to) => {
+                        header.set_entry_type(tar::EntryType::Symlink);
+                        (name, &[], Some(to))
+                    }
+                    Entry::HardLink(name, to) => {
+                        header.set_entry_type(tar::EntryType::Link);
+                        (name, &[], Some(to))
+                    }
                 };
-                out.push((path, what));
+                header.set_size(data.len() as u64);
+                header.set_mode(0o755);
+                // A name or target over 100 bytes goes before the entry in a GNU long-name record,
+                // as GNU tar writes it.
+                for (long, kind) in [
+                    (Some(name), tar::EntryType::GNULongName),
+                    (link, tar::EntryType::GNULongLink),
+                ] {
+                    if let Some(long) = long.filter(|l| l.len() > 100) {
+                        let mut record = tar::Header::new_gnu();
+                        record.set_entry_type(kind);
+                        record.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+                        record.set_size(long.len() as u64 + 1);
+                        record.set_cksum();
+                        builder
+                            .append(&record, [long.as_bytes(), b"\0"].concat().as_slice())
+                            .unwrap();
+                    }
+                }
+                let gnu = header.as_gnu_mut().unwrap();
+                let cut = |text: &str| text.as_bytes()[..text.len().min(100)].to_vec();
+                gnu.name = [0; 100];
+                gnu.name[..cut(name).len()].copy_from_slice(&cut(name));
+                if let Some(to) = link {
+                    gnu.linkname = [0; 100];
+                    gnu.linkname[..cut(to).len()].copy_from_slice(&cut(to));
+                }
+                header.set_cksum();
+                builder.append(&header, data).unwrap();
             }
+            builder.into_inner().unwrap().finish().unwrap();
         }
-        out.sort();
-        out
-    }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        /// A zip of `entries` (zip has no hard links: those are left out).
+        fn zip(path: &Path, entries: &[Entry]) {
+            use zip::write::SimpleFileOptions;
+            let mut writer = zip::ZipWriter::new(fs::File::create(path).unwrap());
+            let options = SimpleFileOptions::default().unix_permissions(0o755);
+            for entry in entries {
+                // The zip crate refuses some names (a repeated one, for instance): such an entry
+                // is just not in the archive.
+                let _ = match entry {
+                    Entry::File(name, data) => writer
+                        .start_file(name.as_str(), options)
+                        .and_then(|()| Ok(writer.write_all(data)?)),
+                    Entry::Dir(name) => writer.add_directory(name.as_str(), options),
+                    Entry::Symlink(name, to) => {
+                        writer.add_symlink(name.as_str(), to.as_str(), options)
+                    }
+                    Entry::HardLink(..) => Ok(()),
+                };
+            }
+            writer.finish().unwrap();
+        }
 
-        /// Whatever a bundle holds, unpacking it writes nothing outside the bundles folder and
-        /// leaves no half-unpacked folder behind (a complete one that a later check refused is
-        /// collected as garbage, like any unused copy); an accepted one holds no link that
-        /// leads out.
-        #[test]
-        fn no_archive_writes_outside_its_folder_or_leaves_a_half_unpacked_one(
-            entries in proptest::collection::vec(entry(), 0..12),
-            with_metadata in proptest::prelude::any::<bool>(),
-            is_zip in proptest::prelude::any::<bool>(),
-        ) {
-            static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            /// Removes the case's folder however the case ends.
-            struct Scratch(PathBuf);
-            impl Drop for Scratch {
-                fn drop(&mut self) {
-                    let _ = fs::remove_dir_all(&self.0);
+        /// Every path under `dir` with what it is: a file's bytes, a link's target, or a folder.
+        fn listing(dir: &Path) -> Vec<(PathBuf, String)> {
+            let mut out = Vec::new();
+            let mut todo = vec![dir.to_path_buf()];
+            while let Some(next) = todo.pop() {
+                for item in fs::read_dir(&next).unwrap() {
+                    let path = item.unwrap().path();
+                    let meta = fs::symlink_metadata(&path).unwrap();
+                    let what = if meta.is_symlink() {
+                        format!("link to {}", fs::read_link(&path).unwrap().display())
+                    } else if meta.is_dir() {
+                        todo.push(path.clone());
+                        "folder".into()
+                    } else {
+                        format!("{:?}", fs::read(&path).unwrap())
+                    };
+                    out.push((path, what));
                 }
             }
-            let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let scratch = Scratch(std::env::temp_dir().join(format!(
-                "lumos-bundle-prop-{}-{case}",
-                std::process::id(),
-            )));
-            let root = scratch.0.clone();
-            // `state/bundles/<hash>` is where the bundle goes; `outside` and `state/outside`
-            // are what a hostile entry would aim at.
-            let bundles = root.join("state/bundles");
-            fs::create_dir_all(&bundles).unwrap();
-            fs::create_dir_all(root.join("outside")).unwrap();
-            fs::write(root.join("outside/main"), b"keep").unwrap();
-            fs::write(root.join("state/outside"), b"keep").unwrap();
-            let mut entries = entries;
-            if with_metadata {
-                entries.insert(0, Entry::File("main".into(), b"#!/bin/sh\n".to_vec()));
-                entries.insert(
-                    0,
-                    Entry::File(
-                        "metadata.toml".into(),
-                        b"[connector]\napp_id = \"x\"\nversion = \"1\"\n".to_vec(),
-                    ),
-                );
-            }
-            let (archive, format) = if is_zip {
-                (root.join("x-1.zip"), BundleFormat::Zip)
-            } else {
-                (root.join("x-1.tar.gz"), BundleFormat::TarGz)
-            };
-            if is_zip { zip(&archive, &entries) } else { tar_gz(&archive, &entries) }
-            let before: Vec<_> = listing(&root)
-                .into_iter()
-                .filter(|(path, _)| !path.starts_with(&bundles))
-                .collect();
-            let limits = BundleLimits { max_bytes: 1 << 20, max_entries: 100 };
-            let outcome = unpack(&archive, format, &"ab".repeat(32), &bundles, limits);
-            let after: Vec<_> = listing(&root)
-                .into_iter()
-                .filter(|(path, _)| !path.starts_with(&bundles))
-                .collect();
-            let in_bundles = listing(&bundles);
-            proptest::prop_assert_eq!(before, after, "outcome: {:?}", outcome);
-            for folder in fs::read_dir(&bundles).unwrap() {
-                let folder = folder.unwrap().path();
-                proptest::prop_assert!(
-                    folder.join(COMPLETE_MARKER).is_file(),
-                    "{} is left half-unpacked ({:?})", folder.display(), outcome
-                );
-            }
-            match outcome {
-                // The disk is healthy here: a refusal is the archive's fault, never taken for
-                // the state folder's (which would have the file tried again at every scan).
-                Err(BundleError::Io(e)) => proptest::prop_assert!(false, "taken for the state folder's trouble: {e}"),
-                Err(_) => {}
-                Ok(bundle) => {
-                    let real = fs::canonicalize(&bundle.dir).ok();
-                    for (path, what) in &in_bundles {
-                        if let (Ok(to), Some(real)) = (fs::canonicalize(path), &real) {
-                            proptest::prop_assert!(to.starts_with(real), "{} ({what}) leads to {}", path.display(), to.display());
+            out.sort();
+            out
+        }
+
+        proptest::proptest! {
+            #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+            /// Whatever a bundle holds, unpacking it writes nothing outside the bundles folder and
+            /// leaves no half-unpacked folder behind (a complete one that a later check refused is
+            /// collected as garbage, like any unused copy); an accepted one holds no link that
+            /// leads out.
+            #[test]
+            fn no_archive_writes_outside_its_folder_or_leaves_a_half_unpacked_one(
+                entries in proptest::collection::vec(entry(), 0..12),
+                with_metadata in proptest::prelude::any::<bool>(),
+                is_zip in proptest::prelude::any::<bool>(),
+            ) {
+                static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                /// Removes the case's folder however the case ends.
+                struct Scratch(PathBuf);
+                impl Drop for Scratch {
+                    fn drop(&mut self) {
+                        let _ = fs::remove_dir_all(&self.0);
+                    }
+                }
+                let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let scratch = Scratch(std::env::temp_dir().join(format!(
+                    "lumos-bundle-prop-{}-{case}",
+                    std::process::id(),
+                )));
+                let root = scratch.0.clone();
+                // `state/bundles/<hash>` is where the bundle goes; `outside` and `state/outside`
+                // are what a hostile entry would aim at.
+                let bundles = root.join("state/bundles");
+                fs::create_dir_all(&bundles).unwrap();
+                fs::create_dir_all(root.join("outside")).unwrap();
+                fs::write(root.join("outside/main"), b"keep").unwrap();
+                fs::write(root.join("state/outside"), b"keep").unwrap();
+                let mut entries = entries;
+                if with_metadata {
+                    entries.insert(0, Entry::File("main".into(), b"#!/bin/sh\n".to_vec()));
+                    entries.insert(
+                        0,
+                        Entry::File(
+                            "metadata.toml".into(),
+                            b"[connector]\napp_id = \"x\"\nversion = \"1\"\n".to_vec(),
+                        ),
+                    );
+                }
+                let (archive, format) = if is_zip {
+                    (root.join("x-1.zip"), BundleFormat::Zip)
+                } else {
+                    (root.join("x-1.tar.gz"), BundleFormat::TarGz)
+                };
+                if is_zip { zip(&archive, &entries) } else { tar_gz(&archive, &entries) }
+                let before: Vec<_> = listing(&root)
+                    .into_iter()
+                    .filter(|(path, _)| !path.starts_with(&bundles))
+                    .collect();
+                let limits = BundleLimits { max_bytes: 1 << 20, max_entries: 100 };
+                let outcome = unpack(&archive, format, &"ab".repeat(32), &bundles, limits);
+                let after: Vec<_> = listing(&root)
+                    .into_iter()
+                    .filter(|(path, _)| !path.starts_with(&bundles))
+                    .collect();
+                let in_bundles = listing(&bundles);
+                proptest::prop_assert_eq!(before, after, "outcome: {:?}", outcome);
+                for folder in fs::read_dir(&bundles).unwrap() {
+                    let folder = folder.unwrap().path();
+                    proptest::prop_assert!(
+                        folder.join(COMPLETE_MARKER).is_file(),
+                        "{} is left half-unpacked ({:?})", folder.display(), outcome
+                    );
+                }
+                match outcome {
+                    // The disk is healthy here: a refusal is the archive's fault, never taken for
+                    // the state folder's (which would have the file tried again at every scan).
+                    Err(BundleError::Io(e)) => proptest::prop_assert!(false, "taken for the state folder's trouble: {e}"),
+                    Err(_) => {}
+                    Ok(bundle) => {
+                        let real = fs::canonicalize(&bundle.dir).ok();
+                        for (path, what) in &in_bundles {
+                            if let (Ok(to), Some(real)) = (fs::canonicalize(path), &real) {
+                                proptest::prop_assert!(to.starts_with(real), "{} ({what}) leads to {}", path.display(), to.display());
+                            }
                         }
                     }
                 }
