@@ -277,11 +277,8 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                         forbidden(&principal, needed, &method, &path)
                     } else if state.starting.is_starting()
                         // What does not depend on the connectors serves at once: an install
-                        // script may store its tenants while slow connectors load. The list
-                        // of connectors serves too, as loaded so far (with the status, which
-                        // says what still loads); a call waits, as its journal is not open yet.
+                        // script may store its tenants while slow connectors load.
                         && !matches!(rest, ["status"] | ["auth", ..] | ["tenants", ..])
-                        && !(method == Method::GET && rest == ["connectors"])
                     {
                         starting(state)
                     } else {

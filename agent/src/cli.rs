@@ -785,12 +785,6 @@ async fn connectors(
                 load["seconds"].as_u64().unwrap_or(0)
             );
         }
-        if status["starting"].is_object() {
-            tell!(
-                "note: the agent is still starting (its first scan of the plugins folder): the \
-                 connectors loading are listed as such, and calls wait until it is ready"
-            );
-        }
     }
     Ok(exit::OK)
 }
