@@ -720,6 +720,21 @@ async fn connectors(
         Some(id) => format!("/v1/connectors/{id}"),
         None => "/v1/connectors".to_string(),
     };
+    // Files dropped in whose connectors are not listed yet, with what each load is doing,
+    // read *before* the list: a load that ends between the two reads is then in both (shown
+    // once more as loading), where read after it, it would be in neither. (An agent that
+    // cannot say, an older one, lists what it has.)
+    let loading: Vec<Value> = if json || app_id.is_some() {
+        Vec::new()
+    } else {
+        match client.send(Method::GET, "/v1/status", None).await {
+            Ok((StatusCode::OK, body)) => serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|status| status["loading"].as_array().cloned())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
     let (status, body) = client.send(Method::GET, &path, None).await?;
     if let Some(code) = check_status(status, &body) {
         return Ok(code);
@@ -770,21 +785,17 @@ async fn connectors(
             row["status"].as_str().unwrap_or("-"),
         );
     }
-    // Files dropped in whose connectors are not listed yet: what each load is doing. (An
-    // agent that cannot say, an older one, lists what it has.)
-    if let Ok((StatusCode::OK, body)) = client.send(Method::GET, "/v1/status", None).await {
-        let status: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        for load in status["loading"].as_array().into_iter().flatten() {
-            say!(
-                "{:<28} {:<10} {:<11} {:<10} {} ({}s)",
-                load["file"].as_str().unwrap_or("?"),
-                "-",
-                "-",
-                "loading",
-                load["doing"].as_str().unwrap_or("?"),
-                load["seconds"].as_u64().unwrap_or(0)
-            );
-        }
+    // A listed file may have a loading row too: its replacement, being checked.
+    for load in &loading {
+        say!(
+            "{:<28} {:<10} {:<11} {:<10} {} ({}s)",
+            load["file"].as_str().unwrap_or("?"),
+            "-",
+            "-",
+            "loading",
+            load["doing"].as_str().unwrap_or("?"),
+            load["seconds"].as_u64().unwrap_or(0)
+        );
     }
     Ok(exit::OK)
 }
