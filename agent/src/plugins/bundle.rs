@@ -668,13 +668,46 @@ mod tests {
             })
         }
 
+        /// Link targets: any piece, but mostly links to `.` and to a sibling's parent, which
+        /// each stay inside and together lead out (`a -> .`, `b -> a/..`, `c -> b/..`).
+        fn link_target() -> impl proptest::strategy::Strategy<Value = String> {
+            use proptest::prelude::*;
+            prop_oneof![
+                1 => path_piece(),
+                2 => prop::sample::select(vec![".", "a/..", "b/..", "c/..", "a", "b", "c"])
+                    .prop_map(str::to_string),
+            ]
+        }
+
+        /// An entry among the names `a`, `b` and `c`: a link (mostly to `.` or a sibling's
+        /// parent), or a file or folder under one of them.
+        fn chained_entry() -> impl proptest::strategy::Strategy<Value = Entry> {
+            use proptest::prelude::*;
+            let name = || prop::sample::select(vec!["a", "b", "c"]).prop_map(str::to_string);
+            let under = prop::sample::select(vec![
+                "a/x",
+                "b/x",
+                "c/x",
+                "c/outside",
+                "b/outside/main",
+                "a/b/x",
+                "c/main",
+            ])
+            .prop_map(str::to_string);
+            prop_oneof![
+                3 => (name(), link_target()).prop_map(|(name, to)| Entry::Symlink(name, to)),
+                2 => under.clone().prop_map(|name| Entry::File(name, b"x".to_vec())),
+                1 => under.prop_map(Entry::Dir),
+            ]
+        }
+
         fn entry() -> impl proptest::strategy::Strategy<Value = Entry> {
             use proptest::prelude::*;
             prop_oneof![
                 3 => (path_piece(), prop::collection::vec(any::<u8>(), 0..8))
                     .prop_map(|(name, data)| Entry::File(name, data)),
                 2 => path_piece().prop_map(Entry::Dir),
-                3 => (path_piece(), path_piece()).prop_map(|(name, to)| Entry::Symlink(name, to)),
+                3 => (path_piece(), link_target()).prop_map(|(name, to)| Entry::Symlink(name, to)),
                 1 => (path_piece(), path_piece()).prop_map(|(name, to)| Entry::HardLink(name, to)),
             ]
         }
@@ -785,90 +818,129 @@ mod tests {
             out
         }
 
+        /// Unpacks an archive of `entries` (and, with `with_metadata`, a `metadata.toml` and a
+        /// `main` first) and checks that nothing outside the bundles folder changed, that no
+        /// half-unpacked folder is left, and that an accepted bundle holds no link that leads
+        /// out. (A complete folder that a later check refused is collected as garbage, like any
+        /// unused copy.)
+        fn unpack_changes_nothing_outside(
+            entries: Vec<Entry>,
+            with_metadata: bool,
+            is_zip: bool,
+        ) -> Result<(), proptest::test_runner::TestCaseError> {
+            static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            /// Removes the case's folder however the case ends.
+            struct Scratch(PathBuf);
+            impl Drop for Scratch {
+                fn drop(&mut self) {
+                    let _ = fs::remove_dir_all(&self.0);
+                }
+            }
+            let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let scratch = Scratch(
+                std::env::temp_dir()
+                    .join(format!("lumos-bundle-prop-{}-{case}", std::process::id(),)),
+            );
+            let root = scratch.0.clone();
+            // `state/bundles/<hash>` is where the bundle goes; `outside` and `state/outside`
+            // are what a hostile entry would aim at.
+            let bundles = root.join("state/bundles");
+            fs::create_dir_all(&bundles).unwrap();
+            fs::create_dir_all(root.join("outside")).unwrap();
+            fs::write(root.join("outside/main"), b"keep").unwrap();
+            fs::write(root.join("state/outside"), b"keep").unwrap();
+            let mut entries = entries;
+            if with_metadata {
+                entries.insert(0, Entry::File("main".into(), b"#!/bin/sh\n".to_vec()));
+                entries.insert(
+                    0,
+                    Entry::File(
+                        "metadata.toml".into(),
+                        b"[connector]\napp_id = \"x\"\nversion = \"1\"\n".to_vec(),
+                    ),
+                );
+            }
+            let (archive, format) = if is_zip {
+                (root.join("x-1.zip"), BundleFormat::Zip)
+            } else {
+                (root.join("x-1.tar.gz"), BundleFormat::TarGz)
+            };
+            if is_zip {
+                zip(&archive, &entries)
+            } else {
+                tar_gz(&archive, &entries)
+            }
+            let before: Vec<_> = listing(&root)
+                .into_iter()
+                .filter(|(path, _)| !path.starts_with(&bundles))
+                .collect();
+            let limits = BundleLimits {
+                max_bytes: 1 << 20,
+                max_entries: 100,
+            };
+            let outcome = unpack(&archive, format, &"ab".repeat(32), &bundles, limits);
+            let after: Vec<_> = listing(&root)
+                .into_iter()
+                .filter(|(path, _)| !path.starts_with(&bundles))
+                .collect();
+            let in_bundles = listing(&bundles);
+            proptest::prop_assert_eq!(before, after, "outcome: {:?}", outcome);
+            for folder in fs::read_dir(&bundles).unwrap() {
+                let folder = folder.unwrap().path();
+                proptest::prop_assert!(
+                    folder.join(COMPLETE_MARKER).is_file(),
+                    "{} is left half-unpacked ({:?})",
+                    folder.display(),
+                    outcome
+                );
+            }
+            match outcome {
+                // The disk is healthy here: a refusal is the archive's fault, never taken for
+                // the state folder's (which would have the file tried again at every scan).
+                Err(BundleError::Io(e)) => {
+                    proptest::prop_assert!(false, "taken for the state folder's trouble: {e}")
+                }
+                Err(_) => {}
+                Ok(bundle) => {
+                    let real = fs::canonicalize(&bundle.dir).ok();
+                    for (path, what) in &in_bundles {
+                        if let (Ok(to), Some(real)) = (fs::canonicalize(path), &real) {
+                            proptest::prop_assert!(
+                                to.starts_with(real),
+                                "{} ({what}) leads to {}",
+                                path.display(),
+                                to.display()
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+
         proptest::proptest! {
             #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
 
-            /// Whatever a bundle holds, unpacking it writes nothing outside the bundles folder and
-            /// leaves no half-unpacked folder behind (a complete one that a later check refused is
-            /// collected as garbage, like any unused copy); an accepted one holds no link that
-            /// leads out.
+            /// Whatever a bundle holds, unpacking it writes nothing outside the bundles folder
+            /// and leaves nothing half-unpacked.
             #[test]
             fn no_archive_writes_outside_its_folder_or_leaves_a_half_unpacked_one(
                 entries in proptest::collection::vec(entry(), 0..12),
                 with_metadata in proptest::prelude::any::<bool>(),
                 is_zip in proptest::prelude::any::<bool>(),
             ) {
-                static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                /// Removes the case's folder however the case ends.
-                struct Scratch(PathBuf);
-                impl Drop for Scratch {
-                    fn drop(&mut self) {
-                        let _ = fs::remove_dir_all(&self.0);
-                    }
-                }
-                let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let scratch = Scratch(std::env::temp_dir().join(format!(
-                    "lumos-bundle-prop-{}-{case}",
-                    std::process::id(),
-                )));
-                let root = scratch.0.clone();
-                // `state/bundles/<hash>` is where the bundle goes; `outside` and `state/outside`
-                // are what a hostile entry would aim at.
-                let bundles = root.join("state/bundles");
-                fs::create_dir_all(&bundles).unwrap();
-                fs::create_dir_all(root.join("outside")).unwrap();
-                fs::write(root.join("outside/main"), b"keep").unwrap();
-                fs::write(root.join("state/outside"), b"keep").unwrap();
-                let mut entries = entries;
-                if with_metadata {
-                    entries.insert(0, Entry::File("main".into(), b"#!/bin/sh\n".to_vec()));
-                    entries.insert(
-                        0,
-                        Entry::File(
-                            "metadata.toml".into(),
-                            b"[connector]\napp_id = \"x\"\nversion = \"1\"\n".to_vec(),
-                        ),
-                    );
-                }
-                let (archive, format) = if is_zip {
-                    (root.join("x-1.zip"), BundleFormat::Zip)
-                } else {
-                    (root.join("x-1.tar.gz"), BundleFormat::TarGz)
-                };
-                if is_zip { zip(&archive, &entries) } else { tar_gz(&archive, &entries) }
-                let before: Vec<_> = listing(&root)
-                    .into_iter()
-                    .filter(|(path, _)| !path.starts_with(&bundles))
-                    .collect();
-                let limits = BundleLimits { max_bytes: 1 << 20, max_entries: 100 };
-                let outcome = unpack(&archive, format, &"ab".repeat(32), &bundles, limits);
-                let after: Vec<_> = listing(&root)
-                    .into_iter()
-                    .filter(|(path, _)| !path.starts_with(&bundles))
-                    .collect();
-                let in_bundles = listing(&bundles);
-                proptest::prop_assert_eq!(before, after, "outcome: {:?}", outcome);
-                for folder in fs::read_dir(&bundles).unwrap() {
-                    let folder = folder.unwrap().path();
-                    proptest::prop_assert!(
-                        folder.join(COMPLETE_MARKER).is_file(),
-                        "{} is left half-unpacked ({:?})", folder.display(), outcome
-                    );
-                }
-                match outcome {
-                    // The disk is healthy here: a refusal is the archive's fault, never taken for
-                    // the state folder's (which would have the file tried again at every scan).
-                    Err(BundleError::Io(e)) => proptest::prop_assert!(false, "taken for the state folder's trouble: {e}"),
-                    Err(_) => {}
-                    Ok(bundle) => {
-                        let real = fs::canonicalize(&bundle.dir).ok();
-                        for (path, what) in &in_bundles {
-                            if let (Ok(to), Some(real)) = (fs::canonicalize(path), &real) {
-                                proptest::prop_assert!(to.starts_with(real), "{} ({what}) leads to {}", path.display(), to.display());
-                            }
-                        }
-                    }
-                }
+                unpack_changes_nothing_outside(entries, with_metadata, is_zip)?;
+            }
+
+            /// The same in a small world of names, where links that each stay inside but lead
+            /// out together (`a -> .`, `b -> a/..`, `c -> b/..`) come often, with entries
+            /// written through them (`c/outside`).
+            #[test]
+            fn links_that_lead_out_together_are_never_written_through(
+                entries in proptest::collection::vec(chained_entry(), 0..8),
+                is_zip in proptest::prelude::any::<bool>(),
+            ) {
+                unpack_changes_nothing_outside(entries, true, is_zip)?;
             }
         }
     }
