@@ -44,6 +44,15 @@ fn hang_writing_pid(pid_file: &std::path::Path) -> String {
     )
 }
 
+/// The pid a [`hang_writing_pid`] script wrote.
+fn pid_in(pid_file: &std::path::Path) -> i32 {
+    std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Sets a file's modification time (a copy that kept its times, `tar x` or `cp -p`).
 fn set_mtime(path: &std::path::Path, time: std::time::SystemTime) {
     std::fs::File::open(path)
@@ -648,11 +657,7 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
             || pid_file.exists(),
         )
         .await;
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = pid_in(&pid_file);
         assert!(process_alive(pid));
         // Not a timing: the old behaviour waited for the 600 s `info` timeout.
         let stopped = tokio::time::timeout(WAIT, agent.shutdown())
@@ -684,13 +689,6 @@ async fn a_connector_whose_info_hangs_holds_up_no_other() {
         write_script(&staging, name, &script);
         pid_file
     };
-    let pid_of = |pid_file: &std::path::Path| -> i32 {
-        std::fs::read_to_string(pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
     let ready = |app_id: &'static str| {
         move |e: &[Value]| e.len() == 1 && e[0]["status"] == "ready" && e[0]["app_id"] == app_id
     };
@@ -710,7 +708,7 @@ async fn a_connector_whose_info_hangs_holds_up_no_other() {
     )
     .await;
     eventually(WAIT, "the hanging info to start", || pid_file.exists()).await;
-    let pid = pid_of(&pid_file);
+    let pid = pid_in(&pid_file);
     assert!(process_alive(pid), "the info still hangs");
 
     // Added while it hangs: a later scan.
@@ -762,7 +760,7 @@ async fn a_connector_whose_info_hangs_holds_up_no_other() {
         pid_file.exists()
     })
     .await;
-    let pid = pid_of(&pid_file);
+    let pid = pid_in(&pid_file);
     std::fs::remove_file(dirs.plugins().join("gone")).unwrap();
     eventually(WAIT, "the removed file's info to be killed", || {
         !process_alive(pid)
@@ -853,10 +851,7 @@ async fn a_scan_runs_at_most_sixteen_loads_at_once() {
         captured_logs()
     );
     // One of them ends: the seventeenth takes its place.
-    let pid_in = |p: &std::path::PathBuf| -> i32 {
-        std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
-    };
-    let mut pids: Vec<i32> = pid_files[..16].iter().map(pid_in).collect();
+    let mut pids: Vec<i32> = pid_files[..16].iter().map(|p| pid_in(p)).collect();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pids[0]),
         nix::sys::signal::Signal::SIGKILL,

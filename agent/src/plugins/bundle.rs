@@ -276,18 +276,28 @@ fn read_metadata(dir: &Path) -> Result<(String, String), BundleError> {
     Ok((app_id, field("version")?))
 }
 
+/// An entry's name as a message shows it: cut after 200 characters, as a hostile archive's
+/// name (a GNU long-name record) can be megabytes long, and the message goes to the log and the
+/// inventory.
+fn shown(raw: &str) -> String {
+    let cut = super::truncate(raw, 200);
+    if cut.len() < raw.len() {
+        format!("{cut}…")
+    } else {
+        cut.to_string()
+    }
+}
+
 /// Turns an archive path into a relative path of normal components, or refuses it.
 fn safe_relative(raw: &str) -> Result<PathBuf, BundleError> {
-    let unsafe_path = || BundleError::UnsafePath {
-        path: raw.to_string(),
-    };
+    let unsafe_path = || BundleError::UnsafePath { path: shown(raw) };
     if raw.contains('\0') || raw.contains('\\') && cfg!(windows) {
         return Err(unsafe_path());
     }
     // Longer than file systems allow: the archive's fault, which the state folder's trouble
     // (ENAMETOOLONG from the file system) must not be taken for.
     let too_long = || BundleError::UnsupportedEntry {
-        path: raw.to_string(),
+        path: shown(raw),
         kind: "name longer than file systems allow (255 bytes a name, 4000 a path)",
     };
     if raw.len() > MAX_PATH_BYTES {
@@ -624,6 +634,12 @@ mod tests {
         assert!(safe_relative("/etc/passwd").is_err());
         assert!(safe_relative("a/../../x").is_err());
         assert_eq!(safe_relative("./a/b").unwrap(), PathBuf::from("a/b"));
+        // A name of any length is named in a message of bounded length.
+        for huge in ["x".repeat(1 << 20), format!("../{}", "y".repeat(1 << 20))] {
+            let message = safe_relative(&huge).unwrap_err().to_string();
+            assert!(message.len() < 400, "{} bytes", message.len());
+            assert!(message.contains(&format!("{}…", &huge[..200])), "{message}");
+        }
     }
 
     /// Generated archives (unix: they are full of symlinks, which Windows makes only with a
@@ -828,20 +844,8 @@ mod tests {
             with_metadata: bool,
             is_zip: bool,
         ) -> Result<(), proptest::test_runner::TestCaseError> {
-            static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            /// Removes the case's folder however the case ends.
-            struct Scratch(PathBuf);
-            impl Drop for Scratch {
-                fn drop(&mut self) {
-                    let _ = fs::remove_dir_all(&self.0);
-                }
-            }
-            let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let scratch = Scratch(
-                std::env::temp_dir()
-                    .join(format!("lumos-bundle-prop-{}-{case}", std::process::id(),)),
-            );
-            let root = scratch.0.clone();
+            let scratch = tempfile::tempdir().unwrap();
+            let root = scratch.path().to_path_buf();
             // `state/bundles/<hash>` is where the bundle goes; `outside` and `state/outside`
             // are what a hostile entry would aim at.
             let bundles = root.join("state/bundles");

@@ -569,7 +569,7 @@ mod tests {
                     Step::Crash => {
                         admitted.clear();
                         running.clear();
-                        drop(std::mem::replace(&mut table, CallTable::new(spill.path().to_path_buf(), 1 << 20)));
+                        drop(table);
                         table = start();
                     }
                     Step::Stop => {
@@ -580,7 +580,7 @@ mod tests {
                         }
                         table.flush_journal();
                         crate::tunnel::outbox::save(&table, outbox.path());
-                        drop(std::mem::replace(&mut table, CallTable::new(spill.path().to_path_buf(), 1 << 20)));
+                        drop(table);
                         table = start();
                     }
                 }
