@@ -150,7 +150,7 @@ pub async fn run(
         control: control_tx,
         stall_limit: heartbeat * 3,
         partials: HashMap::new(),
-        refused: HashSet::new(),
+        refused: RefusedCalls::new(ctx.cloud.max_concurrent_calls.saturating_mul(2)),
         batch: std::sync::Mutex::default(),
     };
     let mut inventory = ctx.parts.registry.subscribe();
@@ -264,7 +264,7 @@ struct Session<'a> {
     stall_limit: Duration,
     partials: HashMap<String, Partial>,
     /// Calls whose chunks were refused: their later chunks are dropped until the last one.
-    refused: HashSet<String>,
+    refused: RefusedCalls,
     /// Calls admitted from the current burst of messages, started together by `start_batch`.
     /// (In a mutex only so that `&Session` is `Send`; used through `get_mut`, never locked.)
     batch: std::sync::Mutex<Vec<BoxedCall>>,
@@ -451,7 +451,7 @@ impl Session<'_> {
             err.message
         );
         if !last {
-            self.refused.insert(call_id.to_string());
+            self.refused.insert(call_id);
         }
         self.partials.remove(call_id);
         let app_id = (!app_id.is_empty()).then_some(app_id);
@@ -586,6 +586,56 @@ impl Session<'_> {
                 }
             });
         }
+    }
+}
+
+/// The calls refused part-way whose remaining chunks are dropped quietly, up to their last.
+///
+/// Bounded, like the calls being received: a cloud that abandons refused calls (never sends
+/// their last chunk nor a Cancel) would otherwise grow it until the stream ends. Past the
+/// bound the oldest is forgotten, which is harmless: its next chunk, arriving without chunk 0,
+/// is refused again and the id remembered anew. While the first refusal is unacknowledged it
+/// stands (a call id has one result); after, the cloud gets a second refusal of a call it
+/// has given up on.
+struct RefusedCalls {
+    /// Each id with the order it was refused in, to forget the oldest first.
+    ids: HashMap<String, u64>,
+    next: u64,
+    bound: usize,
+}
+
+impl RefusedCalls {
+    fn new(bound: usize) -> Self {
+        Self {
+            ids: HashMap::new(),
+            next: 0,
+            bound: bound.max(1),
+        }
+    }
+
+    fn contains(&self, call_id: &str) -> bool {
+        self.ids.contains_key(call_id)
+    }
+
+    fn insert(&mut self, call_id: &str) {
+        if self.ids.len() >= self.bound && !self.ids.contains_key(call_id) {
+            // Linear, but only when a cloud has left `bound` refused calls unfinished.
+            if let Some(oldest) = self
+                .ids
+                .iter()
+                .min_by_key(|(_, order)| **order)
+                .map(|(id, _)| id.clone())
+            {
+                tracing::debug!(call_id = %oldest, "forgetting the oldest refused call: {} are unfinished", self.ids.len());
+                self.ids.remove(&oldest);
+            }
+        }
+        self.ids.insert(call_id.to_owned(), self.next);
+        self.next += 1;
+    }
+
+    fn remove(&mut self, call_id: &str) {
+        self.ids.remove(call_id);
     }
 }
 
@@ -873,4 +923,34 @@ fn describe_status(status: &tonic::Status) -> String {
         text.push(')');
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RefusedCalls;
+
+    #[test]
+    fn refused_calls_stay_within_their_bound_and_forget_the_oldest_first() {
+        let mut refused = RefusedCalls::new(3);
+        for id in ["a", "b", "c"] {
+            refused.insert(id);
+        }
+        // Refused again while remembered: no room is taken, nothing is forgotten.
+        refused.insert("a");
+        assert!(["a", "b", "c"].iter().all(|id| refused.contains(id)));
+        refused.insert("d");
+        assert_eq!(refused.ids.len(), 3);
+        assert!(!refused.contains("b"), "the oldest is forgotten first");
+        assert!(["a", "c", "d"].iter().all(|id| refused.contains(id)));
+        // A call that ends (its last chunk, a Cancel) makes room: nothing else goes.
+        refused.remove("c");
+        refused.insert("e");
+        assert!(["a", "d", "e"].iter().all(|id| refused.contains(id)));
+        // A cloud that abandons thousands stays at the bound.
+        for i in 0..10_000 {
+            refused.insert(&format!("abandoned-{i}"));
+        }
+        assert_eq!(refused.ids.len(), 3);
+        assert!(refused.contains("abandoned-9999") && !refused.contains("a"));
+    }
 }
