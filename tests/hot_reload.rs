@@ -909,6 +909,71 @@ async fn rewrites_faster_than_a_slow_load_end_on_the_last_version() {
     agent.shutdown().await;
 }
 
+/// A reload that finds a file being loaded by another scan waits for that load. If the file
+/// changes again meanwhile, that load is abandoned and the new content loaded: the reload waits
+/// for that one too, so that it is over when the folder is loaded. (It ended when the load it
+/// first waited for was abandoned, with the new version still loading.)
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_waits_for_the_content_that_replaced_the_one_it_found_loading() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    let staging = dirs.root.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let agent = TestAgent::start(&dirs, &format!("{WATCH_ONLY}info_timeout_secs = 600\n")).await;
+    let plugins = dirs.plugins();
+    // Moved in whole and dated long ago: no scan waits for it to settle.
+    let move_in = |script: &str| {
+        let path = write_script(&staging, "replaced", script);
+        set_mtime(
+            &path,
+            std::time::SystemTime::now() - Duration::from_secs(3600),
+        );
+        std::fs::rename(&path, plugins.join("replaced")).unwrap();
+    };
+    let log_has = |what: &str, field: &str| {
+        captured_logs()
+            .lines()
+            .any(|line| line.contains(what) && line.contains(field))
+    };
+    // The first version's `info` hangs.
+    let pid_file = dirs.root.path().join("first.pid");
+    move_in(&format!("#!/bin/bash\n{}", hang_writing_pid(&pid_file)));
+    eventually(WAIT, "the watcher's scan to load the first version", || {
+        pid_file.exists()
+    })
+    .await;
+    agent.control.send(Control::Reload).await.unwrap();
+    let file = format!("file={}", plugins.join("replaced").display());
+    eventually(WAIT, "the reload to wait for that load", || {
+        log_has("the reload waits for this file's load", &file)
+    })
+    .await;
+    // The second version takes 2 s to answer `info`.
+    move_in(&format!(
+        "#!/bin/bash\nif [ \"$1\" = info ]; then sleep 2; fi\nexec -a 'replaced@2.0.0' '{}' \"$@\"\n",
+        test_connector().display()
+    ));
+    let dir = format!("dir={}", plugins.display());
+    eventually(WAIT, "the reload to end", || {
+        log_has("plugins folder rescanned", &dir)
+    })
+    .await;
+    let entries = agent.entries_for_file("replaced").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(
+        entries[0]["status"], "ready",
+        "the reload ended with the new version still loading: {entries:?}"
+    );
+    assert_eq!(entries[0]["version"], "2.0.0", "{entries:?}");
+    let pid = pid_in(&pid_file);
+    eventually(WAIT, "the abandoned info to be killed", || {
+        !process_alive(pid)
+    })
+    .await;
+    agent.shutdown().await;
+}
+
 /// A file dated in the future (copied with its times from a machine whose clock runs ahead,
 /// `tar x` or `cp -p`) loads once it has stopped changing for the debounce, with a warning
 /// that names the skew. (Its modification time made it look still being written until that

@@ -440,6 +440,7 @@ impl RunningAgent {
         self.reconciler.reconcile(Scan::Reload).await;
         let inventory = self.registry.snapshot();
         tracing::info!(
+            dir = %self.config.get().plugins_dir.display(),
             revision = inventory.revision,
             ready = inventory.ready_count(),
             "plugins folder rescanned"

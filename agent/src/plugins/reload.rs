@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -79,6 +80,9 @@ struct Loading {
     /// reconcile that found the file already being loaded waits for.
     ended: CancellationToken,
     _ends_with_me: tokio_util::sync::DropGuard,
+    /// Set when the load is abandoned (its file changed again or went) rather than committed:
+    /// a reload that waited for it looks at the folder again.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Loading {
@@ -92,11 +96,13 @@ impl Loading {
             started: None,
             _ends_with_me: ended.clone().drop_guard(),
             ended,
+            abandoned: Arc::default(),
         }
     }
 
     /// Stops the load (its `info` is killed); its result, if any, is dropped.
     fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
         if let Some(abort) = &self.abort {
             abort.abort();
         }
@@ -252,14 +258,36 @@ impl Reconciler {
     /// have ended (and for a [`Scan::Reload`], those of the files it found another reconcile
     /// loading); each is published as it ends, and reconciles may run side by side (see the
     /// module docs).
+    ///
+    /// A reload whose wait ended because a load was abandoned (the file changed again, and
+    /// another scan loads the new content, or it went) looks at the folder again, and so on:
+    /// it is over when the folder is loaded, not when the content it first saw stopped loading.
     pub async fn reconcile(&self, scan: Scan) -> Outcome {
+        let mut outcome = Outcome::default();
+        loop {
+            let (pass, superseded) = self.reconcile_pass(scan).await;
+            outcome.changed |= pass.changed;
+            outcome.unsettled |= pass.unsettled;
+            if scan != Scan::Reload || !superseded {
+                return outcome;
+            }
+            tracing::debug!(
+                "a load the reload waited for was abandoned (its file changed again or went): looking at the folder again"
+            );
+        }
+    }
+
+    /// One look at the folder, and the loads it starts or joins. Also says whether a load it
+    /// waited for was abandoned rather than committed.
+    async fn reconcile_pass(&self, scan: Scan) -> (Outcome, bool) {
         let wait_for_writes = scan != Scan::Start;
         let mut outcome = Outcome::default();
         // Ended or dropped (a stop drops a reconcile part way), this reconcile's loads leave the
         // registry of loads in progress (and its `JoinSet` aborts those still running).
         let mut mine = OwnLoads::new(&self.state);
         // A reload's: loads of files it found changed that another reconcile had started.
-        let mut joined = Vec::new();
+        let mut joined: Vec<(CancellationToken, Arc<AtomicBool>)> = Vec::new();
+
         let (slow_tx, mut slow_rx) = mpsc::unbounded_channel();
         let drain_grace = {
             let mut guard = self.lock();
@@ -335,7 +363,8 @@ impl Reconciler {
                         // Another reconcile is loading this content; it publishes it. A reload
                         // returns once it has: it is done when the folder is loaded.
                         if scan == Scan::Reload {
-                            joined.push(load.ended.clone());
+                            tracing::debug!(file = %path.display(), "the reload waits for this file's load, which another scan runs");
+                            joined.push((load.ended.clone(), load.abandoned.clone()));
                         }
                         continue;
                     }
@@ -416,6 +445,7 @@ impl Reconciler {
                 };
                 if state.loading.get(path).is_none_or(|load| load.id != *id) {
                     // Abandoned: the file changed again or went.
+                    mine.superseded = true;
                     continue;
                 }
                 committed.extend(state.loading.remove(path));
@@ -441,8 +471,11 @@ impl Reconciler {
             drop(committed);
             self.start_loads(&mut mine, &slow_tx);
         }
-        for load in joined {
-            load.cancelled().await;
+        let mut superseded = mine.superseded;
+        drop(mine);
+        for (ended, abandoned) in joined {
+            ended.cancelled().await;
+            superseded |= abandoned.load(Ordering::Acquire);
         }
 
         {
@@ -457,7 +490,7 @@ impl Reconciler {
             // Those files are looked at again once they have been quiet for the debounce.
             self.follow_up();
         }
-        outcome
+        (outcome, superseded)
     }
 
     /// Starts queued loads until [`ACTIVE_LOADS`] run (slow ones not counted), [`MAX_LOADS`] run
@@ -485,6 +518,7 @@ impl Reconciler {
                 break;
             };
             let Some(entry) = state.loading.get_mut(&path).filter(|load| load.id == id) else {
+                mine.superseded = true;
                 continue;
             };
             let (loader, file) = (self.loader.clone(), path.clone());
@@ -737,6 +771,8 @@ struct OwnLoads<'a> {
     tasks: HashMap<tokio::task::Id, Started>,
     /// The admin was told that loads wait for [`MAX_LOADS`] running ones.
     told_full: bool,
+    /// One of them was abandoned (its file changed again or went) before it committed.
+    superseded: bool,
 }
 
 /// A load a reconcile started.
@@ -755,6 +791,7 @@ impl<'a> OwnLoads<'a> {
             loads: tokio::task::JoinSet::new(),
             tasks: HashMap::new(),
             told_full: false,
+            superseded: false,
         }
     }
 
