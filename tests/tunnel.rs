@@ -1079,3 +1079,259 @@ async fn a_reload_with_new_cloud_settings_reconnects_and_keeps_unacknowledged_re
     }
     assert_eq!(agent.shutdown().await, Stopped::Drained);
 }
+
+/// What a scripted cloud sends in the chunk-rules property: a chunk of one of three calls, or
+/// a Cancel of one.
+#[derive(Debug, Clone)]
+enum ChunkOp {
+    Chunk { call: u8, seq: u32, last: bool },
+    Cancel { call: u8 },
+}
+
+/// What the proto's delivery rules say a call's results are, from a model of them.
+#[derive(Debug, Default)]
+struct Expected {
+    /// Refusals stored before the call ran (each may be withdrawn unsent by the next).
+    refusals: usize,
+    /// The op (its index is the `request` echoed) that ran the call, and whether a Cancel of
+    /// it came after (its result may then be the cancellation).
+    ran: Option<(usize, bool)>,
+    /// Complete attempts after it ran: each may have the stored result sent again.
+    resends: usize,
+}
+
+/// The delivery rules of `proto/lumos/agent/v1/tunnel.proto`, for one stream whose results
+/// are not acknowledged: chunks numbered from 0, a call refused part-way has its later chunks
+/// dropped up to its last one (a chunk 0 or a Cancel ends that), a refusal is stored only
+/// while the call has not run, and a call that ran is never run again.
+fn delivery_model(ops: &[ChunkOp]) -> [Expected; 3] {
+    let mut expected: [Expected; 3] = Default::default();
+    // Per call: the chunk expected next of an attempt being received, and whether a refused
+    // attempt's chunks are being dropped.
+    let mut next: [Option<(u32, usize)>; 3] = [None; 3];
+    let mut dropping = [false; 3];
+    for (index, op) in ops.iter().enumerate() {
+        let (call, seq, last) = match *op {
+            ChunkOp::Cancel { call } => {
+                let c = usize::from(call);
+                next[c] = None;
+                dropping[c] = false;
+                if let Some((_, cancelled)) = &mut expected[c].ran {
+                    *cancelled = true;
+                }
+                continue;
+            }
+            ChunkOp::Chunk { call, seq, last } => (usize::from(call), seq, last),
+        };
+        if dropping[call] {
+            if seq != 0 {
+                dropping[call] &= !last;
+                continue;
+            }
+            dropping[call] = false;
+        }
+        let attempt = match next[call].take() {
+            None if seq == 0 => index,
+            Some((want, attempt)) if seq == want => attempt,
+            _ => {
+                // Refused: no chunk 0, or out of order.
+                dropping[call] = !last;
+                if expected[call].ran.is_none() {
+                    expected[call].refusals += 1;
+                }
+                continue;
+            }
+        };
+        if !last {
+            next[call] = Some((seq + 1, attempt));
+        } else if expected[call].ran.is_none() {
+            expected[call].ran = Some((attempt, false));
+        } else {
+            expected[call].resends += 1;
+        }
+    }
+    expected
+}
+
+/// The payload piece of a chunk: in-order pieces of an attempt make the envelope
+/// `{"request": "<index of its chunk 0>x…"}` (one `x` per middle chunk), so an answer names
+/// the attempt that ran. (The envelope denies unknown fields, so the padding stays inside.)
+fn chunk_piece(index: usize, seq: u32, last: bool) -> Vec<u8> {
+    match (seq, last) {
+        (0, true) => format!(r#"{{"request": "{index}"}}"#),
+        (0, false) => format!(r#"{{"request": "{index}"#),
+        (_, false) => "x".into(),
+        (_, true) => r#""}"#.into(),
+    }
+    .into_bytes()
+}
+
+/// One scripted case: its ops go out on the stream, then a sentinel refusal (a chunk 1 with no
+/// chunk 0), which the session answers after everything sent before it. Then each call's
+/// results, in the order they came, must be what the model allows: some of its refusals, then
+/// the result of the attempt that ran (the first complete one), then only copies of it.
+async fn chunk_rules_case(
+    s: &mut CloudSession,
+    case: usize,
+    ops: &[ChunkOp],
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prop_assert;
+    let id = |call: u8| format!("rules-{case}-{call}");
+    let chunk = |call_id: String, seq: u32, last: bool, payload: Vec<u8>| CallRequest {
+        call_id,
+        app_id: "tester".into(),
+        capability: "echo".into(),
+        seq,
+        last,
+        payload: payload.into(),
+        ..CallRequest::default()
+    };
+    for (index, op) in ops.iter().enumerate() {
+        match *op {
+            ChunkOp::Chunk { call, seq, last } => {
+                s.send_chunk(chunk(id(call), seq, last, chunk_piece(index, seq, last)))
+            }
+            ChunkOp::Cancel { call } => s.cancel(&id(call)),
+        }
+    }
+    let sentinel = format!("rules-{case}-sentinel");
+    s.send_chunk(chunk(sentinel.clone(), 1, true, Vec::new()));
+
+    let expected = delivery_model(ops);
+    let mut seen: [Vec<AssembledResult>; 3] = Default::default();
+    let mut sentinel_seen = false;
+    // Each result is a moment away: a missing one fails the case without holding up shrinking.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Until the sentinel and every call that ran have answered.
+    while !sentinel_seen
+        || (0..3).any(|c| {
+            expected[c].ran.is_some()
+                && !seen[c]
+                    .iter()
+                    .any(|r| r.status != AGENT_ERROR || !is_refusal(r))
+        })
+    {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        prop_assert!(
+            s.recv(left).await.is_some(),
+            "the stream ended or results are missing; seen {:?}, expected {expected:?}",
+            seen.iter().map(|r| shown(r)).collect::<Vec<_>>()
+        );
+        for (call_id, result) in s.take_results() {
+            if call_id == sentinel {
+                sentinel_seen = true;
+            } else if let Some(c) = (0..3u8).find(|c| id(*c) == call_id) {
+                seen[usize::from(c)].push(result);
+            } else {
+                prop_assert!(false, "a result for {call_id}, of no call of this case");
+            }
+        }
+    }
+    for c in 0..3 {
+        let (results, expected) = (&seen[c], &expected[c]);
+        let refusals = results.iter().take_while(|r| is_refusal(r)).count();
+        let rest = &results[refusals..];
+        match expected.ran {
+            None => {
+                prop_assert!(rest.is_empty(), "call {c} never ran: {:?}", shown(results));
+                prop_assert!(
+                    (1.min(expected.refusals)..=expected.refusals).contains(&refusals),
+                    "call {c}: {refusals} refusals, {expected:?}: {:?}",
+                    shown(results)
+                );
+            }
+            Some((attempt, cancelled)) => {
+                prop_assert!(
+                    refusals <= expected.refusals,
+                    "call {c}: {:?}, {expected:?}",
+                    shown(results)
+                );
+                let ran = &rest[0];
+                let request = ran.json()["response"]["request"].clone();
+                let answered = ran.status == ANSWERED
+                    && request
+                        .as_str()
+                        .is_some_and(|r| r.trim_end_matches('x') == attempt.to_string());
+                prop_assert!(
+                    answered || (cancelled && ran.status == AGENT_ERROR),
+                    "call {c} should have run attempt {attempt}: {}",
+                    String::from_utf8_lossy(&ran.data)
+                );
+                prop_assert!(
+                    rest[1..].iter().all(|r| r == ran) && rest.len() - 1 <= expected.resends,
+                    "call {c}: after its result, only copies of it, at most one per attempt \
+                     sent again: {:?}, {expected:?}",
+                    shown(results)
+                );
+            }
+        }
+    }
+    // Acknowledged, so that the table does not keep every case's results.
+    for c in 0..3 {
+        s.ack(&id(c));
+    }
+    s.ack(&sentinel);
+    Ok(())
+}
+
+/// Results as status and body text, for a failure message a person can read.
+fn shown(results: &[AssembledResult]) -> Vec<String> {
+    results
+        .iter()
+        .map(|r| format!("{}: {}", r.status, String::from_utf8_lossy(&r.data)))
+        .collect()
+}
+
+fn is_refusal(result: &AssembledResult) -> bool {
+    result.status == AGENT_ERROR && result.json()["error"]["error_code"] == "agent.bad_request"
+}
+
+/// The session's chunk handling against a model of the proto's delivery rules, over generated
+/// scripts of chunks (in order, out of order, without a chunk 0, re-sent, interleaved) and
+/// Cancels of three calls on one stream: no call runs twice or runs an attempt the rules do
+/// not run, none that the rules run goes unanswered, a refused one is answered with a refusal,
+/// and the stream survives it all.
+#[test]
+fn chunks_in_any_order_follow_the_delivery_rules() {
+    use proptest::prelude::*;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (dirs, cloud, agent, session) = runtime.block_on(async {
+        let (dirs, cloud, config) = tester_cloud_and_short_grace().await;
+        let agent = TestAgent::start(&dirs, &config).await;
+        let mut s = cloud.next_session(WAIT).await;
+        s.inventory_where(WAIT, |inv| ready(inv, "tester"))
+            .await
+            .unwrap();
+        (dirs, cloud, agent, s)
+    });
+    let session = std::sync::Mutex::new(session);
+    let cases = std::sync::atomic::AtomicUsize::new(0);
+    let op = prop_oneof![
+        8 => (0..3u8, prop_oneof![3 => Just(0u32), 2 => Just(1), 1 => Just(2)], prop::bool::weighted(0.4))
+            .prop_map(|(call, seq, last)| ChunkOp::Chunk { call, seq, last }),
+        1 => (0..3u8).prop_map(|call| ChunkOp::Cancel { call }),
+    ];
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let outcome = runner.run(&proptest::collection::vec(op, 1..24), |ops| {
+        let case = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut s = session.lock().unwrap();
+        runtime.block_on(chunk_rules_case(&mut s, case, &ops))
+    });
+    let s = session.into_inner().unwrap();
+    runtime.block_on(async move {
+        assert_eq!(s.id, 0, "the stream was never dropped");
+        agent.shutdown().await;
+        drop((s, cloud, dirs));
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+}
