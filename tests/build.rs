@@ -1,4 +1,4 @@
-//! Compiles the C test plugins (tests/c/misbehave.c) three ways into OUT_DIR; the tests find
+//! Compiles the C test plugins (tests/c/misbehave.c) four ways into OUT_DIR; the tests find
 //! them through `LUMOS_TEST_C_PLUGINS`.
 #![forbid(unsafe_code)]
 
@@ -26,6 +26,7 @@ fn main() {
         ("libmisbehave_c.so", &[][..]),
         ("libwrong_major.so", &["-DTEST_ABI_MAJOR=2"][..]),
         ("libno_entry.so", &["-DTEST_NO_ENTRY"][..]),
+        ("libhang_in_process.so", &["-DTEST_HANG_IN_PROCESS"][..]),
     ] {
         let status = compiler
             .to_command()

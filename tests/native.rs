@@ -681,3 +681,62 @@ async fn an_in_process_connector_printing_its_secrets_on_stderr_is_logged_redact
         "a secret reached stderr:\n{written}"
     );
 }
+
+/// A library that loads in a worker but whose `init` never returns in the agent is given up on
+/// after `plugins.info_timeout_secs`, with what to do, and later scans are not held up by it.
+/// (Its thread stays stuck until the process exits, so this test has a runtime of its own that
+/// it does not wait for.)
+#[cfg(target_os = "linux")]
+#[test]
+fn an_in_process_load_that_hangs_is_given_up_on() {
+    let runtime = two_worker_runtime();
+    runtime.block_on(async {
+        let dirs = TestDirs::new();
+        copy_in(
+            &dirs,
+            &c_test_plugin("libhang_in_process.so"),
+            "libhang_in_process.so",
+        );
+        let start = TestAgent::start(
+            &dirs,
+            "[plugins]\ninfo_timeout_secs = 5\n[connectors.misbehave_c]\nin_process = true\n",
+        );
+        let agent = tokio::time::timeout(WAIT, start)
+            .await
+            .expect("the first scan waited on the hanging load");
+        let entry = agent.connector_by_file("libhang_in_process.so").await;
+        assert_eq!(entry["status"], "rejected", "{entry}");
+        let reason = entry["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("loading it into the agent took over 5s")
+                && reason.contains("remove in_process = true"),
+            "{reason}"
+        );
+
+        copy_in(
+            &dirs,
+            Path::new(lumos_example_c::LIBRARY),
+            "liblumos_example_c.so",
+        );
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while agent
+            .connectors()
+            .await
+            .iter()
+            .all(|c| c["status"] != "ready")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a library dropped in later never loaded: {:?}",
+                agent.connectors().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, body) = agent
+            .call("lumos_example_c", "list_accounts", json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(agent.shutdown().await, lumos_agent::app::Stopped::Drained);
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}

@@ -1294,11 +1294,7 @@ fn is_refusal(result: &AssembledResult) -> bool {
 #[test]
 fn chunks_in_any_order_follow_the_delivery_rules() {
     use proptest::prelude::*;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_worker_runtime();
     let (dirs, cloud, agent, session) = runtime.block_on(async {
         let (dirs, cloud, config) = tester_cloud_and_short_grace().await;
         let agent = TestAgent::start(&dirs, &config).await;

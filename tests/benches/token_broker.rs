@@ -54,11 +54,7 @@ async fn endpoint(delay: Duration) -> (String, Arc<AtomicUsize>) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = lumos_agent_integration::two_worker_runtime();
     runtime.block_on(async {
         let (url, requests) = endpoint(Duration::from_millis(20)).await;
         let persist: Persist = Arc::new(|_, _, _| async { Ok(()) }.boxed());

@@ -308,11 +308,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_worker_runtime();
     // The bench runs as a task on the runtime's two workers, like the agent and the fake cloud:
     // driven from `block_on` instead, it was a third thread on two cores, parked and woken by
     // a futex for every batch of results (a third of all futex calls of an agent run).

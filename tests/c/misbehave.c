@@ -3,9 +3,17 @@
  *   echo      answers {"response":{}}
  *   segfault  writes through a null pointer
  *   double    completes the same call twice (the host must keep the first, ignore the second)
- * Built three ways by tests/build.rs: as is; with -DTEST_ABI_MAJOR=2 (a header claiming another
- * ABI major); with -DTEST_NO_ENTRY (no lumos_connector_entry_v1 symbol).
+ * Built four ways by tests/build.rs: as is; with -DTEST_ABI_MAJOR=2 (a header claiming another
+ * ABI major); with -DTEST_NO_ENTRY (no lumos_connector_entry_v1 symbol); with
+ * -DTEST_HANG_IN_PROCESS (its init never returns, except in a worker: `plugin-host` in the
+ * process's command line; Linux only).
  */
+#ifdef TEST_HANG_IN_PROCESS
+#define _POSIX_C_SOURCE 200809L
+#include <stdio.h>
+#include <unistd.h>
+#endif
+
 #include "lumos_connector.h"
 
 #include <stddef.h>
@@ -23,7 +31,31 @@ static lumos_bytes text(const char *s) {
     return b;
 }
 
+#ifdef TEST_HANG_IN_PROCESS
+/* Whether this process is a worker: its NUL-separated command line has the word plugin-host. */
+static int in_worker(void) {
+    char line[4096];
+    FILE *f = fopen("/proc/self/cmdline", "rb");
+    if (f == NULL) {
+        return 0;
+    }
+    size_t n = fread(line, 1, sizeof line, f);
+    fclose(f);
+    for (size_t i = 0; i + 11 <= n; i++) {
+        if (memcmp(line + i, "plugin-host", 11) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+#endif
+
 static int32_t init(const lumos_host_api *host, void **ctx) {
+#ifdef TEST_HANG_IN_PROCESS
+    while (!in_worker()) {
+        sleep(1);
+    }
+#endif
     HOST = *host;
     *ctx = &HOST;
     return 0;

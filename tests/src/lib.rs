@@ -34,6 +34,17 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut c
     }
 }
 
+/// A runtime of two workers, like the tests' `#[tokio::test(flavor = "multi_thread",
+/// worker_threads = 2)]`, for a test or bench that must own its runtime (to shut it down
+/// without waiting for a stuck thread, or to run blocking code between its parts).
+pub fn two_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime")
+}
+
 /// Captures the agent's log lines (this test binary's tracing output) so tests can assert what
 /// an admin would read, and that no secret is ever logged: the agent's own crates at TRACE,
 /// everything else at INFO. Installed once per test binary; returns everything logged so far.

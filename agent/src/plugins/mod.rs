@@ -534,7 +534,7 @@ impl LoadStage {
                 "{}, which has up to plugins.info_timeout_secs = {info_timeout:?} to answer",
                 self.doing()
             ),
-            Stage::Worker => format!(
+            Stage::Worker | Stage::InProcess => format!(
                 "{}, which has up to plugins.info_timeout_secs = {info_timeout:?} to load the \
                  library and answer",
                 self.doing()
@@ -937,10 +937,21 @@ impl PluginLoader {
         // `path` is already the content-addressed store copy.
         let path = path.to_path_buf();
         stage.set(Stage::InProcess);
-        let (connector, description) =
-            tokio::task::spawn_blocking(move || InProcessConnector::load(&path))
-                .await
-                .map_err(|e| format!("in-process load failed: {e}"))??;
+        // A library that loaded in a worker can still hang in the agent (its `init` may wait on
+        // something only this process has). Its thread cannot be stopped, but the load must not
+        // hold up every later scan: it is given up on, and the thread left to the exit.
+        let limit = self.config.get().plugins.info_timeout;
+        let loading = tokio::task::spawn_blocking(move || InProcessConnector::load(&path));
+        let (connector, description) = tokio::time::timeout(limit, loading)
+            .await
+            .map_err(|_| {
+                format!(
+                    "loading it into the agent took over {limit:?} (plugins.info_timeout_secs), \
+                     though it loaded in a worker; its thread stays stuck until the agent \
+                     restarts. Serve it from a worker (remove in_process = true for it)"
+                )
+            })?
+            .map_err(|e| format!("in-process load failed: {e}"))??;
         tracing::info!(
             "{name}: loaded in-process (vetted by [connectors.{}] in_process = true)",
             description.id
