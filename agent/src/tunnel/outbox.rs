@@ -12,8 +12,10 @@
 //! ```
 //!
 //! A file is removed once its result is back in the table (a small one in memory, a large one
-//! copied to an unlinked spool file like any large result). A file that cannot be read is
-//! renamed `*.unreadable` and left for the admin; the cloud times its call out.
+//! copied to an unlinked spool file like any large result). A file that cannot be read, or
+//! whose document is not one whole JSON document (every kept result is one, so a file cut
+//! short is caught), is renamed `*.unreadable` and left for the admin; the cloud times its
+//! call out.
 //!
 //! Only a stop writes these files: writing every result as it finishes would cost an fsync
 //! per call. A crash (`kill -9`) loses the results held at that moment; the call journal
@@ -271,6 +273,14 @@ fn read_one(
     if body.len() != body_len {
         return Err(OutboxFileError::Format("changed while read"));
     }
+    // Every result kept is one JSON document (a connector's answer is checked before it is
+    // stored). A file cut short or damaged since its save must not go to the cloud as a
+    // result: the header carries no length, so this check is what catches a cut.
+    if body.is_one_json_document().is_err() {
+        return Err(OutboxFileError::Format(
+            "its result is not a whole JSON document: cut short or damaged",
+        ));
+    }
     Ok((call_id, outcome, body))
 }
 
@@ -280,6 +290,14 @@ mod tests {
     use bytes::Bytes;
 
     use crate::tunnel::calls::Admission;
+
+    /// A JSON document of exactly `len` bytes (at least 10).
+    fn json_of_len(len: usize) -> Vec<u8> {
+        let text: String = (0..len - 10)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        format!("{{\"data\":\"{text}\"}}").into_bytes()
+    }
 
     async fn table_with(spill: &Path, results: &[(&str, Outcome, Vec<u8>, bool)]) -> CallTable {
         let table = CallTable::new(spill.to_path_buf(), 1 << 30);
@@ -300,9 +318,7 @@ mod tests {
         let outbox = tempfile::tempdir().unwrap();
         // A large result (beyond the in-memory size), one with an awkward id, an agent error,
         // a refusal (not kept: the cloud sends that call again), and an acknowledged one.
-        let large: Vec<u8> = (0..SPOOL_THRESHOLD + 4096)
-            .map(|i| (i % 251) as u8)
-            .collect();
+        let large = json_of_len(SPOOL_THRESHOLD + 4096);
         let odd_id = "../../etc/passwd \n ünïcode";
         let before = table_with(
             spill.path(),
@@ -394,6 +410,10 @@ mod tests {
             ("d.result", b"lumos-agent-result 1 maybe 1\nx{}".to_vec()),
             ("e.result", b"lumos-agent-result 1 answered 0\n{}".to_vec()),
             ("f.result", vec![b'x'; 4096]),
+            (
+                "g.result",
+                b"lumos-agent-result 1 answered 1\nx{\"response\": {\"users\": [".to_vec(),
+            ),
         ];
         for (name, bytes) in &bad {
             fs::write(outbox.path().join(name), bytes).unwrap();
@@ -431,7 +451,7 @@ mod tests {
         let outbox = tempfile::tempdir().unwrap();
         let before = table_with(
             spill.path(),
-            &[("a", Outcome::Answered, vec![b' '; 64], true)],
+            &[("a", Outcome::Answered, json_of_len(64), true)],
         )
         .await;
         save(&before, outbox.path());
@@ -442,7 +462,60 @@ mod tests {
         assert_eq!(after.memory_bytes(), 0);
         assert_eq!(
             a.body.to_bytes().await.unwrap(),
-            Bytes::from(vec![b' '; 64])
+            Bytes::from(json_of_len(64))
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// A kept file cut anywhere (a damaged disk, a copy of the state folder that stopped
+        /// part-way) is set aside, never sent as a result; whole, it comes back as it was.
+        /// Documents small and large (spooled), ids of any characters.
+        #[test]
+        fn a_kept_result_cut_anywhere_is_set_aside_never_sent(
+            call_id in "\\PC{1,40}",
+            doc_len in proptest::prop_oneof![10..200usize, (SPOOL_THRESHOLD - 64)..(SPOOL_THRESHOLD + 64)],
+            cut in proptest::num::f64::ANY,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let spill = tempfile::tempdir().unwrap();
+            let outbox = tempfile::tempdir().unwrap();
+            let doc = json_of_len(doc_len);
+            let before = runtime.block_on(table_with(
+                spill.path(),
+                &[(call_id.as_str(), Outcome::Answered, doc.clone(), true)],
+            ));
+            proptest::prop_assert_eq!(save(&before, outbox.path()).results, 1);
+            let file = outbox.path().join(file_name(&call_id));
+            let whole = fs::read(&file).unwrap();
+            // Anywhere from nothing left to all of it.
+            let keep = if cut.is_finite() {
+                ((cut.abs().fract()) * (whole.len() + 1) as f64) as usize
+            } else {
+                whole.len()
+            }
+            .min(whole.len());
+            fs::write(&file, &whole[..keep]).unwrap();
+
+            let after = CallTable::new(spill.path().to_path_buf(), 1 << 30);
+            let restored = restore(&after, outbox.path());
+            if keep == whole.len() {
+                proptest::prop_assert_eq!(restored.results, 1);
+                let back = runtime
+                    .block_on(after.result(&call_id).unwrap().body.to_bytes())
+                    .unwrap();
+                proptest::prop_assert_eq!(&back[..], &doc[..]);
+            } else {
+                proptest::prop_assert_eq!(
+                    (restored.results, restored.unreadable),
+                    (0, 1),
+                    "cut to {} of {} bytes",
+                    keep,
+                    whole.len()
+                );
+                proptest::prop_assert!(after.result(&call_id).is_none());
+            }
+        }
     }
 }
