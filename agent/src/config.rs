@@ -103,7 +103,8 @@ pub struct CloudConfig {
     pub ca_file: Option<PathBuf>,
     /// HTTP CONNECT proxy (`cloud.proxy`, else `HTTPS_PROXY` from the environment).
     pub proxy: Option<ProxyUrl>,
-    /// Hosts reached without the proxy (`cloud.no_proxy`, else `NO_PROXY`).
+    /// Hosts reached without the proxy (`cloud.no_proxy`, else `NO_PROXY`): names, IPs and IP
+    /// networks, read by [`crate::tunnel::transport::bypasses_proxy`].
     pub no_proxy: Vec<String>,
     /// The cluster this agent serves.
     pub cluster_id: String,

@@ -341,22 +341,40 @@ pub async fn connect_via_proxy(proxy: &ProxyUrl, host: &str, port: u16) -> io::R
     Ok(TokioIo::new(upgraded))
 }
 
-/// `NO_PROXY` rules: `*`, exact host names and IPs, and domain suffixes (`.corp` or `corp`).
+/// Whether the cloud's `host` is reached without the proxy. `NO_PROXY` rules, read as curl reads
+/// them: `*`; a host name, which covers its subdomains too (`corp` or `.corp`); an IP address; an
+/// IP network (`10.0.0.0/8`, `fd00::/8`). A rule's port (`svc:443`, `[::1]:443`) is ignored.
+/// Loopback is not special (a test may put a proxy in front of a local cloud), as with curl.
 pub fn bypasses_proxy(host: &str, no_proxy: &[String]) -> bool {
-    let host = host.to_ascii_lowercase();
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let ip = host.parse::<std::net::IpAddr>().ok();
     no_proxy.iter().any(|rule| {
         let rule = rule.trim().to_ascii_lowercase();
-        // A rule may carry a port (`host:443`); hosts are compared without it.
-        let rule = match rule.rsplit_once(':') {
-            Some((name, port)) if !name.contains(':') && port.parse::<u16>().is_ok() => {
-                name.to_string()
-            }
-            _ => rule,
-        };
-        let suffix = rule.trim_start_matches('.');
-        rule == "*"
-            || (!suffix.is_empty() && (host == suffix || host.ends_with(&format!(".{suffix}"))))
+        let rule = without_port(&rule);
+        if rule == "*" {
+            return true;
+        }
+        if let Some(ip) = ip {
+            return rule.parse::<std::net::IpAddr>().is_ok_and(|r| r == ip)
+                || rule
+                    .parse::<ipnet::IpNet>()
+                    .is_ok_and(|net| net.contains(&ip));
+        }
+        let suffix = rule.trim_start_matches('.').trim_end_matches('.');
+        !suffix.is_empty() && (host == suffix || host.ends_with(&format!(".{suffix}")))
     })
+}
+
+/// A `NO_PROXY` rule without its port, if it has one: `svc:443` → `svc`, `[::1]:443` → `::1`,
+/// `[::1]` → `::1`. An IPv6 address or network without brackets is left whole.
+fn without_port(rule: &str) -> &str {
+    if let Some(rest) = rule.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(address, _)| address);
+    }
+    match rule.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.parse::<u16>().is_ok() => name,
+        _ => rule,
+    }
 }
 
 /// An error and its sources, joined: tonic's top-level "transport error" alone says nothing.
@@ -393,5 +411,48 @@ mod tests {
         assert!(!bypasses_proxy("agents.lumos.example", &rules));
         assert!(bypasses_proxy("anything", &["*".to_string()]));
         assert!(!bypasses_proxy("anything", &[]));
+        // A fully qualified name (a trailing dot) is the same host.
+        assert!(bypasses_proxy("api.corp.example.", &rules));
+    }
+
+    #[test]
+    fn no_proxy_rules_for_ip_addresses_and_networks() {
+        let rules: Vec<String> = [
+            "10.0.0.0/8",
+            "192.168.1.7",
+            "fd00::/8",
+            "[2001:db8::1]:443",
+            "172.16.0.9:8443",
+            "corp.example",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        for host in [
+            "10.1.2.3",
+            "192.168.1.7",
+            "fd12::5",
+            "2001:db8::1",
+            "172.16.0.9",
+        ] {
+            assert!(bypasses_proxy(host, &rules), "{host}");
+        }
+        for host in [
+            "11.0.0.1",
+            "192.168.1.8",
+            "fe80::1",
+            "2001:db8::2",
+            "172.16.0.10",
+        ] {
+            assert!(!bypasses_proxy(host, &rules), "{host}");
+        }
+        // An address is matched by address and network rules only, never by its text's tail.
+        assert!(!bypasses_proxy("10.0.0.1", &["0.0.1".to_string()]));
+        assert!(bypasses_proxy("203.0.113.5", &["*".to_string()]));
+        assert!(
+            !bypasses_proxy("127.0.0.1", &rules),
+            "loopback is not special"
+        );
+        assert!(bypasses_proxy("127.0.0.1", &["127.0.0.0/8".to_string()]));
     }
 }
