@@ -148,11 +148,19 @@ impl fmt::Display for ProxyUrl {
     }
 }
 
-/// Parses `http://[user[:password]@]host:port`.
+/// Parses `[http://][user[:password]@]host[:port]`: port 80 when none is given, and a value
+/// without a scheme taken as `http://`, as curl and Go take one (`HTTPS_PROXY=proxy:3128` is
+/// common). No part of the text goes into an error: it may hold a password.
 fn parse_proxy(text: &str) -> Result<ProxyUrl, String> {
-    let rest = text
-        .strip_prefix("http://")
-        .ok_or("a proxy URL must start with http:// (the CONNECT request is plain HTTP; the tunnel inside it is TLS)")?;
+    const SHAPE: &str = "expected http://[user:password@]host[:port]";
+    let text = text.trim();
+    let rest = match text.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some(_) => return Err(format!(
+            "{SHAPE}: a proxy URL must start with http:// (the CONNECT request is plain HTTP; the tunnel inside it is TLS)"
+        )),
+        None => text,
+    };
     let rest = rest.trim_end_matches('/');
     let (credentials, authority) = match rest.rsplit_once('@') {
         Some((userinfo, authority)) => {
@@ -169,19 +177,24 @@ fn parse_proxy(text: &str) -> Result<ProxyUrl, String> {
         }
         None => (None, rest),
     };
-    if authority.is_empty() || authority.contains('/') {
-        return Err("expected http://[user:password@]host:port".into());
+    let parsed: hyper::http::uri::Authority = authority
+        .parse()
+        .map_err(|_| format!("{SHAPE}: the host and port are not valid"))?;
+    if parsed.host().is_empty() || parsed.as_str() != authority {
+        return Err(format!("{SHAPE}: the host and port are not valid"));
     }
-    let authority = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
+    // What follows the host is `:port`, if anything (the http crate takes a port over 65535
+    // for none).
+    let port = match authority[parsed.host().len()..].strip_prefix(':') {
+        None => 80,
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{SHAPE}: the port is not 1 – 65535"))?,
     };
     Ok(ProxyUrl {
-        authority,
+        authority: format!("{}:{port}", parsed.host()),
         credentials,
     })
 }
@@ -1753,6 +1766,91 @@ mod tests {
         // Without [cloud]: standalone.
         let (_dir, path) = file("");
         assert!(load_file(&path, &[]).unwrap().cloud.is_none());
+    }
+
+    #[test]
+    fn proxy_urls_as_admins_write_them() {
+        let ok = |text: &str| {
+            let proxy = parse_proxy(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            (
+                proxy.authority,
+                proxy.credentials.map(|c| c.as_str().to_string()),
+            )
+        };
+        let plain = |authority: &str| (authority.to_string(), None);
+        assert_eq!(ok("http://proxy:3128"), plain("proxy:3128"));
+        assert_eq!(ok("http://proxy:3128/"), plain("proxy:3128"));
+        assert_eq!(ok("HTTP://Proxy.Corp:3128"), plain("Proxy.Corp:3128"));
+        assert_eq!(ok("proxy.corp:3128"), plain("proxy.corp:3128"));
+        assert_eq!(ok(" http://proxy "), plain("proxy:80"));
+        assert_eq!(ok("http://[::1]:3128"), plain("[::1]:3128"));
+        assert_eq!(ok("http://[fd00::5]"), plain("[fd00::5]:80"));
+        assert_eq!(ok("http://10.0.0.1:8080"), plain("10.0.0.1:8080"));
+        assert_eq!(
+            ok("http://me:p%40ss%3Aw%2Frd@proxy:3128"),
+            ("proxy:3128".to_string(), Some("me:p@ss:w/rd".to_string()))
+        );
+        assert_eq!(
+            ok("me@proxy"),
+            ("proxy:80".to_string(), Some("me:".to_string()))
+        );
+
+        for (text, needle) in [
+            ("https://proxy:3128", "must start with http://"),
+            ("socks5://me:secret@proxy:1080", "must start with http://"),
+            ("http://proxy:99999", "the port is not 1 – 65535"),
+            ("http://proxy:0", "the port is not 1 – 65535"),
+            ("http://:3128", "the host and port are not valid"),
+            ("http://", "the host and port are not valid"),
+            ("http://proxy:3128/path", "the host and port are not valid"),
+            ("http://pro xy:3128", "the host and port are not valid"),
+            ("http://proxy:port", "the port is not 1 – 65535"),
+            ("http://me:%ff@proxy", "not valid percent-encoding"),
+        ] {
+            let err = parse_proxy(text).map(|p| p.authority).expect_err(text);
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(!err.contains("secret"), "{text}: {err}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any text gives a proxy or one of a few fixed errors, never a panic, and never an
+        /// error that quotes the text (it may hold a password). Credentials and host written into a URL come
+        /// back as they were.
+        #[test]
+        fn proxy_urls_parse_without_panics_or_echoes(
+            text in "\\PC{0,40}",
+            user in "\\PC{1,12}",
+            password in "\\PC{0,12}",
+            host in "[a-z][a-z0-9-]{0,10}(\\.[a-z]{2,5}){0,2}",
+            port in 1..=u16::MAX,
+        ) {
+            if let Err(e) = parse_proxy(&text) {
+                // One of a few fixed messages: nothing of the text in it.
+                let fixed = [
+                    "a proxy URL must start with http:// (the CONNECT request is plain HTTP; the tunnel inside it is TLS)",
+                    "the host and port are not valid",
+                    "the port is not 1 – 65535",
+                ]
+                .map(|m| format!("expected http://[user:password@]host[:port]: {m}"));
+                proptest::prop_assert!(
+                    fixed.contains(&e) || e == "the proxy credentials are not valid percent-encoding",
+                    "{}", e
+                );
+            }
+            let encode = |part: &str| {
+                percent_encoding::utf8_percent_encode(part, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            };
+            let url = format!("http://{}:{}@{host}:{port}", encode(&user), encode(&password));
+            let proxy = parse_proxy(&url).map_err(proptest::test_runner::TestCaseError::fail)?;
+            proptest::prop_assert_eq!(proxy.authority, format!("{host}:{port}"));
+            let expected = format!("{user}:{password}");
+            proptest::prop_assert_eq!(
+                proxy.credentials.as_deref().map(String::as_str),
+                Some(expected.as_str())
+            );
+        }
     }
 
     #[test]
