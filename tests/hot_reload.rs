@@ -398,9 +398,11 @@ async fn the_periodic_rescan_catches_what_events_miss() {
 
 /// A file rejected because the agent's own state folder failed it (there: the store is a
 /// file, where a full disk is the usual cause) is loaded at a later scan once the folder works
-/// again, though the file itself never changed; and its reason says whose fault it was.
+/// again, though the file itself never changed; and its reason says whose fault it was. The
+/// admin is warned once, not at every scan that tries it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_the_state_folder_could_not_take_is_loaded_once_it_can() {
+    captured_logs();
     let dirs = TestDirs::new();
     let agent = TestAgent::start(
         &dirs,
@@ -421,6 +423,19 @@ async fn a_file_the_state_folder_could_not_take_is_loaded_once_it_can() {
             && reason.contains("tried again at the next scan"),
         "{reason}"
     );
+    // Tried again at later scans, and said once.
+    let lines = |needle: &str| {
+        captured_logs()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    eventually(WAIT, "two more scans to try it again", || {
+        lines("rejected stuck: cannot copy it into the state folder") >= 3
+    })
+    .await;
+    assert_eq!(lines(" WARN lumos_agent::plugins: rejected stuck: "), 1);
+    assert!(lines(" DEBUG lumos_agent::plugins: still rejected stuck: ") >= 2);
     std::fs::remove_file(&store).unwrap();
     until_entries(&agent, "stuck", "a later scan to load it", |e| {
         e.len() == 1 && e[0]["status"] == "ready"

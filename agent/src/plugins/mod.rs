@@ -11,6 +11,7 @@ pub mod info;
 pub mod integrity;
 pub mod reload;
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -477,6 +478,10 @@ pub struct PluginLoader {
     abort: CancellationToken,
     /// Where worker restarts are counted.
     metrics: Arc<crate::metrics::Metrics>,
+    /// The reason each file is being retried for (the state folder failed it): while it stays
+    /// the same, the retry at every scan is logged at debug, so that a full disk is one
+    /// warning per file, not one per file a minute.
+    retrying: Arc<std::sync::Mutex<HashMap<PathBuf, String>>>,
 }
 
 /// What a load is doing: the progress line of one that takes long says it, so that an admin
@@ -557,6 +562,7 @@ impl PluginLoader {
             state,
             abort,
             metrics,
+            retrying: Arc::default(),
         }
     }
 
@@ -581,14 +587,37 @@ impl PluginLoader {
                 started.elapsed()
             ),
             (ConnectorStatus::Rejected, reason) => {
-                tracing::warn!(
-                    "rejected {}: {}",
-                    connector.file_name(),
-                    reason.as_deref().unwrap_or("no reason")
-                );
+                let reason = reason.as_deref().unwrap_or("no reason");
+                if self.retried_for_the_same_reason(&connector, reason) {
+                    tracing::debug!("still rejected {}: {reason}", connector.file_name());
+                } else {
+                    tracing::warn!("rejected {}: {reason}", connector.file_name());
+                }
             }
         }
+        if !connector.retry {
+            self.lock_retrying().remove(&connector.path);
+        }
         connector
+    }
+
+    /// Whether `connector` is rejected for the agent's own fault, for the same `reason` as at
+    /// the last scan (remembering the reason for the next).
+    fn retried_for_the_same_reason(&self, connector: &Connector, reason: &str) -> bool {
+        if !connector.retry {
+            return false;
+        }
+        let previous = self
+            .lock_retrying()
+            .insert(connector.path.clone(), reason.to_string());
+        previous.as_deref() == Some(reason)
+    }
+
+    fn lock_retrying(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, String>> {
+        // A panic while holding it cannot leave the map half-changed: recover it.
+        self.retrying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn load_inner(&self, path: PathBuf, stage: &LoadStage) -> Connector {
