@@ -641,6 +641,38 @@ async fn agent_starts_when_every_plugin_is_bad() {
     agent.shutdown().await;
 }
 
+/// A stored copy damaged since it was made (cut short by a damaged disk, or a hand in the
+/// state folder) is replaced from the plugins folder's file at the next load: it is neither
+/// run nor blamed on the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_stored_copy_is_replaced_at_the_next_load() {
+    let dirs = TestDirs::new();
+    let file = install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let agent = TestAgent::start(&dirs, "").await;
+    assert_eq!(agent.connector_by_file("tester").await["status"], "ready");
+    agent.shutdown().await;
+    let copy = dirs
+        .state()
+        .join("store")
+        .join(digest_of(&file))
+        .join("tester");
+    let whole = std::fs::metadata(&copy).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copy)
+        .unwrap()
+        .set_len(whole / 2)
+        .unwrap();
+
+    let agent = TestAgent::start(&dirs, "").await;
+    let row = agent.connector_by_file("tester").await;
+    assert_eq!(row["status"], "ready", "{row}");
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), whole);
+    let (status, body) = agent.call("tester", "echo", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_highest_version_of_an_app_serves() {
     let dirs = TestDirs::new();

@@ -1057,7 +1057,8 @@ enum CopyFailure {
 
 /// Copies `path` to `<store>/<sha256>/<name>` (executable, private), hashing what it copies in
 /// the same read: the copy that runs is the bytes hashed. An existing copy of the same content
-/// is reused. At most `max_bytes` (a file growing past them is refused), and only a regular
+/// is reused, unless its size says it was damaged since (then the new copy replaces it). At
+/// most `max_bytes` (a file growing past them is refused), and only a regular
 /// file (it may have become a FIFO or a link to a device since it was looked at: see
 /// [`platform::open_regular_file`]).
 async fn store_copy(
@@ -1114,11 +1115,20 @@ async fn store_copy(
             let sha = hex::encode(hasher.finalize());
             let dir = store.join(&sha);
             let copy = dir.join(&name);
-            if copy.is_file() {
-                std::fs::remove_file(&tmp).map_err(CopyFailure::Store)?;
-            } else {
-                make_dir(&dir)?;
-                std::fs::rename(&tmp, &copy).map_err(CopyFailure::Store)?;
+            match std::fs::symlink_metadata(&copy) {
+                Ok(meta) if meta.is_file() && meta.len() == copied => {
+                    std::fs::remove_file(&tmp).map_err(CopyFailure::Store)?;
+                }
+                existing => {
+                    if existing.is_ok() {
+                        // Named by a digest of other bytes: cut short or grown since (a damaged
+                        // disk, a hand in the state folder). Running it would fail, or run
+                        // something else.
+                        tracing::warn!(copy = %copy.display(), "the stored copy of {name} was damaged; it is replaced");
+                    }
+                    make_dir(&dir)?;
+                    std::fs::rename(&tmp, &copy).map_err(CopyFailure::Store)?;
+                }
             }
             Ok((sha, copy))
         })();
