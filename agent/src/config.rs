@@ -177,12 +177,11 @@ fn parse_proxy(text: &str) -> Result<ProxyUrl, String> {
         }
         None => (None, rest),
     };
-    let parsed: hyper::http::uri::Authority = authority
-        .parse()
-        .map_err(|_| format!("{SHAPE}: the host and port are not valid"))?;
-    if parsed.host().is_empty() || parsed.as_str() != authority {
-        return Err(format!("{SHAPE}: the host and port are not valid"));
-    }
+    let parsed = authority
+        .parse::<hyper::http::uri::Authority>()
+        .ok()
+        .filter(|parsed| !parsed.host().is_empty() && parsed.as_str() == authority)
+        .ok_or_else(|| format!("{SHAPE}: the host and port are not valid"))?;
     // What follows the host is `:port`, if anything (the http crate takes a port over 65535
     // for none).
     let port = match authority[parsed.host().len()..].strip_prefix(':') {

@@ -476,7 +476,7 @@ mod tests {
         fn a_kept_result_cut_anywhere_is_set_aside_never_sent(
             call_id in "\\PC{1,40}",
             doc_len in proptest::prop_oneof![10..200usize, (SPOOL_THRESHOLD - 64)..(SPOOL_THRESHOLD + 64)],
-            cut in proptest::num::f64::ANY,
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let spill = tempfile::tempdir().unwrap();
@@ -490,12 +490,7 @@ mod tests {
             let file = outbox.path().join(file_name(&call_id));
             let whole = fs::read(&file).unwrap();
             // Anywhere from nothing left to all of it.
-            let keep = if cut.is_finite() {
-                ((cut.abs().fract()) * (whole.len() + 1) as f64) as usize
-            } else {
-                whole.len()
-            }
-            .min(whole.len());
+            let keep = cut.index(whole.len() + 1);
             fs::write(&file, &whole[..keep]).unwrap();
 
             let after = CallTable::new(spill.path().to_path_buf(), 1 << 30);
