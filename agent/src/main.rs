@@ -22,10 +22,7 @@ fn main() -> ExitCode {
         Err(code) => return ExitCode::from(code),
     };
     telemetry::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match daemon::runtime_builder().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lumos-agent: cannot start the runtime: {e}");

@@ -230,10 +230,7 @@ fn serve(overrides: Overrides, control: mpsc::Receiver<Control>, on_ready: impl 
         ),
         Err(_) => return exit::STARTUP,
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match daemon::runtime_builder().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");

@@ -308,6 +308,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5000);
+    // The agent's own runtime settings, shared by every subject (the baselines too).
     let runtime = two_worker_runtime();
     // The bench runs as a task on the runtime's two workers, like the agent and the fake cloud:
     // driven from `block_on` instead, it was a third thread on two cores, parked and woken by
@@ -334,8 +335,10 @@ fn median(values: &mut [f64]) -> f64 {
 async fn run(calls: usize) {
     let rounds = option("rounds").unwrap_or(5).max(1);
     println!(
-        "{calls} calls per run at c=64 ({rounds} rounds, medians), {} at c=1; 2 runtime threads",
-        calls / 5
+        "{calls} calls per run at c=64 ({rounds} rounds, medians), {} at c=1; 2 runtime threads, \
+         event interval {}",
+        calls / 5,
+        lumos_agent::daemon::EVENT_INTERVAL
     );
     let mut subjects = Vec::new();
     if !flag("agent-only") {

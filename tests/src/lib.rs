@@ -34,13 +34,13 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut c
     }
 }
 
-/// A runtime of two workers, like the tests' `#[tokio::test(flavor = "multi_thread",
-/// worker_threads = 2)]`, for a test or bench that must own its runtime (to shut it down
-/// without waiting for a stuck thread, or to run blocking code between its parts).
+/// The agent's own runtime ([`lumos_agent::daemon::runtime_builder`]) with two workers, like
+/// the tests' `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`, for a test or
+/// bench that must own its runtime (to shut it down without waiting for a stuck thread, or to
+/// run blocking code between its parts).
 pub fn two_worker_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+    lumos_agent::daemon::runtime_builder()
         .worker_threads(2)
-        .enable_all()
         .build()
         .expect("cannot build a tokio runtime")
 }
