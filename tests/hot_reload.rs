@@ -399,7 +399,8 @@ async fn the_periodic_rescan_catches_what_events_miss() {
 /// A file rejected because the agent's own state folder failed it (there: the store is a
 /// file, where a full disk is the usual cause) is loaded at a later scan once the folder works
 /// again, though the file itself never changed; and its reason says whose fault it was. The
-/// admin is warned once, not at every scan that tries it again.
+/// admin is warned once, not at every scan that tries it again (and again once for the file
+/// removed and dropped in again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_the_state_folder_could_not_take_is_loaded_once_it_can() {
     captured_logs();
@@ -436,6 +437,15 @@ async fn a_file_the_state_folder_could_not_take_is_loaded_once_it_can() {
     .await;
     assert_eq!(lines(" WARN lumos_agent::plugins: rejected stuck: "), 1);
     assert!(lines(" DEBUG lumos_agent::plugins: still rejected stuck: ") >= 2);
+    // Removed, the file is forgotten: dropped in again, it is a new file, and warned of anew.
+    let file = dirs.plugins().join("stuck");
+    std::fs::remove_file(&file).unwrap();
+    until_entries(&agent, "stuck", "the removal", <[Value]>::is_empty).await;
+    versioned_connector(&dirs.plugins(), "stuck", "stuck", "1.0.0");
+    eventually(WAIT, "the file dropped in again to be warned of", || {
+        lines(" WARN lumos_agent::plugins: rejected stuck: ") == 2
+    })
+    .await;
     std::fs::remove_file(&store).unwrap();
     until_entries(&agent, "stuck", "a later scan to load it", |e| {
         e.len() == 1 && e[0]["status"] == "ready"

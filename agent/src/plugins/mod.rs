@@ -613,6 +613,12 @@ impl PluginLoader {
         previous.as_deref() == Some(reason)
     }
 
+    /// Forgets why `path` was being retried: it left the folder, and the same file dropped in
+    /// again is news to the admin.
+    pub fn forget(&self, path: &Path) {
+        self.lock_retrying().remove(path);
+    }
+
     fn lock_retrying(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, String>> {
         // A panic while holding it cannot leave the map half-changed: recover it.
         self.retrying

@@ -343,6 +343,7 @@ impl Reconciler {
                 .cloned()
                 .collect();
             for path in gone {
+                self.loader.forget(&path);
                 let Some(slot) = state.slots.remove(&path) else {
                     continue;
                 };
