@@ -715,6 +715,9 @@ fn start_binary(dirs: &TestDirs) -> KilledOnDrop {
             .arg("--config")
             .arg(dirs.root.path().join("agent.toml"))
             .args(["--listen", "127.0.0.1:0", "run"])
+            // The fake cloud is on loopback: a proxy of the machine's must not come between.
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null()),
     )

@@ -101,7 +101,8 @@ pub struct CloudConfig {
     pub allow_insecure: bool,
     /// Extra CA certificates (PEM) trusted for the cloud, besides the web PKI and system roots.
     pub ca_file: Option<PathBuf>,
-    /// HTTP CONNECT proxy (`cloud.proxy`, else `HTTPS_PROXY` from the environment).
+    /// HTTP CONNECT proxy (`cloud.proxy`, else `HTTPS_PROXY` from the environment, or
+    /// `HTTP_PROXY` for an `http://` endpoint).
     pub proxy: Option<ProxyUrl>,
     /// Hosts reached without the proxy (`cloud.no_proxy`, else `NO_PROXY`): names, IPs and IP
     /// networks, read by [`crate::tunnel::transport::bypasses_proxy`].
@@ -600,9 +601,51 @@ const TOP_KEYS: &[&str] = &[
     "oauth",
 ];
 
+/// `api.listen`: an address and port; `localhost:PORT` is taken as `127.0.0.1:PORT` (the
+/// address the CLI then talks to). Other names are not resolved: the API must bind where the
+/// admin expects, so the error says what to write instead.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let alone = |port: u16| {
+        format!(
+            "{text:?} is a port without an address: write 127.0.0.1:{port} (this machine only) or 0.0.0.0:{port} (every interface)"
+        )
+    };
+    match text.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<u16>() {
+            Ok(port) if host.eq_ignore_ascii_case("localhost") => {
+                return Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+            }
+            Ok(port) if host.is_empty() => return Err(alone(port)),
+            Ok(port)
+                if !host.contains(':')
+                    && !host.chars().all(|c| c.is_ascii_digit() || c == '.') =>
+            {
+                return Err(format!(
+                    "{text:?} names a host; write the address to listen on, like 127.0.0.1:{port} (no name but localhost is looked up)"
+                ))
+            }
+            _ => {}
+        },
+        None => {
+            if let Ok(port) = text.parse::<u16>() {
+                return Err(alone(port));
+            }
+        }
+    }
+    Err(format!(
+        "{text:?} is not an address like 127.0.0.1:7878 or [::1]:7878"
+    ))
+}
+
 impl Validator {
     fn issue(&mut self, key: &str, origin: Option<&str>, message: impl Into<String>) {
         let origin = match (origin, &self.file) {
+            // An origin that names its variable already (`HTTPS_PROXY`) stays as it is.
+            (Some(o), _) if o.starts_with("the environment (") => o.to_string(),
             // The variable as the admin set it: the key is what `config` made of its name.
             (Some("the environment"), _) => format!(
                 "the environment (LUMOS_AGENT_{})",
@@ -721,14 +764,10 @@ impl Validator {
         };
         let listen = match listen_text {
             None => SocketAddr::from(([127, 0, 0, 1], 7878)),
-            Some((text, from)) => match text.parse::<SocketAddr>() {
+            Some((text, from)) => match parse_listen(&text) {
                 Ok(addr) => addr,
-                Err(_) => {
-                    self.issue(
-                        "api.listen",
-                        from.as_deref(),
-                        format!("{text:?} is not an address like 127.0.0.1:7878"),
-                    );
+                Err(message) => {
+                    self.issue("api.listen", from.as_deref(), message);
                     SocketAddr::from(([127, 0, 0, 1], 7878))
                 }
             },
@@ -1218,10 +1257,16 @@ impl Validator {
                     .map(|(_, v)| v.clone())
             })
         };
+        // From the environment as curl and Go read it: the variable of the endpoint's scheme
+        // (`HTTP_PROXY` for a plain `http://` endpoint, e.g. a fake cloud in a lab).
+        let proxy_vars: [&str; 2] = match &endpoint {
+            Some(uri) if uri.scheme_str() == Some("http") => ["HTTP_PROXY", "http_proxy"],
+            _ => ["HTTPS_PROXY", "https_proxy"],
+        };
         let proxy = match proxy_setting {
             Some((text, origin)) => Some((text, origin)),
-            None => env_var(&["HTTPS_PROXY", "https_proxy"])
-                .map(|t| (t, Some("the environment".to_string()))),
+            None => env_var(&proxy_vars)
+                .map(|t| (t, Some(format!("the environment ({})", proxy_vars[0])))),
         };
         let proxy = proxy.and_then(|(text, origin)| match parse_proxy(&text) {
             Ok(p) => Some(p),
@@ -1762,6 +1807,35 @@ mod tests {
         );
         assert!(!format!("{proxy:?} {proxy}").contains("s:cret"));
         assert_eq!(cloud.no_proxy, ["internal", ".corp"]);
+
+        // The environment's proxy variable is the endpoint scheme's, as curl reads them; a bad
+        // one is reported under its own name, never its value.
+        let proxies = [
+            (
+                "HTTPS_PROXY".to_string(),
+                "http://tls-proxy:3128".to_string(),
+            ),
+            ("http_proxy".to_string(), "plain-proxy:8080".to_string()),
+        ];
+        let cloud = load_file(&path, &proxies).unwrap().cloud.unwrap();
+        assert_eq!(cloud.proxy.unwrap().authority, "tls-proxy:3128");
+        let (_dir, plain) = file(
+            "[cloud]\nendpoint = \"http://127.0.0.1:9\"\nallow_insecure = true\ntoken_file = \"/etc/t\"\n",
+        );
+        let cloud = load_file(&plain, &proxies).unwrap().cloud.unwrap();
+        assert_eq!(cloud.proxy.unwrap().authority, "plain-proxy:8080");
+        let cloud = load_file(&plain, &proxies[..1]).unwrap().cloud.unwrap();
+        assert!(
+            cloud.proxy.is_none(),
+            "HTTPS_PROXY is not for an http:// endpoint"
+        );
+        let bad = [("HTTPS_PROXY".to_string(), "socks5://proxy:1080".to_string())];
+        let ConfigError::Invalid(issues) = load_file(&path, &bad).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let issue = issues.iter().find(|i| i.key == "cloud.proxy").unwrap();
+        assert_eq!(issue.origin, "the environment (HTTPS_PROXY)");
+        assert!(!issue.to_string().contains("socks5"), "{issue}");
         // Without [cloud]: standalone.
         let (_dir, path) = file("");
         assert!(load_file(&path, &[]).unwrap().cloud.is_none());
@@ -1917,6 +1991,41 @@ mod tests {
             issues.iter().all(|i| i.origin.contains("agent.toml")),
             "{issues:?}"
         );
+    }
+
+    #[test]
+    fn listen_addresses_as_admins_write_them() {
+        let ok = |text: &str| parse_listen(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(
+            ok("127.0.0.1:7878"),
+            SocketAddr::from(([127, 0, 0, 1], 7878))
+        );
+        assert_eq!(
+            ok(" localhost:9000 "),
+            SocketAddr::from(([127, 0, 0, 1], 9000))
+        );
+        assert_eq!(ok("LocalHost:1"), SocketAddr::from(([127, 0, 0, 1], 1)));
+        assert_eq!(ok("[::1]:7878").to_string(), "[::1]:7878");
+        assert_eq!(ok("0.0.0.0:7878").to_string(), "0.0.0.0:7878");
+        for (text, needle) in [
+            (
+                "7878",
+                "write 127.0.0.1:7878 (this machine only) or 0.0.0.0:7878",
+            ),
+            (":7878", "a port without an address"),
+            (
+                "agent.corp:7878",
+                "names a host; write the address to listen on, like 127.0.0.1:7878",
+            ),
+            ("localhost", "not an address like 127.0.0.1:7878"),
+            ("localhost:99999", "not an address"),
+            ("10.0.0.300:7878", "not an address"),
+            ("::1:7878", "[::1]:7878"),
+            ("", "not an address"),
+        ] {
+            let error = parse_listen(text).expect_err(text);
+            assert!(error.contains(needle), "{text}: {error}");
+        }
     }
 
     /// Bad settings, each with its section and the key it must be reported under.
