@@ -107,6 +107,23 @@ fn zip_bundle_with_program(path: &Path, program: &str, mode: Option<u32>) {
     zip.finish().unwrap();
 }
 
+/// The tar.gz bundle of [`good_bundle_entries`] answers a call with a tenant's token.
+async fn the_tar_gz_bundle_answers(agent: &TestAgent) {
+    agent.put_tenant("t", json!({"app_id": "example_on_prem", "auth": {"oauth": {"access_token": "bundle-token"}}})).await;
+    let (status, body) = agent
+        .call(
+            "example_on_prem",
+            "validate_credentials",
+            json!({"tenant_id": "t"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["response"]["unique_tenant_id"],
+        token_hash("bundle-token")
+    );
+}
+
 fn reason(entry: &Value) -> String {
     assert_eq!(entry["status"], "rejected", "{entry}");
     entry["reason"].as_str().unwrap().to_string()
@@ -134,19 +151,7 @@ async fn bundles_unpack_privately_and_answer() {
     let zip_entry = agent.connector_by_file("example_zip-0.1.0.zip").await;
     assert_eq!(zip_entry["status"], "ready", "{zip_entry}");
 
-    agent.put_tenant("t", json!({"app_id": "example_on_prem", "auth": {"oauth": {"access_token": "bundle-token"}}})).await;
-    let (status, body) = agent
-        .call(
-            "example_on_prem",
-            "validate_credentials",
-            json!({"tenant_id": "t"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(
-        body["response"]["unique_tenant_id"],
-        token_hash("bundle-token")
-    );
+    the_tar_gz_bundle_answers(&agent).await;
     let (status, body) = agent
         .call(
             "example_zip",
@@ -670,6 +675,52 @@ async fn a_damaged_stored_copy_is_replaced_at_the_next_load() {
     assert_eq!(std::fs::metadata(&copy).unwrap().len(), whole);
     let (status, body) = agent.call("tester", "echo", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    agent.shutdown().await;
+}
+
+/// An unpacked bundle damaged since it was unpacked (its program deleted, a support file cut
+/// short) is unpacked again from the archive at the next load: it is neither run as it is nor
+/// blamed on the archive, which is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_unpacked_bundle_is_unpacked_again() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    tar_gz(
+        &dirs.plugins().join("example_on_prem-0.1.0.tar.gz"),
+        good_bundle_entries(),
+    );
+    let agent = TestAgent::start(&dirs, "").await;
+    let entry = agent
+        .connector_by_file("example_on_prem-0.1.0.tar.gz")
+        .await;
+    assert_eq!(entry["status"], "ready", "{entry}");
+    agent.shutdown().await;
+    let sha = entry["sha256"].as_str().unwrap();
+    let unpacked = dirs.state().join("bundles").join(&sha[..32]);
+    std::fs::remove_file(unpacked.join("main")).unwrap();
+    std::fs::write(unpacked.join("_internal/lib/data.txt"), b"sup").unwrap();
+
+    let agent = TestAgent::start(&dirs, "").await;
+    let entry = agent
+        .connector_by_file("example_on_prem-0.1.0.tar.gz")
+        .await;
+    assert_eq!(entry["status"], "ready", "{entry}");
+    assert!(unpacked.join("main").is_file());
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("_internal/data-link")).unwrap(),
+        "support file"
+    );
+    assert!(
+        captured_logs().contains("example_on_prem-0.1.0.tar.gz was damaged (2 of its 4 files missing or changed, _internal/lib/data.txt first); it is unpacked again"),
+        "no warning of the damage"
+    );
+    the_tar_gz_bundle_answers(&agent).await;
+    // Nothing is left beside it: the damaged copy was removed, not kept under another name.
+    let names: Vec<String> = std::fs::read_dir(dirs.state().join("bundles"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, [sha[..32].to_string()]);
     agent.shutdown().await;
 }
 

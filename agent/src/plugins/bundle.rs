@@ -12,7 +12,8 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-/// Marks a folder as completely unpacked; holds nothing.
+/// Marks a folder as completely unpacked. It holds the folder's [`Manifest`] (or nothing, in
+/// a folder unpacked by an earlier build of the agent: such a folder is trusted as it is).
 const COMPLETE_MARKER: &str = ".lumos-complete";
 /// The longest name of an entry's path, and the longest path: what file systems take
 /// (Linux's 255-byte names and 4096-byte paths, less room for the state folder's own path).
@@ -164,24 +165,46 @@ pub fn unpack(
     // Content-addressed: the same bytes always land in the same folder, and a replaced file
     // with new bytes never overwrites a folder that running calls use.
     let dest = bundles_dir.join(&sha256[..32.min(sha256.len())]);
+    let mut damaged = false;
     if dest.join(COMPLETE_MARKER).is_file() {
-        return finish(dest, false);
+        match Manifest::check(&dest) {
+            Ok(()) => return finish(dest, false),
+            Err(what) => {
+                // A damaged disk, or a hand in the state folder: running it would fail in ways
+                // that blame the bundle. The archive is whole (its digest named the folder).
+                tracing::warn!(folder = %dest.display(), "the unpacked copy of {} was damaged ({what}); it is unpacked again", archive.file_name().unwrap_or_default().to_string_lossy());
+                damaged = true;
+            }
+        }
     }
-    let mut suffix = [0u8; 8];
-    getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let tmp = bundles_dir.join(format!(".unpack-{}", hex::encode(suffix)));
+    let tmp = private_name(bundles_dir, "unpack")?;
     fs::DirBuilder::new().mode(0o700).create(&tmp)?;
     let result = match format {
         BundleFormat::TarGz => unpack_tar_gz(archive, &tmp, limits),
         BundleFormat::Zip => unpack_zip(archive, &tmp, limits),
     }
     .and_then(|links| check_links_resolve_inside(&tmp, &links))
-    .and_then(|()| read_metadata(&tmp).map(|_| ()));
+    .and_then(|()| read_metadata(&tmp).map(|_| ()))
+    .and_then(|()| Ok(Manifest::record(&tmp)?));
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    fs::File::create(tmp.join(COMPLETE_MARKER))?;
+    if damaged {
+        // Another load of the same bytes may have replaced it meanwhile: keep theirs.
+        if Manifest::check(&dest).is_ok() {
+            let _ = fs::remove_dir_all(&tmp);
+            return finish(dest, true);
+        }
+        // Moved aside, not removed in place: the new folder takes its name at once, and
+        // calls running from the old one keep the files they have open.
+        let aside = private_name(bundles_dir, "damaged")?;
+        if fs::rename(&dest, &aside).is_ok() {
+            if let Err(e) = fs::remove_dir_all(&aside) {
+                tracing::warn!(folder = %aside.display(), error = %e, "cannot remove a damaged unpacked copy");
+            }
+        }
+    }
     if let Err(e) = fs::rename(&tmp, &dest) {
         let _ = fs::remove_dir_all(&tmp);
         // Another scan unpacked the same bytes first: theirs is complete, use it.
@@ -190,6 +213,80 @@ pub fn unpack(
         }
     }
     finish(dest, true)
+}
+
+/// A fresh dot-name under `dir` (`.unpack-…`, `.damaged-…`): the plugins' garbage collection
+/// leaves dot-names to the loads that made them.
+fn private_name(dir: &Path, what: &str) -> Result<PathBuf, BundleError> {
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(dir.join(format!(".{what}-{}", hex::encode(suffix))))
+}
+
+/// What an unpacked folder held when it was made: each file's path and size, and each link
+/// (`None`). A reused folder is checked against it, so that one damaged since (a file deleted
+/// or cut short) is unpacked again instead of failing its calls. Files a connector adds at run
+/// time are not in it and do not matter.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    entries: Vec<(String, Option<u64>)>,
+}
+
+impl Manifest {
+    /// Lists `root` into its complete marker.
+    fn record(root: &Path) -> std::io::Result<()> {
+        let mut entries = Vec::new();
+        let mut folders = vec![PathBuf::new()];
+        while let Some(folder) = folders.pop() {
+            for entry in fs::read_dir(root.join(&folder))? {
+                let entry = entry?;
+                let rel = folder.join(entry.file_name());
+                let kind = entry.file_type()?;
+                let size = if kind.is_dir() {
+                    folders.push(rel);
+                    continue;
+                } else if kind.is_symlink() {
+                    None
+                } else {
+                    Some(entry.metadata()?.len())
+                };
+                // Entry names come from the archive as text, so this holds; a name that is
+                // not is left out (it cannot be checked, nor can it have been written).
+                if let Some(text) = rel.to_str() {
+                    entries.push((text.to_string(), size));
+                }
+            }
+        }
+        entries.sort();
+        let text = serde_json::to_vec(&Manifest { entries }).map_err(std::io::Error::other)?;
+        fs::write(root.join(COMPLETE_MARKER), text)
+    }
+
+    /// Whether `root` still holds what its marker lists; if not, what is wrong, for the log.
+    fn check(root: &Path) -> Result<(), String> {
+        let text = fs::read(root.join(COMPLETE_MARKER))
+            .map_err(|e| format!("its record of its files cannot be read: {e}"))?;
+        if text.is_empty() {
+            return Ok(());
+        }
+        let manifest: Manifest = serde_json::from_slice(&text)
+            .map_err(|_| "its record of its files is unreadable".to_string())?;
+        let intact = |(path, size): &(String, Option<u64>)| {
+            fs::symlink_metadata(root.join(path)).is_ok_and(|meta| match size {
+                Some(size) => meta.is_file() && meta.len() == *size,
+                None => meta.file_type().is_symlink(),
+            })
+        };
+        let mut damaged = manifest.entries.iter().filter(|e| !intact(e));
+        match damaged.next() {
+            None => Ok(()),
+            Some((first, _)) => Err(format!(
+                "{} of its {} files missing or changed, {first} first",
+                1 + damaged.count(),
+                manifest.entries.len()
+            )),
+        }
+    }
 }
 
 /// A bundle's program as compile-on-prem names it on Unix, and on Windows.
