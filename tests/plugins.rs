@@ -724,6 +724,45 @@ async fn a_damaged_unpacked_bundle_is_unpacked_again() {
     agent.shutdown().await;
 }
 
+/// What a load cut short by a crash or a kill left in the state folder (a copy being written,
+/// a bundle being unpacked, a damaged one being removed) is removed at the next start; nothing
+/// else there is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_removes_what_loads_of_an_earlier_run_left_unfinished() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let agent = TestAgent::start(&dirs, "").await;
+    assert_eq!(agent.connector_by_file("tester").await["status"], "ready");
+    agent.shutdown().await;
+    let (store, bundles) = (dirs.state().join("store"), dirs.state().join("bundles"));
+    std::fs::create_dir_all(&bundles).unwrap();
+    std::fs::write(store.join(".copy-0123456789abcdef"), b"half a copy").unwrap();
+    for folder in [".unpack-0123456789abcdef", ".damaged-0123456789abcdef"] {
+        std::fs::create_dir_all(bundles.join(folder).join("_internal")).unwrap();
+        std::fs::write(bundles.join(folder).join("_internal/lib.so"), b"half").unwrap();
+    }
+    std::fs::write(bundles.join(".kept-by-someone"), b"not ours").unwrap();
+    let listing = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    let agent = TestAgent::start(&dirs, "").await;
+    assert_eq!(listing(&store), [digest_of(&dirs.plugins().join("tester"))]);
+    assert_eq!(listing(&bundles), [".kept-by-someone"]);
+    assert!(captured_logs().lines().any(|line| line
+        .contains("removed unfinished copies an earlier run left in the state folder")
+        && line.ends_with("removed=3")));
+    let (status, body) = agent.call("tester", "echo", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_highest_version_of_an_app_serves() {
     let dirs = TestDirs::new();

@@ -235,6 +235,13 @@ impl RunningAgent {
             shared.clone(),
             vec![state.store(), state.bundles()],
         ));
+        // Before the first scan: no load of this run has started yet. (Off the runtime's
+        // workers: a large bundle's half-unpacked folder takes a while to remove.)
+        let _ = tokio::task::spawn_blocking({
+            let reconciler = reconciler.clone();
+            move || reconciler.remove_unfinished()
+        })
+        .await;
         let listener = TcpListener::bind(config.api.listen)
             .await
             .map_err(|source| StartError::Bind {

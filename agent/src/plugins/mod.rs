@@ -469,6 +469,14 @@ fn is_cdylib_name(name: &str) -> bool {
         || lower.ends_with(".dylib")
 }
 
+/// The name of a store copy being written, before it is renamed to its digest.
+const COPY_PREFIX: &str = ".copy-";
+
+/// Names in the private folders (the store, the unpacked bundles) of work a load has not
+/// finished: a copy being written, a bundle being unpacked, a damaged one being removed.
+pub const UNFINISHED_PREFIXES: [&str; 3] =
+    [COPY_PREFIX, bundle::UNPACK_PREFIX, bundle::DAMAGED_PREFIX];
+
 /// Loads plugin files into [`Connector`] records.
 #[derive(Debug, Clone)]
 pub struct PluginLoader {
@@ -1088,7 +1096,7 @@ async fn store_copy(
         let mut suffix = [0u8; 8];
         getrandom::fill(&mut suffix)
             .map_err(|e| CopyFailure::Store(std::io::Error::other(e.to_string())))?;
-        let tmp = store.join(format!(".copy-{}", hex::encode(suffix)));
+        let tmp = store.join(format!("{COPY_PREFIX}{}", hex::encode(suffix)));
         let result = (|| {
             // One byte over the limit tells a file that grew past it.
             let mut from = platform::open_regular_file(&path)

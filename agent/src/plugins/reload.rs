@@ -590,6 +590,48 @@ impl Reconciler {
         }
     }
 
+    /// Removes what loads of an earlier run left half-made in the private folders (a copy or
+    /// an unpack cut short by a crash or a kill): only names of [`super::UNFINISHED_PREFIXES`].
+    /// The garbage collection leaves dot-names alone, as they belong to loads in progress; so
+    /// this runs once, before the first scan, when no load can be in progress (the state
+    /// folder's lock keeps other agents out). Returns how many it removed.
+    pub fn remove_unfinished(&self) -> usize {
+        let mut removed = 0;
+        for root in &self.private_roots {
+            let Ok(entries) = std::fs::read_dir(root) else {
+                continue;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !super::UNFINISHED_PREFIXES
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix))
+                {
+                    continue;
+                }
+                let path = entry.path();
+                let result = match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(&path),
+                    _ => std::fs::remove_file(&path),
+                };
+                match result {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove an unfinished copy an earlier run left")
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed unfinished copies an earlier run left in the state folder"
+            );
+        }
+        removed
+    }
+
     /// Removes private folders that no record uses any more.
     fn collect_garbage(&self, state: &mut State) {
         let in_use: Vec<PathBuf> = state
