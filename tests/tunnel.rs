@@ -1334,3 +1334,82 @@ fn chunks_in_any_order_follow_the_delivery_rules() {
         panic!("{failure}");
     }
 }
+
+/// The fake cloud for connector developers, as the README runs it: the binary prints the
+/// `[cloud]` section, an agent given it connects, and a call typed on the fake cloud's stdin is
+/// answered on its stdout. A reader that goes away (`lumos-fake-cloud | head`) ends it quietly,
+/// not with a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_cloud_binary_serves_a_call_typed_on_its_stdin() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "tester");
+    let mut cloud = tokio::process::Command::new(workspace_bin("lumos-fake-cloud"))
+        .args(["--listen", "127.0.0.1:0", "--token-file"])
+        .arg(dirs.root.path().join("fake-cloud-token"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = cloud.stdin.take().unwrap();
+    let mut stdout = tokio::io::BufReader::new(cloud.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(WAIT, stdout.next_line())
+            .await
+            .expect("the fake cloud said nothing")
+            .unwrap()
+            .expect("the fake cloud's stdout ended")
+    };
+    // Its `[cloud]` section, as printed, is the agent's.
+    let mut section = String::new();
+    loop {
+        let line = next_line().await;
+        if line == "[cloud]" || !section.is_empty() {
+            if line.is_empty() {
+                break;
+            }
+            section.push_str(&line);
+            section.push('\n');
+        }
+    }
+    let agent = TestAgent::start(&dirs, &section).await;
+    while !next_line().await.contains(" connected, session ") {}
+
+    // As the README types it: `""` for no tenant, then the envelope.
+    stdin
+        .write_all(b"call tester echo \"\" {\"auth\":{\"oauth\":{\"access_token\":\"t\"}}}\n")
+        .await
+        .unwrap();
+    while next_line().await != "sending cli-1…" {}
+    let header = next_line().await;
+    assert!(
+        header.starts_with("cli-1: connector answered, "),
+        "{header}"
+    );
+    let answer: Value = serde_json::from_str(&next_line().await).unwrap();
+    assert_eq!(
+        answer["response"]["auth"]["oauth"]["access_token"], "t",
+        "{answer}"
+    );
+
+    // The reader goes away; the next line it would print ends it, with success.
+    drop(stdout);
+    stdin.write_all(b"inventory\n").await.unwrap();
+    let status = tokio::time::timeout(WAIT, cloud.wait())
+        .await
+        .expect("the fake cloud did not end")
+        .unwrap();
+    let mut stderr = String::new();
+    cloud
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    agent.shutdown().await;
+}

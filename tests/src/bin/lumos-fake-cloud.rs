@@ -9,7 +9,7 @@
 //! commands on stdin:
 //!
 //! - `call <app_id> <capability> [tenant_id] [json envelope]` — runs a call, prints its result
-//!   (and acknowledges it);
+//!   (and acknowledges it); `""` or `-` as the tenant is none;
 //! - `cancel <call_id>`;
 //! - `inventory` — prints the agent's last inventory;
 //! - `quit`.
@@ -22,6 +22,25 @@ use std::time::Duration;
 use lumos_agent_integration::fake_cloud::{FakeCloud, FakeCloudOptions};
 use lumos_agent_proto::v1::{agent_message, ConnectorStatus};
 use tokio::io::AsyncBufReadExt;
+
+/// A line to stdout. When whoever reads it has gone (`lumos-fake-cloud | head`), the fake
+/// cloud ends quietly, as the agent's CLI does; `println!` would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+/// A line to stderr; a closed stderr loses it and nothing else.
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 
 const USAGE: &str = "usage: lumos-fake-cloud [--listen ADDR] [--token-file PATH] [--heartbeat-ms N] [--chunk-bytes N]";
 
@@ -70,33 +89,33 @@ async fn main() -> std::process::ExitCode {
     let (listen, token_file, options) = match parse_args() {
         Ok(parsed) => parsed,
         Err(message) => {
-            eprintln!("{message}");
+            tell!("{message}");
             return std::process::ExitCode::from(2);
         }
     };
     let token_path = match write_token(&token_file, &options.token) {
         Ok(path) => path,
         Err(e) => {
-            eprintln!("cannot write the token file {}: {e}", token_file.display());
+            tell!("cannot write the token file {}: {e}", token_file.display());
             return std::process::ExitCode::from(1);
         }
     };
     let cloud = match FakeCloud::bind(options, listen).await {
         Ok(cloud) => cloud,
         Err(e) => {
-            eprintln!("cannot listen on {listen}: {e}");
+            tell!("cannot listen on {listen}: {e}");
             return std::process::ExitCode::from(1);
         }
     };
-    println!("fake Lumos cloud listening on {}", cloud.endpoint());
-    println!("give the agent this (e.g. append it to its agent.toml):\n");
-    println!(
+    say!("fake Lumos cloud listening on {}", cloud.endpoint());
+    say!("give the agent this (e.g. append it to its agent.toml):\n");
+    say!(
         "[cloud]\nendpoint = \"{}\"\nallow_insecure = true\ntoken_file = {:?}\n",
         cloud.endpoint(),
         token_path.display().to_string()
     );
-    println!("commands: call <app_id> <capability> [tenant_id] [json envelope] | cancel <call_id> | inventory | quit");
-    println!("waiting for the agent…");
+    say!("commands: call <app_id> <capability> [tenant_id] [json envelope] | cancel <call_id> | inventory | quit");
+    say!("waiting for the agent…");
 
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut session = None;
@@ -105,13 +124,13 @@ async fn main() -> std::process::ExitCode {
         if session.is_none() {
             tokio::select! {
                 s = cloud.next_session(Duration::from_secs(3600)) => {
-                    println!("agent {} ({} {}/{}) connected, session {}", s.hello.agent_id, s.hello.hostname, s.hello.os, s.hello.arch, s.id);
+                    say!("agent {} ({} {}/{}) connected, session {}", s.hello.agent_id, s.hello.hostname, s.hello.os, s.hello.arch, s.id);
                     session = Some(s);
                 }
                 line = lines.next_line() => match line {
                     Ok(Some(l)) if l.trim() == "quit" => break,
                     Ok(None) => break,
-                    _ => println!("no agent connected yet"),
+                    _ => say!("no agent connected yet"),
                 },
             }
             continue;
@@ -129,48 +148,52 @@ async fn main() -> std::process::ExitCode {
                     ["inventory"] => {
                         match s.inventory_where(Duration::from_millis(200), |_| true).await {
                             Some(inv) => {
-                                println!("inventory revision {}:", inv.revision);
+                                say!("inventory revision {}:", inv.revision);
                                 for c in inv.connectors {
                                     let status = ConnectorStatus::try_from(c.status).map_or_else(
                                         |_| format!("status {}", c.status),
                                         |s| s.as_str_name().trim_start_matches("CONNECTOR_STATUS_").to_lowercase(),
                                     );
                                     let row = format!("  {:<30} {:<28} {:<8} {status:<10} {}", c.file_name, c.app_id, c.version, c.reason);
-                                    println!("{}", row.trim_end());
+                                    say!("{}", row.trim_end());
                                 }
                             }
-                            None => println!("no inventory received yet"),
+                            None => say!("no inventory received yet"),
                         }
                     }
                     ["cancel", call_id] => s.cancel(call_id),
                     ["call", app_id, capability, rest @ ..] => {
-                        let tenant = rest.first().copied().unwrap_or("");
+                        // `""` (as the README types it) or `-` is no tenant.
+                        let tenant = match rest.first().copied() {
+                            None | Some("\"\"" | "-") => "",
+                            Some(tenant) => tenant,
+                        };
                         let envelope = rest.get(1).copied().unwrap_or("{}");
                         let payload: serde_json::Value = match serde_json::from_str(envelope) {
                             Ok(v) => v,
-                            Err(e) => { println!("the envelope is not JSON: {e}"); continue; }
+                            Err(e) => { say!("the envelope is not JSON: {e}"); continue; }
                         };
                         let call_id = format!("cli-{next_call}");
                         next_call += 1;
-                        println!("sending {call_id}…");
+                        say!("sending {call_id}…");
                         s.call(&call_id, app_id, capability, tenant, &payload);
                         match s.result(&call_id, Duration::from_secs(3600)).await {
                             Some(result) => {
                                 s.ack(&call_id);
                                 let kind = if result.status == 1 { "connector answered" } else { "agent error" };
-                                println!("{call_id}: {kind}, {} bytes in {} chunk(s):", result.data.len(), result.chunks);
-                                println!("{}", String::from_utf8_lossy(&result.data));
+                                say!("{call_id}: {kind}, {} bytes in {} chunk(s):", result.data.len(), result.chunks);
+                                say!("{}", String::from_utf8_lossy(&result.data));
                             }
-                            None => { println!("the stream ended before the result; waiting for the agent to reconnect"); session = None; }
+                            None => { say!("the stream ended before the result; waiting for the agent to reconnect"); session = None; }
                         }
                     }
-                    _ => println!("commands: call <app_id> <capability> [tenant_id] [json envelope] | cancel <call_id> | inventory | quit"),
+                    _ => say!("commands: call <app_id> <capability> [tenant_id] [json envelope] | cancel <call_id> | inventory | quit"),
                 }
             }
             msg = s.recv(Duration::from_secs(3600)) => match msg {
-                None => { println!("the agent's stream ended; waiting for it to reconnect"); session = None; }
+                None => { say!("the agent's stream ended; waiting for it to reconnect"); session = None; }
                 Some(m) => if let Some(agent_message::Message::Draining(d)) = m.message {
-                    println!("the agent is draining ({} call(s) in flight, grace {} ms)", d.in_flight, d.grace_ms);
+                    say!("the agent is draining ({} call(s) in flight, grace {} ms)", d.in_flight, d.grace_ms);
                 }
             },
         }
