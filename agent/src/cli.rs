@@ -358,6 +358,19 @@ fn check_config(cli: &Cli) -> u8 {
                     }
                 }
             }
+            // Read at every load (an edit takes effect at the next reload), so not a config
+            // error either; but a bad one rejects every plugin, which the admin wants to hear
+            // of now.
+            if let Some(lock_file) = &cfg.plugins.lock_file {
+                match crate::plugins::integrity::read_lock_file(lock_file) {
+                    Ok(digests) => say!(
+                        "  allow-list   {} ({} digest(s))",
+                        lock_file.display(),
+                        digests.len()
+                    ),
+                    Err(e) => say!("  warning: {e}; until it is fixed every plugin is rejected"),
+                }
+            }
             if !cfg.plugins_dir.is_dir() {
                 say!(
                     "  note: the plugins folder does not exist yet; the agent creates it at start"

@@ -150,6 +150,16 @@ fn check_config_reports_every_error_with_key_and_file() {
     assert!(text(&out.stdout).contains("config OK"));
 }
 
+/// `check-config`'s output for `file` (on the `--dev` defaults), which must pass.
+fn config_ok_output(dir: &Path, file: &Path) -> String {
+    let out = agent(
+        dir,
+        &["--dev", "--config", file.to_str().unwrap(), "check-config"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
 #[test]
 fn check_config_warns_of_an_agent_token_file_the_tunnel_would_refuse() {
     use std::os::unix::fs::PermissionsExt;
@@ -161,15 +171,8 @@ fn check_config_warns_of_an_agent_token_file_the_tunnel_would_refuse() {
         format!("[cloud]\nendpoint = \"https://cloud.example\"\ntoken_file = {token:?}\n"),
     )
     .unwrap();
-    let check = || {
-        let out = agent(
-            dir.path(),
-            &["--dev", "--config", file.to_str().unwrap(), "check-config"],
-        );
-        // A valid config still: the file may be provisioned after it.
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        text(&out.stdout)
-    };
+    // A valid config still: the file may be provisioned after it.
+    let check = || config_ok_output(dir.path(), &file);
     let warning = |stdout: &str| {
         stdout
             .lines()
@@ -192,6 +195,35 @@ fn check_config_warns_of_an_agent_token_file_the_tunnel_would_refuse() {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let stdout = check();
     assert_eq!(warning(&stdout), None, "{stdout}");
+}
+
+#[test]
+fn check_config_reads_the_allow_list_and_warns_of_one_every_plugin_would_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("plugins.lock");
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, format!("[plugins]\nlock_file = {lock:?}\n")).unwrap();
+    // A valid config still: the allow-list is read at every load.
+    let check = || config_ok_output(dir.path(), &file);
+    let stdout = check();
+    assert!(
+        stdout.contains("warning: cannot read the allow-list")
+            && stdout.contains("until it is fixed every plugin is rejected"),
+        "{stdout}"
+    );
+    std::fs::write(&lock, "# approved\nnot-a-digest connector\n").unwrap();
+    let stdout = check();
+    assert!(
+        stdout.contains("line 2: expected a sha256 digest"),
+        "{stdout}"
+    );
+    std::fs::write(&lock, format!("{}  connector\n", "a".repeat(64))).unwrap();
+    let stdout = check();
+    assert!(
+        stdout.contains(&format!("allow-list   {} (1 digest(s))", lock.display())),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("warning"), "{stdout}");
 }
 
 /// Output that cannot be written never panics (Rust ignores SIGPIPE, so `println!` would):

@@ -77,10 +77,13 @@ fn check_one(path: &Path, me: u32, is_dir: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads an allow-list: `<sha256> [name]` per line; `#` comments and blank lines ignored.
+/// Reads an allow-list: `<sha256> [name]` per line (`sha256sum` output, `*name` included);
+/// `#` comments and blank lines ignored; a byte-order mark (a Windows editor's) and CRLF line
+/// ends are taken as they are meant.
 pub fn read_lock_file(path: &Path) -> Result<HashSet<String>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the allow-list {}: {e}", path.display()))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut digests = HashSet::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -205,5 +208,17 @@ mod tests {
         assert!(read_lock_file(&lock).unwrap().contains(&digest));
         std::fs::write(&lock, "not-a-digest x\n").unwrap();
         assert!(read_lock_file(&lock).unwrap_err().contains("line 1"));
+        // As a Windows editor saves it (a byte-order mark, CRLF), and `sha256sum -b`'s `*name`.
+        let other = "B".repeat(64);
+        std::fs::write(
+            &lock,
+            format!("\u{feff}# approved\r\n{digest} *connector\r\n{other}\r\n"),
+        )
+        .unwrap();
+        let digests = read_lock_file(&lock).unwrap();
+        assert!(digests.contains(&digest) && digests.contains(&"b".repeat(64)));
+        // A mark anywhere else is not skipped.
+        std::fs::write(&lock, format!("{digest}\n\u{feff}{other}\n")).unwrap();
+        assert!(read_lock_file(&lock).unwrap_err().contains("line 2"));
     }
 }
