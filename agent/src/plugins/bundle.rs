@@ -1051,6 +1051,114 @@ mod tests {
         }
     }
 
+    /// What a generated folder holds: files by relative path (pieces from a small alphabet, up
+    /// to three deep) with their sizes.
+    fn folder(
+    ) -> impl proptest::strategy::Strategy<Value = std::collections::BTreeMap<String, usize>> {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec!["a", "b", "lib", "main", "x.so"]);
+        let path = prop::collection::vec(piece, 1..4).prop_map(|pieces| pieces.join("/"));
+        prop::collection::btree_map(path, 0usize..64, 1..10).prop_map(|files| {
+            // A path that is also a folder of another (`a` and `a/b`) cannot be both: keep the
+            // deeper one.
+            let names: Vec<String> = files.keys().cloned().collect();
+            files
+                .into_iter()
+                .filter(|(path, _)| !names.iter().any(|n| n.starts_with(&format!("{path}/"))))
+                .collect()
+        })
+    }
+
+    /// How a folder is touched after its manifest was recorded.
+    #[derive(Debug, Clone)]
+    enum Touch {
+        Delete(proptest::sample::Index),
+        Resize(proptest::sample::Index, usize),
+        Rewrite(proptest::sample::Index),
+        AddFile,
+    }
+
+    fn touch() -> impl proptest::strategy::Strategy<Value = Touch> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<prop::sample::Index>().prop_map(Touch::Delete),
+            (any::<prop::sample::Index>(), 1usize..64).prop_map(|(i, by)| Touch::Resize(i, by)),
+            any::<prop::sample::Index>().prop_map(Touch::Rewrite),
+            Just(Touch::AddFile),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// A recorded folder checks as intact however it is left with its files whole (one
+        /// added, one rewritten with other bytes of the same size), and as damaged, naming the
+        /// file, when one is deleted or changes size.
+        #[test]
+        fn the_manifest_finds_a_file_deleted_or_resized_and_nothing_else(
+            files in folder(),
+            touch in touch(),
+        ) {
+            use proptest::prelude::*;
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path();
+            for (path, size) in &files {
+                let file = root.join(path);
+                fs::create_dir_all(file.parent().unwrap()).unwrap();
+                fs::write(&file, vec![b'x'; *size]).unwrap();
+            }
+            Manifest::record(root).unwrap();
+            prop_assert_eq!(Manifest::check(root), Ok(()));
+            let paths: Vec<&String> = files.keys().collect();
+            let damaged = match touch {
+                Touch::Delete(i) => {
+                    let path = i.get(&paths);
+                    fs::remove_file(root.join(path)).unwrap();
+                    Some(path)
+                }
+                Touch::Resize(i, by) => {
+                    let path = i.get(&paths);
+                    let size = files[*path];
+                    let new = if size >= by { size - by } else { size + by };
+                    fs::write(root.join(path), vec![b'x'; new]).unwrap();
+                    Some(path)
+                }
+                Touch::Rewrite(i) => {
+                    let path = i.get(&paths);
+                    fs::write(root.join(path), vec![b'y'; files[*path]]).unwrap();
+                    None
+                }
+                Touch::AddFile => {
+                    fs::write(root.join("added-at-run-time.log"), b"log").unwrap();
+                    None
+                }
+            };
+            match damaged {
+                None => prop_assert_eq!(Manifest::check(root), Ok(())),
+                Some(path) => {
+                    // (Windows records its own separators.)
+                    let what = Manifest::check(root).unwrap_err().replace('\\', "/");
+                    let expected = format!(
+                        "1 of its {} files missing or changed, {path} first",
+                        files.len()
+                    );
+                    prop_assert_eq!(what, expected);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_folder_unpacked_before_manifests_is_trusted_and_a_garbled_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(COMPLETE_MARKER), b"").unwrap();
+        assert_eq!(Manifest::check(dir.path()), Ok(()));
+        fs::write(dir.path().join(COMPLETE_MARKER), b"{\"entries\": [").unwrap();
+        assert!(Manifest::check(dir.path())
+            .unwrap_err()
+            .contains("unreadable"));
+    }
+
     #[test]
     fn format_from_name() {
         assert_eq!(
