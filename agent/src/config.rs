@@ -1250,11 +1250,12 @@ impl Validator {
                 "must not be longer than cloud.backoff_max_secs",
             );
         }
-        let env_var = |names: &[&str]| {
+        // The first of `names` set to something, with the name it was set under.
+        let env_var = |names: &[&'static str]| {
             names.iter().find_map(|name| {
                 env.iter()
                     .find(|(k, v)| k == name && !v.trim().is_empty())
-                    .map(|(_, v)| v.clone())
+                    .map(|(_, v)| (*name, v.clone()))
             })
         };
         // From the environment as curl and Go read it: the variable of the endpoint's scheme
@@ -1266,7 +1267,7 @@ impl Validator {
         let proxy = match proxy_setting {
             Some((text, origin)) => Some((text, origin)),
             None => env_var(&proxy_vars)
-                .map(|t| (t, Some(format!("the environment ({})", proxy_vars[0])))),
+                .map(|(name, text)| (text, Some(format!("the environment ({name})")))),
         };
         let proxy = proxy.and_then(|(text, origin)| match parse_proxy(&text) {
             Ok(p) => Some(p),
@@ -1277,7 +1278,7 @@ impl Validator {
         });
         let no_proxy = no_proxy_setting.unwrap_or_else(|| {
             env_var(&["NO_PROXY", "no_proxy"])
-                .map(|v| {
+                .map(|(_, v)| {
                     v.split(',')
                         .map(str::trim)
                         .filter(|s| !s.is_empty())
@@ -1836,6 +1837,13 @@ mod tests {
         let issue = issues.iter().find(|i| i.key == "cloud.proxy").unwrap();
         assert_eq!(issue.origin, "the environment (HTTPS_PROXY)");
         assert!(!issue.to_string().contains("socks5"), "{issue}");
+        // Named as the admin spelled it.
+        let bad = [("http_proxy".to_string(), "socks5://proxy:1080".to_string())];
+        let ConfigError::Invalid(issues) = load_file(&plain, &bad).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let issue = issues.iter().find(|i| i.key == "cloud.proxy").unwrap();
+        assert_eq!(issue.origin, "the environment (http_proxy)");
         // Without [cloud]: standalone.
         let (_dir, path) = file("");
         assert!(load_file(&path, &[]).unwrap().cloud.is_none());
