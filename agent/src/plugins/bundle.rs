@@ -177,7 +177,7 @@ pub fn unpack(
             }
         }
     }
-    let tmp = private_name(bundles_dir, UNPACK_PREFIX)?;
+    let tmp = super::private_name(bundles_dir, UNPACK_PREFIX)?;
     fs::DirBuilder::new().mode(0o700).create(&tmp)?;
     let result = match format {
         BundleFormat::TarGz => unpack_tar_gz(archive, &tmp, limits),
@@ -198,7 +198,7 @@ pub fn unpack(
         }
         // Moved aside, not removed in place: the new folder takes its name at once, and
         // calls running from the old one keep the files they have open.
-        let aside = private_name(bundles_dir, DAMAGED_PREFIX)?;
+        let aside = super::private_name(bundles_dir, DAMAGED_PREFIX)?;
         if fs::rename(&dest, &aside).is_ok() {
             if let Err(e) = fs::remove_dir_all(&aside) {
                 tracing::warn!(folder = %aside.display(), error = %e, "cannot remove a damaged unpacked copy");
@@ -219,14 +219,6 @@ pub fn unpack(
 pub const UNPACK_PREFIX: &str = ".unpack-";
 /// The name of a damaged folder moved aside to be removed.
 pub const DAMAGED_PREFIX: &str = ".damaged-";
-
-/// A fresh name under `dir` starting with `prefix`: the plugins' garbage collection leaves
-/// dot-names to the loads that made them, and a start removes those an earlier run left.
-fn private_name(dir: &Path, prefix: &str) -> Result<PathBuf, BundleError> {
-    let mut suffix = [0u8; 8];
-    getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(dir.join(format!("{prefix}{}", hex::encode(suffix))))
-}
 
 /// What an unpacked folder held when it was made: each file's path and size, and each link
 /// (`None`). A reused folder is checked against it, so that one damaged since (a file deleted

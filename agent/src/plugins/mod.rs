@@ -477,6 +477,15 @@ const COPY_PREFIX: &str = ".copy-";
 pub const UNFINISHED_PREFIXES: [&str; 3] =
     [COPY_PREFIX, bundle::UNPACK_PREFIX, bundle::DAMAGED_PREFIX];
 
+/// A fresh name under `dir` starting with `prefix` (one of [`UNFINISHED_PREFIXES`]): the
+/// garbage collection leaves dot-names to the loads that made them, and a start removes those
+/// an earlier run left.
+fn private_name(dir: &Path, prefix: &str) -> std::io::Result<PathBuf> {
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(dir.join(format!("{prefix}{}", hex::encode(suffix))))
+}
+
 /// Loads plugin files into [`Connector`] records.
 #[derive(Debug, Clone)]
 pub struct PluginLoader {
@@ -1093,10 +1102,7 @@ async fn store_copy(
     };
     tokio::task::spawn_blocking(move || {
         make_dir(&store)?;
-        let mut suffix = [0u8; 8];
-        getrandom::fill(&mut suffix)
-            .map_err(|e| CopyFailure::Store(std::io::Error::other(e.to_string())))?;
-        let tmp = store.join(format!("{COPY_PREFIX}{}", hex::encode(suffix)));
+        let tmp = private_name(&store, COPY_PREFIX).map_err(CopyFailure::Store)?;
         let result = (|| {
             // One byte over the limit tells a file that grew past it.
             let mut from = platform::open_regular_file(&path)
