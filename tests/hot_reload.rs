@@ -22,18 +22,16 @@ async fn until_entries(
     what: &str,
     pred: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let pred = &pred;
+    eventually_ok(WAIT, what, || async move {
         let entries = agent.entries_for_file(file_name).await;
         if pred(&entries) {
-            return entries;
+            Ok(entries)
+        } else {
+            Err(entries)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {entries:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// Script lines that write the shell's pid to `pid_file` (whole, by a rename), then never end.
@@ -62,18 +60,16 @@ fn set_mtime(path: &std::path::Path, time: std::time::SystemTime) {
 }
 
 async fn until_serves(agent: &TestAgent, app_id: &str, version: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let what = format!("{app_id} {version} to serve");
+    eventually_ok(WAIT, &what, || async {
         let (status, _, served) = agent.call_with_version(app_id, "echo", json!({})).await;
         if status == StatusCode::OK && served.as_deref() == Some(version) {
-            return;
+            Ok(())
+        } else {
+            Err((status, served))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {app_id} {version} to serve (last: {status} {served:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 /// Calls `app_id` in a loop until stopped; counts failures and records the versions seen.
@@ -359,14 +355,15 @@ async fn the_folder_removed_and_recreated_is_watched_again() {
     assert_eq!(agent.connectors().await.len(), 1);
 
     std::fs::remove_dir_all(dirs.plugins()).unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !agent.connectors().await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the folder's connectors were not removed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_ok(WAIT, "the folder's connectors to be removed", || async {
+        let connectors = agent.connectors().await;
+        if connectors.is_empty() {
+            Ok(())
+        } else {
+            Err(connectors)
+        }
+    })
+    .await;
     std::fs::create_dir(dirs.plugins()).unwrap();
     versioned_connector(&dirs.plugins(), "second", "second", "1.0.0");
     until_entries(

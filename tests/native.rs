@@ -719,20 +719,15 @@ fn an_in_process_load_that_hangs_is_given_up_on() {
             Path::new(lumos_example_c::LIBRARY),
             "liblumos_example_c.so",
         );
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while agent
-            .connectors()
-            .await
-            .iter()
-            .all(|c| c["status"] != "ready")
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "a library dropped in later never loaded: {:?}",
-                agent.connectors().await
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually_ok(WAIT, "a library dropped in later to load", || async {
+            let connectors = agent.connectors().await;
+            if connectors.iter().any(|c| c["status"] == "ready") {
+                Ok(())
+            } else {
+                Err(connectors)
+            }
+        })
+        .await;
         let (status, body) = agent
             .call("lumos_example_c", "list_accounts", json!({}))
             .await;

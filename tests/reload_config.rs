@@ -17,18 +17,15 @@ async fn until_code(
     body: serde_json::Value,
     code: &str,
 ) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually_ok(WAIT, code, || async {
         let (_, answer) = agent.call(app, capability, body.clone()).await;
         if answer["error"]["error_code"] == code {
-            return;
+            Ok(())
+        } else {
+            Err(answer)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {code}: {answer}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,22 +85,23 @@ async fn a_good_config_applies_live_a_bad_one_is_reported_and_the_old_one_kept()
     install_plugin(&moved, &test_connector(), "moved");
     TestAgent::write_config(&dirs, &moved, "[calls]\nmax_output_bytes = 1024\n");
     agent.control.send(Control::Reload).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let names: Vec<String> = agent
-            .connectors()
-            .await
-            .iter()
-            .map(|c| c["app_id"].as_str().unwrap_or("").to_string())
-            .collect();
-        if names == ["moved"] {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new folder's connectors did not replace the old: {names:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_ok(
+        WAIT,
+        "the new folder's connectors to replace the old",
+        || async {
+            let names: Vec<String> = agent
+                .connectors()
+                .await
+                .iter()
+                .map(|c| c["app_id"].as_str().unwrap_or("").to_string())
+                .collect();
+            if names == ["moved"] {
+                Ok(())
+            } else {
+                Err(names)
+            }
+        },
+    )
+    .await;
     agent.shutdown().await;
 }

@@ -34,6 +34,28 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut c
     }
 }
 
+/// [`eventually`] for a condition that must be awaited (an API request, a call): runs `probe`
+/// until it returns `Ok`, and returns that value; panics after `timeout` with `what` and the
+/// last `Err` the probe returned (what it saw instead), which is what the failure is about.
+pub async fn eventually_ok<T, E, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    E: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for: {what}; last seen: {last:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The agent's own runtime ([`lumos_agent::daemon::runtime_builder`]) with two workers, like
 /// the tests' `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`, for a test or
 /// bench that must own its runtime (to shut it down without waiting for a stuck thread, or to
