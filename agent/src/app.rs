@@ -237,11 +237,15 @@ impl RunningAgent {
         ));
         // Before the first scan: no load of this run has started yet. (Off the runtime's
         // workers: a large bundle's half-unpacked folder takes a while to remove.)
-        let _ = tokio::task::spawn_blocking({
+        // Leftovers only cost disk space: a sweep that failed is logged, and the start goes on.
+        if let Err(e) = tokio::task::spawn_blocking({
             let reconciler = reconciler.clone();
             move || reconciler.remove_unfinished()
         })
-        .await;
+        .await
+        {
+            tracing::error!("the sweep of unfinished copies an earlier run left failed: {e}");
+        }
         let listener = TcpListener::bind(config.api.listen)
             .await
             .map_err(|source| StartError::Bind {
