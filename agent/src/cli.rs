@@ -650,7 +650,9 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         }
     };
     let result = match command {
-        Command::Connectors { app_id, json } => connectors(&client, app_id.as_deref(), *json).await,
+        Command::Connectors { app_id, json } => {
+            connectors(&client, app_id.as_deref(), *json, &config.plugins_dir).await
+        }
         Command::Call {
             app_id, capability, ..
         } => call(&client, app_id, capability, body).await,
@@ -724,10 +726,12 @@ fn check_status(status: StatusCode, body: &[u8]) -> Option<u8> {
     None
 }
 
+/// `plugins_dir`: the folder this command's config names, for the hint under an empty list.
 async fn connectors(
     client: &ApiClient,
     app_id: Option<&str>,
     json: bool,
+    plugins_dir: &Path,
 ) -> Result<u8, ClientError> {
     let path = match app_id {
         Some(id) => format!("/v1/connectors/{id}"),
@@ -761,6 +765,14 @@ async fn connectors(
         return Ok(exit::OK);
     }
     let rows = value.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() && loading.is_empty() {
+        // On stderr: the listing itself stays a header and no rows, for scripts.
+        tell!(
+            "lumos-agent: no connectors yet; drop connector files into the agent's plugins \
+             folder ({}, `plugins_dir`): they load within seconds",
+            plugins_dir.display()
+        );
+    }
     say!(
         "{:<28} {:<10} {:<11} {:<10} DETAIL",
         "APP_ID",

@@ -301,13 +301,32 @@ fn the_agent_keeps_serving_when_its_log_pipe_breaks() {
     drop(deadline);
     drop(log);
 
-    // A file it rejects makes it log a warning, into the broken pipe.
-    std::fs::write(plugins.join("not-a-connector.so"), b"not an ELF file").unwrap();
     let cli = |command: &str| {
         let mut args = common.to_vec();
         args.push(command);
         agent(dir.path(), &args)
     };
+    // Nothing loaded yet: the empty list says where connectors go (on stderr: the listing on
+    // stdout stays the header alone, for scripts).
+    let out = cli("connectors");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "no connectors yet; drop connector files into the agent's plugins folder ({}",
+            plugins.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A file it rejects makes it log a warning, into the broken pipe.
+    std::fs::write(plugins.join("not-a-connector.so"), b"not an ELF file").unwrap();
     wait_for("the rejected file in the inventory", || {
         let exited = child.try_wait().unwrap();
         assert_eq!(exited, None, "the agent exited when its log broke");
