@@ -95,8 +95,11 @@ pub enum Admission {
 #[derive(Debug)]
 pub struct CallTable {
     inner: Mutex<Inner>,
-    /// Woken when a call finishes or a result is acknowledged.
-    pub changed: Notify,
+    /// Woken when the table becomes empty (every call finished and every result
+    /// acknowledged): what a draining stream waits for before it closes. Only then, not at
+    /// every result and ack: a wake-up nobody waits for still locks the `Notify`'s list, a
+    /// lock both workers would take twice per call.
+    pub emptied: Notify,
     spill_dir: PathBuf,
     memory_budget: AtomicU64,
     /// The journal file, once [`journal::open`] has read the last run's. Locked only to write
@@ -256,7 +259,7 @@ impl CallTable {
     pub fn new(spill_dir: PathBuf, memory_budget: u64) -> Self {
         Self {
             inner: Mutex::default(),
-            changed: Notify::new(),
+            emptied: Notify::new(),
             spill_dir,
             memory_budget: AtomicU64::new(memory_budget),
             journal: Mutex::default(),
@@ -371,7 +374,7 @@ impl CallTable {
             }
             inner.queue(call_id, result);
         }
-        self.changed.notify_waiters();
+        // (A stored result leaves its entry in the table: nothing to tell `emptied`'s waiters.)
         Ok(true)
     }
 
@@ -414,8 +417,11 @@ impl CallTable {
             }
             None => false,
         };
+        let emptied = inner.entries.is_empty();
         drop(inner);
-        self.changed.notify_waiters();
+        if emptied {
+            self.emptied.notify_waiters();
+        }
         known
     }
 
@@ -598,6 +604,11 @@ impl CallTable {
     /// Calls running now.
     pub fn running(&self) -> usize {
         self.lock().running
+    }
+
+    /// Whether no call runs and no result waits for its acknowledgement.
+    pub fn is_empty(&self) -> bool {
+        self.lock().entries.is_empty()
     }
 
     /// Results waiting for an acknowledgement.

@@ -324,7 +324,7 @@ pub async fn run(ctx: TunnelContext) {
 }
 
 fn idle(table: &CallTable) -> bool {
-    table.running() == 0 && table.unacknowledged() == 0
+    table.is_empty()
 }
 
 /// Exponential backoff with full jitter: a uniform delay in `[0, min(max, initial·2^(n-1))]`.

@@ -178,6 +178,10 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_announced = false;
     loop {
+        // Made before `idle` is checked: a `Notified` hears every `notify_waiters` from its
+        // making on, so the table emptying between the check and the wait still wakes this
+        // loop. (Today only this loop's own acks empty it, and it checks again after them.)
+        let emptied = ctx.parts.table.emptied.notified();
         if ctx.parts.draining.is_cancelled() {
             if !drain_announced {
                 drain_announced = true;
@@ -196,7 +200,6 @@ pub async fn run(
                 return Ok(SessionEnd::Finished);
             }
         }
-        let changed = ctx.parts.table.changed.notified();
         tokio::select! {
             biased;
             () = ctx.stop.cancelled() => return Ok(SessionEnd::Finished),
@@ -252,7 +255,7 @@ pub async fn run(
                 }
             }
             () = ctx.parts.draining.cancelled(), if !drain_announced => {}
-            () = changed, if drain_announced => {}
+            () = emptied, if drain_announced => {}
         }
     }
 }
