@@ -2357,4 +2357,114 @@ mod tests {
         let err = load_file(&path, &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Unreadable { .. }), "{err}");
     }
+
+    /// The README's TOML blocks, and for each the (section, key) pairs it shows, commented
+    /// out or not. A named table (`[api.users.olga]`, `[connectors.my_app]`) counts as its
+    /// kind (`api.users.*`, `connectors.*`); a table counts as a key of its parent.
+    fn readme_blocks() -> Vec<(String, std::collections::BTreeSet<(String, String)>)> {
+        let readme = include_str!("../../README.md");
+        let mut blocks = Vec::new();
+        let mut rest = readme;
+        while let Some(start) = rest.find("```toml\n") {
+            let body = &rest[start + "```toml\n".len()..];
+            let end = body.find("```").expect("a TOML block without its end");
+            let mut shown = std::collections::BTreeSet::new();
+            let mut section = String::new();
+            for line in body[..end].lines() {
+                let line = line.trim_start_matches('#').trim();
+                if let Some(header) = line.strip_prefix('[') {
+                    let name = header.split(']').next().unwrap_or_default();
+                    let parts: Vec<&str> = name.split('.').collect();
+                    section = match parts.as_slice() {
+                        ["api", "users", _] => "api.users.*".to_string(),
+                        ["connectors", _] => "connectors.*".to_string(),
+                        _ => name.to_string(),
+                    };
+                    // Each enclosing table is a key of the one above it.
+                    let mut parent = String::new();
+                    for part in section.split('.') {
+                        shown.insert((parent.clone(), part.to_string()));
+                        parent = if parent.is_empty() {
+                            part.to_string()
+                        } else {
+                            format!("{parent}.{part}")
+                        };
+                    }
+                } else if let Some((key, _)) = line.split_once('=') {
+                    let key = key.trim();
+                    if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                        shown.insert((section.clone(), key.to_string()));
+                    }
+                }
+            }
+            blocks.push((body[..end].to_string(), shown));
+            rest = &body[end..];
+        }
+        blocks
+    }
+
+    /// The keys the validator knows in `section`, as its "unknown key" message lists them
+    /// (so this test reads the validator's own lists, not a copy of them).
+    fn known_keys(header: &str, section: &str) -> Vec<String> {
+        let (_dir, path) = file(&format!("{header}\nzz_probe = 1\n"));
+        let Err(ConfigError::Invalid(issues)) = load_file(&path, &[]) else {
+            panic!("{header}: a probe key was accepted");
+        };
+        let probe = if section.is_empty() {
+            "zz_probe".to_string()
+        } else {
+            format!("{section}.zz_probe")
+        };
+        let issue = issues
+            .iter()
+            .find(|i| i.key == probe)
+            .unwrap_or_else(|| panic!("{header}: no issue for {probe}: {issues:?}"));
+        let list = issue
+            .message
+            .strip_prefix("unknown key; known keys are ")
+            .unwrap_or_else(|| panic!("{header}: {}", issue.message));
+        list.split(", ").map(str::to_owned).collect()
+    }
+
+    /// The configuration reference an admin reads is the validator's: every key it knows is in
+    /// the README, and the README's examples validate as written (a renamed or removed key, or
+    /// a default that moved out of range, fails here rather than in an admin's `check-config`).
+    #[test]
+    fn the_readme_shows_every_key_and_its_examples_validate() {
+        let blocks = readme_blocks();
+        assert!(blocks.len() >= 2, "the README's TOML blocks were not found");
+        for (text, _) in &blocks {
+            let (_dir, path) = file(text);
+            if let Err(e) = load_file(&path, &[]) {
+                panic!("a README example does not validate: {e}\n{text}");
+            }
+        }
+        let shown: std::collections::BTreeSet<(String, String)> =
+            blocks.into_iter().flat_map(|(_, shown)| shown).collect();
+        let sections = [
+            ("", ""),
+            ("[api]", "api"),
+            ("[api.users.probe]\nrole = \"viewer\"", "api.users.*"),
+            ("[api.ldap]\nurl = \"ldaps://ldap.example\"", "api.ldap"),
+            ("[calls]", "calls"),
+            ("[plugins]", "plugins"),
+            ("[log]", "log"),
+            ("[cloud]\nendpoint = \"https://cloud.example\"", "cloud"),
+            ("[oauth]", "oauth"),
+            ("[connectors.probe]", "connectors.*"),
+        ];
+        let mut missing = Vec::new();
+        for (header, section) in sections {
+            let probed = section.replace('*', "probe");
+            for key in known_keys(header, &probed) {
+                if !shown.contains(&(section.to_string(), key.clone())) {
+                    missing.push(format!("{section}: {key}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "keys the validator knows but README's configuration does not show: {missing:?}"
+        );
+    }
 }
