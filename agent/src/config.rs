@@ -2467,4 +2467,63 @@ mod tests {
             "keys the validator knows but README's configuration does not show: {missing:?}"
         );
     }
+
+    /// The configuration the `.deb` installs as `/etc/lumos-agent/agent.toml` validates as
+    /// shipped, and with its commented keys and tables uncommented (what an admin does to
+    /// change one), the placeholder password hash given a real one.
+    #[test]
+    fn the_packaged_configuration_validates_as_shipped_and_uncommented() {
+        let packaged = include_str!("../../packaging/agent.toml");
+        let (_dir, path) = file(packaged);
+        if let Err(e) = load_file(&path, &[]) {
+            panic!("packaging/agent.toml does not validate: {e}");
+        }
+        let hash = crate::auth::hash_password(b"any password").unwrap();
+        let is_key =
+            |k: &str| !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        let uncommented: Vec<String> = packaged
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with('[')
+                        || rest.split_once(" = ").is_some_and(|(key, _)| is_key(key)) =>
+                {
+                    rest.replace("$argon2id$v=19$m=19456,t=2,p=1$...", &hash)
+                }
+                _ => line.to_string(),
+            })
+            .collect();
+        let uncommented = uncommented.join("\n");
+        assert!(
+            uncommented.contains("\n[api.users.olga]\n") && uncommented.contains("\nrole = "),
+            "nothing was uncommented:\n{uncommented}"
+        );
+        let (_dir, path) = file(&uncommented);
+        let shown = match load_file(&path, &[]) {
+            Ok(config) => config,
+            Err(e) => {
+                panic!("packaging/agent.toml uncommented does not validate: {e}\n{uncommented}")
+            }
+        };
+        // Its values are the defaults, where it says so: a default changed in the code
+        // must be changed there too. (The folders' defaults depend on the user running.)
+        let (_dir, path) = file("");
+        let defaults = load_file(&path, &[]).unwrap();
+        assert_eq!(shown.calls, defaults.calls);
+        assert_eq!(shown.log, defaults.log);
+        assert_eq!(
+            (shown.api.listen, shown.api.token_ttl),
+            (defaults.api.listen, defaults.api.token_ttl)
+        );
+        assert_eq!(
+            (
+                shown.plugins.strict_permissions,
+                &shown.plugins.signing_keys
+            ),
+            (
+                defaults.plugins.strict_permissions,
+                &defaults.plugins.signing_keys
+            )
+        );
+    }
 }
