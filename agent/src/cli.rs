@@ -1052,3 +1052,80 @@ async fn tenants(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The README's command-line summary is what an admin reads first: it names every command
+    /// the binary has (hidden ones aside) and each of their options, so a new one is not
+    /// left out of it.
+    #[test]
+    fn the_readme_summary_shows_every_command_and_option() {
+        let readme = include_str!("../../README.md");
+        let summary = readme
+            .split_once("## Command line")
+            .and_then(|(_, rest)| rest.split_once("```text\n"))
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .expect("README has a command-line summary")
+            .0;
+        // Whether `option` is a word of `text` (`[--dev]`, `--json-file F|-`).
+        let shows = |text: &str, option: &str| {
+            text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .any(|word| word == option)
+        };
+        let options = |command: &clap::Command| -> Vec<String> {
+            command
+                .get_arguments()
+                .filter(|arg| !arg.is_hide_set() && !arg.is_global_set())
+                .filter_map(|arg| arg.get_long())
+                .filter(|long| !matches!(*long, "help" | "version"))
+                .map(|long| format!("--{long}"))
+                .collect()
+        };
+        let cli = super::Cli::command();
+        let mut missing = Vec::new();
+        let usage = summary.lines().next().unwrap_or_default();
+        for global in cli.get_arguments().filter(|arg| arg.is_global_set()) {
+            if let Some(long) = global.get_long() {
+                if !shows(usage, &format!("--{long}")) {
+                    missing.push(format!("global --{long}"));
+                }
+            }
+        }
+        for command in cli.get_subcommands().filter(|c| !c.is_hide_set()) {
+            let name = command.get_name();
+            // Its lines: `name` alone, or followed by its arguments.
+            let lines: Vec<&str> = summary
+                .lines()
+                .map(str::trim_start)
+                .filter(|line| line.split_whitespace().next() == Some(name))
+                .collect();
+            if lines.is_empty() {
+                missing.push(name.to_string());
+                continue;
+            }
+            let text = lines.join("\n");
+            let mut wanted = options(command);
+            for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+                let sub_name = sub.get_name();
+                if !text
+                    .split(|c: char| c.is_whitespace() || c == '|')
+                    .any(|w| w == sub_name)
+                {
+                    missing.push(format!("{name} {sub_name}"));
+                }
+                wanted.extend(options(sub));
+            }
+            for option in wanted {
+                if !shows(&text, &option) {
+                    missing.push(format!("{name} {option}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "the README's command-line summary does not show: {missing:?}"
+        );
+    }
+}

@@ -23,3 +23,32 @@ pub const CHECK_FAILED: u8 = 8;
 pub const OUTPUT: u8 = 9;
 /// A supervised task failed (a bug); the agent stopped in order.
 pub const INTERNAL: u8 = 70;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// Scripts and service managers read the README's table: it lists every code this module
+    /// defines, and no other.
+    #[test]
+    fn the_readme_lists_exactly_these_codes() {
+        let defined: BTreeSet<u8> = include_str!("exit.rs")
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub const ")?.split_once(": u8 = "))
+            .map(|(_, value)| value.trim_end_matches(';').parse().unwrap())
+            .collect();
+        assert!(defined.contains(&super::INTERNAL), "{defined:?}");
+        let readme = include_str!("../../README.md");
+        let table = readme
+            .split_once("Exit codes:")
+            .expect("README has an exit code table")
+            .1;
+        let documented: BTreeSet<u8> = table
+            .lines()
+            .skip_while(|line| !line.starts_with('|'))
+            .take_while(|line| line.starts_with('|'))
+            .filter_map(|row| row.split('|').nth(1)?.trim().parse().ok())
+            .collect();
+        assert_eq!(documented, defined);
+    }
+}
