@@ -221,4 +221,91 @@ mod tests {
         assert_eq!(v["error"]["app_id"], "x");
         assert_eq!(err.to_string(), "agent.busy: too many calls");
     }
+
+    /// Every code, as callers are told about them in the README.
+    const ALL: [ErrorCode; 22] = [
+        ErrorCode::UnknownConnector,
+        ErrorCode::ConnectorRejected,
+        ErrorCode::UnsupportedCapability,
+        ErrorCode::BadRequest,
+        ErrorCode::TenantMismatch,
+        ErrorCode::UnknownTenant,
+        ErrorCode::Timeout,
+        ErrorCode::ConnectorCrashed,
+        ErrorCode::BadOutput,
+        ErrorCode::OutputTooLarge,
+        ErrorCode::Busy,
+        ErrorCode::Cancelled,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Starting,
+        ErrorCode::DuplicateCall,
+        ErrorCode::Interrupted,
+        ErrorCode::NeedsReconsent,
+        ErrorCode::TokenRefreshFailed,
+        ErrorCode::CredentialMisconfigured,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::Internal,
+    ];
+
+    /// The README's table of `agent.*` codes is what the cloud's and scripts' authors read:
+    /// each code's HTTP status, whether it is retryable and whose fault it is, as the agent
+    /// answers them, and no code missing or extra.
+    #[test]
+    fn the_readme_table_of_codes_matches_the_agents_answers() {
+        // `ALL` holds every variant: as many as `as_str` has arms.
+        let source = include_str!("error.rs");
+        let as_str = source
+            .split_once("pub fn as_str(self)")
+            .and_then(|(_, rest)| rest.split_once("\n    }\n"))
+            .unwrap()
+            .0;
+        assert_eq!(
+            as_str.matches("Self::").count(),
+            ALL.len(),
+            "a code missing from ALL"
+        );
+
+        let readme = include_str!("../../README.md");
+        let rows: Vec<Vec<String>> = readme
+            .split_once("| `agent.` code |")
+            .expect("README has a table of agent error codes")
+            .1
+            .lines()
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .map(|row| {
+                row.split('|')
+                    .skip(1)
+                    .map(|cell| cell.trim().trim_matches('`').to_string())
+                    .collect()
+            })
+            .collect();
+        let expected: Vec<Vec<String>> = ALL
+            .iter()
+            .map(|code| {
+                vec![
+                    code.as_str().to_string(),
+                    code.http_status().to_string(),
+                    if code.retryable() { "yes" } else { "no" }.to_string(),
+                    code.fault().to_string(),
+                ]
+            })
+            .collect();
+        let documented: Vec<Vec<String>> = rows.iter().map(|row| row[..4].to_vec()).collect();
+        assert_eq!(documented, expected);
+        // And the document itself says the same.
+        for code in ALL {
+            let doc = CallError::new(code, "m").to_json(None);
+            assert_eq!(
+                doc["error"]["error_code"],
+                format!("agent.{}", code.as_str())
+            );
+            assert_eq!(
+                doc["error"]["error_metadata"]["retryable"],
+                code.retryable()
+            );
+            assert_eq!(doc["error"]["error_metadata"]["fault"], code.fault());
+        }
+    }
 }
