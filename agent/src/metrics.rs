@@ -383,4 +383,42 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
     }
+
+    /// The README's list of metrics is what dashboards and alerts are built from: it names
+    /// every metric `/metrics` serves, and none it does not.
+    #[test]
+    fn the_readme_names_every_metric_served() {
+        let metrics = Metrics::new();
+        // A family is served once it has a series: give each one.
+        metrics.record_call("a", "x", "answered", Duration::from_millis(3));
+        metrics.worker_restarted("a");
+        metrics.set_cloud_status("connected");
+        metrics.tunnel_disconnected("lost");
+        metrics.token_refreshed("ok");
+        metrics.api_login("ok");
+        metrics.set_outbox(1, 10);
+        let text = metrics.render(&Inventory::default());
+        // `# TYPE lumos_agent_calls counter`: a counter is served as `<name>_total`.
+        let served: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_once(' '))
+            .map(|(name, kind)| match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_string(),
+            })
+            .collect();
+        // Every family registered is in the text (a new one needs a series above).
+        let registered = include_str!("metrics.rs")
+            .matches(concat!("registry", ".register("))
+            .count();
+        assert_eq!(served.len(), registered, "{text}");
+        let readme = include_str!("../../README.md");
+        let named: std::collections::BTreeSet<String> = readme
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("lumos_agent_"))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(named, served);
+    }
 }
