@@ -334,6 +334,71 @@ async fn connector_environment_is_scrubbed_and_private() {
     agent.shutdown().await;
 }
 
+/// connector-py writes a log file per app and day into `LUMOS_LOG_DIRECTORY` and never removes
+/// one: the agent removes those nothing has written to for `log.connector_log_days`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connector_log_files_past_their_days_are_removed() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "envy");
+    let logs = dirs.state().join("logs").join("connectors");
+    std::fs::create_dir_all(&logs).unwrap();
+    let day = Duration::from_secs(24 * 3600);
+    let written = |name: &str, age: Duration| {
+        let path = logs.join(name);
+        std::fs::write(&path, "12:00:00 INFO a line\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - age)
+            .unwrap();
+        path
+    };
+    let old = written("envy_2026-11-20.log", 8 * day);
+    let kept = written("envy_2026-12-01.log", 6 * day);
+    let agent = TestAgent::start(&dirs, "[log]\nconnector_log_days = 7\n").await;
+    eventually(
+        Duration::from_secs(30),
+        "the old connector log file to be removed",
+        || !old.exists(),
+    )
+    .await;
+    assert!(kept.exists());
+    assert!(captured_logs().contains("removed connector log files not written to for 7 days"));
+    // The folder is the one connectors are told to write to.
+    let (status, body) = agent.call("envy", "env_dump", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let told = body["response"]["env"]["LUMOS_LOG_DIRECTORY"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        std::fs::canonicalize(told).unwrap(),
+        std::fs::canonicalize(&logs).unwrap()
+    );
+    // A reload applies another number of days without a restart.
+    TestAgent::write_config(&dirs, &dirs.plugins(), "[log]\nconnector_log_days = 3\n");
+    agent
+        .control
+        .send(lumos_agent::app::Control::Reload)
+        .await
+        .unwrap();
+    let applied = |logs: &str| {
+        logs.lines()
+            .any(|l| l.contains("configuration reloaded") && l.contains("log.connector_log_days"))
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the reload to apply the days",
+        || applied(&captured_logs()),
+    )
+    .await;
+    assert!(!captured_logs()
+        .lines()
+        .any(|l| l.contains("need a restart") && l.contains("connector_log_days")));
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_token_url_the_broker_refreshes_through_the_connectors_refresh_access_token() {
     let dirs = TestDirs::new();

@@ -414,6 +414,14 @@ impl RunningAgent {
             "tunnel",
             crate::tunnel::supervise(tunnel_parts, first_tunnel, agent.cloud_settings.subscribe()),
         );
+        agent.supervise(
+            "connector-log-retention",
+            connector_log_retention(
+                state.connector_logs(),
+                agent.config.clone(),
+                draining.clone(),
+            ),
+        );
         Ok(agent)
     }
 
@@ -562,6 +570,10 @@ impl RunningAgent {
                 needs_restart.push(key);
             }
         }
+        if new.log.connector_log_days != old.log.connector_log_days {
+            // The retention task reads it at its next pass.
+            applied.push("log.connector_log_days");
+        }
         if new.api.users != old.api.users
             || new.api.token_ttl != old.api.token_ttl
             || new.api.ldap != old.api.ldap
@@ -581,6 +593,7 @@ impl RunningAgent {
         // Settings that need a restart keep their running values, so what is in force stays
         // what is running.
         kept.log.level = new.log.level;
+        kept.log.connector_log_days = new.log.connector_log_days;
         kept.api.users = new.api.users;
         kept.api.token_ttl = new.api.token_ttl;
         kept.api.ldap = new.api.ldap;
@@ -759,6 +772,52 @@ pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
         staged.push(name.clone());
     }
     Ok(staged)
+}
+
+/// How often old connector log files are looked for.
+const LOG_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Removes connector log files nothing has written to for `log.connector_log_days` (read at
+/// each pass, so that a reload applies it), at start and then every hour, until the agent
+/// drains. connector-py starts a file per app and day and never removes one: without this, a
+/// busy connector's logs grow until the disk is full.
+async fn connector_log_retention(
+    dir: PathBuf,
+    config: Arc<SharedConfig>,
+    draining: CancellationToken,
+) {
+    let mut every = tokio::time::interval(LOG_RETENTION_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = draining.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let days = config.get().log.connector_log_days;
+        if days == 0 {
+            continue;
+        }
+        let max_age = Duration::from_secs(u64::from(days) * 24 * 3600);
+        let folder = dir.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            crate::state::remove_files_older_than(&folder, max_age, std::time::SystemTime::now())
+        })
+        .await;
+        match pass {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::info!(
+                removed,
+                dir = %dir.display(),
+                "removed connector log files not written to for {days} days (log.connector_log_days)"
+            ),
+            Ok(Err(e)) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot list the connector log folder to remove old files"
+            ),
+            Err(e) => tracing::error!("the removal of old connector log files failed: {e}"),
+        }
+    }
 }
 
 #[cfg(all(test, unix))]

@@ -346,6 +346,9 @@ pub struct LogConfig {
     pub level: String,
     /// Human or JSON lines.
     pub format: LogFormat,
+    /// Connector log files (`<state_dir>/logs/connectors`) not written to for this many days
+    /// are removed; 0 keeps them for ever.
+    pub connector_log_days: u32,
 }
 
 /// Settings for one connector, overriding `[calls]`.
@@ -589,6 +592,11 @@ struct Validator {
     fallback: &'static str,
 }
 
+/// How long connector log files are kept by default: two weeks of a connector's own account
+/// of its calls, for an admin looking into a complaint, without a busy connector filling the
+/// disk over months.
+pub const DEFAULT_CONNECTOR_LOG_DAYS: u32 = 14;
+
 const TOP_KEYS: &[&str] = &[
     "plugins_dir",
     "state_dir",
@@ -715,7 +723,11 @@ impl Validator {
                 "signing_keys",
             ],
         );
-        let mut log = self.section(&mut table, "log", &["level", "format"]);
+        let mut log = self.section(
+            &mut table,
+            "log",
+            &["level", "format", "connector_log_days"],
+        );
 
         let origin_of = |table: &Map<String, Value>, flag: &Option<PathBuf>, key: &str| match flag {
             Some(_) => Some("the command line".to_string()),
@@ -866,6 +878,11 @@ impl Validator {
                 Some("json") => LogFormat::Json,
                 _ => LogFormat::Human,
             },
+            connector_log_days: self
+                .uint(&mut log, "log.connector_log_days", 0, 3650)
+                .map_or(DEFAULT_CONNECTOR_LOG_DAYS, |days| {
+                    u32::try_from(days).unwrap_or(u32::MAX)
+                }),
         };
         let connectors = self.connectors(&mut table);
         let cloud = self.cloud(&mut table, env);

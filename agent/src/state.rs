@@ -142,6 +142,38 @@ impl StatePaths {
     }
 }
 
+/// Removes the regular files directly in `dir` that nothing has written to for `max_age`
+/// before `now` (by their modification time), and returns how many it removed. Folders and
+/// links are left alone, and a file that cannot be removed is logged and skipped.
+pub fn remove_files_older_than(
+    dir: &Path,
+    max_age: std::time::Duration,
+    now: std::time::SystemTime,
+) -> std::io::Result<usize> {
+    let Some(cutoff) = now.checked_sub(max_age) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)?.filter_map(Result::ok) {
+        // Not followed: a link's target is not the agent's to remove.
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        if !meta.is_file() || meta.modified().map_or(true, |written| written >= cutoff) {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            // Removed meanwhile (by an admin, or another pass): nothing to do.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove an old connector log file")
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes `contents` to `path` atomically: a temporary file in the same folder, fsync, rename,
 /// fsync of the folder. A crash leaves the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
@@ -203,6 +235,77 @@ pub fn ensure_admin_token(path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_files_not_written_to_for_the_age_are_removed() {
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 3600);
+        let aged = |name: &str, age: Duration| {
+            let path = dir.path().join(name);
+            fs::write(&path, "a line\n").unwrap();
+            fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(now - age)
+                .unwrap();
+            path
+        };
+        let old = aged("app_2026-11-01.log", 20 * day);
+        let just_past = aged("app_2026-11-22.log", 14 * day + Duration::from_secs(60));
+        let recent = aged("app_2026-12-06.log", day);
+        let edge = aged("app_2026-11-23.log", 14 * day - Duration::from_secs(60));
+        // A folder and a link, however old, are not the agent's files to remove.
+        let folder = dir.path().join("sub");
+        fs::create_dir(&folder).unwrap();
+        fs::File::open(&folder)
+            .unwrap()
+            .set_modified(now - 20 * day)
+            .unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("kept.log");
+        fs::write(&target, "").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .set_modified(now - 20 * day)
+            .unwrap();
+        #[cfg(unix)]
+        let link = dir.path().join("link.log");
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            let old = nix::sys::time::TimeSpec::from_duration(
+                (now - 20 * day)
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap(),
+            );
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &link,
+                &old,
+                &old,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+
+        let removed = remove_files_older_than(dir.path(), 14 * day, now).unwrap();
+        assert_eq!(removed, 2);
+        assert!(!old.exists() && !just_past.exists());
+        assert!(recent.exists() && edge.exists() && folder.is_dir() && target.exists());
+        #[cfg(unix)]
+        assert!(link.symlink_metadata().is_ok(), "the link was removed");
+        // Nothing left to remove; a missing folder is an error the caller logs.
+        assert_eq!(
+            remove_files_older_than(dir.path(), 14 * day, now).unwrap(),
+            0
+        );
+        assert!(remove_files_older_than(&dir.path().join("missing"), day, now).is_err());
+    }
 
     #[cfg(unix)]
     #[test]
