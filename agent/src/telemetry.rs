@@ -121,3 +121,65 @@ pub fn set_filter(level: &str) -> Result<(), String> {
         None => Err("logging was not initialised by the agent".into()),
     }
 }
+
+/// How many of the agent's daily log files [`daily_log_file`] keeps: two weeks, like the
+/// connectors' logs by default.
+pub const AGENT_LOG_FILES_KEPT: usize = 14;
+
+/// The agent's own log file in `dir`, for where no journal takes its lines (the Windows
+/// service): `agent.<YYYY-MM-DD>.log`, a new one each day (UTC), the oldest removed beyond
+/// [`AGENT_LOG_FILES_KEPT`] at start and at each new day. A single file grew for as long as
+/// the service ran, a line per call.
+pub fn daily_log_file(
+    dir: &std::path::Path,
+) -> Result<tracing_appender::rolling::RollingFileAppender, String> {
+    tracing_appender::rolling::RollingFileAppender::builder()
+        .rotation(tracing_appender::rolling::Rotation::DAILY)
+        .filename_prefix("agent")
+        .filename_suffix("log")
+        .max_log_files(AGENT_LOG_FILES_KEPT)
+        .build(dir)
+        .map_err(|e| format!("cannot open a log file in {}: {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daily_log_file_is_dated_and_the_oldest_are_removed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        for day in 1..=20 {
+            std::fs::write(
+                dir.path().join(format!("agent.2026-01-{day:02}.log")),
+                "old\n",
+            )
+            .unwrap();
+        }
+        // Neither the connectors' folder nor other files are the appender's.
+        std::fs::create_dir(dir.path().join("connectors")).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "").unwrap();
+
+        let mut file = daily_log_file(dir.path()).unwrap();
+        file.write_all(b"a line\n").unwrap();
+        file.flush().unwrap();
+        drop(file);
+
+        let mut logs: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("agent.") && name.ends_with(".log"))
+            .collect();
+        logs.sort();
+        assert_eq!(logs.len(), AGENT_LOG_FILES_KEPT, "{logs:?}");
+        let today = logs
+            .iter()
+            .find(|name| !name.starts_with("agent.2026-01-"))
+            .expect("today's file");
+        assert_eq!(today.len(), "agent.YYYY-MM-DD.log".len(), "{today}");
+        let text = std::fs::read_to_string(dir.path().join(today)).unwrap();
+        assert_eq!(text, "a line\n");
+        assert!(dir.path().join("connectors").is_dir() && dir.path().join("notes.txt").exists());
+    }
+}

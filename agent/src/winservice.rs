@@ -4,7 +4,8 @@
 //! The service is `lumos-agent`, starts automatically, runs as LocalSystem, and is restarted by
 //! the SCM 5 s after a crash (twice, then 60 s). Stop and system shutdown drain like SIGTERM;
 //! `sc control lumos-agent paramchange` reloads like SIGHUP. A service has no console, so the
-//! host logs to `<state_dir>\logs\agent.log`.
+//! host logs to `<state_dir>\logs\agent.<YYYY-MM-DD>.log`, a file per day (UTC), the last
+//! [`crate::telemetry::AGENT_LOG_FILES_KEPT`] kept.
 
 use std::ffi::OsString;
 use std::sync::OnceLock;
@@ -216,16 +217,13 @@ fn serve(overrides: Overrides, control: mpsc::Receiver<Control>, on_ready: impl 
         Err(_) => return exit::CONFIG,
     };
     let log_dir = config.state_dir.join("logs");
-    let log_file = std::fs::create_dir_all(&log_dir).and_then(|()| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_dir.join("agent.log"))
-    });
+    let log_file = std::fs::create_dir_all(&log_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| crate::telemetry::daily_log_file(&log_dir));
     match log_file {
         Ok(file) => crate::telemetry::init_with_writer(
             &config.log,
-            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file)),
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(file),
             false,
         ),
         Err(_) => return exit::STARTUP,
