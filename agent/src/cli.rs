@@ -94,8 +94,9 @@ pub enum Command {
     Run,
     /// Validate the configuration and print every problem at once.
     CheckConfig,
-    /// Check the config, folders and permissions, the running agent and each connector, and
-    /// the path to the cloud (DNS, TCP, proxy, TLS, clock); non-zero exit if anything is wrong.
+    /// Check the config, folders and permissions, disk space, the running agent and each
+    /// connector, and the path to the cloud (DNS, TCP, proxy, TLS, clock); non-zero exit if
+    /// anything is wrong.
     Doctor,
     /// List connectors, or show one connector's full `info`.
     Connectors {

@@ -136,6 +136,7 @@ pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
         };
     }
     stage!(folders(&config, &mut report));
+    stage!(free_space(&config.state_dir, &mut report));
     stage!(tenant_store(&config, &mut report));
     stage!(outbox(&config, &mut report));
     stage!(agent(&config, &mut report).await);
@@ -264,6 +265,76 @@ fn folders(config: &Config, report: &mut Report<'_>) {
                 plugins.display()
             ),
         );
+    }
+}
+
+/// Below this much free space on the state folder's file system, doctor fails.
+#[cfg(unix)]
+const FREE_SPACE_FAIL: u64 = 256 << 20;
+/// Below this much (or a twentieth of the file system), doctor warns.
+#[cfg(unix)]
+const FREE_SPACE_WARN: u64 = 1 << 30;
+
+/// Free space where the agent writes: results spill to the outbox, bundles unpack and
+/// connector logs grow in the state folder, and a full disk fails them all.
+fn free_space(state: &std::path::Path, report: &mut Report<'_>) {
+    #[cfg(unix)]
+    {
+        // The state folder, or the nearest folder above it that exists (it is made at start).
+        let Some(existing) = state.ancestors().find(|dir| dir.is_dir()) else {
+            return;
+        };
+        match nix::sys::statvfs::statvfs(existing) {
+            #[allow(
+                clippy::useless_conversion,
+                reason = "the field types are u64 on Linux, narrower on other Unixes"
+            )]
+            Ok(fs) => {
+                let unit = u64::from(fs.fragment_size());
+                let free = u64::from(fs.blocks_available()).saturating_mul(unit);
+                let total = u64::from(fs.blocks()).saturating_mul(unit);
+                let (verdict, text) = free_space_verdict(free, total);
+                report.line(verdict, "disk space", text);
+            }
+            Err(e) => report.line(
+                Verdict::Warn,
+                "disk space",
+                format!("cannot read the free space of {}: {e}", existing.display()),
+            ),
+        }
+    }
+    #[cfg(not(unix))]
+    report.line(
+        Verdict::Skip,
+        "disk space",
+        format!(
+            "not checked on this system; keep room on {}'s drive",
+            state.display()
+        ),
+    );
+}
+
+/// What `free` bytes of `total` on the state folder's file system come to.
+#[cfg(unix)]
+fn free_space_verdict(free: u64, total: u64) -> (Verdict, String) {
+    let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+    let text = format!(
+        "{:.1} GiB free of {:.1} GiB on the state folder's file system",
+        gib(free),
+        gib(total)
+    );
+    if free < FREE_SPACE_FAIL {
+        (
+            Verdict::Fail,
+            format!("{text}: results spilled to the outbox, unpacked bundles and connector logs need room; free some"),
+        )
+    } else if free < FREE_SPACE_WARN || free.saturating_mul(20) < total {
+        (
+            Verdict::Warn,
+            format!("{text}: little room left for spilled results, bundles and connector logs"),
+        )
+    } else {
+        (Verdict::Ok, text)
     }
 }
 
@@ -944,5 +1015,19 @@ mod tests {
         );
         assert_eq!(split_authority("[::1]:8080"), ("::1".into(), 8080));
         assert_eq!(split_authority("proxy"), ("proxy".into(), 80));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn free_space_fails_when_nearly_out_and_warns_when_low() {
+        let gib = 1u64 << 30;
+        let (verdict, text) = free_space_verdict(100 << 20, 100 * gib);
+        assert_eq!(verdict, Verdict::Fail, "{text}");
+        assert!(text.starts_with("0.1 GiB free of 100.0 GiB"), "{text}");
+        // Under 1 GiB, or under a twentieth of the file system.
+        assert_eq!(free_space_verdict(512 << 20, 4 * gib).0, Verdict::Warn);
+        assert_eq!(free_space_verdict(40 * gib, 1000 * gib).0, Verdict::Warn);
+        assert_eq!(free_space_verdict(60 * gib, 1000 * gib).0, Verdict::Ok);
+        assert_eq!(free_space_verdict(2 * gib, 8 * gib).0, Verdict::Ok);
     }
 }
