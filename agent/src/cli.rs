@@ -1017,13 +1017,22 @@ async fn tenants(
                 );
                 return Ok(exit::OK);
             }
+            let tenants = value.as_array().cloned().unwrap_or_default();
+            if tenants.is_empty() {
+                // On stderr, like the connectors' hint: the listing stays the header alone.
+                tell!(
+                    "lumos-agent: no agent-held tenants (calls from the cloud bring their own \
+                     credentials); store one with `lumos-agent tenants put <tenant> --app-id \
+                     <app_id> --auth-file -`"
+                );
+            }
             say!(
                 "{:<24} {:<28} {:<16} SETTINGS",
                 "TENANT",
                 "APP_ID",
                 "SECRETS"
             );
-            for t in value.as_array().cloned().unwrap_or_default() {
+            for t in tenants {
                 let secrets = if !t["auth"].is_null() {
                     "auth"
                 } else if !t["credentials"].is_null() {

@@ -751,9 +751,21 @@ fn a_stop_during_the_first_scan_does_not_wait_for_a_hanging_connector() {
         "{}",
         text(&out.stderr)
     );
-    // Tenants do not wait for the connectors.
+    // Tenants do not wait for the connectors. None stored: the empty list says how to add one.
     let out = cli(&listen, &["tenants", "list"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("no agent-held tenants")
+            && text(&out.stderr).contains("lumos-agent tenants put <tenant>"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = cli(&listen, &["doctor"]);
     assert!(
         text(&out.stdout).contains("still starting: 0 connectors loaded; loading hangs"),
