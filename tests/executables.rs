@@ -360,12 +360,15 @@ async fn connector_log_files_past_their_days_are_removed() {
     let agent = TestAgent::start(&dirs, "[log]\nconnector_log_days = 7\n").await;
     eventually(
         Duration::from_secs(30),
-        "the old connector log file to be removed",
-        || !old.exists(),
+        "the old connector log file to be removed, and the removal logged",
+        // The line is logged after the removal returns: waited for, not raced.
+        || {
+            !old.exists()
+                && captured_logs().contains("removed connector log files not written to for 7 days")
+        },
     )
     .await;
     assert!(kept.exists());
-    assert!(captured_logs().contains("removed connector log files not written to for 7 days"));
     // The folder is the one connectors are told to write to.
     let (status, body) = agent.call("envy", "env_dump", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
