@@ -399,6 +399,18 @@ async fn connector_log_files_past_their_days_are_removed() {
     assert!(!captured_logs()
         .lines()
         .any(|l| l.contains("need a restart") && l.contains("connector_log_days")));
+    // And at once, not at the next hourly pass: the file of 6 days goes now, one of a day stays.
+    let recent = written("envy_2026-12-06.log", day);
+    eventually(
+        Duration::from_secs(30),
+        "the reload's pass to remove the file past the new days, and log it",
+        || {
+            !kept.exists()
+                && captured_logs().contains("removed connector log files not written to for 3 days")
+        },
+    )
+    .await;
+    assert!(recent.exists());
     agent.shutdown().await;
 }
 

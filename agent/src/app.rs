@@ -147,6 +147,9 @@ pub struct RunningAgent {
     cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
     /// The `[cloud]` settings in force; a reload that changes them replaces the tunnel.
     cloud_settings: tokio::sync::watch::Sender<Option<crate::config::CloudConfig>>,
+    /// `log.connector_log_days` in force; a reload that changes it makes the retention task
+    /// pass at once.
+    connector_log_days: tokio::sync::watch::Sender<u32>,
     /// The state folder is this agent's until it is dropped (`None` on a filesystem without
     /// locks).
     _state_lock: Option<crate::platform::ExclusiveLock>,
@@ -320,6 +323,7 @@ impl RunningAgent {
             )?),
         };
         let cloud_settings = tokio::sync::watch::Sender::new(config.cloud.clone());
+        let connector_log_days = tokio::sync::watch::Sender::new(config.log.connector_log_days);
         let api_auth = Arc::new(crate::auth::ApiAuth::new(&token, &config.api));
         let starting = crate::api::StartProgress::new(reconciler.clone());
         let api_state = Arc::new(ApiState {
@@ -337,6 +341,7 @@ impl RunningAgent {
         let agent = Self {
             cloud: cloud_status.subscribe(),
             cloud_settings,
+            connector_log_days,
             _state_lock: state_lock,
             api_addr,
             registry,
@@ -418,7 +423,7 @@ impl RunningAgent {
             "connector-log-retention",
             connector_log_retention(
                 state.connector_logs(),
-                agent.config.clone(),
+                agent.connector_log_days.subscribe(),
                 draining.clone(),
             ),
         );
@@ -571,7 +576,10 @@ impl RunningAgent {
             }
         }
         if new.log.connector_log_days != old.log.connector_log_days {
-            // The retention task reads it at its next pass.
+            // The retention task passes again now: an admin who shortens it to free the disk
+            // does not wait for the hour.
+            self.connector_log_days
+                .send_replace(new.log.connector_log_days);
             applied.push("log.connector_log_days");
         }
         if new.api.users != old.api.users
@@ -777,13 +785,12 @@ pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
 /// How often old connector log files are looked for.
 const LOG_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Removes connector log files nothing has written to for `log.connector_log_days` (read at
-/// each pass, so that a reload applies it), at start and then every hour, until the agent
-/// drains. connector-py starts a file per app and day and never removes one: without this, a
+/// Removes connector log files nothing has written to for `log.connector_log_days` days, at
+/// start, every hour, and whenever a reload changes the days, until the agent drains. connector-py starts a file per app and day and never removes one: without this, a
 /// busy connector's logs grow until the disk is full.
 async fn connector_log_retention(
     dir: PathBuf,
-    config: Arc<SharedConfig>,
+    mut days_in_force: tokio::sync::watch::Receiver<u32>,
     draining: CancellationToken,
 ) {
     let mut every = tokio::time::interval(LOG_RETENTION_INTERVAL);
@@ -792,8 +799,17 @@ async fn connector_log_retention(
         tokio::select! {
             () = draining.cancelled() => return,
             _ = every.tick() => {}
+            changed = days_in_force.changed() => {
+                if changed.is_err() {
+                    // The agent is being dropped: nothing changes the days any more.
+                    draining.cancelled().await;
+                    return;
+                }
+                // The hour restarts from this pass.
+                every.reset();
+            }
         }
-        let days = config.get().log.connector_log_days;
+        let days = *days_in_force.borrow_and_update();
         if days == 0 {
             continue;
         }

@@ -167,7 +167,7 @@ pub fn remove_files_older_than(
             // Removed meanwhile (by an admin, or another pass): nothing to do.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove an old connector log file")
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove an old file")
             }
         }
     }
