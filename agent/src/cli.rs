@@ -1072,13 +1072,8 @@ mod tests {
     /// left out of it.
     #[test]
     fn the_readme_summary_shows_every_command_and_option() {
-        let readme = include_str!("../../README.md");
-        let summary = readme
-            .split_once("## Command line")
-            .and_then(|(_, rest)| rest.split_once("```text\n"))
-            .and_then(|(_, rest)| rest.split_once("```"))
-            .expect("README has a command-line summary")
-            .0;
+        let summary =
+            crate::readme::fenced_blocks(crate::readme::from("## Command line"), "text")[0];
         // Whether `option` is a word of `text` (`[--dev]`, `--json-file F|-`).
         let shows = |text: &str, option: &str| {
             text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))

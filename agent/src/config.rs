@@ -2379,15 +2379,11 @@ mod tests {
     /// out or not. A named table (`[api.users.olga]`, `[connectors.my_app]`) counts as its
     /// kind (`api.users.*`, `connectors.*`); a table counts as a key of its parent.
     fn readme_blocks() -> Vec<(String, std::collections::BTreeSet<(String, String)>)> {
-        let readme = include_str!("../../README.md");
         let mut blocks = Vec::new();
-        let mut rest = readme;
-        while let Some(start) = rest.find("```toml\n") {
-            let body = &rest[start + "```toml\n".len()..];
-            let end = body.find("```").expect("a TOML block without its end");
+        for body in crate::readme::fenced_blocks(crate::readme::TEXT, "toml") {
             let mut shown = std::collections::BTreeSet::new();
             let mut section = String::new();
-            for line in body[..end].lines() {
+            for line in body.lines() {
                 let line = line.trim_start_matches('#').trim();
                 if let Some(header) = line.strip_prefix('[') {
                     let name = header.split(']').next().unwrap_or_default();
@@ -2414,8 +2410,7 @@ mod tests {
                     }
                 }
             }
-            blocks.push((body[..end].to_string(), shown));
-            rest = &body[end..];
+            blocks.push((body.to_string(), shown));
         }
         blocks
     }

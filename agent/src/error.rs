@@ -266,21 +266,7 @@ mod tests {
             "a code missing from ALL"
         );
 
-        let readme = include_str!("../../README.md");
-        let rows: Vec<Vec<String>> = readme
-            .split_once("| `agent.` code |")
-            .expect("README has a table of agent error codes")
-            .1
-            .lines()
-            .skip(2)
-            .take_while(|line| line.starts_with('|'))
-            .map(|row| {
-                row.split('|')
-                    .skip(1)
-                    .map(|cell| cell.trim().trim_matches('`').to_string())
-                    .collect()
-            })
-            .collect();
+        let rows = crate::readme::table_rows("| `agent.` code |");
         let expected: Vec<Vec<String>> = ALL
             .iter()
             .map(|code| {

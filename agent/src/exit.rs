@@ -38,16 +38,9 @@ mod tests {
             .map(|(_, value)| value.trim_end_matches(';').parse().unwrap())
             .collect();
         assert!(defined.contains(&super::INTERNAL), "{defined:?}");
-        let readme = include_str!("../../README.md");
-        let table = readme
-            .split_once("Exit codes:")
-            .expect("README has an exit code table")
-            .1;
-        let documented: BTreeSet<u8> = table
-            .lines()
-            .skip_while(|line| !line.starts_with('|'))
-            .take_while(|line| line.starts_with('|'))
-            .filter_map(|row| row.split('|').nth(1)?.trim().parse().ok())
+        let documented: BTreeSet<u8> = crate::readme::table_rows("Exit codes:")
+            .iter()
+            .map(|row| row[0].parse().unwrap())
             .collect();
         assert_eq!(documented, defined);
     }

@@ -31,6 +31,8 @@ pub mod oauth;
 pub mod output;
 pub mod platform;
 pub mod plugins;
+#[cfg(test)]
+mod readme;
 pub mod reaper;
 pub mod redact;
 pub mod service;

@@ -413,8 +413,7 @@ mod tests {
             .matches(concat!("registry", ".register("))
             .count();
         assert_eq!(served.len(), registered, "{text}");
-        let readme = include_str!("../../README.md");
-        let named: std::collections::BTreeSet<String> = readme
+        let named: std::collections::BTreeSet<String> = crate::readme::TEXT
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .filter(|word| word.starts_with("lumos_agent_"))
             .map(str::to_owned)
