@@ -269,53 +269,33 @@ fn folders(config: &Config, report: &mut Report<'_>) {
 }
 
 /// Below this much free space on the state folder's file system, doctor fails.
-#[cfg(unix)]
 const FREE_SPACE_FAIL: u64 = 256 << 20;
 /// Below this much (or a twentieth of the file system), doctor warns.
-#[cfg(unix)]
 const FREE_SPACE_WARN: u64 = 1 << 30;
 
 /// Free space where the agent writes: results spill to the outbox, bundles unpack and
 /// connector logs grow in the state folder, and a full disk fails them all.
 fn free_space(state: &std::path::Path, report: &mut Report<'_>) {
-    #[cfg(unix)]
-    {
-        // The state folder, or the nearest folder above it that exists (it is made at start).
-        let Some(existing) = state.ancestors().find(|dir| dir.is_dir()) else {
-            return;
-        };
-        match nix::sys::statvfs::statvfs(existing) {
-            #[allow(
-                clippy::useless_conversion,
-                reason = "the field types are u64 on Linux, narrower on other Unixes"
-            )]
-            Ok(fs) => {
-                let unit = u64::from(fs.fragment_size());
-                let free = u64::from(fs.blocks_available()).saturating_mul(unit);
-                let total = u64::from(fs.blocks()).saturating_mul(unit);
-                let (verdict, text) = free_space_verdict(free, total);
-                report.line(verdict, "disk space", text);
-            }
-            Err(e) => report.line(
-                Verdict::Warn,
-                "disk space",
-                format!("cannot read the free space of {}: {e}", existing.display()),
-            ),
+    // The state folder, or the nearest folder above it that exists (it is made at start).
+    let Some(existing) = state.ancestors().find(|dir| dir.is_dir()) else {
+        return;
+    };
+    // What the agent's user may still write (quotas and root's reserve excluded), of the
+    // file system's (on Windows, the volume's) size.
+    match fs4::statvfs(existing) {
+        Ok(fs) => {
+            let (verdict, text) = free_space_verdict(fs.available_space(), fs.total_space());
+            report.line(verdict, "disk space", text);
         }
-    }
-    #[cfg(not(unix))]
-    report.line(
-        Verdict::Skip,
-        "disk space",
-        format!(
-            "not checked on this system; keep room on {}'s drive",
-            state.display()
+        Err(e) => report.line(
+            Verdict::Warn,
+            "disk space",
+            format!("cannot read the free space of {}: {e}", existing.display()),
         ),
-    );
+    }
 }
 
 /// What `free` bytes of `total` on the state folder's file system come to.
-#[cfg(unix)]
 fn free_space_verdict(free: u64, total: u64) -> (Verdict, String) {
     let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
     let text = format!(
@@ -1017,7 +997,6 @@ mod tests {
         assert_eq!(split_authority("proxy"), ("proxy".into(), 80));
     }
 
-    #[cfg(unix)]
     #[test]
     fn free_space_fails_when_nearly_out_and_warns_when_low() {
         let gib = 1u64 << 30;
