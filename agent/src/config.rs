@@ -411,6 +411,30 @@ impl SharedConfig {
     }
 }
 
+/// Checks a `log.level` filter. Beyond tracing's own syntax, a directive without `=` must be a
+/// level: tracing reads any other word as a module whose every line is logged, and a filter
+/// of modules only logs nothing else. So `"warning"` (a Python level name, as
+/// `calls.connector_log_level` takes) or `"verbose"` would silence the agent's own warnings
+/// and errors without a word.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(filter) {
+        return Err(format!("{filter:?} is not a log filter: {e}"));
+    }
+    for directive in filter.split(',').map(str::trim) {
+        let bare = !directive.is_empty() && !directive.contains('=') && !directive.contains('[');
+        if bare
+            && directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Err(format!(
+                "{directive:?} is not a level (trace, debug, info, warn, error, off); a filter names a level, then modules with theirs, like \"info,lumos_agent::plugins=debug\" (a whole module: \"{directive}=trace\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Loads the configuration again (for SIGHUP), from the same file, environment and flags.
 pub type ConfigSource = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
@@ -861,12 +885,8 @@ impl Validator {
             level: match self.string(&mut log, "log.level") {
                 None => "info".to_string(),
                 Some((level, from)) => {
-                    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
-                        self.issue(
-                            "log.level",
-                            from.as_deref(),
-                            format!("{level:?} is not a log filter: {e}"),
-                        );
+                    if let Err(why) = check_log_filter(&level) {
+                        self.issue("log.level", from.as_deref(), why);
                     }
                     level
                 }
@@ -2053,6 +2073,33 @@ mod tests {
         }
     }
 
+    /// A filter names levels, and modules with theirs. A bare word that is no level would be
+    /// read by tracing as a module to log in full, and everything else would go unlogged.
+    #[test]
+    fn a_log_filter_word_that_is_no_level_is_refused() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "warn,lumos_agent::plugins=debug",
+            "lumos_agent=trace",
+            "info,h2=off,",
+            "info,[call]=debug",
+        ] {
+            assert_eq!(check_log_filter(good), Ok(()), "{good}");
+        }
+        // tracing itself takes these, as modules.
+        for bad in ["warning", "verbose", "info,lumos_agent", "critical,h2=off"] {
+            assert!(tracing_subscriber::EnvFilter::builder().parse(bad).is_ok());
+            let why = check_log_filter(bad).expect_err(bad);
+            assert!(why.contains("is not a level (trace, debug"), "{bad}: {why}");
+            assert!(why.contains("=trace\")"), "{bad}: {why}");
+        }
+        // And tracing's own errors are still reported.
+        let why = check_log_filter("info,x=loud").unwrap_err();
+        assert!(why.contains("is not a log filter"), "{why}");
+    }
+
     /// Bad settings, each with its section and the key it must be reported under.
     const BAD_SETTINGS: &[(&str, &str, &str)] = &[
         ("", "plugins_dir = 5", "plugins_dir"),
@@ -2067,6 +2114,7 @@ mod tests {
         ),
         ("calls", "typo = 1", "calls.typo"),
         ("log", "format = \"xml\"", "log.format"),
+        ("log", "level = \"warning\"", "log.level"),
         ("api", "listen = \"nowhere\"", "api.listen"),
         ("api", "token_ttl_secs = 0", "api.token_ttl_secs"),
         (
