@@ -792,6 +792,17 @@ impl Validator {
                 state_origin.as_deref(),
                 format!("{} is inside the plugins folder {}: it would be listed as a plugin; put it elsewhere (the plugins folder may be inside the state folder, not the other way round)", state_dir.display(), plugins_dir.display()),
             );
+        } else if let Some(own) = crate::state::StatePaths::new(state_at)
+            .own_folders()
+            .into_iter()
+            .find(|own| plugins_at.starts_with(own))
+        {
+            // The agent removes what it did not put there: the admin's plugins would go.
+            self.issue(
+                "plugins_dir",
+                plugins_origin.as_deref(),
+                format!("{} is inside {}, a folder of the agent's own that it clears by itself; give the plugins a folder of their own (by default <state_dir>/plugins)", plugins_dir.display(), own.display()),
+            );
         }
 
         let listen_text = match &cli.listen {
@@ -2229,7 +2240,7 @@ mod tests {
     }
 
     #[test]
-    fn the_state_folder_is_neither_the_plugins_folder_nor_inside_it() {
+    fn the_plugins_and_state_folders_stay_apart() {
         let dir = tempfile::tempdir().unwrap();
         let with = |plugins: &str, state: &str| {
             let path = dir.path().join("agent.toml");
@@ -2262,6 +2273,24 @@ mod tests {
         );
         // The default layout: plugins inside the state folder.
         assert!(with("s/plugins", "s").is_ok());
+        // But not in one of the folders the agent clears by itself.
+        for own in [
+            "s/store",
+            "s/bundles/x",
+            "s/work",
+            "s/calls",
+            "s/outbox",
+            "s/logs/connectors",
+        ] {
+            let within = issue(with(own, "s"));
+            assert_eq!(within.key, "plugins_dir", "{own}");
+            assert!(
+                within.message.contains("a folder of the agent's own"),
+                "{own}: {within:?}"
+            );
+        }
+        // A folder of its own beside them is fine.
+        assert!(with("s/stored-plugins", "s").is_ok());
     }
 
     #[test]

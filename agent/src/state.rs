@@ -32,6 +32,21 @@ impl StatePaths {
         Self { root }
     }
 
+    /// The folders whose contents the agent writes and removes by itself (copies, unpacked
+    /// bundles, call files, kept results, logs past their days): no place for anything else,
+    /// the plugins folder least of all.
+    pub fn own_folders(&self) -> [PathBuf; 6] {
+        [
+            self.bundles(),
+            self.work(),
+            self.store(),
+            self.calls(),
+            self.outbox(),
+            // The connectors' logs, and on Windows the agent's own.
+            self.root.join("logs"),
+        ]
+    }
+
     /// Creates the folder tree with private modes.
     pub fn prepare(&self) -> std::io::Result<()> {
         for dir in [
