@@ -44,6 +44,10 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Header carrying the inventory revision on `GET /v1/connectors`.
 pub const REVISION_HEADER: &str = "x-lumos-inventory-revision";
 
+/// What an admin must know of an API that listens beyond loopback (said at start and by
+/// `check-config`): it speaks plain HTTP.
+pub const BEYOND_LOOPBACK: &str = "the local API listens beyond loopback, without TLS: anyone who can reach it needs only a bearer token, and tokens, login passwords and tenant secrets cross the network in the clear";
+
 /// What the API serves.
 #[derive(Debug)]
 pub struct ApiState {

@@ -260,7 +260,7 @@ impl RunningAgent {
             source,
         })?;
         if !api_addr.ip().is_loopback() {
-            tracing::warn!(%api_addr, "the local API listens beyond loopback, without TLS: anyone who can reach it needs only a bearer token, and tokens and login passwords cross the network in the clear");
+            tracing::warn!(%api_addr, "{}", crate::api::BEYOND_LOOPBACK);
         }
 
         let draining = CancellationToken::new();

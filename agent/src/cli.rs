@@ -329,6 +329,9 @@ fn check_config(cli: &Cli) -> u8 {
             say!("  plugins_dir  {}", cfg.plugins_dir.display());
             say!("  state_dir    {}", cfg.state_dir.display());
             say!("  api.listen   {}", cfg.api.listen);
+            if !cfg.api.listen.ip().is_loopback() {
+                say!("  warning: {}", crate::api::BEYOND_LOOPBACK);
+            }
             if !cfg.api.users.is_empty() {
                 let users: Vec<String> = cfg
                     .api

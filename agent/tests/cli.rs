@@ -197,6 +197,28 @@ fn check_config_warns_of_an_agent_token_file_the_tunnel_would_refuse() {
     assert_eq!(warning(&stdout), None, "{stdout}");
 }
 
+/// An API beyond loopback is a choice an admin may make, but one that sends secrets in the
+/// clear: `check-config` says so before the start does.
+#[test]
+fn check_config_warns_of_an_api_listening_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    for (listen, warned) in [
+        ("0.0.0.0:7878", true),
+        ("[::]:7878", true),
+        ("127.0.0.1:7878", false),
+        ("[::1]:7878", false),
+    ] {
+        std::fs::write(&file, format!("[api]\nlisten = {listen:?}\n")).unwrap();
+        let stdout = config_ok_output(dir.path(), &file);
+        assert_eq!(
+            stdout.contains("warning: the local API listens beyond loopback, without TLS"),
+            warned,
+            "{listen}:\n{stdout}"
+        );
+    }
+}
+
 #[test]
 fn check_config_reads_the_allow_list_and_warns_of_one_every_plugin_would_fail() {
     let dir = tempfile::tempdir().unwrap();
