@@ -63,10 +63,28 @@ async fn real_connector_py_executable_answers_through_the_agent() {
         .unwrap()
         .contains(&json!("validate_credentials")));
 
-    // The stored tenant's credentials reach the real connector.
-    agent
+    // The stored tenant's credentials reach the real connector; they are what its
+    // `credentials_schema` declares, so storing them raises no note.
+    let stored = agent
         .put_tenant("acme", tenant("demo-connector", "py-token-1", Some("a1")))
         .await;
+    assert_eq!(stored["notes"], json!([]), "{stored}");
+    // A credential under another id is stored too, with notes read from that schema.
+    let stored = agent
+        .put_tenant(
+            "mistyped",
+            json!({"app_id": "demo-connector", "credentials": [
+                {"id": "demo_oauth", "oauth": {"access_token": "py-token-1"}}]}),
+        )
+        .await;
+    assert_eq!(
+        stored["notes"],
+        json!([
+            "credential \"demo_oauth\" is not one demo-connector declares (\"demo_connector_oauth\" (oauth))",
+            "demo-connector needs credential \"demo_connector_oauth\" (oauth), which is not stored"
+        ]),
+        "{stored}"
+    );
     let (status, body) = agent
         .call(
             "demo-connector",

@@ -695,6 +695,7 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
         }
         Some(_) => return bad(format!("\"credentials\" {SHAPE_OF_CREDENTIALS}")),
     }
+    let notes = tenant_notes(state, &app_id, doc.get("auth"), doc.get("credentials"));
     let auth = secret(doc.remove("auth"));
     let credentials = secret(doc.remove("credentials"));
     let tenant = Tenant {
@@ -723,6 +724,10 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
         Ok(()) => {
             // New credentials (a re-consent, say): the broker starts over from them.
             state.dispatcher.broker().forget_tenant(tenant_id);
+            let mut view = view;
+            if let Value::Object(map) = &mut view {
+                map.insert("notes".into(), json!(notes));
+            }
             json_response(StatusCode::OK, &view)
         }
         Err(crate::tenants::TenantStoreError::BadId(id)) => bad(format!(
@@ -733,6 +738,37 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
             None,
             StatusCode::INTERNAL_SERVER_ERROR,
         ),
+    }
+}
+
+/// What the admin storing a tenant should know, though it is stored: no connector serves its
+/// app_id (yet), or its credentials do not match what the connector declares
+/// ([`crate::plugins::info::credential_notes`]). Ids and types only, never a value.
+fn tenant_notes(
+    state: &ApiState,
+    app_id: &str,
+    auth: Option<&Value>,
+    credentials: Option<&Value>,
+) -> Vec<String> {
+    let inventory = state.registry.snapshot();
+    match inventory.resolve(app_id) {
+        Ok(connector) => connector.runnable.as_ref().map_or_else(Vec::new, |runnable| {
+            crate::plugins::info::credential_notes(
+                app_id,
+                &runnable.info.document,
+                auth,
+                credentials,
+            )
+        }),
+        // Tenants may be stored before their connector is dropped in, so this is no error;
+        // but a mistyped app_id would otherwise show only at the first call.
+        Err(e) if e.code == ErrorCode::UnknownConnector => vec![format!(
+            "no connector with app_id {app_id:?} is loaded (yet); calls for this tenant need one (`lumos-agent connectors` lists them)"
+        )],
+        Err(e) => vec![format!(
+            "{}; calls for this tenant fail until it loads",
+            e.message
+        )],
     }
 }
 

@@ -982,17 +982,18 @@ async fn put_tenant(
         return Ok(code);
     }
     say!("stored tenant {tenant_id} for {app_id}");
-    // Tenants may be stored before their connector is dropped in, so this is no error; but a
-    // mistyped app_id would otherwise show only at the first call. Advice only: the tenant is
-    // stored, so a failure to ask does not fail the command.
-    let asked = client
-        .send(Method::GET, &format!("/v1/connectors/{app_id}"), None)
-        .await;
-    if matches!(asked, Ok((StatusCode::NOT_FOUND, _))) {
-        say!(
-            "note: no connector with app_id {app_id:?} is loaded (yet); calls for this tenant \
-             need one (`lumos-agent connectors` lists them)"
-        );
+    // Advice from the agent (no connector for the app_id yet, credentials that do not match
+    // what it declares): the tenant is stored either way.
+    let notes = serde_json::from_slice::<Value>(&answer)
+        .ok()
+        .and_then(|view| view.get("notes").cloned());
+    for note in notes
+        .iter()
+        .flat_map(|n| n.as_array().into_iter().flatten())
+    {
+        if let Some(note) = note.as_str() {
+            say!("note: {note}");
+        }
     }
     Ok(exit::OK)
 }

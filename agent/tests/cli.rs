@@ -658,15 +658,22 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
     }
 
     // Secrets go in by stdin, never argv.
-    let put_tenant = |tenant: &str, app_id: &str| {
+    let put_tenant_auth = |tenant: &str, app_id: &str, auth: &[u8]| {
         let put = Command::new(AGENT)
             .args(["--dev", "--listen", &listen, "tenants", "put", tenant])
             .args(["--app-id", app_id, "--auth-file", "-"])
             .current_dir(dir.path())
             .stdin(Stdio::piped())
-            .output_with_stdin(br#"{"oauth": {"access_token": "cli-token"}}"#);
+            .output_with_stdin(auth);
         assert!(put.status.success(), "{}", text(&put.stderr));
         text(&put.stdout)
+    };
+    let put_tenant = |tenant: &str, app_id: &str| {
+        put_tenant_auth(
+            tenant,
+            app_id,
+            br#"{"oauth": {"access_token": "cli-token"}}"#,
+        )
     };
     put_tenant("t1", "lumos_example");
 
@@ -692,6 +699,19 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
         let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(answer["response"]["unique_tenant_id"], *expected, "{app}");
     }
+
+    // Credentials the connector does not read are stored, with a note naming what it reads
+    // (from its `credentials_schema`), and no secret.
+    let stdout = put_tenant_auth(
+        "t-basic",
+        "lumos_example",
+        br#"{"basic": {"username": "u", "password": "cli-secret"}}"#,
+    );
+    assert!(
+        stdout.contains("note: this auth holds \"basic\" where lumos_example reads \"oauth\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("cli-secret"), "{stdout}");
 
     // A tenant for an app_id no connector has is stored (its connector may come later), with
     // a note: a typo shows now, not at the first call.

@@ -641,11 +641,12 @@ impl TestAgent {
     }
 
     /// `PUT /v1/tenants/{id}`.
-    pub async fn put_tenant(&self, tenant_id: &str, body: Value) {
+    pub async fn put_tenant(&self, tenant_id: &str, body: Value) -> Value {
         let (status, value) = self
             .request(Method::PUT, &format!("/v1/tenants/{tenant_id}"), Some(body))
             .await;
         assert_eq!(status, StatusCode::OK, "{value}");
+        value
     }
 
     /// Drains and waits for the agent to stop.

@@ -96,6 +96,137 @@ pub fn is_capability_name(name: &str) -> bool {
         && name.len() <= 128
 }
 
+/// A credential a connector declares in its `info`'s `credentials_schema`.
+struct DeclaredCredential<'a> {
+    id: &'a str,
+    /// The credential's type, the key of its token object (`oauth`, `basic`, …).
+    kind: Option<&'a str>,
+    optional: bool,
+}
+
+impl DeclaredCredential<'_> {
+    fn describe(&self) -> String {
+        match self.kind {
+            Some(kind) => format!("{:?} ({kind})", self.id),
+            None => format!("{:?}", self.id),
+        }
+    }
+}
+
+/// The credentials `document` declares: connector-py's shape (`id`, `x-credential-type`,
+/// `x-optional`), or the shorter one of the examples (`id`, `type`, `optional`).
+fn declared_credentials(document: &Value) -> Vec<DeclaredCredential<'_>> {
+    let Some(entries) = document.get("credentials_schema").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let text = |key: &str| entry.get(key).and_then(Value::as_str);
+            let flag = |key: &str| entry.get(key).and_then(Value::as_bool);
+            Some(DeclaredCredential {
+                id: text("id")?,
+                // A JSON schema's own `type` ("object") is no credential type.
+                kind: text("x-credential-type").or(text("type").filter(|t| *t != "object")),
+                optional: flag("x-optional").or(flag("optional")).unwrap_or(false),
+            })
+        })
+        .collect()
+}
+
+/// Where the credentials of a tenant stored for the connector of `document` do not match
+/// what it declares: one line each, naming ids and types only, never a value. Advice for the
+/// admin who stores them (the tenant is stored either way): a mismatch otherwise shows only
+/// as the connector's error at the first call. Nothing when the connector declares nothing,
+/// or the tenant holds no credentials (calls then bring their own).
+pub fn credential_notes(
+    app_id: &str,
+    document: &Value,
+    auth: Option<&Value>,
+    credentials: Option<&Value>,
+) -> Vec<String> {
+    let declared = declared_credentials(document);
+    if declared.is_empty() {
+        return Vec::new();
+    }
+    let listed = declared
+        .iter()
+        .map(DeclaredCredential::describe)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut notes = Vec::new();
+    if let Some(Value::Array(items)) = credentials {
+        let stored: Vec<&str> = items
+            .iter()
+            .filter_map(|item| item.get("id").and_then(Value::as_str))
+            .collect();
+        for item in items {
+            let Some(id) = item.get("id").and_then(Value::as_str) else {
+                notes.push(format!(
+                    "a credential has no \"id\"; {app_id} declares {listed}"
+                ));
+                continue;
+            };
+            match declared.iter().find(|d| d.id == id) {
+                None => notes.push(format!(
+                    "credential {id:?} is not one {app_id} declares ({listed})"
+                )),
+                Some(DeclaredCredential {
+                    kind: Some(kind), ..
+                }) if item.get(*kind).is_none() => notes.push(format!(
+                    "credential {id:?} has no {kind:?} object, which {app_id} reads it from"
+                )),
+                Some(_) => {}
+            }
+        }
+        for missing in declared
+            .iter()
+            .filter(|d| !d.optional && !stored.contains(&d.id))
+        {
+            notes.push(format!(
+                "{app_id} needs credential {}, which is not stored",
+                missing.describe()
+            ));
+        }
+    } else if let Some(Value::Object(auth)) = auth {
+        let required = declared.iter().filter(|d| !d.optional).count();
+        if required > 1 {
+            notes.push(format!(
+                "{app_id} declares {required} credentials ({listed}): store them as a list in \"credentials\" (--credentials-file), each with its id"
+            ));
+        }
+        let kinds: Vec<&str> = declared.iter().filter_map(|d| d.kind).collect();
+        let has: Vec<&str> = auth
+            .keys()
+            .map(String::as_str)
+            .filter(|key| !matches!(*key, "id" | "token_broker"))
+            .collect();
+        if !kinds.is_empty() && !has.iter().any(|key| kinds.contains(key)) {
+            notes.push(format!(
+                "this auth holds {} where {app_id} reads {}",
+                quoted_or_nothing(&has),
+                kinds
+                    .iter()
+                    .map(|k| format!("{k:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ));
+        }
+    }
+    notes
+}
+
+/// `"a", "b"`, or "nothing".
+fn quoted_or_nothing(keys: &[&str]) -> String {
+    if keys.is_empty() {
+        return "nothing".into();
+    }
+    keys.iter()
+        .map(|k| format!("{k:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +262,62 @@ mod tests {
                 .unwrap_err()
                 .contains("boom")
         );
+    }
+
+    #[test]
+    fn stored_credentials_are_compared_with_what_the_connector_declares() {
+        use serde_json::json;
+        let notes = |document: &Value, auth: Option<Value>, credentials: Option<Value>| {
+            credential_notes("app", document, auth.as_ref(), credentials.as_ref())
+        };
+        // The examples' shape, one credential.
+        let example = json!({"credentials_schema": [
+            {"id": "oauth", "type": "oauth", "optional": false, "description": "d"}]});
+        let token = json!({"access_token": "SECRET"});
+        assert!(notes(&example, Some(json!({"oauth": token})), None).is_empty());
+        // Its token_broker block is the agent's, beside the token object.
+        let managed = json!({"oauth": token, "token_broker": {"client_secret": "SECRET"}});
+        assert!(notes(&example, Some(managed), None).is_empty());
+        let wrong = notes(&example, Some(json!({"basic": token})), None);
+        assert_eq!(
+            wrong,
+            ["this auth holds \"basic\" where app reads \"oauth\""]
+        );
+        // connector-py's shape, as a real connector prints it.
+        let real = json!({"credentials_schema": [
+            {"id": "demo_oauth", "type": "object", "x-credential-type": "oauth",
+             "x-optional": false, "required": ["access_token"]},
+            {"id": "demo_key", "type": "object", "x-credential-type": "token",
+             "x-optional": true}]});
+        let listed = json!([{"id": "demo_oauth", "oauth": token}]);
+        assert!(notes(&real, None, Some(listed)).is_empty());
+        let mixed = notes(
+            &real,
+            None,
+            Some(json!([{"id": "demo_key", "oauth": token}, {"id": "other", "oauth": token}])),
+        );
+        assert_eq!(
+            mixed,
+            [
+                "credential \"demo_key\" has no \"token\" object, which app reads it from",
+                "credential \"other\" is not one app declares (\"demo_oauth\" (oauth), \"demo_key\" (token))",
+                "app needs credential \"demo_oauth\" (oauth), which is not stored",
+            ]
+        );
+        // Two required credentials do not fit one auth object.
+        let two = json!({"credentials_schema": [
+            {"id": "a", "x-credential-type": "oauth"}, {"id": "b", "x-credential-type": "basic"}]});
+        let single = notes(&two, Some(json!({"oauth": token})), None);
+        assert_eq!(single.len(), 1, "{single:?}");
+        assert!(single[0].contains("store them as a list"), "{single:?}");
+        // Nothing declared, or nothing stored: nothing to say. And never a value.
+        assert!(notes(
+            &json!({"credentials_schema": []}),
+            Some(json!({"x": token})),
+            None
+        )
+        .is_empty());
+        assert!(notes(&example, None, None).is_empty());
+        assert!(!format!("{wrong:?}{mixed:?}{single:?}").contains("SECRET"));
     }
 }
