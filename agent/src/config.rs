@@ -856,9 +856,20 @@ impl Validator {
                     &["DEBUG", "INFO", "WARNING", "ERROR"],
                 )
                 .unwrap_or_else(|| "INFO".into()),
-            pass_env: self
-                .string_list(&mut calls, "calls.pass_env")
-                .unwrap_or_default(),
+            pass_env: {
+                let origin = origin_in(&calls, "calls.pass_env");
+                let names = self
+                    .string_list(&mut calls, "calls.pass_env")
+                    .unwrap_or_default();
+                for name in names.iter().filter(|name| !is_env_name(name)) {
+                    self.issue(
+                        "calls.pass_env",
+                        origin.as_deref(),
+                        format!("{name:?} is not an environment variable name (no `=`, no blanks, not empty): list names only, the values come from the agent's environment"),
+                    );
+                }
+                names
+            },
         };
         let plugins = PluginsConfig {
             info_timeout: Duration::from_secs(
@@ -1670,8 +1681,17 @@ impl Validator {
             "[connectors.<app_id>]",
             &["max_concurrency", "timeout_secs", "in_process"],
         );
-        for (app_id, _, mut sub) in tables {
+        for (app_id, origin, mut sub) in tables {
             let prefix = format!("connectors.{app_id}");
+            // Settings under a name no connector can have would never apply.
+            if let Err(why) = crate::plugins::info::check_app_id(&app_id) {
+                self.issue(
+                    &prefix,
+                    origin.as_deref(),
+                    format!("{why}: a [connectors.<app_id>] table is named by the app_id its connector reports (`lumos-agent connectors` lists them)"),
+                );
+                continue;
+            }
             let over = ConnectorOverride {
                 max_concurrency: self
                     .uint(&mut sub, &format!("{prefix}.max_concurrency"), 1, 10_000)
@@ -1708,6 +1728,12 @@ fn origin_in(table: &Map<String, Value>, key: &str) -> Option<String> {
     table
         .get(leaf(key))
         .and_then(|v| origin_of(v).map(str::to_owned))
+}
+
+/// Whether `name` can name an environment variable: not empty, and no `=`, NUL or blank
+/// (`std::env::var_os` finds nothing for such a name, so it would pass nothing, silently).
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(|c: char| c == '=' || c == '\0' || c.is_whitespace())
 }
 
 fn to_usize(n: u64) -> usize {
@@ -2124,6 +2150,11 @@ mod tests {
             "calls.connector_log_level",
         ),
         ("calls", "typo = 1", "calls.typo"),
+        (
+            "calls",
+            "pass_env = [\"HTTPS_PROXY=http://proxy\"]",
+            "calls.pass_env",
+        ),
         ("log", "format = \"xml\"", "log.format"),
         ("log", "level = \"warning\"", "log.level"),
         ("api", "listen = \"nowhere\"", "api.listen"),
@@ -2434,6 +2465,29 @@ mod tests {
         assert_eq!(cfg.timeout_for("slow_app"), Duration::from_secs(900));
         assert_eq!(cfg.max_concurrency_for("slow_app"), 2);
         assert_eq!(cfg.max_concurrency_for("another"), 8);
+        // A name no connector can report is refused, naming the rule.
+        std::fs::write(&path, "[connectors.\"my app\"]\ntimeout_secs = 900\n").unwrap();
+        let err = load_file(&path, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("`connectors.my app`") && err.contains("must be 1-128 characters"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pass_env_takes_variable_names_only() {
+        let (_dir, path) = file("[calls]\npass_env = [\"HTTPS_PROXY\", \"ProgramFiles(x86)\"]\n");
+        let cfg = load_file(&path, &[]).unwrap();
+        assert_eq!(cfg.calls.pass_env, ["HTTPS_PROXY", "ProgramFiles(x86)"]);
+        for bad in ["HTTPS_PROXY=http://proxy:3128", "", "NO PROXY"] {
+            std::fs::write(&path, format!("[calls]\npass_env = [{bad:?}]\n")).unwrap();
+            let err = load_file(&path, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("`calls.pass_env`")
+                    && err.contains("is not an environment variable name"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
