@@ -98,6 +98,31 @@ async fn a_healthy_install_passes_every_check_with_the_certificate_and_clock_sho
         "{report}"
     );
     assert!(!report.contains("CANARY-doctor"), "{report}");
+    let tenants = line(&report, "ok", "tenants").unwrap_or_else(|| panic!("{report}"));
+    assert!(tenants.contains("1 agent-held"), "{tenants}");
+
+    // A tenant whose credentials its connector does not read (a basic credential where the
+    // example reads an OAuth token): a warning naming it, and no secret.
+    install_plugin(&dirs.plugins(), &example_connector(), "example");
+    session
+        .inventory_where(WAIT, |inventory| is_ready(inventory, "lumos_example"))
+        .await
+        .expect("the example connector in the inventory");
+    agent
+        .put_tenant(
+            "mismatched",
+            serde_json::json!({"app_id": "lumos_example", "auth": {"basic": {"password": "CANARY-doctor"}}}),
+        )
+        .await;
+    let (code, report) = doctor_says(&overrides(&dirs, Some(&agent))).await;
+    assert_eq!(code, exit::OK, "a warning is no failure: {report}");
+    let noted = line(&report, "WARN", "tenant").unwrap_or_else(|| panic!("{report}"));
+    assert!(
+        noted.contains("mismatched: this auth holds \"basic\" where lumos_example reads \"oauth\""),
+        "{noted}"
+    );
+    assert!(line(&report, "ok", "tenants").is_none(), "{report}");
+    assert!(!report.contains("CANARY-doctor"), "{report}");
     agent.shutdown().await;
 }
 

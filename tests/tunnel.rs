@@ -65,12 +65,6 @@ async fn tester_and_cloud(extra: &str) -> (TestDirs, FakeCloud, TestAgent) {
     (dirs, cloud, agent)
 }
 
-fn ready(inv: &lumos_agent_proto::v1::Inventory, app_id: &str) -> bool {
-    inv.connectors
-        .iter()
-        .any(|c| c.app_id == app_id && c.status == 1)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_welcome_inventory_then_calls_with_the_tenant_injected() {
     let dirs = TestDirs::new();
@@ -107,7 +101,7 @@ async fn hello_welcome_inventory_then_calls_with_the_tenant_injected() {
     );
 
     let inv = s
-        .inventory_where(WAIT, |i| ready(i, "tester"))
+        .inventory_where(WAIT, |i| is_ready(i, "tester"))
         .await
         .expect("an inventory");
     assert_eq!(
@@ -194,7 +188,7 @@ async fn a_connector_dropped_into_the_folder_shows_up_in_the_cloud_inventory() {
     std::fs::write(dirs.plugins().join("broken"), b"not a program").unwrap();
     let inv = s
         .inventory_where(WAIT, |i| {
-            ready(i, "lumos_example") && i.connectors.len() == 2
+            is_ready(i, "lumos_example") && i.connectors.len() == 2
         })
         .await
         .expect("the new connector in the cloud's inventory");
@@ -735,7 +729,7 @@ async fn a_killed_group_reaper_is_replaced_and_the_killed_agents_connectors_end(
     let agent_pid = agent.id();
     let reapers = move || children_of(agent_pid, "group-reaper");
     let mut s = cloud.next_session(WAIT).await;
-    s.inventory_where(WAIT, |i| ready(i, "tester"))
+    s.inventory_where(WAIT, |i| is_ready(i, "tester"))
         .await
         .unwrap();
     let first = match reapers()[..] {
@@ -802,7 +796,7 @@ async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_
 
     let mut agent = start();
     let mut s = cloud.next_session(WAIT).await;
-    s.inventory_where(WAIT, |i| ready(i, "tester"))
+    s.inventory_where(WAIT, |i| is_ready(i, "tester"))
         .await
         .unwrap();
     s.call("acked", "tester", "echo", "", &echo);
@@ -835,7 +829,7 @@ async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_
         assert_eq!(doc["error"]["error_metadata"]["retryable"], false);
     }
     // Sent again, neither runs again: the same answer.
-    s2.inventory_where(WAIT, |i| ready(i, "tester"))
+    s2.inventory_where(WAIT, |i| is_ready(i, "tester"))
         .await
         .unwrap();
     s2.call("slow", "tester", "sleep", "", &slow);
@@ -866,7 +860,7 @@ async fn calls_of_a_killed_agent_are_reported_interrupted_after_the_restart_and_
     // And a third start owes the cloud nothing.
     let mut agent = start();
     let mut s3 = cloud.next_session(WAIT).await;
-    s3.inventory_where(WAIT, |i| ready(i, "tester"))
+    s3.inventory_where(WAIT, |i| is_ready(i, "tester"))
         .await
         .unwrap();
     s3.call("probe", "tester", "echo", "", &echo);
@@ -1006,7 +1000,7 @@ async fn a_reload_with_new_cloud_settings_reconnects_and_keeps_unacknowledged_re
     install_plugin(&dirs.plugins(), &test_connector(), "tester");
     let agent = agent_for(&dirs, &first, "").await;
     let mut s1 = first.next_session(WAIT).await;
-    s1.inventory_where(WAIT, |i| ready(i, "tester"))
+    s1.inventory_where(WAIT, |i| is_ready(i, "tester"))
         .await
         .unwrap();
     // A result the first cloud receives but never acknowledges.
@@ -1299,7 +1293,7 @@ fn chunks_in_any_order_follow_the_delivery_rules() {
         let (dirs, cloud, config) = tester_cloud_and_short_grace().await;
         let agent = TestAgent::start(&dirs, &config).await;
         let mut s = cloud.next_session(WAIT).await;
-        s.inventory_where(WAIT, |inv| ready(inv, "tester"))
+        s.inventory_where(WAIT, |inv| is_ready(inv, "tester"))
             .await
             .unwrap();
         (dirs, cloud, agent, s)

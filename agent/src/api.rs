@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{ApiAuth, LoginError, Principal, Role};
 use crate::dispatch::{CallBody, CallRequest, Dispatcher};
 use crate::error::{CallError, ErrorCode};
+use crate::plugins::info::CredentialShape;
 use crate::plugins::reload::Reconciler;
 use crate::plugins::PluginRegistry;
 use crate::tenants::{SecretJson, Tenant, TenantStore};
@@ -695,7 +696,8 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
         }
         Some(_) => return bad(format!("\"credentials\" {SHAPE_OF_CREDENTIALS}")),
     }
-    let notes = tenant_notes(state, &app_id, doc.get("auth"), doc.get("credentials"));
+    let shape = CredentialShape::of_values(doc.get("auth"), doc.get("credentials"));
+    let notes = tenant_notes(state, &app_id, &shape);
     let auth = secret(doc.remove("auth"));
     let credentials = secret(doc.remove("credentials"));
     let tenant = Tenant {
@@ -744,21 +746,11 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
 /// What the admin storing a tenant should know, though it is stored: no connector serves its
 /// app_id (yet), or its credentials do not match what the connector declares
 /// ([`crate::plugins::info::credential_notes`]). Ids and types only, never a value.
-fn tenant_notes(
-    state: &ApiState,
-    app_id: &str,
-    auth: Option<&Value>,
-    credentials: Option<&Value>,
-) -> Vec<String> {
+fn tenant_notes(state: &ApiState, app_id: &str, stored: &CredentialShape) -> Vec<String> {
     let inventory = state.registry.snapshot();
     match inventory.resolve(app_id) {
         Ok(connector) => connector.runnable.as_ref().map_or_else(Vec::new, |runnable| {
-            crate::plugins::info::credential_notes(
-                app_id,
-                &runnable.info.document,
-                auth,
-                credentials,
-            )
+            crate::plugins::info::credential_notes(app_id, &runnable.info.document, stored)
         }),
         // Tenants may be stored before their connector is dropped in, so this is no error;
         // but a mistyped app_id would otherwise show only at the first call.
@@ -772,10 +764,16 @@ fn tenant_notes(
     }
 }
 
-/// A tenant as the API shows it: no secrets, and the state of each managed credential
-/// (`ok`, `failing`, `needs_reconsent`).
+/// A tenant as the API shows it: no secrets, the state of each managed credential (`ok`,
+/// `failing`, `needs_reconsent`), and its `notes` against the connector loaded now (which
+/// may have changed since the tenant was stored).
 fn tenant_view(state: &ApiState, tenant_id: &str, tenant: &Tenant) -> Value {
     let mut view = tenant.view(tenant_id);
+    let shape = CredentialShape::of_texts(
+        tenant.auth.as_ref().map(SecretJson::expose),
+        tenant.credentials.as_ref().map(SecretJson::expose),
+    );
+    let notes = tenant_notes(state, &tenant.app_id, &shape);
     let mut status = serde_json::Map::new();
     for id in crate::oauth::managed::stored_reconsent(tenant) {
         status.insert(id, json!("needs_reconsent"));
@@ -785,6 +783,7 @@ fn tenant_view(state: &ApiState, tenant_id: &str, tenant: &Tenant) -> Value {
     }
     if let Value::Object(map) = &mut view {
         map.insert("credential_status".into(), Value::Object(status));
+        map.insert("notes".into(), json!(notes));
     }
     view
 }

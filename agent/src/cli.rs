@@ -965,6 +965,15 @@ fn tenant_body(
     ))
 }
 
+/// The `notes` of a tenant as the API shows it.
+fn notes_of(view: &Value) -> impl Iterator<Item = &str> {
+    view.get("notes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
 async fn put_tenant(
     client: &ApiClient,
     tenant_id: &str,
@@ -984,16 +993,9 @@ async fn put_tenant(
     say!("stored tenant {tenant_id} for {app_id}");
     // Advice from the agent (no connector for the app_id yet, credentials that do not match
     // what it declares): the tenant is stored either way.
-    let notes = serde_json::from_slice::<Value>(&answer)
-        .ok()
-        .and_then(|view| view.get("notes").cloned());
-    for note in notes
-        .iter()
-        .flat_map(|n| n.as_array().into_iter().flatten())
-    {
-        if let Some(note) = note.as_str() {
-            say!("note: {note}");
-        }
+    let view = serde_json::from_slice::<Value>(&answer).unwrap_or(Value::Null);
+    for note in notes_of(&view) {
+        say!("note: {note}");
     }
     Ok(exit::OK)
 }
@@ -1051,6 +1053,16 @@ async fn tenants(
                     secrets,
                     t["settings"]
                 );
+            }
+            // Against the connectors loaded now, which may have changed since the tenants were
+            // stored. On stderr, so that the table stays the table.
+            for t in value.as_array().into_iter().flatten() {
+                for note in notes_of(t) {
+                    tell!(
+                        "note: tenant {}: {note}",
+                        t["tenant_id"].as_str().unwrap_or("")
+                    );
+                }
             }
             Ok(exit::OK)
         }

@@ -594,6 +594,34 @@ async fn agent(config: &Config, report: &mut Report<'_>) {
             ),
         );
     }
+    // The agent-held tenants against the connectors loaded now: a connector upgraded since a
+    // tenant was stored may read other credentials.
+    let Ok(Value::Array(tenants)) = get_json(&client, "/v1/tenants").await else {
+        report.line(Verdict::Warn, "tenants", "cannot list them");
+        return;
+    };
+    let mut noted = false;
+    for tenant in &tenants {
+        let id = tenant["tenant_id"].as_str().unwrap_or("?");
+        for note in tenant["notes"].as_array().into_iter().flatten() {
+            noted = true;
+            report.line(
+                Verdict::Warn,
+                "tenant",
+                format!("{id}: {}", note.as_str().unwrap_or("?")),
+            );
+        }
+    }
+    if !tenants.is_empty() && !noted {
+        report.line(
+            Verdict::Ok,
+            "tenants",
+            format!(
+                "{} agent-held; each has what its connector declares",
+                tenants.len()
+            ),
+        );
+    }
 }
 
 /// Who may log in to the local API, and whether the directory answers.

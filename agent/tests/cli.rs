@@ -712,6 +712,17 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
         "{stdout}"
     );
     assert!(!stdout.contains("cli-secret"), "{stdout}");
+    // `tenants list` says it again, on stderr, so the table stays a table.
+    let listed = cli(&["tenants", "list"]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    assert!(
+        text(&listed.stderr).contains(
+            "note: tenant t-basic: this auth holds \"basic\" where lumos_example reads \"oauth\""
+        ),
+        "{}",
+        text(&listed.stderr)
+    );
+    assert!(!text(&listed.stdout).contains("note:"));
 
     // A tenant for an app_id no connector has is stored (its connector may come later), with
     // a note: a typo shows now, not at the first call.

@@ -623,6 +623,13 @@ impl CloudSession {
     }
 }
 
+/// Whether `inventory` has `app_id` ready.
+pub fn is_ready(inventory: &Inventory, app_id: &str) -> bool {
+    inventory.connectors.iter().any(|c| {
+        c.app_id == app_id && c.status == lumos_agent_proto::v1::ConnectorStatus::Ready as i32
+    })
+}
+
 /// A self-signed certificate for `localhost` and `127.0.0.1`: (cert PEM, key PEM).
 pub fn self_signed_cert() -> (String, String) {
     let cert =

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// What the agent needs from `info`; the whole document is kept for the API and the cloud.
@@ -134,17 +135,71 @@ fn declared_credentials(document: &Value) -> Vec<DeclaredCredential<'_>> {
         .collect()
 }
 
+/// What a tenant holds, without its secrets: the keys of its single `auth` object, or each
+/// item of its `credentials` list with its `id` and keys. Enough to compare with what a
+/// connector declares.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum CredentialShape {
+    /// No credentials: calls bring their own.
+    #[default]
+    None,
+    /// `auth`: its keys (`oauth`, `token_broker`, …).
+    Auth(Vec<String>),
+    /// `credentials`: each item's `id`, if it has one, and its keys.
+    List(Vec<(Option<String>, Vec<String>)>),
+}
+
+impl CredentialShape {
+    /// The shape of parsed `auth` and `credentials` (the list wins, as in a call).
+    pub fn of_values(auth: Option<&Value>, credentials: Option<&Value>) -> Self {
+        let keys = |map: &serde_json::Map<String, Value>| map.keys().cloned().collect();
+        match (credentials, auth) {
+            (Some(Value::Array(items)), _) => Self::List(
+                items
+                    .iter()
+                    .filter_map(Value::as_object)
+                    .map(|item| {
+                        let id = item.get("id").and_then(Value::as_str).map(str::to_owned);
+                        (id, keys(item))
+                    })
+                    .collect(),
+            ),
+            (_, Some(Value::Object(map))) => Self::Auth(keys(map)),
+            _ => Self::None,
+        }
+    }
+
+    /// The shape of stored `auth` and `credentials` JSON texts, read in place: the secrets
+    /// in them are not copied out of their (zeroized) texts.
+    pub fn of_texts(auth: Option<&str>, credentials: Option<&str>) -> Self {
+        type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
+        let keys = |map: &Object<'_>| map.keys().map(|k| k.to_string()).collect();
+        if let Some(Ok(items)) = credentials.map(serde_json::from_str::<Vec<Object<'_>>>) {
+            return Self::List(
+                items
+                    .iter()
+                    .map(|item| {
+                        let id = item
+                            .get("id")
+                            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+                        (id, keys(item))
+                    })
+                    .collect(),
+            );
+        }
+        match auth.map(serde_json::from_str::<Object<'_>>) {
+            Some(Ok(map)) => Self::Auth(keys(&map)),
+            _ => Self::None,
+        }
+    }
+}
+
 /// Where the credentials of a tenant stored for the connector of `document` do not match
-/// what it declares: one line each, naming ids and types only, never a value. Advice for the
-/// admin who stores them (the tenant is stored either way): a mismatch otherwise shows only
-/// as the connector's error at the first call. Nothing when the connector declares nothing,
-/// or the tenant holds no credentials (calls then bring their own).
-pub fn credential_notes(
-    app_id: &str,
-    document: &Value,
-    auth: Option<&Value>,
-    credentials: Option<&Value>,
-) -> Vec<String> {
+/// what it declares: one line each, naming ids and types only (a shape holds no value).
+/// Advice for the admin (the tenant is stored either way): a mismatch otherwise shows only
+/// as the connector's error at a call. Nothing when the connector declares nothing, or the
+/// tenant holds no credentials (calls then bring their own).
+pub fn credential_notes(app_id: &str, document: &Value, stored: &CredentialShape) -> Vec<String> {
     let declared = declared_credentials(document);
     if declared.is_empty() {
         return Vec::new();
@@ -155,62 +210,62 @@ pub fn credential_notes(
         .collect::<Vec<_>>()
         .join(", ");
     let mut notes = Vec::new();
-    if let Some(Value::Array(items)) = credentials {
-        let stored: Vec<&str> = items
-            .iter()
-            .filter_map(|item| item.get("id").and_then(Value::as_str))
-            .collect();
-        for item in items {
-            let Some(id) = item.get("id").and_then(Value::as_str) else {
+    match stored {
+        CredentialShape::None => {}
+        CredentialShape::List(items) => {
+            for (id, keys) in items {
+                let Some(id) = id else {
+                    notes.push(format!(
+                        "a credential has no \"id\"; {app_id} declares {listed}"
+                    ));
+                    continue;
+                };
+                match declared.iter().find(|d| d.id == id) {
+                    None => notes.push(format!(
+                        "credential {id:?} is not one {app_id} declares ({listed})"
+                    )),
+                    Some(DeclaredCredential {
+                        kind: Some(kind), ..
+                    }) if !keys.iter().any(|k| k == kind) => notes.push(format!(
+                        "credential {id:?} has no {kind:?} object, which {app_id} reads it from"
+                    )),
+                    Some(_) => {}
+                }
+            }
+            for missing in declared
+                .iter()
+                .filter(|d| !d.optional && !items.iter().any(|(id, _)| id.as_deref() == Some(d.id)))
+            {
                 notes.push(format!(
-                    "a credential has no \"id\"; {app_id} declares {listed}"
+                    "{app_id} needs credential {}, which is not stored",
+                    missing.describe()
                 ));
-                continue;
-            };
-            match declared.iter().find(|d| d.id == id) {
-                None => notes.push(format!(
-                    "credential {id:?} is not one {app_id} declares ({listed})"
-                )),
-                Some(DeclaredCredential {
-                    kind: Some(kind), ..
-                }) if item.get(*kind).is_none() => notes.push(format!(
-                    "credential {id:?} has no {kind:?} object, which {app_id} reads it from"
-                )),
-                Some(_) => {}
             }
         }
-        for missing in declared
-            .iter()
-            .filter(|d| !d.optional && !stored.contains(&d.id))
-        {
-            notes.push(format!(
-                "{app_id} needs credential {}, which is not stored",
-                missing.describe()
-            ));
-        }
-    } else if let Some(Value::Object(auth)) = auth {
-        let required = declared.iter().filter(|d| !d.optional).count();
-        if required > 1 {
-            notes.push(format!(
-                "{app_id} declares {required} credentials ({listed}): store them as a list in \"credentials\" (--credentials-file), each with its id"
-            ));
-        }
-        let kinds: Vec<&str> = declared.iter().filter_map(|d| d.kind).collect();
-        let has: Vec<&str> = auth
-            .keys()
-            .map(String::as_str)
-            .filter(|key| !matches!(*key, "id" | "token_broker"))
-            .collect();
-        if !kinds.is_empty() && !has.iter().any(|key| kinds.contains(key)) {
-            notes.push(format!(
-                "this auth holds {} where {app_id} reads {}",
-                quoted_or_nothing(&has),
-                kinds
-                    .iter()
-                    .map(|k| format!("{k:?}"))
-                    .collect::<Vec<_>>()
-                    .join(" or ")
-            ));
+        CredentialShape::Auth(keys) => {
+            let required = declared.iter().filter(|d| !d.optional).count();
+            if required > 1 {
+                notes.push(format!(
+                    "{app_id} declares {required} credentials ({listed}): store them as a list in \"credentials\" (--credentials-file), each with its id"
+                ));
+            }
+            let kinds: Vec<&str> = declared.iter().filter_map(|d| d.kind).collect();
+            let has: Vec<&str> = keys
+                .iter()
+                .map(String::as_str)
+                .filter(|key| !matches!(*key, "id" | "token_broker"))
+                .collect();
+            if !kinds.is_empty() && !has.iter().any(|key| kinds.contains(key)) {
+                notes.push(format!(
+                    "this auth holds {} where {app_id} reads {}",
+                    quoted_or_nothing(&has),
+                    kinds
+                        .iter()
+                        .map(|k| format!("{k:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ));
+            }
         }
     }
     notes
@@ -267,8 +322,16 @@ mod tests {
     #[test]
     fn stored_credentials_are_compared_with_what_the_connector_declares() {
         use serde_json::json;
+        // Through both readings of what is stored: parsed, and read in place from its text.
         let notes = |document: &Value, auth: Option<Value>, credentials: Option<Value>| {
-            credential_notes("app", document, auth.as_ref(), credentials.as_ref())
+            let parsed = CredentialShape::of_values(auth.as_ref(), credentials.as_ref());
+            let texts = (
+                auth.map(|v| v.to_string()),
+                credentials.map(|v| v.to_string()),
+            );
+            let read = CredentialShape::of_texts(texts.0.as_deref(), texts.1.as_deref());
+            assert_eq!(parsed, read);
+            credential_notes("app", document, &parsed)
         };
         // The examples' shape, one credential.
         let example = json!({"credentials_schema": [
