@@ -217,6 +217,15 @@ fn folders(config: &Config, report: &mut Report<'_>) {
                         mode.unwrap_or_default()
                     ),
                 ),
+                // No mode (Windows): who may read it is its ACLs', which nothing here checks.
+                Ok(_) if mode.is_none() => report.line(
+                    Verdict::Ok,
+                    "state folder",
+                    format!(
+                        "{} (writable; its ACLs are not checked: keep it readable by the service and Administrators only)",
+                        state.display()
+                    ),
+                ),
                 Ok(_) => report.line(
                     Verdict::Ok,
                     "state folder",
