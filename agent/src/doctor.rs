@@ -713,7 +713,16 @@ async fn cloud_path(cloud: &CloudConfig, report: &mut Report<'_>) {
         Ok(_) => report.line(
             Verdict::Ok,
             "agent token",
-            format!("{} (readable, private)", cloud.token_file.display()),
+            format!(
+                "{} (readable{})",
+                cloud.token_file.display(),
+                // `read_token` refuses a file others may read where a file has a mode.
+                if cfg!(unix) {
+                    ", private"
+                } else {
+                    "; its ACLs are not checked"
+                }
+            ),
         ),
         Err(e) => report.line(Verdict::Fail, "agent token", e.to_string()),
     }
