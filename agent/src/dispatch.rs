@@ -187,7 +187,11 @@ impl Dispatcher {
         self.metrics
             .record_call(app_label, capability_label, outcome, elapsed);
         match &result {
-            Ok(answer) => tracing::info!(
+            // Debug, not info: a line per call cost a fifth of the tunnel's throughput
+            // (BENCHMARKS.md, issue 5), and at hundreds of calls a second journald's rate limit
+            // would drop the warnings among them. The metrics count every call; an access log
+            // is `log.level = "info,lumos_agent::dispatch=debug"`.
+            Ok(answer) => tracing::debug!(
                 app_id = %req.app_id, capability = %req.capability, tenant_id = %tenant_id,
                 version = %answer.version, bytes = answer.json.len(), elapsed_ms = elapsed.as_millis() as u64,
                 "call answered"

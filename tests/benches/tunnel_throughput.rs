@@ -3,8 +3,9 @@
 //! result.
 //!
 //! ```text
-//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS] [rounds=N] [throughput-only] [in-process-only] [baseline-only] [agent-only] [c64-only]
+//! cargo bench -p lumos-agent-integration --bench tunnel_throughput [-- CALLS] [rounds=N] [throughput-only] [in-process-only] [baseline-only] [agent-only] [c64-only] [no-log]
 //! ```
+//! The agent logs as the daemon does by default (`info`, human lines), to /dev/null.
 //! At concurrency 64 every subject runs once per round (5 by default), in turn, and a row
 //! gives its median; its ratio to the baseline is the median of the per-round ratios.
 //! - Throughput and p50/p99 latency at concurrency 1 and 64 of `validate_credentials` on the
@@ -308,6 +309,26 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5000);
+    // The daemon's log, as it ships (`log.level = "info"`, human lines), written to /dev/null:
+    // what the agent logs per call costs CPU on the call path (a line per call cost a fifth
+    // of the throughput). `LUMOS_BENCH_LOG_LEVEL` sets another filter; `no-log` installs none.
+    // (journald costs more per line than /dev/null: this is the least a line costs.)
+    if !std::env::args().any(|a| a == "no-log") {
+        let log = lumos_agent::config::LogConfig {
+            level: std::env::var("LUMOS_BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            format: lumos_agent::config::LogFormat::Human,
+            connector_log_days: 14,
+        };
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        lumos_agent::telemetry::init_with_writer(
+            &log,
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(null)),
+            false,
+        );
+    }
     // The agent's own runtime settings, shared by every subject (the baselines too).
     let runtime = two_worker_runtime();
     // The bench runs as a task on the runtime's two workers, like the agent and the fake cloud:
@@ -325,7 +346,7 @@ fn median(values: &mut [f64]) -> f64 {
 /// Options (any order, after `--`): a number of calls; `rounds=N` (default 5) runs at
 /// concurrency 64; `throughput-only` skips the relay, `in-process-only` the worker runs,
 /// `baseline-only` everything after the baselines, `agent-only` the baselines, `c64-only` the
-/// runs at concurrency 1 (the last three for profiling).
+/// runs at concurrency 1 (the last three for profiling); `no-log` installs no log subscriber.
 ///
 /// Every subject (the bare client, the reference, the agent in-process and in a worker) is
 /// started first; then each round runs each of them at concurrency 64 in turn. A subject's
