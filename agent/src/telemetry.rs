@@ -129,7 +129,7 @@ pub const AGENT_LOG_FILES_KEPT: usize = 14;
 /// The agent's own log file in `dir`, for where no journal takes its lines (the Windows
 /// service): `agent.<YYYY-MM-DD>.log`, a new one each day (UTC), the oldest removed beyond
 /// [`AGENT_LOG_FILES_KEPT`] at start and at each new day. A single file grew for as long as
-/// the service ran, a line per call.
+/// the service ran (by a line per call, when calls were logged at `info`).
 pub fn daily_log_file(
     dir: &std::path::Path,
 ) -> Result<tracing_appender::rolling::RollingFileAppender, String> {
