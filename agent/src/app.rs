@@ -326,6 +326,7 @@ impl RunningAgent {
         let connector_log_days = tokio::sync::watch::Sender::new(config.log.connector_log_days);
         let api_auth = Arc::new(crate::auth::ApiAuth::new(&token, &config.api));
         let starting = crate::api::StartProgress::new(reconciler.clone());
+        let call_summary = call_summary_log(metrics.clone(), draining.clone());
         let api_state = Arc::new(ApiState {
             dispatcher,
             metrics,
@@ -419,6 +420,7 @@ impl RunningAgent {
             "tunnel",
             crate::tunnel::supervise(tunnel_parts, first_tunnel, agent.cloud_settings.subscribe()),
         );
+        agent.supervise("call-summary", call_summary);
         agent.supervise(
             "connector-log-retention",
             connector_log_retention(
@@ -782,6 +784,32 @@ pub fn stage_dev_connectors(config: &Config) -> std::io::Result<Vec<String>> {
     Ok(staged)
 }
 
+/// How often the log sums up the calls (they are not logged one by one at `info`).
+const CALL_SUMMARY_INTERVAL: Duration = Duration::from_secs(15 * 60);
+
+/// Logs, every [`CALL_SUMMARY_INTERVAL`], how many calls were answered and how many failed by
+/// error code (nothing for a period without calls), until the agent drains: the journal shows
+/// the agent at work without a line per call, which cost a fifth of the tunnel's throughput.
+async fn call_summary_log(metrics: Arc<Metrics>, draining: CancellationToken) {
+    let mut every = tokio::time::interval(CALL_SUMMARY_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: it only takes the starting totals.
+    every.tick().await;
+    let mut before = metrics.call_totals();
+    loop {
+        tokio::select! {
+            () = draining.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let now = metrics.call_totals();
+        let period = format!("{} min", CALL_SUMMARY_INTERVAL.as_secs() / 60);
+        if let Some(line) = crate::metrics::call_summary(&before, &now, &period) {
+            tracing::info!("{line}");
+        }
+        before = now;
+    }
+}
+
 /// How often old connector log files are looked for.
 const LOG_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -840,6 +868,62 @@ async fn connector_log_retention(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    /// A log kept in memory, for one test's thread.
+    #[derive(Clone, Default)]
+    struct MemoryLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for MemoryLog {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl MemoryLog {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    /// Calls are not logged one by one at `info`; every period the log sums them up, and says
+    /// nothing of a period without calls.
+    #[tokio::test(start_paused = true)]
+    async fn the_log_sums_up_each_periods_calls() {
+        let log = MemoryLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let metrics = Arc::new(Metrics::new());
+        // Counted before the task starts: not part of its first period.
+        metrics.record_call("a", "x", "answered", Duration::from_millis(1));
+        let draining = CancellationToken::new();
+        let task = tokio::spawn(call_summary_log(metrics.clone(), draining.clone()));
+        tokio::task::yield_now().await;
+        for outcome in ["answered", "answered", "timeout"] {
+            metrics.record_call("a", "x", outcome, Duration::from_millis(1));
+        }
+        tokio::time::sleep(CALL_SUMMARY_INTERVAL + Duration::from_secs(1)).await;
+        let summaries = |text: &str| text.matches("calls in the last 15 min").count();
+        assert!(
+            log.text()
+                .contains("calls in the last 15 min: 2 answered, 1 failed (timeout 1)"),
+            "{}",
+            log.text()
+        );
+        // A quiet period: no line.
+        tokio::time::sleep(CALL_SUMMARY_INTERVAL).await;
+        assert_eq!(summaries(&log.text()), 1, "{}", log.text());
+        draining.cancel();
+        task.await.unwrap();
+    }
 
     /// A supervised task that fails while a reload waits for a connector's `info` (up to
     /// `plugins.info_timeout_secs`) stops the agent at once, naming the task. (The control loop

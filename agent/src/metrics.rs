@@ -330,6 +330,54 @@ impl Metrics {
     }
 }
 
+/// Calls counted so far, by outcome (`answered` or an agent error code), over every connector
+/// and capability.
+pub type CallTotals = std::collections::BTreeMap<&'static str, u64>;
+
+impl Metrics {
+    /// Every call counted since start, by outcome.
+    pub fn call_totals(&self) -> CallTotals {
+        let mut totals = CallTotals::new();
+        for capabilities in read(&self.capability_calls).values() {
+            for calls in capabilities.values() {
+                for (outcome, counter) in read(&calls.outcomes).iter() {
+                    *totals.entry(outcome).or_default() += counter.get();
+                }
+            }
+        }
+        totals
+    }
+}
+
+/// The log's summary of the calls between two [`Metrics::call_totals`]: "calls in the last
+/// 15 min: 1234 answered, 7 failed (busy 5, timeout 2)". `None` when there were none.
+pub fn call_summary(before: &CallTotals, now: &CallTotals, period: &str) -> Option<String> {
+    let since =
+        |outcome: &str, total: u64| total.saturating_sub(*before.get(outcome).unwrap_or(&0));
+    let answered = now
+        .get("answered")
+        .map_or(0, |&total| since("answered", total));
+    let failed: Vec<(&str, u64)> = now
+        .iter()
+        .filter(|(outcome, _)| **outcome != "answered")
+        .map(|(outcome, &total)| (*outcome, since(outcome, total)))
+        .filter(|(_, count)| *count > 0)
+        .collect();
+    let failures: u64 = failed.iter().map(|(_, count)| count).sum();
+    if answered == 0 && failures == 0 {
+        return None;
+    }
+    let mut line = format!("calls in the last {period}: {answered} answered");
+    if failures > 0 {
+        let codes: Vec<String> = failed
+            .iter()
+            .map(|(outcome, count)| format!("{outcome} {count}"))
+            .collect();
+        line.push_str(&format!(", {failures} failed ({})", codes.join(", ")));
+    }
+    Some(line)
+}
+
 /// A read guard of a lock whose data stays consistent if a holder panicked (each change is one
 /// insert): metrics keep counting rather than stop.
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -382,6 +430,40 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn the_calls_of_a_period_are_summed_by_outcome_for_the_log() {
+        let metrics = Metrics::new();
+        let start = metrics.call_totals();
+        assert_eq!(call_summary(&start, &metrics.call_totals(), "15 min"), None);
+        for (app, capability, outcome) in [
+            ("a", "x", "answered"),
+            ("a", "y", "answered"),
+            ("b", "x", "timeout"),
+            ("a", "x", "busy"),
+            ("b", "x", "busy"),
+        ] {
+            metrics.record_call(app, capability, outcome, Duration::from_millis(1));
+        }
+        let first = metrics.call_totals();
+        assert_eq!(
+            call_summary(&start, &first, "15 min").as_deref(),
+            Some("calls in the last 15 min: 2 answered, 3 failed (busy 2, timeout 1)")
+        );
+        // The next period counts only its own calls.
+        metrics.record_call("a", "x", "answered", Duration::from_millis(1));
+        assert_eq!(
+            call_summary(&first, &metrics.call_totals(), "15 min").as_deref(),
+            Some("calls in the last 15 min: 1 answered")
+        );
+        // Failures alone are said too.
+        let second = metrics.call_totals();
+        metrics.record_call("c", "z", "unknown_connector", Duration::from_millis(1));
+        assert_eq!(
+            call_summary(&second, &metrics.call_totals(), "15 min").as_deref(),
+            Some("calls in the last 15 min: 0 answered, 1 failed (unknown_connector 1)")
+        );
     }
 
     /// The README's list of metrics is what dashboards and alerts are built from: it names
