@@ -608,3 +608,26 @@ async fn metrics_parse_and_move_as_calls_are_made() {
     }
     agent.shutdown().await;
 }
+
+/// A storm of failing calls (a connector gone, a caller retrying) gets its errors every time,
+/// but the log takes ten lines a minute of an error code, not a line per call: a line per call
+/// would cost CPU when the agent has least to spare, and run into journald's rate limit, which
+/// then drops the agent's other warnings too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_failing_calls_is_logged_ten_lines_a_minute() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(&dirs, "").await;
+    for _ in 0..30 {
+        let (status, body) = agent.call("storm_app", "anything", json!({})).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["error"]["error_code"], "agent.unknown_connector");
+    }
+    let logs = captured_logs();
+    let logged = logs
+        .lines()
+        .filter(|line| line.contains("call failed") && line.contains("app_id=storm_app"))
+        .count();
+    assert_eq!(logged, 10, "{logs}");
+    agent.shutdown().await;
+}

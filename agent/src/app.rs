@@ -310,6 +310,7 @@ impl RunningAgent {
             grace: config.calls.drain_grace,
             status: cloud_status.clone(),
             metrics: metrics.clone(),
+            refused_call_lines: Arc::new(crate::telemetry::LineThrottle::per_minute()),
         };
         // The first settings must work: a bad ca_file stops the start (a reload keeps the old).
         let first_tunnel = match &config.cloud {

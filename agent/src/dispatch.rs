@@ -91,6 +91,9 @@ pub struct Dispatcher {
     config: Arc<SharedConfig>,
     /// Itself, for refreshes that run the connector's `refresh_access_token`.
     me: Weak<Dispatcher>,
+    /// The failed calls' log lines (a broken connector fails every call; the call summary
+    /// has them all).
+    failed_call_lines: crate::telemetry::LineThrottle,
 }
 
 /// The envelope of one call, and the managed credentials it carries (for a reactive refresh).
@@ -140,6 +143,7 @@ impl Dispatcher {
             scratch,
             config,
             me: me.clone(),
+            failed_call_lines: crate::telemetry::LineThrottle::per_minute(),
         })
     }
 
@@ -196,10 +200,15 @@ impl Dispatcher {
                 version = %answer.version, bytes = answer.json.len(), elapsed_ms = elapsed.as_millis() as u64,
                 "call answered"
             ),
-            Err(e) => tracing::warn!(
-                app_id = %req.app_id, capability = %req.capability, tenant_id = %tenant_id,
-                code = e.code.as_str(), elapsed_ms = elapsed.as_millis() as u64, "call failed: {}", e.message
-            ),
+            Err(e) => {
+                if let Some(held_back) = self.failed_call_lines.admit(e.code.as_str()) {
+                    tracing::warn!(
+                        app_id = %req.app_id, capability = %req.capability, tenant_id = %tenant_id,
+                        code = e.code.as_str(), elapsed_ms = elapsed.as_millis() as u64,
+                        "call failed: {}{}", e.message, crate::telemetry::held_back_note(held_back)
+                    );
+                }
+            }
         }
         result
     }

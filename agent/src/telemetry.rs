@@ -112,6 +112,76 @@ pub fn init_with_writer(log: &LogConfig, writer: BoxMakeWriter, colour: bool) {
     }
 }
 
+/// Lets through at most a few lines of a kind (an error code, say) in each window of time and
+/// counts the rest: a storm of failing calls (a broken connector, an overloaded agent) would
+/// otherwise write a line per call, costing CPU when the agent has least to spare and running
+/// into journald's rate limit, which then drops the agent's other warnings too. The periodic
+/// call summary counts every call whatever is let through here.
+#[derive(Debug)]
+pub struct LineThrottle {
+    window: std::time::Duration,
+    burst: u32,
+    kinds: std::sync::Mutex<std::collections::BTreeMap<&'static str, LineWindow>>,
+}
+
+#[derive(Debug)]
+struct LineWindow {
+    started: tokio::time::Instant,
+    let_through: u32,
+    /// Held back since the last line let through.
+    held_back: u64,
+}
+
+impl LineThrottle {
+    /// At most `burst` lines of each kind per `window`.
+    pub const fn new(window: std::time::Duration, burst: u32) -> Self {
+        Self {
+            window,
+            burst,
+            kinds: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// Ten lines a minute of each kind.
+    pub const fn per_minute() -> Self {
+        Self::new(std::time::Duration::from_secs(60), 10)
+    }
+
+    /// Whether a line of `kind` may be written now: `Some(held_back)`, how many lines of the
+    /// kind were held back before this one, or `None`: hold it back.
+    pub fn admit(&self, kind: &'static str) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut kinds = self
+            .kinds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let window = kinds.entry(kind).or_insert(LineWindow {
+            started: now,
+            let_through: 0,
+            held_back: 0,
+        });
+        if now.duration_since(window.started) >= self.window {
+            window.started = now;
+            window.let_through = 0;
+        }
+        if window.let_through >= self.burst {
+            window.held_back += 1;
+            return None;
+        }
+        window.let_through += 1;
+        Some(std::mem::take(&mut window.held_back))
+    }
+}
+
+/// " (and 12 more like it, not logged one by one)" after a line that let others be held back.
+pub fn held_back_note(held_back: u64) -> String {
+    if held_back == 0 {
+        String::new()
+    } else {
+        format!(" (and {held_back} more like it before, not logged one by one)")
+    }
+}
+
 /// Changes the log filter of the running agent.
 pub fn set_filter(level: &str) -> Result<(), String> {
     let filter =
@@ -144,6 +214,26 @@ pub fn daily_log_file(
 
 #[cfg(test)]
 mod tests {
+    /// A storm of lines of one kind is cut to a few per window and counted; the first line
+    /// of the next window says how many were held back; another kind has its own budget.
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_of_lines_is_cut_to_a_few_a_window_and_counted() {
+        let throttle = super::LineThrottle::new(std::time::Duration::from_secs(60), 3);
+        let storm: Vec<Option<u64>> = (0..7).map(|_| throttle.admit("busy")).collect();
+        assert_eq!(storm, [Some(0), Some(0), Some(0), None, None, None, None]);
+        assert_eq!(throttle.admit("timeout"), Some(0));
+        tokio::time::advance(std::time::Duration::from_secs(59)).await;
+        assert_eq!(throttle.admit("busy"), None);
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        assert_eq!(throttle.admit("busy"), Some(5));
+        assert_eq!(throttle.admit("busy"), Some(0));
+        assert_eq!(
+            super::held_back_note(5),
+            " (and 5 more like it before, not logged one by one)"
+        );
+        assert_eq!(super::held_back_note(0), "");
+    }
+
     use super::*;
 
     #[test]

@@ -137,6 +137,8 @@ pub struct TunnelParts {
     pub status: Arc<tokio::sync::watch::Sender<CloudStatus>>,
     /// Connection metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The refused calls' log lines, across streams.
+    pub refused_call_lines: Arc<crate::telemetry::LineThrottle>,
 }
 
 /// Everything one tunnel works with: its settings and connection, and the shared parts.

@@ -447,12 +447,16 @@ impl Session<'_> {
     /// (and acknowledged like any other); the call may be sent again and then run.
     /// `last`: whether the refused chunk was its call's last (later ones are dropped quietly).
     fn refuse(&mut self, call_id: &str, app_id: &str, last: bool, err: CallError) {
-        tracing::warn!(
-            call_id,
-            code = err.code.as_str(),
-            "call refused: {}",
-            err.message
-        );
+        // Refusals come in storms (an overloaded agent refuses every call over its limit).
+        if let Some(held_back) = self.ctx.parts.refused_call_lines.admit(err.code.as_str()) {
+            tracing::warn!(
+                call_id,
+                code = err.code.as_str(),
+                "call refused: {}{}",
+                err.message,
+                crate::telemetry::held_back_note(held_back)
+            );
+        }
         if !last {
             self.refused.insert(call_id);
         }
