@@ -374,6 +374,14 @@ async fn calls_over_the_limit_get_a_retryable_busy() {
     let doc = busy.json();
     assert_eq!(doc["error"]["error_code"], "agent.busy");
     s.ack("third");
+    // Counted among the calls, so an overloaded agent shows in its metrics.
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains(
+            "lumos_agent_calls_total{app_id=\"tester\",capability=\"echo\",outcome=\"busy\"} 1"
+        ),
+        "{metrics}"
+    );
     for i in 0..2 {
         s.cancel(&format!("slow-{i}"));
         s.result(&format!("slow-{i}"), WAIT).await.unwrap();

@@ -147,6 +147,29 @@ impl Dispatcher {
         })
     }
 
+    /// Counts a call refused before it reached a connector (the tunnel's own limit, a bad
+    /// chunk, a stop), with its error code as the outcome, like the calls that fail here: an
+    /// overloaded agent shows in `lumos_agent_calls_total` and the call summary. Only names
+    /// of a loaded connector and its capabilities become labels.
+    pub fn count_refusal(&self, app_id: &str, capability: &str, code: ErrorCode) {
+        let inventory = self.registry.snapshot();
+        let runnable = inventory.resolve(app_id).ok().and_then(|connector| {
+            connector
+                .runnable
+                .as_ref()
+                .map(|r| r.info.capabilities.clone())
+        });
+        let (app_label, capability_label) = match &runnable {
+            Some(capabilities) if capabilities.iter().any(|c| c == capability) => {
+                (app_id, capability)
+            }
+            Some(_) => (app_id, "(unknown)"),
+            None => ("(unknown)", "(unknown)"),
+        };
+        self.metrics
+            .record_call(app_label, capability_label, code.as_str(), Duration::ZERO);
+    }
+
     /// The token broker.
     pub fn broker(&self) -> &Arc<TokenBroker> {
         &self.broker

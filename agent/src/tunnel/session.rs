@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::calls::{Admission, CallTable, Outcome, Queued, StoredResult};
-use super::TunnelContext;
+use super::calls::{Admission, Outcome, Queued, StoredResult};
+use super::{TunnelContext, TunnelParts};
 use crate::config::OperationMode;
 use crate::dispatch::{CallBody, CallRequest};
 use crate::error::{CallError, ErrorCode};
@@ -389,7 +389,7 @@ impl Session<'_> {
                 if self.partials.len() >= self.ctx.cloud.max_concurrent_calls.saturating_mul(2) {
                     return self.refuse(
                         &call_id,
-                        &chunk.app_id,
+                        (&chunk.app_id, &chunk.capability),
                         chunk.last,
                         busy(self.ctx.cloud.max_concurrent_calls),
                     );
@@ -411,7 +411,12 @@ impl Session<'_> {
                         chunk.seq
                     ),
                 );
-                return self.refuse(&call_id, &chunk.app_id, chunk.last, err);
+                return self.refuse(
+                    &call_id,
+                    (&chunk.app_id, &chunk.capability),
+                    chunk.last,
+                    err,
+                );
             }
             Some(mut partial) => {
                 if chunk.seq != partial.next_seq {
@@ -422,7 +427,12 @@ impl Session<'_> {
                             chunk.seq, partial.next_seq
                         ),
                     );
-                    return self.refuse(&call_id, &partial.app_id, chunk.last, err);
+                    return self.refuse(
+                        &call_id,
+                        (&partial.app_id, &partial.capability),
+                        chunk.last,
+                        err,
+                    );
                 }
                 partial.next_seq += 1;
                 partial.payload.extend_from_slice(&chunk.payload);
@@ -434,7 +444,12 @@ impl Session<'_> {
                 ErrorCode::BadRequest,
                 format!("the payload of call {call_id} is over {max_request} bytes (cloud.max_request_bytes)"),
             );
-            return self.refuse(&call_id, &partial.app_id, chunk.last, err);
+            return self.refuse(
+                &call_id,
+                (&partial.app_id, &partial.capability),
+                chunk.last,
+                err,
+            );
         }
         if chunk.last {
             self.start(call_id, partial);
@@ -446,7 +461,8 @@ impl Session<'_> {
     /// Answers a call with an error without running it. The result is stored like any other
     /// (and acknowledged like any other); the call may be sent again and then run.
     /// `last`: whether the refused chunk was its call's last (later ones are dropped quietly).
-    fn refuse(&mut self, call_id: &str, app_id: &str, last: bool, err: CallError) {
+    fn refuse(&mut self, call_id: &str, call: (&str, &str), last: bool, err: CallError) {
+        let (app_id, capability) = call;
         // Refusals come in storms (an overloaded agent refuses every call over its limit).
         if let Some(held_back) = self.ctx.parts.refused_call_lines.admit(err.code.as_str()) {
             tracing::warn!(
@@ -462,7 +478,7 @@ impl Session<'_> {
         }
         self.partials.remove(call_id);
         let app_id = (!app_id.is_empty()).then_some(app_id);
-        store_refusal(&self.ctx.parts.table, call_id, app_id, &err);
+        store_refusal(&self.ctx.parts, call_id, app_id, capability, &err);
     }
 
     fn start(&mut self, call_id: String, partial: Partial) {
@@ -473,7 +489,7 @@ impl Session<'_> {
                 ErrorCode::ShuttingDown,
                 "this agent is shutting down and takes no new calls; send it to another agent of the cluster",
             );
-            return store_refusal(&ctx.parts.table, &call_id, app_id, &err);
+            return store_refusal(&ctx.parts, &call_id, app_id, &partial.capability, &err);
         }
         let token = match ctx
             .parts
@@ -511,9 +527,10 @@ impl Session<'_> {
             }
             Admission::Busy => {
                 return store_refusal(
-                    &ctx.parts.table,
+                    &ctx.parts,
                     &call_id,
                     app_id,
+                    &partial.capability,
                     &busy(ctx.cloud.max_concurrent_calls),
                 )
             }
@@ -655,8 +672,21 @@ fn busy(limit: usize) -> CallError {
     err
 }
 
-fn store_refusal(table: &CallTable, call_id: &str, app_id: Option<&str>, err: &CallError) {
-    if !table.refuse(call_id, ResultBody::from(err.to_json_bytes(app_id))) {
+fn store_refusal(
+    parts: &TunnelParts,
+    call_id: &str,
+    app_id: Option<&str>,
+    capability: &str,
+    err: &CallError,
+) {
+    if parts
+        .table
+        .refuse(call_id, ResultBody::from(err.to_json_bytes(app_id)))
+    {
+        parts
+            .dispatcher
+            .count_refusal(app_id.unwrap_or_default(), capability, err.code);
+    } else {
         tracing::debug!(call_id, "not refused: this id has its own result");
     }
 }
