@@ -152,14 +152,12 @@ impl Dispatcher {
     /// overloaded agent shows in `lumos_agent_calls_total` and the call summary. Only names
     /// of a loaded connector and its capabilities become labels.
     pub fn count_refusal(&self, app_id: &str, capability: &str, code: ErrorCode) {
-        let inventory = self.registry.snapshot();
-        let runnable = inventory.resolve(app_id).ok().and_then(|connector| {
-            connector
-                .runnable
-                .as_ref()
-                .map(|r| r.info.capabilities.clone())
-        });
-        let (app_label, capability_label) = match &runnable {
+        let connector = self.registry.snapshot().resolve(app_id).ok();
+        let capabilities = connector
+            .as_ref()
+            .and_then(|connector| connector.runnable.as_ref())
+            .map(|runnable| &runnable.info.capabilities);
+        let (app_label, capability_label) = match capabilities {
             Some(capabilities) if capabilities.iter().any(|c| c == capability) => {
                 (app_id, capability)
             }
