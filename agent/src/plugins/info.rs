@@ -103,6 +103,8 @@ struct DeclaredCredential<'a> {
     /// The credential's type, the key of its token object (`oauth`, `basic`, …).
     kind: Option<&'a str>,
     optional: bool,
+    /// The fields its token object must have (connector-py's `required`).
+    required: Vec<&'a str>,
 }
 
 impl DeclaredCredential<'_> {
@@ -112,10 +114,36 @@ impl DeclaredCredential<'_> {
             None => format!("{:?}", self.id),
         }
     }
+
+    /// Where `stored` (matched to this one) lacks what the connector reads: its token object,
+    /// or a required field of it. A managed credential gets its `access_token` from the
+    /// agent's token broker, so that one may be missing.
+    fn lacks(&self, app_id: &str, name: &str, stored: &StoredCredential) -> Option<String> {
+        let kind = self.kind?;
+        let Some((_, fields)) = stored.keys.iter().find(|(key, _)| key == kind) else {
+            return Some(format!(
+                "{name} has no {kind:?} object, which {app_id} reads it from"
+            ));
+        };
+        let managed = stored.keys.iter().any(|(key, _)| key == "token_broker");
+        let missing: Vec<&str> = self
+            .required
+            .iter()
+            .copied()
+            .filter(|field| !fields.iter().any(|f| f == field))
+            .filter(|field| !(managed && *field == "access_token"))
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "{name}'s {kind:?} object has no {}, which {app_id} requires",
+                quoted_or_nothing(&missing)
+            )
+        })
+    }
 }
 
 /// The credentials `document` declares: connector-py's shape (`id`, `x-credential-type`,
-/// `x-optional`), or the shorter one of the examples (`id`, `type`, `optional`).
+/// `x-optional`, `required`), or the shorter one of the examples (`id`, `type`, `optional`).
 fn declared_credentials(document: &Value) -> Vec<DeclaredCredential<'_>> {
     let Some(entries) = document.get("credentials_schema").and_then(Value::as_array) else {
         return Vec::new();
@@ -130,41 +158,64 @@ fn declared_credentials(document: &Value) -> Vec<DeclaredCredential<'_>> {
                 // A JSON schema's own `type` ("object") is no credential type.
                 kind: text("x-credential-type").or(text("type").filter(|t| *t != "object")),
                 optional: flag("x-optional").or(flag("optional")).unwrap_or(false),
+                required: entry
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect(),
             })
         })
         .collect()
 }
 
-/// What a tenant holds, without its secrets: the keys of its single `auth` object, or each
-/// item of its `credentials` list with its `id` and keys. Enough to compare with what a
-/// connector declares.
+/// One stored credential without its secrets: its `id`, if it has one, and its keys, each
+/// with the field names of its value when that is an object (`("oauth", ["access_token"])`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct StoredCredential {
+    id: Option<String>,
+    keys: Vec<(String, Vec<String>)>,
+}
+
+/// What a tenant holds, without its secrets: its single `auth` object, or its `credentials`
+/// list, as names only. Enough to compare with what a connector declares.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub enum CredentialShape {
     /// No credentials: calls bring their own.
     #[default]
     None,
-    /// `auth`: its keys (`oauth`, `token_broker`, …).
-    Auth(Vec<String>),
-    /// `credentials`: each item's `id`, if it has one, and its keys.
-    List(Vec<(Option<String>, Vec<String>)>),
+    /// `auth`.
+    Auth(StoredCredential),
+    /// `credentials`.
+    List(Vec<StoredCredential>),
 }
 
 impl CredentialShape {
     /// The shape of parsed `auth` and `credentials` (the list wins, as in a call).
     pub fn of_values(auth: Option<&Value>, credentials: Option<&Value>) -> Self {
-        let keys = |map: &serde_json::Map<String, Value>| map.keys().cloned().collect();
+        let stored = |map: &serde_json::Map<String, Value>| StoredCredential {
+            id: map.get("id").and_then(Value::as_str).map(str::to_owned),
+            keys: map
+                .iter()
+                .map(|(key, value)| {
+                    let fields = value
+                        .as_object()
+                        .map(|inner| inner.keys().cloned().collect())
+                        .unwrap_or_default();
+                    (key.clone(), fields)
+                })
+                .collect(),
+        };
         match (credentials, auth) {
             (Some(Value::Array(items)), _) => Self::List(
                 items
                     .iter()
                     .filter_map(Value::as_object)
-                    .map(|item| {
-                        let id = item.get("id").and_then(Value::as_str).map(str::to_owned);
-                        (id, keys(item))
-                    })
+                    .map(stored)
                     .collect(),
             ),
-            (_, Some(Value::Object(map))) => Self::Auth(keys(map)),
+            (_, Some(Value::Object(map))) => Self::Auth(stored(map)),
             _ => Self::None,
         }
     }
@@ -173,32 +224,35 @@ impl CredentialShape {
     /// in them are not copied out of their (zeroized) texts.
     pub fn of_texts(auth: Option<&str>, credentials: Option<&str>) -> Self {
         type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
-        let keys = |map: &Object<'_>| map.keys().map(|k| k.to_string()).collect();
+        let stored = |map: &Object<'_>| StoredCredential {
+            id: map
+                .get("id")
+                .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok()),
+            keys: map
+                .iter()
+                .map(|(key, raw)| {
+                    let fields = serde_json::from_str::<Object<'_>>(raw.get())
+                        .map(|inner| inner.keys().map(|k| k.to_string()).collect())
+                        .unwrap_or_default();
+                    (key.to_string(), fields)
+                })
+                .collect(),
+        };
         if let Some(Ok(items)) = credentials.map(serde_json::from_str::<Vec<Object<'_>>>) {
-            return Self::List(
-                items
-                    .iter()
-                    .map(|item| {
-                        let id = item
-                            .get("id")
-                            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
-                        (id, keys(item))
-                    })
-                    .collect(),
-            );
+            return Self::List(items.iter().map(stored).collect());
         }
         match auth.map(serde_json::from_str::<Object<'_>>) {
-            Some(Ok(map)) => Self::Auth(keys(&map)),
+            Some(Ok(map)) => Self::Auth(stored(&map)),
             _ => Self::None,
         }
     }
 }
 
 /// Where the credentials of a tenant stored for the connector of `document` do not match
-/// what it declares: one line each, naming ids and types only (a shape holds no value).
-/// Advice for the admin (the tenant is stored either way): a mismatch otherwise shows only
-/// as the connector's error at a call. Nothing when the connector declares nothing, or the
-/// tenant holds no credentials (calls then bring their own).
+/// what it declares: one line each, naming ids, types and field names only (a shape holds no
+/// value). Advice for the admin (the tenant is stored either way): a mismatch otherwise shows
+/// only as the connector's error at a call. Nothing when the connector declares nothing, or
+/// the tenant holds no credentials (calls then bring their own).
 pub fn credential_notes(app_id: &str, document: &Value, stored: &CredentialShape) -> Vec<String> {
     let declared = declared_credentials(document);
     if declared.is_empty() {
@@ -213,8 +267,8 @@ pub fn credential_notes(app_id: &str, document: &Value, stored: &CredentialShape
     match stored {
         CredentialShape::None => {}
         CredentialShape::List(items) => {
-            for (id, keys) in items {
-                let Some(id) = id else {
+            for item in items {
+                let Some(id) = &item.id else {
                     notes.push(format!(
                         "a credential has no \"id\"; {app_id} declares {listed}"
                     ));
@@ -224,39 +278,40 @@ pub fn credential_notes(app_id: &str, document: &Value, stored: &CredentialShape
                     None => notes.push(format!(
                         "credential {id:?} is not one {app_id} declares ({listed})"
                     )),
-                    Some(DeclaredCredential {
-                        kind: Some(kind), ..
-                    }) if !keys.iter().any(|k| k == kind) => notes.push(format!(
-                        "credential {id:?} has no {kind:?} object, which {app_id} reads it from"
-                    )),
-                    Some(_) => {}
+                    Some(declared) => {
+                        notes.extend(declared.lacks(app_id, &format!("credential {id:?}"), item))
+                    }
                 }
             }
-            for missing in declared
-                .iter()
-                .filter(|d| !d.optional && !items.iter().any(|(id, _)| id.as_deref() == Some(d.id)))
-            {
+            for missing in declared.iter().filter(|d| {
+                !d.optional && !items.iter().any(|item| item.id.as_deref() == Some(d.id))
+            }) {
                 notes.push(format!(
                     "{app_id} needs credential {}, which is not stored",
                     missing.describe()
                 ));
             }
         }
-        CredentialShape::Auth(keys) => {
+        CredentialShape::Auth(auth) => {
             let required = declared.iter().filter(|d| !d.optional).count();
             if required > 1 {
                 notes.push(format!(
                     "{app_id} declares {required} credentials ({listed}): store them as a list in \"credentials\" (--credentials-file), each with its id"
                 ));
             }
-            let kinds: Vec<&str> = declared.iter().filter_map(|d| d.kind).collect();
-            let has: Vec<&str> = keys
+            let has: Vec<&str> = auth
+                .keys
                 .iter()
-                .map(String::as_str)
+                .map(|(key, _)| key.as_str())
                 .filter(|key| !matches!(*key, "id" | "token_broker"))
                 .collect();
-            if !kinds.is_empty() && !has.iter().any(|key| kinds.contains(key)) {
-                notes.push(format!(
+            let kinds: Vec<&str> = declared.iter().filter_map(|d| d.kind).collect();
+            match declared
+                .iter()
+                .find(|d| d.kind.is_some_and(|kind| has.contains(&kind)))
+            {
+                Some(declared) => notes.extend(declared.lacks(app_id, "this auth", auth)),
+                None if !kinds.is_empty() => notes.push(format!(
                     "this auth holds {} where {app_id} reads {}",
                     quoted_or_nothing(&has),
                     kinds
@@ -264,7 +319,8 @@ pub fn credential_notes(app_id: &str, document: &Value, stored: &CredentialShape
                         .map(|k| format!("{k:?}"))
                         .collect::<Vec<_>>()
                         .join(" or ")
-                ));
+                )),
+                None => {}
             }
         }
     }
@@ -367,6 +423,27 @@ mod tests {
                 "app needs credential \"demo_oauth\" (oauth), which is not stored",
             ]
         );
+        // A required field of the token object, missing (a typo, say); a managed credential
+        // gets its access token from the agent's broker.
+        let typo = notes(
+            &real,
+            None,
+            Some(json!([{"id": "demo_oauth", "oauth": {"acess_token": "SECRET"}}])),
+        );
+        assert_eq!(
+            typo,
+            ["credential \"demo_oauth\"'s \"oauth\" object has no \"access_token\", which app requires"]
+        );
+        let managed_list = json!([{"id": "demo_oauth", "oauth": {},
+                                   "token_broker": {"refresh_token": "SECRET"}}]);
+        assert!(notes(&real, None, Some(managed_list)).is_empty());
+        let single = json!({"credentials_schema": [{"id": "only", "x-credential-type": "oauth",
+                                                     "required": ["access_token"]}]});
+        assert_eq!(
+            notes(&single, Some(json!({"oauth": {"token": "SECRET"}})), None),
+            ["this auth's \"oauth\" object has no \"access_token\", which app requires"]
+        );
+        assert!(notes(&single, Some(json!({"oauth": token})), None).is_empty());
         // Two required credentials do not fit one auth object.
         let two = json!({"credentials_schema": [
             {"id": "a", "x-credential-type": "oauth"}, {"id": "b", "x-credential-type": "basic"}]});
@@ -381,6 +458,6 @@ mod tests {
         )
         .is_empty());
         assert!(notes(&example, None, None).is_empty());
-        assert!(!format!("{wrong:?}{mixed:?}{single:?}").contains("SECRET"));
+        assert!(!format!("{wrong:?}{mixed:?}{single:?}{typo:?}").contains("SECRET"));
     }
 }
