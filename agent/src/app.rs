@@ -797,13 +797,13 @@ async fn call_summary_log(metrics: Arc<Metrics>, draining: CancellationToken) {
     // The first tick is at once: it only takes the starting totals.
     every.tick().await;
     let mut before = metrics.call_totals();
+    let period = format!("{} min", CALL_SUMMARY_INTERVAL.as_secs() / 60);
     loop {
         tokio::select! {
             () = draining.cancelled() => return,
             _ = every.tick() => {}
         }
         let now = metrics.call_totals();
-        let period = format!("{} min", CALL_SUMMARY_INTERVAL.as_secs() / 60);
         if let Some(line) = crate::metrics::call_summary(&before, &now, &period) {
             tracing::info!("{line}");
         }
@@ -815,8 +815,9 @@ async fn call_summary_log(metrics: Arc<Metrics>, draining: CancellationToken) {
 const LOG_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Removes connector log files nothing has written to for `log.connector_log_days` days, at
-/// start, every hour, and whenever a reload changes the days, until the agent drains. connector-py starts a file per app and day and never removes one: without this, a
-/// busy connector's logs grow until the disk is full.
+/// start, every hour, and whenever a reload changes the days, until the agent drains.
+/// connector-py starts a file per app and day and never removes one: without this, a busy
+/// connector's logs grow until the disk is full.
 async fn connector_log_retention(
     dir: PathBuf,
     mut days_in_force: tokio::sync::watch::Receiver<u32>,

@@ -1023,7 +1023,7 @@ async fn tenants(
                 );
                 return Ok(exit::OK);
             }
-            let tenants = value.as_array().cloned().unwrap_or_default();
+            let tenants = value.as_array().map_or(&[][..], Vec::as_slice);
             if tenants.is_empty() {
                 // On stderr, like the connectors' hint: the listing stays the header alone.
                 tell!(
@@ -1056,7 +1056,7 @@ async fn tenants(
             }
             // Against the connectors loaded now, which may have changed since the tenants were
             // stored. On stderr, so that the table stays the table.
-            for t in value.as_array().into_iter().flatten() {
+            for t in tenants {
                 for note in notes_of(t) {
                     tell!(
                         "note: tenant {}: {note}",

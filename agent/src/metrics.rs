@@ -183,6 +183,19 @@ impl Metrics {
         }
     }
 
+    /// Every call counted since start, by outcome.
+    pub fn call_totals(&self) -> CallTotals {
+        let mut totals = CallTotals::new();
+        for capabilities in read(&self.capability_calls).values() {
+            for calls in capabilities.values() {
+                for (outcome, counter) in read(&calls.outcomes).iter() {
+                    *totals.entry(outcome).or_default() += counter.get();
+                }
+            }
+        }
+        totals
+    }
+
     /// Records a finished call. Callers pass only validated names (a loaded app_id, one of its
     /// capabilities), or `(unknown)`: labels must not be whatever a caller typed.
     pub fn record_call(
@@ -333,21 +346,6 @@ impl Metrics {
 /// Calls counted so far, by outcome (`answered` or an agent error code), over every connector
 /// and capability.
 pub type CallTotals = std::collections::BTreeMap<&'static str, u64>;
-
-impl Metrics {
-    /// Every call counted since start, by outcome.
-    pub fn call_totals(&self) -> CallTotals {
-        let mut totals = CallTotals::new();
-        for capabilities in read(&self.capability_calls).values() {
-            for calls in capabilities.values() {
-                for (outcome, counter) in read(&calls.outcomes).iter() {
-                    *totals.entry(outcome).or_default() += counter.get();
-                }
-            }
-        }
-        totals
-    }
-}
 
 /// The log's summary of the calls between two [`Metrics::call_totals`]: "calls in the last
 /// 15 min: 1234 answered, 7 failed (busy 5, timeout 2)". `None` when there were none.

@@ -42,8 +42,7 @@ impl StatePaths {
             self.store(),
             self.calls(),
             self.outbox(),
-            // The connectors' logs, and on Windows the agent's own.
-            self.root.join("logs"),
+            self.logs(),
         ]
     }
 
@@ -151,9 +150,14 @@ impl StatePaths {
         self.root.join("outbox")
     }
 
+    /// Log files: the connectors' (in `connectors`) and, for the Windows service, the agent's.
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
     /// Connector log files.
     pub fn connector_logs(&self) -> PathBuf {
-        self.root.join("logs").join("connectors")
+        self.logs().join("connectors")
     }
 }
 

@@ -173,7 +173,8 @@ impl LineThrottle {
     }
 }
 
-/// " (and 12 more like it, not logged one by one)" after a line that let others be held back.
+/// " (and 12 more like it before, not logged one by one)", for the line let through after
+/// others were held back; nothing when none were.
 pub fn held_back_note(held_back: u64) -> String {
     if held_back == 0 {
         String::new()
@@ -214,11 +215,13 @@ pub fn daily_log_file(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// A storm of lines of one kind is cut to a few per window and counted; the first line
     /// of the next window says how many were held back; another kind has its own budget.
     #[tokio::test(start_paused = true)]
     async fn a_storm_of_lines_is_cut_to_a_few_a_window_and_counted() {
-        let throttle = super::LineThrottle::new(std::time::Duration::from_secs(60), 3);
+        let throttle = LineThrottle::new(std::time::Duration::from_secs(60), 3);
         let storm: Vec<Option<u64>> = (0..7).map(|_| throttle.admit("busy")).collect();
         assert_eq!(storm, [Some(0), Some(0), Some(0), None, None, None, None]);
         assert_eq!(throttle.admit("timeout"), Some(0));
@@ -228,13 +231,11 @@ mod tests {
         assert_eq!(throttle.admit("busy"), Some(5));
         assert_eq!(throttle.admit("busy"), Some(0));
         assert_eq!(
-            super::held_back_note(5),
+            held_back_note(5),
             " (and 5 more like it before, not logged one by one)"
         );
-        assert_eq!(super::held_back_note(0), "");
+        assert_eq!(held_back_note(0), "");
     }
-
-    use super::*;
 
     #[test]
     fn the_daily_log_file_is_dated_and_the_oldest_are_removed() {

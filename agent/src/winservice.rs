@@ -216,7 +216,7 @@ fn serve(overrides: Overrides, control: mpsc::Receiver<Control>, on_ready: impl 
         Ok(config) => config,
         Err(_) => return exit::CONFIG,
     };
-    let log_dir = config.state_dir.join("logs");
+    let log_dir = crate::state::StatePaths::new(config.state_dir.clone()).logs();
     let log_file = std::fs::create_dir_all(&log_dir)
         .map_err(|e| e.to_string())
         .and_then(|()| crate::telemetry::daily_log_file(&log_dir));
