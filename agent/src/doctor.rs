@@ -208,6 +208,14 @@ fn folders(config: &Config, report: &mut Report<'_>) {
                         state.display()
                     ),
                 ),
+                Ok(_) if !crate::platform::PERMISSIONS_CHECKED => report.line(
+                    Verdict::Ok,
+                    "state folder",
+                    format!(
+                        "{} (writable; its ACLs are not checked: keep it readable by the service and Administrators only)",
+                        state.display()
+                    ),
+                ),
                 Ok(_) if mode.is_some_and(|m| m & 0o077 != 0) => report.line(
                     Verdict::Warn,
                     "state folder",
@@ -215,15 +223,6 @@ fn folders(config: &Config, report: &mut Report<'_>) {
                         "{} is mode {:o}; the agent tightens it to 700 at start",
                         state.display(),
                         mode.unwrap_or_default()
-                    ),
-                ),
-                // No mode (Windows): who may read it is its ACLs', which nothing here checks.
-                Ok(_) if mode.is_none() => report.line(
-                    Verdict::Ok,
-                    "state folder",
-                    format!(
-                        "{} (writable; its ACLs are not checked: keep it readable by the service and Administrators only)",
-                        state.display()
                     ),
                 ),
                 Ok(_) => report.line(
@@ -253,7 +252,7 @@ fn folders(config: &Config, report: &mut Report<'_>) {
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .count()
     });
-    if cfg!(windows) {
+    if !crate::platform::PERMISSIONS_CHECKED {
         // `check_permissions` accepts everything there: saying "only the agent can write it"
         // would be a claim nobody checked.
         report.line(
@@ -717,7 +716,7 @@ async fn cloud_path(cloud: &CloudConfig, report: &mut Report<'_>) {
                 "{} (readable{})",
                 cloud.token_file.display(),
                 // `read_token` refuses a file others may read where a file has a mode.
-                if cfg!(unix) {
+                if crate::platform::PERMISSIONS_CHECKED {
                     ", private"
                 } else {
                     "; its ACLs are not checked"

@@ -42,6 +42,10 @@ impl OpenOptionsExt for std::fs::OpenOptions {
     }
 }
 
+/// Whether the agent checks who may read or write its files: the Unix mode bits. Windows ACLs
+/// are not checked (see above), so whatever says a file is private must ask this first.
+pub const PERMISSIONS_CHECKED: bool = cfg!(unix);
+
 /// What a file that is neither a regular file nor a folder is ("a named pipe (FIFO)", "a
 /// device", …, else "a special file"), to follow "it is" in a message; `None` for those two.
 pub fn not_a_regular_file(meta: &std::fs::Metadata) -> Option<&'static str> {
