@@ -354,6 +354,7 @@ async fn cancel_kills_the_process_group_and_stray_cancels_are_harmless() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_the_limit_get_a_retryable_busy() {
+    captured_logs();
     let (dirs, cloud, agent) = tester_and_cloud("max_concurrent_calls = 2").await;
     let mut s = cloud.next_session(WAIT).await;
     let mut pids = Vec::new();
@@ -381,6 +382,13 @@ async fn calls_over_the_limit_get_a_retryable_busy() {
             "lumos_agent_calls_total{app_id=\"tester\",capability=\"echo\",outcome=\"busy\"} 1"
         ),
         "{metrics}"
+    );
+    // And in the log, so an admin reading it sees why the cloud's calls fail.
+    let logs = captured_logs();
+    assert!(
+        logs.lines().any(|line| line.contains("third")
+            && line.contains("call refused: this agent is running its maximum of 2 calls")),
+        "{logs}"
     );
     for i in 0..2 {
         s.cancel(&format!("slow-{i}"));

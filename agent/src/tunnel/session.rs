@@ -463,16 +463,6 @@ impl Session<'_> {
     /// `last`: whether the refused chunk was its call's last (later ones are dropped quietly).
     fn refuse(&mut self, call_id: &str, call: (&str, &str), last: bool, err: CallError) {
         let (app_id, capability) = call;
-        // Refusals come in storms (an overloaded agent refuses every call over its limit).
-        if let Some(held_back) = self.ctx.parts.refused_call_lines.admit(err.code.as_str()) {
-            tracing::warn!(
-                call_id,
-                code = err.code.as_str(),
-                "call refused: {}{}",
-                err.message,
-                crate::telemetry::held_back_note(held_back)
-            );
-        }
         if !last {
             self.refused.insert(call_id);
         }
@@ -686,6 +676,16 @@ fn store_refusal(
         parts
             .dispatcher
             .count_refusal(app_id.unwrap_or_default(), capability, err.code);
+        // Refusals come in storms (an overloaded agent refuses every call over its limit).
+        if let Some(held_back) = parts.refused_call_lines.admit(err.code.as_str()) {
+            tracing::warn!(
+                call_id,
+                code = err.code.as_str(),
+                "call refused: {}{}",
+                err.message,
+                crate::telemetry::held_back_note(held_back)
+            );
+        }
     } else {
         tracing::debug!(call_id, "not refused: this id has its own result");
     }
