@@ -121,8 +121,8 @@ pub enum Command {
         /// Read the call body from a file (`-` for stdin); use this when it holds secrets.
         #[arg(long, value_name = "FILE")]
         json_file: Option<PathBuf>,
-        /// A deadline shorter than the connector's configured one.
-        #[arg(long)]
+        /// A deadline shorter than the connector's configured one, in seconds (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         timeout_secs: Option<u64>,
     },
     /// Manage agent-held tenants (settings and credentials that never leave this network).
@@ -1081,7 +1081,33 @@ async fn tenants(
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
+
+    /// `--timeout-secs 0` would be no deadline of the caller's at all (the API reads 0 as
+    /// "none given"), the opposite of what it says: refused before anything is sent.
+    #[test]
+    fn a_call_timeout_of_zero_is_refused() {
+        let args = |secs: &'static str| {
+            [
+                "lumos-agent",
+                "call",
+                "app",
+                "cap",
+                "--json",
+                "{}",
+                "--timeout-secs",
+                secs,
+            ]
+        };
+        let err = super::Cli::try_parse_from(args("0"))
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("--timeout-secs")),
+            "{err:?}"
+        );
+        assert!(super::Cli::try_parse_from(args("1")).is_ok());
+    }
 
     /// The README's command-line summary is what an admin reads first: it names every command
     /// the binary has (hidden ones aside) and each of their options, so a new one is not
