@@ -301,7 +301,7 @@ async fn tenants_are_stored_listed_without_secrets_and_deleted() {
     install_plugin(&dirs.plugins(), &example_connector(), "example");
     let agent = TestAgent::start(&dirs, "").await;
     let secret = "SECRET-ACCESS-TOKEN-9f8e";
-    agent
+    let put = agent
         .put_tenant(
             "acme",
             json!({"app_id": "lumos_example", "settings": {"account_id": "a1"},
@@ -321,6 +321,10 @@ async fn tenants_are_stored_listed_without_secrets_and_deleted() {
     }
     let (_, one) = agent.request(Method::GET, "/v1/tenants/acme", None).await;
     assert_eq!(one["credentials"], json!(["oauth"]));
+    // The PUT answered what a GET shows, `credential_status` and `notes` included.
+    assert_eq!(put, one);
+    assert_eq!(one["credential_status"], json!({}), "{one}");
+    assert_eq!(one["notes"], json!([]), "{one}");
 
     // The stored credentials are what the connector receives.
     let (status, body) = agent
@@ -498,6 +502,45 @@ async fn bad_requests_get_clear_errors() {
 
     let (status, _) = agent.request(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // A route served with other methods: 405 naming them (`Allow` too), not a missing page;
+    // nothing is changed by it.
+    for (method, path, allow) in [
+        (Method::PATCH, "/v1/tenants/acme", "GET, PUT, DELETE"),
+        (
+            Method::GET,
+            "/v1/connectors/lumos_example/list_accounts",
+            "POST",
+        ),
+        (Method::POST, "/healthz", "GET"),
+    ] {
+        let req = hyper::Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", agent.base))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        assert_eq!(resp.headers()["allow"], allow, "{method} {path}");
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+        assert_eq!(body["error"]["error_code"], "agent.bad_request", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("does not take {method}; it takes {allow}")),
+            "{body}"
+        );
+    }
+    let (status, _) = agent.request(Method::GET, "/v1/tenants/acme", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the PATCH stored nothing");
     agent.shutdown().await;
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -292,11 +292,7 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                 }
             }
         }
-        _ => agent_error(
-            &CallError::new(ErrorCode::BadRequest, format!("no route {method} {path}")),
-            None,
-            StatusCode::NOT_FOUND,
-        ),
+        _ => no_route(&method, &segments),
     };
     tracing::debug!(%peer, %method, %path, status = response.status().as_u16(), "API request");
     response
@@ -313,7 +309,7 @@ fn starting(state: &ApiState) -> ApiResponse {
 }
 
 /// The least role a `/v1` route needs: reading takes a viewer, a call an operator, changing
-/// tenants an admin. Unknown routes take a viewer (their 404 is no secret).
+/// tenants an admin. Unknown routes take a viewer (their 404 or 405 is no secret).
 fn role_needed(method: &Method, rest: &[&str]) -> Role {
     match (method, rest) {
         (&Method::POST, ["connectors", _, _]) => Role::Operator,
@@ -542,11 +538,48 @@ async fn v1(
                 StatusCode::INTERNAL_SERVER_ERROR,
             ),
         },
-        _ => agent_error(
-            &CallError::new(
+        _ => {
+            let segments: Vec<&str> = std::iter::once("v1").chain(rest.iter().copied()).collect();
+            no_route(method, &segments)
+        }
+    }
+}
+
+/// The methods a path the API serves takes, `None` for a path it does not serve; `segments`
+/// are the path's parts (`["v1", "tenants", "t1"]`). Keep it in step with `handle` and `v1`:
+/// a test holds it to README's table of routes.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        ["healthz"] | ["readyz"] | ["metrics"] => Some("GET"),
+        ["v1", "auth", "token"] => Some("POST, DELETE"),
+        ["v1", "auth", "whoami"]
+        | ["v1", "status"]
+        | ["v1", "connectors"]
+        | ["v1", "connectors", _]
+        | ["v1", "tenants"] => Some("GET"),
+        ["v1", "connectors", _, _] => Some("POST"),
+        ["v1", "tenants", _] => Some("GET, PUT, DELETE"),
+        _ => None,
+    }
+}
+
+/// A request no route answers: 405 with `Allow` for a path served with other methods (a
+/// client's wrong verb is not a missing page), else 404.
+fn no_route(method: &Method, segments: &[&str]) -> ApiResponse {
+    let path = format!("/{}", segments.join("/"));
+    match allowed_methods(segments) {
+        Some(allow) => {
+            let err = CallError::new(
                 ErrorCode::BadRequest,
-                format!("no route {method} /v1/{}", rest.join("/")),
-            ),
+                format!("{path} does not take {method}; it takes {allow}"),
+            );
+            let mut resp = agent_error(&err, None, StatusCode::METHOD_NOT_ALLOWED);
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+            resp
+        }
+        None => agent_error(
+            &CallError::new(ErrorCode::BadRequest, format!("no route {method} {path}")),
             None,
             StatusCode::NOT_FOUND,
         ),
@@ -696,8 +729,6 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
         }
         Some(_) => return bad(format!("\"credentials\" {SHAPE_OF_CREDENTIALS}")),
     }
-    let shape = CredentialShape::of_values(doc.get("auth"), doc.get("credentials"));
-    let notes = tenant_notes(state, &app_id, &shape);
     let auth = secret(doc.remove("auth"));
     let credentials = secret(doc.remove("credentials"));
     let tenant = Tenant {
@@ -716,7 +747,8 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
     ) {
         return bad(format!("a managed credential is misconfigured: {e}"));
     }
-    let view = tenant.view(tenant_id);
+    // Only for a tenant deleted again before its answer is made.
+    let stored_view = tenant.view(tenant_id);
     match store_blocking(state, {
         let tenant_id = tenant_id.to_string();
         move |tenants| tenants.put(&tenant_id, tenant)
@@ -726,10 +758,11 @@ async fn put_tenant(state: &ApiState, req: Request<Incoming>, tenant_id: &str) -
         Ok(()) => {
             // New credentials (a re-consent, say): the broker starts over from them.
             state.dispatcher.broker().forget_tenant(tenant_id);
-            let mut view = view;
-            if let Value::Object(map) = &mut view {
-                map.insert("notes".into(), json!(notes));
-            }
+            // The answer is what a GET shows now: `credential_status` and `notes` too.
+            let view = state
+                .tenants
+                .get(tenant_id)
+                .map_or(stored_view, |stored| tenant_view(state, tenant_id, &stored));
             json_response(StatusCode::OK, &view)
         }
         Err(crate::tenants::TenantStoreError::BadId(id)) => bad(format!(
@@ -848,4 +881,57 @@ fn text(status: StatusCode, body: &'static str) -> ApiResponse {
     let mut resp = Response::new(full(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// README's table of routes (plus the open health and metrics routes named above it) and
+    /// `allowed_methods` agree path by path: a wrong verb's 405 names exactly the documented
+    /// methods.
+    #[test]
+    fn allowed_methods_are_the_documented_routes() {
+        let mut documented: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let rows = crate::readme::table_rows("| route | |");
+        let open = ["GET /healthz", "GET /readyz", "GET /metrics"];
+        let routes = rows
+            .iter()
+            .flat_map(|row| row[0].split(", ").map(|r| r.trim_matches('`').to_string()))
+            .chain(open.iter().map(|r| r.to_string()));
+        for route in routes {
+            let (method, path) = route
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("a route without a method: {route:?}"));
+            documented
+                .entry(path.to_string())
+                .or_default()
+                .insert(method.to_string());
+        }
+        assert!(documented.len() >= 10, "{documented:?}");
+        for (path, methods) in documented {
+            // `{app_id}` and the like stand for one segment.
+            let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+            let allowed: BTreeSet<String> = allowed_methods(&segments)
+                .unwrap_or_else(|| panic!("{path} is documented but not served"))
+                .split(", ")
+                .map(str::to_string)
+                .collect();
+            assert_eq!(allowed, methods, "{path}");
+        }
+        assert_eq!(allowed_methods(&["v1", "tenants", "t", "x"]), None);
+        assert_eq!(allowed_methods(&[""]), None);
+    }
+
+    #[test]
+    fn a_wrong_method_is_405_with_allow_and_an_unknown_path_404() {
+        let resp = no_route(&Method::PATCH, &["v1", "tenants", "t1"]);
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[ALLOW], "GET, PUT, DELETE");
+        let resp = no_route(&Method::GET, &["v1", "nothing"]);
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert!(!resp.headers().contains_key(ALLOW));
+    }
 }
