@@ -502,6 +502,36 @@ async fn bad_requests_get_clear_errors() {
 
     let (status, _) = agent.request(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Names in a path are percent-decoded segment by segment (the CLI encodes each name as
+    // one segment): `%2F` is a slash in a name, not another route.
+    let (status, body) = agent
+        .request(Method::GET, "/v1/connectors/lumos%5Fexample", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["app_id"], "lumos_example", "{body}");
+    let (status, body) = agent
+        .request(Method::DELETE, "/v1/tenants/a%2Fb", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["message"], "no tenant \"a/b\"", "{body}");
+    let (status, body) = agent
+        .request(
+            Method::PUT,
+            "/v1/tenants/a%20b",
+            Some(json!({"app_id": "x"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("tenant id \"a b\" must be"),
+        "{body}"
+    );
+    let (status, body) = agent.request(Method::GET, "/v1/tenants/%FF", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["error_code"], "agent.bad_request", "{body}");
     // A route served with other methods: 405 naming them (`Allow` too), not a missing page;
     // nothing is changed by it.
     for (method, path, allow) in [

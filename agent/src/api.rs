@@ -225,7 +225,20 @@ impl Drop for Answering {
 async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> ApiResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Each segment decoded on its own: `%2F` is a slash inside a name, not a new segment.
+    let decoded: Result<Vec<std::borrow::Cow<'_, str>>, _> = path
+        .trim_matches('/')
+        .split('/')
+        .map(|segment| percent_encoding::percent_decode_str(segment).decode_utf8())
+        .collect();
+    let Ok(decoded) = decoded else {
+        let err = CallError::new(
+            ErrorCode::BadRequest,
+            "the path is not UTF-8 once percent-decoded",
+        );
+        return agent_error(&err, None, StatusCode::BAD_REQUEST);
+    };
+    let segments: Vec<&str> = decoded.iter().map(AsRef::as_ref).collect();
     let response = match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
         // Open like the health checks (the API listens on loopback): metrics hold connector ids

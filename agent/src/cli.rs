@@ -738,7 +738,7 @@ async fn connectors(
     plugins_dir: &Path,
 ) -> Result<u8, ClientError> {
     let path = match app_id {
-        Some(id) => format!("/v1/connectors/{id}"),
+        Some(id) => crate::client::v1_path(&["connectors", id]),
         None => "/v1/connectors".to_string(),
     };
     // Files dropped in whose connectors are not listed yet, with what each load is doing,
@@ -908,7 +908,7 @@ async fn call(
     let (status, answer) = client
         .send(
             Method::POST,
-            &format!("/v1/connectors/{app_id}/{capability}"),
+            &crate::client::v1_path(&["connectors", app_id, capability]),
             Some(payload.to_vec()),
         )
         .await?;
@@ -983,7 +983,7 @@ async fn put_tenant(
     let (status, answer) = client
         .send(
             Method::PUT,
-            &format!("/v1/tenants/{tenant_id}"),
+            &crate::client::v1_path(&["tenants", tenant_id]),
             Some(body.to_vec()),
         )
         .await?;
@@ -1068,7 +1068,11 @@ async fn tenants(
         }
         TenantsCommand::Delete { tenant_id } => {
             let (status, answer) = client
-                .send(Method::DELETE, &format!("/v1/tenants/{tenant_id}"), None)
+                .send(
+                    Method::DELETE,
+                    &crate::client::v1_path(&["tenants", tenant_id]),
+                    None,
+                )
                 .await?;
             if let Some(code) = check_status(status, &answer) {
                 return Ok(code);

@@ -33,6 +33,25 @@ pub enum ClientError {
     },
 }
 
+/// What a name is escaped of in a path segment: all but RFC 3986's unreserved characters.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The API path `/v1/<parts>`, each part percent-encoded as one segment: a name typed on the
+/// command line with a space, a `/` or a `?` in it reaches the agent as that name (which then
+/// says what is wrong with it), not as a broken URL or another route.
+pub fn v1_path(parts: &[&str]) -> String {
+    let mut path = String::from("/v1");
+    for part in parts {
+        path.push('/');
+        path.extend(percent_encoding::utf8_percent_encode(part, SEGMENT));
+    }
+    path
+}
+
 /// A client of one agent's API.
 pub struct ApiClient {
     base: String,
@@ -135,4 +154,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_become_one_path_segment_each() {
+        assert_eq!(super::v1_path(&["tenants"]), "/v1/tenants");
+        assert_eq!(
+            super::v1_path(&["connectors", "lumos_example", "list_accounts"]),
+            "/v1/connectors/lumos_example/list_accounts"
+        );
+        assert_eq!(
+            super::v1_path(&["tenants", "a b/c?d#e%f:g.h-i~j"]),
+            "/v1/tenants/a%20b%2Fc%3Fd%23e%25f%3Ag.h-i~j"
+        );
+        assert_eq!(super::v1_path(&["tenants", "é"]), "/v1/tenants/%C3%A9");
+    }
 }
