@@ -650,7 +650,7 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         Ok(c) => c,
         Err(e) => {
             tell!("lumos-agent: {e}");
-            return exit::UNREACHABLE;
+            return exit::UNAUTHORIZED;
         }
     };
     let result = match command {

@@ -31,6 +31,13 @@ pub enum ClientError {
         /// The OS's words.
         source: std::io::Error,
     },
+    /// The token file holds nothing: sent as it is, the agent's refusal would say only "no
+    /// bearer token".
+    #[error("the API token file {path} is empty (the agent writes <state_dir>/admin.token at first start; `lumos-agent login` saves a user's token)")]
+    EmptyToken {
+        /// The file.
+        path: String,
+    },
 }
 
 /// What a name is escaped of in a path segment: all but RFC 3986's unreserved characters.
@@ -76,7 +83,13 @@ impl ApiClient {
             path: token_file.display().to_string(),
             source,
         })?;
+        let token = Zeroizing::new(token);
         let token = Zeroizing::new(token.trim().to_string());
+        if token.is_empty() {
+            return Err(ClientError::EmptyToken {
+                path: token_file.display().to_string(),
+            });
+        }
         Ok(Self::with_token(listen, Some(token)))
     }
 

@@ -12,7 +12,8 @@ pub const CONFIG: u8 = 3;
 pub const STARTUP: u8 = 4;
 /// The CLI could not reach the agent's API.
 pub const UNREACHABLE: u8 = 5;
-/// The API refused the CLI's token.
+/// The CLI has no token to send (its file is missing, unreadable or empty), or the API
+/// refused it.
 pub const UNAUTHORIZED: u8 = 6;
 /// The agent quit at once on a second stop signal, or the drain grace ran out.
 pub const FORCED_STOP: u8 = 7;

@@ -623,6 +623,33 @@ fn cli_without_a_running_agent_says_so() {
             )),
         "{stderr}"
     );
+    // No token to send: the CLI says so itself, and no request is made.
+    let empty = dir.path().join("empty.token");
+    std::fs::write(&empty, "\n").unwrap();
+    for (file, said) in [
+        (empty.clone(), "is empty"),
+        (
+            dir.path().join("missing.token"),
+            "cannot read the API token",
+        ),
+    ] {
+        let out = agent(
+            dir.path(),
+            &[
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--token-file",
+                file.to_str().unwrap(),
+                "connectors",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(&file.display().to_string()) && stderr.contains(said),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]
@@ -741,6 +768,18 @@ fn dev_run_serves_the_example_connector_to_the_cli() {
     let out = cli(&["call", "lumos_example", "no_such_capability"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stdout).contains("agent.unsupported_capability"));
+    // A name with a space or a slash reaches the agent as that name.
+    for (args, said) in [
+        (&["tenants", "delete", "a b"][..], "no tenant \"a b\""),
+        (
+            &["connectors", "a/b"][..],
+            "no connector with app_id \"a/b\"",
+        ),
+    ] {
+        let out = cli(args);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(said), "{}", text(&out.stderr));
+    }
 
     // A token from another state folder is refused.
     let other = dir.path().join("other");
