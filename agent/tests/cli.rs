@@ -556,7 +556,7 @@ fn a_bad_tenant_is_refused_before_the_token_is_read() {
     // With good input, the missing token is what is told.
     std::fs::write(&auth, r#"{"oauth": {"access_token": "a"}}"#).unwrap();
     let out = put(&["--auth-file", auth.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("cannot read the API token"),
         "{}",
@@ -592,7 +592,7 @@ fn reading_from_the_terminal_says_how_to_end_it() {
         "{stderr}"
     );
     // What was typed was read whole and is JSON: the missing token is what stops it.
-    assert_eq!(status.code(), Some(5), "{stderr}");
+    assert_eq!(status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("cannot read the API token"), "{stderr}");
 }
 
