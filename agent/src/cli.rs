@@ -328,6 +328,9 @@ fn check_config(cli: &Cli) -> u8 {
             say!("config OK ({})", cfg.origin);
             say!("  plugins_dir  {}", cfg.plugins_dir.display());
             say!("  state_dir    {}", cfg.state_dir.display());
+            if let Some(note) = cfg.relative_paths_note() {
+                say!("  warning: {note}");
+            }
             say!("  api.listen   {}", cfg.api.listen);
             if !cfg.api.listen.ip().is_loopback() {
                 say!("  warning: {}", crate::api::BEYOND_LOOPBACK);

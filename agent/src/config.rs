@@ -73,6 +73,31 @@ pub struct Config {
     pub cloud: Option<CloudConfig>,
     /// `[oauth]`: how the token broker reaches authorization servers.
     pub oauth: OAuthConfig,
+    /// Paths a config file or the environment gave relative (`plugins_dir = "plugins"`), as
+    /// written there: they were taken from the working folder, which for a service is not
+    /// the folder an admin runs `check-config` in. See [`Config::relative_paths_note`].
+    pub relative_paths: Vec<String>,
+}
+
+impl Config {
+    /// What to tell of [`Config::relative_paths`], `None` when there are none: the folder
+    /// they were taken from, and that a service manager starts the agent in another one.
+    pub fn relative_paths_note(&self) -> Option<String> {
+        if self.relative_paths.is_empty() {
+            return None;
+        }
+        let cwd = std::env::current_dir()
+            .map_or_else(|_| "?".to_string(), |cwd| cwd.display().to_string());
+        let one = self.relative_paths.len() == 1;
+        Some(format!(
+            "{} {} relative, taken from the working folder ({cwd}); a service manager starts \
+             the agent in a folder of its own (systemd: /, a Windows service: System32), where \
+             {} something else: write absolute paths",
+            self.relative_paths.join(", "),
+            if one { "is" } else { "are" },
+            if one { "it names" } else { "they name" },
+        ))
+    }
 }
 
 /// How an agent prefers to be used within its cluster (`Hello.operation_mode`).
@@ -597,6 +622,7 @@ pub fn load_with_env(
     };
     let validator = Validator {
         issues: Vec::new(),
+        relative: Vec::new(),
         file: file.map(|f| absolute(f).display().to_string()),
         fallback: if overrides.dev {
             "the embedded --dev default"
@@ -610,6 +636,8 @@ pub fn load_with_env(
 /// Walks the merged table once, collecting every problem instead of stopping at the first.
 struct Validator {
     issues: Vec<ConfigIssue>,
+    /// [`Config::relative_paths`].
+    relative: Vec<String>,
     /// The config file's full path (the config crate records only what it was given).
     file: Option<String>,
     /// Values with no origin come from here.
@@ -950,6 +978,7 @@ impl Validator {
                 connectors,
                 cloud,
                 oauth,
+                relative_paths: self.relative,
             })
         } else {
             Err(ConfigError::Invalid(self.issues))
@@ -1029,6 +1058,10 @@ impl Validator {
         if text.is_empty() {
             self.issue(key, origin.as_deref(), "must not be empty");
             return None;
+        }
+        // A value without an origin is the embedded --dev default's, relative by design.
+        if origin.is_some() && !std::path::Path::new(&text).is_absolute() {
+            self.relative.push(format!("{key} = {text:?}"));
         }
         Some(PathBuf::from(text))
     }
@@ -2332,6 +2365,47 @@ mod tests {
         // `..` is left alone: through a symlink it need not be the folder above.
         assert_eq!(absolute("link/../x".into()), cwd.join("link/../x"));
         assert_eq!(absolute("/etc/./x".into()), PathBuf::from("/etc/./x"));
+    }
+
+    /// Relative paths from a file or the environment are listed for a warning (a service
+    /// starts elsewhere); the command line's and the --dev default's are not.
+    #[test]
+    fn relative_paths_from_a_file_or_the_environment_are_told() {
+        let (dir, path) = file("plugins_dir = \"plugins\"\n[plugins]\nlock_file = \"/etc/lock\"\n");
+        let env = [("LUMOS_AGENT_STATE_DIR".to_string(), "state".to_string())];
+        let cfg = load_file(&path, &env).unwrap();
+        assert_eq!(
+            cfg.relative_paths,
+            ["state_dir = \"state\"", "plugins_dir = \"plugins\""]
+        );
+        let note = cfg.relative_paths_note().unwrap();
+        assert!(
+            note.starts_with("state_dir = \"state\", plugins_dir = \"plugins\" are relative"),
+            "{note}"
+        );
+        assert!(note.ends_with("write absolute paths"), "{note}");
+
+        let cfg = load_with_env(
+            &Overrides {
+                config_file: Some(path),
+                plugins_dir: Some("from-the-cli".into()),
+                state_dir: Some(dir.path().join("state")),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap();
+        assert!(cfg.relative_paths.is_empty(), "{:?}", cfg.relative_paths);
+        assert_eq!(cfg.relative_paths_note(), None);
+        let dev = load_with_env(
+            &Overrides {
+                dev: true,
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap();
+        assert!(dev.relative_paths.is_empty(), "{:?}", dev.relative_paths);
     }
 
     /// The config crate keeps no origin for a table: a key missing from one the file

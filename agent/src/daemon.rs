@@ -38,6 +38,9 @@ pub async fn serve(
     control_in: mpsc::Receiver<Control>,
     on_ready: impl FnOnce(),
 ) -> u8 {
+    if let Some(note) = config.relative_paths_note() {
+        tracing::warn!("{note}");
+    }
     if overrides.dev {
         match stage_dev_connectors(&config) {
             Ok(staged) if !staged.is_empty() => tracing::info!(

@@ -113,6 +113,9 @@ pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
     let config = match config::load(overrides) {
         Ok(config) => {
             report.line(Verdict::Ok, "config", config.origin.to_string());
+            if let Some(note) = config.relative_paths_note() {
+                report.line(Verdict::Warn, "config paths", note);
+            }
             config
         }
         Err(e) => {
