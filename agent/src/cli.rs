@@ -799,15 +799,15 @@ async fn connectors(
             .unwrap_or_default();
         let detail = match row["reason"].as_str() {
             Some(reason) => format!("{}: {reason}", file.unwrap_or_default()),
-            None => row["capabilities"]
-                .as_array()
-                .map(|c| {
-                    c.iter()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default(),
+            None => match row["capabilities"].as_array() {
+                Some(c) if !c.is_empty() => c
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                // Served, but nothing can be called: say so rather than leave it blank.
+                _ => "(no capabilities)".to_string(),
+            },
         };
         say!(
             "{:<28} {:<10} {:<11} {:<10} {detail}",

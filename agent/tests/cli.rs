@@ -900,6 +900,18 @@ fn a_connector_still_loading_is_shown_with_what_its_load_does() {
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::copy(example_built(), plugins.join("example")).unwrap();
+    // Served, with nothing to call: its row says so instead of being blank.
+    let nothing = plugins.join("nothing");
+    std::fs::write(
+        &nothing,
+        "#!/bin/sh\necho '{\"response\": {\"app_id\": \"does_nothing\", \"version\": \"1.0.0\", \"capabilities\": []}}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &nothing,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let _child = agent_run(dir.path(), &listen)
         .env("LUMOS_AGENT_PLUGINS__INFO_TIMEOUT_SECS", "600")
@@ -933,6 +945,11 @@ fn a_connector_still_loading_is_shown_with_what_its_load_does() {
         table.lines().any(|l| l.starts_with("lumos_example ")),
         "{table}"
     );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("does_nothing "))
+        .unwrap_or_else(|| panic!("no row for does_nothing:\n{table}"));
+    assert!(row.ends_with(" ready      (no capabilities)"), "{row}");
     let out = cli(&["doctor"]);
     let report = text(&out.stdout);
     assert!(

@@ -64,14 +64,18 @@ pub fn parse(stdout: &[u8]) -> Result<ConnectorInfo, String> {
     let capabilities = match response.get("capabilities") {
         Some(Value::Array(items)) => items
             .iter()
-            .map(|item| match item {
-                Value::String(name) => Some(name.clone()),
+            .enumerate()
+            .map(|(at, item)| match item {
+                Value::String(name) => Ok(name.clone()),
                 // Some SDK versions describe capabilities as objects.
-                Value::Object(o) => o.get("name").and_then(Value::as_str).map(str::to_owned),
-                _ => None,
+                Value::Object(o) => o
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| not_a_name(at, item)),
+                _ => Err(not_a_name(at, item)),
             })
-            .collect::<Option<Vec<_>>>()
-            .ok_or("`info` capabilities must be names")?,
+            .collect::<Result<Vec<_>, _>>()?,
         Some(Value::Object(map)) => map.keys().cloned().collect(),
         _ => return Err("`info` response has no \"capabilities\" list".into()),
     };
@@ -86,6 +90,23 @@ pub fn parse(stdout: &[u8]) -> Result<ConnectorInfo, String> {
         capabilities,
         document: Arc::new(response.clone()),
     })
+}
+
+/// Which item of `info`'s capabilities list is no name, and what it is instead (cut short:
+/// it is the connector's text, not the agent's).
+fn not_a_name(at: usize, item: &Value) -> String {
+    let mut shown = item.to_string();
+    if shown.len() > 60 {
+        let cut = (0..=57)
+            .rev()
+            .find(|&i| shown.is_char_boundary(i))
+            .unwrap_or(0);
+        shown.truncate(cut);
+        shown.push('…');
+    }
+    format!(
+        "`info` capabilities[{at}] is {shown}, not a name (a string, or an object with a \"name\" string)"
+    )
 }
 
 /// Capability names become a process argument: only `lower_snake_case` is accepted, so a name
@@ -340,6 +361,23 @@ mod tests {
         )
         .unwrap_err()
         .contains("lower_snake_case"));
+        // The item that is no name is pointed at, shown cut short.
+        let long = "x".repeat(100);
+        let doc = format!(
+            r#"{{"response": {{"app_id": "a", "version": "1", "capabilities": ["ok", {{"title": "{long}"}}]}}}}"#
+        );
+        let err = parse(doc.as_bytes()).unwrap_err();
+        assert!(
+            err.starts_with("`info` capabilities[1] is {\"title\":\"xxx"),
+            "{err}"
+        );
+        assert!(err.contains("…, not a name"), "{err}");
+        assert!(!err.contains(&long), "{err}");
+        assert_eq!(
+            parse(br#"{"response": {"app_id": "a", "version": "1", "capabilities": [7]}}"#)
+                .unwrap_err(),
+            "`info` capabilities[0] is 7, not a name (a string, or an object with a \"name\" string)"
+        );
         assert!(
             parse(br#"{"is_error": true, "error": {"message": "boom"}}"#)
                 .unwrap_err()
