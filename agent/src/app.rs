@@ -145,6 +145,8 @@ pub struct RunningAgent {
     calls: Arc<crate::tunnel::calls::CallTable>,
     outbox_dir: PathBuf,
     cloud: tokio::sync::watch::Receiver<crate::tunnel::CloudStatus>,
+    /// The latest period's call summary, for the service manager's status line.
+    call_summary: tokio::sync::watch::Receiver<Option<String>>,
     /// The `[cloud]` settings in force; a reload that changes them replaces the tunnel.
     cloud_settings: tokio::sync::watch::Sender<Option<crate::config::CloudConfig>>,
     /// `log.connector_log_days` in force; a reload that changes it makes the retention task
@@ -327,7 +329,8 @@ impl RunningAgent {
         let connector_log_days = tokio::sync::watch::Sender::new(config.log.connector_log_days);
         let api_auth = Arc::new(crate::auth::ApiAuth::new(&token, &config.api));
         let starting = crate::api::StartProgress::new(reconciler.clone());
-        let call_summary = call_summary_log(metrics.clone(), draining.clone());
+        let (summary_tx, call_summary_rx) = tokio::sync::watch::channel(None);
+        let call_summary = call_summary_log(metrics.clone(), draining.clone(), summary_tx);
         let api_state = Arc::new(ApiState {
             dispatcher,
             metrics,
@@ -342,6 +345,7 @@ impl RunningAgent {
         });
         let agent = Self {
             cloud: cloud_status.subscribe(),
+            call_summary: call_summary_rx,
             cloud_settings,
             connector_log_days,
             _state_lock: state_lock,
@@ -431,6 +435,16 @@ impl RunningAgent {
             ),
         );
         Ok(agent)
+    }
+
+    /// What the service manager's status line is made of, each part kept current by its owner.
+    fn status_sources(&self) -> crate::service::StatusSources {
+        crate::service::StatusSources {
+            registry: self.registry.clone(),
+            cloud: self.cloud.clone(),
+            calls: self.call_summary.clone(),
+            api: self.api_addr,
+        }
     }
 
     /// Runs a long-lived task; if it panics or returns before shutdown, the agent stops in order.
@@ -651,9 +665,7 @@ impl RunningAgent {
     async fn serve(self, mut control: mpsc::Receiver<Control>) -> Result<Stopped, TaskFailed> {
         let notifier_stop = self.draining.child_token();
         tokio::spawn(crate::service::run_notifier(
-            self.registry.clone(),
-            self.cloud.clone(),
-            self.api_addr,
+            self.status_sources(),
             notifier_stop,
         ));
         loop {
@@ -665,11 +677,7 @@ impl RunningAgent {
                             let interrupted = self.reload_unless_stopped(&mut control).await;
                             // The status line again: a slow reload's "reloading: …" may be
                             // the last one sent.
-                            crate::service::reloaded(&crate::service::status_line(
-                                &self.registry.snapshot(),
-                                *self.cloud.borrow(),
-                                self.api_addr,
-                            ));
+                            crate::service::reloaded(&self.status_sources().line());
                             interrupted
                         }
                         other => StopRequest::of(other),
@@ -791,7 +799,12 @@ const CALL_SUMMARY_INTERVAL: Duration = Duration::from_secs(15 * 60);
 /// Logs, every [`CALL_SUMMARY_INTERVAL`], how many calls were answered and how many failed by
 /// error code (nothing for a period without calls), until the agent drains: the journal shows
 /// the agent at work without a line per call, which cost a fifth of the tunnel's throughput.
-async fn call_summary_log(metrics: Arc<Metrics>, draining: CancellationToken) {
+/// `latest` gets each period's line (`None` for a quiet one) for the service manager's status.
+async fn call_summary_log(
+    metrics: Arc<Metrics>,
+    draining: CancellationToken,
+    latest: tokio::sync::watch::Sender<Option<String>>,
+) {
     let mut every = tokio::time::interval(CALL_SUMMARY_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is at once: it only takes the starting totals.
@@ -804,9 +817,11 @@ async fn call_summary_log(metrics: Arc<Metrics>, draining: CancellationToken) {
             _ = every.tick() => {}
         }
         let now = metrics.call_totals();
-        if let Some(line) = crate::metrics::call_summary(&before, &now, &period) {
+        let line = crate::metrics::call_summary(&before, &now, &period);
+        if let Some(line) = &line {
             tracing::info!("{line}");
         }
+        latest.send_replace(line);
         before = now;
     }
 }
@@ -907,7 +922,8 @@ mod tests {
         // Counted before the task starts: not part of its first period.
         metrics.record_call("a", "x", "answered", Duration::from_millis(1));
         let draining = CancellationToken::new();
-        let task = tokio::spawn(call_summary_log(metrics.clone(), draining.clone()));
+        let (latest, summary) = tokio::sync::watch::channel(None);
+        let task = tokio::spawn(call_summary_log(metrics.clone(), draining.clone(), latest));
         tokio::task::yield_now().await;
         for outcome in ["answered", "answered", "timeout"] {
             metrics.record_call("a", "x", outcome, Duration::from_millis(1));
@@ -920,9 +936,15 @@ mod tests {
             "{}",
             log.text()
         );
-        // A quiet period: no line.
+        // The same line for the service manager's status.
+        assert_eq!(
+            summary.borrow().as_deref(),
+            Some("calls in the last 15 min: 2 answered, 1 failed (timeout 1)")
+        );
+        // A quiet period: no line, and the status line says nothing of calls.
         tokio::time::sleep(CALL_SUMMARY_INTERVAL).await;
         assert_eq!(summaries(&log.text()), 1, "{}", log.text());
+        assert_eq!(*summary.borrow(), None);
         draining.cancel();
         task.await.unwrap();
     }

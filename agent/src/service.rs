@@ -1,8 +1,9 @@
 //! Service-manager integration: systemd's notify protocol for `Type=notify` units.
 //!
 //! `READY=1` once the plugins are loaded and the API listens; `STATUS=` lines an admin sees in
-//! `systemctl status` ("3 connectors ready, 1 rejected; API on 127.0.0.1:7878"), updated on every
-//! inventory change; `WATCHDOG=1` pings at half the unit's `WatchdogSec`; `RELOADING=1` and
+//! `systemctl status` ("3 connectors ready, 1 rejected; cloud connected; API on 127.0.0.1:7878;
+//! calls in the last 15 min: …"), updated on every inventory, tunnel or call-summary change;
+//! `WATCHDOG=1` pings at half the unit's `WatchdogSec`; `RELOADING=1` and
 //! `STOPPING=1` around reloads and drains. A start or reload that waits on slow connectors
 //! says so every few seconds (`EXTEND_TIMEOUT_USEC=` with a `STATUS=` of what it waits for),
 //! and the drain asks for its grace: systemd's `TimeoutStartSec=` (90 s by default) and the
@@ -92,8 +93,39 @@ fn watchdog_period() -> Option<std::time::Duration> {
     }
 }
 
-/// The `STATUS=` line: "3 connectors ready, 1 rejected; cloud connected; API on 127.0.0.1:7878".
-pub fn status_line(inventory: &Inventory, cloud: CloudStatus, api: SocketAddr) -> String {
+/// What the `STATUS=` line is made of, each part kept current by its owner.
+#[derive(Clone, Debug)]
+pub struct StatusSources {
+    /// The connectors.
+    pub registry: Arc<PluginRegistry>,
+    /// The tunnel's state.
+    pub cloud: watch::Receiver<CloudStatus>,
+    /// The last period's call summary ("calls in the last 15 min: …"), `None` for a quiet
+    /// period or before the first one ends.
+    pub calls: watch::Receiver<Option<String>>,
+    /// Where the local API listens.
+    pub api: SocketAddr,
+}
+
+impl StatusSources {
+    /// The status line now (marking every part seen, so the notifier waits for the next
+    /// change of each).
+    pub fn line(&mut self) -> String {
+        let cloud = *self.cloud.borrow_and_update();
+        let calls = self.calls.borrow_and_update().clone();
+        status_line(&self.registry.snapshot(), cloud, self.api, calls.as_deref())
+    }
+}
+
+/// The `STATUS=` line: "3 connectors ready, 1 rejected; cloud connected; API on
+/// 127.0.0.1:7878; calls in the last 15 min: 1234 answered, 7 failed (busy 5, timeout 2)",
+/// what `systemctl status` shows first.
+pub fn status_line(
+    inventory: &Inventory,
+    cloud: CloudStatus,
+    api: SocketAddr,
+    calls: Option<&str>,
+) -> String {
     let ready = inventory.ready_count();
     let rejected = inventory
         .connectors
@@ -114,25 +146,17 @@ pub fn status_line(inventory: &Inventory, cloud: CloudStatus, api: SocketAddr) -
         CloudStatus::Standalone => "standalone (no cloud configured)".to_string(),
         other => format!("cloud {}", other.as_str()),
     };
-    format!("{ready} {noun} ready{rejected}; {cloud}; API on {api}")
+    let calls = calls.map(|line| format!("; {line}")).unwrap_or_default();
+    format!("{ready} {noun} ready{rejected}; {cloud}; API on {api}{calls}")
 }
 
 /// Tells the service manager the agent is ready, then keeps its status line current (on every
-/// inventory or tunnel change) and pings its watchdog until `stop`.
-pub async fn run_notifier(
-    registry: Arc<PluginRegistry>,
-    mut cloud: watch::Receiver<CloudStatus>,
-    api: SocketAddr,
-    stop: CancellationToken,
-) {
+/// inventory, tunnel or call-summary change) and pings its watchdog until `stop`.
+pub async fn run_notifier(mut sources: StatusSources, stop: CancellationToken) {
     send(&[NotifyState::Ready]);
-    let mut inventory = registry.subscribe();
-    let line = |inventory: &mut watch::Receiver<Arc<Inventory>>,
-                cloud: &mut watch::Receiver<CloudStatus>| {
-        let cloud = *cloud.borrow_and_update();
-        status_line(&inventory.borrow_and_update(), cloud, api)
-    };
-    let status = line(&mut inventory, &mut cloud);
+    let mut inventory = sources.registry.subscribe();
+    inventory.mark_unchanged();
+    let status = sources.line();
     send(&[NotifyState::Status(&status)]);
     tracing::info!("ready: {status}");
     let watchdog = watchdog_period();
@@ -144,10 +168,14 @@ pub async fn run_notifier(
                 if changed.is_err() {
                     break;
                 }
-                send(&[NotifyState::Status(&line(&mut inventory, &mut cloud))]);
+                inventory.mark_unchanged();
+                send(&[NotifyState::Status(&sources.line())]);
             }
-            Ok(()) = cloud.changed() => {
-                send(&[NotifyState::Status(&line(&mut inventory, &mut cloud))]);
+            Ok(()) = sources.cloud.changed() => {
+                send(&[NotifyState::Status(&sources.line())]);
+            }
+            Ok(()) = sources.calls.changed() => {
+                send(&[NotifyState::Status(&sources.line())]);
             }
             _ = async { match ping.as_mut() { Some(p) => p.tick().await, None => std::future::pending().await } } => {
                 send(&[NotifyState::Watchdog]);
@@ -210,4 +238,30 @@ pub fn stopping(in_flight_grace: Duration) {
         NotifyState::Status(&status),
         NotifyState::ExtendTimeout(in_flight_grace.saturating_add(STOP_MARGIN)),
     ]);
+}
+
+#[cfg(test)]
+mod tests {
+    /// The status line `systemctl status` shows: the connectors, the cloud, the API, and the
+    /// last period's calls when there were any.
+    #[test]
+    fn the_status_line_tells_the_last_periods_calls_when_there_were_any() {
+        let inventory = crate::plugins::Inventory::default();
+        let api = "127.0.0.1:7878".parse().unwrap();
+        let standalone = crate::tunnel::CloudStatus::Standalone;
+        assert_eq!(
+            super::status_line(&inventory, standalone, api, None),
+            "0 connectors ready; standalone (no cloud configured); API on 127.0.0.1:7878"
+        );
+        assert_eq!(
+            super::status_line(
+                &inventory,
+                standalone,
+                api,
+                Some("calls in the last 15 min: 3 answered")
+            ),
+            "0 connectors ready; standalone (no cloud configured); API on 127.0.0.1:7878; \
+             calls in the last 15 min: 3 answered"
+        );
+    }
 }
