@@ -535,13 +535,13 @@ async fn bad_requests_get_clear_errors() {
     // A route served with other methods: 405 naming them (`Allow` too), not a missing page;
     // nothing is changed by it.
     for (method, path, allow) in [
-        (Method::PATCH, "/v1/tenants/acme", "GET, PUT, DELETE"),
+        (Method::PATCH, "/v1/tenants/acme", "GET, HEAD, PUT, DELETE"),
         (
             Method::GET,
             "/v1/connectors/lumos_example/list_accounts",
             "POST",
         ),
-        (Method::POST, "/healthz", "GET"),
+        (Method::POST, "/healthz", "GET, HEAD"),
     ] {
         let req = hyper::Request::builder()
             .method(method.clone())
@@ -571,6 +571,23 @@ async fn bad_requests_get_clear_errors() {
     }
     let (status, _) = agent.request(Method::GET, "/v1/tenants/acme", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "the PATCH stored nothing");
+    // HEAD is answered as GET, without the body.
+    for (path, expected) in [
+        ("/healthz", StatusCode::OK),
+        ("/v1/status", StatusCode::OK),
+        ("/v1/tenants/acme", StatusCode::NOT_FOUND),
+    ] {
+        let req = hyper::Request::head(format!("{}{path}", agent.base))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), expected, "HEAD {path}");
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        assert!(body.to_bytes().is_empty(), "HEAD {path}");
+    }
     agent.shutdown().await;
 }
 

@@ -224,7 +224,14 @@ impl Drop for Answering {
 
 async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> ApiResponse {
     let path = req.uri().path().to_string();
-    let method = req.method().clone();
+    let asked = req.method().clone();
+    // HEAD is answered as GET (hyper sends the headers only): monitors that probe with HEAD
+    // get the status a GET would.
+    let method = if asked == Method::HEAD {
+        Method::GET
+    } else {
+        asked.clone()
+    };
     // Each segment decoded on its own: `%2F` is a slash inside a name, not a new segment.
     let decoded: Result<Vec<std::borrow::Cow<'_, str>>, _> = path
         .trim_matches('/')
@@ -305,9 +312,9 @@ async fn handle(state: &ApiState, req: Request<Incoming>, peer: SocketAddr) -> A
                 }
             }
         }
-        _ => no_route(&method, &segments),
+        _ => no_route(&asked, &segments),
     };
-    tracing::debug!(%peer, %method, %path, status = response.status().as_u16(), "API request");
+    tracing::debug!(%peer, method = %asked, %path, status = response.status().as_u16(), "API request");
     response
 }
 
@@ -558,20 +565,21 @@ async fn v1(
     }
 }
 
-/// The methods a path the API serves takes, `None` for a path it does not serve; `segments`
+/// The methods a path the API serves takes (HEAD wherever GET), `None` for a path it does not
+/// serve; `segments`
 /// are the path's parts (`["v1", "tenants", "t1"]`). Keep it in step with `handle` and `v1`:
 /// a test holds it to README's table of routes.
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        ["healthz"] | ["readyz"] | ["metrics"] => Some("GET"),
+        ["healthz"] | ["readyz"] | ["metrics"] => Some("GET, HEAD"),
         ["v1", "auth", "token"] => Some("POST, DELETE"),
         ["v1", "auth", "whoami"]
         | ["v1", "status"]
         | ["v1", "connectors"]
         | ["v1", "connectors", _]
-        | ["v1", "tenants"] => Some("GET"),
+        | ["v1", "tenants"] => Some("GET, HEAD"),
         ["v1", "connectors", _, _] => Some("POST"),
-        ["v1", "tenants", _] => Some("GET, PUT, DELETE"),
+        ["v1", "tenants", _] => Some("GET, HEAD, PUT, DELETE"),
         _ => None,
     }
 }
@@ -918,10 +926,11 @@ mod tests {
             let (method, path) = route
                 .split_once(' ')
                 .unwrap_or_else(|| panic!("a route without a method: {route:?}"));
-            documented
-                .entry(path.to_string())
-                .or_default()
-                .insert(method.to_string());
+            let methods = documented.entry(path.to_string()).or_default();
+            methods.insert(method.to_string());
+            if method == "GET" {
+                methods.insert("HEAD".to_string());
+            }
         }
         assert!(documented.len() >= 10, "{documented:?}");
         for (path, methods) in documented {
@@ -942,7 +951,7 @@ mod tests {
     fn a_wrong_method_is_405_with_allow_and_an_unknown_path_404() {
         let resp = no_route(&Method::PATCH, &["v1", "tenants", "t1"]);
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(resp.headers()[ALLOW], "GET, PUT, DELETE");
+        assert_eq!(resp.headers()[ALLOW], "GET, HEAD, PUT, DELETE");
         let resp = no_route(&Method::GET, &["v1", "nothing"]);
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         assert!(!resp.headers().contains_key(ALLOW));
