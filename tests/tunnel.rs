@@ -1389,7 +1389,7 @@ async fn the_fake_cloud_binary_serves_a_call_typed_on_its_stdin() {
         .write_all(b"call tester echo \"\" {\"auth\":{\"oauth\":{\"access_token\":\"t\"}}}\n")
         .await
         .unwrap();
-    while next_line().await != "sending cli-1…" {}
+    while !next_line().await.starts_with("sending cli-1…") {}
     let header = next_line().await;
     assert!(
         header.starts_with("cli-1: connector answered, "),
@@ -1400,6 +1400,36 @@ async fn the_fake_cloud_binary_serves_a_call_typed_on_its_stdin() {
         answer["response"]["auth"]["oauth"]["access_token"], "t",
         "{answer}"
     );
+
+    // A slow call does not hold up the prompt: it can be cancelled while it runs.
+    let pid_file = dirs.root.path().join("slow.pid");
+    let envelope = json!({"request": {"secs": 3600, "pid_file": pid_file}});
+    stdin
+        .write_all(format!("call tester sleep - {envelope}\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        next_line().await,
+        "sending cli-2… (`cancel cli-2` stops it)"
+    );
+    let pid = pid_in(&pid_file).await;
+    stdin
+        .write_all(b"cancel cli-9\ncancel cli-2\n")
+        .await
+        .unwrap();
+    assert_eq!(next_line().await, "no call cli-9 is waiting for its result");
+    assert_eq!(
+        next_line().await,
+        "cancel sent for cli-2; its result follows"
+    );
+    let header = next_line().await;
+    assert!(header.starts_with("cli-2: agent error, "), "{header}");
+    let answer: Value = serde_json::from_str(&next_line().await).unwrap();
+    assert_eq!(answer["error"]["error_code"], "agent.cancelled", "{answer}");
+    eventually(WAIT, "the cancelled connector to be gone", move || {
+        !process_alive(pid)
+    })
+    .await;
 
     // The reader goes away; the next line it would print ends it, with success.
     drop(stdout);

@@ -8,9 +8,10 @@
 //! It prints the `[cloud]` section to give the agent, writes the agent token file, then reads
 //! commands on stdin:
 //!
-//! - `call <app_id> <capability> [tenant_id] [json envelope]` — runs a call, prints its result
-//!   (and acknowledges it); `""` or `-` as the tenant is none;
-//! - `cancel <call_id>`;
+//! - `call <app_id> <capability> [tenant_id] [json envelope]` — sends a call; its result is
+//!   printed (and acknowledged) when it arrives, and more commands may be typed meanwhile;
+//!   `""` or `-` as the tenant is none;
+//! - `cancel <call_id>` — stops a call still waiting for its result;
 //! - `inventory` — prints the agent's last inventory;
 //! - `quit`.
 #![forbid(unsafe_code)]
@@ -120,6 +121,8 @@ async fn main() -> std::process::ExitCode {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut session = None;
     let mut next_call = 1u64;
+    // Calls sent and not answered yet (a result may come on a later session).
+    let mut pending = std::collections::BTreeSet::new();
     loop {
         if session.is_none() {
             tokio::select! {
@@ -161,7 +164,14 @@ async fn main() -> std::process::ExitCode {
                             None => say!("no inventory received yet"),
                         }
                     }
-                    ["cancel", call_id] => s.cancel(call_id),
+                    ["cancel", call_id] => {
+                        if pending.contains(*call_id) {
+                            s.cancel(call_id);
+                            say!("cancel sent for {call_id}; its result follows");
+                        } else {
+                            say!("no call {call_id} is waiting for its result");
+                        }
+                    }
                     ["call", app_id, capability, rest @ ..] => {
                         // `""` (as the README types it) or `-` is no tenant.
                         let tenant = match rest.first().copied() {
@@ -175,25 +185,36 @@ async fn main() -> std::process::ExitCode {
                         };
                         let call_id = format!("cli-{next_call}");
                         next_call += 1;
-                        say!("sending {call_id}…");
+                        say!("sending {call_id}… (`cancel {call_id}` stops it)");
                         s.call(&call_id, app_id, capability, tenant, &payload);
-                        match s.result(&call_id, Duration::from_secs(3600)).await {
-                            Some(result) => {
-                                s.ack(&call_id);
-                                let kind = if result.status == 1 { "connector answered" } else { "agent error" };
-                                say!("{call_id}: {kind}, {} bytes in {} chunk(s):", result.data.len(), result.chunks);
-                                say!("{}", String::from_utf8_lossy(&result.data));
-                            }
-                            None => { say!("the stream ended before the result; waiting for the agent to reconnect"); session = None; }
-                        }
+                        pending.insert(call_id);
                     }
                     _ => say!("commands: call <app_id> <capability> [tenant_id] [json envelope] | cancel <call_id> | inventory | quit"),
                 }
             }
             msg = s.recv(Duration::from_secs(3600)) => match msg {
-                None => { say!("the agent's stream ended; waiting for it to reconnect"); session = None; }
-                Some(m) => if let Some(agent_message::Message::Draining(d)) = m.message {
-                    say!("the agent is draining ({} call(s) in flight, grace {} ms)", d.in_flight, d.grace_ms);
+                None => {
+                    say!("the agent's stream ended; waiting for it to reconnect");
+                    if !pending.is_empty() {
+                        // The agent keeps results until they are acknowledged and sends them
+                        // on its next stream, where they are printed as they come.
+                        let ids: Vec<&str> = pending.iter().map(String::as_str).collect();
+                        say!("no result yet for {}; the agent sends it on its next stream", ids.join(", "));
+                    }
+                    session = None;
+                }
+                Some(m) => {
+                    if let Some(agent_message::Message::Draining(d)) = &m.message {
+                        say!("the agent is draining ({} call(s) in flight, grace {} ms)", d.in_flight, d.grace_ms);
+                    }
+                    for (call_id, result) in s.take_results() {
+                        s.ack(&call_id);
+                        pending.remove(&call_id);
+                        let kind = if result.status == 1 { "connector answered" } else { "agent error" };
+                        say!("{call_id}: {kind}, {} bytes in {} chunk(s):", result.data.len(), result.chunks);
+                        // Without the connector's own line end: one blank line is not output.
+                        say!("{}", String::from_utf8_lossy(&result.data).trim_end());
+                    }
                 }
             },
         }
