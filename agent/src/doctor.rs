@@ -578,6 +578,15 @@ async fn agent(config: &Config, report: &mut Report<'_>) {
         let version = row["version"].as_str().unwrap_or("-");
         let kind = row["kind"].as_str().unwrap_or("-");
         match row["status"].as_str() {
+            Some("ready") if row["capabilities"].as_array().is_some_and(Vec::is_empty) => {
+                report.line(
+                    Verdict::Warn,
+                    "connector",
+                    format!(
+                        "{name} {version} ({kind}, {file}): ready, but its `info` lists no capabilities: nothing can be called"
+                    ),
+                );
+            }
             Some("ready") => report.line(
                 Verdict::Ok,
                 "connector",

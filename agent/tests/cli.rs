@@ -956,6 +956,12 @@ fn a_connector_still_loading_is_shown_with_what_its_load_does() {
         report.contains("hangs: still loading (waiting for its `info`, "),
         "{report}"
     );
+    assert!(
+        report.contains(
+            "WARN  connector      does_nothing 1.0.0 (executable, nothing): ready, but its `info` lists no capabilities"
+        ),
+        "{report}"
+    );
     let token = std::fs::read_to_string(state.join("admin.token")).unwrap();
     let mut stream = std::net::TcpStream::connect(&listen).unwrap();
     write!(
