@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use hyper::{Method, StatusCode};
+use lumos_agent::app::Control;
 use lumos_agent_integration::*;
 use serde_json::json;
 
@@ -239,6 +240,91 @@ async fn a_users_role_decides_each_route_and_a_reload_ends_a_demoted_users_sessi
         .request_with(Method::GET, "/v1/status", None, Some(&vic))
         .await;
     assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}
+
+/// `api.admin_token = false`: the admin token's file is removed and the token refused, at a
+/// start or a reload, while users log in as before; turned on again, a new token is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_can_be_turned_off_and_on_again() {
+    let dirs = TestDirs::new();
+    let hash = lumos_agent::auth::hash_password(b"ann-pw").unwrap();
+    let config = |admin_token: bool| {
+        format!(
+            "[api]\nadmin_token = {admin_token}\n\
+             [api.users.ann]\npassword_hash = \"{hash}\"\nrole = \"admin\"\n"
+        )
+    };
+    let token_file = dirs.state().join("admin.token");
+    let agent = TestAgent::start(&dirs, &config(true)).await;
+    let first = agent.token.clone();
+    assert!(!first.is_empty());
+    let status_with = |token: String| {
+        let agent = &agent;
+        async move {
+            agent
+                .request_with(Method::GET, "/v1/status", None, Some(&token))
+                .await
+                .0
+        }
+    };
+    assert_eq!(status_with(first.clone()).await, StatusCode::OK);
+
+    TestAgent::write_config(&dirs, &dirs.plugins(), &config(false));
+    agent.control.send(Control::Reload).await.unwrap();
+    eventually_ok(
+        std::time::Duration::from_secs(30),
+        "the reload to refuse the admin token",
+        || async {
+            match status_with(first.clone()).await {
+                StatusCode::UNAUTHORIZED => Ok(()),
+                status => Err(status),
+            }
+        },
+    )
+    .await;
+    assert!(!token_file.exists(), "the refused token's file is removed");
+    let (status, body) = agent
+        .request_with(
+            Method::POST,
+            "/v1/auth/token",
+            Some(json!({"username": "ann", "password": "ann-pw"})),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let ann: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let ann = ann["token"].as_str().unwrap().to_string();
+    assert_eq!(status_with(ann.clone()).await, StatusCode::OK);
+
+    // On again: a new token, in a new file; the old one stays refused.
+    TestAgent::write_config(&dirs, &dirs.plugins(), &config(true));
+    agent.control.send(Control::Reload).await.unwrap();
+    let second = eventually_ok(
+        std::time::Duration::from_secs(30),
+        "the reload to write a new admin token",
+        || async {
+            let token = std::fs::read_to_string(&token_file).map_err(|e| e.to_string())?;
+            match status_with(token.trim().to_string()).await {
+                StatusCode::OK => Ok(token.trim().to_string()),
+                status => Err(status.to_string()),
+            }
+        },
+    )
+    .await;
+    assert_ne!(second, first);
+    assert_eq!(status_with(first.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status_with(ann).await, StatusCode::OK);
+    agent.shutdown().await;
+
+    // Off from the start: a file left from before is removed, its token refused.
+    let agent = TestAgent::start(&dirs, &config(false)).await;
+    assert!(agent.token.is_empty());
+    assert!(!token_file.exists());
+    let (status, _) = agent
+        .request_with(Method::GET, "/v1/status", None, Some(&second))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     agent.shutdown().await;
 }
 

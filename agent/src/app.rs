@@ -18,7 +18,7 @@ use crate::exec::ScratchDir;
 use crate::metrics::Metrics;
 use crate::plugins::reload::{watch_loop, Reconciler, Scan, WatchSettings};
 use crate::plugins::{PluginLoader, PluginRegistry};
-use crate::state::{ensure_admin_token, StatePaths};
+use crate::state::{admin_token_in_force, StatePaths};
 use crate::tenants::{TenantStore, TenantStoreError};
 
 /// What the outside world (signals, a service manager, a test) asks of the agent.
@@ -206,7 +206,8 @@ impl RunningAgent {
             }
             Err(e) => return Err(state_err(e)),
         };
-        let token = ensure_admin_token(&state.admin_token()).map_err(state_err)?;
+        let token = admin_token_in_force(&state.admin_token(), config.api.admin_token)
+            .map_err(state_err)?;
         let scratch = ScratchDir::create(state.calls()).map_err(state_err)?;
         let store_key = crate::tenants::StoreKey::load_or_create(&state)?;
         let tenants = Arc::new(TenantStore::open(
@@ -327,7 +328,7 @@ impl RunningAgent {
         };
         let cloud_settings = tokio::sync::watch::Sender::new(config.cloud.clone());
         let connector_log_days = tokio::sync::watch::Sender::new(config.log.connector_log_days);
-        let api_auth = Arc::new(crate::auth::ApiAuth::new(&token, &config.api));
+        let api_auth = Arc::new(crate::auth::ApiAuth::new(token.as_deref(), &config.api));
         let starting = crate::api::StartProgress::new(reconciler.clone());
         let (summary_tx, call_summary_rx) = tokio::sync::watch::channel(None);
         let call_summary = call_summary_log(metrics.clone(), draining.clone(), summary_tx);
@@ -371,7 +372,11 @@ impl RunningAgent {
             "api",
             api::serve(listener, api_state, draining.clone(), tracker.clone()),
         );
-        tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
+        if token.is_some() {
+            tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
+        } else {
+            tracing::info!(%api_addr, "local API listening; no admin token (api.admin_token = false): users log in");
+        }
 
         tracing::info!(dir = %config.plugins_dir.display(), "scanning the plugins folder");
         // At start every file is loaded, however recently it was written.
@@ -608,6 +613,21 @@ impl RunningAgent {
             self.api_auth.configure(&new.api);
             applied.push("api.users, api.ldap and api.token_ttl_secs");
         }
+        let mut admin_token = old.api.admin_token;
+        if new.api.admin_token != old.api.admin_token {
+            match admin_token_in_force(&self.admin_token_path, new.api.admin_token) {
+                Ok(token) => {
+                    self.api_auth.set_admin_token(token.as_deref());
+                    admin_token = new.api.admin_token;
+                    applied.push("api.admin_token");
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    path = %self.admin_token_path.display(),
+                    "api.admin_token changed, but its file cannot be changed; the admin token stays as it was"
+                ),
+            }
+        }
         if new.cloud != old.cloud {
             // The tunnel supervisor reconnects with them; results not yet acknowledged are
             // kept and sent on the new stream.
@@ -622,6 +642,7 @@ impl RunningAgent {
         kept.api.users = new.api.users;
         kept.api.token_ttl = new.api.token_ttl;
         kept.api.ldap = new.api.ldap;
+        kept.api.admin_token = admin_token;
         kept.plugins_dir = new.plugins_dir;
         kept.calls = new.calls;
         kept.connectors = new.connectors;

@@ -392,28 +392,12 @@ fn check_config(cli: &Cli) -> u8 {
     }
 }
 
-/// Where `login` saves the token for the agent at `listen` (one per address, so that logins
-/// to two agents do not replace each other).
-fn saved_token_path(listen: std::net::SocketAddr) -> Option<PathBuf> {
-    let dirs = directories::ProjectDirs::from("com", "Lumos", "lumos-agent")?;
-    let address = listen.to_string().replace([':', '[', ']'], "_");
-    Some(dirs.config_dir().join(format!("api-token-{address}")))
-}
-
 /// Where `login` saves its token and `logout` finds it: `--token-file`, else the file for
 /// this agent's address.
 fn login_token_path(cli: &Cli, config: &Config) -> Option<PathBuf> {
     cli.token_file
         .clone()
-        .or_else(|| saved_token_path(config.api.listen))
-}
-
-/// The token file the client commands use: `--token-file`, else a saved login, else the
-/// agent's admin token.
-fn token_file_for(cli: &Cli, config: &Config) -> PathBuf {
-    login_token_path(cli, config)
-        .filter(|path| cli.token_file.is_some() || path.exists())
-        .unwrap_or_else(|| StatePaths::new(config.state_dir.clone()).admin_token())
+        .or_else(|| crate::client::saved_token_path(config.api.listen))
 }
 
 /// A password from `file` (`-`: stdin; its first line), or asked for on the terminal
@@ -648,8 +632,9 @@ async fn client_command(cli: &Cli, config: &Config, command: &Command) -> u8 {
         Ok(body) => body,
         Err(code) => return code,
     };
-    let token_file = token_file_for(cli, config);
-    let client = match ApiClient::new(config.api.listen, &token_file) {
+    let client = match crate::client::token_file(cli.token_file.as_deref(), config)
+        .and_then(|token_file| ApiClient::new(config.api.listen, &token_file))
+    {
         Ok(c) => c,
         Err(e) => {
             tell!("lumos-agent: {e}");

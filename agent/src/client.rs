@@ -31,6 +31,9 @@ pub enum ClientError {
         /// The OS's words.
         source: std::io::Error,
     },
+    /// No token file was given, no login saved, and the agent takes no admin token.
+    #[error("this agent takes no admin token (api.admin_token = false): log in first (`lumos-agent login --user NAME`), or give --token-file")]
+    NoAdminToken,
     /// The token file holds nothing: sent as it is, the agent's refusal would say only "no
     /// bearer token".
     #[error("the API token file {path} is empty (the agent writes <state_dir>/admin.token at first start; `lumos-agent login` saves a user's token)")]
@@ -57,6 +60,33 @@ pub fn v1_path(parts: &[&str]) -> String {
         path.extend(percent_encoding::utf8_percent_encode(part, SEGMENT));
     }
     path
+}
+
+/// Where `login` saves the token for the agent at `listen` (one per address, so that logins
+/// to two agents do not replace each other).
+pub fn saved_token_path(listen: SocketAddr) -> Option<std::path::PathBuf> {
+    let dirs = directories::ProjectDirs::from("com", "Lumos", "lumos-agent")?;
+    let address = listen.to_string().replace([':', '[', ']'], "_");
+    Some(dirs.config_dir().join(format!("api-token-{address}")))
+}
+
+/// The token file the client commands and `doctor` send: `explicit` (`--token-file`), else
+/// a saved login, else the agent's admin token, unless `api.admin_token = false`.
+pub fn token_file(
+    explicit: Option<&Path>,
+    config: &crate::config::Config,
+) -> Result<std::path::PathBuf, ClientError> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(saved) = saved_token_path(config.api.listen).filter(|path| path.exists()) {
+        return Ok(saved);
+    }
+    if config.api.admin_token {
+        Ok(crate::state::StatePaths::new(config.state_dir.clone()).admin_token())
+    } else {
+        Err(ClientError::NoAdminToken)
+    }
 }
 
 /// A client of one agent's API.

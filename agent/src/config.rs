@@ -250,6 +250,10 @@ pub struct ApiConfig {
     pub users: BTreeMap<String, ApiUser>,
     /// The LDAP auth provider (`[api.ldap]`), for user names not in `users`.
     pub ldap: Option<LdapConfig>,
+    /// `api.admin_token`: whether the agent's own token (`<state_dir>/admin.token`) is
+    /// accepted. `false` leaves only the users' logins (each named in the log), and removes
+    /// the file; it needs `users` or `ldap`.
+    pub admin_token: bool,
 }
 
 /// A directory that checks the passwords of users not in `[api.users]`, and gives them the
@@ -742,7 +746,7 @@ impl Validator {
         let mut api = self.section(
             &mut table,
             "api",
-            &["listen", "token_ttl_secs", "users", "ldap"],
+            &["listen", "token_ttl_secs", "users", "ldap", "admin_token"],
         );
         let mut calls = self.section(
             &mut table,
@@ -854,6 +858,15 @@ impl Validator {
         );
         let users = self.api_users(&mut api);
         let ldap = self.ldap(&mut api);
+        let admin_origin = origin_in(&api, "api.admin_token");
+        let admin_token = self.boolean(&mut api, "api.admin_token").unwrap_or(true);
+        if !admin_token && users.is_empty() && ldap.is_none() {
+            self.issue(
+                "api.admin_token",
+                admin_origin.as_deref(),
+                "false leaves nobody who can use the local API (or the CLI): add [api.users.<name>] or [api.ldap], or keep the admin token",
+            );
+        }
 
         let calls = CallsConfig {
             timeout: Duration::from_secs(
@@ -971,6 +984,7 @@ impl Validator {
                     token_ttl,
                     users,
                     ldap,
+                    admin_token,
                 },
                 calls,
                 plugins,
@@ -2192,6 +2206,8 @@ mod tests {
         ("log", "level = \"warning\"", "log.level"),
         ("api", "listen = \"nowhere\"", "api.listen"),
         ("api", "token_ttl_secs = 0", "api.token_ttl_secs"),
+        // No users to log in as and no admin token: nobody could use the API.
+        ("api", "admin_token = false", "api.admin_token"),
         (
             "plugins",
             "info_timeout_secs = 0",

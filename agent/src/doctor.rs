@@ -463,8 +463,9 @@ fn outbox(config: &Config, report: &mut Report<'_>) {
 
 /// The running agent, through its local API: its status and each connector's.
 async fn agent(config: &Config, report: &mut Report<'_>) {
-    let token = StatePaths::new(config.state_dir.clone()).admin_token();
-    let client = match ApiClient::new(config.api.listen, &token) {
+    let client = match crate::client::token_file(None, config)
+        .and_then(|token| ApiClient::new(config.api.listen, &token))
+    {
         Ok(client) => client,
         Err(e) => {
             report.line(

@@ -236,6 +236,24 @@ pub fn write_atomic_with(
     result
 }
 
+/// The admin token as `api.admin_token` has it: read, or made at first start, when on; when
+/// off, its file is removed (a token the agent refuses is no file to leave to whoever finds
+/// it) and there is none.
+pub fn admin_token_in_force(path: &Path, enabled: bool) -> std::io::Result<Option<String>> {
+    if enabled {
+        return ensure_admin_token(path).map(Some);
+    }
+    match fs::remove_file(path) {
+        Ok(()) => tracing::info!(
+            "removed {}: api.admin_token = false, only the users of [api.users] or [api.ldap] log in",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(None)
+}
+
 /// Reads the admin token, creating a random one (0600) at first start.
 pub fn ensure_admin_token(path: &Path) -> std::io::Result<String> {
     match fs::read_to_string(path) {
@@ -324,6 +342,19 @@ mod tests {
             0
         );
         assert!(remove_files_older_than(&dir.path().join("missing"), day, now).is_err());
+    }
+
+    #[test]
+    fn an_admin_token_turned_off_is_removed_and_turned_on_again_is_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        let first = admin_token_in_force(&path, true).unwrap().unwrap();
+        assert_eq!(admin_token_in_force(&path, false).unwrap(), None);
+        assert!(!path.exists());
+        assert_eq!(admin_token_in_force(&path, false).unwrap(), None);
+        let second = admin_token_in_force(&path, true).unwrap().unwrap();
+        assert_ne!(first, second);
+        assert_eq!(fs::read_to_string(&path).unwrap().trim(), second);
     }
 
     #[cfg(unix)]

@@ -650,6 +650,33 @@ fn cli_without_a_running_agent_says_so() {
             "{stderr}"
         );
     }
+    // An agent that takes no admin token, and no login saved: the CLI asks for one.
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\n[api]\nlisten = \"127.0.0.1:{port}\"\nadmin_token = false\n\
+             [api.users.ann]\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\"\nrole = \"admin\"\n"
+        ),
+    )
+    .unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let out = Command::new(AGENT)
+        .args(["--config", config.to_str().unwrap(), "connectors"])
+        .env("HOME", &home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("LUMOS_AGENT_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "this agent takes no admin token (api.admin_token = false): log in first (`lumos-agent login --user NAME`)"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -472,8 +472,9 @@ impl TestAgent {
         agent.set_config_source(Box::new(move || config::load_with_env(&overrides, &env)));
         let api_addr = agent.api_addr;
         let base = format!("http://{api_addr}");
+        // None with `api.admin_token = false`.
         let token = std::fs::read_to_string(&agent.admin_token_path)
-            .unwrap()
+            .unwrap_or_default()
             .trim()
             .to_string();
         let registry = agent.registry.clone();

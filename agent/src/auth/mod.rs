@@ -450,10 +450,16 @@ struct Session {
     expires_at: SystemTime,
 }
 
+/// A token's SHA-256, as tokens are compared and sessions kept.
+fn digest_of(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
 /// The local API's authentication: the admin token, the provider, and the live sessions.
 pub struct ApiAuth {
-    /// SHA-256 of the admin token: comparing digests keeps the comparison length-independent.
-    admin_digest: [u8; 32],
+    /// SHA-256 of the admin token (comparing digests keeps the comparison length-independent);
+    /// `None` while `api.admin_token = false`.
+    admin_digest: RwLock<Option<[u8; 32]>>,
     provider: RwLock<Arc<UserDirectory>>,
     /// Sessions by the SHA-256 of their token.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
@@ -471,10 +477,11 @@ impl std::fmt::Debug for ApiAuth {
 }
 
 impl ApiAuth {
-    /// Authentication with the agent's admin token and the config's users.
-    pub fn new(admin_token: &str, config: &ApiConfig) -> Self {
+    /// Authentication with the agent's admin token (`None`: not accepted) and the config's
+    /// users.
+    pub fn new(admin_token: Option<&str>, config: &ApiConfig) -> Self {
         Self {
-            admin_digest: Sha256::digest(admin_token.as_bytes()).into(),
+            admin_digest: RwLock::new(admin_token.map(digest_of)),
             provider: RwLock::new(Arc::new(UserDirectory::new(config))),
             sessions: Mutex::default(),
             checks: tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS),
@@ -484,6 +491,14 @@ impl ApiAuth {
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A reload that turns the admin token on (with the token now in its file) or off.
+    pub fn set_admin_token(&self, admin_token: Option<&str>) {
+        *self
+            .admin_digest
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = admin_token.map(digest_of);
     }
 
     /// The provider that checks passwords.
@@ -525,8 +540,12 @@ impl ApiAuth {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(Denied::Missing)?;
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if bool::from(digest.ct_eq(&self.admin_digest)) {
+        let digest = digest_of(token);
+        let admin = *self
+            .admin_digest
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if admin.is_some_and(|admin| bool::from(digest.ct_eq(&admin))) {
             return Ok(Principal {
                 user: "admin.token".into(),
                 role: Role::Admin,
@@ -605,7 +624,7 @@ impl ApiAuth {
             // Ended sessions go as new ones come: the map holds at most a lifetime of logins.
             sessions.retain(|_, s| s.expires > now);
             sessions.insert(
-                Sha256::digest(token.as_bytes()).into(),
+                digest_of(&token),
                 Session {
                     user: user.to_lowercase(),
                     source,
@@ -640,6 +659,7 @@ mod tests {
             listen: ([127, 0, 0, 1], 0).into(),
             token_ttl: ttl,
             ldap: None,
+            admin_token: true,
             users: users
                 .iter()
                 .map(|(name, password, role)| {
@@ -682,7 +702,7 @@ mod tests {
     #[tokio::test]
     async fn a_login_issues_a_token_of_the_users_role_and_the_admin_token_stays_admin() {
         let auth = ApiAuth::new(
-            "the-admin-token",
+            Some("the-admin-token"),
             &config(
                 &[("alice", "pw-a", Role::Operator)],
                 Duration::from_secs(60),
@@ -708,12 +728,34 @@ mod tests {
             auth.check(Some(&bearer(&issued.token))),
             Err(Denied::Unknown)
         );
+
+        // `api.admin_token = false` (at a reload): the admin token is one like any other
+        // unknown token; a user's session is unaffected; on again, it is admin again.
+        let issued = auth.login("alice", b"pw-a").await.unwrap();
+        auth.set_admin_token(None);
+        assert_eq!(
+            auth.check(Some("Bearer the-admin-token")),
+            Err(Denied::Unknown)
+        );
+        assert_eq!(
+            auth.check(Some(&bearer(&issued.token))).unwrap().role,
+            Role::Operator
+        );
+        auth.set_admin_token(Some("a-new-admin-token"));
+        assert_eq!(
+            auth.check(Some("Bearer the-admin-token")),
+            Err(Denied::Unknown)
+        );
+        assert_eq!(
+            auth.check(Some("Bearer a-new-admin-token")).unwrap().role,
+            Role::Admin
+        );
     }
 
     #[tokio::test]
     async fn an_unknown_user_costs_a_password_check_like_a_wrong_password() {
         let auth = ApiAuth::new(
-            "admin",
+            Some("admin"),
             &config(&[("alice", "pw-a", Role::Viewer)], Duration::from_secs(60)),
         );
         let provider = auth.provider();
@@ -805,7 +847,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_logins_shut_the_name_out_before_its_password_is_checked() {
         let auth = ApiAuth::new(
-            "admin",
+            Some("admin"),
             &config(&[("olga", "pw-o", Role::Viewer)], Duration::from_secs(60)),
         );
         let provider = auth.provider();
@@ -844,7 +886,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn tokens_expire_after_their_lifetime() {
         let auth = ApiAuth::new(
-            "admin",
+            Some("admin"),
             &config(&[("bob", "pw-b", Role::Viewer)], Duration::from_secs(600)),
         );
         let issued = auth.login("bob", b"pw-b").await.unwrap();
@@ -862,7 +904,7 @@ mod tests {
     async fn a_reload_ends_the_sessions_of_users_removed_or_given_another_role() {
         let ttl = Duration::from_secs(600);
         let auth = ApiAuth::new(
-            "admin",
+            Some("admin"),
             &config(
                 &[
                     ("keep", "k", Role::Viewer),
