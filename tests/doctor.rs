@@ -242,6 +242,33 @@ async fn users_on_an_api_beyond_loopback_are_warned_of_passwords_in_the_clear() 
     );
 }
 
+/// With `api.admin_token = false`, doctor says so, and without a saved login it cannot use the
+/// local API: it says to log in rather than report a missing file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_an_admin_token_is_told_as_such() {
+    let dirs = TestDirs::new();
+    let hash = lumos_agent::auth::hash_password(b"pw").unwrap();
+    TestAgent::write_config(
+        &dirs,
+        &dirs.plugins(),
+        &format!(
+            "[api]\nlisten = \"127.0.0.1:9\"\nadmin_token = false\n\
+             [api.users.olga]\npassword_hash = \"{hash}\"\nrole = \"admin\"\n"
+        ),
+    );
+    let (_, report) = doctor_says(&overrides(&dirs, None)).await;
+    let users = line(&report, "ok", "api users").expect(&report);
+    assert!(
+        users.ends_with("olga (admin); no [api.ldap]; no admin token (api.admin_token = false)"),
+        "{users}"
+    );
+    let agent = line(&report, "WARN", "agent").expect(&report);
+    assert!(
+        agent.contains("this agent takes no admin token (api.admin_token = false): log in first"),
+        "{agent}"
+    );
+}
+
 /// Output that takes `lines` lines, then fails every write with `kind`, counting the tries.
 struct FailingOutput {
     lines: usize,

@@ -335,6 +335,9 @@ fn check_config(cli: &Cli) -> u8 {
             if !cfg.api.listen.ip().is_loopback() {
                 say!("  warning: {}", crate::api::BEYOND_LOOPBACK);
             }
+            if !cfg.api.admin_token {
+                say!("  admin token  off (api.admin_token = false): users log in");
+            }
             if !cfg.api.users.is_empty() {
                 let users: Vec<String> = cfg
                     .api

@@ -680,18 +680,23 @@ async fn api_users(config: &Config, report: &mut Report<'_>) {
             ),
         );
     }
+    let admin = if config.api.admin_token {
+        "the admin token always works"
+    } else {
+        "no admin token (api.admin_token = false)"
+    };
     let Some(settings) = &config.api.ldap else {
         report.line(
             Verdict::Ok,
             "api users",
-            format!("{listed}; no [api.ldap]; the admin token always works"),
+            format!("{listed}; no [api.ldap]; {admin}"),
         );
         return;
     };
     report.line(
         Verdict::Ok,
         "api users",
-        format!("{listed}; others from [api.ldap]"),
+        format!("{listed}; others from [api.ldap]; {admin}"),
     );
     match crate::auth::ldap::LdapDirectory::new(settings.clone())
         .probe()
@@ -702,7 +707,12 @@ async fn api_users(config: &Config, report: &mut Report<'_>) {
             Verdict::Fail,
             "directory",
             format!(
-                "{e}; directory users cannot log in (built-in users and the admin token still can)"
+                "{e}; directory users cannot log in ({})",
+                if config.api.admin_token {
+                    "built-in users and the admin token still can"
+                } else {
+                    "built-in users still can"
+                }
             ),
         ),
     }
