@@ -560,15 +560,15 @@ async fn v1(
         },
         _ => {
             let segments: Vec<&str> = std::iter::once("v1").chain(rest.iter().copied()).collect();
-            no_route(method, &segments)
+            // The method as asked: `method` is GET for a HEAD.
+            no_route(req.method(), &segments)
         }
     }
 }
 
 /// The methods a path the API serves takes (HEAD wherever GET), `None` for a path it does not
-/// serve; `segments`
-/// are the path's parts (`["v1", "tenants", "t1"]`). Keep it in step with `handle` and `v1`:
-/// a test holds it to README's table of routes.
+/// serve; `segments` are the path's parts (`["v1", "tenants", "t1"]`). Keep it in step with
+/// `handle` and `v1`: a test holds it to README's table of routes.
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
         ["healthz"] | ["readyz"] | ["metrics"] => Some("GET, HEAD"),
