@@ -3,6 +3,7 @@
 //! code says something is wrong.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
+use std::path::Path;
 use std::time::Duration;
 
 use lumos_agent::config::Overrides;
@@ -21,8 +22,12 @@ fn overrides(dirs: &TestDirs, agent: Option<&TestAgent>) -> Overrides {
 }
 
 async fn doctor_says(overrides: &Overrides) -> (u8, String) {
+    doctor_with_token(overrides, None).await
+}
+
+async fn doctor_with_token(overrides: &Overrides, token_file: Option<&Path>) -> (u8, String) {
     let mut out = Vec::new();
-    let code = doctor::run(overrides, &mut out).await;
+    let code = doctor::run(overrides, token_file, &mut out).await;
     (code, String::from_utf8(out).unwrap())
 }
 
@@ -267,6 +272,30 @@ async fn an_agent_without_an_admin_token_is_told_as_such() {
         agent.contains("this agent takes no admin token (api.admin_token = false): log in first"),
         "{agent}"
     );
+
+    // With a user's token (`--token-file`), the running agent is read as with the admin's.
+    let config = std::fs::read_to_string(dirs.root.path().join("agent.toml")).unwrap();
+    let extra = config.split_once("[api]").unwrap().1;
+    let running = TestAgent::start(&dirs, &format!("[api]{extra}")).await;
+    let (status, body) = running
+        .request_with(
+            hyper::Method::POST,
+            "/v1/auth/token",
+            Some(serde_json::json!({"username": "olga", "password": "pw"})),
+            None,
+        )
+        .await;
+    assert_eq!(status, hyper::StatusCode::OK);
+    let token: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let token_file = dirs.root.path().join("olga.token");
+    std::fs::write(&token_file, token["token"].as_str().unwrap()).unwrap();
+    let (_, report) = doctor_with_token(&overrides(&dirs, Some(&running)), Some(&token_file)).await;
+    let agent = line(&report, "ok", "agent").expect(&report);
+    assert!(
+        agent.starts_with("ok    agent          running "),
+        "{agent}"
+    );
+    running.shutdown().await;
 }
 
 /// Output that takes `lines` lines, then fails every write with `kind`, counting the tries.
@@ -323,7 +352,7 @@ async fn a_report_that_cannot_be_written_stops_the_checks() {
         (std::io::ErrorKind::StorageFull, exit::OUTPUT),
     ] {
         let mut out = FailingOutput::new(1, kind);
-        let code = doctor::run(&overrides(&dirs, None), &mut out).await;
+        let code = doctor::run(&overrides(&dirs, None), None, &mut out).await;
         let taken = String::from_utf8(out.taken).unwrap();
         assert_eq!(code, expected, "{kind:?}: {taken}");
         assert!(taken.starts_with("ok    config"), "{kind:?}: {taken}");

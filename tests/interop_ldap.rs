@@ -188,7 +188,7 @@ async fn doctor_report(dirs: &TestDirs, agent: &TestAgent) -> String {
         ..lumos_agent::config::Overrides::default()
     };
     let mut out = Vec::new();
-    lumos_agent::doctor::run(&overrides, &mut out).await;
+    lumos_agent::doctor::run(&overrides, None, &mut out).await;
     String::from_utf8(out).unwrap()
 }
 

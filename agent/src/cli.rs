@@ -258,6 +258,7 @@ pub fn execute(cli: &Cli) -> u8 {
         Command::HashPassword { password_file } => hash_password(password_file.as_deref()),
         Command::Doctor => block_on(crate::doctor::run(
             &cli.overrides(),
+            cli.token_file.as_deref(),
             &mut std::io::stdout().lock(),
         )),
         Command::Service { action } => service(cli, *action),

@@ -103,7 +103,9 @@ impl Report<'_> {
 /// Runs every check, printing to `out`; returns the exit code. When `out` cannot be written,
 /// the checks stop there, as every command's output does: quietly with success when its reader
 /// went away (`doctor | head -3`), else with [`exit::OUTPUT`] and the reason on stderr.
-pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
+/// `token_file` (`--token-file`) is the token the running agent is read with, as the client
+/// commands send it ([`crate::client::token_file`]).
+pub async fn run(overrides: &Overrides, token_file: Option<&Path>, out: &mut dyn Write) -> u8 {
     let mut report = Report {
         out,
         failures: 0,
@@ -142,7 +144,7 @@ pub async fn run(overrides: &Overrides, out: &mut dyn Write) -> u8 {
     stage!(free_space(&config.state_dir, &mut report));
     stage!(tenant_store(&config, &mut report));
     stage!(outbox(&config, &mut report));
-    stage!(agent(&config, &mut report).await);
+    stage!(agent(&config, token_file, &mut report).await);
     stage!(api_users(&config, &mut report).await);
     match &config.cloud {
         None => report.line(
@@ -462,8 +464,8 @@ fn outbox(config: &Config, report: &mut Report<'_>) {
 }
 
 /// The running agent, through its local API: its status and each connector's.
-async fn agent(config: &Config, report: &mut Report<'_>) {
-    let client = match crate::client::token_file(None, config)
+async fn agent(config: &Config, token_file: Option<&Path>, report: &mut Report<'_>) {
+    let client = match crate::client::token_file(token_file, config)
         .and_then(|token| ApiClient::new(config.api.listen, &token))
     {
         Ok(client) => client,
