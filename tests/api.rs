@@ -6,6 +6,8 @@ use lumos_agent::app::Control;
 use lumos_agent_integration::*;
 use serde_json::json;
 
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_v1_route_needs_the_bearer_token() {
     let dirs = TestDirs::new();
@@ -239,6 +241,50 @@ async fn a_users_role_decides_each_route_and_a_reload_ends_a_demoted_users_sessi
     let (status, _) = agent
         .request_with(Method::GET, "/v1/status", None, Some(&vic))
         .await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}
+
+/// `api.max_connections`: connections beyond it wait, unserved, until one closes; so a client
+/// that opens connections without end cannot use up the agent's file descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    let agent = TestAgent::start(&dirs, "[api]\nmax_connections = 2\n").await;
+    // Two connections that never send a request hold both places.
+    let idle: Vec<tokio::net::TcpStream> = futures_util::future::join_all(
+        (0..2).map(|_| tokio::net::TcpStream::connect(agent.api_addr)),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    let waiting = tokio::spawn({
+        let base = agent.base.clone();
+        async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let uri: hyper::Uri = format!("{base}/healthz").parse().unwrap();
+            client.get(uri).await.unwrap().status()
+        }
+    });
+    // Not served while both places are taken (however long this takes, it cannot be served
+    // early unless the limit is broken).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a third connection was served");
+    eventually(WAIT, "the limit to be logged", || {
+        captured_logs().contains(
+            "the local API has 2 connections open (api.max_connections); new ones wait until one closes",
+        )
+    })
+    .await;
+    drop(idle);
+    let status = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("served once a place was free")
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
     agent.shutdown().await;
 }

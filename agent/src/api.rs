@@ -143,14 +143,38 @@ fn result_body(body: crate::output::ResultBody) -> ApiBody {
 }
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish (tracked by
-/// `tracker`).
+/// `tracker`). At most `max_connections` are open at once: the next waits in the listen
+/// backlog until one closes (an idle one closes after `HEADER_READ_TIMEOUT`), so that a client
+/// opening connections without end cannot use up the file descriptors the connectors and the
+/// tunnel need.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,
+    max_connections: usize,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let full_lines = crate::telemetry::LineThrottle::per_minute();
     loop {
+        let slot = match open.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if let Some(held_back) = full_lines.admit("api_full") {
+                    tracing::warn!(
+                        "the local API has {max_connections} connections open (api.max_connections); new ones wait until one closes{}",
+                        crate::telemetry::held_back_note(held_back)
+                    );
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    slot = open.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -166,6 +190,8 @@ pub async fn serve(
         let state = state.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            // Given back when the connection ends.
+            let _slot = slot;
             // Requests of this connection being answered: at shutdown, a connection with none
             // is closed at once, whatever it is sending (half a request's headers would
             // otherwise hold the drain until its grace ran out).

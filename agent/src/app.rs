@@ -370,7 +370,13 @@ impl RunningAgent {
         // what is loading (`agent.starting`) until it has ended.
         agent.supervise(
             "api",
-            api::serve(listener, api_state, draining.clone(), tracker.clone()),
+            api::serve(
+                listener,
+                api_state,
+                config.api.max_connections,
+                draining.clone(),
+                tracker.clone(),
+            ),
         );
         if token.is_some() {
             tracing::info!(%api_addr, "local API listening; admin token in {}", agent.admin_token_path.display());
@@ -585,6 +591,10 @@ impl RunningAgent {
         for (changed, key) in [
             (new.state_dir != old.state_dir, "state_dir"),
             (new.api.listen != old.api.listen, "api.listen"),
+            (
+                new.api.max_connections != old.api.max_connections,
+                "api.max_connections",
+            ),
             (new.log.format != old.log.format, "log.format"),
             (new.oauth != old.oauth, "oauth.ca_file"),
             (new.plugins.watch != old.plugins.watch, "plugins.watch"),

@@ -111,6 +111,10 @@ pub enum OperationMode {
     WritePreferred,
 }
 
+/// `api.max_connections` when not set: far more than the CLI, a scraper and a few scripts
+/// use, far fewer than the file descriptors a service is given.
+pub const DEFAULT_API_CONNECTIONS: usize = 256;
+
 /// `cloud.outbox_memory_bytes` when not set: unacknowledged results kept in memory before
 /// they spill to the state folder.
 pub const DEFAULT_OUTBOX_MEMORY_BYTES: u64 = 64 << 20;
@@ -250,6 +254,10 @@ pub struct ApiConfig {
     pub users: BTreeMap<String, ApiUser>,
     /// The LDAP auth provider (`[api.ldap]`), for user names not in `users`.
     pub ldap: Option<LdapConfig>,
+    /// `api.max_connections`: connections served at once; more wait in the listen backlog, so
+    /// that clients that open many (or never finish a request) cannot use up the agent's
+    /// file descriptors, which its connectors and the tunnel need too.
+    pub max_connections: usize,
     /// `api.admin_token`: whether the agent's own token (`<state_dir>/admin.token`) is
     /// accepted. `false` leaves only the users' logins (each named in the log), and removes
     /// the file; it needs `users` or `ldap`.
@@ -746,7 +754,14 @@ impl Validator {
         let mut api = self.section(
             &mut table,
             "api",
-            &["listen", "token_ttl_secs", "users", "ldap", "admin_token"],
+            &[
+                "listen",
+                "token_ttl_secs",
+                "max_connections",
+                "users",
+                "ldap",
+                "admin_token",
+            ],
         );
         let mut calls = self.section(
             &mut table,
@@ -856,6 +871,9 @@ impl Validator {
             self.uint(&mut api, "api.token_ttl_secs", 1, 30 * 86_400)
                 .unwrap_or(3600),
         );
+        let max_connections = self
+            .uint(&mut api, "api.max_connections", 1, 65_536)
+            .map_or(DEFAULT_API_CONNECTIONS, to_usize);
         let users = self.api_users(&mut api);
         let ldap = self.ldap(&mut api);
         let admin_origin = origin_in(&api, "api.admin_token");
@@ -984,6 +1002,7 @@ impl Validator {
                     token_ttl,
                     users,
                     ldap,
+                    max_connections,
                     admin_token,
                 },
                 calls,
@@ -2206,6 +2225,7 @@ mod tests {
         ("log", "level = \"warning\"", "log.level"),
         ("api", "listen = \"nowhere\"", "api.listen"),
         ("api", "token_ttl_secs = 0", "api.token_ttl_secs"),
+        ("api", "max_connections = 0", "api.max_connections"),
         // No users to log in as and no admin token: nobody could use the API.
         ("api", "admin_token = false", "api.admin_token"),
         (

@@ -659,6 +659,7 @@ mod tests {
             listen: ([127, 0, 0, 1], 0).into(),
             token_ttl: ttl,
             ldap: None,
+            max_connections: crate::config::DEFAULT_API_CONNECTIONS,
             admin_token: true,
             users: users
                 .iter()
