@@ -330,17 +330,7 @@ async fn the_admin_token_can_be_turned_off_and_on_again() {
     )
     .await;
     assert!(!token_file.exists(), "the refused token's file is removed");
-    let (status, body) = agent
-        .request_with(
-            Method::POST,
-            "/v1/auth/token",
-            Some(json!({"username": "ann", "password": "ann-pw"})),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-    let ann: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let ann = ann["token"].as_str().unwrap().to_string();
+    let ann = agent.login("ann", "ann-pw").await;
     assert_eq!(status_with(ann.clone()).await, StatusCode::OK);
 
     // On again: a new token, in a new file; the old one stays refused.

@@ -277,18 +277,8 @@ async fn an_agent_without_an_admin_token_is_told_as_such() {
     let config = std::fs::read_to_string(dirs.root.path().join("agent.toml")).unwrap();
     let extra = config.split_once("[api]").unwrap().1;
     let running = TestAgent::start(&dirs, &format!("[api]{extra}")).await;
-    let (status, body) = running
-        .request_with(
-            hyper::Method::POST,
-            "/v1/auth/token",
-            Some(serde_json::json!({"username": "olga", "password": "pw"})),
-            None,
-        )
-        .await;
-    assert_eq!(status, hyper::StatusCode::OK);
-    let token: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let token_file = dirs.root.path().join("olga.token");
-    std::fs::write(&token_file, token["token"].as_str().unwrap()).unwrap();
+    std::fs::write(&token_file, running.login("olga", "pw").await).unwrap();
     let (_, report) = doctor_with_token(&overrides(&dirs, Some(&running)), Some(&token_file)).await;
     let agent = line(&report, "ok", "agent").expect(&report);
     assert!(

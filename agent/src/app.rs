@@ -328,7 +328,10 @@ impl RunningAgent {
         };
         let cloud_settings = tokio::sync::watch::Sender::new(config.cloud.clone());
         let connector_log_days = tokio::sync::watch::Sender::new(config.log.connector_log_days);
-        let api_auth = Arc::new(crate::auth::ApiAuth::new(token.as_deref(), &config.api));
+        let api_auth = Arc::new(crate::auth::ApiAuth::new(
+            token.as_ref().map(|t| t.as_str()),
+            &config.api,
+        ));
         let starting = crate::api::StartProgress::new(reconciler.clone());
         let (summary_tx, call_summary_rx) = tokio::sync::watch::channel(None);
         let call_summary = call_summary_log(metrics.clone(), draining.clone(), summary_tx);
@@ -627,7 +630,8 @@ impl RunningAgent {
         if new.api.admin_token != old.api.admin_token {
             match admin_token_in_force(&self.admin_token_path, new.api.admin_token) {
                 Ok(token) => {
-                    self.api_auth.set_admin_token(token.as_deref());
+                    self.api_auth
+                        .set_admin_token(token.as_ref().map(|t| t.as_str()));
                     admin_token = new.api.admin_token;
                     applied.push("api.admin_token");
                 }

@@ -957,15 +957,6 @@ fn tenant_body(
     ))
 }
 
-/// The `notes` of a tenant as the API shows it.
-fn notes_of(view: &Value) -> impl Iterator<Item = &str> {
-    view.get("notes")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-}
-
 async fn put_tenant(
     client: &ApiClient,
     tenant_id: &str,
@@ -986,7 +977,7 @@ async fn put_tenant(
     // Advice from the agent (no connector for the app_id yet, credentials that do not match
     // what it declares): the tenant is stored either way.
     let view = serde_json::from_slice::<Value>(&answer).unwrap_or(Value::Null);
-    for note in notes_of(&view) {
+    for note in crate::client::tenant_notes(&view) {
         say!("note: {note}");
     }
     Ok(exit::OK)
@@ -1049,7 +1040,7 @@ async fn tenants(
             // Against the connectors loaded now, which may have changed since the tenants were
             // stored. On stderr, so that the table stays the table.
             for t in tenants {
-                for note in notes_of(t) {
+                for note in crate::client::tenant_notes(t) {
                     tell!(
                         "note: tenant {}: {note}",
                         t["tenant_id"].as_str().unwrap_or("")

@@ -89,6 +89,15 @@ pub fn token_file(
     }
 }
 
+/// The `notes` of a tenant as the API shows it (`tenants put`, `tenants list`, `doctor`).
+pub fn tenant_notes(view: &serde_json::Value) -> impl Iterator<Item = &str> {
+    view.get("notes")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+}
+
 /// A client of one agent's API.
 pub struct ApiClient {
     base: String,

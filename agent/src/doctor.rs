@@ -637,13 +637,9 @@ async fn agent(config: &Config, token_file: Option<&Path>, report: &mut Report<'
     let mut noted = false;
     for tenant in &tenants {
         let id = tenant["tenant_id"].as_str().unwrap_or("?");
-        for note in tenant["notes"].as_array().into_iter().flatten() {
+        for note in crate::client::tenant_notes(tenant) {
             noted = true;
-            report.line(
-                Verdict::Warn,
-                "tenant",
-                format!("{id}: {}", note.as_str().unwrap_or("?")),
-            );
+            report.line(Verdict::Warn, "tenant", format!("{id}: {note}"));
         }
     }
     if !tenants.is_empty() && !noted {

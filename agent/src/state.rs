@@ -19,6 +19,8 @@ use crate::platform::{self, DirBuilderExt, OpenOptionsExt};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use zeroize::Zeroizing;
+
 /// Paths inside the state folder.
 #[derive(Debug, Clone)]
 pub struct StatePaths {
@@ -239,7 +241,10 @@ pub fn write_atomic_with(
 /// The admin token as `api.admin_token` has it: read, or made at first start, when on; when
 /// off, its file is removed (a token the agent refuses is no file to leave to whoever finds
 /// it) and there is none.
-pub fn admin_token_in_force(path: &Path, enabled: bool) -> std::io::Result<Option<String>> {
+pub fn admin_token_in_force(
+    path: &Path,
+    enabled: bool,
+) -> std::io::Result<Option<Zeroizing<String>>> {
     if enabled {
         return ensure_admin_token(path).map(Some);
     }
@@ -254,19 +259,20 @@ pub fn admin_token_in_force(path: &Path, enabled: bool) -> std::io::Result<Optio
     Ok(None)
 }
 
-/// Reads the admin token, creating a random one (0600) at first start.
-pub fn ensure_admin_token(path: &Path) -> std::io::Result<String> {
-    match fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+/// Reads the admin token, creating a random one (0600) at first start. Every copy of it here
+/// is zeroized when dropped.
+fn ensure_admin_token(path: &Path) -> std::io::Result<Zeroizing<String>> {
+    match fs::read_to_string(path).map(Zeroizing::new) {
+        Ok(text) if !text.trim().is_empty() => return Ok(Zeroizing::new(text.trim().to_string())),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let token = hex::encode(bytes);
-    write_atomic(path, format!("{token}\n").as_bytes(), 0o600)?;
-    Ok(token)
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    getrandom::fill(bytes.as_mut()).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let line = Zeroizing::new(format!("{}\n", hex::encode(bytes.as_ref())));
+    write_atomic(path, line.as_bytes(), 0o600)?;
+    Ok(Zeroizing::new(line.trim_end().to_string()))
 }
 
 #[cfg(test)]
@@ -354,7 +360,7 @@ mod tests {
         assert_eq!(admin_token_in_force(&path, false).unwrap(), None);
         let second = admin_token_in_force(&path, true).unwrap().unwrap();
         assert_ne!(first, second);
-        assert_eq!(fs::read_to_string(&path).unwrap().trim(), second);
+        assert_eq!(fs::read_to_string(&path).unwrap().trim(), second.as_str());
     }
 
     #[cfg(unix)]

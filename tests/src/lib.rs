@@ -650,6 +650,21 @@ impl TestAgent {
         value
     }
 
+    /// Logs `user` in over the API (`POST /v1/auth/token`); the session token.
+    pub async fn login(&self, user: &str, password: &str) -> String {
+        let (status, body) = self
+            .request_with(
+                Method::POST,
+                "/v1/auth/token",
+                Some(serde_json::json!({"username": user, "password": password})),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        answer["token"].as_str().unwrap().to_string()
+    }
+
     /// Drains and waits for the agent to stop.
     pub async fn shutdown(self) -> Stopped {
         self.control.send(Control::Shutdown).await.unwrap();
