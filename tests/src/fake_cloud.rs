@@ -166,6 +166,8 @@ impl AgentTunnel for Service {
             results: HashMap::new(),
             inventory: None,
             seen: Vec::new(),
+            violations: None,
+            garbled: std::collections::HashSet::new(),
         };
         let _ = self.sessions.send(session);
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
@@ -397,6 +399,12 @@ pub struct CloudSession {
     inventory: Option<Inventory>,
     /// Every message kind received, in order (for assertions on the sequence).
     pub seen: Vec<&'static str>,
+    /// `None`: a result that breaks the protocol fails the test at once (the default, for
+    /// tests). `Some`: it is noted here and the result dropped (the binary, which a connector
+    /// developer runs against agents of any version and must not crash).
+    violations: Option<Vec<String>>,
+    /// Calls whose result broke the protocol: their remaining chunks are skipped.
+    garbled: std::collections::HashSet<String>,
 }
 
 impl CloudSession {
@@ -525,21 +533,58 @@ impl CloudSession {
         Some(msg)
     }
 
+    /// Notes a result that breaks the protocol instead of failing at once: the result is
+    /// dropped, not acknowledged (so the agent sends it again on its next stream), and the
+    /// violation is returned by [`Self::take_violations`].
+    pub fn tolerate_violations(&mut self) {
+        self.violations.get_or_insert_with(Vec::new);
+    }
+
+    /// The protocol violations noted since the last call (see [`Self::tolerate_violations`]).
+    pub fn take_violations(&mut self) -> Vec<String> {
+        self.violations
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     fn absorb(&mut self, r: &CallResult) {
+        if self.garbled.contains(&r.call_id) {
+            if r.last {
+                self.garbled.remove(&r.call_id);
+            }
+            return;
+        }
         let entry = self
             .partial
             .entry(r.call_id.clone())
             .or_insert_with(|| (r.status, Vec::new(), 0, 0, 0));
-        assert_eq!(
-            r.seq, entry.2,
-            "result chunks of {} out of order",
-            r.call_id
-        );
-        assert_eq!(
-            r.status, entry.0,
-            "status changed between chunks of {}",
-            r.call_id
-        );
+        let violation = if r.seq != entry.2 {
+            Some(format!(
+                "result chunks of {} out of order: chunk {} came where {} was due",
+                r.call_id, r.seq, entry.2
+            ))
+        } else if r.status != entry.0 {
+            Some(format!(
+                "status changed between chunks of {}: {} after {}",
+                r.call_id, r.status, entry.0
+            ))
+        } else {
+            None
+        };
+        if let Some(violation) = violation {
+            let Some(noted) = self.violations.as_mut() else {
+                panic!("{violation}");
+            };
+            noted.push(format!(
+                "{violation}; the result is dropped and not acknowledged"
+            ));
+            self.partial.remove(&r.call_id);
+            if !r.last {
+                self.garbled.insert(r.call_id.clone());
+            }
+            return;
+        }
         if !self.discard {
             entry.1.extend_from_slice(&r.data);
         }
@@ -665,4 +710,72 @@ pub fn cloud_config(dirs: &TestDirs, endpoint: &str, token: &str, extra: &str) -
         "[calls]\ntimeout_secs = 120\nkill_grace_secs = 1\ndrain_grace_secs = 30\n[cloud]\nendpoint = {endpoint:?}\nallow_insecure = true\ntoken_file = {:?}\nbackoff_initial_ms = 50\n{backoff_max}cluster_id = \"test-cluster\"\n{extra}\n",
         token_file(dirs, token).display().to_string()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> CloudSession {
+        let (out, _) = mpsc::unbounded_channel();
+        let (_, inbound) = mpsc::unbounded_channel();
+        CloudSession {
+            id: 0,
+            hello: Hello::default(),
+            out,
+            inbound,
+            silent: Arc::default(),
+            chunk: 1024,
+            partial: HashMap::new(),
+            discard: false,
+            results: HashMap::new(),
+            inventory: None,
+            seen: Vec::new(),
+            violations: None,
+            garbled: std::collections::HashSet::new(),
+        }
+    }
+
+    fn chunk(call_id: &str, seq: u32, data: &str, last: bool) -> CallResult {
+        CallResult {
+            call_id: call_id.into(),
+            seq,
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            last,
+            status: 1,
+        }
+    }
+
+    #[test]
+    fn a_tolerant_session_notes_out_of_order_chunks_and_drops_only_that_result() {
+        let mut s = session();
+        s.tolerate_violations();
+        s.absorb(&chunk("a", 0, "{\"x\":", false));
+        s.absorb(&chunk("b", 0, "{}", true));
+        s.absorb(&chunk("a", 2, "1", false));
+        s.absorb(&chunk("a", 3, "}", true));
+        let violations = s.take_violations();
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(
+            violations[0].contains("result chunks of a out of order: chunk 2 came where 1 was due"),
+            "{violations:?}"
+        );
+        let results = s.take_results();
+        assert_eq!(results.len(), 1, "only b's result is whole");
+        assert_eq!(
+            (results[0].0.as_str(), &results[0].1.data[..]),
+            ("b", &b"{}"[..])
+        );
+        // Sent again whole (as the agent does on its next stream), the result is taken.
+        s.absorb(&chunk("a", 0, "{\"x\":1}", true));
+        assert!(s.take_violations().is_empty());
+        assert_eq!(s.take_results()[0].1.data, b"{\"x\":1}");
+    }
+
+    #[test]
+    #[should_panic(expected = "result chunks of a out of order")]
+    fn a_strict_session_fails_the_test_on_out_of_order_chunks() {
+        let mut s = session();
+        s.absorb(&chunk("a", 1, "{}", true));
+    }
 }

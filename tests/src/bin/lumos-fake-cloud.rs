@@ -14,6 +14,10 @@
 //! - `cancel <call_id>` — stops a call still waiting for its result;
 //! - `inventory` — prints the agent's last inventory;
 //! - `quit`.
+//!
+//! A result whose chunks break the protocol (out of order, or a status that changes between
+//! chunks) is reported as a protocol violation and dropped without an acknowledgement, so the
+//! agent sends it again on its next stream.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -128,6 +132,9 @@ async fn main() -> std::process::ExitCode {
             tokio::select! {
                 s = cloud.next_session(Duration::from_secs(3600)) => {
                     say!("agent {} ({} {}/{}) connected, session {}", s.hello.agent_id, s.hello.hostname, s.hello.os, s.hello.arch, s.id);
+                    let mut s = s;
+                    // An agent under development may get the protocol wrong; say so, do not crash.
+                    s.tolerate_violations();
                     session = Some(s);
                 }
                 line = lines.next_line() => match line {
@@ -206,6 +213,9 @@ async fn main() -> std::process::ExitCode {
                 Some(m) => {
                     if let Some(agent_message::Message::Draining(d)) = &m.message {
                         say!("the agent is draining ({} call(s) in flight, grace {} ms)", d.in_flight, d.grace_ms);
+                    }
+                    for violation in s.take_violations() {
+                        say!("protocol violation: {violation}");
                     }
                     for (call_id, result) in s.take_results() {
                         s.ack(&call_id);
