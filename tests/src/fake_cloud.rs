@@ -154,21 +154,14 @@ impl AgentTunnel for Service {
                 }
             }
         });
-        let session = CloudSession {
+        let session = CloudSession::new(
             id,
             hello,
-            out: out_tx,
-            inbound: in_rx,
+            out_tx,
+            in_rx,
             silent,
-            chunk: self.options.max_chunk_size as usize,
-            partial: HashMap::new(),
-            discard: false,
-            results: HashMap::new(),
-            inventory: None,
-            seen: Vec::new(),
-            violations: None,
-            garbled: std::collections::HashSet::new(),
-        };
+            self.options.max_chunk_size as usize,
+        );
         let _ = self.sessions.send(session);
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             out_rx,
@@ -408,6 +401,31 @@ pub struct CloudSession {
 }
 
 impl CloudSession {
+    fn new(
+        id: usize,
+        hello: Hello,
+        out: mpsc::UnboundedSender<Result<CloudMessage, Status>>,
+        inbound: mpsc::UnboundedReceiver<Result<AgentMessage, String>>,
+        silent: Arc<AtomicBool>,
+        chunk: usize,
+    ) -> Self {
+        Self {
+            id,
+            hello,
+            out,
+            inbound,
+            silent,
+            chunk,
+            partial: HashMap::new(),
+            discard: false,
+            results: HashMap::new(),
+            inventory: None,
+            seen: Vec::new(),
+            violations: None,
+            garbled: std::collections::HashSet::new(),
+        }
+    }
+
     fn send(&self, message: cloud_message::Message) {
         let _ = self.out.send(Ok(cloud(message)));
     }
@@ -719,21 +737,7 @@ mod tests {
     fn session() -> CloudSession {
         let (out, _) = mpsc::unbounded_channel();
         let (_, inbound) = mpsc::unbounded_channel();
-        CloudSession {
-            id: 0,
-            hello: Hello::default(),
-            out,
-            inbound,
-            silent: Arc::default(),
-            chunk: 1024,
-            partial: HashMap::new(),
-            discard: false,
-            results: HashMap::new(),
-            inventory: None,
-            seen: Vec::new(),
-            violations: None,
-            garbled: std::collections::HashSet::new(),
-        }
+        CloudSession::new(0, Hello::default(), out, inbound, Arc::default(), 1024)
     }
 
     fn chunk(call_id: &str, seq: u32, data: &str, last: bool) -> CallResult {
