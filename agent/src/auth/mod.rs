@@ -134,14 +134,18 @@ impl LoginError {
 }
 
 /// Why a request's bearer token was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum Denied {
     /// No `Authorization: Bearer` header.
     #[error(
         "no bearer token: send `Authorization: Bearer <token>` (a token from `POST \
-         /v1/auth/token`, `lumos-agent login`, or <state_dir>/admin.token)"
+         /v1/auth/token` or `lumos-agent login`{})",
+        if *.admin_token { ", or <state_dir>/admin.token" } else { "" }
     )]
-    Missing,
+    Missing {
+        /// Whether the admin token is accepted (`api.admin_token`), so worth naming.
+        admin_token: bool,
+    },
     /// A token this agent did not issue, or one revoked by a logout, a restart or a change of
     /// the user in the config.
     #[error(
@@ -538,13 +542,15 @@ impl ApiAuth {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(Denied::Missing)?;
-        let digest = digest_of(token);
+            .filter(|t| !t.is_empty());
         let admin = *self
             .admin_digest
             .read()
             .unwrap_or_else(PoisonError::into_inner);
+        let token = token.ok_or(Denied::Missing {
+            admin_token: admin.is_some(),
+        })?;
+        let digest = digest_of(token);
         if admin.is_some_and(|admin| bool::from(digest.ct_eq(&admin))) {
             return Ok(Principal {
                 user: "admin.token".into(),
@@ -721,8 +727,10 @@ mod tests {
         let who = auth.check(Some(&bearer(&issued.token))).unwrap();
         assert_eq!((who.user.as_str(), who.role), ("alice", Role::Operator));
 
-        assert_eq!(auth.check(None), Err(Denied::Missing));
-        assert_eq!(auth.check(Some("Basic abc")), Err(Denied::Missing));
+        let missing = Denied::Missing { admin_token: true };
+        assert_eq!(auth.check(None), Err(missing.clone()));
+        assert_eq!(auth.check(Some("Basic abc")), Err(missing.clone()));
+        assert!(missing.to_string().ends_with("or <state_dir>/admin.token)"));
         assert_eq!(auth.check(Some("Bearer lat_0000")), Err(Denied::Unknown));
         assert!(auth.logout(&who));
         assert_eq!(
@@ -738,6 +746,10 @@ mod tests {
             auth.check(Some("Bearer the-admin-token")),
             Err(Denied::Unknown)
         );
+        // Nor is it offered to a request without a token.
+        let missing = auth.check(None).unwrap_err();
+        assert_eq!(missing, Denied::Missing { admin_token: false });
+        assert!(!missing.to_string().contains("admin.token"), "{missing}");
         assert_eq!(
             auth.check(Some(&bearer(&issued.token))).unwrap().role,
             Role::Operator
