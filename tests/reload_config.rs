@@ -105,3 +105,70 @@ async fn a_good_config_applies_live_a_bad_one_is_reported_and_the_old_one_kept()
     .await;
     agent.shutdown().await;
 }
+
+/// The record serving `app_id` now.
+fn serving(agent: &TestAgent, app_id: &str) -> std::sync::Arc<lumos_agent::plugins::Connector> {
+    agent.registry.snapshot().resolve(app_id).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_loads_again_only_the_connectors_whose_load_time_limits_changed() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    install_plugin(&dirs.plugins(), &test_connector(), "one");
+    install_plugin(&dirs.plugins(), &test_connector(), "two");
+    let agent = TestAgent::start(&dirs, "[connectors.one]\nmax_concurrency = 1\n").await;
+    let (one, two) = (serving(&agent, "one"), serving(&agent, "two"));
+    let permits = |c: &lumos_agent::plugins::Connector| {
+        c.runnable.as_ref().unwrap().limiter.available_permits()
+    };
+    assert_eq!(permits(&one), 1);
+
+    // A limit read per call: no connector is loaded again. Then one connector's own table:
+    // only it is. (Reloads run in order, so once the second has loaded `one` again, the first
+    // has finished.)
+    TestAgent::write_config(
+        &dirs,
+        &dirs.plugins(),
+        "[calls]\nkill_grace_secs = 3\n[connectors.one]\nmax_concurrency = 1\n",
+    );
+    agent.control.send(Control::Reload).await.unwrap();
+    TestAgent::write_config(
+        &dirs,
+        &dirs.plugins(),
+        "[calls]\nkill_grace_secs = 3\n[connectors.one]\nmax_concurrency = 2\n",
+    );
+    agent.control.send(Control::Reload).await.unwrap();
+    eventually(WAIT, "`one` to be loaded again under its new limit", || {
+        !std::sync::Arc::ptr_eq(&serving(&agent, "one"), &one)
+    })
+    .await;
+    assert_eq!(permits(&serving(&agent, "one")), 2);
+    assert!(
+        std::sync::Arc::ptr_eq(&serving(&agent, "two"), &two),
+        "`two` was loaded again though nothing of it changed"
+    );
+    let logs = captured_logs();
+    assert!(logs.contains("calls.kill_grace_secs"), "{logs}");
+    assert!(
+        logs.contains("connectors.one (its connector reloaded)"),
+        "{logs}"
+    );
+
+    // A default every connector is loaded under: both are loaded again.
+    let two = serving(&agent, "two");
+    TestAgent::write_config(
+        &dirs,
+        &dirs.plugins(),
+        "[calls]\nkill_grace_secs = 3\nmax_concurrency = 5\n[connectors.one]\nmax_concurrency = 2\n",
+    );
+    agent.control.send(Control::Reload).await.unwrap();
+    eventually(
+        WAIT,
+        "`two` to be loaded again under the new default",
+        || permits(&serving(&agent, "two")) == 5,
+    )
+    .await;
+    assert!(!std::sync::Arc::ptr_eq(&serving(&agent, "two"), &two));
+    agent.shutdown().await;
+}

@@ -1,6 +1,7 @@
 //! The running agent: state folder, plugin registry, tenant store, dispatcher and local API,
 //! started in-process (tests do exactly what `main` does) and stopped through [`Control`].
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -310,7 +311,7 @@ impl RunningAgent {
             draining: draining.clone(),
             abort: abort.clone(),
             tracker: tracker.clone(),
-            grace: config.calls.drain_grace,
+            config: shared.clone(),
             status: cloud_status.clone(),
             metrics: metrics.clone(),
             refused_call_lines: Arc::new(crate::telemetry::LineThrottle::per_minute()),
@@ -558,14 +559,14 @@ impl RunningAgent {
             tracing::info!("configuration reloaded: nothing changed");
             return;
         }
-        let mut applied = Vec::new();
+        let mut applied: Vec<String> = Vec::new();
         let mut needs_restart = Vec::new();
         if new.log.level != old.log.level {
             match crate::telemetry::set_filter(&new.log.level) {
                 Ok(()) => {
                     // Visible only if the new filter lets debug through: proof it took effect.
                     tracing::debug!(filter = %new.log.level, "log filter changed");
-                    applied.push("log.level");
+                    applied.push("log.level".to_string());
                 }
                 Err(e) => tracing::warn!("cannot change the log level live: {e}"),
             }
@@ -576,20 +577,61 @@ impl RunningAgent {
             }
             // The watch loop moves its watch to the new folder when it next looks: now.
             self.reconciler.follow_up();
-            applied.push("plugins_dir");
+            applied.push("plugins_dir".to_string());
         }
-        // Limits fixed when a connector is loaded: reload every connector under the new ones.
-        if new.calls != old.calls
-            || new.connectors != old.connectors
+        // Limits fixed when a connector is loaded: reload the connectors they apply to under
+        // the new ones. The other call limits are read per call (or per scan) and apply as is.
+        let (old_calls, new_calls) = (&old.calls, &new.calls);
+        if new_calls.timeout != old_calls.timeout
+            || new_calls.max_concurrency != old_calls.max_concurrency
+            || new_calls.max_output_bytes != old_calls.max_output_bytes
+            || new_calls.connector_log_level != old_calls.connector_log_level
+            || new_calls.pass_env != old_calls.pass_env
             || new.plugins.info_timeout != old.plugins.info_timeout
             || new.plugins.max_file_bytes != old.plugins.max_file_bytes
             || new.plugins.max_bundle_bytes != old.plugins.max_bundle_bytes
             || new.plugins.max_bundle_entries != old.plugins.max_bundle_entries
             || new.plugins.worker_program != old.plugins.worker_program
-            || new.plugins.debounce != old.plugins.debounce
         {
             self.reconciler.reload_all_next();
-            applied.push("calls, connectors and plugin limits (connectors reloaded)");
+            applied.push("calls and plugin limits (every connector reloaded)".to_string());
+        }
+        for (changed, key) in [
+            (
+                new_calls.kill_grace != old_calls.kill_grace,
+                "calls.kill_grace_secs",
+            ),
+            (
+                new_calls.drain_grace != old_calls.drain_grace,
+                "calls.drain_grace_secs",
+            ),
+            (
+                new_calls.stderr_log_bytes != old_calls.stderr_log_bytes,
+                "calls.stderr_log_bytes",
+            ),
+            (
+                new.plugins.debounce != old.plugins.debounce,
+                "plugins.debounce_ms",
+            ),
+        ] {
+            if changed {
+                applied.push(key.to_string());
+            }
+        }
+        let overridden: BTreeSet<String> = old
+            .connectors
+            .keys()
+            .chain(new.connectors.keys())
+            .filter(|app_id| old.connectors.get(*app_id) != new.connectors.get(*app_id))
+            .cloned()
+            .collect();
+        if !overridden.is_empty() {
+            let names: Vec<String> = overridden
+                .iter()
+                .map(|a| format!("connectors.{a}"))
+                .collect();
+            applied.push(format!("{} (its connector reloaded)", names.join(", ")));
+            self.reconciler.reload_next(overridden);
         }
         for (changed, key) in [
             (new.state_dir != old.state_dir, "state_dir"),
@@ -615,7 +657,7 @@ impl RunningAgent {
             // does not wait for the hour.
             self.connector_log_days
                 .send_replace(new.log.connector_log_days);
-            applied.push("log.connector_log_days");
+            applied.push("log.connector_log_days".to_string());
         }
         if new.api.users != old.api.users
             || new.api.token_ttl != old.api.token_ttl
@@ -624,7 +666,7 @@ impl RunningAgent {
             // Sessions of users removed or given another role (or of a changed directory's
             // users) end now.
             self.api_auth.configure(&new.api);
-            applied.push("api.users, api.ldap and api.token_ttl_secs");
+            applied.push("api.users, api.ldap and api.token_ttl_secs".to_string());
         }
         let mut admin_token = old.api.admin_token;
         if new.api.admin_token != old.api.admin_token {
@@ -633,7 +675,7 @@ impl RunningAgent {
                     self.api_auth
                         .set_admin_token(token.as_ref().map(|t| t.as_str()));
                     admin_token = new.api.admin_token;
-                    applied.push("api.admin_token");
+                    applied.push("api.admin_token".to_string());
                 }
                 Err(e) => tracing::error!(
                     error = %e,
@@ -646,7 +688,7 @@ impl RunningAgent {
             // The tunnel supervisor reconnects with them; results not yet acknowledged are
             // kept and sent on the new stream.
             self.cloud_settings.send_replace(new.cloud.clone());
-            applied.push("cloud (the tunnel reconnects)");
+            applied.push("cloud (the tunnel reconnects)".to_string());
         }
         let mut kept = (*old).clone();
         // Settings that need a restart keep their running values, so what is in force stays

@@ -24,7 +24,7 @@
 //! short commits, never across a wait, so a reconcile dropped part way (a stop) loses nothing:
 //! what it did not commit, the registry never had.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -49,6 +49,42 @@ struct Slot {
     /// or not. (Set when a scan that was to load every file again left this one waiting, as
     /// still being written: the scan after the debounce would find it unchanged.)
     stale: bool,
+}
+
+/// The connectors a reconcile loads again though their files did not change.
+#[derive(Debug, Default, PartialEq, Eq)]
+enum ReloadScope {
+    /// Only changed files are loaded.
+    #[default]
+    Nothing,
+    /// The files of these app_ids (their current or their retained version's).
+    Apps(BTreeSet<String>),
+    /// Every file.
+    All,
+}
+
+impl ReloadScope {
+    /// This scope and `other` together (two reloads before the next reconcile).
+    fn widen(self, other: ReloadScope) -> ReloadScope {
+        match (self, other) {
+            (ReloadScope::All, _) | (_, ReloadScope::All) => ReloadScope::All,
+            (ReloadScope::Apps(mut a), ReloadScope::Apps(b)) => {
+                a.extend(b);
+                ReloadScope::Apps(a)
+            }
+            (ReloadScope::Nothing, scope) | (scope, ReloadScope::Nothing) => scope,
+        }
+    }
+
+    fn covers(&self, slot: &Slot) -> bool {
+        match self {
+            ReloadScope::Nothing => false,
+            ReloadScope::All => true,
+            ReloadScope::Apps(app_ids) => std::iter::once(&slot.current)
+                .chain(&slot.retained)
+                .any(|c| c.app_id.as_ref().is_some_and(|a| app_ids.contains(a))),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -173,8 +209,9 @@ pub struct Reconciler {
     private_roots: Vec<PathBuf>,
     /// A std mutex: held for a listing of the folder or a commit, never across an await.
     state: std::sync::Mutex<State>,
-    /// Set by a config reload that changed limits: the next reconcile reloads every file.
-    reload_all: std::sync::atomic::AtomicBool,
+    /// Set by a config reload that changed limits fixed at load: the connectors the next
+    /// reconcile loads again, changed or not.
+    reload: std::sync::Mutex<ReloadScope>,
     /// Asks the watch loop for a reconcile after the debounce: files were still being written
     /// when one looked (whoever ran it: the loop, or a reload), or the folder moved and the
     /// watch must follow it.
@@ -195,7 +232,7 @@ impl Reconciler {
             config,
             private_roots,
             state: std::sync::Mutex::new(State::default()),
-            reload_all: std::sync::atomic::AtomicBool::new(false),
+            reload: std::sync::Mutex::default(),
             follow_up: tokio::sync::Notify::new(),
         }
     }
@@ -213,8 +250,21 @@ impl Reconciler {
     /// Makes the next reconcile load every file again, as if each had changed (a reload changed
     /// limits that are fixed when a connector is loaded). Running versions drain as usual.
     pub fn reload_all_next(&self) {
-        self.reload_all
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.widen_reload(ReloadScope::All);
+    }
+
+    /// Makes the next reconcile load these connectors' files again (a reload changed their
+    /// `[connectors.<app_id>]` tables); the others keep running undisturbed.
+    pub fn reload_next(&self, app_ids: BTreeSet<String>) {
+        self.widen_reload(ReloadScope::Apps(app_ids));
+    }
+
+    fn widen_reload(&self, scope: ReloadScope) {
+        let mut reload = self
+            .reload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *reload = std::mem::take(&mut *reload).widen(scope);
     }
 
     /// The files being loaded (or waiting for a place), by name, sorted: what a start or a
@@ -302,9 +352,12 @@ impl Reconciler {
                 config.plugins.debounce,
                 config.calls.drain_grace,
             );
-            let reload_all = self
-                .reload_all
-                .swap(false, std::sync::atomic::Ordering::AcqRel);
+            let reload = std::mem::take(
+                &mut *self
+                    .reload
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
             let listed = std::fs::read_dir(&dir).map(|entries| {
                 let mut files: Vec<(PathBuf, Option<Fingerprint>)> = entries
                     .filter_map(Result::ok)
@@ -360,7 +413,10 @@ impl Reconciler {
 
             for (path, fingerprint) in files {
                 if let Some(load) = state.loading.get(&path) {
-                    if load.fingerprint == fingerprint && !reload_all {
+                    // A load in progress reads its connector's own limits (`[connectors.<id>]`)
+                    // as it ends, after the reload put them in force; only a reload of every
+                    // file (limits and checks applied before `info`) starts it again.
+                    if load.fingerprint == fingerprint && reload != ReloadScope::All {
                         // Another reconcile is loading this content; it publishes it. A reload
                         // returns once it has: it is done when the folder is loaded.
                         if scan == Scan::Reload {
@@ -375,7 +431,7 @@ impl Reconciler {
                     state.loading.remove(&path);
                 }
                 let unchanged = state.slots.get(&path).is_some_and(|s| {
-                    s.current.fingerprint == fingerprint && !reload_all && !s.stale
+                    s.current.fingerprint == fingerprint && !reload.covers(s) && !s.stale
                 });
                 if unchanged {
                     continue;
@@ -388,7 +444,7 @@ impl Reconciler {
                     outcome.unsettled = true;
                     if let Some(slot) = state.slots.get_mut(&path) {
                         // Its look after the debounce must load it even if it turns out unchanged.
-                        slot.stale |= reload_all;
+                        slot.stale |= reload.covers(slot);
                     }
                     continue;
                 }

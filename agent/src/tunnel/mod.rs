@@ -131,8 +131,9 @@ pub struct TunnelParts {
     pub abort: CancellationToken,
     /// Call tasks run here, so the agent's drain waits for them.
     pub tracker: TaskTracker,
-    /// `Draining.grace_ms`.
-    pub grace: Duration,
+    /// The configuration in force: `Draining.grace_ms` is its `calls.drain_grace_secs` when
+    /// the drain starts (a reload may have changed it since the start).
+    pub config: Arc<crate::config::SharedConfig>,
     /// Where the tunnel stands.
     pub status: Arc<tokio::sync::watch::Sender<CloudStatus>>,
     /// Connection metrics.

@@ -188,7 +188,8 @@ pub async fn run(
                 let in_flight = u32::try_from(ctx.parts.table.running()).unwrap_or(u32::MAX);
                 tracing::info!(in_flight, "telling the cloud this agent is draining");
                 let draining = message(agent_message::Message::Draining(pb::Draining {
-                    grace_ms: u64::try_from(ctx.parts.grace.as_millis()).unwrap_or(u64::MAX),
+                    grace_ms: u64::try_from(ctx.parts.config.get().calls.drain_grace.as_millis())
+                        .unwrap_or(u64::MAX),
                     in_flight,
                 }));
                 if let Err(reason) = session.send_control(draining).await {
