@@ -76,6 +76,13 @@ async fn rust_and_c_examples_answer_like_the_executable() {
         }
         let (_, body) = agent.call(app_id, "validate_credentials", json!({})).await;
         assert_eq!(body["is_error"], true, "{body}");
+        // An error is namespaced by the app that raised it, not the logic's first author.
+        assert_eq!(body["error"]["app_id"], app_id, "{body}");
+        assert_eq!(
+            body["error"]["error_code"],
+            format!("{app_id}.missing_credentials"),
+            "{body}"
+        );
     }
     agent.shutdown().await;
 }

@@ -30,7 +30,7 @@ impl Connector for ExampleConnector {
             .and_then(|input| lumos_example_connector::handle(&call.capability, &input));
         match answer {
             Ok(answer) => done.ok(&lumos_example_connector::to_bytes(&answer)),
-            Err(err) => done.error(&lumos_example_connector::to_bytes(&err.into_json())),
+            Err(err) => done.error(&lumos_example_connector::to_bytes(&err.into_json(APP_ID))),
         }
     }
 }

@@ -35,14 +35,16 @@ impl ConnectorError {
         }
     }
 
-    /// The Lumos error document.
-    pub fn into_json(self) -> Value {
+    /// The Lumos error document of the connector `app_id` (the executable's [`APP_ID`], or
+    /// the app_id of a connector built on this logic under its own name, as the cdylib is):
+    /// an error code is namespaced by the app that raised it.
+    pub fn into_json(self, app_id: &str) -> Value {
         json!({
             "is_error": true,
             "error": {
                 "message": self.message,
-                "error_code": format!("{APP_ID}.{}", self.code),
-                "app_id": APP_ID,
+                "error_code": format!("{app_id}.{}", self.code),
+                "app_id": app_id,
                 "raised_by": "ConnectorError",
                 "raised_in": self.raised_in,
                 "error_metadata": {"fault": "client", "retryable": false, "refreshable": false},
@@ -117,7 +119,7 @@ pub fn handle(capability: &str, input: &Input) -> Result<Value, ConnectorError> 
         other => Err(ConnectorError::new(
             "unsupported_capability",
             "main",
-            format!("capability {other:?} is not implemented by {APP_ID}"),
+            format!("capability {other:?} is not implemented by this connector"),
         )),
     }
 }

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let output = match lumos_example_connector::run(&args) {
         Ok(value) => value,
-        Err(err) => err.into_json(),
+        Err(err) => err.into_json(lumos_example_connector::APP_ID),
     };
     let mut stdout = std::io::stdout().lock();
     // A closed stdout leaves nobody to tell; the exit code says it.
