@@ -410,7 +410,7 @@ fn read_password(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<String>
     match file {
         Some(path) => {
             let text =
-                read_input(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                read_input(path).map_err(|e| format!("cannot read {}: {e}", input_name(path)))?;
             let line = text.lines().next().unwrap_or_default();
             Ok(Zeroizing::new(line.to_string()))
         }
@@ -845,11 +845,20 @@ fn read_input(path: &Path) -> std::io::Result<Zeroizing<String>> {
     Ok(text)
 }
 
+/// How a file argument is named in a message: `-` is standard input.
+fn input_name(path: &Path) -> String {
+    if path == Path::new("-") {
+        "(standard input)".to_string()
+    } else {
+        path.display().to_string()
+    }
+}
+
 /// [`read_input`] for a command's file argument; a file that cannot be read is told, as the
 /// usage exit code `Err` carries.
 fn read_argument_file(path: &Path) -> Result<Zeroizing<String>, u8> {
     read_input(path).map_err(|e| {
-        tell!("lumos-agent: cannot read {}: {e}", path.display());
+        tell!("lumos-agent: cannot read {}: {e}", input_name(path));
         exit::USAGE
     })
 }
@@ -947,7 +956,10 @@ fn tenant_body(
                 body.insert(key.into(), v);
             }
             Err(e) => {
-                tell!("lumos-agent: {} is not JSON: {e}", file.display());
+                tell!(
+                    "lumos-agent: --{key}-file {} is not JSON: {e}",
+                    input_name(file)
+                );
                 return Err(exit::USAGE);
             }
         }

@@ -538,6 +538,39 @@ fn a_bad_tenant_is_refused_before_the_token_is_read() {
             && !stderr.contains("SECRET-canary"),
         "{stderr}"
     );
+    // From stdin, the message says so (not "- is not JSON").
+    let mut child = Command::new(AGENT)
+        .args(["--listen", "127.0.0.1:1", "--token-file"])
+        .arg(&no_token)
+        .args([
+            "tenants",
+            "put",
+            "t1",
+            "--app-id",
+            "x",
+            "--credentials-file",
+            "-",
+        ])
+        .current_dir(dir.path())
+        .env_remove("LUMOS_AGENT_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn_killed_on_drop();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"[{\"oauth\": ")
+        .unwrap();
+    let status = exited_within(&mut child, Duration::from_secs(30)).expect("it exits");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--credentials-file (standard input) is not JSON: EOF while parsing"),
+        "{stderr}"
+    );
     let out = put(&["--settings", "[1]"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
