@@ -143,8 +143,8 @@ fn result_body(body: crate::output::ResultBody) -> ApiBody {
 }
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish (tracked by
-/// `tracker`). At most `max_connections` are open at once: the next waits in the listen
-/// backlog until one closes (an idle one closes after `HEADER_READ_TIMEOUT`), so that a client
+/// `tracker`). At most `max_connections` are served at once: the next is accepted and waits,
+/// and those after it wait in the listen backlog, until one closes (an idle one closes after `HEADER_READ_TIMEOUT`), so that a client
 /// opening connections without end cannot use up the file descriptors the connectors and the
 /// tunnel need.
 pub async fn serve(
@@ -157,11 +157,27 @@ pub async fn serve(
     let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let full_lines = crate::telemetry::LineThrottle::per_minute();
     loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Accepted first, so that the warning is for a connection that waits, not for the
+        // last place being taken; the one it holds is the only one over the limit (the next
+        // wait in the backlog, unaccepted).
         let slot = match open.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 if let Some(held_back) = full_lines.admit("api_full") {
                     tracing::warn!(
+                        %peer,
                         "the local API has {max_connections} connections open (api.max_connections); new ones wait until one closes{}",
                         crate::telemetry::held_back_note(held_back)
                     );
@@ -174,18 +190,6 @@ pub async fn serve(
                     },
                 }
             }
-        };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
         };
         let state = state.clone();
         let shutdown = shutdown.clone();

@@ -254,7 +254,8 @@ pub struct ApiConfig {
     pub users: BTreeMap<String, ApiUser>,
     /// The LDAP auth provider (`[api.ldap]`), for user names not in `users`.
     pub ldap: Option<LdapConfig>,
-    /// `api.max_connections`: connections served at once; more wait in the listen backlog, so
+    /// `api.max_connections`: connections served at once; more wait (one accepted, the rest in
+    /// the listen backlog), so
     /// that clients that open many (or never finish a request) cannot use up the agent's
     /// file descriptors, which its connectors and the tunnel need too.
     pub max_connections: usize,
