@@ -569,7 +569,23 @@ async fn shutdown_announces_draining_finishes_in_flight_calls_and_flushes_result
         &json!({"request": {"secs": 2, "pid_file": pid_file}}),
     );
     pid_in(&pid_file).await;
+    // A reload changes the grace: the cloud is told the one in force, not the start's.
+    TestAgent::write_config(
+        &dirs,
+        &dirs.plugins(),
+        &config_for(&dirs, &cloud, "").replace("drain_grace_secs = 30", "drain_grace_secs = 45"),
+    );
     let control = agent.control.clone();
+    control
+        .send(lumos_agent::app::Control::Reload)
+        .await
+        .unwrap();
+    eventually(WAIT, "the reload to apply the new grace", || {
+        captured_logs()
+            .lines()
+            .any(|l| l.contains("configuration reloaded") && l.contains("calls.drain_grace_secs"))
+    })
+    .await;
     let stopped = agent.stopped;
     control
         .send(lumos_agent::app::Control::Shutdown)
@@ -580,7 +596,7 @@ async fn shutdown_announces_draining_finishes_in_flight_calls_and_flushes_result
         unreachable!()
     };
     assert_eq!(d.in_flight, 1);
-    assert_eq!(d.grace_ms, 30_000);
+    assert_eq!(d.grace_ms, 45_000);
     // No new calls while draining.
     s.call("late", "tester", "echo", "", &json!({}));
     let late = s.result("late", WAIT).await.unwrap();
