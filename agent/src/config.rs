@@ -401,6 +401,28 @@ pub struct ConnectorOverride {
     pub in_process: bool,
 }
 
+/// The message for a key the validator does not know: the key it likely meant, when it is a
+/// near miss (a typo, another case, `-` for `_`), and every key it knows there.
+fn unknown_key(key: &str, known: &[&str]) -> String {
+    let meant = known
+        .iter()
+        .map(|k| {
+            (
+                strsim::jaro_winkler(&key.to_lowercase().replace('-', "_"), k),
+                k,
+            )
+        })
+        .filter(|(likeness, _)| *likeness >= 0.9)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match meant {
+        Some((_, meant)) => format!(
+            "unknown key (did you mean `{meant}`?); known keys are {}",
+            known.join(", ")
+        ),
+        None => format!("unknown key; known keys are {}", known.join(", ")),
+    }
+}
+
 impl Config {
     /// Concurrency limit of one connector.
     pub fn max_concurrency_for(&self, app_id: &str) -> usize {
@@ -745,11 +767,7 @@ impl Validator {
     ) -> Result<Config, ConfigError> {
         for (key, value) in &table {
             if !TOP_KEYS.contains(&key.as_str()) {
-                self.issue(
-                    key,
-                    origin_of(value),
-                    format!("unknown key; known keys are {}", TOP_KEYS.join(", ")),
-                );
+                self.issue(key, origin_of(value), unknown_key(key, TOP_KEYS));
             }
         }
         let mut api = self.section(
@@ -1050,7 +1068,7 @@ impl Validator {
                         self.issue(
                             &format!("{name}.{key}"),
                             origin_of(v),
-                            format!("unknown key; known keys are {}", known.join(", ")),
+                            unknown_key(key, known),
                         );
                     }
                 }
@@ -1724,7 +1742,7 @@ impl Validator {
                     self.issue(
                         &format!("{prefix}.{key}"),
                         origin_of(v),
-                        format!("unknown key; known keys are {}", known.join(", ")),
+                        unknown_key(key, known),
                     );
                 }
             }
@@ -2560,6 +2578,40 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// A near miss names the key meant, at the top level, in a section and in a named table;
+    /// a key like none names none.
+    #[test]
+    fn a_mistyped_key_is_told_which_key_was_meant() {
+        let (_dir, path) = file(
+            "plugin_dir = \"p\"\n[calls]\nmax_concurency = 2\ntimeout = 5\n\
+             [log]\nLevel = \"info\"\n[connectors.x]\nin-process = true\nwat = 1\n",
+        );
+        let err = load_file(&path, &[]).unwrap_err().to_string();
+        for (key, meant) in [
+            ("`plugin_dir`", "plugins_dir"),
+            ("`calls.max_concurency`", "max_concurrency"),
+            ("`calls.timeout`", "timeout_secs"),
+            ("`log.Level`", "level"),
+            ("`connectors.x.in-process`", "in_process"),
+        ] {
+            let line = err
+                .lines()
+                .find(|l| l.contains(key))
+                .unwrap_or_else(|| panic!("no error for {key}: {err}"));
+            assert!(
+                line.contains(&format!(
+                    "unknown key (did you mean `{meant}`?); known keys are "
+                )),
+                "{line}"
+            );
+        }
+        let wat = err
+            .lines()
+            .find(|l| l.contains("`connectors.x.wat`"))
+            .unwrap();
+        assert!(wat.contains("unknown key; known keys are "), "{wat}");
     }
 
     #[test]
