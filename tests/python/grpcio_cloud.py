@@ -20,7 +20,9 @@ import grpc
 from grpc_tools import protoc
 
 proto_root, token = sys.argv[1], sys.argv[2]
-out_dir = tempfile.mkdtemp(prefix="lumos-grpcio-stubs-")
+# Removed when the script ends, however it ends (a TemporaryDirectory cleans up at exit).
+stubs = tempfile.TemporaryDirectory(prefix="lumos-grpcio-stubs-")
+out_dir = stubs.name
 status = protoc.main([
     "grpc_tools.protoc",
     f"-I{proto_root}",

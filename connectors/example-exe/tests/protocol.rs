@@ -33,8 +33,9 @@ fn validate_credentials_reports_the_token_hash_from_auth_or_credentials() {
         r#"{"auth": {"oauth": {"access_token": "abc"}}}"#,
     ]);
     assert_eq!(single["response"]["unique_tenant_id"], *expected);
-    let dir = tempfile_dir();
-    let file = dir.join("in.json");
+    // Removed when dropped, at the end of the test (or its panic).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.json");
     std::fs::write(
         &file,
         r#"{"credentials": [{"id": "x", "oauth": {"access_token": "abc"}}]}"#,
@@ -92,10 +93,4 @@ fn list_accounts_pages_through_exactly_n_accounts() {
     assert_eq!(seen, expected);
     let bad = run(&["list_accounts", "--json", r#"{"page": {"token": "bogus"}}"#]);
     assert_eq!(bad["is_error"], true);
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("lumos-example-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
