@@ -626,11 +626,11 @@ impl RunningAgent {
             .cloned()
             .collect();
         if !overridden.is_empty() {
-            let names: Vec<String> = overridden
-                .iter()
-                .map(|a| format!("connectors.{a}"))
-                .collect();
-            applied.push(format!("{} (its connector reloaded)", names.join(", ")));
+            applied.extend(
+                overridden
+                    .iter()
+                    .map(|app_id| format!("connectors.{app_id} (its connector reloaded)")),
+            );
             self.reconciler.reload_next(overridden);
         }
         for (changed, key) in [
