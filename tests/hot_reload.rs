@@ -649,15 +649,16 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
             hang_writing_pid(&pid_file),
             test_connector().display()
         );
-        let config = |timeout: u32| {
+        // The output limit is fixed when a connector is loaded: a new one loads it again.
+        let config = |max_output_bytes: u32| {
             format!(
                 "{WATCH_ONLY}info_timeout_secs = 600\n[calls]\ndrain_grace_secs = 3\n\
-                 timeout_secs = {timeout}\n"
+                 max_output_bytes = {max_output_bytes}\n"
             )
         };
         std::fs::write(&gate, "").unwrap();
         if by_reload {
-            // Loaded at start; a reload with new call limits loads it again, and it hangs.
+            // Loaded at start; a reload with a new output limit loads it again, and it hangs.
             std::fs::remove_file(&gate).unwrap();
             let path = write_script(&dirs.plugins(), "slow", &script);
             // Written long ago, so the reload's own scan loads it (not one after the debounce).
@@ -666,13 +667,13 @@ async fn a_stop_does_not_wait_for_a_connector_still_loading() {
                 std::time::SystemTime::now() - Duration::from_secs(3600),
             );
         }
-        let agent = TestAgent::start(&dirs, &config(60)).await;
+        let agent = TestAgent::start(&dirs, &config(1 << 20)).await;
         if by_reload {
             let entries = agent.entries_for_file("slow").await;
             assert_eq!(entries.len(), 1, "{entries:?}");
             assert_eq!(entries[0]["status"], "ready", "{entries:?}");
             std::fs::write(&gate, "").unwrap();
-            TestAgent::write_config(&dirs, &dirs.plugins(), &config(61));
+            TestAgent::write_config(&dirs, &dirs.plugins(), &config(2 << 20));
             agent.control.send(Control::Reload).await.unwrap();
         } else {
             write_script(&dirs.plugins(), "slow", &script);
@@ -1039,11 +1040,14 @@ async fn a_reload_of_limits_reaches_a_file_that_was_still_settling() {
         &path,
         std::time::SystemTime::now() + Duration::from_secs(3600),
     );
-    let config = |timeout: u32| format!("{WATCH_ONLY}[calls]\ntimeout_secs = {timeout}\n");
-    let agent = TestAgent::start(&dirs, &config(60)).await;
+    // The output limit is fixed when a connector is loaded: a new one loads every connector.
+    let config = |max_output_bytes: u32| {
+        format!("{WATCH_ONLY}[calls]\nmax_output_bytes = {max_output_bytes}\n")
+    };
+    let agent = TestAgent::start(&dirs, &config(1 << 20)).await;
     let infos = || std::fs::read_to_string(&infos_file).map_or(0, |t| t.lines().count());
     assert_eq!(infos(), 1, "loaded at start");
-    TestAgent::write_config(&dirs, &dirs.plugins(), &config(61));
+    TestAgent::write_config(&dirs, &dirs.plugins(), &config(2 << 20));
     agent.control.send(Control::Reload).await.unwrap();
     eventually(
         WAIT,

@@ -111,64 +111,82 @@ fn serving(agent: &TestAgent, app_id: &str) -> std::sync::Arc<lumos_agent::plugi
     agent.registry.snapshot().resolve(app_id).unwrap()
 }
 
+/// Call limits change in place, on the version serving: no connector is loaded again for
+/// them. Only `in_process` (where a connector runs) loads its connector again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_loads_again_only_the_connectors_whose_load_time_limits_changed() {
+async fn call_limits_apply_in_place_and_only_in_process_loads_a_connector_again() {
     captured_logs();
     let dirs = TestDirs::new();
     install_plugin(&dirs.plugins(), &test_connector(), "one");
     install_plugin(&dirs.plugins(), &test_connector(), "two");
     let agent = TestAgent::start(&dirs, "[connectors.one]\nmax_concurrency = 1\n").await;
     let (one, two) = (serving(&agent, "one"), serving(&agent, "two"));
-    let permits = |c: &lumos_agent::plugins::Connector| {
-        c.runnable.as_ref().unwrap().limiter.available_permits()
+    let limits = |c: &lumos_agent::plugins::Connector| {
+        let limits = &c.runnable.as_ref().unwrap().limits;
+        (limits.available(), limits.timeout())
     };
-    assert_eq!(permits(&one), 1);
+    assert_eq!(limits(&one), (1, Duration::from_secs(300)));
+    let reload = |toml: &str| {
+        TestAgent::write_config(&dirs, &dirs.plugins(), toml);
+        agent.control.send(Control::Reload)
+    };
 
-    // A limit read per call: no connector is loaded again. Then one connector's own table:
-    // only it is. (Reloads run in order, so once the second has loaded `one` again, the first
-    // has finished.)
-    TestAgent::write_config(
-        &dirs,
-        &dirs.plugins(),
-        "[calls]\nkill_grace_secs = 3\n[connectors.one]\nmax_concurrency = 1\n",
-    );
-    agent.control.send(Control::Reload).await.unwrap();
-    TestAgent::write_config(
-        &dirs,
-        &dirs.plugins(),
-        "[calls]\nkill_grace_secs = 3\n[connectors.one]\nmax_concurrency = 2\n",
-    );
-    agent.control.send(Control::Reload).await.unwrap();
-    eventually(WAIT, "`one` to be loaded again under its new limit", || {
-        !std::sync::Arc::ptr_eq(&serving(&agent, "one"), &one)
+    // A default and one connector's own table: in place, on the same records.
+    reload(
+        "[calls]\nkill_grace_secs = 3\nmax_concurrency = 5\n\
+         [connectors.one]\nmax_concurrency = 2\ntimeout_secs = 1\n",
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "the new limits on both connectors", || {
+        limits(&one) == (2, Duration::from_secs(1)) && limits(&two).0 == 5
     })
     .await;
-    assert_eq!(permits(&serving(&agent, "one")), 2);
-    assert!(
-        std::sync::Arc::ptr_eq(&serving(&agent, "two"), &two),
-        "`two` was loaded again though nothing of it changed"
-    );
+    assert!(std::sync::Arc::ptr_eq(&serving(&agent, "one"), &one));
+    assert!(std::sync::Arc::ptr_eq(&serving(&agent, "two"), &two));
     let logs = captured_logs();
-    assert!(logs.contains("calls.kill_grace_secs"), "{logs}");
-    assert!(
-        logs.contains("connectors.one (its connector reloaded)"),
-        "{logs}"
-    );
+    for applied in [
+        "calls.kill_grace_secs",
+        "calls.max_concurrency",
+        "connectors.one (its call limits)",
+    ] {
+        assert!(logs.contains(applied), "{applied}: {logs}");
+    }
+    // The dispatcher reads the deadline in force.
+    let (_, answer) = agent
+        .call("one", "sleep", json!({"request": {"secs": 30}}))
+        .await;
+    assert_eq!(answer["error"]["error_code"], "agent.timeout", "{answer}");
 
-    // A default every connector is loaded under: both are loaded again.
-    let two = serving(&agent, "two");
-    TestAgent::write_config(
-        &dirs,
-        &dirs.plugins(),
-        "[calls]\nkill_grace_secs = 3\nmax_concurrency = 5\n[connectors.one]\nmax_concurrency = 2\n",
-    );
-    agent.control.send(Control::Reload).await.unwrap();
-    eventually(
-        WAIT,
-        "`two` to be loaded again under the new default",
-        || permits(&serving(&agent, "two")) == 5,
+    // Where a connector runs is fixed when it is loaded: that one is loaded again.
+    reload(
+        "[calls]\nkill_grace_secs = 3\nmax_concurrency = 5\n\
+         [connectors.one]\nmax_concurrency = 2\ntimeout_secs = 1\n\
+         [connectors.two]\nin_process = true\n",
     )
+    .await
+    .unwrap();
+    eventually(WAIT, "`two` to be loaded again", || {
+        !std::sync::Arc::ptr_eq(&serving(&agent, "two"), &two)
+    })
     .await;
-    assert!(!std::sync::Arc::ptr_eq(&serving(&agent, "two"), &two));
+    assert!(std::sync::Arc::ptr_eq(&serving(&agent, "one"), &one));
+    assert!(captured_logs().contains("connectors.two (its connector reloaded)"));
+
+    // What the connectors' processes are given is fixed at load too: every one is loaded again.
+    let (one, two) = (serving(&agent, "one"), serving(&agent, "two"));
+    reload(
+        "[calls]\nkill_grace_secs = 3\nmax_concurrency = 5\nconnector_log_level = \"DEBUG\"\n\
+         [connectors.one]\nmax_concurrency = 2\ntimeout_secs = 1\n\
+         [connectors.two]\nin_process = true\n",
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "both to be loaded again", || {
+        !std::sync::Arc::ptr_eq(&serving(&agent, "one"), &one)
+            && !std::sync::Arc::ptr_eq(&serving(&agent, "two"), &two)
+    })
+    .await;
+    assert_eq!(limits(&serving(&agent, "one")), (2, Duration::from_secs(1)));
     agent.shutdown().await;
 }

@@ -528,6 +528,35 @@ impl RunningAgent {
             self.reconciler.reload_all_next();
         }
         self.rescan().await;
+        // After the scan: the loads it waited for read their limits before the new ones were
+        // in force, or after; either way they are set now.
+        self.apply_call_limits();
+    }
+
+    /// Sets every loaded connector's call limits (`calls.max_concurrency`,
+    /// `calls.timeout_secs`, their `[connectors.<app_id>]` overrides) to the configuration's,
+    /// in place: the version serving now takes them, a retained one too, and its running calls
+    /// are not cut short.
+    fn apply_call_limits(&self) {
+        let config = self.config.get();
+        for connector in &self.registry.snapshot().connectors {
+            let (Some(app_id), Some(runnable)) = (&connector.app_id, &connector.runnable) else {
+                continue;
+            };
+            let (max, timeout) = (
+                config.max_concurrency_for(app_id),
+                config.timeout_for(app_id),
+            );
+            if runnable.limits.set(max, timeout) {
+                tracing::info!(
+                    app_id = %app_id,
+                    file = %connector.path.file_name().unwrap_or_default().to_string_lossy(),
+                    max_concurrency = max,
+                    timeout_secs = timeout.as_secs(),
+                    "call limits changed"
+                );
+            }
+        }
     }
 
     /// [`Self::reload`], unless a stop comes first: the reload's rescan may wait for
@@ -579,12 +608,10 @@ impl RunningAgent {
             self.reconciler.follow_up();
             applied.push("plugins_dir".to_string());
         }
-        // Limits fixed when a connector is loaded: reload the connectors they apply to under
-        // the new ones. The other call limits are read per call (or per scan) and apply as is.
+        // Settings fixed when a connector is loaded (its environment, its worker, the checks
+        // of its file): load every connector again under the new ones.
         let (old_calls, new_calls) = (&old.calls, &new.calls);
-        if new_calls.timeout != old_calls.timeout
-            || new_calls.max_concurrency != old_calls.max_concurrency
-            || new_calls.max_output_bytes != old_calls.max_output_bytes
+        if new_calls.max_output_bytes != old_calls.max_output_bytes
             || new_calls.connector_log_level != old_calls.connector_log_level
             || new_calls.pass_env != old_calls.pass_env
             || new.plugins.info_timeout != old.plugins.info_timeout
@@ -596,7 +623,14 @@ impl RunningAgent {
             self.reconciler.reload_all_next();
             applied.push("calls and plugin limits (every connector reloaded)".to_string());
         }
+        // Read per call or per scan, or (the call limits) set in place on the loaded connectors
+        // once the reload's scan is done (`apply_call_limits`).
         for (changed, key) in [
+            (new_calls.timeout != old_calls.timeout, "calls.timeout_secs"),
+            (
+                new_calls.max_concurrency != old_calls.max_concurrency,
+                "calls.max_concurrency",
+            ),
             (
                 new_calls.kill_grace != old_calls.kill_grace,
                 "calls.kill_grace_secs",
@@ -618,20 +652,24 @@ impl RunningAgent {
                 applied.push(key.to_string());
             }
         }
-        let overridden: BTreeSet<String> = old
-            .connectors
-            .keys()
-            .chain(new.connectors.keys())
-            .filter(|app_id| old.connectors.get(*app_id) != new.connectors.get(*app_id))
-            .cloned()
-            .collect();
-        if !overridden.is_empty() {
-            applied.extend(
-                overridden
-                    .iter()
-                    .map(|app_id| format!("connectors.{app_id} (its connector reloaded)")),
-            );
-            self.reconciler.reload_next(overridden);
+        // `[connectors.<app_id>]`: its call limits apply in place; `in_process` (where the
+        // connector runs) loads that connector again.
+        let named: BTreeSet<&String> = old.connectors.keys().chain(new.connectors.keys()).collect();
+        let mut moved = BTreeSet::new();
+        for app_id in named {
+            let (was, is) = (old.connectors.get(app_id), new.connectors.get(app_id));
+            if was == is {
+                continue;
+            }
+            if was.is_some_and(|o| o.in_process) != is.is_some_and(|o| o.in_process) {
+                applied.push(format!("connectors.{app_id} (its connector reloaded)"));
+                moved.insert(app_id.clone());
+            } else {
+                applied.push(format!("connectors.{app_id} (its call limits)"));
+            }
+        }
+        if !moved.is_empty() {
+            self.reconciler.reload_next(moved);
         }
         for (changed, key) in [
             (new.state_dir != old.state_dir, "state_dir"),
@@ -1054,19 +1092,19 @@ mod tests {
             .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
             .unwrap();
         let config_file = dir.path().join("agent.toml");
-        let write_config = |call_timeout: u32| {
+        let write_config = |max_output_bytes: u32| {
             std::fs::write(
                 &config_file,
                 format!(
                     "plugins_dir = {plugins:?}\nstate_dir = {:?}\n[api]\nlisten = \"127.0.0.1:0\"\n\
                      [plugins]\nwatch = false\nrescan_interval_secs = 3600\ninfo_timeout_secs = 600\n\
-                     [calls]\ntimeout_secs = {call_timeout}\n",
+                     [calls]\nmax_output_bytes = {max_output_bytes}\n",
                     dir.path().join("state")
                 ),
             )
             .unwrap();
         };
-        write_config(60);
+        write_config(1 << 20);
         let overrides = crate::config::Overrides {
             config_file: Some(config_file.clone()),
             dev: false,
@@ -1087,9 +1125,10 @@ mod tests {
         let (control, rx) = mpsc::channel(4);
         let stopped = tokio::spawn(agent.run(rx));
 
-        // New call limits: the reload loads every connector again, and waits for this `info`.
+        // A new output limit (fixed when a connector is loaded): the reload loads every
+        // connector again, and waits for this `info`.
         std::fs::write(&gate, "").unwrap();
-        write_config(61);
+        write_config(2 << 20);
         control.send(Control::Reload).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !pid_file.exists() {

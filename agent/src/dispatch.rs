@@ -264,14 +264,14 @@ impl Dispatcher {
         // for one already holds a slot (with `max_concurrency = 1`, the only one), and they
         // are single-flight per credential, so they add at most one run per credential.
         let _permit = match admission {
-            Admission::Limited => match runnable.limiter.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
+            Admission::Limited => match runnable.limits.try_acquire() {
+                Some(slot) => Some(slot),
+                None => {
                     let mut err = CallError::new(
                         ErrorCode::Busy,
                         format!(
                             "{app_id} is running its maximum of {} calls; retry shortly",
-                            self.config.get().max_concurrency_for(app_id)
+                            runnable.limits.max()
                         ),
                     );
                     err.retry_after_seconds = Some(1);
@@ -288,7 +288,7 @@ impl Dispatcher {
         ]
         .into_iter()
         .flatten()
-        .fold(runnable.timeout, Duration::min);
+        .fold(runnable.limits.timeout(), Duration::min);
         let version = connector.version.clone().unwrap_or_default();
         // The call stops when the caller cancels or when this version's drain grace runs out
         // (it was replaced or removed).

@@ -9,6 +9,7 @@ pub mod binary;
 pub mod bundle;
 pub mod info;
 pub mod integrity;
+pub mod limits;
 pub mod reload;
 
 use std::collections::HashMap;
@@ -20,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SharedConfig;
@@ -159,10 +159,9 @@ pub struct Runnable {
     pub info: ConnectorInfo,
     /// How calls reach it.
     pub runner: Runner,
-    /// Per-connector concurrency limit.
-    pub limiter: Arc<Semaphore>,
-    /// Its call deadline.
-    pub timeout: Duration,
+    /// How many calls it may run at once, and their deadline (a reload changes them in
+    /// place).
+    pub limits: limits::CallLimits,
     /// Cancelled when this version was replaced or removed and its drain grace ran out: the
     /// calls still running on it are cancelled.
     pub drain: CancellationToken,
@@ -781,7 +780,7 @@ impl PluginLoader {
         match result {
             Ok((info, runner, bundle_app_id)) => {
                 let app_id = bundle_app_id.unwrap_or_else(|| info.app_id.clone());
-                let limit = self.config.get().max_concurrency_for(&app_id);
+                let config = self.config.get();
                 Connector {
                     path,
                     kind: Some(kind),
@@ -790,10 +789,12 @@ impl PluginLoader {
                     reason: None,
                     version: Some(info.version.as_str().into()),
                     runnable: Some(Runnable {
-                        timeout: self.config.get().timeout_for(&app_id),
+                        limits: limits::CallLimits::new(
+                            config.max_concurrency_for(&app_id),
+                            config.timeout_for(&app_id),
+                        ),
                         info,
                         runner,
-                        limiter: Arc::new(Semaphore::new(limit)),
                         drain: self.abort.child_token(),
                     }),
                     app_id: Some(app_id),
