@@ -851,6 +851,27 @@ async fn files_others_could_have_written_are_rejected_unless_strictness_is_off()
         agent.connector_by_file("shared_group").await["status"],
         "ready"
     );
+    // Turned on again by a reload, it checks the files already loaded: they are not left
+    // running.
+    TestAgent::write_config(&dirs, &p, "");
+    agent
+        .control
+        .send(lumos_agent::app::Control::Reload)
+        .await
+        .unwrap();
+    eventually_ok(
+        std::time::Duration::from_secs(20),
+        "the loaded file to be checked again",
+        || async {
+            let row = agent.connector_by_file("shared_group").await;
+            if row["status"] == "rejected" {
+                Ok(())
+            } else {
+                Err(row)
+            }
+        },
+    )
+    .await;
     agent.shutdown().await;
 }
 

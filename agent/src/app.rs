@@ -619,6 +619,7 @@ impl RunningAgent {
             || new.plugins.max_bundle_bytes != old.plugins.max_bundle_bytes
             || new.plugins.max_bundle_entries != old.plugins.max_bundle_entries
             || new.plugins.worker_program != old.plugins.worker_program
+            || new.plugins.strict_permissions != old.plugins.strict_permissions
         {
             self.reconciler.reload_all_next();
             applied.push("calls and plugin limits (every connector reloaded)".to_string());
