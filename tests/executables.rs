@@ -587,6 +587,12 @@ async fn calls_over_the_connector_limit_are_busy_not_queued() {
         tokio::spawn(async move { agent.call("narrow", "sleep", body).await })
     };
     pid_file_written(&pid_file).await;
+    let row = agent.connector_by_file("narrow").await;
+    assert_eq!(
+        (&row["max_concurrency"], &row["running"]),
+        (&json!(1), &json!(1)),
+        "{row}"
+    );
     let (status, body) = agent.call("narrow", "echo", json!({})).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["error_code"], "agent.busy");

@@ -152,6 +152,17 @@ async fn call_limits_apply_in_place_and_only_in_process_loads_a_connector_again(
     ] {
         assert!(logs.contains(applied), "{applied}: {logs}");
     }
+    // The API shows the limits in force.
+    let row = agent.connector_by_file("one").await;
+    assert_eq!(
+        (
+            &row["max_concurrency"],
+            &row["timeout_secs"],
+            &row["running"]
+        ),
+        (&json!(2), &json!(1), &json!(0)),
+        "{row}"
+    );
     // The dispatcher reads the deadline in force.
     let (_, answer) = agent
         .call("one", "sleep", json!({"request": {"secs": 30}}))

@@ -78,6 +78,12 @@ impl CallLimits {
         self.slots.available_permits()
     }
 
+    /// Calls running now (those of a lowered maximum included, until they end).
+    pub fn running(&self) -> usize {
+        // available + running - owed == max, read apart: a moment's skew is harmless here.
+        (self.max() + self.owed.load(Ordering::Acquire)).saturating_sub(self.available())
+    }
+
     /// New limits. A raised maximum frees places at once; a lowered one retires free places
     /// now and the rest as running calls end (those are never cut short). Whether anything
     /// changed.
@@ -151,8 +157,10 @@ mod tests {
         );
         assert_eq!(limits.available(), 0);
         let mut running = running.into_iter();
+        assert_eq!(limits.running(), 3);
         drop(running.next());
         assert_eq!(limits.available(), 0, "retired, not given back");
+        assert_eq!(limits.running(), 2);
         drop(running.next());
         assert_eq!(limits.available(), 0, "retired, not given back");
         drop(running.next());

@@ -243,6 +243,9 @@ impl Connector {
                 .as_ref()
                 .map(|r| r.info.capabilities.clone())
                 .unwrap_or_default(),
+            max_concurrency: self.runnable.as_ref().map(|r| r.limits.max()),
+            timeout_secs: self.runnable.as_ref().map(|r| r.limits.timeout().as_secs()),
+            running: self.runnable.as_ref().map(|r| r.limits.running()),
             info: if with_info {
                 self.runnable.as_ref().map(|r| (*r.info.document).clone())
             } else {
@@ -271,6 +274,12 @@ pub struct ConnectorView {
     pub sha256: Option<String>,
     /// Capability names.
     pub capabilities: Vec<String>,
+    /// Calls it may run at once (`calls.max_concurrency` or its override), when ready.
+    pub max_concurrency: Option<usize>,
+    /// Its calls' deadline in seconds (`calls.timeout_secs` or its override), when ready.
+    pub timeout_secs: Option<u64>,
+    /// Calls it is running now, when ready.
+    pub running: Option<usize>,
     /// The full `info` response (detail view only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub info: Option<serde_json::Value>,
