@@ -811,6 +811,37 @@ async fn the_highest_version_of_an_app_serves() {
     agent.shutdown().await;
 }
 
+/// Reloads the agent and waits until the file `file` no longer serves `app_id` (asked for its
+/// `capability`): its one row rejected for `why`, no version of it retained (a revocation).
+async fn reload_and_see_it_stop(
+    agent: &TestAgent,
+    file: &str,
+    (app_id, capability): (&str, &str),
+    why: &str,
+) {
+    agent
+        .control
+        .send(lumos_agent::app::Control::Reload)
+        .await
+        .unwrap();
+    eventually_ok(
+        std::time::Duration::from_secs(20),
+        &format!("{file} to stop serving"),
+        || async {
+            let (status, body) = agent.call(app_id, capability, json!({})).await;
+            if body["error"]["error_code"] == "agent.unknown_connector" {
+                Ok(())
+            } else {
+                Err((status, body))
+            }
+        },
+    )
+    .await;
+    let rows = agent.entries_for_file(file).await;
+    assert_eq!(rows.len(), 1, "no version of it is retained: {rows:?}");
+    assert!(reason(&rows[0]).contains(why), "{rows:?}");
+}
+
 fn digest_of(path: &Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
@@ -854,22 +885,11 @@ async fn files_others_could_have_written_are_rejected_unless_strictness_is_off()
     // Turned on again by a reload, it checks the files already loaded: they are not left
     // running.
     TestAgent::write_config(&dirs, &p, "");
-    agent
-        .control
-        .send(lumos_agent::app::Control::Reload)
-        .await
-        .unwrap();
-    eventually_ok(
-        std::time::Duration::from_secs(20),
-        "the loaded file to be checked again",
-        || async {
-            let row = agent.connector_by_file("shared_group").await;
-            if row["status"] == "rejected" {
-                Ok(())
-            } else {
-                Err(row)
-            }
-        },
+    reload_and_see_it_stop(
+        &agent,
+        "shared_group",
+        ("shared_group", "echo"),
+        "group-writable",
     )
     .await;
     agent.shutdown().await;
@@ -900,6 +920,16 @@ async fn only_files_in_the_allow_list_load() {
         why.contains("not in the allow-list") && why.contains(&digest_of(&test_connector())),
         "{why}"
     );
+    // Revoked: its digest taken out of the list, a reload stops serving it (the check of the
+    // file loaded again must not leave the approved version running as a retained one).
+    std::fs::write(&lock, "# nothing approved\n").unwrap();
+    reload_and_see_it_stop(
+        &agent,
+        "approved",
+        ("lumos_example", "list_accounts"),
+        "not in the allow-list",
+    )
+    .await;
     agent.shutdown().await;
 }
 

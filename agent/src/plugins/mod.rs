@@ -80,6 +80,9 @@ pub struct Connector {
     /// Rejected for a fault of the agent's own (its state folder full, say), not of the file:
     /// loaded again at the next scan, changed or not.
     pub retry: bool,
+    /// Rejected by the trust checks (`plugins.strict_permissions`, the allow-list, the
+    /// signatures): the same file's version that served before must not keep serving.
+    pub distrusted: bool,
     /// The private folder its bytes run from (store copy or unpacked bundle), removed once
     /// nothing uses it.
     pub private_dir: Option<PathBuf>,
@@ -210,7 +213,21 @@ impl Connector {
             runnable: None,
             fingerprint: None,
             retry: rejection.retry,
+            distrusted: false,
             private_dir: None,
+        }
+    }
+
+    /// A file the trust checks refused.
+    fn distrusted(
+        path: PathBuf,
+        kind: Option<ConnectorKind>,
+        sha256: Option<String>,
+        reason: String,
+    ) -> Self {
+        Self {
+            distrusted: true,
+            ..Self::rejected(path, kind, sha256, reason)
         }
     }
 
@@ -715,7 +732,7 @@ impl PluginLoader {
         // Who could have written it, before anything of it is read or run.
         if config.plugins.strict_permissions {
             if let Err(reason) = integrity::check_permissions(&path) {
-                return Connector::rejected(path, Some(kind), None, reason);
+                return Connector::distrusted(path, Some(kind), None, reason);
             }
         }
         // Executables and libraries run from a private, content-addressed copy made from the
@@ -737,16 +754,18 @@ impl PluginLoader {
                         "sha256 {sha256} is not in the allow-list {}: add it to approve this file",
                         lock_file.display()
                     );
-                    return Connector::rejected(path, Some(kind), Some(sha256), reason);
+                    return Connector::distrusted(path, Some(kind), Some(sha256), reason);
                 }
-                Err(reason) => return Connector::rejected(path, Some(kind), Some(sha256), reason),
+                Err(reason) => {
+                    return Connector::distrusted(path, Some(kind), Some(sha256), reason)
+                }
             }
         }
         if !config.plugins.signing_keys.is_empty() {
             if let Err(reason) =
                 integrity::check_signature(&path, &sha256, &config.plugins.signing_keys)
             {
-                return Connector::rejected(path, Some(kind), Some(sha256), reason);
+                return Connector::distrusted(path, Some(kind), Some(sha256), reason);
             }
         }
         let private_dir = match kind {
@@ -809,6 +828,7 @@ impl PluginLoader {
                     app_id: Some(app_id),
                     fingerprint: None,
                     retry: false,
+                    distrusted: false,
                     private_dir,
                 }
             }

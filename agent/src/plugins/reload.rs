@@ -807,16 +807,41 @@ fn retire(retired: &mut Vec<(Weak<Connector>, PathBuf)>, slot: Slot, drain_grace
 }
 
 /// Puts a connector just loaded from `path` in its slot. A rejected replacement never displaces
-/// a good version: the old one keeps serving beside it.
+/// a good version: the old one keeps serving beside it. Unless the trust checks now refuse the
+/// very file that version was loaded from (a digest taken out of the allow-list, a key
+/// revoked, strictness turned on): then it stops too.
 fn commit(state: &mut State, path: PathBuf, connector: Connector, drain_grace: Duration) {
     let new = Arc::new(connector);
     let slot = match state.slots.remove(&path) {
         Some(old) if new.status == ConnectorStatus::Rejected => {
-            let good = if old.current.status == ConnectorStatus::Rejected {
+            let mut good = if old.current.status == ConnectorStatus::Rejected {
                 old.retained
             } else {
                 Some(old.current)
             };
+            if new.distrusted
+                && good.as_ref().is_some_and(|good| {
+                    new.fingerprint.is_some() && new.fingerprint == good.fingerprint
+                })
+            {
+                if let Some(revoked) = good.take() {
+                    tracing::warn!(
+                        "{}: refused by the trust checks now; {} {}, loaded from this same file, stops serving",
+                        new.file_name(),
+                        revoked.app_id.as_deref().unwrap_or("?"),
+                        revoked.version.as_deref().unwrap_or("?")
+                    );
+                    retire(
+                        &mut state.retired,
+                        Slot {
+                            current: revoked,
+                            retained: None,
+                            stale: false,
+                        },
+                        drain_grace,
+                    );
+                }
+            }
             if let Some(good) = &good {
                 tracing::warn!(
                     "{}: the new content is rejected; {} {} keeps serving",
