@@ -969,5 +969,15 @@ async fn with_signing_keys_only_validly_signed_files_load() {
         .await
         .iter()
         .all(|c| !c["path"].as_str().unwrap().ends_with(".sig")));
+    // The key revoked (another one trusted instead), what it signed stops serving.
+    TestAgent::write_config(
+        &dirs,
+        &p,
+        &format!(
+            "[plugins]\nsigning_keys = [{:?}]\n",
+            hex::encode(other_key.verifying_key().to_bytes())
+        ),
+    );
+    reload_and_see_it_stop(&agent, "signed", ("signed", "echo"), "does not match").await;
     agent.shutdown().await;
 }
