@@ -225,17 +225,20 @@ fn agent_put_and_swap_key(dirs: &TestDirs) {
     std::fs::write(state.tenants_key(), "ab".repeat(32)).unwrap();
 }
 
+/// An `[api]` table with `settings` and the user olga (password "pw") of `role`.
+fn api_with_olga(settings: &str, role: &str) -> String {
+    let hash = lumos_agent::auth::hash_password(b"pw").unwrap();
+    format!("[api]\n{settings}[api.users.olga]\npassword_hash = \"{hash}\"\nrole = \"{role}\"\n")
+}
+
 /// Users who log in from other machines would send their passwords over plain HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_an_api_beyond_loopback_are_warned_of_passwords_in_the_clear() {
     let dirs = TestDirs::new();
-    let hash = lumos_agent::auth::hash_password(b"pw").unwrap();
     TestAgent::write_config(
         &dirs,
         &dirs.plugins(),
-        &format!(
-            "[api]\nlisten = \"0.0.0.0:9\"\n[api.users.olga]\npassword_hash = \"{hash}\"\nrole = \"viewer\"\n"
-        ),
+        &api_with_olga("listen = \"0.0.0.0:9\"\n", "viewer"),
     );
     let (_, report) = doctor_says(&overrides(&dirs, None)).await;
     let users = line(&report, "ok", "api users").expect(&report);
@@ -252,15 +255,8 @@ async fn users_on_an_api_beyond_loopback_are_warned_of_passwords_in_the_clear() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_without_an_admin_token_is_told_as_such() {
     let dirs = TestDirs::new();
-    let hash = lumos_agent::auth::hash_password(b"pw").unwrap();
-    TestAgent::write_config(
-        &dirs,
-        &dirs.plugins(),
-        &format!(
-            "[api]\nlisten = \"127.0.0.1:9\"\nadmin_token = false\n\
-             [api.users.olga]\npassword_hash = \"{hash}\"\nrole = \"admin\"\n"
-        ),
-    );
+    let api = api_with_olga("listen = \"127.0.0.1:9\"\nadmin_token = false\n", "admin");
+    TestAgent::write_config(&dirs, &dirs.plugins(), &api);
     let (_, report) = doctor_says(&overrides(&dirs, None)).await;
     let users = line(&report, "ok", "api users").expect(&report);
     assert!(
@@ -274,9 +270,7 @@ async fn an_agent_without_an_admin_token_is_told_as_such() {
     );
 
     // With a user's token (`--token-file`), the running agent is read as with the admin's.
-    let config = std::fs::read_to_string(dirs.root.path().join("agent.toml")).unwrap();
-    let extra = config.split_once("[api]").unwrap().1;
-    let running = TestAgent::start(&dirs, &format!("[api]{extra}")).await;
+    let running = TestAgent::start(&dirs, &api).await;
     let token_file = dirs.root.path().join("olga.token");
     std::fs::write(&token_file, running.login("olga", "pw").await).unwrap();
     let (_, report) = doctor_with_token(&overrides(&dirs, Some(&running)), Some(&token_file)).await;

@@ -144,9 +144,9 @@ fn result_body(body: crate::output::ResultBody) -> ApiBody {
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish (tracked by
 /// `tracker`). At most `max_connections` are served at once: the next is accepted and waits,
-/// and those after it wait in the listen backlog, until one closes (an idle one closes after `HEADER_READ_TIMEOUT`), so that a client
-/// opening connections without end cannot use up the file descriptors the connectors and the
-/// tunnel need.
+/// and those after it wait in the listen backlog, until one closes (an idle one closes after
+/// `HEADER_READ_TIMEOUT`), so that a client opening connections without end cannot use up the
+/// file descriptors the connectors and the tunnel need.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,

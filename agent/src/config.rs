@@ -255,9 +255,8 @@ pub struct ApiConfig {
     /// The LDAP auth provider (`[api.ldap]`), for user names not in `users`.
     pub ldap: Option<LdapConfig>,
     /// `api.max_connections`: connections served at once; more wait (one accepted, the rest in
-    /// the listen backlog), so
-    /// that clients that open many (or never finish a request) cannot use up the agent's
-    /// file descriptors, which its connectors and the tunnel need too.
+    /// the listen backlog), so that clients that open many (or never finish a request) cannot
+    /// use up the agent's file descriptors, which its connectors and the tunnel need too.
     pub max_connections: usize,
     /// `api.admin_token`: whether the agent's own token (`<state_dir>/admin.token`) is
     /// accepted. `false` leaves only the users' logins (each named in the log), and removes
@@ -404,14 +403,10 @@ pub struct ConnectorOverride {
 /// The message for a key the validator does not know: the key it likely meant, when it is a
 /// near miss (a typo, another case, `-` for `_`), and every key it knows there.
 fn unknown_key(key: &str, known: &[&str]) -> String {
+    let folded = key.to_lowercase().replace('-', "_");
     let meant = known
         .iter()
-        .map(|k| {
-            (
-                strsim::jaro_winkler(&key.to_lowercase().replace('-', "_"), k),
-                k,
-            )
-        })
+        .map(|k| (strsim::jaro_winkler(&folded, k), k))
         .filter(|(likeness, _)| *likeness >= 0.9)
         .max_by(|a, b| a.0.total_cmp(&b.0));
     match meant {

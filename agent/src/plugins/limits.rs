@@ -88,8 +88,8 @@ impl CallLimits {
     /// now and the rest as running calls end (those are never cut short). Whether anything
     /// changed.
     pub fn set(&self, max: usize, timeout: Duration) -> bool {
-        let timeout_changed =
-            self.timeout_ms.swap(millis(timeout), Ordering::Relaxed) != millis(timeout);
+        let timeout_ms = millis(timeout);
+        let timeout_changed = self.timeout_ms.swap(timeout_ms, Ordering::Relaxed) != timeout_ms;
         let old = self.max.swap(max, Ordering::AcqRel);
         if max > old {
             // Places still owed from an earlier cut are simply not retired.

@@ -408,7 +408,7 @@ impl Reconciler {
                     c.version.as_deref().unwrap_or("?"),
                     slot.current.file_name()
                 );
-                retire(&mut state.retired, slot, drain_grace);
+                retire(&mut state.retired, slot.into_versions(), drain_grace);
             }
 
             for (path, fingerprint) in files {
@@ -788,8 +788,21 @@ fn being_written(
     since.elapsed() < settle
 }
 
-fn retire(retired: &mut Vec<(Weak<Connector>, PathBuf)>, slot: Slot, drain_grace: Duration) {
-    for c in std::iter::once(slot.current).chain(slot.retained) {
+impl Slot {
+    /// Its versions: the current record, and the one retained beside it.
+    fn into_versions(self) -> impl Iterator<Item = Arc<Connector>> {
+        std::iter::once(self.current).chain(self.retained)
+    }
+}
+
+/// Takes `versions` out of service: their calls get the drain grace, then are cancelled, and
+/// their private folders go once nothing uses them.
+fn retire(
+    retired: &mut Vec<(Weak<Connector>, PathBuf)>,
+    versions: impl IntoIterator<Item = Arc<Connector>>,
+    drain_grace: Duration,
+) {
+    for c in versions {
         if let Some(runnable) = &c.runnable {
             // Calls still running on this version get the drain grace, then are cancelled.
             let drain = runnable.drain.clone();
@@ -819,28 +832,18 @@ fn commit(state: &mut State, path: PathBuf, connector: Connector, drain_grace: D
             } else {
                 Some(old.current)
             };
-            if new.distrusted
-                && good.as_ref().is_some_and(|good| {
-                    new.fingerprint.is_some() && new.fingerprint == good.fingerprint
-                })
-            {
-                if let Some(revoked) = good.take() {
-                    tracing::warn!(
-                        "{}: refused by the trust checks now; {} {}, loaded from this same file, stops serving",
-                        new.file_name(),
-                        revoked.app_id.as_deref().unwrap_or("?"),
-                        revoked.version.as_deref().unwrap_or("?")
-                    );
-                    retire(
-                        &mut state.retired,
-                        Slot {
-                            current: revoked,
-                            retained: None,
-                            stale: false,
-                        },
-                        drain_grace,
-                    );
-                }
+            // The trust checks refuse the very file the serving version was loaded from.
+            let revoked = good.take_if(|good| {
+                new.distrusted && new.fingerprint.is_some() && new.fingerprint == good.fingerprint
+            });
+            if let Some(revoked) = revoked {
+                tracing::warn!(
+                    "{}: refused by the trust checks now; {} {}, loaded from this same file, stops serving",
+                    new.file_name(),
+                    revoked.app_id.as_deref().unwrap_or("?"),
+                    revoked.version.as_deref().unwrap_or("?")
+                );
+                retire(&mut state.retired, [revoked], drain_grace);
             }
             if let Some(good) = &good {
                 tracing::warn!(
@@ -868,7 +871,7 @@ fn commit(state: &mut State, path: PathBuf, connector: Connector, drain_grace: D
                     new.file_name()
                 );
             }
-            retire(&mut state.retired, old, drain_grace);
+            retire(&mut state.retired, old.into_versions(), drain_grace);
             Slot {
                 current: new,
                 retained: None,

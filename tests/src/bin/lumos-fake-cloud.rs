@@ -130,9 +130,8 @@ async fn main() -> std::process::ExitCode {
     loop {
         if session.is_none() {
             tokio::select! {
-                s = cloud.next_session(Duration::from_secs(3600)) => {
+                mut s = cloud.next_session(Duration::from_secs(3600)) => {
                     say!("agent {} ({} {}/{}) connected, session {}", s.hello.agent_id, s.hello.hostname, s.hello.os, s.hello.arch, s.id);
-                    let mut s = s;
                     // An agent under development may get the protocol wrong; say so, do not crash.
                     s.tolerate_violations();
                     session = Some(s);
