@@ -347,12 +347,7 @@ async fn connector_log_files_past_their_days_are_removed() {
     let written = |name: &str, age: Duration| {
         let path = logs.join(name);
         std::fs::write(&path, "12:00:00 INFO a line\n").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() - age)
-            .unwrap();
+        set_mtime(&path, std::time::SystemTime::now() - age);
         path
     };
     let old = written("envy_2026-11-20.log", 8 * day);

@@ -51,14 +51,6 @@ fn pid_in(pid_file: &std::path::Path) -> i32 {
         .unwrap()
 }
 
-/// Sets a file's modification time (a copy that kept its times, `tar x` or `cp -p`).
-fn set_mtime(path: &std::path::Path, time: std::time::SystemTime) {
-    std::fs::File::open(path)
-        .unwrap()
-        .set_modified(time)
-        .unwrap();
-}
-
 async fn until_serves(agent: &TestAgent, app_id: &str, version: &str) {
     let what = format!("{app_id} {version} to serve");
     eventually_ok(WAIT, &what, || async {

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use hyper::{Method, StatusCode};
+use lumos_agent::app::Control;
 use lumos_agent_integration::*;
 use serde_json::{json, Value};
 
@@ -819,11 +820,7 @@ async fn reload_and_see_it_stop(
     (app_id, capability): (&str, &str),
     why: &str,
 ) {
-    agent
-        .control
-        .send(lumos_agent::app::Control::Reload)
-        .await
-        .unwrap();
+    agent.control.send(Control::Reload).await.unwrap();
     eventually_ok(
         std::time::Duration::from_secs(20),
         &format!("{file} to stop serving"),
@@ -840,6 +837,11 @@ async fn reload_and_see_it_stop(
     let rows = agent.entries_for_file(file).await;
     assert_eq!(rows.len(), 1, "no version of it is retained: {rows:?}");
     assert!(reason(&rows[0]).contains(why), "{rows:?}");
+}
+
+/// The configuration of an allow-list in the file `lock`.
+fn allow_list(lock: &Path) -> String {
+    format!("[plugins]\nlock_file = {:?}\n", lock.display().to_string())
 }
 
 fn digest_of(path: &Path) -> String {
@@ -909,11 +911,7 @@ async fn only_files_in_the_allow_list_load() {
         ),
     )
     .unwrap();
-    let agent = TestAgent::start(
-        &dirs,
-        &format!("[plugins]\nlock_file = {:?}\n", lock.display().to_string()),
-    )
-    .await;
+    let agent = TestAgent::start(&dirs, &allow_list(&lock)).await;
     assert_eq!(agent.connector_by_file("approved").await["status"], "ready");
     let why = reason(&agent.connector_by_file("unapproved").await);
     assert!(
@@ -930,6 +928,177 @@ async fn only_files_in_the_allow_list_load() {
         "not in the allow-list",
     )
     .await;
+    agent.shutdown().await;
+}
+
+/// A reload judges every file again under the allow-list as it is then, by what each version
+/// passed when it was loaded: a file approved since comes up, and so does one refused before
+/// once the allow-list is no longer configured; a version still approved is not loaded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_loads_again_only_the_files_the_trust_checks_may_judge_otherwise() {
+    let dirs = TestDirs::new();
+    let p = dirs.plugins();
+    let approved = versioned_connector(&p, "judged_ok", "judged_ok", "1.0.0");
+    let later = versioned_connector(&p, "judged_later", "judged_later", "1.0.0");
+    let never = versioned_connector(&p, "judged_never", "judged_never", "1.0.0");
+    // Written long ago: a reload loads them at once (one written less than the debounce ago
+    // would wait for the scan after it).
+    for file in [&approved, &later, &never] {
+        set_mtime(
+            file,
+            std::time::SystemTime::now() - std::time::Duration::from_secs(3600),
+        );
+    }
+    let lock = dirs.root.path().join("plugins.lock");
+    std::fs::write(&lock, format!("{}  judged_ok\n", digest_of(&approved))).unwrap();
+    let with_lock = allow_list(&lock);
+    let agent = TestAgent::start(&dirs, &with_lock).await;
+    for file in ["judged_later", "judged_never"] {
+        let why = reason(&agent.connector_by_file(file).await);
+        assert!(why.contains("not in the allow-list"), "{file}: {why}");
+    }
+    let serving = || agent.registry.snapshot().resolve("judged_ok").unwrap();
+    let original = serving();
+
+    // One more approved. The same reload sets a call limit, which is put in force once its
+    // scan is done: then the reload is over, and whatever it loaded again is in place.
+    std::fs::write(
+        &lock,
+        format!(
+            "{}  judged_ok\n{}  judged_later\n",
+            digest_of(&approved),
+            digest_of(&later)
+        ),
+    )
+    .unwrap();
+    TestAgent::write_config(
+        &dirs,
+        &p,
+        &format!("{with_lock}[calls]\nmax_concurrency = 7\n"),
+    );
+    agent.control.send(Control::Reload).await.unwrap();
+    let limits = |c: &lumos_agent::plugins::Connector| c.runnable.as_ref().unwrap().limits.max();
+    eventually(
+        std::time::Duration::from_secs(20),
+        "the reload's call limit on the version loaded at start",
+        || limits(&original) == 7,
+    )
+    .await;
+    assert!(
+        std::sync::Arc::ptr_eq(&serving(), &original),
+        "a version still approved was loaded again"
+    );
+    let row = agent.connector_by_file("judged_later").await;
+    assert_eq!(row["status"], "ready", "{row}");
+    let (status, body) = agent.call("judged_later", "echo", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        reason(&agent.connector_by_file("judged_never").await).contains("not in the allow-list")
+    );
+
+    // No allow-list any more: what it refused comes up.
+    TestAgent::write_config(&dirs, &p, "[calls]\nmax_concurrency = 7\n");
+    agent.control.send(Control::Reload).await.unwrap();
+    eventually_ok(
+        std::time::Duration::from_secs(20),
+        "judged_never to come up",
+        || async {
+            let (status, body) = agent.call("judged_never", "echo", json!({})).await;
+            if status == StatusCode::OK {
+                Ok(())
+            } else {
+                Err((status, body))
+            }
+        },
+    )
+    .await;
+    assert!(std::sync::Arc::ptr_eq(&serving(), &original));
+    agent.shutdown().await;
+}
+
+/// A version kept serving behind a rejected replacement is revoked like one serving from its
+/// file: by its own digest, though the file holds other bytes by now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_a_version_kept_behind_a_rejected_replacement() {
+    let dirs = TestDirs::new();
+    let p = dirs.plugins();
+    let kept = versioned_connector(&p, "kept", "kept", "1.0.0");
+    let lock = dirs.root.path().join("plugins.lock");
+    std::fs::write(&lock, format!("{}  kept\n", digest_of(&kept))).unwrap();
+    let agent = TestAgent::start(&dirs, &allow_list(&lock)).await;
+    // Replaced by bytes nobody approved: rejected, and 1.0.0 keeps serving beside them.
+    versioned_connector(&p, "kept", "kept", "2.0.0");
+    eventually_ok(
+        std::time::Duration::from_secs(20),
+        "the replacement rejected, 1.0.0 retained",
+        || async {
+            let rows = agent.entries_for_file("kept").await;
+            if rows.len() == 2 {
+                Ok(())
+            } else {
+                Err(rows)
+            }
+        },
+    )
+    .await;
+    let (status, body) = agent.call("kept", "echo", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // 1.0.0's digest taken out of the list: the file did not change, yet it stops.
+    std::fs::write(&lock, "# nothing approved\n").unwrap();
+    reload_and_see_it_stop(&agent, "kept", ("kept", "echo"), "not in the allow-list").await;
+    agent.shutdown().await;
+}
+
+/// A load that passed the allow-list before a reload revoked its digest (the reload joins it
+/// rather than start it again) does not serve: it is judged again when it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_in_progress_when_its_digest_is_revoked_does_not_serve() {
+    let dirs = TestDirs::new();
+    let (started, release) = (
+        dirs.root.path().join("started"),
+        dirs.root.path().join("release"),
+    );
+    // Each run waits for the release, saying first that it started.
+    let script = format!(
+        "#!/bin/bash\ntouch '{}'\nwhile [ ! -e '{}' ]; do sleep 0.05; done\n\
+         exec -a 'racing@1.0.0' '{}' \"$@\"\n",
+        started.display(),
+        release.display(),
+        test_connector().display()
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let digest = digest_of(&write_script(scratch.path(), "racing", &script));
+    let lock = dirs.root.path().join("plugins.lock");
+    std::fs::write(&lock, format!("{digest}  racing\n")).unwrap();
+    let agent = TestAgent::start(&dirs, &allow_list(&lock)).await;
+    write_script(&dirs.plugins(), "racing", &script);
+    // Its digest checked, its `info` running.
+    let wait = std::time::Duration::from_secs(20);
+    eventually(wait, "the load's info to start", || started.exists()).await;
+    std::fs::write(&lock, "# nothing approved\n").unwrap();
+    agent.control.send(Control::Reload).await.unwrap();
+    std::fs::write(&release, "").unwrap();
+    eventually_ok(wait, "the load to be refused", || async {
+        let rows = agent.entries_for_file("racing").await;
+        if rows.iter().any(|row| row["status"] == "rejected") {
+            Ok(())
+        } else {
+            Err(rows)
+        }
+    })
+    .await;
+    let rows = agent.entries_for_file("racing").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        reason(&rows[0]).contains("not in the allow-list"),
+        "{rows:?}"
+    );
+    let (_, body) = agent.call("racing", "echo", json!({})).await;
+    assert_eq!(
+        body["error"]["error_code"], "agent.unknown_connector",
+        "{body}"
+    );
     agent.shutdown().await;
 }
 

@@ -522,11 +522,9 @@ impl RunningAgent {
                 Ok(new) => self.apply(new),
             }
         }
-        let plugins = &self.config.get().plugins;
-        if plugins.lock_file.is_some() || !plugins.signing_keys.is_empty() {
-            // The allow-list or the signatures may have been edited: check every file again.
-            self.reconciler.reload_all_next();
-        }
+        // The allow-list, the keys or the strictness may have changed (the allow-list is a file
+        // of its own, edited without a word to the agent): every file is judged again.
+        self.reconciler.recheck_trust_next();
         self.rescan().await;
         // After the scan: the loads it waited for read their limits before the new ones were
         // in force, or after; either way they are set now.
@@ -619,10 +617,17 @@ impl RunningAgent {
             || new.plugins.max_bundle_bytes != old.plugins.max_bundle_bytes
             || new.plugins.max_bundle_entries != old.plugins.max_bundle_entries
             || new.plugins.worker_program != old.plugins.worker_program
-            || new.plugins.strict_permissions != old.plugins.strict_permissions
         {
             self.reconciler.reload_all_next();
             applied.push("calls and plugin limits (every connector reloaded)".to_string());
+        }
+        // Judged again at every reload (`recheck_trust_next`): only the files they may now
+        // judge otherwise are loaded again.
+        if new.plugins.strict_permissions != old.plugins.strict_permissions
+            || new.plugins.lock_file != old.plugins.lock_file
+            || new.plugins.signing_keys != old.plugins.signing_keys
+        {
+            applied.push("plugins trust checks (files judged again)".to_string());
         }
         // Read per call or per scan, or (the call limits) set in place on the loaded connectors
         // once the reload's scan is done (`apply_call_limits`).

@@ -351,6 +351,14 @@ pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
+/// Sets a file's modification time (a copy that kept its times, `tar x` or `cp -p`).
+pub fn set_mtime(path: &Path, time: std::time::SystemTime) {
+    std::fs::File::open(path)
+        .unwrap()
+        .set_modified(time)
+        .unwrap();
+}
+
 /// Writes a connector script into `dir` as `file_name` (copy, then rename) that runs the test
 /// connector as `app_id` `version` (its app_id and version come from its `argv[0]`).
 pub fn versioned_connector(dir: &Path, file_name: &str, app_id: &str, version: &str) -> PathBuf {

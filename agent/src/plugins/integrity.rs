@@ -14,7 +14,7 @@
 //!   the bytes verified are the bytes loaded.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Checks that `path` (after symlinks) and every folder above it, and above the link itself,
 /// can only be written by root or this process's user.
@@ -111,14 +111,127 @@ pub fn read_lock_file(path: &Path) -> Result<HashSet<String>, String> {
 /// this is not one (and is not read further).
 const MAX_SIGNATURE_FILE: u64 = 1024;
 
-/// Checks `<plugin>.sig` against `keys` for the file whose digest is `sha256_hex`.
-pub fn check_signature(plugin: &Path, sha256_hex: &str, keys: &[[u8; 32]]) -> Result<(), String> {
+/// What a loaded version passed of the trust checks. Kept with it so that a reload can judge it
+/// again under the checks as they are then, without loading it again: its file may hold other
+/// bytes by now (the version is retained behind a rejected replacement), or none.
+#[derive(Debug, Clone, Default)]
+pub struct TrustEvidence {
+    /// Its file's permissions were checked (`plugins.strict_permissions` was on).
+    pub permissions_checked: bool,
+    /// The signature it was verified with (`plugins.signing_keys` were set).
+    pub signature: Option<[u8; 64]>,
+}
+
+/// The trust checks as configured at one moment, the allow-list read once.
+#[derive(Debug)]
+pub struct TrustPolicy {
+    strict_permissions: bool,
+    /// The allow-list file, and its digests or why it cannot be read (then every file is
+    /// refused: the admin meant to restrict them).
+    allow_list: Option<(PathBuf, Result<HashSet<String>, String>)>,
+    signing_keys: Vec<[u8; 32]>,
+}
+
+impl TrustPolicy {
+    /// The checks `plugins` configures; reads the allow-list.
+    pub fn of(plugins: &crate::config::PluginsConfig) -> Self {
+        Self {
+            strict_permissions: plugins.strict_permissions,
+            allow_list: plugins
+                .lock_file
+                .as_ref()
+                .map(|path| (path.clone(), read_lock_file(path))),
+            signing_keys: plugins.signing_keys.clone(),
+        }
+    }
+
+    /// Whether files' permissions are checked.
+    pub fn strict_permissions(&self) -> bool {
+        self.strict_permissions
+    }
+
+    /// Whether the allow-list approves the bytes whose digest is `sha256_hex`.
+    pub fn check_digest(&self, sha256_hex: &str) -> Result<(), String> {
+        match &self.allow_list {
+            None => Ok(()),
+            Some((_, Ok(allowed))) if allowed.contains(sha256_hex) => Ok(()),
+            Some((path, Ok(_))) => Err(format!(
+                "sha256 {sha256_hex} is not in the allow-list {}: add it to approve this file",
+                path.display()
+            )),
+            Some((_, Err(reason))) => Err(reason.clone()),
+        }
+    }
+
+    /// Checks `<plugin>.sig` against the signing keys for the file whose digest is
+    /// `sha256_hex`; the signature that matched, or `None` when no keys are set.
+    pub fn check_signature(
+        &self,
+        plugin: &Path,
+        sha256_hex: &str,
+    ) -> Result<Option<[u8; 64]>, String> {
+        if self.signing_keys.is_empty() {
+            return Ok(None);
+        }
+        let sig_path = signature_path(plugin);
+        let signature = read_signature(&sig_path)?;
+        if self.verifies(&signature, sha256_hex) {
+            Ok(Some(signature))
+        } else {
+            Err(format!(
+                "the signature {} does not match this file for any of plugins.signing_keys",
+                sig_path.display()
+            ))
+        }
+    }
+
+    /// Why these checks refuse a version that passed `evidence` when it was loaded from bytes
+    /// whose digest is `sha256_hex`; `None` when they accept it.
+    pub fn refuses(&self, sha256_hex: Option<&str>, evidence: &TrustEvidence) -> Option<String> {
+        if self.strict_permissions && !evidence.permissions_checked {
+            return Some(
+                "plugins.strict_permissions is on, and its file's permissions were not checked when it was loaded".to_string(),
+            );
+        }
+        let Some(sha256_hex) = sha256_hex else {
+            return (self.allow_list.is_some() || !self.signing_keys.is_empty())
+                .then(|| "its digest is unknown".to_string());
+        };
+        if let Err(reason) = self.check_digest(sha256_hex) {
+            return Some(reason);
+        }
+        let signed = evidence
+            .signature
+            .is_some_and(|signature| self.verifies(&signature, sha256_hex));
+        if !self.signing_keys.is_empty() && !signed {
+            return Some(
+                "it was not loaded with a signature that matches any of plugins.signing_keys now"
+                    .to_string(),
+            );
+        }
+        None
+    }
+
+    /// Whether one of the keys signed the digest `sha256_hex` with `signature`.
+    fn verifies(&self, signature: &[u8; 64], sha256_hex: &str) -> bool {
+        let Ok(digest) = hex::decode(sha256_hex) else {
+            return false;
+        };
+        let signature = ed25519_dalek::Signature::from_bytes(signature);
+        self.signing_keys.iter().any(|key| {
+            ed25519_dalek::VerifyingKey::from_bytes(key)
+                .is_ok_and(|key| key.verify_strict(&digest, &signature).is_ok())
+        })
+    }
+}
+
+/// Reads the signature file `sig_path`: 64 bytes, raw or hex.
+fn read_signature(sig_path: &Path) -> Result<[u8; 64], String> {
     use std::io::Read as _;
-    let sig_path = signature_path(plugin);
     // Opened as a regular file only (a FIFO there would hold up the load), and read no
     // further than a signature can be long.
     let mut raw = Vec::new();
-    let opened = crate::platform::open_regular_file(&sig_path).map_err(|e| {
+    let opened = crate::platform::open_regular_file(sig_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             format!(
                 "no signature {}: plugins.signing_keys requires every plugin to be signed",
@@ -135,33 +248,14 @@ pub fn check_signature(plugin: &Path, sha256_hex: &str, keys: &[[u8; 32]]) -> Re
     let bytes: Vec<u8> = if raw.len() == 64 {
         raw
     } else {
-        hex::decode(String::from_utf8_lossy(&raw).trim()).map_err(|_| {
-            format!(
-                "{} is not a signature (64 bytes, raw or hex)",
-                sig_path.display()
-            )
-        })?
+        hex::decode(String::from_utf8_lossy(&raw).trim()).unwrap_or_default()
     };
-    let signature: [u8; 64] = bytes.try_into().map_err(|_| {
+    bytes.try_into().map_err(|_| {
         format!(
             "{} is not a signature (64 bytes, raw or hex)",
             sig_path.display()
         )
-    })?;
-    let signature = ed25519_dalek::Signature::from_bytes(&signature);
-    let digest = hex::decode(sha256_hex).map_err(|_| "bad digest".to_string())?;
-    let valid = keys.iter().any(|key| {
-        ed25519_dalek::VerifyingKey::from_bytes(key)
-            .is_ok_and(|key| key.verify_strict(&digest, &signature).is_ok())
-    });
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "the signature {} does not match this file for any of plugins.signing_keys",
-            sig_path.display()
-        ))
-    }
+    })
 }
 
 /// Where a plugin's signature lives.
@@ -197,6 +291,59 @@ mod tests {
             .contains("world-writable"));
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
         check_permissions(&file).unwrap();
+    }
+
+    /// A loaded version is judged again by what it passed: its digest against the allow-list
+    /// as it is now, its signature against the keys as they are now, and whether its file's
+    /// permissions were checked at all.
+    #[test]
+    fn a_policy_judges_a_loaded_version_by_its_evidence() {
+        use ed25519_dalek::Signer;
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("plugins.lock");
+        let (digest, other) = ("a".repeat(64), "b".repeat(64));
+        std::fs::write(&lock, format!("{digest}\n")).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let signature = key.sign(&hex::decode(&digest).unwrap()).to_bytes();
+        let signed = TrustEvidence {
+            permissions_checked: true,
+            signature: Some(signature),
+        };
+        let policy = |strict: bool, lock: Option<&Path>, keys: Vec<[u8; 32]>| TrustPolicy {
+            strict_permissions: strict,
+            allow_list: lock.map(|path| (path.to_path_buf(), read_lock_file(path))),
+            signing_keys: keys,
+        };
+
+        let everything = policy(true, Some(&lock), vec![key.verifying_key().to_bytes()]);
+        assert_eq!(everything.refuses(Some(&digest), &signed), None);
+        let unchecked = TrustEvidence::default();
+        assert!(everything
+            .refuses(Some(&digest), &unchecked)
+            .unwrap()
+            .contains("strict_permissions"));
+        assert!(everything
+            .refuses(Some(&other), &signed)
+            .unwrap()
+            .contains("not in the allow-list"));
+        // Another key trusted instead: the signature kept no longer matches.
+        let rotated = policy(false, None, vec![[9u8; 32]]);
+        assert!(rotated
+            .refuses(Some(&digest), &signed)
+            .unwrap()
+            .contains("signing_keys"));
+        // An allow-list that cannot be read refuses everything, and says why.
+        std::fs::write(&lock, "not a digest\n").unwrap();
+        let broken = policy(false, Some(&lock), Vec::new());
+        assert!(broken
+            .refuses(Some(&digest), &signed)
+            .unwrap()
+            .contains("line 1"));
+        // Nothing configured: nothing refused.
+        assert_eq!(
+            policy(false, None, Vec::new()).refuses(Some(&other), &unchecked),
+            None
+        );
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct Connector {
     /// Rejected by the trust checks (`plugins.strict_permissions`, the allow-list, the
     /// signatures): the same file's version that served before must not keep serving.
     pub distrusted: bool,
+    /// What it passed of the trust checks when it was loaded: a reload judges it again by it.
+    pub trust: integrity::TrustEvidence,
     /// The private folder its bytes run from (store copy or unpacked bundle), removed once
     /// nothing uses it.
     pub private_dir: Option<PathBuf>,
@@ -214,6 +216,7 @@ impl Connector {
             fingerprint: None,
             retry: rejection.retry,
             distrusted: false,
+            trust: integrity::TrustEvidence::default(),
             private_dir: None,
         }
     }
@@ -229,6 +232,13 @@ impl Connector {
             distrusted: true,
             ..Self::rejected(path, kind, sha256, reason)
         }
+    }
+
+    /// Why the trust checks as configured now refuse this loaded version; `None` when they
+    /// accept it, or when it is not loaded.
+    pub fn refused_by(&self, trust: &integrity::TrustPolicy) -> Option<String> {
+        self.runnable.as_ref()?;
+        trust.refuses(self.sha256.as_deref(), &self.trust)
     }
 
     /// The file's name, for messages.
@@ -729,11 +739,14 @@ impl PluginLoader {
                 ),
             );
         }
+        let trust = integrity::TrustPolicy::of(&config.plugins);
+        let mut evidence = integrity::TrustEvidence::default();
         // Who could have written it, before anything of it is read or run.
-        if config.plugins.strict_permissions {
+        if trust.strict_permissions() {
             if let Err(reason) = integrity::check_permissions(&path) {
                 return Connector::distrusted(path, Some(kind), None, reason);
             }
+            evidence.permissions_checked = true;
         }
         // Executables and libraries run from a private, content-addressed copy made from the
         // same read that hashes them: the bytes hashed are the bytes run, and replacing or
@@ -746,27 +759,12 @@ impl PluginLoader {
             }
         };
         // Whether the admin approved these bytes: the digest of the copy that will run.
-        if let Some(lock_file) = &config.plugins.lock_file {
-            match integrity::read_lock_file(lock_file) {
-                Ok(allowed) if allowed.contains(&sha256) => {}
-                Ok(_) => {
-                    let reason = format!(
-                        "sha256 {sha256} is not in the allow-list {}: add it to approve this file",
-                        lock_file.display()
-                    );
-                    return Connector::distrusted(path, Some(kind), Some(sha256), reason);
-                }
-                Err(reason) => {
-                    return Connector::distrusted(path, Some(kind), Some(sha256), reason)
-                }
-            }
-        }
-        if !config.plugins.signing_keys.is_empty() {
-            if let Err(reason) =
-                integrity::check_signature(&path, &sha256, &config.plugins.signing_keys)
-            {
-                return Connector::distrusted(path, Some(kind), Some(sha256), reason);
-            }
+        let approved = trust
+            .check_digest(&sha256)
+            .and_then(|()| trust.check_signature(&path, &sha256));
+        match approved {
+            Ok(signature) => evidence.signature = signature,
+            Err(reason) => return Connector::distrusted(path, Some(kind), Some(sha256), reason),
         }
         let private_dir = match kind {
             ConnectorKind::Bundle => Some(self.state.bundles().join(&sha256[..32])),
@@ -829,6 +827,7 @@ impl PluginLoader {
                     fingerprint: None,
                     retry: false,
                     distrusted: false,
+                    trust: evidence,
                     private_dir,
                 }
             }

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::integrity::TrustPolicy;
 use super::{is_ignored, Connector, ConnectorStatus, Fingerprint, PluginLoader, PluginRegistry};
 use crate::config::SharedConfig;
 
@@ -53,37 +54,31 @@ struct Slot {
 
 /// The connectors a reconcile loads again though their files did not change.
 #[derive(Debug, Default, PartialEq, Eq)]
-enum ReloadScope {
-    /// Only changed files are loaded.
-    #[default]
-    Nothing,
-    /// The files of these app_ids (their current or their retained version's).
-    Apps(BTreeSet<String>),
+struct ReloadScope {
     /// Every file.
-    All,
+    all: bool,
+    /// The files of these app_ids (their current or their retained version's).
+    apps: BTreeSet<String>,
+    /// The files the trust checks may judge differently now (a reload re-read the allow-list
+    /// or the configuration): those a version of which they refuse as they are now, and those
+    /// they refused before.
+    trust: bool,
 }
 
 impl ReloadScope {
     /// This scope and `other` together (two reloads before the next reconcile).
-    fn widen(self, other: ReloadScope) -> ReloadScope {
-        match (self, other) {
-            (ReloadScope::All, _) | (_, ReloadScope::All) => ReloadScope::All,
-            (ReloadScope::Apps(mut a), ReloadScope::Apps(b)) => {
-                a.extend(b);
-                ReloadScope::Apps(a)
-            }
-            (ReloadScope::Nothing, scope) | (scope, ReloadScope::Nothing) => scope,
-        }
+    fn widen(&mut self, other: ReloadScope) {
+        self.all |= other.all;
+        self.apps.extend(other.apps);
+        self.trust |= other.trust;
     }
 
-    fn covers(&self, slot: &Slot) -> bool {
-        match self {
-            ReloadScope::Nothing => false,
-            ReloadScope::All => true,
-            ReloadScope::Apps(app_ids) => std::iter::once(&slot.current)
-                .chain(&slot.retained)
-                .any(|c| c.app_id.as_ref().is_some_and(|a| app_ids.contains(a))),
-        }
+    fn covers(&self, slot: &Slot, trust: &TrustPolicy) -> bool {
+        self.all
+            || slot
+                .versions()
+                .any(|c| c.app_id.as_ref().is_some_and(|a| self.apps.contains(a)))
+            || (self.trust && slot.judged_again(trust))
     }
 }
 
@@ -250,13 +245,30 @@ impl Reconciler {
     /// Makes the next reconcile load every file again, as if each had changed (a reload changed
     /// limits that are fixed when a connector is loaded). Running versions drain as usual.
     pub fn reload_all_next(&self) {
-        self.widen_reload(ReloadScope::All);
+        self.widen_reload(ReloadScope {
+            all: true,
+            ..ReloadScope::default()
+        });
     }
 
     /// Makes the next reconcile load these connectors' files again (a reload changed their
     /// `[connectors.<app_id>]` tables); the others keep running undisturbed.
     pub fn reload_next(&self, app_ids: BTreeSet<String>) {
-        self.widen_reload(ReloadScope::Apps(app_ids));
+        self.widen_reload(ReloadScope {
+            apps: app_ids,
+            ..ReloadScope::default()
+        });
+    }
+
+    /// Makes the next reconcile judge every file again under the trust checks as they are then
+    /// (a reload: the allow-list, the keys or the strictness may have changed). Files it
+    /// refused before are loaded again; so are those with a version it now refuses, which
+    /// stops serving. The others keep running undisturbed: their `info` is not run again.
+    pub fn recheck_trust_next(&self) {
+        self.widen_reload(ReloadScope {
+            trust: true,
+            ..ReloadScope::default()
+        });
     }
 
     fn widen_reload(&self, scope: ReloadScope) {
@@ -264,7 +276,7 @@ impl Reconciler {
             .reload
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *reload = std::mem::take(&mut *reload).widen(scope);
+        reload.widen(scope);
     }
 
     /// The files being loaded (or waiting for a place), by name, sorted: what a start or a
@@ -352,6 +364,8 @@ impl Reconciler {
                 config.plugins.debounce,
                 config.calls.drain_grace,
             );
+            // The trust checks as they are now: the files a reload has them judge again.
+            let trust = TrustPolicy::of(&config.plugins);
             let reload = std::mem::take(
                 &mut *self
                     .reload
@@ -416,7 +430,7 @@ impl Reconciler {
                     // A load in progress reads its connector's own limits (`[connectors.<id>]`)
                     // as it ends, after the reload put them in force; only a reload of every
                     // file (limits and checks applied before `info`) starts it again.
-                    if load.fingerprint == fingerprint && reload != ReloadScope::All {
+                    if load.fingerprint == fingerprint && !reload.all {
                         // Another reconcile is loading this content; it publishes it. A reload
                         // returns once it has: it is done when the folder is loaded.
                         if scan == Scan::Reload {
@@ -431,7 +445,7 @@ impl Reconciler {
                     state.loading.remove(&path);
                 }
                 let unchanged = state.slots.get(&path).is_some_and(|s| {
-                    s.current.fingerprint == fingerprint && !reload.covers(s) && !s.stale
+                    s.current.fingerprint == fingerprint && !reload.covers(s, &trust) && !s.stale
                 });
                 if unchanged {
                     continue;
@@ -444,7 +458,7 @@ impl Reconciler {
                     outcome.unsettled = true;
                     if let Some(slot) = state.slots.get_mut(&path) {
                         // Its look after the debounce must load it even if it turns out unchanged.
-                        slot.stale |= reload.covers(slot);
+                        slot.stale |= reload.covers(slot, &trust);
                     }
                     continue;
                 }
@@ -488,6 +502,9 @@ impl Reconciler {
             let mut guard = self.lock();
             let state = &mut *guard;
             let mut changed = false;
+            // The trust checks as they are at the commit, not as the loads found them: a reload
+            // may have changed them since (and joined these loads rather than start them again).
+            let trust = TrustPolicy::of(&self.config.get().plugins);
             // Their records go after the commit is published: a reconcile waiting on one of
             // them then finds the registry with it.
             let mut committed = Vec::new();
@@ -509,7 +526,7 @@ impl Reconciler {
                 match loaded {
                     Ok(connector) => {
                         changed = true;
-                        commit(state, path.clone(), connector, drain_grace);
+                        commit(state, path.clone(), connector, drain_grace, &trust);
                     }
                     Err(_) => {
                         tracing::error!(
@@ -790,6 +807,22 @@ fn being_written(
 
 impl Slot {
     /// Its versions: the current record, and the one retained beside it.
+    fn versions(&self) -> impl Iterator<Item = &Arc<Connector>> {
+        std::iter::once(&self.current).chain(&self.retained)
+    }
+
+    /// Whether the trust checks as they are now may judge this file otherwise than they did:
+    /// they refused it, they refuse a version of it (by what it passed when loaded), or its
+    /// file's permissions no longer pass.
+    fn judged_again(&self, trust: &TrustPolicy) -> bool {
+        self.current.distrusted
+            || self.versions().any(|c| c.refused_by(trust).is_some())
+            || (trust.strict_permissions()
+                && self.current.runnable.is_some()
+                && super::integrity::check_permissions(&self.current.path).is_err())
+    }
+
+    /// Its versions: the current record, and the one retained beside it.
     fn into_versions(self) -> impl Iterator<Item = Arc<Connector>> {
         std::iter::once(self.current).chain(self.retained)
     }
@@ -819,11 +852,31 @@ fn retire(
     }
 }
 
-/// Puts a connector just loaded from `path` in its slot. A rejected replacement never displaces
-/// a good version: the old one keeps serving beside it. Unless the trust checks now refuse the
-/// very file that version was loaded from (a digest taken out of the allow-list, a key
-/// revoked, strictness turned on): then it stops too.
-fn commit(state: &mut State, path: PathBuf, connector: Connector, drain_grace: Duration) {
+/// Puts a connector just loaded from `path` in its slot, unless the trust checks as they are
+/// now (`trust`) refuse it: then a refusal takes its place. A rejected replacement never
+/// displaces a good version: the old one keeps serving beside it. Unless the trust checks
+/// refuse that version too: the very file it was loaded from (a key revoked, strictness turned
+/// on), or its own bytes (a digest taken out of the allow-list), though the file now holds
+/// others. Then it stops too.
+fn commit(
+    state: &mut State,
+    path: PathBuf,
+    connector: Connector,
+    drain_grace: Duration,
+    trust: &TrustPolicy,
+) {
+    let connector = match connector.refused_by(trust) {
+        // It passed the checks as they were when it was loaded; no longer.
+        Some(why) => {
+            let refused = Connector {
+                fingerprint: connector.fingerprint,
+                ..Connector::distrusted(path.clone(), connector.kind, connector.sha256.clone(), why)
+            };
+            retire(&mut state.retired, [Arc::new(connector)], drain_grace);
+            refused
+        }
+        None => connector,
+    };
     let new = Arc::new(connector);
     let slot = match state.slots.remove(&path) {
         Some(old) if new.status == ConnectorStatus::Rejected => {
@@ -832,13 +885,17 @@ fn commit(state: &mut State, path: PathBuf, connector: Connector, drain_grace: D
             } else {
                 Some(old.current)
             };
-            // The trust checks refuse the very file the serving version was loaded from.
-            let revoked = good.take_if(|good| {
-                new.distrusted && new.fingerprint.is_some() && new.fingerprint == good.fingerprint
+            let refused = good.as_ref().and_then(|good| {
+                let same_file = new.fingerprint.is_some() && new.fingerprint == good.fingerprint;
+                if new.distrusted && same_file {
+                    new.reason.clone()
+                } else {
+                    good.refused_by(trust)
+                }
             });
-            if let Some(revoked) = revoked {
+            if let Some((why, revoked)) = refused.and_then(|why| Some((why, good.take()?))) {
                 tracing::warn!(
-                    "{}: refused by the trust checks now; {} {}, loaded from this same file, stops serving",
+                    "{}: {} {} stops serving, refused by the trust checks now: {why}",
                     new.file_name(),
                     revoked.app_id.as_deref().unwrap_or("?"),
                     revoked.version.as_deref().unwrap_or("?")
