@@ -888,14 +888,16 @@ fn commit(
             let refused = good.as_ref().and_then(|good| {
                 let same_file = new.fingerprint.is_some() && new.fingerprint == good.fingerprint;
                 if new.distrusted && same_file {
-                    new.reason.clone()
+                    // The rejection just logged says why.
+                    Some("the trust checks refuse the same file now".to_string())
                 } else {
                     good.refused_by(trust)
+                        .map(|why| format!("the trust checks refuse it now: {why}"))
                 }
             });
             if let Some((why, revoked)) = refused.and_then(|why| Some((why, good.take()?))) {
                 tracing::warn!(
-                    "{}: {} {} stops serving, refused by the trust checks now: {why}",
+                    "{}: {} {} stops serving; {why}",
                     new.file_name(),
                     revoked.app_id.as_deref().unwrap_or("?"),
                     revoked.version.as_deref().unwrap_or("?")
