@@ -598,27 +598,25 @@ impl RunningAgent {
                 Err(e) => tracing::warn!("cannot change the log level live: {e}"),
             }
         }
-        if new.plugins_dir != old.plugins_dir {
+        let folder_moved = new.plugins_dir != old.plugins_dir;
+        if folder_moved {
             if let Err(e) = std::fs::create_dir_all(&new.plugins_dir) {
                 tracing::warn!(dir = %new.plugins_dir.display(), error = %e, "cannot create the new plugins folder");
             }
-            // The watch loop moves its watch to the new folder when it next looks: now.
-            self.reconciler.follow_up();
             applied.push("plugins_dir".to_string());
         }
         // Settings fixed when a connector is loaded (its environment, its worker, the checks
         // of its file): load every connector again under the new ones.
         let (old_calls, new_calls) = (&old.calls, &new.calls);
-        if new_calls.max_output_bytes != old_calls.max_output_bytes
+        let reload_all = new_calls.max_output_bytes != old_calls.max_output_bytes
             || new_calls.connector_log_level != old_calls.connector_log_level
             || new_calls.pass_env != old_calls.pass_env
             || new.plugins.info_timeout != old.plugins.info_timeout
             || new.plugins.max_file_bytes != old.plugins.max_file_bytes
             || new.plugins.max_bundle_bytes != old.plugins.max_bundle_bytes
             || new.plugins.max_bundle_entries != old.plugins.max_bundle_entries
-            || new.plugins.worker_program != old.plugins.worker_program
-        {
-            self.reconciler.reload_all_next();
+            || new.plugins.worker_program != old.plugins.worker_program;
+        if reload_all {
             applied.push("calls and plugin limits (every connector reloaded)".to_string());
         }
         // Judged again at every reload (`recheck_trust_next`): only the files they may now
@@ -673,9 +671,6 @@ impl RunningAgent {
             } else {
                 applied.push(format!("connectors.{app_id} (its call limits)"));
             }
-        }
-        if !moved.is_empty() {
-            self.reconciler.reload_next(moved);
         }
         for (changed, key) in [
             (new.state_dir != old.state_dir, "state_dir"),
@@ -753,6 +748,19 @@ impl RunningAgent {
             ..new.plugins
         };
         self.config.replace(kept);
+        // Asked for once the configuration is in force: a reconcile that takes the request reads
+        // the configuration after it (see `Reconciler::reconcile_pass`), so it loads under the
+        // new one.
+        if folder_moved {
+            // The watch loop moves its watch to the new folder when it next looks: now.
+            self.reconciler.follow_up();
+        }
+        if reload_all {
+            self.reconciler.reload_all_next();
+        }
+        if !moved.is_empty() {
+            self.reconciler.reload_next(moved);
+        }
         tracing::info!(applied = ?applied, "configuration reloaded");
         if !needs_restart.is_empty() {
             tracing::warn!(

@@ -355,6 +355,14 @@ impl Reconciler {
             let mut guard = self.lock();
             // Through a plain reference, so that its fields can be borrowed apart.
             let state = &mut *guard;
+            // What a reload asks for, before the configuration it put in force is read: the
+            // configuration read after it is that reload's or a later one.
+            let reload = std::mem::take(
+                &mut *self
+                    .reload
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
             // The configuration, and then the folder, are read under the lock: a reconcile that
             // read them before another's commit would undo it (bring back a file it removed, or
             // the folder a reload moved away from).
@@ -366,12 +374,6 @@ impl Reconciler {
             );
             // The trust checks as they are now: the files a reload has them judge again.
             let trust = TrustPolicy::of(&config.plugins);
-            let reload = std::mem::take(
-                &mut *self
-                    .reload
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
             let listed = std::fs::read_dir(&dir).map(|entries| {
                 let mut files: Vec<(PathBuf, Option<Fingerprint>)> = entries
                     .filter_map(Result::ok)
@@ -499,12 +501,12 @@ impl Reconciler {
             while let Some(more) = mine.loads.try_join_next_with_id() {
                 ended.push(more);
             }
-            let mut guard = self.lock();
-            let state = &mut *guard;
-            let mut changed = false;
             // The trust checks as they are at the commit, not as the loads found them: a reload
             // may have changed them since (and joined these loads rather than start them again).
             let trust = TrustPolicy::of(&self.config.get().plugins);
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let mut changed = false;
             // Their records go after the commit is published: a reconcile waiting on one of
             // them then finds the registry with it.
             let mut committed = Vec::new();
