@@ -936,6 +936,7 @@ async fn only_files_in_the_allow_list_load() {
 /// once the allow-list is no longer configured; a version still approved is not loaded again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_loads_again_only_the_files_the_trust_checks_may_judge_otherwise() {
+    captured_logs();
     let dirs = TestDirs::new();
     let p = dirs.plugins();
     let approved = versioned_connector(&p, "judged_ok", "judged_ok", "1.0.0");
@@ -959,6 +960,12 @@ async fn a_reload_loads_again_only_the_files_the_trust_checks_may_judge_otherwis
     }
     let serving = || agent.registry.snapshot().resolve("judged_ok").unwrap();
     let original = serving();
+    let refusals = || {
+        captured_logs()
+            .matches("rejected judged_never: sha256")
+            .count()
+    };
+    assert_eq!(refusals(), 1);
 
     // One more approved. The same reload sets a call limit, which is put in force once its
     // scan is done: then the reload is over, and whatever it loaded again is in place.
@@ -995,6 +1002,8 @@ async fn a_reload_loads_again_only_the_files_the_trust_checks_may_judge_otherwis
     assert!(
         reason(&agent.connector_by_file("judged_never").await).contains("not in the allow-list")
     );
+    // Still unapproved, it was not copied and checked again.
+    assert_eq!(refusals(), 1);
 
     // No allow-list any more: what it refused comes up.
     TestAgent::write_config(&dirs, &p, "[calls]\nmax_concurrency = 7\n");

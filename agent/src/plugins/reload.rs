@@ -814,10 +814,16 @@ impl Slot {
     }
 
     /// Whether the trust checks as they are now may judge this file otherwise than they did:
-    /// they refused it, they refuse a version of it (by what it passed when loaded), or its
-    /// file's permissions no longer pass.
+    /// they refused it (and its digest, if that is what they refused, is not still refused:
+    /// an unapproved bundle is not copied again at every reload), they refuse a version of it
+    /// (by what it passed when loaded), or its file's permissions no longer pass.
     fn judged_again(&self, trust: &TrustPolicy) -> bool {
-        self.current.distrusted
+        let still_unapproved = |c: &Connector| {
+            c.sha256
+                .as_deref()
+                .is_some_and(|sha256| trust.check_digest(sha256).is_err())
+        };
+        (self.current.distrusted && !still_unapproved(&self.current))
             || self.versions().any(|c| c.refused_by(trust).is_some())
             || (trust.strict_permissions()
                 && self.current.runnable.is_some()
