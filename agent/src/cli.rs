@@ -382,6 +382,13 @@ fn check_config(cli: &Cli) -> u8 {
                     Err(e) => say!("  warning: {e}; until it is fixed every plugin is rejected"),
                 }
             }
+            let keys = cfg.plugins.signing_keys.len();
+            if keys > 0 {
+                say!("  signatures   required: <file>.sig by one of {keys} key(s)");
+            }
+            if !cfg.plugins.strict_permissions {
+                say!("  permissions  not checked (plugins.strict_permissions = false: for development only)");
+            }
             if !cfg.plugins_dir.is_dir() {
                 say!(
                     "  note: the plugins folder does not exist yet; the agent creates it at start"

@@ -246,6 +246,21 @@ fn check_config_reads_the_allow_list_and_warns_of_one_every_plugin_would_fail() 
         "{stdout}"
     );
     assert!(!stdout.contains("warning"), "{stdout}");
+    // The other trust checks are named too: signatures required, permissions not checked.
+    std::fs::write(
+        &file,
+        format!(
+            "[plugins]\nlock_file = {lock:?}\nstrict_permissions = false\nsigning_keys = [{:?}]\n",
+            "01".repeat(32)
+        ),
+    )
+    .unwrap();
+    let stdout = check();
+    assert!(
+        stdout.contains("signatures   required: <file>.sig by one of 1 key(s)")
+            && stdout.contains("permissions  not checked"),
+        "{stdout}"
+    );
 }
 
 /// Output that cannot be written never panics (Rust ignores SIGPIPE, so `println!` would):
