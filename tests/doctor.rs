@@ -140,7 +140,14 @@ async fn a_broken_install_gets_a_fail_line_for_each_problem_and_a_nonzero_exit()
     let dirs = TestDirs::new();
     // A file that is no connector: rejected by the loader.
     std::fs::write(dirs.plugins().join("notes.txt"), "not a connector").unwrap();
-    let config = cloud_config(&dirs, &dead_endpoint, "a-token", "");
+    // An allow-list that is not there.
+    let lock = dirs.root.path().join("missing.lock");
+    let config = cloud_config(
+        &dirs,
+        &dead_endpoint,
+        "a-token",
+        &format!("[plugins]\nlock_file = {:?}\n", lock.display().to_string()),
+    );
     let agent = TestAgent::start(&dirs, &config).await;
     // The token file is readable by everyone, and the plugins folder group-writable.
     lumos_agent::platform::set_mode(&dirs.root.path().join("cloud-token"), 0o644).unwrap();
@@ -150,6 +157,12 @@ async fn a_broken_install_gets_a_fail_line_for_each_problem_and_a_nonzero_exit()
     assert_eq!(code, exit::CHECK_FAILED, "{report}");
     let plugins = line(&report, "FAIL", "plugins folder").expect(&report);
     assert!(plugins.contains("chmod go-w"), "{plugins}");
+    let allow_list = line(&report, "FAIL", "allow-list").expect(&report);
+    assert!(
+        allow_list.contains("cannot read the allow-list")
+            && allow_list.contains("every plugin is rejected"),
+        "{allow_list}"
+    );
     let connector = line(&report, "FAIL", "connector").expect(&report);
     assert!(connector.contains("notes.txt"), "{connector}");
     let token = line(&report, "FAIL", "agent token").expect(&report);

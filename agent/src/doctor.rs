@@ -239,6 +239,22 @@ fn folders(config: &Config, report: &mut Report<'_>) {
         }
     }
 
+    // Read at every load: one that cannot be read rejects every plugin.
+    if let Some(lock_file) = &config.plugins.lock_file {
+        match crate::plugins::integrity::read_lock_file(lock_file) {
+            Ok(digests) => report.line(
+                Verdict::Ok,
+                "allow-list",
+                format!("{} ({} digest(s))", lock_file.display(), digests.len()),
+            ),
+            Err(e) => report.line(
+                Verdict::Fail,
+                "allow-list",
+                format!("{e}; until it is fixed every plugin is rejected"),
+            ),
+        }
+    }
+
     let plugins = &config.plugins_dir;
     if !plugins.is_dir() {
         report.line(
