@@ -1063,6 +1063,7 @@ async fn a_revocation_reaches_a_version_kept_behind_a_rejected_replacement() {
 /// rather than start it again) does not serve: it is judged again when it is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_in_progress_when_its_digest_is_revoked_does_not_serve() {
+    captured_logs();
     let dirs = TestDirs::new();
     let (started, release) = (
         dirs.root.path().join("started"),
@@ -1108,6 +1109,8 @@ async fn a_load_in_progress_when_its_digest_is_revoked_does_not_serve() {
         body["error"]["error_code"], "agent.unknown_connector",
         "{body}"
     );
+    assert!(captured_logs()
+        .contains("rejected racing: racing 1.0.0 was loaded, but the trust checks refuse it now"));
     agent.shutdown().await;
 }
 

@@ -876,6 +876,12 @@ fn commit(
     let connector = match connector.refused_by(trust) {
         // It passed the checks as they were when it was loaded; no longer.
         Some(why) => {
+            tracing::warn!(
+                "rejected {}: {} {} was loaded, but the trust checks refuse it now: {why}",
+                connector.file_name(),
+                connector.app_id.as_deref().unwrap_or("?"),
+                connector.version.as_deref().unwrap_or("?")
+            );
             let refused = Connector {
                 fingerprint: connector.fingerprint,
                 ..Connector::distrusted(path.clone(), connector.kind, connector.sha256.clone(), why)
