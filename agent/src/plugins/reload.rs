@@ -430,8 +430,9 @@ impl Reconciler {
             for (path, fingerprint) in files {
                 if let Some(load) = state.loading.get(&path) {
                     // A load in progress reads its connector's own limits (`[connectors.<id>]`)
-                    // as it ends, after the reload put them in force; only a reload of every
-                    // file (limits and checks applied before `info`) starts it again.
+                    // as it ends, after the reload put them in force, and the trust checks
+                    // judge it again at its commit; only a reload of every file (limits
+                    // applied before `info`) starts it again.
                     if load.fingerprint == fingerprint && !reload.all {
                         // Another reconcile is loading this content; it publishes it. A reload
                         // returns once it has: it is done when the folder is loaded.
