@@ -201,3 +201,42 @@ async fn call_limits_apply_in_place_and_only_in_process_loads_a_connector_again(
     assert_eq!(limits(&serving(&agent, "one")), (2, Duration::from_secs(1)));
     agent.shutdown().await;
 }
+
+/// A reload that loads connectors again under new settings cannot give them to a version kept
+/// serving behind a rejected replacement (its file no longer holds it): the log says so, and
+/// that version keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_kept_behind_a_rejected_replacement_is_said_to_keep_its_settings() {
+    captured_logs();
+    let dirs = TestDirs::new();
+    let p = dirs.plugins();
+    versioned_connector(&p, "kept_settings", "kept_settings", "1.0.0");
+    let agent = TestAgent::start(&dirs, "").await;
+    // A replacement whose `info` fails: rejected, and 1.0.0 keeps serving beside it.
+    write_script(&p, "kept_settings", "#!/bin/bash\nexit 3\n");
+    eventually_ok(WAIT, "the replacement rejected, 1.0.0 kept", || async {
+        let rows = agent.entries_for_file("kept_settings").await;
+        if rows.len() == 2 {
+            Ok(())
+        } else {
+            Err(rows)
+        }
+    })
+    .await;
+    // A setting fixed at load: every file is loaded again.
+    TestAgent::write_config(&dirs, &p, "[calls]\nmax_output_bytes = 2097152\n");
+    agent.control.send(Control::Reload).await.unwrap();
+    eventually(WAIT, "the reload's word on the version kept", || {
+        captured_logs().contains(
+            "kept_settings: loaded again by the reload, it is rejected; kept_settings 1.0.0 \
+             keeps serving as it was loaded, with the settings fixed then",
+        )
+    })
+    .await;
+    let (_, answer) = agent.call("kept_settings", "echo", json!({})).await;
+    assert!(
+        answer["error"].is_null() && answer["response"].is_object(),
+        "{answer}"
+    );
+    agent.shutdown().await;
+}

@@ -114,13 +114,16 @@ struct Loading {
     /// Set when the load is abandoned (its file changed again or went) rather than committed:
     /// a reload that waited for it looks at the folder again.
     abandoned: Arc<AtomicBool>,
+    /// The file had not changed: a reload loads it again (under new settings or checks).
+    again: bool,
 }
 
 impl Loading {
-    fn new(id: u64, fingerprint: Option<Fingerprint>) -> Self {
+    fn new(id: u64, fingerprint: Option<Fingerprint>, again: bool) -> Self {
         let ended = CancellationToken::new();
         Self {
             id,
+            again,
             fingerprint,
             abort: None,
             stage: Arc::default(),
@@ -447,12 +450,14 @@ impl Reconciler {
                     load.abandon();
                     state.loading.remove(&path);
                 }
-                let unchanged = state.slots.get(&path).is_some_and(|s| {
-                    s.current.fingerprint == fingerprint && !reload.covers(s, &trust) && !s.stale
-                });
-                if unchanged {
+                let same = state
+                    .slots
+                    .get(&path)
+                    .filter(|s| s.current.fingerprint == fingerprint);
+                if same.is_some_and(|s| !reload.covers(s, &trust) && !s.stale) {
                     continue;
                 }
+                let again = same.is_some();
                 if wait_for_writes
                     && fingerprint
                         .is_some_and(|f| being_written(&mut state.dated_ahead, &path, f, settle))
@@ -469,7 +474,7 @@ impl Reconciler {
                 state.next_load += 1;
                 state
                     .loading
-                    .insert(path.clone(), Loading::new(id, fingerprint));
+                    .insert(path.clone(), Loading::new(id, fingerprint, again));
                 mine.queue.push_back((path, id));
             }
             if outcome.changed {
@@ -525,11 +530,13 @@ impl Reconciler {
                     mine.superseded = true;
                     continue;
                 }
-                committed.extend(state.loading.remove(path));
+                let load = state.loading.remove(path);
+                let again = load.as_ref().is_some_and(|load| load.again);
+                committed.extend(load);
                 match loaded {
                     Ok(connector) => {
                         changed = true;
-                        commit(state, path.clone(), connector, drain_grace, &trust);
+                        commit(state, path.clone(), connector, drain_grace, &trust, again);
                     }
                     Err(_) => {
                         tracing::error!(
@@ -873,6 +880,7 @@ fn commit(
     connector: Connector,
     drain_grace: Duration,
     trust: &TrustPolicy,
+    again: bool,
 ) {
     let connector = match connector.refused_by(trust) {
         // It passed the checks as they were when it was loaded; no longer.
@@ -919,13 +927,22 @@ fn commit(
                 );
                 retire(&mut state.retired, [revoked], drain_grace);
             }
-            if let Some(good) = &good {
-                tracing::warn!(
+            match &good {
+                // Loaded again by a reload, the file is rejected still (or now): the version
+                // kept is the one loaded before, settings fixed at load and all.
+                Some(good) if again => tracing::warn!(
+                    "{}: loaded again by the reload, it is rejected; {} {} keeps serving as it was loaded, with the settings fixed then (environment, output limit, where it runs): a reload's new ones reach it once its file loads",
+                    new.file_name(),
+                    good.app_id.as_deref().unwrap_or("?"),
+                    good.version.as_deref().unwrap_or("?")
+                ),
+                Some(good) => tracing::warn!(
                     "{}: the new content is rejected; {} {} keeps serving",
                     new.file_name(),
                     good.app_id.as_deref().unwrap_or("?"),
                     good.version.as_deref().unwrap_or("?")
-                );
+                ),
+                None => {}
             }
             Slot {
                 current: new,
