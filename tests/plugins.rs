@@ -1037,19 +1037,7 @@ async fn a_revocation_reaches_a_version_kept_behind_a_rejected_replacement() {
     let agent = TestAgent::start(&dirs, &allow_list(&lock)).await;
     // Replaced by bytes nobody approved: rejected, and 1.0.0 keeps serving beside them.
     versioned_connector(&p, "kept", "kept", "2.0.0");
-    eventually_ok(
-        std::time::Duration::from_secs(20),
-        "the replacement rejected, 1.0.0 retained",
-        || async {
-            let rows = agent.entries_for_file("kept").await;
-            if rows.len() == 2 {
-                Ok(())
-            } else {
-                Err(rows)
-            }
-        },
-    )
-    .await;
+    agent.until_rows("kept", 2).await;
     let (status, body) = agent.call("kept", "echo", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 

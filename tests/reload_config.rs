@@ -214,15 +214,7 @@ async fn a_version_kept_behind_a_rejected_replacement_is_said_to_keep_its_settin
     let agent = TestAgent::start(&dirs, "").await;
     // A replacement whose `info` fails: rejected, and 1.0.0 keeps serving beside it.
     write_script(&p, "kept_settings", "#!/bin/bash\nexit 3\n");
-    eventually_ok(WAIT, "the replacement rejected, 1.0.0 kept", || async {
-        let rows = agent.entries_for_file("kept_settings").await;
-        if rows.len() == 2 {
-            Ok(())
-        } else {
-            Err(rows)
-        }
-    })
-    .await;
+    agent.until_rows("kept_settings", 2).await;
     // A setting fixed at load: every file is loaded again.
     TestAgent::write_config(&dirs, &p, "[calls]\nmax_output_bytes = 2097152\n");
     agent.control.send(Control::Reload).await.unwrap();

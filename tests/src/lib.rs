@@ -629,6 +629,24 @@ impl TestAgent {
             .collect()
     }
 
+    /// Waits until the file `file_name` has `rows` rows in the inventory (two: a rejected
+    /// replacement, and the version kept serving beside it).
+    pub async fn until_rows(&self, file_name: &str, rows: usize) {
+        eventually_ok(
+            Duration::from_secs(20),
+            &format!("{file_name} to have {rows} row(s)"),
+            || async {
+                let found = self.entries_for_file(file_name).await;
+                if found.len() == rows {
+                    Ok(())
+                } else {
+                    Err(found)
+                }
+            },
+        )
+        .await;
+    }
+
     /// `GET /v1/connectors`.
     pub async fn connectors(&self) -> Vec<Value> {
         let (status, value) = self.request(Method::GET, "/v1/connectors", None).await;
