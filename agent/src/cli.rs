@@ -373,13 +373,9 @@ fn check_config(cli: &Cli) -> u8 {
             // error either; but a bad one rejects every plugin, which the admin wants to hear
             // of now.
             if let Some(lock_file) = &cfg.plugins.lock_file {
-                match crate::plugins::integrity::read_lock_file(lock_file) {
-                    Ok(digests) => say!(
-                        "  allow-list   {} ({} digest(s))",
-                        lock_file.display(),
-                        digests.len()
-                    ),
-                    Err(e) => say!("  warning: {e}; until it is fixed every plugin is rejected"),
+                match crate::plugins::integrity::describe_allow_list(lock_file) {
+                    Ok(described) => say!("  allow-list   {described}"),
+                    Err(e) => say!("  warning: {e}"),
                 }
             }
             let keys = cfg.plugins.signing_keys.len();

@@ -241,17 +241,9 @@ fn folders(config: &Config, report: &mut Report<'_>) {
 
     // Read at every load: one that cannot be read rejects every plugin.
     if let Some(lock_file) = &config.plugins.lock_file {
-        match crate::plugins::integrity::read_lock_file(lock_file) {
-            Ok(digests) => report.line(
-                Verdict::Ok,
-                "allow-list",
-                format!("{} ({} digest(s))", lock_file.display(), digests.len()),
-            ),
-            Err(e) => report.line(
-                Verdict::Fail,
-                "allow-list",
-                format!("{e}; until it is fixed every plugin is rejected"),
-            ),
+        match crate::plugins::integrity::describe_allow_list(lock_file) {
+            Ok(described) => report.line(Verdict::Ok, "allow-list", described),
+            Err(e) => report.line(Verdict::Fail, "allow-list", e),
         }
     }
 

@@ -107,6 +107,15 @@ pub fn read_lock_file(path: &Path) -> Result<HashSet<String>, String> {
     Ok(digests)
 }
 
+/// The allow-list at `path` as an admin checking the install is told of it: the file and how
+/// many digests it approves, or why it cannot be used (then every plugin is rejected).
+pub fn describe_allow_list(path: &Path) -> Result<String, String> {
+    match read_lock_file(path) {
+        Ok(digests) => Ok(format!("{} ({} digest(s))", path.display(), digests.len())),
+        Err(e) => Err(format!("{e}; until it is fixed every plugin is rejected")),
+    }
+}
+
 /// A signature file holds 64 bytes, raw or as hex with blanks around: anything longer than
 /// this is not one (and is not read further).
 const MAX_SIGNATURE_FILE: u64 = 1024;
@@ -327,7 +336,8 @@ mod tests {
             .unwrap()
             .contains("not in the allow-list"));
         // Another key trusted instead: the signature kept no longer matches.
-        let rotated = policy(false, None, vec![[9u8; 32]]);
+        let other_key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+        let rotated = policy(false, None, vec![other_key.verifying_key().to_bytes()]);
         assert!(rotated
             .refuses(Some(&digest), &signed)
             .unwrap()
